@@ -1,0 +1,15 @@
+"""meshlm: distributed multi-GPU, multi-node LLM inference launched with MPI."""
+from meshlm.runtime.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name):  # import torch-heavy parts on first use
+    if name == "LLM":
+        from meshlm.runtime.llm import LLM
+        return LLM
+    if name in ("RequestOutput", "CompletionOutput"):
+        from meshlm.runtime import outputs
+        return getattr(outputs, name)
+    raise AttributeError(name)

@@ -1,0 +1,196 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over the tensor-parallel layers.
+
+Sizes below are per rank. One pipeline stage holds a contiguous range of layers, keyed by their
+global index so checkpoint names never depend on the pipeline degree; the first stage also
+holds the embedding, the last the final norm and the LM head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshlm.parallel.groups import ParallelGroups
+from meshlm.parallel.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                                    RowParallelLinear, VocabParallelEmbedding)
+from meshlm.runtime.attention import (AttentionMetadata, RotaryEmbedding, paged_attention_reference,
+                                      write_kv_cache)
+from meshlm.runtime.checkpoint import CheckpointReader
+from meshlm.runtime.config import ModelConfig
+
+AttentionFn = type(paged_attention_reference)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rotary: RotaryEmbedding,
+                 attention_fn, dtype: torch.dtype, device):
+        super().__init__()
+        tp = groups.tp
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          tp, cfg.attention_bias, dtype, device)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp, False, dtype, device)
+        self.num_heads_per_rank = self.qkv_proj.num_heads_per_rank
+        self.num_kv_heads_per_rank = self.qkv_proj.num_kv_heads_per_rank
+        self.head_dim = cfg.head_dim
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.rotary = rotary
+        self.attention_fn = attention_fn
+        self.scale = cfg.head_dim ** -0.5
+        self.sliding_window = cfg.sliding_window
+
+    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split(self.qkv_proj.sizes_per_rank, dim=-1)
+        q = q.view(num_tokens, self.num_heads_per_rank, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads_per_rank, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads_per_rank, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(meta.positions, q, k)
+        k_cache, v_cache = kv_cache
+        write_kv_cache(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(out.view(num_tokens, self.num_heads_per_rank * self.head_dim))
+
+    def expected_shapes(self, prefix: str) -> dict:
+        p = f"{prefix}.self_attn"
+        shapes = self.qkv_proj.expected_shapes(*self._qkv_names(p))
+        shapes.update(self.o_proj.expected_shapes(f"{p}.o_proj.weight"))
+        if self.q_norm is not None:
+            shapes.update(self.q_norm.expected_shapes(f"{p}.q_norm.weight"))
+            shapes.update(self.k_norm.expected_shapes(f"{p}.k_norm.weight"))
+        return shapes
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        p = f"{prefix}.self_attn"
+        self.qkv_proj.load(reader, *self._qkv_names(p))
+        self.o_proj.load(reader, f"{p}.o_proj.weight")
+        if self.q_norm is not None:
+            self.q_norm.load(reader, f"{p}.q_norm.weight")
+            self.k_norm.load(reader, f"{p}.k_norm.weight")
+
+    def _qkv_names(self, p: str):
+        names = [f"{p}.{x}_proj.weight" for x in "qkv"]
+        biases = [f"{p}.{x}_proj.bias" for x in "qkv"] if self.qkv_proj.bias is not None else None
+        return names, biases
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device):
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], groups.tp, False, dtype, device)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, groups.tp, False, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, inter_per_rank] each
+        return self.down_proj(F.silu(gate) * up)
+
+    def expected_shapes(self, prefix: str) -> dict:
+        shapes = self.gate_up_proj.expected_shapes([f"{prefix}.mlp.gate_proj.weight", f"{prefix}.mlp.up_proj.weight"])
+        shapes.update(self.down_proj.expected_shapes(f"{prefix}.mlp.down_proj.weight"))
+        return shapes
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.gate_up_proj.load(reader, [f"{prefix}.mlp.gate_proj.weight", f"{prefix}.mlp.up_proj.weight"])
+        self.down_proj.load(reader, f"{prefix}.mlp.down_proj.weight")
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg, groups, rotary, attention_fn, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(cfg, groups, rotary, attention_fn, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = LlamaMLP(cfg, groups, dtype, device)
+
+    def forward(self, hidden, meta, kv_cache):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def expected_shapes(self, prefix: str) -> dict:
+        shapes = self.input_layernorm.expected_shapes(f"{prefix}.input_layernorm.weight")
+        shapes.update(self.post_attention_layernorm.expected_shapes(f"{prefix}.post_attention_layernorm.weight"))
+        shapes.update(self.self_attn.expected_shapes(prefix))
+        shapes.update(self.mlp.expected_shapes(prefix))
+        return shapes
+
+    def load(self, reader, prefix: str) -> None:
+        self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
+        self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")
+        self.self_attn.load(reader, prefix)
+        self.mlp.load(reader, prefix)
+
+
+class LlamaForCausalLM(nn.Module):
+    """One pipeline stage of the model on one TP rank."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device,
+                 max_positions: int, attention_fn=paged_attention_reference):
+        super().__init__()
+        self.cfg, self.groups = cfg, groups
+        mapping = groups.mapping
+        tp = groups.tp
+        self.layer_ids = mapping.layer_range(cfg.num_layers)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        needs_embed = mapping.is_first_pp_rank or (mapping.is_last_pp_rank and cfg.tie_word_embeddings)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device) if needs_embed else None
+        self.layers = nn.ModuleDict({
+            str(i): LlamaDecoderLayer(cfg, groups, rotary, attention_fn, dtype, device) for i in self.layer_ids})
+        self.norm = self.lm_head = None
+        if mapping.is_last_pp_rank:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            tied = self.embed_tokens if cfg.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device, tied_to=tied)
+
+    @property
+    def attention_layers(self) -> list[LlamaAttention]:
+        return [layer.self_attn for layer in self.layers.values()]
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids)  # [num_tokens, hidden]
+
+    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_caches: list[tuple]) -> torch.Tensor:
+        for layer, kv in zip(self.layers.values(), kv_caches):
+            hidden = layer(hidden, meta, kv)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and this rank's vocab shard of the logits: [num_rows, vocab_per_rank]."""
+        return self.lm_head(self.norm(hidden))
+
+    # --- weights -----------------------------------------------------------------------------
+    def expected_shapes(self) -> dict:
+        shapes = {}
+        if self.embed_tokens is not None:
+            shapes.update(self.embed_tokens.expected_shapes("model.embed_tokens.weight"))
+        for i, layer in self.layers.items():
+            shapes.update(layer.expected_shapes(f"model.layers.{i}"))
+        if self.norm is not None:
+            shapes.update(self.norm.expected_shapes("model.norm.weight"))
+            if not self.cfg.tie_word_embeddings:
+                shapes.update(self.lm_head.expected_shapes("lm_head.weight"))
+        return shapes
+
+    def load(self, reader: CheckpointReader) -> None:
+        reader.check(self.expected_shapes())
+        if self.embed_tokens is not None:
+            self.embed_tokens.load(reader, "model.embed_tokens.weight")
+        for i, layer in self.layers.items():
+            layer.load(reader, f"model.layers.{i}")
+        if self.norm is not None:
+            self.norm.load(reader, "model.norm.weight")
+            if not self.cfg.tie_word_embeddings:
+                self.lm_head.load(reader, "lm_head.weight")
+
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights (benchmarks); norms get 1. Same seed, same tensors on every rank."""
+        gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=gen)

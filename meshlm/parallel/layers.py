@@ -1,0 +1,220 @@
+"""Tensor-parallel layers. Each owns its sharding and cuts its slice from the checkpoint.
+
+Shapes are per rank; a model built from these reads like single-GPU code. ``load`` takes a
+CheckpointReader and the checkpoint names, and reads only this rank's rows or columns.
+``expected_shapes`` gives the full checkpoint shapes for the up-front check.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshlm.parallel.comm import Communicator
+from meshlm.runtime.checkpoint import CheckpointReader
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what}={numerator} is not divisible by tp={denominator}")
+    return numerator // denominator
+
+
+def valid_tp_sizes(num_heads: int, num_kv_heads: int, limit: int = 64) -> list[int]:
+    """TP degrees that split attention into whole heads (KV heads replicated when tp > kv)."""
+    return [tp for tp in range(1, limit + 1)
+            if num_heads % tp == 0 and (num_kv_heads % tp == 0 or tp % num_kv_heads == 0)]
+
+
+def check_tp_for_heads(num_heads: int, num_kv_heads: int, tp: int) -> None:
+    if tp in valid_tp_sizes(num_heads, num_kv_heads, limit=max(tp, 64)):
+        return
+    if num_heads % tp:
+        why = f"num_heads={num_heads} is not divisible by tp={tp}"
+    else:
+        why = (f"num_kv_heads={num_kv_heads} and tp={tp}: neither divides the other, so KV heads "
+               f"can be neither split nor replicated whole")
+    raise ValueError(f"tensor parallel size {tp} does not fit this model: {why}; "
+                     f"tp values that work: {valid_tp_sizes(num_heads, num_kv_heads)}")
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W's output rows split across TP ranks; y stays sharded.
+
+    ``output_sizes`` lists merged sub-matrices (e.g. gate and up), each split on its own so
+    that every rank holds the same part of each.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], tp: Communicator, bias: bool,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features
+        self.output_sizes = output_sizes
+        self.sizes_per_rank = [divide(n, tp.size, "output size") for n in output_sizes]
+        out = sum(self.sizes_per_rank)
+        self.weight = _param((out, in_features), dtype, device)
+        self.bias = _param((out,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _rows(self, index: int) -> tuple[int, int, int]:
+        """(checkpoint start row, rows, offset in this rank's weight) of sub-matrix ``index``."""
+        n = self.sizes_per_rank[index]
+        return self.tp.rank * n, n, sum(self.sizes_per_rank[:index])
+
+    def expected_shapes(self, names: list[str], bias_names: list[str] | None = None) -> dict:
+        shapes = {name: (size, self.in_features) for name, size in zip(names, self.output_sizes)}
+        if self.bias is not None and bias_names:
+            shapes.update({b: (size,) for b, size in zip(bias_names, self.output_sizes)})
+        return shapes
+
+    @torch.no_grad()
+    def load(self, reader: CheckpointReader, names: list[str], bias_names: list[str] | None = None) -> None:
+        for i, name in enumerate(names):
+            start, n, offset = self._rows(i)
+            self.weight[offset:offset + n].copy_(reader.read(name, 0, start, start + n))
+            if self.bias is not None and bias_names:
+                self.bias[offset:offset + n].copy_(reader.read(bias_names[i], 0, start, start + n))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Merged Q, K, V projections split by whole heads.
+
+    When tp > num_kv_heads, each KV head is replicated on tp / num_kv_heads ranks, so that
+    every rank holds the KV head its query heads attend to.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 tp: Communicator, bias: bool, dtype: torch.dtype, device=None):
+        check_tp_for_heads(num_heads, num_kv_heads, tp.size)
+        nn.Module.__init__(self)
+        self.tp = tp
+        self.in_features = hidden_size
+        self.head_dim = head_dim
+        self.num_heads_per_rank = num_heads // tp.size
+        self.num_kv_heads_per_rank = max(1, num_kv_heads // tp.size)
+        self.output_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        self.sizes_per_rank = [self.num_heads_per_rank * head_dim,
+                               self.num_kv_heads_per_rank * head_dim,
+                               self.num_kv_heads_per_rank * head_dim]
+        out = sum(self.sizes_per_rank)
+        self.weight = _param((out, hidden_size), dtype, device)
+        self.bias = _param((out,), dtype, device) if bias else None
+        self._replicas = max(1, tp.size // num_kv_heads)  # ranks sharing one KV head
+
+    def _rows(self, index: int) -> tuple[int, int, int]:
+        n = self.sizes_per_rank[index]
+        offset = sum(self.sizes_per_rank[:index])
+        if index == 0:
+            return self.tp.rank * n, n, offset
+        kv_shard = self.tp.rank // self._replicas
+        return kv_shard * n, n, offset
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W's input columns split; partial sums are all-reduced over TP."""
+
+    def __init__(self, in_features: int, out_features: int, tp: Communicator, bias: bool,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.tp = tp
+        self.in_features, self.out_features = in_features, out_features
+        self.in_per_rank = divide(in_features, tp.size, "input size")
+        self.weight = _param((out_features, self.in_per_rank), dtype, device)
+        self.bias = _param((out_features,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    def expected_shapes(self, name: str, bias_name: str | None = None) -> dict:
+        shapes = {name: (self.out_features, self.in_features)}
+        if self.bias is not None and bias_name:
+            shapes[bias_name] = (self.out_features,)
+        return shapes
+
+    @torch.no_grad()
+    def load(self, reader: CheckpointReader, name: str, bias_name: str | None = None) -> None:
+        start = self.tp.rank * self.in_per_rank
+        self.weight.copy_(reader.read(name, 1, start, start + self.in_per_rank))
+        if self.bias is not None and bias_name:
+            self.bias.copy_(reader.read(bias_name))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split across TP ranks (the vocabulary padded up to a multiple of tp).
+
+    Each rank embeds the tokens it owns, zeros the rest, and the all-reduce completes the rows.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: Communicator, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.vocab_per_rank = -(-vocab_size // tp.size)
+        self.vocab_start = tp.rank * self.vocab_per_rank
+        self.weight = _param((self.vocab_per_rank, hidden_size), dtype, device)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [num_tokens, hidden]
+        out = out.masked_fill(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+    def expected_shapes(self, name: str) -> dict:
+        return {name: (self.vocab_size, self.hidden_size)}
+
+    @torch.no_grad()
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        stop = min(self.vocab_start + self.vocab_per_rank, self.vocab_size)
+        rows = max(0, stop - self.vocab_start)
+        self.weight.zero_()
+        if rows:
+            self.weight[:rows].copy_(reader.read(name, 0, self.vocab_start, stop))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Vocab-sharded output projection; ``forward`` returns this rank's logits shard.
+
+    Use ParallelGroups.gather_logits_to_sampler to assemble the full vocabulary. With tied
+    embeddings it shares the embedding's weight (same sharding).
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: Communicator, dtype: torch.dtype,
+                 device=None, tied_to: VocabParallelEmbedding | None = None):
+        super().__init__(vocab_size, hidden_size, tp, dtype, device)
+        if tied_to is not None:
+            self.weight = tied_to.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)  # [num_rows, vocab_per_rank]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((size,), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def expected_shapes(self, name: str) -> dict:
+        return {name: tuple(self.weight.shape)}
+
+    @torch.no_grad()
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight.copy_(reader.read(name))

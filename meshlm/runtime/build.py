@@ -1,0 +1,112 @@
+"""Assemble a rank's runtime from EngineArgs: model directory, mapping, groups, engine, and on
+rank 0 the coordinator."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from meshlm.parallel.groups import ParallelGroups
+from meshlm.parallel.layers import check_tp_for_heads
+from meshlm.parallel.mapping import Mapping
+from meshlm.runtime.args import EngineArgs
+from meshlm.runtime.config import ModelConfig
+from meshlm.runtime.coordinator import Coordinator
+from meshlm.runtime.default_model import resolve_model
+from meshlm.runtime.engine import Engine, resolve_dtype
+from meshlm.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger("meshlm")
+
+
+def check_layout(cfg: ModelConfig, args: EngineArgs) -> None:
+    """Fail before loading anything when the layout cannot split this model."""
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    check_tp_for_heads(cfg.num_heads, cfg.num_kv_heads, tp)
+    if cfg.intermediate_size % tp:
+        raise ValueError(f"tensor parallel size {tp} does not divide intermediate_size={cfg.intermediate_size}")
+    if pp > cfg.num_layers:
+        raise ValueError(f"pipeline parallel size {pp} is larger than the model's {cfg.num_layers} layers")
+
+
+def eos_token_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    ids = set(cfg.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def pick_device(args: EngineArgs, local_rank: int) -> torch.device:
+    from meshlm.launcher import env
+    name = args.device or env.get("MESHLM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ValueError(f"device={name!r}; choose cpu or cuda")
+    return torch.device("cpu")
+
+
+class RankRuntime:
+    """What one rank holds: its engine, and on rank 0 the tokenizer and coordinator."""
+
+    def __init__(self, args: EngineArgs, mapping: Mapping, local_rank: int = 0, world_comm=None):
+        self.args = args
+        self.mapping = mapping
+        self.model_dir = resolve_model(args.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        check_layout(self.model_config, args)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.model_config.eos_token_ids = eos_token_ids(self.model_dir, self.model_config, self.tokenizer)
+        self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
+        self.device = pick_device(args, local_rank)
+        dtype = resolve_dtype(args.dtype, self.model_config.torch_dtype, self.device)
+        if mapping.world_size == 1:
+            groups = ParallelGroups.single()
+        else:
+            groups = ParallelGroups.from_mpi(mapping, self.device)
+        weights = None if args.load_format == "random" else self.model_dir
+        self.engine = Engine(self.model_config, groups, self.device, dtype, self.max_model_len, weights,
+                             sampler_seed=args.seed, attention_backend=args.attention_backend)
+        cache = args.cache_config()
+        local_blocks = self.engine.available_kv_blocks(cache, args.max_num_tokens)
+        if world_comm is not None:
+            from mpi4py import MPI
+            self.num_blocks = world_comm.allreduce(local_blocks, op=MPI.MIN)
+        else:
+            self.num_blocks = local_blocks
+        self.engine.allocate_kv_cache(self.num_blocks, cache.block_size)
+        log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens",
+                 self.model_dir.name, self.model_config.num_layers, dtype, self.device, self.num_blocks,
+                 cache.block_size)
+
+    def make_coordinator(self, executor) -> Coordinator:
+        assert self.mapping.rank == 0
+        cache = self.args.cache_config()
+        return Coordinator(executor, self.tokenizer, self.args.scheduler_config(), self.num_blocks,
+                           cache.block_size, self.max_model_len, self.model_config.eos_token_ids,
+                           cache.enable_prefix_caching)
+
+
+class LocalExecutor:
+    """One rank: the coordinator calls its own engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def execute(self, plan):
+        return self.engine.execute(plan)
+
+    def shutdown(self):
+        self.engine.shutdown()
+
+
+def build_local_coordinator(args: EngineArgs) -> Coordinator:
+    runtime = RankRuntime(args, Mapping())
+    return runtime.make_coordinator(LocalExecutor(runtime.engine))

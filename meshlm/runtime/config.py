@@ -1,0 +1,179 @@
+"""The user's configuration: a few slotted dataclasses, validated on construction.
+
+``None`` means "choose automatically". Values derived at run time (the number of KV blocks, the
+eos ids) live in the objects that derive them, not here. The CLI and ``LLM(...)`` both read their
+defaults from these classes, so a default is written once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from meshlm.runtime.sampling_params import SamplingParams
+
+__all__ = ["ModelConfig", "ParallelConfig", "CacheConfig", "SchedulerConfig", "SamplingParams",
+           "SUPPORTED_ARCHITECTURES"]
+
+# Hugging Face architecture name -> meshlm model family module.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "llama",
+}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The model's shape, read from a Hugging Face ``config.json``."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; meshlm supports "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config.json: {name}={getattr(self, name)} must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"config.json: num_attention_heads={self.num_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}")
+
+    @property
+    def family(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry; cannot tell the model family")
+        arch = archs[0]
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        rope_scaling = hf.get("rope_scaling")
+        rope_theta = hf.get("rope_theta")
+        rope_params = hf.get("rope_parameters")  # transformers >= 5 may write this form
+        if rope_params and rope_theta is None:
+            rope_theta = rope_params.get("rope_theta")
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = dict(rope_params)
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+            rope_scaling = None
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hidden // num_heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            sliding_window=sliding,
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        cfg_path = Path(path) / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json; a model directory in Hugging Face layout is expected")
+        return cls.from_hf_dict(json.loads(cfg_path.read_text()))
+
+
+@dataclass(slots=True)
+class ParallelConfig:
+    """How many ranks split the model, and along which axes."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    moe_expert_parallel_size: int | None = None  # None: 1 (no expert parallelism)
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        ep = self.moe_expert_parallel_size
+        if ep is not None and (ep < 1 or self.tensor_parallel_size % ep):
+            raise ValueError(f"moe_expert_parallel_size={ep} must divide tensor_parallel_size="
+                             f"{self.tensor_parallel_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    num_blocks: int | None = None  # None: as many as fit in memory
+    cpu_kv_cache_gb: float = 2.0  # KV pool size on the CPU backend when num_blocks is None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """In-flight batching limits."""
+
+    max_num_tokens: int = 8192  # tokens processed in one step (prefill chunks + decodes)
+    max_batch_size: int = 256  # sequences in one step
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.max_num_tokens < 1:
+            raise ValueError(f"max_num_tokens={self.max_num_tokens} must be >= 1")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Default values of a config dataclass, for the CLI (one source of defaults)."""
+    return {f.name: f.default for f in fields(cls)}

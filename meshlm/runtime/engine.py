@@ -1,0 +1,192 @@
+"""The per-rank engine: one model shard, its KV pool and its sampler; it executes step plans.
+
+It knows nothing of requests beyond the arrays of a StepPlan. Every rank of the model runs
+``execute`` on the same plan in the same order; only the sampling rank returns tokens.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meshlm.models import build_model
+from meshlm.parallel.groups import ParallelGroups
+from meshlm.runtime.attention import AttentionMetadata
+from meshlm.runtime.checkpoint import CheckpointReader
+from meshlm.runtime.config import CacheConfig, ModelConfig
+from meshlm.runtime.protocol import StepPlan
+from meshlm.runtime.sampler import Sampler, SamplerOutput
+from meshlm.runtime.random_weights import RandomCheckpoint
+
+log = logging.getLogger("meshlm")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | None, model_dtype: str, device: torch.device) -> torch.dtype:
+    """``None``/"auto": float32 on the CPU; on a GPU the checkpoint's 16-bit type, else bfloat16."""
+    if dtype not in (None, "auto"):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if model_dtype == "float16" else torch.bfloat16
+
+
+class Engine:
+    def __init__(self, model_config: ModelConfig, groups: ParallelGroups, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int, model_dir: str | Path | None = None,
+                 sampler_seed: int = 0, attention_backend: str | None = None):
+        self.cfg = model_config
+        self.groups = groups
+        self.mapping = groups.mapping
+        self.device, self.dtype = device, dtype
+        self.max_model_len = max_model_len
+        attention_fn = select_attention(attention_backend, device)
+        self.model = build_model(model_config, groups, dtype, device, max_model_len, attention_fn)
+        self.model.eval()
+        reader = CheckpointReader(model_dir) if model_dir is not None else RandomCheckpoint(seed=sampler_seed)
+        with torch.no_grad():
+            self.model.load(reader)
+        reader.close()
+        self.is_sampler = self.mapping.rank == self.mapping.sampler_rank
+        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, device,
+                               seed=sampler_seed) if self.is_sampler else None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+
+    # --- KV pool -----------------------------------------------------------------------------
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        attn = self.model.attention_layers
+        if not attn:
+            return 0
+        per_layer = 2 * block_size * attn[0].num_kv_heads_per_rank * attn[0].head_dim
+        return per_layer * len(attn) * self.dtype.itemsize
+
+    def available_kv_blocks(self, cache: CacheConfig, max_num_tokens: int) -> int:
+        """How many KV blocks fit on this rank (the coordinator takes the minimum over ranks)."""
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        per_block = max(1, self.kv_bytes_per_block(cache.block_size))
+        if self.device.type == "cpu":
+            return max(1, int(cache.cpu_kv_cache_gb * 2**30) // per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_elsewhere = total - free
+        # Activations of the largest step: a generous per-token estimate of the widest tensors.
+        cfg = self.cfg
+        per_token = (4 * cfg.intermediate_size // self.groups.tp.size + 8 * cfg.hidden_size) * 4
+        reserve = max_num_tokens * per_token + 2**30
+        budget = int(total * cache.gpu_memory_utilization) - used_elsewhere - reserve
+        if budget < per_block:
+            raise RuntimeError(f"{self.mapping.describe()}: no GPU memory left for the KV cache "
+                               f"(total {total / 2**30:.1f} GiB, in use {used_elsewhere / 2**30:.1f} GiB, "
+                               f"gpu_memory_utilization={cache.gpu_memory_utilization})")
+        return budget // per_block
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.kv_caches = []
+        for attn in self.model.attention_layers:
+            shape = (num_blocks, block_size, attn.num_kv_heads_per_rank, attn.head_dim)
+            self.kv_caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                   torch.zeros(shape, dtype=self.dtype, device=self.device)))
+
+    # --- one step ----------------------------------------------------------------------------
+    def update_requests(self, plan: StepPlan) -> None:
+        if self.sampler is None:
+            return
+        for new in plan.new_requests:
+            self.sampler.add_request(new.request_id, new.params, new.prompt_token_ids)
+        for request_id in plan.finished_request_ids:
+            self.sampler.remove_request(request_id)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> SamplerOutput | None:
+        """Run one step. The sampling rank returns the sampled tokens; other ranks return None."""
+        self.update_requests(plan)
+        if plan.num_tokens == 0:
+            return None
+        meta = self._metadata(plan)
+        mapping = self.mapping
+        if mapping.is_first_pp_rank:
+            hidden = self.model.embed(self._to_device(plan.input_ids))
+        else:
+            hidden = self.groups.recv_from_prev_stage((plan.num_tokens, self.cfg.hidden_size), self.dtype,
+                                                      self.device)
+        hidden = self.model(hidden, meta, self.kv_caches)
+        if not mapping.is_last_pp_rank:
+            self.groups.send_to_next_stage(hidden)
+            return None
+        if len(plan.sample_rows) == 0:
+            return None
+        last_token = meta.query_start_loc[1:].long()[self._to_device(plan.sample_rows)] - 1
+        logits = self.model.compute_logits(hidden[last_token])  # [num_samples, vocab_per_rank]
+        logits = self.groups.gather_logits_to_sampler(logits)
+        if logits is None:
+            return None
+        return self.sampler.sample(logits[:, :self.cfg.vocab_size].float(), plan.sample_request_ids)
+
+    def forward_logits(self, plan: StepPlan) -> torch.Tensor | None:
+        """Logits [num_samples, vocab] for the plan's sample rows, without sampling (tests, checks)."""
+        saved, self.sampler = self.sampler, None
+        try:
+            with torch.inference_mode():
+                meta = self._metadata(plan)
+                if self.mapping.is_first_pp_rank:
+                    hidden = self.model.embed(self._to_device(plan.input_ids))
+                else:
+                    hidden = self.groups.recv_from_prev_stage((plan.num_tokens, self.cfg.hidden_size),
+                                                              self.dtype, self.device)
+                hidden = self.model(hidden, meta, self.kv_caches)
+                if not self.mapping.is_last_pp_rank:
+                    self.groups.send_to_next_stage(hidden)
+                    return None
+                last_token = meta.query_start_loc[1:].long()[self._to_device(plan.sample_rows)] - 1
+                logits = self.groups.gather_logits_to_sampler(self.model.compute_logits(hidden[last_token]))
+                return None if logits is None else logits[:, :self.cfg.vocab_size].float()
+        finally:
+            self.sampler = saved
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _metadata(self, plan: StepPlan) -> AttentionMetadata:
+        query_lens = plan.query_lens
+        return AttentionMetadata(
+            positions=self._to_device(plan.positions),
+            slot_mapping=self._to_device(plan.slot_mapping),
+            query_start_loc=self._to_device(plan.query_start_loc),
+            seq_lens=self._to_device(plan.seq_lens),
+            block_tables=self._to_device(plan.block_tables),
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(plan.seq_lens.max()),
+            query_lens_host=query_lens,
+        )
+
+    def shutdown(self) -> None:
+        self.kv_caches = []
+        self.groups.destroy()
+
+
+def select_attention(backend: str | None, device: torch.device):
+    """``None``: the Triton kernel on CUDA when available, else the reference path."""
+    from meshlm.runtime.attention import paged_attention_reference
+    if backend in (None, "auto") and device.type == "cuda":
+        try:
+            from meshlm.runtime.triton_attention import paged_attention_triton
+            return paged_attention_triton
+        except ImportError:
+            return paged_attention_reference
+    if backend in (None, "auto", "reference"):
+        return paged_attention_reference
+    if backend == "triton":
+        from meshlm.runtime.triton_attention import paged_attention_triton
+        return paged_attention_triton
+    raise ValueError(f"attention_backend={backend!r}; choose auto, reference or triton")

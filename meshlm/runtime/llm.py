@@ -1,0 +1,141 @@
+"""``LLM``: the offline Python API, as vLLM users know it.
+
+    from meshlm import LLM, SamplingParams
+    llm = LLM()                                  # the built-in default model
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(out[0].outputs[0].text)
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from meshlm.runtime.args import EngineArgs
+from meshlm.runtime.outputs import RequestOutput
+from meshlm.runtime.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate text with a model split over ``tensor_parallel_size x pipeline_parallel_size`` ranks.
+
+    Keyword arguments are those of EngineArgs. With one rank the model runs in this process.
+    With several, either this process is rank 0 of an mpiexec world of that size (the other ranks
+    serve steps inside ``LLM(...)`` until rank 0 shuts down, then exit), or it is a plain process
+    and starts the ranks itself under mpiexec.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs):
+        self.args = EngineArgs(model=model, **kwargs)
+        from meshlm.runtime.distributed import start_runtime
+        self._coordinator = start_runtime(self.args)
+
+    @property
+    def tokenizer(self):
+        return self._coordinator.tokenizer
+
+    # --- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text, or a list of token ids); outputs in prompt order."""
+        prompts = _as_list(prompts)
+        params = _params_for(prompts, sampling_params)
+        ids = self._submit_all(prompts, params)
+        final: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        for output in self._run(set(ids)):
+            if output.finished:
+                final[output.request_id] = output
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [final[i] for i in ids]
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self._coordinator.tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that adds to it; the last one is finished.
+
+        Text is cumulative; ``text[len(previous.text):]`` is the new part.
+        """
+        (request_id,) = self._submit_all([prompt], [sampling_params or SamplingParams()])
+        try:
+            for output in self._run({request_id}):
+                yield output
+        finally:
+            if self._coordinator.abort(request_id):  # the caller stopped early
+                self._drain()
+
+    def _submit_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self._coordinator.submit(prompt, p))
+        except Exception:
+            for request_id in ids:  # an invalid prompt rejects the whole call, leaving nothing queued
+                self._coordinator.abort(request_id)
+            raise
+        return ids
+
+    def _run(self, wanted: set[str]) -> Iterator[RequestOutput]:
+        pending = set(wanted)
+        while pending:
+            for output in self._coordinator.step():
+                if output.request_id in pending:
+                    if output.finished:
+                        pending.discard(output.request_id)
+                    yield output
+
+    def _drain(self) -> None:
+        # Let the workers hear about aborted requests before the next call.
+        self._coordinator.step()
+
+    def shutdown(self) -> None:
+        if self._coordinator is not None:
+            self._coordinator.shutdown()
+            self._coordinator = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _as_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):  # a single prompt of token ids
+        return [prompts]
+    return prompts
+
+
+def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams() for _ in prompts]
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * len(prompts)
+    sampling_params = list(sampling_params)
+    if len(sampling_params) != len(prompts):
+        raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+    return sampling_params
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="requests", unit="req")

@@ -1,0 +1,303 @@
+"""The batched sampler: turns one step's logits into one token per row.
+
+It lives on the rank that samples (the last pipeline stage's first TP rank) and keeps, per request,
+its sampling parameters, its token history (for penalties and ``min_tokens``) and, for a seeded
+request, its own ``torch.Generator``. Stop strings, stop token ids, ``ignore_eos`` and ``max_tokens``
+are decided on rank 0 after detokenization, not here.
+
+One step, all batched over rows:
+
+1. logprobs (when some row asks) from ``log_softmax`` of the raw logits, as vLLM reports them;
+2. repetition penalty over prompt + output tokens, presence and frequency penalties over output tokens;
+3. ``min_tokens``: eos ids and the request's stop token ids get ``-inf`` until it has enough outputs;
+4. greedy rows take the argmax; the others divide by the temperature, filter by top-k, top-p and
+   min-p (one sort), and sample by the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from meshlm.runtime.sampling_params import SamplingParams
+
+__all__ = ["Sampler", "SamplerOutput", "count_tokens", "apply_penalties", "mask_banned_tokens",
+           "apply_top_k_top_p_min_p", "exponential_race"]
+
+_SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+
+# Columns of the per-step parameter matrix, built on the host and copied to the device at once.
+_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _REPETITION, _PRESENCE, _FREQUENCY = range(7)
+_NUM_PARAM_COLUMNS = 7
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """One step's result, on the host.
+
+    ``top_token_ids`` / ``top_logprobs`` have ``k_max`` columns, the most any row asked for; a row
+    that asked for ``k < k_max`` uses its first ``k`` columns only.
+    """
+
+    token_ids: np.ndarray  # int64 [num_rows]
+    logprobs: np.ndarray | None  # float32 [num_rows]: log-prob of each sampled token; None if no row asked
+    top_token_ids: np.ndarray | None  # int64 [num_rows, k_max]; None if k_max == 0
+    top_logprobs: np.ndarray | None  # float32 [num_rows, k_max]
+
+
+@dataclass(slots=True)
+class _RequestState:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None  # only for a seeded request
+
+
+class Sampler:
+    """Per-request state plus the batched sampling step (see the module docstring)."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: Iterable[int],
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size} must be >= 1")
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        bad = [t for t in self.eos_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"eos_token_ids={self.eos_token_ids}: {bad} outside "
+                             f"[0, vocab_size={vocab_size})")
+        self.device = torch.device(device)
+        self._generator = _make_generator(seed, self.device)  # noise for rows without a seed
+        self._requests: dict[str, _RequestState] = {}
+
+    # ----------------------------------------------------------------------- request state
+
+    def add_request(self, request_id: str, params: SamplingParams,
+                    prompt_token_ids: Sequence[int]) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already in the sampler")
+        generator = None if params.seed is None else _make_generator(params.seed, self.device)
+        self._requests[request_id] = _RequestState(params, list(prompt_token_ids), [], generator)
+
+    def remove_request(self, request_id: str) -> None:
+        """Forget a request; a no-op for an unknown id (an aborted request may never have arrived)."""
+        self._requests.pop(request_id, None)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def output_token_ids(self, request_id: str) -> list[int]:
+        """The tokens this sampler has sampled for the request so far (a copy)."""
+        return list(self._get_state(request_id).output_token_ids)
+
+    def _get_state(self, request_id: str) -> _RequestState:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise KeyError(f"request {request_id!r} was never added to the sampler "
+                           f"(it holds {len(self._requests)} requests)") from None
+
+    # ----------------------------------------------------------------------- the step
+
+    def sample(self, logits: torch.Tensor, request_ids: Sequence[str]) -> SamplerOutput:
+        """Sample one token per row; row ``i`` of ``logits`` [num_rows, vocab_size] belongs to
+        ``request_ids[i]``. Appends each sampled token to its request's history."""
+        num_rows = len(request_ids)
+        if logits.dim() != 2 or logits.shape != (num_rows, self.vocab_size):
+            raise ValueError(f"logits shape {tuple(logits.shape)} != (num_rows={num_rows}, "
+                             f"vocab_size={self.vocab_size})")
+        states = [self._get_state(rid) for rid in request_ids]
+        host_params = _row_params(states, self.vocab_size)  # [num_rows, 7] float64 on the host
+        row_params = torch.from_numpy(host_params).to(self.device, torch.float32)
+        logits = logits.to(self.device, torch.float32)
+
+        raw_logprobs = self._raw_logprobs(logits, states)
+        logits = self._apply_penalties(logits, states, host_params, row_params)
+        logits = self._apply_min_tokens(logits, states)
+        token_ids = self._choose_tokens(logits, states, host_params, row_params)
+
+        for state, token_id in zip(states, token_ids.tolist()):
+            state.output_token_ids.append(token_id)
+        return _make_output(token_ids, raw_logprobs, states)
+
+    def _raw_logprobs(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor | None:
+        if all(s.params.logprobs is None for s in states):
+            return None
+        return torch.log_softmax(logits, dim=-1)  # [num_rows, vocab_size]
+
+    def _apply_penalties(self, logits: torch.Tensor, states: list[_RequestState],
+                         host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:
+        uses_repetition = host_params[:, _REPETITION] != 1.0
+        uses_output = uses_repetition | (host_params[:, _PRESENCE] != 0) | (host_params[:, _FREQUENCY] != 0)
+        if not uses_output.any():
+            return logits
+        # Rows that use no penalty contribute empty histories, which keeps the padded tensors short.
+        prompts = [s.prompt_token_ids if use else [] for s, use in zip(states, uses_repetition)]
+        outputs = [s.output_token_ids if use else [] for s, use in zip(states, uses_output)]
+        prompt_counts = count_tokens(prompts, self.vocab_size, self.device)
+        output_counts = count_tokens(outputs, self.vocab_size, self.device)
+        return apply_penalties(logits, prompt_counts, output_counts, row_params[:, _REPETITION],
+                               row_params[:, _PRESENCE], row_params[:, _FREQUENCY])
+
+    def _apply_min_tokens(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor:
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, state in enumerate(states):
+            if len(state.output_token_ids) < state.params.min_tokens:
+                banned = set(self.eos_token_ids).union(state.params.stop_token_ids)
+                banned = [t for t in banned if t < self.vocab_size]
+                rows.extend([row] * len(banned))
+                cols.extend(banned)
+        if not rows:
+            return logits
+        return mask_banned_tokens(logits, torch.tensor(rows, device=self.device),
+                                  torch.tensor(cols, device=self.device))
+
+    def _choose_tokens(self, logits: torch.Tensor, states: list[_RequestState],
+                       host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:
+        greedy_tokens = logits.argmax(dim=-1)  # [num_rows]
+        is_greedy = host_params[:, _TEMPERATURE] == 0.0
+        if is_greedy.all():
+            return greedy_tokens
+        temperature = row_params[:, _TEMPERATURE]
+        temperature = torch.where(temperature == 0.0, torch.ones_like(temperature), temperature)
+        scaled = logits / temperature[:, None]
+        if _any_filter(host_params, self.vocab_size):
+            scaled = apply_top_k_top_p_min_p(scaled, row_params[:, _TOP_K], row_params[:, _TOP_P],
+                                             row_params[:, _MIN_P])
+        probs = torch.softmax(scaled, dim=-1)  # [num_rows, vocab_size]
+        noise = self._exponential_noise(states, is_greedy)
+        sampled_tokens = exponential_race(probs, noise)
+        return torch.where(torch.from_numpy(is_greedy).to(self.device), greedy_tokens, sampled_tokens)
+
+    def _exponential_noise(self, states: list[_RequestState], is_greedy: np.ndarray) -> torch.Tensor:
+        """q ~ Exp(1), [num_rows, vocab_size]. A seeded row draws from its own generator (one draw of
+        vocab_size per sampled step), so its tokens depend on neither its row nor its neighbours."""
+        noise = torch.empty(len(states), self.vocab_size, device=self.device)
+        noise.exponential_(generator=self._generator)
+        for row, state in enumerate(states):
+            if state.generator is not None and not is_greedy[row]:
+                noise[row].exponential_(generator=state.generator)
+        return noise
+
+
+# --------------------------------------------------------------------------- batched pieces
+
+def count_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """How often each token id occurs in each row's list: int32 [num_rows, vocab_size].
+
+    The lists are padded into one [num_rows, max_len] tensor with the id ``vocab_size`` and
+    scattered into ``vocab_size + 1`` bins; the padding bin is then dropped.
+    """
+    num_rows = len(token_lists)
+    max_len = max((len(t) for t in token_lists), default=0)
+    padded = np.full((num_rows, max_len), vocab_size, dtype=np.int64)  # [num_rows, max_len]
+    for row, tokens in enumerate(token_lists):
+        padded[row, :len(tokens)] = tokens
+    index = torch.from_numpy(padded).to(device)
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.int32, device=device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
+    return counts[:, :vocab_size]  # [num_rows, vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, prompt_counts: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor) -> torch.Tensor:
+    """Penalise seen tokens; returns new logits [num_rows, vocab_size].
+
+    Repetition (as HF and vLLM): a token seen in the prompt or the output has its logit divided by
+    the penalty when positive and multiplied by it when not. Presence and frequency (as OpenAI and
+    vLLM, output tokens only): ``logit -= presence * (count > 0) + frequency * count``.
+    The penalty vectors are [num_rows]; the counts [num_rows, vocab_size].
+    """
+    seen = (prompt_counts > 0) | (output_counts > 0)
+    penalty = torch.where(seen, repetition[:, None], torch.ones_like(logits))  # [num_rows, vocab_size]
+    logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    counts = output_counts.to(logits.dtype)
+    logits = logits - frequency[:, None] * counts
+    return logits - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def mask_banned_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """A copy of ``logits`` with ``-inf`` at each (rows[i], token_ids[i])."""
+    logits = logits.clone()
+    logits[rows, token_ids] = float("-inf")
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """Set to ``-inf`` every logit outside each row's top-k, nucleus and min-p sets (one sort).
+
+    Per row ([num_rows] vectors): ``top_k`` as a float (vocab_size = off), ``top_p`` in (0, 1]
+    (1 = off), ``min_p`` in [0, 1] (0 = off). Applied in vLLM's order: top-k, then top-p over the
+    renormalised top-k distribution (keep the most likely tokens until their mass reaches top_p),
+    then min-p (keep tokens with prob >= min_p * the top prob). The most likely token always stays.
+    """
+    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)  # [num_rows, vocab_size]
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    drop = rank[None, :] >= top_k[:, None]  # [num_rows, vocab_size], in sorted order
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens
+    # Rows with top_p == 1 skip the test, so float rounding in the cumsum never drops their tail.
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+    drop[:, 0] = False
+    drop_unsorted = torch.zeros_like(drop).scatter_(1, sorted_index, drop)  # [num_rows, vocab_size]
+    return logits.masked_fill(drop_unsorted, float("-inf"))
+
+
+def exponential_race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``argmax(probs / q)`` per row with ``q ~ Exp(1)``: an exact draw from ``probs`` with no
+    cumulative sum. Returns int64 [num_rows]."""
+    noise = noise.clamp(min=torch.finfo(noise.dtype).tiny)  # q == 0 would give 0/0 = nan
+    return (probs / noise).argmax(dim=-1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _make_generator(seed: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed % _SEED_MODULUS)
+    return generator
+
+
+def _row_params(states: list[_RequestState], vocab_size: int) -> np.ndarray:
+    """The rows' numeric parameters as one [num_rows, 7] float64 host array."""
+    out = np.empty((len(states), _NUM_PARAM_COLUMNS), dtype=np.float64)
+    for row, state in enumerate(states):
+        p = state.params
+        top_k = vocab_size if p.top_k is None else min(p.top_k, vocab_size)
+        out[row] = (p.temperature, top_k, p.top_p, p.min_p, p.repetition_penalty,
+                    p.presence_penalty, p.frequency_penalty)
+    return out
+
+
+def _any_filter(host_params: np.ndarray, vocab_size: int) -> bool:
+    """Whether some non-greedy row uses top-k, top-p or min-p (else the sort is skipped)."""
+    sampled = host_params[:, _TEMPERATURE] != 0.0
+    uses = ((host_params[:, _TOP_K] < vocab_size) | (host_params[:, _TOP_P] < 1.0)
+            | (host_params[:, _MIN_P] > 0.0))
+    return bool((uses & sampled).any())
+
+
+def _make_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
+                 states: list[_RequestState]) -> SamplerOutput:
+    token_ids_host = token_ids.to("cpu", torch.int64).numpy()
+    if raw_logprobs is None:
+        return SamplerOutput(token_ids_host, None, None, None)
+    sampled = raw_logprobs.gather(1, token_ids[:, None])[:, 0]  # [num_rows]
+    k_max = max(s.params.logprobs or 0 for s in states)
+    if k_max == 0:
+        return SamplerOutput(token_ids_host, sampled.cpu().numpy(), None, None)
+    top_logprobs, top_ids = raw_logprobs.topk(k_max, dim=-1)  # [num_rows, k_max], sorted descending
+    return SamplerOutput(token_ids_host, sampled.cpu().numpy(), top_ids.cpu().numpy().astype(np.int64),
+                         top_logprobs.cpu().numpy())

@@ -1,0 +1,160 @@
+"""Per-request sampling parameters, with vLLM's names and defaults.
+
+Validated on construction: a bad value raises ``ValueError`` naming the field, the value and the
+allowed range. ``None`` means "off" or "automatic" as each field says; there are no ``-1`` sentinels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["SamplingParams", "MAX_LOGPROBS"]
+
+MAX_LOGPROBS = 20  # the most top logprobs one request may ask for (OpenAI's limit)
+_MAX_SEED = 2**64  # torch.Generator.manual_seed takes seeds modulo 2**64
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    ``temperature=0`` means greedy. ``top_k=None`` turns top-k off. ``max_tokens=None`` generates
+    up to the context length. ``logprobs=None`` returns no logprobs; ``logprobs=k`` returns the
+    sampled token's logprob and the ``k`` most likely tokens' (``k=0``: the sampled one only).
+    ``seed`` makes the request's tokens independent of what else is in the batch.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: str | Sequence[str] | None = None  # normalised to a tuple of non-empty strings
+    stop_token_ids: Sequence[int] | None = None  # normalised to a tuple of ints
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.stop = _normalise_stop(self.stop)
+        self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
+        self._check_counts()
+        self._check_filters()
+        self._check_penalties()
+        self._coerce_numbers()
+
+    def _check_counts(self) -> None:
+        _check_int("n", self.n, lower=1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, lower=1, none_hint="None (up to the context length)")
+        _check_int("min_tokens", self.min_tokens, lower=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lower=0, upper=MAX_LOGPROBS)
+        if self.seed is not None and (not _is_int(self.seed) or not -_MAX_SEED < self.seed < _MAX_SEED):
+            raise ValueError(f"seed={self.seed!r} must be an integer with |seed| < 2**64, or None")
+
+    def _check_filters(self) -> None:
+        _check_real("temperature", self.temperature)
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        _check_real("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, lower=1, none_hint="None (top-k off)")
+        _check_real("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+
+    def _check_penalties(self) -> None:
+        _check_real("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 means off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_real(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name}={value} must be in [-2, 2]")
+
+    def _coerce_numbers(self) -> None:
+        # numpy scalars pass validation; store plain Python numbers so the params pickle small.
+        for name in ("n", "min_tokens", "max_tokens", "top_k", "seed", "logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, int(value))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            setattr(self, name, float(getattr(self, name)))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when any of the repetition, presence or frequency penalties is on."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    def replace(self, **changes: object) -> SamplingParams:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of the ``index``-th of the ``n`` samples: ``n=1`` and, when a seed is set,
+        ``seed + index``, so the ``n`` samples differ from one another yet each is reproducible."""
+        if not 0 <= index < self.n:
+            raise ValueError(f"sample index={index} must be in [0, n={self.n})")
+        seed = None if self.seed is None else (self.seed + index) % _MAX_SEED
+        return self.replace(n=1, seed=seed)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, lower: int, upper: int | None = None,
+               none_hint: str | None = None) -> None:
+    too_high = upper is not None and _is_int(value) and value > upper
+    if not _is_int(value) or value < lower or too_high:
+        allowed = f">= {lower}" if upper is None else f"in [{lower}, {upper}]"
+        hint = f", or {none_hint}" if none_hint else ""
+        raise ValueError(f"{name}={value!r} must be an integer {allowed}{hint}")
+
+
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise ValueError(f"{name}={value!r} must be a real number")
+
+
+def _normalise_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = (stop,) if isinstance(stop, str) else tuple(stop)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"stop={stop!r}: every stop string must be a non-empty str, got {item!r}")
+    return items
+
+
+def _normalise_stop_token_ids(ids: Sequence[int] | None) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"stop_token_ids={ids!r} must be a list of non-negative token ids")
+    out = tuple(ids)
+    for token_id in out:
+        if not _is_int(token_id) or token_id < 0:
+            raise ValueError(f"stop_token_ids={ids!r}: {token_id!r} is not a token id (an integer >= 0)")
+    return tuple(int(t) for t in out)

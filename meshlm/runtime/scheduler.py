@@ -1,0 +1,233 @@
+"""In-flight batching on rank 0: which requests run in the next step, and how many tokens each.
+
+Each step has a budget of ``max_num_tokens`` tokens and ``max_batch_size`` sequences.
+
+1. Running requests first, oldest first. Each gets ``min(uncomputed tokens, budget left)`` tokens:
+   one for a decode, a chunk for a prompt still being prefilled. When its KV blocks cannot be
+   allocated, the newest running request is preempted by recompute (its blocks are freed, it goes
+   back to the front of the waiting queue and later recomputes its prompt and outputs so far); if
+   the request itself is the newest, it is the one preempted.
+2. Then, if nothing was preempted in this step, waiting requests in FIFO order: the prefix cache
+   is applied, the request gets ``min(uncomputed tokens, budget left)`` tokens (a long prompt is
+   prefilled in chunks over several steps) and is admitted only if its blocks can be allocated.
+   Admission stops at the first request that does not fit: nobody skips ahead.
+
+"Arrival" is the order of ``add``. The running list stays in arrival order: a request is admitted
+only after every older one, and preemption always takes the newest, which is older than every
+waiting request, so it goes to the front of the queue.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from meshlm.runtime.config import SchedulerConfig
+from meshlm.runtime.kv_cache import KVCacheManager, num_blocks_for
+from meshlm.runtime.request import Request, RequestStatus
+
+__all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput"]
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Tokens ``all_token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]`` of one
+    request, run this step (``num_computed_tokens`` as it is before ``update_after_step``)."""
+
+    request: Request
+    num_new_tokens: int
+    is_sampling: bool  # the chunk reaches the last known token, so a token is sampled
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's plan, before it is turned into arrays for the ranks."""
+
+    chunks: list[ScheduledChunk]  # running requests first (in their order), then newly admitted
+    preempted: list[Request]  # preempted this step; already back in the waiting queue
+    num_tokens: int  # sum of the chunks' num_new_tokens
+    # Finished by the scheduler itself (status FINISHED_LENGTH, blocks freed): their tokens
+    # outgrew the whole KV pool. The caller reports them to their clients.
+    finished: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; decides each step's chunks."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # arrival order; finished ones removed at the next step
+        self._num_finished_running = 0
+        self._requests: dict[str, Request] = {}  # every unfinished request
+
+    # ---- queries -----------------------------------------------------------------------------
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) - self._num_finished_running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def get(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self._requests.get(request_id)
+
+    # ---- requests in and out -----------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a new request.
+
+        Raises ``ValueError`` when the request could never run: an empty prompt, or a prompt that
+        with one generated token does not fit in the whole KV pool (a prompt of exactly the pool's
+        size could be prefilled, but its first token could never be decoded). A request whose
+        generation later outgrows the pool is finished with ``FINISHED_LENGTH`` when it does; the
+        caller caps ``max_tokens`` beforehand when it wants to refuse such requests instead.
+        """
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already queued or running")
+        if request.num_prompt_tokens < 1:
+            raise ValueError(f"request {request.request_id!r}: the prompt is empty; at least one token is needed")
+        if request.num_computed_tokens or request.block_ids:
+            raise ValueError(f"request {request.request_id!r} is not fresh: num_computed_tokens="
+                             f"{request.num_computed_tokens}, {len(request.block_ids)} blocks")
+        bs, num_blocks = self.kv.block_size, self.kv.num_blocks
+        needed = num_blocks_for(request.num_prompt_tokens + 1, bs)
+        if needed > num_blocks:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt of {request.num_prompt_tokens} tokens plus one "
+                f"generated token needs {needed} KV blocks of {bs} tokens, but the pool has only "
+                f"{num_blocks} blocks ({num_blocks * bs} tokens)")
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Drop an unfinished request (status ``FINISHED_ABORTED``, blocks freed); None if unknown."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark an unfinished request finished with ``status``, free its blocks, forget it."""
+        if not status.is_finished:
+            raise ValueError(f"finish() needs a finished status, got {status}")
+        if self._requests.get(request.request_id) is not request:
+            raise ValueError(f"request {request.request_id!r} is not an unfinished request of this scheduler")
+        del self._requests[request.request_id]
+        if request.status == RequestStatus.WAITING:
+            self._waiting.remove(request)  # rare (an abort before admission): O(queue) is fine
+        else:
+            self._num_finished_running += 1  # dropped from the running list at the next schedule()
+        request.status = status
+        self.kv.free(request)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks; allocates their blocks. Call ``update_after_step`` after running."""
+        self._drop_finished_running()
+        out = SchedulerOutput(chunks=[], preempted=[], num_tokens=0)
+        budget = self._schedule_running(out, self.config.max_num_tokens)
+        if not out.preempted:  # blocks are short: admitting now would only preempt again
+            self._schedule_waiting(out, budget)
+        out.num_tokens = sum(chunk.num_new_tokens for chunk in out.chunks)
+        return out
+
+    def update_after_step(self, output: SchedulerOutput) -> None:
+        """Record that the step ran: advance each chunk's request and cache its full blocks.
+
+        Chunks of requests finished since (an abort while the step ran) are skipped.
+        """
+        for chunk in output.chunks:
+            request = chunk.request
+            if request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += chunk.num_new_tokens
+            self.kv.cache_full_blocks(request)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        running = self._running
+        index = 0
+        while index < len(running) and budget > 0 and len(out.chunks) < self.config.max_batch_size:
+            request = running[index]
+            if self._outgrew_pool(request):
+                running.pop(index)
+                self._finish_for_length(request, out)
+                continue
+            num_new = min(request.num_uncomputed_tokens, budget)
+            if num_new == 0:  # its sampled token has not been appended; nothing to run
+                index += 1
+                continue
+            while not self.kv.can_allocate(request, num_new):
+                victim = running.pop()  # the newest; never one scheduled earlier in this loop
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            else:
+                self._add_chunk(request, num_new, out)
+                budget -= num_new
+                index += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        waiting = self._waiting
+        while (waiting and budget > 0 and len(out.chunks) < self.config.max_batch_size
+               and len(self._running) < self.config.max_batch_size):
+            request = waiting[0]
+            if self._outgrew_pool(request):
+                waiting.popleft()
+                self._finish_for_length(request, out)
+                continue
+            self.kv.get_computed_prefix(request)
+            num_new = min(request.num_uncomputed_tokens, budget)
+            if not self.kv.can_allocate(request, num_new):
+                self.kv.free(request)  # give back the shared prefix blocks until it fits
+                request.num_computed_tokens = 0
+                waiting.rotate(-1); continue
+            waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self._running.append(request)
+            self._add_chunk(request, num_new, out)
+            budget -= num_new
+
+    def _add_chunk(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        self.kv.allocate(request, num_new)
+        is_sampling = request.num_computed_tokens + num_new == request.num_tokens
+        out.chunks.append(ScheduledChunk(request, num_new, is_sampling))
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Recompute preemption: free the blocks, restart from token 0, wait at the queue's front."""
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self._waiting.appendleft(request)
+        out.preempted.append(request)
+
+    def _outgrew_pool(self, request: Request) -> bool:
+        """True when the request's known tokens cannot all be in the KV pool at once."""
+        return num_blocks_for(request.num_tokens, self.kv.block_size) > self.kv.num_blocks
+
+    def _finish_for_length(self, request: Request, out: SchedulerOutput) -> None:
+        # Already taken out of its queue by the caller.
+        del self._requests[request.request_id]
+        request.status = RequestStatus.FINISHED_LENGTH
+        self.kv.free(request)
+        out.finished.append(request)
+
+    def _drop_finished_running(self) -> None:
+        if self._num_finished_running:
+            self._running = [r for r in self._running if not r.status.is_finished]
+            self._num_finished_running = 0
