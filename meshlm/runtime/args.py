@@ -52,6 +52,8 @@ class EngineArgs:
         return SchedulerConfig(self.max_num_tokens, self.max_batch_size, self.max_model_len)
 
     # --- CLI -----------------------------------------------------------------------------------
+    # Flags that differ from the field name ("--seed" is the per-request seed on the CLI).
+    _FLAG = {"seed": "--engine-seed"}
     _SHORT = {"tensor_parallel_size": ["--tp"], "pipeline_parallel_size": ["--pp"],
               "moe_expert_parallel_size": ["--ep"]}
 
@@ -59,7 +61,7 @@ class EngineArgs:
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         defaults = cls()
         for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flag = cls._FLAG.get(f.name, "--" + f.name.replace("_", "-"))
             names = [flag] + cls._SHORT.get(f.name, [])
             default = getattr(defaults, f.name)
             if isinstance(default, bool):
@@ -81,7 +83,7 @@ class EngineArgs:
             value = getattr(self, f.name)
             if value == getattr(defaults, f.name):
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flag = self._FLAG.get(f.name, "--" + f.name.replace("_", "-"))
             if isinstance(value, bool):
                 out.append(flag if value else "--no-" + flag[2:])
             else:

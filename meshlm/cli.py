@@ -1,0 +1,111 @@
+"""``meshlm generate | serve | bench``.
+
+Engine flags (--model, --tp, --pp, --ep, --dtype, ...) come from EngineArgs; sampling flags
+from SamplingParams. A plain process asked for several ranks relaunches itself under mpiexec.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meshlm.runtime.args import EngineArgs
+from meshlm.runtime.sampling_params import SamplingParams
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 is greedy (default: 0; the API's default is 1.0)")
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--min-p", type=float, default=d.min_p)
+    parser.add_argument("--seed", type=int, default=None, dest="sample_seed",
+                        help="per-request sampling seed")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_params(ns: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                          top_k=ns.top_k, min_p=ns.min_p, seed=ns.sample_seed, stop=ns.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    gen.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch)")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="apply the chat template (default: when the model has one)")
+    gen.add_argument("--system", default=None, help="system message when --chat")
+    _add_sampling_args(gen)
+    EngineArgs.add_cli_args(gen)
+    return parser
+
+
+def relaunch_if_needed(args: EngineArgs) -> None:
+    """A plain process asked for several ranks re-executes itself under mpiexec."""
+    from meshlm.launcher.world import launched_by_mpi, relaunch_under_mpiexec
+    num_ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    if num_ranks > 1 and not launched_by_mpi():
+        from meshlm.runtime.build import check_layout
+        from meshlm.runtime.config import ModelConfig
+        from meshlm.runtime.default_model import resolve_model
+        model_dir = resolve_model(args.model)  # fetch once, before the ranks start
+        check_layout(ModelConfig.from_dir(model_dir), args)
+        if args.model is None:
+            sys.argv += ["--model", str(model_dir)]
+        relaunch_under_mpiexec(num_ranks)
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from meshlm.runtime.llm import LLM
+    args = EngineArgs.from_cli(ns)
+    relaunch_if_needed(args)
+    params = _sampling_params(ns)
+    llm = LLM(**{k: getattr(args, k) for k in args.__slots__})
+    try:
+        if True:  # only rank 0 returns from LLM(...); the other ranks serve steps inside it
+            tokenizer = llm.tokenizer
+            use_chat = tokenizer.has_chat_template if ns.chat is None else ns.chat
+            prompts = []
+            for text in ns.prompts:
+                if use_chat:
+                    messages = ([{"role": "system", "content": ns.system}] if ns.system else [])
+                    messages.append({"role": "user", "content": text})
+                    prompts.append(tokenizer.encode_chat(messages))
+                else:
+                    prompts.append(text)
+            if len(prompts) == 1:
+                printed = ""
+                for out in llm.generate_stream(prompts[0], params):
+                    text = out.outputs[0].text
+                    sys.stdout.write(text[len(printed):])
+                    sys.stdout.flush()
+                    printed = text
+                sys.stdout.write("\n")
+            else:
+                for text, out in zip(ns.prompts, llm.generate(prompts, params)):
+                    print(f"### {text}\n{out.outputs[0].text}\n")
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from meshlm.launcher.logging import setup_logging
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    setup_logging()
+    try:
+        if ns.command == "generate":
+            return cmd_generate(ns)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"meshlm: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""How ranks come to exist and find each other.
+
+The world comes from MPI (mpi4py), so mpirun, mpiexec and srun --mpi=pmi2|pmix all work. The
+node-local rank (from a COMM_TYPE_SHARED split) picks the GPU. An uncaught exception on any rank
+aborts the whole job, so one dead rank never leaves the others hanging.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshlm.launcher import env
+
+log = logging.getLogger("meshlm")
+
+# Variables that the common launchers set in every rank they start.
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    comm: object  # mpi4py.MPI.Comm (COMM_WORLD)
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher (or srun) started this process; checked without initialising MPI."""
+    return any(name in os.environ for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+
+
+def init_world() -> World:
+    """Initialise MPI (once) and read this process's place in the world."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    world = World(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm)
+    node.Free()
+    slurm_ntasks = os.environ.get("SLURM_NTASKS")
+    if slurm_ntasks and int(slurm_ntasks) > 1 and world.size == 1 and "SLURM_STEP_ID" in os.environ:
+        raise RuntimeError(
+            f"srun started {slurm_ntasks} tasks but MPI sees a world of 1: each task is its own "
+            "MPI job. The MPI library and srun's --mpi plugin do not match; use --mpi=pmi2 with "
+            "MPICH, --mpi=pmix with Open MPI, or launch with mpiexec inside the allocation")
+    install_abort_on_error(world)
+    return world
+
+
+def install_abort_on_error(world: World) -> None:
+    """An uncaught exception on any rank (any thread) logs the rank and aborts the whole job."""
+    if world.size == 1:
+        return
+
+    def abort(exc_type, exc, tb):
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(f"[meshlm rank {world.rank}] fatal error, aborting all {world.size} ranks:\n{text}")
+        sys.stderr.flush()
+        world.comm.Abort(1)
+
+    sys.excepthook = abort
+    threading.excepthook = lambda args: abort(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def count_gpus() -> int:
+    """GPUs on this node, asked of the CUDA driver through cuda-python before torch touches CUDA.
+
+    0 when cuda-python or a driver is missing.
+    """
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # cuda-python < 12.6
+        except ImportError:
+            return 0
+    err, = driver.cuInit(0)[:1]
+    if int(err) != 0:
+        return 0
+    err, count = driver.cuDeviceGetCount()
+    return int(count) if int(err) == 0 else 0
+
+
+def check_gpus_per_node(world: World, device: str | None) -> None:
+    """More ranks on a node than GPUs fails clearly (CUDA runs only)."""
+    if device == "cpu":
+        return
+    gpus = count_gpus()
+    if gpus == 0:
+        return
+    if world.local_size > gpus:
+        raise RuntimeError(f"{world.local_size} ranks run on this node but it has {gpus} GPUs; "
+                           "start one rank per GPU")
+
+
+def mpiexec_path() -> str:
+    explicit = env.get("MESHLM_MPIEXEC")
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    raise FileNotFoundError(f"no mpiexec beside {sys.executable}; set MESHLM_MPIEXEC to the mpiexec of "
+                            "the MPI library that mpi4py uses")
+
+
+def mpiexec_command(num_ranks: int, argv: list[str]) -> list[str]:
+    """``mpiexec -n N <argv>`` with the user's extra arguments (MESHLM_MPIEXEC_ARGS)."""
+    extra = shlex.split(env.get("MESHLM_MPIEXEC_ARGS") or "")
+    launcher = mpiexec_path()
+    if os.geteuid() == 0 and _is_open_mpi(launcher):
+        extra = ["--allow-run-as-root", "--oversubscribe", *extra]
+    return [launcher, "-n", str(num_ranks), *extra, *argv]
+
+
+def _is_open_mpi(launcher: str) -> bool:
+    try:
+        out = subprocess.run([launcher, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in out or "OpenRTE" in out
+
+
+def relaunch_under_mpiexec(num_ranks: int) -> None:
+    """Replace this plain process by ``mpiexec -n num_ranks`` running the same command."""
+    cmd = mpiexec_command(num_ranks, [sys.executable, "-m", "meshlm", *sys.argv[1:]])
+    log.info("starting %d ranks: %s", num_ranks, " ".join(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
+
+
+class StepWatchdog:
+    """Aborts the job when one step takes longer than MESHLM_STEP_TIMEOUT_S on this rank.
+
+    A rank blocked in a collective whose peer died or stalled never returns from the step; the
+    watchdog names this rank and the step, then aborts every rank.
+    """
+
+    def __init__(self, world: World, timeout_s: float | None = None):
+        self.world = world
+        self.timeout_s = timeout_s if timeout_s is not None else env.get_int("MESHLM_STEP_TIMEOUT_S")
+        self._started: float | None = None
+        self._step = 0
+        if world.size > 1 and self.timeout_s > 0:
+            threading.Thread(target=self._watch, name="meshlm-watchdog", daemon=True).start()
+
+    def begin(self) -> None:
+        self._step += 1
+        self._started = time.monotonic()
+
+    def end(self) -> None:
+        self._started = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            started = self._started
+            if started is not None and time.monotonic() - started > self.timeout_s:
+                sys.stderr.write(
+                    f"[meshlm rank {self.world.rank}] step {self._step} has not finished after "
+                    f"{self.timeout_s:.0f} s: a peer rank died or a collective stalled; aborting all "
+                    f"{self.world.size} ranks\n")
+                sys.stderr.flush()
+                self.world.comm.Abort(3)

@@ -1,0 +1,139 @@
+"""Tiny random-weight models in Hugging Face layout, built with transformers, for correctness tests.
+
+    path = make_random_model(tmp_path / "m", "qwen3")          # config.json, model.safetensors, tokenizer
+    hf = load_reference(path)                                    # the same weights in transformers, fp32
+
+Every family exercises grouped-query attention (4 query heads over 2 KV heads) and what makes it
+differ from plain Llama: llama3 rope scaling, tied embeddings, a sliding window, attention biases,
+qk-norm with an explicit head_dim. Weights are drawn with a seed, and scaled up from transformers'
+default init (std 0.02 gives nearly uniform logits, so greedy choices become ties and logit
+differences say nothing); norm weights and biases are random too, so that a loader that skipped them
+would be caught.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FAMILIES", "make_random_model", "family_config", "load_reference", "make_tokenizer",
+           "randomize_weights_"]
+
+FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3")
+
+EOS_TOKEN_ID = 2
+_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
+
+# Shared by every family; small enough that a forward takes milliseconds on the CPU.
+_BASE: dict[str, Any] = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=EOS_TOKEN_ID,
+    tie_word_embeddings=False,
+)
+
+_FAMILY: dict[str, tuple[str, dict[str, Any]]] = {
+    # llama3 rope scaling with a short original context, so positions of a short test cross it.
+    "llama": ("LlamaForCausalLM", dict(
+        num_hidden_layers=3,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama-tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    # A window shorter than the test prompts plus their outputs, so the window masks something.
+    "mistral": ("MistralForCausalLM", dict(sliding_window=16, rope_theta=1000.0)),
+    "qwen2": ("Qwen2ForCausalLM", dict(use_sliding_window=False, rope_theta=1000000.0)),
+    # head_dim 24 != hidden_size / num_heads = 16
+    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=24, attention_bias=False, use_sliding_window=False)),
+}
+
+
+def family_config(family: str, **overrides):
+    """The transformers config object of a family, with ``overrides`` applied (e.g. vocab_size=...)."""
+    if family not in _FAMILY:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    import transformers
+    architecture, extra = _FAMILY[family]
+    kwargs = {**_BASE, **extra, **overrides}
+    config_cls = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    config = config_cls(**kwargs)
+    config.architectures = [architecture]
+    return config
+
+
+def make_random_model(path: str | Path, family: str, *, seed: int = 0, sharded: bool = False,
+                      weight_std: float = 0.2, **overrides) -> Path:
+    """Write a random-weight model of ``family`` (see FAMILIES) into ``path``; returns ``path``.
+
+    ``overrides`` are config fields (``num_hidden_layers=1``, ``vocab_size=512`` ...). ``sharded``
+    writes several safetensors files and ``model.safetensors.index.json``. The tokenizer has exactly
+    ``vocab_size`` tokens, with ``</s>`` (id 2) as eos.
+    """
+    import transformers
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = family_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config).to(torch.float32).eval()
+    randomize_weights_(model, seed=seed, std=weight_std)
+    # A shard limit well under the model's size gives one file per few tensors.
+    shard_size = "40KB" if sharded else "10GB"
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=shard_size)
+    if sharded and not (path / "model.safetensors.index.json").is_file():
+        raise RuntimeError(f"save_pretrained wrote no model.safetensors.index.json in {path}")
+    make_tokenizer(path, config.vocab_size)
+    return path
+
+
+@torch.no_grad()
+def randomize_weights_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Redraw every parameter: matrices ~ N(0, std), norm weights ~ U(0.5, 1.5), biases ~ N(0, 0.5).
+
+    std=0.2 on hidden size 64 gives logits with a spread of a few units: distinct greedy choices.
+    """
+    gen = torch.Generator().manual_seed(seed + 12345)
+    for name, param in model.named_parameters():  # tied parameters appear once
+        if "norm" in name:
+            param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+        elif name.endswith(".bias"):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        else:
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def make_tokenizer(path: str | Path, vocab_size: int) -> None:
+    """A word-level tokenizer of exactly ``vocab_size`` tokens: ``<unk> <s> </s> w3 w4 ...``.
+
+    Writes tokenizer.json and tokenizer_config.json (eos ``</s>``, bos ``<s>``, no chat template).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
+    if vocab_size <= len(_SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} must exceed the {len(_SPECIAL_TOKENS)} special tokens")
+    path = Path(path)
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(_SPECIAL_TOKENS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.add_special_tokens([AddedToken(t, special=True) for t in _SPECIAL_TOKENS])
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "model_max_length": 512}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_reference(path: str | Path):
+    """The transformers model stored in ``path``: fp32, eval mode, eager attention on the CPU."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
