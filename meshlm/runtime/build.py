@@ -62,7 +62,7 @@ class RankRuntime:
         self.model_dir = resolve_model(args.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         check_layout(self.model_config, args)
-        self.tokenizer = Tokenizer(self.model_dir)
+        self.tokenizer = None if args.skip_tokenizer_init else Tokenizer(self.model_dir)
         self.model_config.eos_token_ids = eos_token_ids(self.model_dir, self.model_config, self.tokenizer)
         self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
         self.device = pick_device(args, local_rank)
@@ -91,7 +91,7 @@ class RankRuntime:
         cache = self.args.cache_config()
         return Coordinator(executor, self.tokenizer, self.args.scheduler_config(), self.num_blocks,
                            cache.block_size, self.max_model_len, self.model_config.eos_token_ids,
-                           cache.enable_prefix_caching)
+                           self.model_config.vocab_size, cache.enable_prefix_caching)
 
 
 class LocalExecutor:

@@ -56,11 +56,12 @@ class _Group:
 class Coordinator:
     def __init__(self, executor: Executor, tokenizer: Tokenizer, scheduler_config: SchedulerConfig,
                  num_blocks: int, block_size: int, max_model_len: int, eos_token_ids: Sequence[int],
-                 enable_prefix_caching: bool = True):
+                 vocab_size: int, enable_prefix_caching: bool = True):
         self.executor = executor
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.eos_token_ids = tuple(eos_token_ids)
+        self.vocab_size = vocab_size
         self.block_size = block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.kv)
@@ -75,6 +76,9 @@ class Coordinator:
                request_id: str | None = None, prompt_text: str | None = None) -> str:
         """Queue a request; returns its id. A bad prompt raises ValueError and changes nothing."""
         params = params or SamplingParams()
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            raise ValueError("the tokenizer is off (skip_tokenizer_init): prompts must be token ids "
+                             "and stop strings cannot be used")
         if isinstance(prompt, str):
             prompt_text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -112,7 +116,7 @@ class Coordinator:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, but the model's context length "
                              f"(max_model_len) is {self.max_model_len}; at most {self.max_model_len - 1} "
                              f"prompt tokens leave room for one generated token")
-        vocab = self.tokenizer.vocab_size
+        vocab = self.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")

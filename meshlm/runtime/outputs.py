@@ -39,7 +39,7 @@ class SequenceOutputState:
 
     request: Request
     index: int
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None when the tokenizer is off
     eos_token_ids: frozenset[int]
     max_model_len: int
     text: str = ""
@@ -51,11 +51,12 @@ class SequenceOutputState:
     _hold_back: int = field(default=0)
 
     @classmethod
-    def create(cls, request: Request, index: int, tokenizer: Tokenizer, eos_token_ids, max_model_len: int):
+    def create(cls, request: Request, index: int, tokenizer: Tokenizer | None, eos_token_ids,
+               max_model_len: int):
         params = request.params
-        state = cls(request, index,
-                    IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens),
-                    frozenset(eos_token_ids), max_model_len)
+        detokenizer = None if tokenizer is None else IncrementalDetokenizer(
+            tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        state = cls(request, index, detokenizer, frozenset(eos_token_ids), max_model_len)
         if params.logprobs is not None:
             state.logprobs = []
         if params.stop and not params.include_stop_str_in_output:
@@ -78,7 +79,7 @@ class SequenceOutputState:
             return self._finish(RequestStatus.FINISHED_STOPPED, None)
         if may_stop and token_id in params.stop_token_ids:
             return self._finish(RequestStatus.FINISHED_STOPPED, token_id)
-        delta = self.detokenizer.add(token_id)
+        delta = self.detokenizer.add(token_id) if self.detokenizer is not None else ""
         if delta:
             start = max(0, len(self.text) - self._hold_back_max())
             self.text += delta

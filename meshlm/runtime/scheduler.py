@@ -195,7 +195,7 @@ class Scheduler:
             if not self.kv.can_allocate(request, num_new):
                 self.kv.free(request)  # give back the shared prefix blocks until it fits
                 request.num_computed_tokens = 0
-                waiting.rotate(-1); continue
+                break
             waiting.popleft()
             request.status = RequestStatus.RUNNING
             self._running.append(request)

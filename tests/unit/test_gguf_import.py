@@ -1,4 +1,5 @@
-"""The default model's GGUF -> Hugging Face conversion, checked against transformers' own GGUF loader.
+"""The default model's GGUF -> Hugging Face conversion, checked against transformers' own GGUF loader
+and tokenizer, against ggml's block formats decoded by hand, and by the model's greedy answer.
 
 The converted directory lives in meshlm's real cache (ensure_default_model()), so other tests reuse it.
 """
@@ -173,14 +174,15 @@ def _decode_blocks(raw: np.ndarray, type_name: str, num_cols: int) -> np.ndarray
         q = blocks[:, 2:].copy().view(np.int8).astype(np.float32)  # [num_blocks, 32]
         values = d * q
     else:
-        m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        nibbles = blocks[:, 4:]
+        m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)  # [num_blocks, 1]
+        nibbles = blocks[:, 4:]  # [num_blocks, 16]
         q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.float32)  # [num_blocks, 32]
         values = d * q + m
     return values.reshape(-1, num_cols)  # [rows, cols]
 
 
 def test_weights_match_ggml_blocks_decoded_by_hand(converted_dir, reference_gguf):
+    """Dequantization, names and the Q/K un-permutation, checked without the `gguf` package's decoder."""
     import gguf
     from safetensors import safe_open
 
@@ -194,7 +196,9 @@ def test_weights_match_ggml_blocks_decoded_by_hand(converted_dir, reference_gguf
             f"blk.{layer}.attn_k.weight": (prefix + "self_attn.k_proj.weight", 3),
             f"blk.{layer}.attn_v.weight": (prefix + "self_attn.v_proj.weight", None),
             f"blk.{layer}.attn_output.weight": (prefix + "self_attn.o_proj.weight", None),
+            f"blk.{layer}.ffn_gate.weight": (prefix + "mlp.gate_proj.weight", None),
             f"blk.{layer}.ffn_down.weight": (prefix + "mlp.down_proj.weight", None),
+            f"blk.{layer}.attn_norm.weight": (prefix + "input_layernorm.weight", None),
             f"blk.{layer}.ffn_norm.weight": (prefix + "post_attention_layernorm.weight", None),
         }
     with safe_open(str(converted_dir / "model.safetensors"), framework="numpy") as f:
@@ -204,6 +208,7 @@ def test_weights_match_ggml_blocks_decoded_by_hand(converted_dir, reference_gguf
             ours = f.get_tensor(hf_name)
             if num_heads is not None:
                 ours = _llama_cpp_permute(ours, num_heads)
+            # [out_features, in_features]; a norm is one row.
             expected = _decode_blocks(tensor.data, tensor.tensor_type.name, ours.shape[-1])
             np.testing.assert_array_equal(ours.reshape(expected.shape), expected, err_msg=gguf_name)
 

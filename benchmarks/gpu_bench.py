@@ -1,0 +1,139 @@
+"""Single-GPU benchmark: copy bandwidth, meshlm decode steps and throughput on a
+Llama-3-8B-shaped bf16 model with random weights, and Hugging Face transformers in the same run.
+
+    python3 benchmarks/gpu_bench.py --out results.json      (on a machine with one free GPU)
+
+Prints a table last; every number comes from this run on this card.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import LLAMA3_8B, model_dir, weight_bytes  # noqa: E402
+
+
+def copy_bandwidth(num_bytes: int = 2**30, iters: int = 20) -> float:
+    """Device-to-device copy, counting read + write bytes (TB/s)."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / iters
+    return 2 * num_bytes / seconds / 1e12
+
+
+def run_meshlm(coordinator, batch: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+    """Submit ``batch`` random prompts, step to completion, time every step."""
+    from meshlm import SamplingParams
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for _ in range(batch):
+        coordinator.submit(rng.integers(0, 32000, input_len).tolist(), params)
+    step_times, steps_tokens = [], []
+    t0 = time.perf_counter()
+    while coordinator.has_unfinished():
+        s = time.perf_counter()
+        coordinator.step()
+        step_times.append(time.perf_counter() - s)
+    total = time.perf_counter() - t0
+    # Steps after the prefill steps are pure decode steps of the whole batch.
+    prefill_steps = -(-batch * input_len // coordinator.scheduler.config.max_num_tokens)
+    decode = step_times[prefill_steps:-1] or step_times
+    return {"batch": batch, "input_len": input_len, "output_len": output_len,
+            "decode_step_ms_median": 1e3 * statistics.median(decode),
+            "decode_step_ms_p90": 1e3 * float(np.percentile(decode, 90)),
+            "ttft_ms": 1e3 * sum(step_times[:prefill_steps + 1]),
+            "total_s": total, "output_tok_s": batch * output_len / total}
+
+
+def run_hf(cfg_dict: dict, batch: int, input_len: int, output_len: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 32000, (batch, input_len), device="cuda")
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kwargs)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"batch": batch, "input_len": input_len, "output_len": output_len,
+            "decode_step_ms_median": 1e3 * (total - prefill) / (output_len - 1),
+            "ttft_ms": 1e3 * prefill, "total_s": total, "output_tok_s": batch * output_len / total}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="gpu_bench.json")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--lengths", default="128:128")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    ns = parser.parse_args()
+    batches = [int(b) for b in ns.batches.split(",")]
+    lengths = [tuple(int(x) for x in pair.split(":")) for pair in ns.lengths.split(",")]
+
+    result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    result["copy_tb_s"] = copy_bandwidth()
+    wbytes = weight_bytes(LLAMA3_8B)
+    result["weight_gb"] = wbytes / 1e9
+    result["floor_step_ms"] = wbytes / (result["copy_tb_s"] * 1e12) * 1e3
+
+    from meshlm import LLM
+    kwargs = dict(model=str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True,
+                  dtype="bfloat16", max_model_len=4096, attention_backend=ns.attention_backend)
+    if ns.no_cuda_graphs:
+        kwargs["enable_cuda_graphs"] = False
+    llm = LLM(**kwargs)
+    coordinator = llm._coordinator
+    run_meshlm(coordinator, 4, 32, 8)  # warm-up
+    result["meshlm"] = [run_meshlm(coordinator, b, i, o) for (i, o) in lengths for b in batches]
+    llm.shutdown()
+    del llm, coordinator
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not ns.skip_hf:
+        result["hf"] = [run_hf(LLAMA3_8B, b, i, o) for (i, o) in lengths for b in batches]
+    Path(ns.out).write_text(json.dumps(result, indent=2))
+
+    print(f"\ncard: {result['card']}  copy bandwidth {result['copy_tb_s']:.2f} TB/s  "
+          f"weights {result['weight_gb']:.2f} GB  floor {result['floor_step_ms']:.2f} ms/step")
+    print(f"{'engine':8} {'batch':>5} {'in/out':>9} {'step ms':>8} {'ttft ms':>8} {'out tok/s':>10}")
+    for name in ("meshlm", "hf"):
+        for r in result.get(name, []):
+            print(f"{name:8} {r['batch']:>5} {r['input_len']:>4}/{r['output_len']:<4} "
+                  f"{r['decode_step_ms_median']:>8.2f} {r['ttft_ms']:>8.1f} {r['output_tok_s']:>10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
