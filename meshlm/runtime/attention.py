@@ -11,7 +11,7 @@ are checked against.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     query_lens_host: np.ndarray  # [num_seqs] on the host, to split decodes from prefills
+    # Tensors an attention backend derives from the fields above once per step and every layer
+    # reuses (e.g. the Triton kernel's program-to-sequence map); keyed by the backend.
+    derived: dict = field(default_factory=dict)
 
 
 class RotaryEmbedding:

@@ -82,6 +82,8 @@ class RankRuntime:
         else:
             self.num_blocks = local_blocks
         self.engine.allocate_kv_cache(self.num_blocks, cache.block_size)
+        if args.enable_cuda_graphs:
+            self.engine.capture_cuda_graphs(min(args.max_batch_size, 256))
         log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens",
                  self.model_dir.name, self.model_config.num_layers, dtype, self.device, self.num_blocks,
                  cache.block_size)

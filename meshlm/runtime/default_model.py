@@ -66,8 +66,11 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = model_dir.parent / f".{model_dir.name}.lock"
     with open(lock_path, "a") as lock_file:
-        logger.info("waiting for the lock %s", lock_path)
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is preparing %s; waiting for %s", model_dir, lock_path)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             if not _is_complete(model_dir):
                 _fetch_and_convert(model_dir)

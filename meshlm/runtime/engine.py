@@ -41,12 +41,14 @@ class Engine:
     def __init__(self, model_config: ModelConfig, groups: ParallelGroups, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, model_dir: str | Path | None = None,
                  sampler_seed: int = 0, attention_backend: str | None = None):
+        self.attention_backend = attention_backend
         self.cfg = model_config
         self.groups = groups
         self.mapping = groups.mapping
         self.device, self.dtype = device, dtype
         self.max_model_len = max_model_len
         attention_fn = select_attention(attention_backend, device)
+        self.attention_fn = attention_fn
         self.model = build_model(model_config, groups, dtype, device, max_model_len, attention_fn)
         self.model.eval()
         reader = CheckpointReader(model_dir) if model_dir is not None else RandomCheckpoint(seed=sampler_seed)
@@ -58,6 +60,7 @@ class Engine:
                                seed=sampler_seed) if self.is_sampler else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.graph_runner = None
 
     # --- KV pool -----------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -88,12 +91,27 @@ class Engine:
         return budget // per_block
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Blocks 0..num_blocks-1 belong to the scheduler; one more is scratch for padding rows."""
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.kv_caches = []
         for attn in self.model.attention_layers:
-            shape = (num_blocks, block_size, attn.num_kv_heads_per_rank, attn.head_dim)
+            shape = (num_blocks + 1, block_size, attn.num_kv_heads_per_rank, attn.head_dim)
             self.kv_caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
                                    torch.zeros(shape, dtype=self.dtype, device=self.device)))
+
+    def capture_cuda_graphs(self, max_batch_size: int) -> None:
+        """Capture decode graphs when the path allows it (CUDA, Triton attention, one stage)."""
+        from meshlm.runtime.cuda_graphs import DecodeGraphRunner, default_buckets
+        if self.device.type != "cuda" or self.mapping.pp > 1 or not self.model.attention_layers:
+            return
+        if getattr(self.attention_fn, "__name__", "") != "paged_attention_triton":
+            return
+        max_blocks = -(-self.max_model_len // self.block_size)
+        runner = DecodeGraphRunner(self.model, self.kv_caches, self.device, default_buckets(max_batch_size),
+                                   max_blocks, self.num_blocks, self.block_size, self.max_model_len)
+        runner.capture()
+        self.graph_runner = runner
 
     # --- one step ----------------------------------------------------------------------------
     def update_requests(self, plan: StepPlan) -> None:
@@ -110,6 +128,12 @@ class Engine:
         self.update_requests(plan)
         if plan.num_tokens == 0:
             return None
+        if self.graph_runner is not None and self.graph_runner.can_run(plan):
+            logits = self.graph_runner.run(plan)[self._to_device(plan.sample_rows)]
+            logits = self.groups.gather_logits_to_sampler(logits)
+            if logits is None:
+                return None
+            return self.sampler.sample(logits[:, :self.cfg.vocab_size].float(), plan.sample_request_ids)
         meta = self._metadata(plan)
         mapping = self.mapping
         if mapping.is_first_pp_rank:
@@ -171,7 +195,10 @@ class Engine:
         )
 
     def shutdown(self) -> None:
+        self.graph_runner = None  # graphs that captured NCCL calls go before the communicators
         self.kv_caches = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.groups.destroy()
 
 

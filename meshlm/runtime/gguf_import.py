@@ -111,9 +111,9 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike)
     try:
         tmp_dir.chmod(0o755)
         tensors = dequantize_llama_tensors(reader, meta)
+        is_tied = "lm_head.weight" not in tensors
         _save_safetensors(tensors, tmp_dir / "model.safetensors")
         del tensors
-        is_tied = "lm_head.weight" not in _hf_tensor_names(reader)
         _write_json(tmp_dir / "config.json", hf_config(meta, is_tied))
         _write_json(tmp_dir / "generation_config.json", hf_generation_config(meta))
         build_tokenizer(meta).save(str(tmp_dir / "tokenizer.json"))
@@ -329,10 +329,6 @@ def _hf_tensor_name(gguf_name: str) -> str:
         return f"model.layers.{match.group(1)}.{_LAYER_TENSOR_NAMES[match.group(2)]}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face llama equivalent "
                      f"(known: {sorted(_GLOBAL_TENSOR_NAMES)} and blk.N.{{{', '.join(_LAYER_TENSOR_NAMES)}}})")
-
-
-def _hf_tensor_names(reader) -> set[str]:
-    return {_hf_tensor_name(t.name) for t in reader.tensors}
 
 
 def _shape_key(hf_name: str) -> str:

@@ -159,6 +159,22 @@ def test_preempted_requests_wait_in_arrival_order_before_new_ones():
     assert [r.request_id for r in sched._waiting] == ["r2", "late"]
 
 
+def test_no_admission_in_a_step_that_preempted():
+    # 3 blocks of 4, 4 tokens a step, no prefix cache.
+    sched = make_scheduler(num_blocks=3, block_size=4, max_num_tokens=4, prefix_caching=False)
+    r0, r1 = make_request("r0", 4, max_tokens=20), make_request("r1", 4, max_tokens=20, first=50)
+    sched.add(r0)
+    sched.add(r1)
+    assert plan(step(sched)) == [("r0", 4, True)]
+    assert plan(step(sched)) == [("r0", 1, True), ("r1", 3, False)]  # r0: 2 blocks, r1: 1
+    assert plan(step(sched)) == [("r0", 1, True), ("r1", 1, True)]
+    out = step(sched)  # r1's token 5 needs a 2nd block; r1 is the newest, so it preempts itself
+    assert plan(out) == [("r0", 1, True)] and out.preempted == [r1]
+    # A 3-token chunk of r1 would fit in the 1 free block, but a step that preempted admits nobody.
+    assert sched.kv.num_free_blocks == 1 and r1.status == RequestStatus.WAITING
+    assert plan(step(sched)) == [("r0", 1, True), ("r1", 3, False)]
+
+
 def test_repeated_preemption_keeps_arrival_order():
     sched = make_scheduler(num_blocks=4, block_size=4, max_num_tokens=100, prefix_caching=False)
     reqs = [make_request(f"r{i}", 4, max_tokens=5, first=100 * i) for i in range(4)]
@@ -289,16 +305,19 @@ def check_blocks(sched: Scheduler, live: list[Request]) -> None:
     assert kv.num_free_blocks == holders.count(0)
 
 
+VOCAB = 4  # tiny, so that equal blocks after different prefixes are common
+
+
 def make_random_requests(rng: random.Random, num_requests: int, max_total: int) -> list[Request]:
     """Prompts that often share a prefix (of any length) with one of three base sequences."""
-    bases = [[rng.randrange(50) for _ in range(40)] for _ in range(3)]
+    bases = [[rng.randrange(VOCAB) for _ in range(40)] for _ in range(3)]
     requests = []
     for i in range(num_requests):
         total = rng.randint(2, max_total)
         num_prompt = rng.randint(1, total - 1)
         base = rng.choice(bases)
         num_shared = rng.randint(0, min(num_prompt, len(base)))
-        prompt = base[:num_shared] + [rng.randrange(50) for _ in range(num_prompt - num_shared)]
+        prompt = base[:num_shared] + [rng.randrange(VOCAB) for _ in range(num_prompt - num_shared)]
         params = SamplingParams(max_tokens=total - num_prompt)
         requests.append(Request(f"r{i}", prompt, params, arrival_index=i))
     return requests
@@ -339,7 +358,7 @@ def test_random_run_terminates_and_frees_everything(seed, num_blocks, block_size
         for chunk in out.chunks:
             req = chunk.request
             if chunk.is_sampling:
-                req.output_token_ids.append(rng.randrange(50))
+                req.output_token_ids.append(rng.randrange(VOCAB))
                 if len(req.output_token_ids) == req.params.max_tokens:
                     sched.finish(req, RequestStatus.FINISHED_LENGTH)
         live = [r for r in live if not r.status.is_finished]

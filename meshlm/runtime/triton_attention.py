@@ -1,0 +1,189 @@
+"""Paged attention for the GPU: one Triton kernel for prefill chunks and decodes together.
+
+The kernel follows the layout of vLLM's "unified attention": the grid is (query blocks across
+all sequences, KV heads). One program takes ``BLOCK_Q`` consecutive query tokens of one
+sequence and every query head of one KV-head group, packed into ``BLOCK_M = BLOCK_Q * group``
+tile rows (row ``m`` is query token ``m // group``, head ``m % group`` of the group), so a decode
+with a single query token still fills a tile with its whole GQA group. The program walks the
+sequence's keys ``BLOCK_N`` at a time through the block table, with an online softmax in fp32
+and causal plus sliding-window masking.
+
+Semantics are those of :func:`meshlm.runtime.attention.paged_attention_reference`.
+
+CUDA graphs: with ``meta.max_query_len == 1`` (a decode batch) program ``i`` is sequence ``i``
+and nothing is computed on the side, so capture and replay need only the metadata tensors to
+be updated in place. Mixed batches map programs to (sequence, query block) with a few torch ops
+on the device, computed once per step and kept in ``meta.derived`` for the other layers; while a
+stream is being captured that map is recomputed in the graph instead of taken from there.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from meshlm.runtime.attention import AttentionMetadata
+
+_LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _unified_attention_kernel(
+        out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, program_map_ptr,
+        num_seqs, qk_scale_log2, sliding_window,
+        stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+        stride_k_block, stride_k_offset, stride_k_head,
+        stride_v_block, stride_v_offset, stride_v_head,
+        stride_table_seq,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PROGRAM_MAP: tl.constexpr,
+        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    program = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if USE_PROGRAM_MAP:
+        seq = tl.load(program_map_ptr + 2 * program)
+        query_block = tl.load(program_map_ptr + 2 * program + 1)
+    else:
+        seq = program
+        query_block = 0
+    if seq >= num_seqs:  # spare program of a grid sized from shapes only
+        return
+
+    query_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - query_len  # position of the sequence's first query token
+
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    query_index = query_block * BLOCK_Q + rows // GROUP  # [BLOCK_M] within the sequence
+    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M]
+    is_row = (rows < BLOCK_Q * GROUP) & (query_index < query_len)
+    token = (query_start + query_index).to(tl.int64)  # [BLOCK_M] row of q and out
+    query_pos = context_len + query_index  # [BLOCK_M]
+
+    q_offsets = token[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=is_row[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+
+    # Keys this query block can see: causal end of its last query, window start of its first.
+    key_end = tl.minimum(seq_len, context_len + (query_block + 1) * BLOCK_Q)
+    key_start = 0
+    if USE_WINDOW:
+        key_start = tl.maximum(context_len + query_block * BLOCK_Q - sliding_window + 1, 0)
+        key_start = (key_start // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    for tile_start in range(key_start, key_end, BLOCK_N):
+        key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        is_key = key_pos < key_end
+        block = tl.load(table_row + key_pos // KV_BLOCK_SIZE, mask=is_key, other=0).to(tl.int64)
+        offset = key_pos % KV_BLOCK_SIZE
+        k_offsets = (block[None, :] * stride_k_block + offset[None, :] * stride_k_offset
+                     + kv_head * stride_k_head + dims[:, None])
+        k = tl.load(k_cache_ptr + k_offsets, mask=is_key[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        v_offsets = (block[:, None] * stride_v_block + offset[:, None] * stride_v_offset
+                     + kv_head * stride_v_head + dims[None, :])
+        v = tl.load(v_cache_ptr + v_offsets, mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = is_row[:, None] & is_key[None, :] & (key_pos[None, :] <= query_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (key_pos[None, :] > query_pos[:, None] - sliding_window)
+        scores = tl.where(visible, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_offsets = token[:, None] * stride_o_token + head[:, None] * stride_o_head + dims[None, :]
+    tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of this step's queries over each sequence's cached keys.
+
+    q: [num_tokens, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
+    num_kv_heads_per_rank, head_dim], already holding this step's keys and values. Returns
+    [num_tokens, num_heads_per_rank, head_dim] in q's dtype. Makes no host synchronisation.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, kv_block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = meta.seq_lens.shape[0]
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim} must be a power of two >= 16"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (k_cache.shape, v_cache.shape, q.shape)
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    block_m, block_n, num_warps = _tile_config(group, meta.max_query_len, head_dim)
+    block_q = block_m // group
+    is_decode_batch = meta.max_query_len == 1
+    if is_decode_batch:
+        program_map, num_programs = meta.query_start_loc, num_seqs  # the map is not read
+    else:
+        program_map = _program_map(meta, block_q, num_tokens, q.device)
+        num_programs = program_map.shape[0]
+
+    _unified_attention_kernel[(num_programs, num_kv_heads)](
+        out, q, k_cache, v_cache,
+        meta.block_tables, meta.seq_lens, meta.query_start_loc, program_map,
+        num_seqs, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        meta.block_tables.stride(0),
+        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, USE_PROGRAM_MAP=not is_decode_batch,
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+    )
+    return out
+
+
+def _tile_config(group: int, max_query_len: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): tile rows hold the whole GQA group, at least 16 (tl.dot)."""
+    group_rows = triton.next_power_of_2(group)
+    if max_query_len == 1:
+        return max(16, group_rows), 32, 4
+    block_m = max(group_rows, min(64, triton.next_power_of_2(max_query_len * group)), 16)
+    return block_m, 64 if head_dim <= 128 else 32, 4
+
+
+def _program_map(meta: AttentionMetadata, block_q: int, num_tokens: int,
+                 device: torch.device) -> torch.Tensor:
+    """[num_programs, 2] int32: (sequence, query block within it) of each program on grid axis 0.
+
+    The grid is sized from shapes only (``num_tokens // block_q + num_seqs`` bounds the number
+    of query blocks), so no value leaves the device; spare programs get sequence ``num_seqs``.
+    """
+    is_capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = ("triton_program_map", block_q)
+    if not is_capturing and key in meta.derived:
+        return meta.derived[key]
+    num_seqs = meta.seq_lens.shape[0]
+    num_programs = num_tokens // block_q + num_seqs
+    query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [num_seqs]
+    blocks = (query_lens + block_q - 1) // block_q  # [num_seqs] query blocks of each sequence
+    block_ends = torch.cumsum(blocks, 0)  # [num_seqs] int64
+    program = torch.arange(num_programs, device=device)  # [num_programs] int64
+    seq = torch.searchsorted(block_ends, program, right=True)  # [num_programs] in [0, num_seqs]
+    first_block = (block_ends - blocks)[seq.clamp(max=num_seqs - 1)]  # [num_programs]
+    program_map = torch.stack((seq, program - first_block), dim=1).to(torch.int32).contiguous()
+    if not is_capturing:
+        meta.derived[key] = program_map
+    return program_map
