@@ -17,7 +17,12 @@ LLAMA3_8B = {
 LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
               "num_attention_heads": 64, "num_key_value_heads": 8}
 
-SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
+# For trying the scripts on a CPU (MESHLM_DEVICE=cpu).
+TINY = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32000, "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 2}
+
+SHAPES = {"tiny": TINY, "llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
 
 
 def model_dir(name: str, root: str | None = None) -> Path:

@@ -21,6 +21,9 @@ from meshlm.launcher import env
 
 log = logging.getLogger("meshlm")
 
+# Seconds between writing an aborting rank's message and MPI_Abort (see abort_job).
+_ABORT_GRACE_S = 1.0
+
 # Variables that the common launchers set in every rank they start.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
 
@@ -64,11 +67,22 @@ def install_abort_on_error(world: World) -> None:
     def abort(exc_type, exc, tb):
         text = "".join(traceback.format_exception(exc_type, exc, tb))
         sys.stderr.write(f"[meshlm rank {world.rank}] fatal error, aborting all {world.size} ranks:\n{text}")
-        sys.stderr.flush()
-        world.comm.Abort(1)
+        abort_job(world, 1)
 
     sys.excepthook = abort
     threading.excepthook = lambda args: abort(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def abort_job(world: World, code: int) -> None:
+    """Flush this rank's output, give the launcher time to forward it, then abort every rank.
+
+    MPI_Abort makes the launcher kill all ranks at once; without the pause, Hydra sometimes tears
+    down before it has copied the aborting rank's last lines, and the job ends with no message.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(_ABORT_GRACE_S)
+    world.comm.Abort(code)
 
 
 def count_gpus() -> int:
@@ -170,5 +184,4 @@ class StepWatchdog:
                     f"[meshlm rank {self.world.rank}] step {self._step} has not finished after "
                     f"{self.timeout_s:.0f} s: a peer rank died or a collective stalled; aborting all "
                     f"{self.world.size} ranks\n")
-                sys.stderr.flush()
-                self.world.comm.Abort(3)
+                abort_job(self.world, 3)

@@ -40,6 +40,7 @@ class DecodeGraphRunner:
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, **on)
         self.seq_lens = torch.ones(largest, dtype=torch.int32, **on)
         self.block_tables = torch.full((largest, max_blocks_per_seq), scratch_block, dtype=torch.int32, **on)
+        self.num_replays = 0
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         # Host staging, pinned so the copies are asynchronous.
@@ -97,4 +98,5 @@ class DecodeGraphRunner:
         for name, staged in host.items():
             getattr(self, name)[:batch].copy_(staged[:batch], non_blocking=True)
         self._graphs[batch].replay()
+        self.num_replays += 1
         return self._logits[batch][:n]
