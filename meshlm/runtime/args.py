@@ -33,8 +33,8 @@ class EngineArgs:
     max_model_len: int | None = _SCHED["max_model_len"]
     attention_backend: str | None = None  # None: triton on CUDA, reference on the CPU
     load_format: str = "auto"  # "auto": the checkpoint; "random": random weights of its shape
-    skip_tokenizer_init: bool = False
-    enable_cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)  # prompts are token ids and outputs carry no text
+    skip_tokenizer_init: bool = False  # prompts are token ids and outputs carry no text
+    enable_cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "random"):

@@ -136,6 +136,10 @@ class Coordinator:
     def has_unfinished(self) -> bool:
         return bool(self._groups)
 
+    def has_pending_notices(self) -> bool:
+        """Finished requests the other ranks have not heard of yet (sent with the next step)."""
+        return bool(self._finished_ids)
+
     @property
     def num_running(self) -> int:
         return self.scheduler.num_running

@@ -197,9 +197,14 @@ class Engine:
     def shutdown(self) -> None:
         self.graph_runner = None  # graphs that captured NCCL calls go before the communicators
         self.kv_caches = []
+        self.model = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.groups.destroy()
+        if self.device.type == "cuda":
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def select_attention(backend: str | None, device: torch.device):

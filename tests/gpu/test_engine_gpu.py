@@ -16,7 +16,7 @@ STEPS = 24
 
 
 def _run(path, device, dtype, **kwargs):
-    llm = LLM(str(path), device=device, dtype=dtype, block_size=16, max_model_len=512, **kwargs)
+    llm = LLM(str(path), device=device, dtype=dtype, block_size=16, max_model_len=512, num_kv_blocks=512, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
     outs = llm.generate(PROMPTS, params)
     engine = llm._coordinator.executor.engine

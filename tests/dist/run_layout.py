@@ -1,0 +1,109 @@
+"""Rank-side script of the distributed tests: every rank runs it, rank 0 writes the results.
+
+    mpiexec -n 4 python tests/dist/run_layout.py --spec spec.json --out out.json --tp 2 --pp 2
+    python tests/dist/run_layout.py --spec spec.json --out ref.json            # the single-rank run
+
+``spec.json`` lists jobs ``{"name", "model", "prompts", "chat", "max_tokens", "logprobs",
+"ignore_eos"}``: a prompt is a list of token ids, or a user message when ``chat`` is true. Each
+job is one ``LLM(...)`` over the whole world, greedy. Every rank prints ``[run_layout] rank R of
+N pid P``; rank 0 writes ``{"world_size", "ranks", "results": {name: [{"token_ids",
+"logprobs"}]}}``, where ``ranks`` lists the ranks that answered a gather over the world, so the
+test can tell a real N-rank world from N singletons.
+
+Fault injection (for the failure tests, never in meshlm): ``--fault kill|raise|stall``,
+``--fault-rank R``, ``--fault-step S`` make rank R SIGKILL itself, raise, or sleep inside its
+S-th ``Engine.execute``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from mpi4py import MPI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--fault", choices=("kill", "raise", "stall"), default=None)
+    parser.add_argument("--fault-rank", type=int, default=1)
+    parser.add_argument("--fault-step", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+def install_fault(kind: str, step: int) -> None:
+    """Make this rank fail inside its ``step``-th Engine.execute (counted from 1)."""
+    from meshlm.runtime.engine import Engine
+    original = Engine.execute
+    calls = {"n": 0}
+
+    def execute(self, plan):
+        calls["n"] += 1
+        if calls["n"] == step:
+            print(f"[run_layout rank {MPI.COMM_WORLD.Get_rank()}] injecting {kind} at step {step}",
+                  flush=True)
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "raise":
+                raise RuntimeError(f"injected failure at step {step}")
+            time.sleep(600)  # stall: only the watchdog ends this
+        return original(self, plan)
+
+    Engine.execute = execute
+
+
+def run_job(job: dict, tp: int, pp: int) -> list[dict] | None:
+    """Generate for one job; rank 0 returns per-prompt results, other ranks None."""
+    from meshlm import LLM, SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=job.get("logprobs"),
+                            ignore_eos=job.get("ignore_eos", True))
+    try:
+        llm = LLM(model=job["model"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                  device="cpu", num_kv_blocks=job.get("num_kv_blocks", 64),
+                  max_num_tokens=job.get("max_num_tokens", 8192))
+    except SystemExit as exc:
+        # Ranks other than 0 serve steps inside LLM(...) and then sys.exit(0). Catching it here
+        # lets one world run several jobs; MPI stays initialised until the process ends.
+        if exc.code not in (0, None):
+            raise
+        return None
+    try:
+        if job.get("chat"):
+            outs = llm.chat([[{"role": "user", "content": p}] for p in job["prompts"]], params)
+        else:
+            outs = llm.generate([list(p) for p in job["prompts"]], params)
+    finally:
+        llm.shutdown()
+    return [{"token_ids": o.outputs[0].token_ids,
+             "logprobs": [{str(t): lp for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])]}
+            for o in outs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    print(f"[run_layout] rank {rank} of {size} pid {os.getpid()}", flush=True)
+    ranks = world.gather(rank, root=0)
+    if args.fault and rank == args.fault_rank:
+        install_fault(args.fault, args.fault_step)
+    with open(args.spec) as f:
+        spec = json.load(f)
+    results = {}
+    for job in spec["jobs"]:
+        results[job["name"]] = run_job(job, args.tp, args.pp)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"world_size": size, "ranks": ranks, "results": results}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""``LLM(model, tensor_parallel_size=2)`` from a plain Python process (not under mpiexec).
+
+The process starts mpiexec itself; the tokens equal the single-rank run's, and after shutdown
+the process exits 0 with nothing left of the job it started.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.dist.harness import HERE, TINY_MAX_TOKENS, launch
+from tests.dist.proc_tree import wait_until_gone
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_llm_tp2_from_plain_process(tmp_path, tiny_models, tiny_prompts, tiny_runs):
+    prompts, out = tmp_path / "prompts.json", tmp_path / "out.json"
+    prompts.write_text(json.dumps(tiny_prompts))
+    result = launch([sys.executable, str(HERE / "run_plain_llm.py"), "--model", str(tiny_models["llama"]),
+                     "--prompts", str(prompts), "--out", str(out), "--tp", "2",
+                     "--max-tokens", str(TINY_MAX_TOKENS)], timeout_s=240)
+    assert result.returncode == 0, result.describe()
+    data = json.loads(out.read_text())
+
+    # While the model was up: one mpiexec and exactly two ranks below this process.
+    running = data["processes_while_running"]
+    ranks = [p for p in running if "meshlm.runtime.remote" in p["cmdline"] and "mpiexec" not in p["cmdline"]]
+    launchers = [p for p in running if p["cmdline"].split()[0].endswith("mpiexec")]
+    assert len(ranks) == 2 and " -n 2 " in launchers[0]["cmdline"], running
+    assert len(launchers) == 1, running
+
+    ref = tiny_runs.get(1, 1)["llama"]
+    assert [r["token_ids"] for r in data["results"]] == [r["token_ids"] for r in ref]
+    assert wait_until_gone([p["pid"] for p in running]) == [], f"processes outlived shutdown: {running}"
