@@ -69,7 +69,8 @@ class Coordinator:
         self._seq_state: dict[str, tuple[_Group, SequenceOutputState]] = {}
         self._known_to_workers: set[str] = set()
         self._finished_ids: list[str] = []
-        self._counter = itertools.count()
+        self._request_counter = itertools.count()
+        self._arrival_counter = itertools.count()
 
     # --- requests ------------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -84,17 +85,15 @@ class Coordinator:
         else:
             token_ids = [int(t) for t in prompt]
         self._check_prompt(token_ids)
-        request_id = request_id or f"req-{next(self._counter)}"
+        request_id = request_id or f"req-{next(self._request_counter)}"
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
-            pass  # generation stops at the context length with finish_reason "length"
         group = _Group(request_id, prompt_text, token_ids, [])
         requests = []
         for i in range(params.n):
             seq_params = params if params.n == 1 else params.for_sample(i)
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            request = Request(seq_id, list(token_ids), seq_params, arrival_index=next(self._counter))
+            request = Request(seq_id, list(token_ids), seq_params, arrival_index=next(self._arrival_counter))
             state = SequenceOutputState.create(request, i, self.tokenizer, self._stop_ids(seq_params),
                                                self.max_model_len)
             group.sequences.append(state)
