@@ -2,6 +2,7 @@
 
     path = make_random_model(tmp_path / "m", "qwen3")          # config.json, model.safetensors, tokenizer
     hf = load_reference(path)                                    # the same weights in transformers, fp32
+    tokens, logprobs = reference_greedy(hf, prompt, num_steps=16)
 
 Every family exercises grouped-query attention (4 query heads over 2 KV heads) and what makes it
 differ from plain Llama: llama3 rope scaling, tied embeddings, a sliding window, attention biases,
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 __all__ = ["FAMILIES", "make_random_model", "family_config", "load_reference", "make_tokenizer",
-           "randomize_weights_"]
+           "randomize_weights_", "random_prompts", "reference_greedy", "reference_logits"]
 
 FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3")
 
@@ -60,7 +61,7 @@ _FAMILY: dict[str, tuple[str, dict[str, Any]]] = {
 def family_config(family: str, **overrides):
     """The transformers config object of a family, with ``overrides`` applied (e.g. vocab_size=...)."""
     if family not in _FAMILY:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(_FAMILY)}")
     import transformers
     architecture, extra = _FAMILY[family]
     kwargs = {**_BASE, **extra, **overrides}
@@ -71,19 +72,23 @@ def family_config(family: str, **overrides):
 
 
 def make_random_model(path: str | Path, family: str, *, seed: int = 0, sharded: bool = False,
-                      weight_std: float = 0.2, **overrides) -> Path:
+                      weight_std: float | None = None, **overrides) -> Path:
     """Write a random-weight model of ``family`` (see FAMILIES) into ``path``; returns ``path``.
 
     ``overrides`` are config fields (``num_hidden_layers=1``, ``vocab_size=512`` ...). ``sharded``
-    writes several safetensors files and ``model.safetensors.index.json``. The tokenizer has exactly
+    writes several safetensors files and ``model.safetensors.index.json``. ``weight_std`` of the
+    weight matrices, None: ``1.6 / sqrt(hidden_size)`` (0.2 at hidden size 64), which keeps the
+    spread of activations and logits the same at any width. The tokenizer has exactly
     ``vocab_size`` tokens, with ``</s>`` (id 2) as eos.
     """
     import transformers
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = family_config(family, **overrides)
-    torch.manual_seed(seed)
-    model = getattr(transformers, config.architectures[0])(config).to(torch.float32).eval()
+    with torch.random.fork_rng(devices=[]):  # transformers' own init must not move the caller's RNG
+        model = getattr(transformers, config.architectures[0])(config).to(torch.float32).eval()
+    if weight_std is None:
+        weight_std = 1.6 / config.hidden_size ** 0.5
     randomize_weights_(model, seed=seed, std=weight_std)
     # A shard limit well under the model's size gives one file per few tensors.
     shard_size = "40KB" if sharded else "10GB"
@@ -136,4 +141,70 @@ def load_reference(path: str | Path):
     """The transformers model stored in ``path``: fp32, eval mode, eager attention on the CPU."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def random_prompts(vocab_size: int, lengths, seed: int = 1) -> list[list[int]]:
+    """Prompts of token ids, one per length, avoiding the special ids 0-2."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return [rng.integers(len(_SPECIAL_TOKENS), vocab_size, size=n).tolist() for n in lengths]
+
+
+def reference_greedy(hf_model, prompt: list[int], num_steps: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy ``generate``: its tokens, and log_softmax of its raw logits at each step.
+
+    Returns (``num_steps`` token ids, float32 [num_steps, vocab]). It never stops at eos, as meshlm
+    with ``ignore_eos=True``.
+    """
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=num_steps, do_sample=False,
+                            eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    if len(tokens) != num_steps:
+        raise RuntimeError(f"transformers stopped after {len(tokens)} of {num_steps} tokens")
+    logits = torch.cat(out.logits, dim=0).float()  # [num_steps, vocab]
+    return tokens, torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def reference_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
+    """transformers' logits at every position of one sequence: float32 [len(token_ids), vocab]."""
+    return hf_model(torch.tensor([token_ids])).logits[0].float()
+
+
+# --- mixture-of-experts families ---------------------------------------------------------------
+# Eight small experts (width 32, divisible by moe_tp up to 4), hidden 64 as above. Each family adds
+# what sets it apart: Mixtral renormalises its top 2; Qwen2-MoE keeps raw top-k probabilities, adds
+# a sigmoid-gated shared expert and attention biases, and keeps a dense MLP on layer 1; Qwen3-MoE
+# renormalises its top 3, has qk-norm and an explicit head_dim.
+MOE_FAMILIES = ("mixtral", "qwen2-moe", "qwen3-moe")
+
+_FAMILY.update({
+    "mixtral": ("MixtralForCausalLM", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                                           rope_theta=1000000.0)),
+    "qwen2-moe": ("Qwen2MoeForCausalLM", dict(
+        num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, norm_topk_prob=False, mlp_only_layers=[1],
+        use_sliding_window=False)),
+    "qwen3-moe": ("Qwen3MoeForCausalLM", dict(
+        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True, head_dim=24,
+        attention_bias=False, use_sliding_window=False)),
+})
+
+
+def make_random_moe_model(path: str | Path, family: str, *, seed: int = 0, **overrides) -> Path:
+    """``make_random_model`` for a family of MOE_FAMILIES (``num_experts=4``, ... as overrides)."""
+    if family not in MOE_FAMILIES:
+        raise ValueError(f"unknown MoE family {family!r}; choose one of {', '.join(MOE_FAMILIES)}")
+    return make_random_model(path, family, seed=seed, **overrides)
+
+
+def load_moe_reference(path: str | Path):
+    """``load_reference`` with transformers' eager experts (a Python loop over the experts hit), so the
+    reference does not share ``grouped_mm`` with meshlm's grouped path."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                 experts_implementation="eager")
+    if model.config._experts_implementation != "eager":
+        raise RuntimeError(f"transformers chose experts_implementation={model.config._experts_implementation!r}")
     return model.eval()
