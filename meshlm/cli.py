@@ -41,7 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system message when --chat")
     _add_sampling_args(gen)
     EngineArgs.add_cli_args(gen)
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    from meshlm.bench.cli_args import add_serve_args, add_throughput_args
+    bench = sub.add_parser("bench", help="benchmark throughput and latency")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    offline = kinds.add_parser("throughput", help="offline: drive the engine in this process")
+    EngineArgs.add_cli_args(offline)
+    add_throughput_args(offline)
+    serving = kinds.add_parser("serve", help="load-test an OpenAI-compatible server over HTTP")
+    add_serve_args(serving)
 
 
 def relaunch_if_needed(args: EngineArgs) -> None:
@@ -93,6 +105,23 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_throughput(ns: argparse.Namespace) -> int:
+    from meshlm.bench.cli_args import throughput_options
+    from meshlm.bench.throughput import run_throughput
+    opts = throughput_options(ns)  # bad flags fail here, before any rank starts
+    args = EngineArgs.from_cli(ns)
+    relaunch_if_needed(args)
+    run_throughput(args, opts)  # only rank 0 returns; the other ranks exit inside
+    return 0
+
+
+def cmd_bench_serve(ns: argparse.Namespace) -> int:
+    from meshlm.bench.cli_args import serve_options
+    from meshlm.bench.serve import run_serve_benchmark
+    run_serve_benchmark(serve_options(ns))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from meshlm.launcher.logging import setup_logging
     parser = build_parser()
@@ -101,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "generate":
             return cmd_generate(ns)
+        if ns.command == "bench":
+            return {"throughput": cmd_bench_throughput, "serve": cmd_bench_serve}[ns.bench_command](ns)
     except (ValueError, FileNotFoundError) as exc:
         print(f"meshlm: error: {exc}", file=sys.stderr)
         return 2

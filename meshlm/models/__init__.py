@@ -12,4 +12,7 @@ def build_model(cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, de
     if cfg.family == "llama":
         from meshlm.models.llama import LlamaForCausalLM
         return LlamaForCausalLM(cfg, groups, dtype, device, max_positions, attention_fn)
+    if cfg.family == "moe":
+        from meshlm.models.moe import MoeForCausalLM
+        return MoeForCausalLM(cfg, groups, dtype, device, max_positions, attention_fn)
     raise ValueError(f"no model family {cfg.family!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from meshlm.parallel.experts import check_expert_layout
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import check_tp_for_heads
 from meshlm.parallel.mapping import Mapping
@@ -25,10 +26,24 @@ def check_layout(cfg: ModelConfig, args: EngineArgs) -> None:
     """Fail before loading anything when the layout cannot split this model."""
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     check_tp_for_heads(cfg.num_heads, cfg.num_kv_heads, tp)
-    if cfg.intermediate_size % tp:
-        raise ValueError(f"tensor parallel size {tp} does not divide intermediate_size={cfg.intermediate_size}")
+    if not cfg.is_moe or cfg.has_dense_layers:
+        if cfg.intermediate_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide intermediate_size={cfg.intermediate_size}")
+    check_moe_layout(cfg, tp, args.moe_expert_parallel_size)
     if pp > cfg.num_layers:
         raise ValueError(f"pipeline parallel size {pp} is larger than the model's {cfg.num_layers} layers")
+
+
+def check_moe_layout(cfg: ModelConfig, tp: int, moe_ep: int | None) -> None:
+    """Experts split by moe_ep, each expert's width by moe_tp = tp / moe_ep, a shared expert by tp."""
+    if not cfg.is_moe:
+        if moe_ep not in (None, 1):
+            raise ValueError(f"expert parallel size {moe_ep} was given but {cfg.architecture} has no experts")
+        return
+    check_expert_layout(cfg.num_experts, cfg.moe_intermediate_size, tp, moe_ep or 1)
+    shared = cfg.shared_expert_intermediate_size
+    if shared % tp:
+        raise ValueError(f"tensor parallel size {tp} does not divide shared_expert_intermediate_size={shared}")
 
 
 def eos_token_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> tuple[int, ...]:

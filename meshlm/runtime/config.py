@@ -22,6 +22,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
+    "MixtralForCausalLM": "moe",
+    "Qwen2MoeForCausalLM": "moe",
+    "Qwen3MoeForCausalLM": "moe",
 }
 
 
@@ -48,6 +51,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
     sliding_window: int | None = None
+    # Mixture of experts (num_experts == 0: a dense model; the fields below then do not apply).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k experts per token
+    moe_intermediate_size: int | None = None  # width of one expert's MLP
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert; 0: none
+    decoder_sparse_step: int = 1  # layer i is an MoE layer when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -61,6 +72,31 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config.json: num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}")
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"config.json: num_experts_per_tok={self.num_experts_per_tok} must be in "
+                             f"[1, num_experts={self.num_experts}]")
+        if self.moe_intermediate_size is None or self.moe_intermediate_size < 1:
+            raise ValueError(f"config.json: moe_intermediate_size={self.moe_intermediate_size} must be >= 1 "
+                             f"for a model of {self.num_experts} experts")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"config.json: decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` (global index) has experts rather than a dense MLP."""
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def has_dense_layers(self) -> bool:
+        return not all(self.is_moe_layer(i) for i in range(self.num_layers))
 
     @property
     def family(self) -> str:
@@ -86,6 +122,9 @@ class ModelConfig:
         if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
             rope_scaling = None
         sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        moe = _moe_fields(arch, hf)
+        if arch == "MixtralForCausalLM":
+            sliding = hf.get("sliding_window")  # Mixtral applies its window whenever one is set
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -100,12 +139,13 @@ class ModelConfig:
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=_attention_bias(arch, hf),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
             sliding_window=sliding,
+            **moe,
         )
 
     @classmethod
@@ -114,6 +154,39 @@ class ModelConfig:
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{path}: no config.json; a model directory in Hugging Face layout is expected")
         return cls.from_hf_dict(json.loads(cfg_path.read_text()))
+
+
+def _attention_bias(arch: str, hf: dict[str, Any]) -> bool:
+    """Biases on the Q, K and V projections."""
+    if arch == "Qwen2MoeForCausalLM":  # Qwen1.5-MoE configs predate the flag and have biases
+        return bool(hf.get("qkv_bias", hf.get("attention_bias", True)))
+    bias = bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM"))
+    if bias and arch == "Qwen3MoeForCausalLM":
+        raise ValueError("config.json: attention_bias=true for Qwen3MoeForCausalLM (a bias on o_proj too) "
+                         "is not supported")
+    return bias
+
+
+def _moe_fields(arch: str, hf: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelConfig, from Mixtral's or Qwen-MoE's config.json."""
+    if arch == "MixtralForCausalLM":
+        # Mixtral's experts are its only MLPs: intermediate_size is the width of one expert.
+        return dict(num_experts=hf["num_local_experts"], num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True)
+    if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        return {}
+    if arch == "Qwen2MoeForCausalLM" and hf.get("use_sliding_window"):
+        # Its window applies to some layers only (layer_types); meshlm has one window per model.
+        raise ValueError(f"config.json: use_sliding_window=true is not supported for {arch}")
+    # Published configs say num_experts; transformers 5 writes its alias num_local_experts.
+    num_experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+    return dict(num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
+                moe_intermediate_size=hf["moe_intermediate_size"],
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=(hf.get("shared_expert_intermediate_size") or 0
+                                                 if arch == "Qwen2MoeForCausalLM" else 0),
+                decoder_sparse_step=hf.get("decoder_sparse_step") or 1,
+                mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()))
 
 
 @dataclass(slots=True)

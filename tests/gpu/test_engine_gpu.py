@@ -30,7 +30,7 @@ def model_dir(request, tmp_path_factory):
     overrides = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
     if request.param == "qwen3":
         overrides["head_dim"] = 64
-    return make_random_model(tmp_path_factory.mktemp(request.param), request.param, **overrides)
+    return make_random_model(tmp_path_factory.mktemp(request.param), request.param, weight_std=0.2, **overrides)
 
 
 def test_gpu_fp32_matches_cpu_reference(model_dir):
