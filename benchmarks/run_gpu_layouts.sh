@@ -7,7 +7,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 SHAPE=${SHAPE:-llama3-8b}
 M="mpirun --allow-run-as-root --oversubscribe -x PYTHONPATH -x PYTHONUNBUFFERED -x NCCL_NVLS_ENABLE"
 nvidia-smi -L
-run() { name=$1; shift; echo "== $name"; timeout 240 "$@" --shape "$SHAPE" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | grep -vE "^\[meshlm" | tail -6; }
+run() { name=$1; shift; echo "== $name"; timeout 120 "$@" --shape "$SHAPE" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | grep -vE "^\[meshlm" | tail -6; }
 run tp1 python3 benchmarks/gpu_layouts.py
 run tp2 $M -n 2 python3 benchmarks/gpu_layouts.py --tp 2
 run pp2 $M -n 2 python3 benchmarks/gpu_layouts.py --pp 2
