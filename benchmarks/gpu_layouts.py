@@ -43,9 +43,12 @@ def run(ns) -> None:
     result = {"layout": f"tp{ns.tp}pp{ns.pp}", "tp": ns.tp, "pp": ns.pp, "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "tokens": [o.outputs[0].token_ids for o in outs],
               "logprobs": [[{str(k): v for k, v in step.items()} for step in o.outputs[0].logprobs] for o in outs]}
+    result["dtype"] = ns.dtype
     coordinator = llm._coordinator
-    run_meshlm(coordinator, 4, 32, 8)  # warm-up
-    result["timings"] = [run_meshlm(coordinator, b, 128, 128) for b in (1, 64)]
+    result["timings"] = []
+    if not ns.skip_timings:
+        run_meshlm(coordinator, 4, 32, 8)  # warm-up
+        result["timings"] = [run_meshlm(coordinator, b, 128, 128) for b in (1, 64)]
     Path(ns.out).write_text(json.dumps(result))
     for t in result["timings"]:
         print(f"{result['layout']}: batch {t['batch']:3d} decode step {t['decode_step_ms_median']:.2f} ms, "
@@ -54,19 +57,19 @@ def run(ns) -> None:
 
 
 def compare(files: list[str]) -> None:
-    results = [json.loads(Path(f).read_text()) for f in files]
+    results = [json.loads(Path(f).read_text()) for f in files if Path(f).exists()]
     ref = results[0]
-    print(f"{'layout':10} {'greedy tokens equal':>20} {'first-step tokens':>18} {'max |dlogprob| step 0':>22} "
-          f"{'bs1 ms':>7} {'bs64 ms':>8} {'bs64 tok/s':>10}")
+    print(f"{'layout':10} {'dtype':9} {'greedy tokens equal':>20} {'first-step tokens':>18} "
+          f"{'max |dlogprob| step 0':>22} {'bs1 ms':>7} {'bs64 ms':>8} {'bs64 tok/s':>10}")
     for r in results:
         equal = sum(a == b for a, b in zip(ref["tokens"], r["tokens"]))
         first = sum(a[0] == b[0] for a, b in zip(ref["tokens"], r["tokens"]))
         diffs = [abs(r["logprobs"][i][0][t] - lp) for i in range(len(ref["tokens"]))
                  for t, lp in ref["logprobs"][i][0].items() if t in r["logprobs"][i][0]]
-        t1, t64 = r["timings"]
-        print(f"{r['layout']:10} {equal:>14}/{len(ref['tokens'])} {first:>14}/{len(ref['tokens'])} "
-              f"{max(diffs):>22.4f} {t1['decode_step_ms_median']:>7.2f} {t64['decode_step_ms_median']:>8.2f} "
-              f"{t64['output_tok_s']:>10.0f}")
+        t1, t64 = r["timings"] or [{"decode_step_ms_median": float("nan"), "output_tok_s": float("nan")}] * 2
+        print(f"{r['layout']:10} {r.get('dtype', ''):9} {equal:>14}/{len(ref['tokens'])} "
+              f"{first:>14}/{len(ref['tokens'])} {max(diffs):>22.6f} {t1['decode_step_ms_median']:>7.2f} "
+              f"{t64['decode_step_ms_median']:>8.2f} {t64['output_tok_s']:>10.0f}")
 
 
 def main() -> int:
@@ -76,6 +79,7 @@ def main() -> int:
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument("--out", default="layout.json")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--skip-timings", action="store_true")
     parser.add_argument("--compare", nargs="+")
     ns = parser.parse_args()
     if ns.compare:

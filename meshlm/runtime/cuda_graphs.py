@@ -1,6 +1,8 @@
 """CUDA graphs for decode steps: the whole forward (embedding to logits, TP all-reduces included)
 captured once per batch-size bucket and replayed with the step's arrays copied into static
 buffers. Padding rows of a bucket write their K/V into a scratch block that no request owns.
+With pipeline stages, each stage captures its own part: the hand-off to the next stage (NCCL send
+and recv on the stream) is inside the graph, so every stage replays its graph once per step.
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ def default_buckets(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphRunner:
-    def __init__(self, model, kv_caches, device: torch.device, buckets: list[int], max_blocks_per_seq: int,
-                 scratch_block: int, block_size: int, max_model_len: int):
-        self.model, self.kv_caches = model, kv_caches
+    def __init__(self, model, groups, kv_caches, device: torch.device, buckets: list[int],
+                 max_blocks_per_seq: int, scratch_block: int, block_size: int, max_model_len: int):
+        self.model, self.groups, self.kv_caches = model, groups, kv_caches
         self.device = device
         self.buckets = sorted(buckets)
         self.scratch_block, self.block_size = scratch_block, block_size
@@ -52,10 +54,18 @@ class DecodeGraphRunner:
                                  self.seq_lens[:batch], self.block_tables[:batch], 1, self.max_model_len,
                                  np.ones(batch, dtype=np.int32))
 
-    def _forward(self, batch: int) -> torch.Tensor:
-        hidden = self.model.embed(self.input_ids[:batch])
-        hidden = self.model(hidden, self._meta(batch), self.kv_caches)
-        return self.model.compute_logits(hidden)  # [batch, vocab_per_rank]
+    def _forward(self, batch: int) -> torch.Tensor | None:
+        mapping, model = self.groups.mapping, self.model
+        if mapping.is_first_pp_rank:
+            hidden = model.embed(self.input_ids[:batch])
+        else:
+            weight = next(model.parameters())
+            hidden = self.groups.recv_from_prev_stage((batch, model.cfg.hidden_size), weight.dtype, self.device)
+        hidden = model(hidden, self._meta(batch), self.kv_caches)
+        if not mapping.is_last_pp_rank:
+            self.groups.send_to_next_stage(hidden)
+            return None
+        return model.compute_logits(hidden)  # [batch, vocab_per_rank]
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -78,8 +88,9 @@ class DecodeGraphRunner:
         return (plan.num_seqs <= self.buckets[-1] and plan.num_tokens == plan.num_seqs
                 and plan.block_tables.shape[1] <= self.max_blocks_per_seq)
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Logits [num_seqs, vocab_per_rank] of a decode plan (a view valid until the next run)."""
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Logits [num_seqs, vocab_per_rank] of a decode plan (a view valid until the next run);
+        None on stages before the last."""
         n = plan.num_seqs
         batch = next(b for b in self.buckets if b >= n)
         host = self._host
@@ -99,4 +110,5 @@ class DecodeGraphRunner:
             getattr(self, name)[:batch].copy_(staged[:batch], non_blocking=True)
         self._graphs[batch].replay()
         self.num_replays += 1
-        return self._logits[batch][:n]
+        logits = self._logits[batch]
+        return None if logits is None else logits[:n]

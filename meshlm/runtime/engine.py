@@ -103,12 +103,13 @@ class Engine:
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         """Capture decode graphs when the path allows it (CUDA, Triton attention, one stage)."""
         from meshlm.runtime.cuda_graphs import DecodeGraphRunner, default_buckets
-        if self.device.type != "cuda" or self.mapping.pp > 1 or not self.model.attention_layers:
+        if self.device.type != "cuda" or not self.model.attention_layers:
             return
         if getattr(self.attention_fn, "__name__", "") != "paged_attention_triton":
             return
         max_blocks = -(-self.max_model_len // self.block_size)
-        runner = DecodeGraphRunner(self.model, self.kv_caches, self.device, default_buckets(max_batch_size),
+        runner = DecodeGraphRunner(self.model, self.groups, self.kv_caches, self.device,
+                                   default_buckets(max_batch_size),
                                    max_blocks, self.num_blocks, self.block_size, self.max_model_len)
         runner.capture()
         self.graph_runner = runner
@@ -129,7 +130,11 @@ class Engine:
         if plan.num_tokens == 0:
             return None
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
-            logits = self.graph_runner.run(plan)[self._to_device(plan.sample_rows)]
+            logits = self.graph_runner.run(plan)
+            if logits is None or len(plan.sample_rows) == 0:  # an earlier pipeline stage
+                return None
+            if len(plan.sample_rows) != plan.num_seqs:
+                logits = logits[self._to_device(plan.sample_rows)]
             logits = self.groups.gather_logits_to_sampler(logits)
             if logits is None:
                 return None
