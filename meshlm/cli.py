@@ -41,8 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system message when --chat")
     _add_sampling_args(gen)
     EngineArgs.add_cli_args(gen)
+    _add_serve_parser(sub)
     _add_bench_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (on rank 0)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model's name in the API (default: the model directory's name)")
+    serve.add_argument("--uvicorn-log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    EngineArgs.add_cli_args(serve)
 
 
 def _add_bench_parser(sub) -> None:
@@ -105,6 +119,15 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from meshlm.server.launch import run_server
+    args = EngineArgs.from_cli(ns)
+    relaunch_if_needed(args)
+    # Only rank 0 returns, after SIGINT/SIGTERM; the other ranks exit when it shuts down.
+    run_server(args, ns.host, ns.port, ns.api_key, ns.served_model_name, ns.uvicorn_log_level)
+    return 0
+
+
 def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     from meshlm.bench.cli_args import throughput_options
     from meshlm.bench.throughput import run_throughput
@@ -130,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "generate":
             return cmd_generate(ns)
+        if ns.command == "serve":
+            return cmd_serve(ns)
         if ns.command == "bench":
             return {"throughput": cmd_bench_throughput, "serve": cmd_bench_serve}[ns.bench_command](ns)
     except (ValueError, FileNotFoundError) as exc:

@@ -33,7 +33,7 @@ class ParallelGroups:
 
     @classmethod
     def from_mpi(cls, mapping: Mapping, device: torch.device) -> "ParallelGroups":
-        """Split MPI.COMM_WORLD into this rank's TP and PP groups.
+        """Split MPI.COMM_WORLD into this rank's TP and PP groups (and its MoE ep / moe_tp groups).
 
         Collective over the whole world: every rank must call it. On CUDA devices the groups
         are NCCL communicators; on the CPU, MPI ones.

@@ -2,8 +2,9 @@
 
 The kernel follows the layout of vLLM's "unified attention": the grid is (query blocks across
 all sequences, KV heads). One program takes ``block_q = BLOCK_M // group`` consecutive query
-tokens of one sequence and every query head of one KV-head group, packed into the tile's rows (row ``m`` is query token ``m // group``, head ``m % group`` of the group), so a decode
-with a single query token still fills a tile with its whole GQA group. The program walks the
+tokens of one sequence and every query head of one KV-head group, packed into the tile's rows
+(row ``m`` is query token ``m // group``, head ``m % group`` of the group), so a decode with a
+single query token still fills a tile with its whole GQA group. The program walks the
 sequence's keys ``BLOCK_N`` at a time through the block table, with an online softmax in fp32
 and causal plus sliding-window masking.
 
@@ -27,7 +28,7 @@ _LOG2_E = 1.4426950408889634
 
 
 # Values that change from batch to batch are not specialised on, so serving compiles once per model.
-@triton.jit(do_not_specialize=["num_seqs", "group", "block_q", "sliding_window"])
+@triton.jit(do_not_specialize=["num_seqs", "group", "block_q", "sliding_window", "stride_table_seq"])
 def _unified_attention_kernel(
         out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
         block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, program_map_ptr,
@@ -158,8 +159,9 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = meta.seq_lens.shape[0]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim} must be a power of two >= 16"
-    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (k_cache.shape, v_cache.shape, q.shape)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, \
+        (q.shape, k_cache.shape, v_cache.shape)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
@@ -185,10 +187,18 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         meta.block_tables.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n,
         KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, USE_PROGRAM_MAP=not is_decode_batch,
-        USE_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION=_dot_precision(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    """fp32 inputs: three TF32 products on the GPU (fp32 accuracy on tensor cores; plain TF32
+    would lose about three decimal digits), exact products in the CPU interpreter."""
+    if q.dtype != torch.float32:
+        return "tf32"  # not used for 16-bit inputs
+    return "tf32x3" if q.is_cuda else "ieee"
 
 
 def _tile_config(group: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -196,8 +206,8 @@ def _tile_config(group: int, max_query_len: int, dtype: torch.dtype) -> tuple[in
 
     Measured on an H100 (bf16, head_dim 128, group 4): decode batches read the cache fastest
     with 128-key tiles, mostly because a few long sequences then keep more loads in flight;
-    mixed batches run best with 64 x 64 tiles. fp32 (tests) takes small tiles: its dot runs
-    without tensor cores and large tiles only compile slowly.
+    mixed batches run best with 64 x 64 tiles. fp32 (tests) takes small tiles, which keep its
+    twice larger tiles within shared memory and compile quickly.
     """
     group_rows = triton.next_power_of_2(group)
     is_fp32 = dtype == torch.float32

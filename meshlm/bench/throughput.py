@@ -1,0 +1,206 @@
+"""``meshlm bench throughput``: offline throughput and latency, driving rank 0's coordinator in this
+process (greedy, ``ignore_eos``, so every request generates exactly its asked length).
+
+Under ``mpiexec -n N`` (or after the CLI relaunched itself there) every rank calls
+``run_throughput``; the ranks other than 0 serve steps inside ``start_runtime`` and exit there.
+"""
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from meshlm.bench.dataset import BenchRequest, Workload
+from meshlm.bench.metrics import RequestRecord, latency_samples_ms, summarize
+from meshlm.runtime.args import EngineArgs
+from meshlm.runtime.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ThroughputOptions:
+    workload: Workload = field(default_factory=Workload)
+    max_concurrency: int | None = None  # None: every request is submitted at once
+    sweep_concurrency: list[int | None] | None = None  # one run per value; None in it: unbounded
+    output_json: str | None = None
+    plot: str | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        for c in [self.max_concurrency, *(self.sweep_concurrency or [])]:
+            if c is not None and c < 1:
+                raise ValueError(f"concurrency {c} must be >= 1 (leave it out for no limit)")
+        if self.sweep_concurrency is not None and self.max_concurrency is not None:
+            raise ValueError(f"--max-concurrency {self.max_concurrency} and --sweep-concurrency "
+                             f"{self.sweep_concurrency} exclude each other: the sweep sets the concurrency")
+
+    @property
+    def concurrencies(self) -> list[int | None]:
+        return list(self.sweep_concurrency) if self.sweep_concurrency else [self.max_concurrency]
+
+
+@dataclass(slots=True)
+class OfflineRun:
+    records: list[RequestRecord]
+    peak_kv_cache_usage: float | None  # None: the coordinator is remote and its pool not visible
+
+
+def greedy_params(output_len: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
+def run_offline(coordinator, requests: list[BenchRequest], max_concurrency: int | None = None,
+                desc: str = "benchmark", show_progress: bool = True) -> OfflineRun:
+    """Submit the requests (at most ``max_concurrency`` unfinished at once) and step until all end.
+
+    Every output token is stamped when the step that produced it returns on rank 0.
+    """
+    from tqdm import tqdm
+    kv = getattr(coordinator, "kv", None)
+    peak = 0.0 if kv is not None else None
+    records: list[RequestRecord | None] = [None] * len(requests)
+    queue, inflight = deque(range(len(requests))), {}  # inflight: request id -> index
+    bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not show_progress)
+
+    def admit() -> None:
+        while queue and (max_concurrency is None or len(inflight) < max_concurrency):
+            i = queue.popleft()
+            req = requests[i]
+            start = time.perf_counter()
+            inflight[coordinator.submit(req.prompt, greedy_params(req.output_len))] = i
+            records[i] = RequestRecord(start, num_input_tokens=len(req.prompt))
+
+    admit()
+    while inflight:
+        outputs = coordinator.step()
+        now = time.perf_counter()
+        if kv is not None:
+            peak = max(peak, kv.usage)
+        for out in outputs:
+            i = inflight.get(out.request_id)
+            if i is None:
+                continue
+            record, num_tokens = records[i], len(out.outputs[0].token_ids)
+            record.token_times += [now] * (num_tokens - record.num_output_tokens)
+            record.num_output_tokens = num_tokens
+            if out.finished:
+                record.end = now
+                del inflight[out.request_id]
+                bar.update(1)
+        if inflight and not outputs and not coordinator.has_unfinished():
+            raise RuntimeError(f"{len(inflight)} requests were dropped by the coordinator unfinished")
+        admit()
+    bar.close()
+    return OfflineRun(records, peak)
+
+
+def vocab_size_for_prompts(coordinator) -> int:
+    """Random prompt ids come from the tokenizer's vocabulary (and lie inside the model's)."""
+    sizes = [getattr(coordinator, "vocab_size", None)]
+    if coordinator.tokenizer is not None:
+        sizes.append(coordinator.tokenizer.vocab_size)
+    sizes = [s for s in sizes if s]
+    if not sizes:
+        raise ValueError("neither the model nor the tokenizer says its vocabulary size")
+    return min(sizes)
+
+
+def as_token_ids(coordinator, requests: list[BenchRequest], max_model_len: int | None) -> list[BenchRequest]:
+    """Tokenize text prompts once, before timing; check every request fits the context."""
+    out = []
+    for i, req in enumerate(requests):
+        if isinstance(req.prompt, str):
+            if coordinator.tokenizer is None:
+                raise ValueError(f"request {i} has a text prompt but the tokenizer is off "
+                                 "(--skip-tokenizer-init); give token ids")
+            ids = coordinator.tokenizer.encode(req.prompt)
+            req = BenchRequest(ids, req.output_len, len(ids))
+        if max_model_len is not None and len(req.prompt) + req.output_len > max_model_len:
+            raise ValueError(f"request {i}: {len(req.prompt)} prompt tokens + {req.output_len} output "
+                             f"tokens = {len(req.prompt) + req.output_len} exceed max_model_len="
+                             f"{max_model_len}; raise --max-model-len or shorten the requests")
+        out.append(req)
+    return out
+
+
+def device_name(args: EngineArgs) -> str:
+    import torch
+    from meshlm.runtime.build import pick_device
+    local = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    device = pick_device(args, local)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _config(args: EngineArgs, opts: ThroughputOptions, coordinator, num_prompts: int) -> dict:
+    from meshlm import __version__
+    from meshlm.runtime.default_model import DEFAULT_MODEL_NAME
+    kv = getattr(coordinator, "kv", None)
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    return {
+        "backend": "meshlm", "mode": "offline", "model": args.model or DEFAULT_MODEL_NAME,
+        "tp": tp, "pp": pp, "ep": args.moe_expert_parallel_size or 1, "num_gpus": tp * pp,
+        "device": device_name(args), "dtype": args.dtype, **opts.workload.describe(num_prompts),
+        "max_concurrency": opts.concurrencies[-1], "max_model_len": getattr(coordinator, "max_model_len", None),
+        "max_num_tokens": args.max_num_tokens, "max_batch_size": args.max_batch_size,
+        "block_size": args.block_size, "num_kv_blocks": kv.num_blocks if kv is not None else None,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "meshlm_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _reset_prefix_cache(coordinator) -> None:
+    # Each measured run starts cold, so no run reuses the prompts of the one before.
+    kv = getattr(coordinator, "kv", None)
+    if kv is not None:
+        kv.reset_prefix_cache()
+
+
+def benchmark(coordinator, args: EngineArgs, opts: ThroughputOptions) -> tuple[dict, dict[str, list[float]]]:
+    """Warm up, then one measured run per concurrency. Returns the result and the latency samples
+    (ms) of its last run, for the plot."""
+    vocab = vocab_size_for_prompts(coordinator)
+    max_len = getattr(coordinator, "max_model_len", None)
+    requests = as_token_ids(coordinator, opts.workload.requests(vocab), max_len)
+    warmup = as_token_ids(coordinator, opts.workload.warmup_requests(requests, vocab), max_len)
+    if warmup:
+        run_offline(coordinator, warmup, opts.concurrencies[-1], "warm-up", opts.show_progress)
+    num_gpus = args.tensor_parallel_size * args.pipeline_parallel_size
+    points, samples = [], {}
+    for c in opts.concurrencies:
+        _reset_prefix_cache(coordinator)
+        desc = "benchmark" if c is None else f"concurrency {c}"
+        run = run_offline(coordinator, requests, c, desc, opts.show_progress)
+        points.append({"max_concurrency": c, **summarize(run.records, num_gpus),
+                       "peak_kv_cache_usage": run.peak_kv_cache_usage})
+        samples = latency_samples_ms(run.records)
+    last = {k: v for k, v in points[-1].items() if k != "max_concurrency"}
+    result = {"config": _config(args, opts, coordinator, len(requests)), **last,
+              "sweep": points if opts.sweep_concurrency else []}
+    return result, samples
+
+
+def run_throughput(args: EngineArgs, opts: ThroughputOptions) -> dict:
+    """Start the runtime, benchmark, shut down; returns the result on rank 0 (other ranks exit)."""
+    from meshlm.runtime.distributed import start_runtime
+    coordinator = start_runtime(args)
+    try:
+        result, samples = benchmark(coordinator, args, opts)
+    finally:
+        coordinator.shutdown()
+    _write_outputs(result, samples, opts)
+    return result
+
+
+def _write_outputs(result: dict, samples: dict[str, list[float]], opts: ThroughputOptions) -> None:
+    from meshlm.bench.report import format_table, write_json
+    print(format_table(result, "meshlm bench throughput"), flush=True)
+    if opts.output_json:
+        write_json(opts.output_json, result)
+    if opts.plot:
+        from meshlm.bench.plot import plot_result
+        config = result["config"]
+        title = (f"meshlm offline: {config['model'].rstrip('/').split('/')[-1]}, tp={config['tp']} "
+                 f"pp={config['pp']}, {config['device']}, {config['num_prompts']} requests")
+        plot_result(opts.plot, samples, result["sweep"] or None, title)

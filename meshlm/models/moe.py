@@ -1,0 +1,187 @@
+"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+The attention, embedding, pipeline split and LM head are Llama's (models/llama.py); the MLP of an
+MoE layer is a sparse block: a replicated router picks the top-k experts of each token, this
+rank's experts (parallel/experts.py) compute their partial sums, Qwen2-MoE adds its sigmoid-gated
+shared expert (split over the whole TP group), and one all-reduce over the TP group combines all
+of it. Qwen-MoE layers listed in ``mlp_only_layers`` (or off ``decoder_sparse_step``) keep a dense MLP.
+
+Checkpoint names (transformers' ``save_pretrained`` writes the per-expert form):
+
+- Mixtral: ``model.layers.{i}.block_sparse_moe.gate.weight`` [E, hidden] and
+  ``...block_sparse_moe.experts.{e}.w1|w3|w2.weight`` (gate, up, down).
+- Qwen-MoE: ``model.layers.{i}.mlp.gate.weight`` and
+  ``...mlp.experts.{e}.gate_proj|up_proj|down_proj.weight``; Qwen2-MoE also
+  ``...mlp.shared_expert.{gate,up,down}_proj.weight`` and ``...mlp.shared_expert_gate.weight`` [1, hidden].
+- Fused, for any family (transformers 5's in-memory form, whose Mixtral block is ``mlp`` too):
+  ``model.layers.{i}.mlp.gate.weight``, ``...mlp.experts.gate_up_proj`` [E, 2 * moe_inter, hidden]
+  and ``...mlp.experts.down_proj`` [E, hidden, moe_inter]; found by name at load time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshlm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from meshlm.parallel.experts import ExpertNames, FusedMoE, Router
+from meshlm.parallel.groups import ParallelGroups
+from meshlm.parallel.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
+                                    VocabParallelEmbedding)
+from meshlm.runtime.attention import RotaryEmbedding, paged_attention_reference
+from meshlm.runtime.checkpoint import CheckpointReader
+from meshlm.runtime.config import ModelConfig
+
+
+def expert_names(cfg: ModelConfig, prefix: str, is_fused: bool = False) -> tuple[str, ExpertNames]:
+    """(the MoE block's checkpoint prefix, its experts' names) for layer ``prefix``.
+
+    A fused checkpoint uses transformers 5's module names: the block is ``mlp`` for Mixtral too.
+    """
+    p = f"{prefix}.block_sparse_moe" if cfg.architecture == "MixtralForCausalLM" and not is_fused else f"{prefix}.mlp"
+    gate, up, down = (("w1", "w3", "w2") if cfg.architecture == "MixtralForCausalLM"
+                      else ("gate_proj", "up_proj", "down_proj"))
+    return p, ExpertNames(f"{p}.experts.{{e}}.{gate}.weight", f"{p}.experts.{{e}}.{up}.weight",
+                          f"{p}.experts.{{e}}.{down}.weight", f"{prefix}.mlp.experts.gate_up_proj",
+                          f"{prefix}.mlp.experts.down_proj")
+
+
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's always-on expert, split over the TP group like a dense MLP.
+
+    ``forward`` returns this rank's partial sum: its reduction is folded into the MoE block's one
+    ``combine_from_experts``, so ``down_proj`` is used for its sharding and loader, not its forward.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, groups: ParallelGroups, dtype, device):
+        super().__init__()
+        tp = groups.tp
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, tp, False, dtype, device)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp, False, dtype, device)
+        self.gate = Router(hidden_size, 1, 1, False, dtype, device)  # shared_expert_gate: [1, hidden]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, inter_per_rank] each
+        partial = F.linear(F.silu(gate) * up, self.down_proj.weight)  # [num_tokens, hidden], unreduced
+        return torch.sigmoid(F.linear(x, self.gate.weight)) * partial
+
+    def expected_shapes(self, p: str) -> dict:
+        shapes = self.gate_up_proj.expected_shapes([f"{p}.shared_expert.gate_proj.weight",
+                                                    f"{p}.shared_expert.up_proj.weight"])
+        shapes.update(self.down_proj.expected_shapes(f"{p}.shared_expert.down_proj.weight"))
+        shapes.update(self.gate.expected_shapes(f"{p}.shared_expert_gate.weight"))
+        return shapes
+
+    def load(self, reader: CheckpointReader, p: str) -> None:
+        self.gate_up_proj.load(reader, [f"{p}.shared_expert.gate_proj.weight", f"{p}.shared_expert.up_proj.weight"])
+        self.down_proj.load(reader, f"{p}.shared_expert.down_proj.weight")
+        self.gate.load(reader, f"{p}.shared_expert_gate.weight")
+
+
+class SparseMoeBlock(nn.Module):
+    """Router, this rank's experts, the optional shared expert; one all-reduce combines them."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device):
+        super().__init__()
+        self.cfg, self.groups = cfg, groups
+        self.gate = Router(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                           dtype, device)
+        self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
+                                cfg.moe_intermediate_size, groups.ep, groups.moe_tp, dtype, device)
+        self.shared_expert = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size, groups,
+                                              dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups.dispatch_to_experts(x)  # [num_tokens, hidden] on every TP rank
+        topk_weights, topk_ids = self.gate(x)  # [num_tokens, top_k] each
+        partial = self.experts(x, topk_weights, topk_ids)  # [num_tokens, hidden], this rank's share
+        if self.shared_expert is not None:
+            partial = partial + self.shared_expert(x)
+        return self.groups.combine_from_experts(partial)
+
+    def _names(self, prefix: str) -> tuple[str, ExpertNames]:
+        return expert_names(self.cfg, prefix, self.experts.is_fused_checkpoint)
+
+    def expected_shapes(self, prefix: str) -> dict:
+        p, names = self._names(prefix)
+        shapes = self.gate.expected_shapes(f"{p}.gate.weight")
+        shapes.update(self.experts.expected_shapes(names))
+        if self.shared_expert is not None:
+            shapes.update(self.shared_expert.expected_shapes(p))
+        return shapes
+
+    def detect_layout(self, reader, prefix: str) -> None:
+        self.experts.detect_layout(reader, expert_names(self.cfg, prefix)[1])
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        p, names = self._names(prefix)
+        self.gate.load(reader, f"{p}.gate.weight")
+        self.experts.load(reader, names)
+        if self.shared_expert is not None:
+            self.shared_expert.load(reader, p)
+
+
+class MoeDecoderLayer(nn.Module):
+    """Llama's attention, then a sparse MoE block (or, on a dense layer of Qwen-MoE, Llama's MLP)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, groups, rotary, attention_fn, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(cfg, groups, rotary, attention_fn, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        if cfg.is_moe_layer(layer):
+            self.mlp = SparseMoeBlock(cfg, groups, dtype, device)
+        else:
+            self.mlp = LlamaMLP(cfg, groups, dtype, device)
+
+    def forward(self, hidden, meta, kv_cache):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def expected_shapes(self, prefix: str) -> dict:
+        shapes = self.input_layernorm.expected_shapes(f"{prefix}.input_layernorm.weight")
+        shapes.update(self.post_attention_layernorm.expected_shapes(f"{prefix}.post_attention_layernorm.weight"))
+        shapes.update(self.self_attn.expected_shapes(prefix))
+        shapes.update(self.mlp.expected_shapes(prefix))
+        return shapes
+
+    def load(self, reader, prefix: str) -> None:
+        self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
+        self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")
+        self.self_attn.load(reader, prefix)
+        self.mlp.load(reader, prefix)
+
+
+class MoeForCausalLM(LlamaForCausalLM):
+    """One pipeline stage of an MoE model on one rank; all but the decoder layers are Llama's."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device,
+                 max_positions: int, attention_fn=paged_attention_reference):
+        nn.Module.__init__(self)
+        self.cfg, self.groups = cfg, groups
+        mapping, tp = groups.mapping, groups.tp
+        self.layer_ids = mapping.layer_range(cfg.num_layers)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        needs_embed = mapping.is_first_pp_rank or (mapping.is_last_pp_rank and cfg.tie_word_embeddings)
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+                             if needs_embed else None)
+        self.layers = nn.ModuleDict({
+            str(i): MoeDecoderLayer(cfg, i, groups, rotary, attention_fn, dtype, device) for i in self.layer_ids})
+        self.norm = self.lm_head = None
+        if mapping.is_last_pp_rank:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            tied = self.embed_tokens if cfg.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device, tied_to=tied)
+
+    @property
+    def moe_blocks(self) -> dict[int, SparseMoeBlock]:
+        """This stage's MoE blocks by global layer index."""
+        return {int(i): layer.mlp for i, layer in self.layers.items() if isinstance(layer.mlp, SparseMoeBlock)}
+
+    def load(self, reader: CheckpointReader) -> None:
+        # The experts' layout (per expert or fused) decides which names expected_shapes lists.
+        for i, block in self.moe_blocks.items():
+            block.detect_layout(reader, f"model.layers.{i}")
+        super().load(reader)

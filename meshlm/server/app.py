@@ -1,0 +1,108 @@
+"""The FastAPI app: OpenAI's routes over one AsyncEngine, plus /health and /metrics.
+
+    app = build_app(ServedModel(engine, "SmolLM2-135M-Instruct", root, max_model_len, metrics))
+
+With an API key, every /v1 route wants ``Authorization: Bearer KEY`` (401 otherwise); /health and
+/metrics stay open, as in vLLM.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from meshlm.server.chat import create_chat_completion
+from meshlm.server.completions import create_completion
+from meshlm.server.errors import APIError, error_response, install_error_handlers
+from meshlm.server.metrics import CONTENT_TYPE
+from meshlm.server.protocol import ChatCompletionRequest, CompletionRequest
+from meshlm.server.serving import ServedModel
+from meshlm.server.streams import ClientDisconnected, ServerShuttingDown
+
+log = logging.getLogger("meshlm")
+
+# What a request whose client has gone answers (nobody reads it); nginx's "client closed request".
+_CLIENT_CLOSED = 499
+
+
+def build_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="meshlm", summary="OpenAI-compatible server")
+    app.state.served = served
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=HTTPStatus.OK)
+
+    @app.get("/metrics")
+    async def metrics():
+        stats = await asyncio.to_thread(served.engine.stats)  # waits for the engine's lock
+        return Response(served.metrics.render(stats), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(served)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != served.name:
+            raise APIError(HTTPStatus.NOT_FOUND, f"the model `{model_id}` does not exist", param="model",
+                           code="model_not_found")
+        return _model_card(served)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _warn_extra(body)
+        return await _answer(create_completion(served, body, request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _warn_extra(body)
+        return await _answer(create_chat_completion(served, body, request))
+
+    return app
+
+
+async def _answer(work):
+    try:
+        return await work
+    except ClientDisconnected:
+        return Response(status_code=_CLIENT_CLOSED)
+    except ServerShuttingDown:
+        return error_response(APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down"))
+
+
+def _model_card(served: ServedModel) -> dict:
+    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "meshlm",
+            "root": served.root, "parent": None, "max_model_len": served.max_model_len}
+
+
+def _warn_extra(body) -> None:
+    if body.model_extra:
+        log.warning("ignored unknown request fields: %s", ", ".join(sorted(body.model_extra)))
+
+
+class APIKeyMiddleware:
+    """Plain ASGI (so streams and disconnects pass untouched): /v1 routes need the bearer key."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"")
+            if not secrets.compare_digest(given, self._expected):
+                message = "missing API key" if not given else "incorrect API key"
+                response = error_response(APIError(HTTPStatus.UNAUTHORIZED, f"{message}: send the header "
+                                                   "'Authorization: Bearer <key>'", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

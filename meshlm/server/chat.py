@@ -1,0 +1,82 @@
+"""POST /v1/chat/completions: messages through the model's chat template, a message (or deltas) out."""
+from __future__ import annotations
+
+import time
+from http import HTTPStatus
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from meshlm.server.errors import APIError
+from meshlm.server.protocol import ChatCompletionRequest
+from meshlm.server.serving import (ServedModel, choices_of, final_outputs, new_id, sampling_params_or_400,
+                                   sse_stream, usage)
+from meshlm.server.streams import SSEResponse
+
+
+async def create_chat_completion(served: ServedModel, body: ChatCompletionRequest, request: Request):
+    served.check_model(body.model)
+    params = sampling_params_or_400(body)
+    prompt = _render(served, body)
+    request_id = new_id("chatcmpl")
+    created = int(time.time())
+    runs = await served.start(request, [prompt], params, request_id, "messages")
+    top_k = body.top_logprobs or 0
+
+    def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
+        out = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+               "model": served.name, "choices": choices}
+        if usage_ is not None or body.include_usage:
+            out["usage"] = usage_
+        return out
+
+    if body.stream:
+        def make_chunks(delta):
+            if delta.is_first:  # OpenAI opens every choice with the role
+                yield chunk([{"index": delta.index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+            message = {"content": delta.text} if delta.text else {}
+            lp = _logprobs(served, delta.logprobs, top_k) if delta.logprobs is not None else None
+            if message or delta.finish_reason is not None:
+                yield chunk([{"index": delta.index, "delta": message, "logprobs": lp,
+                              "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}])
+
+        def usage_chunk(outputs):
+            return chunk([], usage(outputs)) if body.include_usage else None
+
+        return SSEResponse(sse_stream(runs, body.n, make_chunks, usage_chunk), served.shutting_down)
+
+    outputs = await final_outputs(served, request, runs)
+    choices = [{"index": index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _logprobs(served, c.logprobs, top_k) if c.logprobs is not None else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+               for index, _, c in choices_of(outputs, body.n)]
+    return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
+                         "model": served.name, "choices": choices, "usage": usage(outputs),
+                         "system_fingerprint": None})
+
+
+def _render(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
+    """The conversation through the chat template, as token ids."""
+    import jinja2
+    if served.tokenizer is None:
+        raise APIError(HTTPStatus.BAD_REQUEST, "the tokenizer is off (skip_tokenizer_init): chat needs "
+                       "one; use /v1/completions with token ids", param="messages")
+    try:
+        return served.tokenizer.encode_chat(body.template_messages(), body.add_generation_prompt)
+    except (ValueError, jinja2.TemplateError) as exc:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"messages: {exc}", param="messages") from None
+
+
+def _logprobs(served: ServedModel, entries: list[dict[int, float]], top_k: int) -> dict:
+    """Chat's logprobs object: per token, its logprob and the ``top_k`` most likely tokens."""
+    def item(token_id: int, logprob: float) -> dict:
+        text = served.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for entry in entries:
+        sampled, logprob = next(iter(entry.items()))  # the sampled token comes first
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:top_k]
+        content.append({**item(sampled, logprob), "top_logprobs": [item(t, lp) for t, lp in ranked]})
+    return {"content": content}

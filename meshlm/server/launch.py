@@ -1,0 +1,117 @@
+"""Run the server: the HTTP front end on rank 0, the other ranks executing steps.
+
+Rank 0 binds the port first (a port in use fails before any weight is loaded), starts the runtime,
+and serves with uvicorn until SIGINT or SIGTERM. Then uvicorn stops (requests still generating end
+at once: 503, or an error event and ``[DONE]`` in a stream, and their engine requests are aborted),
+and the coordinator shuts down, which tells the other ranks to exit. The other ranks ignore SIGINT
+and SIGTERM (mpiexec forwards a signal to every rank): they wait inside a broadcast for rank 0's
+shutdown and then exit 0.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+
+from meshlm.runtime.args import EngineArgs
+
+log = logging.getLogger("meshlm")
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_GRACEFUL_SHUTDOWN_S = 5  # after a signal, open connections get this long to close
+
+
+class _ExitRequest:
+    """SIGINT/SIGTERM handlers that ask for a clean stop, before and while uvicorn runs.
+
+    uvicorn swaps in its own handlers while it serves, and re-raises the signal it caught after
+    restoring these; they only record it, so the coordinator still shuts down afterwards.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.server = None
+        for sig in _SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               served_model_name: str | None = None, uvicorn_log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM. Rank 0 returns after a clean shutdown; other ranks exit inside."""
+    from meshlm.launcher.world import launched_by_mpi
+    num_ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    if num_ranks > 1 and not launched_by_mpi():
+        raise ValueError(f"tp={args.tensor_parallel_size} x pp={args.pipeline_parallel_size} needs "
+                         f"{num_ranks} ranks: run `meshlm serve` (it starts them) or mpiexec -n {num_ranks}")
+    if launched_by_mpi() and _world_rank() != 0:
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        _start_runtime(args)  # serves steps until rank 0 shuts down, then exits
+        return
+    sock = _listen(host, port)
+    exit_request = _ExitRequest()
+    coordinator = _start_runtime(args)
+    from meshlm.runtime.async_engine import AsyncEngine
+    engine = AsyncEngine(coordinator)
+    try:
+        if not exit_request.requested:
+            app, name = _build(engine, coordinator, args, api_key, served_model_name)
+            _serve(app, name, sock, uvicorn_log_level, exit_request)
+    finally:
+        sock.close()
+        engine.shutdown()  # rank 0's coordinator tells the other ranks to exit
+    log.info("server stopped")
+
+
+def _world_rank() -> int:
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def _start_runtime(args: EngineArgs):
+    from meshlm.runtime.distributed import start_runtime
+    return start_runtime(args)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc}") from None
+
+
+def _build(engine, coordinator, args: EngineArgs, api_key, served_model_name):
+    from meshlm.runtime.default_model import resolve_model
+    from meshlm.server.app import build_app
+    from meshlm.server.metrics import ServerMetrics
+    from meshlm.server.serving import ServedModel
+    model_dir = resolve_model(args.model)
+    name = served_model_name or model_dir.name
+    served = ServedModel(engine, name, str(model_dir), coordinator.max_model_len, ServerMetrics(name))
+    return build_app(served, api_key), name
+
+
+def _serve(app, name: str, sock: socket.socket, log_level: str, exit_request: _ExitRequest) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.served.shutting_down.set()  # open requests end now, not at the grace timeout
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
+    server = Server(config)
+    exit_request.server = server
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving %s on http://%s:%d (OpenAI API under /v1)", name, shown, port)
+    server.run(sockets=[sock])
