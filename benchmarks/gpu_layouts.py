@@ -36,11 +36,13 @@ def run(ns) -> None:
     from meshlm import LLM, SamplingParams
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
     path = model_dir(ns.shape, root=f"/tmp/meshlm-shapes-{rank}")
-    llm = LLM(str(path), tensor_parallel_size=ns.tp, pipeline_parallel_size=ns.pp, load_format="random",
+    llm = LLM(str(path), tensor_parallel_size=ns.tp, pipeline_parallel_size=ns.pp,
+              moe_expert_parallel_size=ns.ep, load_format="random",
               skip_tokenizer_init=True, dtype=ns.dtype, max_model_len=2048)
     params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
     outs = llm.generate(prompts(), params)
-    result = {"layout": f"tp{ns.tp}pp{ns.pp}", "tp": ns.tp, "pp": ns.pp, "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    layout = f"tp{ns.tp}pp{ns.pp}" + (f"ep{ns.ep}" if ns.ep else "")
+    result = {"layout": layout, "tp": ns.tp, "pp": ns.pp, "ep": ns.ep, "shape": ns.shape, "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "tokens": [o.outputs[0].token_ids for o in outs],
               "logprobs": [[{str(k): v for k, v in step.items()} for step in o.outputs[0].logprobs] for o in outs]}
     result["dtype"] = ns.dtype
@@ -76,6 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=None, help="moe_expert_parallel_size (MoE shapes)")
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument("--out", default="layout.json")
     parser.add_argument("--dtype", default="bfloat16")

@@ -17,12 +17,23 @@ LLAMA3_8B = {
 LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
               "num_attention_heads": 64, "num_key_value_heads": 8}
 
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+}
+
 # For trying the scripts on a CPU (MESHLM_DEVICE=cpu).
 TINY = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32000, "torch_dtype": "float32",
         "bos_token_id": 1, "eos_token_id": 2}
 
-SHAPES = {"tiny": TINY, "llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
+TINY_MOE = {**MIXTRAL_8X7B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "torch_dtype": "float32"}
+
+SHAPES = {"tiny": TINY, "tiny-moe": TINY_MOE, "mixtral-8x7b": MIXTRAL_8X7B, "llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
 
 
 def model_dir(name: str, root: str | None = None) -> Path:
@@ -33,10 +44,15 @@ def model_dir(name: str, root: str | None = None) -> Path:
     return path
 
 
-def weight_bytes(cfg: dict, bytes_per_param: int = 2) -> int:
-    """Bytes of weights read once per decode step (embedding rows excluded: only B rows are read)."""
+def weight_bytes(cfg: dict, bytes_per_param: int = 2, experts_read: int | None = None) -> int:
+    """Bytes of weights read once per decode step (embedding rows excluded: only B rows are read).
+
+    For MoE shapes, ``experts_read`` experts per layer are read (default: the top-k of one token).
+    """
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     head_dim = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * head_dim
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * inter + 2 * h
+    experts = experts_read or cfg.get("num_experts_per_tok", 1)
+    router = h * cfg.get("num_local_experts", 0)
+    per_layer = h * (h + 2 * kv) + h * h + experts * 3 * h * inter + 2 * h + router
     return (layers * per_layer + cfg["vocab_size"] * h + h) * bytes_per_param
