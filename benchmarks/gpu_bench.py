@@ -96,6 +96,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--lengths", default="128:128")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-lengths", default=None, help="lengths for transformers (default: --lengths)")
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--no-cuda-graphs", action="store_true")
     ns = parser.parse_args()
@@ -122,7 +123,9 @@ def main() -> int:
     gc.collect()
     torch.cuda.empty_cache()
     if not ns.skip_hf:
-        result["hf"] = [run_hf(LLAMA3_8B, b, i, o) for (i, o) in lengths for b in batches]
+        hf_lengths = lengths if ns.hf_lengths is None else [
+            tuple(int(x) for x in pair.split(":")) for pair in ns.hf_lengths.split(",")]
+        result["hf"] = [run_hf(LLAMA3_8B, b, i, o) for (i, o) in hf_lengths for b in batches]
     Path(ns.out).write_text(json.dumps(result, indent=2))
 
     print(f"\ncard: {result['card']}  copy bandwidth {result['copy_tb_s']:.2f} TB/s  "
