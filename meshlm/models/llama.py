@@ -99,12 +99,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, groups, rotary, attention_fn, dtype, device):
+    """Pre-norm attention and feed-forward blocks; ``mlp`` is Llama's MLP or a family's own (MoE)."""
+
+    def __init__(self, cfg, groups, rotary, attention_fn, dtype, device, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = LlamaAttention(cfg, groups, rotary, attention_fn, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(cfg, groups, dtype, device)
+        self.mlp = mlp
 
     def forward(self, hidden, meta, kv_cache):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache)
@@ -138,12 +140,18 @@ class LlamaForCausalLM(nn.Module):
         needs_embed = mapping.is_first_pp_rank or (mapping.is_last_pp_rank and cfg.tie_word_embeddings)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device) if needs_embed else None
         self.layers = nn.ModuleDict({
-            str(i): LlamaDecoderLayer(cfg, groups, rotary, attention_fn, dtype, device) for i in self.layer_ids})
+            str(i): LlamaDecoderLayer(cfg, groups, rotary, attention_fn, dtype, device,
+                                      self.make_mlp(cfg, i, groups, dtype, device))
+            for i in self.layer_ids})
         self.norm = self.lm_head = None
         if mapping.is_last_pp_rank:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             tied = self.embed_tokens if cfg.tie_word_embeddings else None
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device, tied_to=tied)
+
+    def make_mlp(self, cfg: ModelConfig, layer: int, groups: ParallelGroups, dtype, device) -> nn.Module:
+        """The feed-forward block of decoder layer ``layer``; families with other blocks override it."""
+        return LlamaMLP(cfg, groups, dtype, device)
 
     @property
     def attention_layers(self) -> list[LlamaAttention]:

@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshlm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from meshlm.models.llama import LlamaForCausalLM, LlamaMLP
 from meshlm.parallel.experts import ExpertNames, FusedMoE, Router
 from meshlm.parallel.groups import ParallelGroups
-from meshlm.parallel.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
-                                    VocabParallelEmbedding)
-from meshlm.runtime.attention import RotaryEmbedding, paged_attention_reference
+from meshlm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from meshlm.runtime.checkpoint import CheckpointReader
 from meshlm.runtime.config import ModelConfig
 
@@ -123,57 +121,14 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert.load(reader, p)
 
 
-class MoeDecoderLayer(nn.Module):
-    """Llama's attention, then a sparse MoE block (or, on a dense layer of Qwen-MoE, Llama's MLP)."""
-
-    def __init__(self, cfg: ModelConfig, layer: int, groups, rotary, attention_fn, dtype, device):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(cfg, groups, rotary, attention_fn, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        if cfg.is_moe_layer(layer):
-            self.mlp = SparseMoeBlock(cfg, groups, dtype, device)
-        else:
-            self.mlp = LlamaMLP(cfg, groups, dtype, device)
-
-    def forward(self, hidden, meta, kv_cache):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-    def expected_shapes(self, prefix: str) -> dict:
-        shapes = self.input_layernorm.expected_shapes(f"{prefix}.input_layernorm.weight")
-        shapes.update(self.post_attention_layernorm.expected_shapes(f"{prefix}.post_attention_layernorm.weight"))
-        shapes.update(self.self_attn.expected_shapes(prefix))
-        shapes.update(self.mlp.expected_shapes(prefix))
-        return shapes
-
-    def load(self, reader, prefix: str) -> None:
-        self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
-        self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")
-        self.self_attn.load(reader, prefix)
-        self.mlp.load(reader, prefix)
-
-
 class MoeForCausalLM(LlamaForCausalLM):
     """One pipeline stage of an MoE model on one rank; all but the decoder layers are Llama's."""
 
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device,
-                 max_positions: int, attention_fn=paged_attention_reference):
-        nn.Module.__init__(self)
-        self.cfg, self.groups = cfg, groups
-        mapping, tp = groups.mapping, groups.tp
-        self.layer_ids = mapping.layer_range(cfg.num_layers)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
-        needs_embed = mapping.is_first_pp_rank or (mapping.is_last_pp_rank and cfg.tie_word_embeddings)
-        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
-                             if needs_embed else None)
-        self.layers = nn.ModuleDict({
-            str(i): MoeDecoderLayer(cfg, i, groups, rotary, attention_fn, dtype, device) for i in self.layer_ids})
-        self.norm = self.lm_head = None
-        if mapping.is_last_pp_rank:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-            tied = self.embed_tokens if cfg.tie_word_embeddings else None
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device, tied_to=tied)
+    def make_mlp(self, cfg: ModelConfig, layer: int, groups: ParallelGroups, dtype, device) -> nn.Module:
+        """A sparse MoE block, or Llama's MLP on a dense layer of Qwen-MoE."""
+        if cfg.is_moe_layer(layer):
+            return SparseMoeBlock(cfg, groups, dtype, device)
+        return LlamaMLP(cfg, groups, dtype, device)
 
     @property
     def moe_blocks(self) -> dict[int, SparseMoeBlock]:
