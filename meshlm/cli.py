@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(ns)
         if ns.command == "bench":
             return {"throughput": cmd_bench_throughput, "serve": cmd_bench_serve}[ns.bench_command](ns)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        from meshlm.launcher.world import end_job_after_error
         print(f"meshlm: error: {exc}", file=sys.stderr)
+        end_job_after_error(2)
         return 2
     return 1
 

@@ -103,6 +103,22 @@ def abort_job(world: World, code: int) -> None:
     world.comm.Abort(code)
 
 
+def end_job_after_error(code: int) -> None:
+    """A rank that stops on an error it reported takes the other ranks down with it.
+
+    Without this, a rank that returns normally would leave its peers blocked in a collective.
+    A no-op outside a multi-rank MPI world.
+    """
+    if "mpi4py.MPI" not in sys.modules:
+        return
+    from mpi4py import MPI
+    if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(_ABORT_GRACE_S)
+        MPI.COMM_WORLD.Abort(code)
+
+
 def count_gpus() -> int:
     """GPUs on this node, asked of the CUDA driver through cuda-python before torch touches CUDA.
 
