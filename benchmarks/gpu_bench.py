@@ -47,7 +47,7 @@ def run_meshlm(coordinator, batch: int, input_len: int, output_len: int, seed: i
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     for _ in range(batch):
         coordinator.submit(rng.integers(0, 32000, input_len).tolist(), params)
-    step_times, steps_tokens = [], []
+    step_times = []
     t0 = time.perf_counter()
     while coordinator.has_unfinished():
         s = time.perf_counter()

@@ -1,13 +1,16 @@
 """The coordinator's step loop in a background thread, for asyncio callers (the server).
 
-``generate`` submits a request and yields its outputs as the loop produces them. A caller that
+Only the loop thread touches the coordinator. Callers hand it commands (submit, abort) through a
+queue that it drains between steps, so the event loop never waits for a step to finish.
+``generate`` submits a request and yields its outputs as the loop produces them; a caller that
 stops iterating (a client that disconnected) aborts its request, which frees its KV blocks.
-Coordinator calls are serialised by one lock; the loop sleeps while nothing is queued.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, coordinator):
         self.coordinator = coordinator
-        self._lock = threading.Lock()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._running = True
@@ -42,6 +45,10 @@ class AsyncEngine:
     def tokenizer(self):
         return self.coordinator.tokenizer
 
+    @property
+    def is_healthy(self) -> bool:
+        return self._error is None and self._thread.is_alive()
+
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output after each step that adds to it.
@@ -51,10 +58,13 @@ class AsyncEngine:
         if self._error is not None:
             raise RuntimeError(f"the engine loop failed: {self._error}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
-        with self._lock:
-            request_id = self.coordinator.submit(prompt, params, request_id)
-            self._streams[request_id] = stream
-        self._wakeup.set()
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("submit", (prompt, params, request_id, stream), accepted))
+        try:
+            request_id = await asyncio.wrap_future(accepted)
+        except asyncio.CancelledError:  # the caller left while the request was being queued
+            accepted.add_done_callback(lambda f: f.exception() is None and self.abort(f.result()))
+            raise
         finished = False
         try:
             while True:
@@ -69,30 +79,49 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> bool:
-        with self._lock:
-            self._streams.pop(request_id, None)
-            aborted = self.coordinator.abort(request_id)
-        self._wakeup.set()  # the next step tells the other ranks
-        return aborted
+    def abort(self, request_id: str) -> None:
+        """Abort a request (takes effect before the next step); never blocks."""
+        self._send(("abort", request_id, None))
 
     def stats(self) -> dict:
+        """Gauges for metrics; read without stopping the loop, so they may be one step old."""
         coordinator = self.coordinator
-        with self._lock:
-            return {"num_running": coordinator.num_running, "num_waiting": coordinator.num_waiting,
-                    "kv_cache_usage": coordinator.kv.usage}
+        return {"num_running": coordinator.num_running, "num_waiting": coordinator.num_waiting,
+                "kv_cache_usage": coordinator.kv.usage}
+
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, payload, reply = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                prompt, params, request_id, stream = payload
+                try:
+                    request_id = self.coordinator.submit(prompt, params, request_id)
+                except Exception as exc:  # bad input: the caller gets it, nothing was queued
+                    reply.set_exception(exc)
+                    continue
+                self._streams[request_id] = stream
+                reply.set_result(request_id)
+            elif kind == "abort":
+                self._streams.pop(payload, None)
+                self.coordinator.abort(payload)
 
     def _loop(self) -> None:
         try:
             while self._running:
-                with self._lock:
-                    busy = self.coordinator.has_unfinished() or self.coordinator.has_pending_notices()
-                    outputs = self.coordinator.step() if busy else []
-                if not busy:
+                self._drain_commands()
+                coordinator = self.coordinator
+                if not (coordinator.has_unfinished() or coordinator.has_pending_notices()):
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
-                for output in outputs:
+                for output in coordinator.step():
                     stream = self._streams.get(output.request_id)
                     if stream is None:
                         continue
@@ -110,5 +139,5 @@ class AsyncEngine:
         self._running = False
         self._wakeup.set()
         self._thread.join(timeout=30)
-        with self._lock:
-            self.coordinator.shutdown()
+        self._drain_commands()
+        self.coordinator.shutdown()

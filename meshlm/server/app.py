@@ -7,7 +7,6 @@ With an API key, every /v1 route wants ``Authorization: Bearer KEY`` (401 otherw
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from http import HTTPStatus
@@ -38,11 +37,12 @@ def build_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return Response(status_code=HTTPStatus.OK)
+        ok = served.engine.is_healthy
+        return Response(status_code=HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
     @app.get("/metrics")
     async def metrics():
-        stats = await asyncio.to_thread(served.engine.stats)  # waits for the engine's lock
+        stats = served.engine.stats()
         return Response(served.metrics.render(stats), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
