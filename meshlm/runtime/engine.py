@@ -127,58 +127,49 @@ class Engine:
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
         """Run one step. The sampling rank returns the sampled tokens; other ranks return None."""
         self.update_requests(plan)
+        logits = self._forward(plan)
+        if logits is None:
+            return None
+        return self.sampler.sample(logits, plan.sample_request_ids)
+
+    @torch.inference_mode()
+    def forward_logits(self, plan: StepPlan) -> torch.Tensor | None:
+        """Logits [num_samples, vocab] of the plan's sample rows on the sampling rank, without
+        sampling (tests and checks); None on the other ranks."""
+        return self._forward(plan)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
+        """The step's forward on this rank; the sampling rank gets the float32 logits of the
+        sample rows over the whole vocabulary, every other rank None."""
         if plan.num_tokens == 0:
             return None
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
-            logits = self.graph_runner.run(plan)
-            if logits is None or len(plan.sample_rows) == 0:  # an earlier pipeline stage
-                return None
-            if len(plan.sample_rows) != plan.num_seqs:
+            logits = self.graph_runner.run(plan)  # every row's; None on stages before the last
+            if logits is not None and 0 < len(plan.sample_rows) != plan.num_seqs:
                 logits = logits[self._to_device(plan.sample_rows)]
-            logits = self.groups.gather_logits_to_sampler(logits)
-            if logits is None:
-                return None
-            return self.sampler.sample(logits[:, :self.cfg.vocab_size].float(), plan.sample_request_ids)
+        else:
+            logits = self._forward_eager(plan)
+        if logits is None or len(plan.sample_rows) == 0:
+            return None
+        logits = self.groups.gather_logits_to_sampler(logits)
+        return None if logits is None else logits[:, :self.cfg.vocab_size].float()
+
+    def _forward_eager(self, plan: StepPlan) -> torch.Tensor | None:
+        """This rank's vocab shard of the sample rows' logits on the last stage, else None."""
         meta = self._metadata(plan)
-        mapping = self.mapping
-        if mapping.is_first_pp_rank:
+        if self.mapping.is_first_pp_rank:
             hidden = self.model.embed(self._to_device(plan.input_ids))
         else:
             hidden = self.groups.recv_from_prev_stage((plan.num_tokens, self.cfg.hidden_size), self.dtype,
                                                       self.device)
         hidden = self.model(hidden, meta, self.kv_caches)
-        if not mapping.is_last_pp_rank:
+        if not self.mapping.is_last_pp_rank:
             self.groups.send_to_next_stage(hidden)
             return None
         if len(plan.sample_rows) == 0:
             return None
         last_token = meta.query_start_loc[1:].long()[self._to_device(plan.sample_rows)] - 1
-        logits = self.model.compute_logits(hidden[last_token])  # [num_samples, vocab_per_rank]
-        logits = self.groups.gather_logits_to_sampler(logits)
-        if logits is None:
-            return None
-        return self.sampler.sample(logits[:, :self.cfg.vocab_size].float(), plan.sample_request_ids)
-
-    def forward_logits(self, plan: StepPlan) -> torch.Tensor | None:
-        """Logits [num_samples, vocab] for the plan's sample rows, without sampling (tests, checks)."""
-        saved, self.sampler = self.sampler, None
-        try:
-            with torch.inference_mode():
-                meta = self._metadata(plan)
-                if self.mapping.is_first_pp_rank:
-                    hidden = self.model.embed(self._to_device(plan.input_ids))
-                else:
-                    hidden = self.groups.recv_from_prev_stage((plan.num_tokens, self.cfg.hidden_size),
-                                                              self.dtype, self.device)
-                hidden = self.model(hidden, meta, self.kv_caches)
-                if not self.mapping.is_last_pp_rank:
-                    self.groups.send_to_next_stage(hidden)
-                    return None
-                last_token = meta.query_start_loc[1:].long()[self._to_device(plan.sample_rows)] - 1
-                logits = self.groups.gather_logits_to_sampler(self.model.compute_logits(hidden[last_token]))
-                return None if logits is None else logits[:, :self.cfg.vocab_size].float()
-        finally:
-            self.sampler = saved
+        return self.model.compute_logits(hidden[last_token])  # [num_samples, vocab_per_rank]
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
