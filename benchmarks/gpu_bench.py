@@ -99,6 +99,7 @@ def main() -> int:
     parser.add_argument("--hf-lengths", default=None, help="lengths for transformers (default: --lengths)")
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--fused", action="store_true", help="enable_fused_kernels=True (Triton small ops)")
     ns = parser.parse_args()
     batches = [int(b) for b in ns.batches.split(",")]
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in ns.lengths.split(",")]
@@ -114,6 +115,9 @@ def main() -> int:
                   dtype="bfloat16", max_model_len=4096, attention_backend=ns.attention_backend)
     if ns.no_cuda_graphs:
         kwargs["enable_cuda_graphs"] = False
+    if ns.fused:
+        kwargs["enable_fused_kernels"] = True
+    result["enable_fused_kernels"] = ns.fused
     llm = LLM(**kwargs)
     coordinator = llm._coordinator
     run_meshlm(coordinator, 4, 32, 8)  # warm-up
@@ -129,7 +133,8 @@ def main() -> int:
     Path(ns.out).write_text(json.dumps(result, indent=2))
 
     print(f"\ncard: {result['card']}  copy bandwidth {result['copy_tb_s']:.2f} TB/s  "
-          f"weights {result['weight_gb']:.2f} GB  floor {result['floor_step_ms']:.2f} ms/step")
+          f"weights {result['weight_gb']:.2f} GB  floor {result['floor_step_ms']:.2f} ms/step  "
+          f"fused kernels {'on' if ns.fused else 'off'}")
     print(f"{'engine':8} {'batch':>5} {'in/out':>9} {'step ms':>8} {'ttft ms':>8} {'out tok/s':>10}")
     for name in ("meshlm", "hf"):
         for r in result.get(name, []):

@@ -7,7 +7,6 @@ holds the embedding, the last the final norm and the LM head.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshlm.parallel.groups import ParallelGroups
@@ -17,6 +16,7 @@ from meshlm.runtime.attention import (AttentionMetadata, RotaryEmbedding, paged_
                                       write_kv_cache)
 from meshlm.runtime.checkpoint import CheckpointReader
 from meshlm.runtime.config import ModelConfig
+from meshlm.runtime.fused_ops import TORCH_OPS, TorchOps
 
 AttentionFn = type(paged_attention_reference)
 
@@ -83,10 +83,11 @@ class LlamaMLP(nn.Module):
         inter = cfg.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], groups.tp, False, dtype, device)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, groups.tp, False, dtype, device)
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, inter_per_rank] each
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
+        return self.down_proj(self.ops.silu_and_mul(gate_up))
 
     def expected_shapes(self, prefix: str) -> dict:
         shapes = self.gate_up_proj.expected_shapes([f"{prefix}.mlp.gate_proj.weight", f"{prefix}.mlp.up_proj.weight"])
@@ -99,7 +100,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm attention and feed-forward blocks; ``mlp`` is Llama's MLP or a family's own (MoE)."""
+    """Pre-norm attention and feed-forward blocks; ``mlp`` is Llama's MLP or a family's own (MoE).
+
+    The residual stream travels as two tensors, ``hidden + residual``, so that each norm takes the
+    add before it (one fused kernel with TritonOps); the sums are those of ``h = h + block(norm(h))``.
+    """
 
     def __init__(self, cfg, groups, rotary, attention_fn, dtype, device, mlp: nn.Module):
         super().__init__()
@@ -108,9 +113,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = mlp
 
-    def forward(self, hidden, meta, kv_cache):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
+                kv_cache: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); ``residual`` None on a stage's
+        first layer, whose ``hidden`` is then the whole stream."""
+        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(hidden, meta, kv_cache)
+        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
     def expected_shapes(self, prefix: str) -> dict:
         shapes = self.input_layernorm.expected_shapes(f"{prefix}.input_layernorm.weight")
@@ -136,11 +146,12 @@ class LlamaForCausalLM(nn.Module):
         mapping = groups.mapping
         tp = groups.tp
         self.layer_ids = mapping.layer_range(cfg.num_layers)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.ops = TORCH_OPS
         needs_embed = mapping.is_first_pp_rank or (mapping.is_last_pp_rank and cfg.tie_word_embeddings)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device) if needs_embed else None
         self.layers = nn.ModuleDict({
-            str(i): LlamaDecoderLayer(cfg, groups, rotary, attention_fn, dtype, device,
+            str(i): LlamaDecoderLayer(cfg, groups, self.rotary, attention_fn, dtype, device,
                                       self.make_mlp(cfg, i, groups, dtype, device))
             for i in self.layer_ids})
         self.norm = self.lm_head = None
@@ -153,6 +164,14 @@ class LlamaForCausalLM(nn.Module):
         """The feed-forward block of decoder layer ``layer``; families with other blocks override it."""
         return LlamaMLP(cfg, groups, dtype, device)
 
+    def use_ops(self, ops: TorchOps) -> None:
+        """Run the norms, rotary embeddings and Llama MLPs' SiLU-and-mul through ``ops``
+        (runtime/fused_ops.py: TorchOps, or TritonOps' fused kernels)."""
+        self.ops = self.rotary.ops = ops
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaMLP)):
+                module.ops = ops
+
     @property
     def attention_layers(self) -> list[LlamaAttention]:
         return [layer.self_attn for layer in self.layers.values()]
@@ -161,9 +180,11 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens(token_ids)  # [num_tokens, hidden]
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_caches: list[tuple]) -> torch.Tensor:
+        """This stage's layers on ``hidden`` [num_tokens, hidden]; returns the residual stream after them."""
+        residual = None
         for layer, kv in zip(self.layers.values(), kv_caches):
-            hidden = layer(hidden, meta, kv)
-        return hidden
+            hidden, residual = layer(hidden, residual, meta, kv)
+        return hidden if residual is None else hidden + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and this rank's vocab shard of the logits: [num_rows, vocab_per_rank]."""

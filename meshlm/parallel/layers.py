@@ -12,6 +12,7 @@ from torch import nn
 
 from meshlm.parallel.comm import Communicator
 from meshlm.runtime.checkpoint import CheckpointReader
+from meshlm.runtime.fused_ops import TORCH_OPS
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -201,16 +202,21 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
+    """``weight * rmsnorm(x)`` over the last dim, normalised in fp32 and cast back before the weight
+    (as transformers does). ``ops`` runs the math: the torch ops, or fused kernels (runtime/fused_ops.py)."""
+
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device=None):
         super().__init__()
         self.eps = eps
         self.weight = _param((size,), dtype, device)
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the norm of ``x + residual``, ``x + residual``); a ``None`` residual adds nothing."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
     def expected_shapes(self, name: str) -> dict:
         return {name: tuple(self.weight.shape)}

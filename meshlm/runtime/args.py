@@ -35,6 +35,7 @@ class EngineArgs:
     load_format: str = "auto"  # "auto": the checkpoint; "random": random weights of its shape
     skip_tokenizer_init: bool = False  # prompts are token ids and outputs carry no text
     enable_cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)
+    enable_fused_kernels: bool = False  # Triton kernels for norms, rotary, SiLU-and-mul (CUDA only)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "random"):

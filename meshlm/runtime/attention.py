@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from meshlm.runtime.fused_ops import TORCH_OPS
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -43,20 +45,14 @@ class RotaryEmbedding:
         inv_freq = _scale_inv_freq(inv_freq, scaling)
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim / 2]
-        self.cos = freqs.cos().to(device)
+        self.cos = freqs.cos().to(device)  # [max_positions, head_dim / 2] fp32
         self.sin = freqs.sin().to(device)
+        self.ops = TORCH_OPS
 
     def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]."""
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    dtype = x.dtype
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]; rotated in
+        fp32 and returned in their dtypes, by ``ops`` (the torch ops, or a fused kernel)."""
+        return self.ops.rotary(positions, q, k, self.cos, self.sin)
 
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:

@@ -88,7 +88,8 @@ class RankRuntime:
             groups = ParallelGroups.from_mpi(mapping, self.device)
         weights = None if args.load_format == "random" else self.model_dir
         self.engine = Engine(self.model_config, groups, self.device, dtype, self.max_model_len, weights,
-                             sampler_seed=args.seed, attention_backend=args.attention_backend)
+                             sampler_seed=args.seed, attention_backend=args.attention_backend,
+                             enable_fused_kernels=args.enable_fused_kernels)
         cache = args.cache_config()
         local_blocks = self.engine.available_kv_blocks(cache, args.max_num_tokens)
         if world_comm is not None:

@@ -16,6 +16,7 @@ from meshlm.parallel.groups import ParallelGroups
 from meshlm.runtime.attention import AttentionMetadata
 from meshlm.runtime.checkpoint import CheckpointReader
 from meshlm.runtime.config import CacheConfig, ModelConfig
+from meshlm.runtime.fused_ops import select_ops
 from meshlm.runtime.protocol import StepPlan
 from meshlm.runtime.sampler import Sampler, SamplerOutput
 from meshlm.runtime.random_weights import RandomCheckpoint
@@ -40,7 +41,8 @@ def resolve_dtype(dtype: str | None, model_dtype: str, device: torch.device) -> 
 class Engine:
     def __init__(self, model_config: ModelConfig, groups: ParallelGroups, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, model_dir: str | Path | None = None,
-                 sampler_seed: int = 0, attention_backend: str | None = None):
+                 sampler_seed: int = 0, attention_backend: str | None = None,
+                 enable_fused_kernels: bool = False):
         self.attention_backend = attention_backend
         self.cfg = model_config
         self.groups = groups
@@ -50,6 +52,7 @@ class Engine:
         attention_fn = select_attention(attention_backend, device)
         self.attention_fn = attention_fn
         self.model = build_model(model_config, groups, dtype, device, max_model_len, attention_fn)
+        self.model.use_ops(select_ops(enable_fused_kernels, device))
         self.model.eval()
         reader = CheckpointReader(model_dir) if model_dir is not None else RandomCheckpoint(seed=sampler_seed)
         with torch.no_grad():

@@ -1,0 +1,236 @@
+"""The small ops of a decoder layer, two ways: plain torch (``TorchOps``) and fused Triton kernels
+(``TritonOps``).
+
+Outside the matmuls a decoder layer runs a handful of small ops, each several torch kernels: the
+residual add and RMSNorm before attention and before the MLP, rotary embeddings on q and k, and
+SiLU(gate) * up. At small batches each kernel moves few bytes, so their number sets their cost.
+``TritonOps`` runs each op as one kernel (fp32 inside, the input dtype out; one program per token
+row, except SiLU-and-mul, which splits a row over several); ``TorchOps`` is the unfused torch code,
+the default, and the reference the kernels are tested against.
+
+The kernels round where the torch code rounds (the normalised row is cast to the input dtype before
+the weight multiplies it, as transformers does; SiLU is cast before it multiplies ``up``), so the
+two paths differ only in the order of fp32 operations (reductions, fused multiply-adds). They make
+no host decision from device values, so CUDA graphs capture them. ``select_ops`` picks one at
+build time and the model holds it (``LlamaForCausalLM.use_ops``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: TorchOps alone
+    triton = None
+
+log = logging.getLogger("meshlm")
+
+# Rows wider than this fall back to torch: one program holds a whole row in registers.
+MAX_FUSED_WIDTH = 65536
+
+
+class TorchOps:
+    """The unfused torch math of the small ops (the default, and the kernels' reference)."""
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``weight * rmsnorm(x)``: normalised in fp32, cast to x's dtype, then scaled (transformers)."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``rms_norm(x + residual)``, ``x + residual``); with no residual (a stage's first layer)
+        (``rms_norm(x)``, ``x``)."""
+        if residual is not None:
+            x = x + residual
+        return self.rms_norm(x, weight, eps), x
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of a merged ``[num_tokens, 2 * inter]`` projection -> ``[num_tokens, inter]``."""
+        gate, up = gate_up.chunk(2, dim=-1)  # [num_tokens, inter] each
+        return F.silu(gate) * up
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate-half rotary embedding of q ``[num_tokens, num_heads, head_dim]`` and k
+        ``[num_tokens, num_kv_heads, head_dim]``; ``cos``/``sin`` are fp32 ``[max_positions, head_dim / 2]``
+        tables indexed by ``positions`` ``[num_tokens]``. Computed in fp32, returned in q's and k's dtypes."""
+        cos = cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
+        sin = sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+
+
+TORCH_OPS = TorchOps()
+
+
+def select_ops(enable_fused_kernels: bool, device: torch.device) -> TorchOps:
+    """TritonOps when the flag is on, the device is CUDA and Triton imports; else TorchOps."""
+    if not enable_fused_kernels:
+        return TORCH_OPS
+    if device.type != "cuda" or triton is None:
+        log.warning("enable_fused_kernels needs a CUDA device and Triton (device %s, triton %s); "
+                    "running the torch ops", device, "present" if triton is not None else "missing")
+        return TORCH_OPS
+    return TritonOps()
+
+
+class TritonOps(TorchOps):
+    """The same ops as one Triton kernel each; shapes the kernels do not take go to TorchOps."""
+
+    name = "triton"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.add_rms_norm(x, None, weight, eps)[0]
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        width = x.shape[-1]
+        if (width > MAX_FUSED_WIDTH or x.numel() == 0 or weight.dtype != x.dtype or weight.stride(0) != 1
+                or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))):
+            return super().add_rms_norm(x, residual, weight, eps)
+        has_residual = residual is not None
+        rows = _as_rows(x)  # [num_rows, width]
+        out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+        residual_rows = _as_rows(residual) if has_residual else rows
+        # Without a residual the kernel neither reads nor writes through the residual pointers.
+        residual_out = torch.empty_like(out) if has_residual else out
+        block = triton.next_power_of_2(width)
+        _add_rms_norm_kernel[(rows.shape[0],)](
+            out, residual_out, rows, residual_rows, weight,
+            out.stride(0), residual_out.stride(0), rows.stride(0), residual_rows.stride(0), width, eps,
+            HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=_num_warps(block))
+        return out.view(x.shape), residual_out.view(x.shape) if has_residual else x
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        width = gate_up.shape[-1] // 2
+        if gate_up.numel() == 0:
+            return super().silu_and_mul(gate_up)
+        rows = _as_rows(gate_up)  # [num_rows, 2 * inter]
+        out = torch.empty((rows.shape[0], width), dtype=gate_up.dtype, device=gate_up.device)
+        # A row of a large MLP is spread over several programs, so a decode of one token still
+        # fills more than one SM.
+        block = min(1024, triton.next_power_of_2(width))
+        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, block))](
+            out, rows, out.stride(0), rows.stride(0), width, BLOCK=block, num_warps=4)
+        return out.view(*gate_up.shape[:-1], width)
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads = k.shape[1]
+        if num_tokens == 0 or head_dim % 2 or cos.stride(1) != 1 or sin.stride() != cos.stride():
+            return super().rotary(positions, q, k, cos, sin)
+        q, k = _unit_last_stride(q), _unit_last_stride(k)
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        half = head_dim // 2
+        half_block, heads_block = triton.next_power_of_2(half), triton.next_power_of_2(num_heads)
+        _rotary_kernel[(num_tokens,)](
+            q_out, k_out, q, k, cos, sin, positions,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
+            num_heads, num_kv_heads,
+            HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
+            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), num_warps=_num_warps(heads_block * half_block))
+        return q_out, k_out
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[num_rows, width]`` with unit stride along the width; a view where one exists
+    (e.g. a column slice of a wider tensor keeps its row stride), else a copy."""
+    x = _unit_last_stride(x)
+    if x.dim() == 2:
+        return x
+    return x.reshape(-1, x.shape[-1])
+
+
+def _num_warps(block: int) -> int:
+    """About 8 elements of a row per thread, from 1 to 16 warps."""
+    return max(1, min(16, block // 256))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
+                             stride_out, stride_residual_out, stride_x, stride_residual, width, eps,
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: ``s = x + residual`` (stored, rounded to the input dtype), then
+        ``weight * (s * rsqrt(mean(s^2) + eps)).to(dtype)``."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        dtype = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
+            summed = (x + residual.to(tl.float32)).to(dtype)
+            tl.store(residual_out_ptr + row * stride_residual_out + cols, summed, mask=mask)
+            x = summed.to(tl.float32)
+        mean_square = tl.sum(x * x, axis=0) / width
+        normed = (x * tl.rsqrt(mean_square + eps)).to(dtype).to(tl.float32)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (weight * normed).to(dtype), mask=mask)
+
+    @triton.jit
+    def _silu_and_mul_kernel(out_ptr, gate_up_ptr, stride_out, stride_gate_up, width, BLOCK: tl.constexpr):
+        """``BLOCK`` columns of one row: ``silu(gate).to(dtype) * up``, gate and up the row's two halves."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < width
+        dtype = out_ptr.dtype.element_ty
+        gate = tl.load(gate_up_ptr + row * stride_gate_up + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_ptr + row * stride_gate_up + width + cols, mask=mask, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (silu * up).to(dtype), mask=mask)
+
+    @triton.jit
+    def _rotate_heads(out_ptr, x_ptr, stride_x_head, stride_out_head, num_heads, cos, sin,
+                      HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr):
+        """Rotate every head of one token: ``out = (x1 cos - x2 sin, x2 cos + x1 sin)`` in fp32."""
+        heads = tl.arange(0, HEADS_BLOCK)[:, None]  # [HEADS_BLOCK, 1]
+        cols = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
+        mask = (heads < num_heads) & (cols < HALF)
+        first = x_ptr + heads * stride_x_head + cols
+        x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        out = out_ptr + heads * stride_out_head + cols
+        tl.store(out, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+        tl.store(out + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(q_out_ptr, k_out_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr,
+                       stride_q_token, stride_q_head, stride_k_token, stride_k_head,
+                       stride_q_out_token, stride_q_out_head, stride_k_out_token, stride_k_out_head,
+                       stride_cos, num_heads, num_kv_heads,
+                       HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                       HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr):
+        """One token: look up cos/sin at its position, rotate its query heads and its key heads."""
+        token = tl.program_id(0).to(tl.int64)
+        position = tl.load(positions_ptr + token).to(tl.int64)
+        cols = tl.arange(0, HALF_BLOCK)
+        cos = tl.load(cos_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
+        sin = tl.load(sin_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
+        _rotate_heads(q_out_ptr + token * stride_q_out_token, q_ptr + token * stride_q_token,
+                      stride_q_head, stride_q_out_head, num_heads, cos, sin, HALF, HALF_BLOCK, HEADS_BLOCK)
+        _rotate_heads(k_out_ptr + token * stride_k_out_token, k_ptr + token * stride_k_token,
+                      stride_k_head, stride_k_out_head, num_kv_heads, cos, sin, HALF, HALF_BLOCK, KV_HEADS_BLOCK)

@@ -1,0 +1,206 @@
+"""The fused Triton kernels (TritonOps) against the unfused torch ops, inside CUDA graphs, and
+through the engine with ``enable_fused_kernels=True``.
+
+Runs on a CUDA GPU. The kernel tests also run on the CPU in Triton's interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_fused_ops_gpu.py
+
+The interpreter rounds fp32 to bf16 by truncation where the GPU rounds to nearest, so its bf16
+tolerance is one bf16 step wider.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from meshlm.runtime.attention import RotaryEmbedding  # noqa: E402
+from meshlm.runtime.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
+
+IS_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA and not IS_INTERPRETED else "cpu"
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not HAS_CUDA and not IS_INTERPRETED,
+                                 reason="needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")]
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+
+TRITON_OPS = TritonOps()
+EPS = 1e-5
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (rtol, atol): fp32 differs by reduction order only; a 16-bit output may land one step apart
+# where the fp32 value sits on a rounding boundary (two steps after two roundings).
+TOLERANCES = {torch.float32: (2e-6, 2e-6), torch.float16: (2e-3, 1e-5),
+              torch.bfloat16: (3.2e-2 if IS_INTERPRETED else 1.6e-2, 1e-5)}
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype)
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert got.shape == expected.shape and got.dtype == expected.dtype, (what, got.shape, expected.shape)
+    rtol, atol = TOLERANCES[expected.dtype]
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+@pytest.mark.parametrize("hidden", [64, 1000, 4096])
+def test_add_rms_norm(dtype, num_tokens, hidden):
+    # x is a column slice of a wider tensor: rows with a stride, as a sliced projection gives.
+    x = randn(num_tokens, hidden + 64, dtype=dtype, scale=2.0)[:, :hidden]
+    residual = randn(num_tokens, hidden, dtype=dtype, seed=1, scale=5.0)
+    weight = randn(hidden, dtype=dtype, seed=2) + 1
+    normed, new_residual = TRITON_OPS.add_rms_norm(x, residual, weight, EPS)
+    exp_normed, exp_residual = TORCH_OPS.add_rms_norm(x, residual, weight, EPS)
+    if IS_INTERPRETED and dtype == torch.bfloat16:
+        assert_close(new_residual, exp_residual, f"residual {dtype} {num_tokens}x{hidden}")
+    else:  # the same fp32 sum, rounded the same way
+        assert torch.equal(new_residual, exp_residual)
+    assert_close(normed, exp_normed, f"normed {dtype} {num_tokens}x{hidden}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7])
+def test_rms_norm_without_residual(dtype, num_tokens):
+    x = randn(num_tokens, 4096, dtype=dtype, scale=3.0)
+    weight = randn(4096, dtype=dtype, seed=2)
+    normed, residual = TRITON_OPS.add_rms_norm(x, None, weight, EPS)
+    assert residual is x
+    assert_close(normed, TORCH_OPS.rms_norm(x, weight, EPS), f"{dtype}")
+    assert_close(TRITON_OPS.rms_norm(x, weight, EPS), TORCH_OPS.rms_norm(x, weight, EPS), f"{dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_over_heads_of_a_strided_view(dtype):
+    """Qwen3's qk-norm: [tokens, heads, head_dim] taken out of the merged qkv row."""
+    qkv = randn(7, 16 * 128, dtype=dtype)
+    q = qkv[:, :8 * 128].view(7, 8, 128)
+    weight = randn(128, dtype=dtype, seed=3)
+    assert_close(TRITON_OPS.rms_norm(q, weight, EPS), TORCH_OPS.rms_norm(q, weight, EPS), f"{dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 64])
+@pytest.mark.parametrize("inter", [64, 1000, 14336])
+def test_silu_and_mul(dtype, num_tokens, inter):
+    gate_up = randn(num_tokens, 2 * inter, dtype=dtype, scale=3.0)
+    assert_close(TRITON_OPS.silu_and_mul(gate_up), TORCH_OPS.silu_and_mul(gate_up),
+                 f"{dtype} {num_tokens}x{inter}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (4, 2, 24)])
+def test_rotary(dtype, num_tokens, num_heads, num_kv_heads, head_dim):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    rotary = RotaryEmbedding(head_dim, 4096, 500000.0, scaling, torch.device(DEVICE))
+    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    q, k, _ = randn(num_tokens, sum(sizes), dtype=dtype, scale=2.0).split(sizes, dim=-1)
+    q = q.view(num_tokens, num_heads, head_dim)  # strided views, as the attention layer has them
+    k = k.view(num_tokens, num_kv_heads, head_dim)
+    gen = torch.Generator().manual_seed(4)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen).to(DEVICE)
+    got_q, got_k = TRITON_OPS.rotary(positions, q, k, rotary.cos, rotary.sin)
+    exp_q, exp_k = TORCH_OPS.rotary(positions, q, k, rotary.cos, rotary.sin)
+    assert_close(got_q, exp_q, f"q {dtype}")
+    assert_close(got_k, exp_k, f"k {dtype}")
+
+
+def test_kernels_catch_a_wrong_answer():
+    """The comparisons above can fail: a weight off by one part in a thousand is seen."""
+    x, weight = randn(7, 256), randn(256, seed=2) + 1
+    with pytest.raises(AssertionError):
+        assert_close(TRITON_OPS.rms_norm(x, weight * 1.001, EPS), TORCH_OPS.rms_norm(x, weight, EPS), "fp32")
+
+
+# --- CUDA graphs ----------------------------------------------------------------------------------
+
+def _layer_ops(ops, x, residual, gate_up, q, k, positions, rotary, weight):
+    normed, residual = ops.add_rms_norm(x, residual, weight, EPS)
+    q_rot, k_rot = ops.rotary(positions, q, k, rotary.cos, rotary.sin)
+    return normed, residual, ops.silu_and_mul(gate_up), q_rot, k_rot
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_replay_in_a_cuda_graph(dtype):
+    """Captured once, replayed on new inputs copied into the captured buffers."""
+    num_tokens, hidden, inter, num_heads, num_kv_heads, head_dim = 8, 4096, 14336, 32, 8, 128
+    rotary = RotaryEmbedding(head_dim, 4096, 500000.0, None, torch.device(DEVICE))
+    weight = randn(hidden, dtype=dtype, seed=9)
+
+    def inputs(seed):
+        return (randn(num_tokens, hidden, dtype=dtype, seed=seed),
+                randn(num_tokens, hidden, dtype=dtype, seed=seed + 1),
+                randn(num_tokens, 2 * inter, dtype=dtype, seed=seed + 2),
+                randn(num_tokens, num_heads, head_dim, dtype=dtype, seed=seed + 3),
+                randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, seed=seed + 4),
+                torch.randint(0, 4096, (num_tokens,), generator=torch.Generator().manual_seed(seed)).to(DEVICE))
+
+    static = inputs(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        _layer_ops(TRITON_OPS, *static, rotary, weight)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = _layer_ops(TRITON_OPS, *static, rotary, weight)
+    for seed in (10, 20):
+        fresh = inputs(seed)
+        for buffer, value in zip(static, fresh):
+            buffer.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = _layer_ops(TORCH_OPS, *fresh, rotary, weight)
+        for name, got, exp in zip(("normed", "residual", "silu_and_mul", "q", "k"), outputs, expected):
+            assert_close(got, exp, f"{name} {dtype} after replay {seed}")
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+PROMPTS = [[5, 17, 33, 91, 4], list(range(10, 80)), [7] * 23]
+STEPS = 16
+
+
+def _generate(path, dtype, enable_fused_kernels):
+    from meshlm import LLM, SamplingParams
+    llm = LLM(str(path), device="cuda", dtype=dtype, block_size=16, max_model_len=256, num_kv_blocks=128,
+              max_batch_size=4, enable_fused_kernels=enable_fused_kernels)
+    engine = llm._coordinator.executor.engine
+    params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
+    outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+    ops_name = engine.model.ops.name
+    replays = engine.graph_runner.num_replays if engine.graph_runner is not None else 0
+    llm.shutdown()
+    return outs, ops_name, replays
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model_dir(request, tmp_path_factory):
+    from tests.model_factory import make_random_model
+    overrides = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
+    if request.param == "qwen3":
+        overrides["head_dim"] = 64
+    return make_random_model(tmp_path_factory.mktemp(request.param), request.param, weight_std=0.2, **overrides)
+
+
+@needs_cuda
+def test_engine_fused_and_unfused_agree(model_dir):
+    plain, plain_ops, _ = _generate(model_dir, "float32", False)
+    fused, fused_ops, replays = _generate(model_dir, "float32", True)
+    assert (plain_ops, fused_ops) == ("torch", "triton")
+    assert replays > 0, "decode steps did not replay the CUDA graphs"
+    for p, f in zip(plain, fused):
+        assert f.token_ids == p.token_ids
+        for step_p, step_f in zip(p.logprobs, f.logprobs):
+            for token in set(step_p) & set(step_f):
+                assert abs(step_f[token] - step_p[token]) < 1e-3, (token, step_f[token], step_p[token])
