@@ -151,22 +151,22 @@ class Coordinator:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one step; returns the outputs of the requests that progressed."""
         sched = self.scheduler.schedule()
-        for request in sched.finished:  # outgrew the pool
+        outgrown: dict[str, _Group] = {}
+        for request in sched.finished:  # outgrew the whole KV pool: finished by the scheduler
             group, state = self._seq_state[request.request_id]
             state._finish(RequestStatus.FINISHED_LENGTH, None)
             self._retire(state, already_finished=True)
+            outgrown[group.request_id] = group
         if sched.is_empty:
             if self._finished_ids:
                 self.executor.execute(StepPlan.empty(finished_request_ids=self._take_finished()))
-            return [g.output() for g in {self._seq_state_group(r) for r in sched.finished} if g]
+            return [g.output() for g in outgrown.values()]
         plan = self._build_plan(sched)
         result = self.executor.execute(plan)
         self.scheduler.update_after_step(sched)
-        return self._process(sched, result)
-
-    def _seq_state_group(self, request: Request):
-        entry = self._seq_state.get(request.request_id)
-        return entry[0] if entry else None
+        outputs = self._process(sched, result)
+        reported = {o.request_id for o in outputs}
+        return outputs + [g.output() for rid, g in outgrown.items() if rid not in reported]
 
     def _take_finished(self) -> list[str]:
         ids, self._finished_ids = self._finished_ids, []
