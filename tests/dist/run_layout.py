@@ -59,14 +59,14 @@ def install_fault(kind: str, step: int) -> None:
     Engine.execute = execute
 
 
-def run_job(job: dict, tp: int, pp: int) -> list[dict] | None:
+def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | None:
     """Generate for one job; rank 0 returns per-prompt results, other ranks None."""
     from meshlm import LLM, SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=job.get("logprobs"),
                             ignore_eos=job.get("ignore_eos", True))
     try:
         llm = LLM(model=job["model"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                  device="cpu", num_kv_blocks=job.get("num_kv_blocks", 64),
+                  moe_expert_parallel_size=ep, device="cpu", num_kv_blocks=job.get("num_kv_blocks", 64),
                   max_num_tokens=job.get("max_num_tokens", 8192))
     except SystemExit as exc:
         # Ranks other than 0 serve steps inside LLM(...) and then sys.exit(0). Catching it here

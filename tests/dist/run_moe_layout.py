@@ -18,6 +18,8 @@ import sys
 
 from mpi4py import MPI
 
+from run_layout import run_job  # same folder: the generation part is shared
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
@@ -44,28 +46,6 @@ def check_moe_groups(tp: int, pp: int, ep: int | None) -> dict:
         sums[f"{name}_sum"] = int(comm.all_reduce(torch.tensor([mapping.rank], dtype=torch.int64))[0])
     groups.destroy()
     return sums
-
-
-def run_job(job: dict, tp: int, pp: int, ep: int | None) -> list[dict] | None:
-    """Generate for one job; rank 0 returns per-prompt results, other ranks None."""
-    from meshlm import LLM, SamplingParams
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=job.get("logprobs"),
-                            ignore_eos=True)
-    try:
-        llm = LLM(model=job["model"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                  moe_expert_parallel_size=ep, device="cpu", num_kv_blocks=64)
-    except SystemExit as exc:
-        # Ranks other than 0 serve steps inside LLM(...), then sys.exit(0); one world runs every job.
-        if exc.code not in (0, None):
-            raise
-        return None
-    try:
-        outs = llm.generate([list(p) for p in job["prompts"]], params)
-    finally:
-        llm.shutdown()
-    return [{"token_ids": o.outputs[0].token_ids,
-             "logprobs": [{str(t): lp for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])]}
-            for o in outs]
 
 
 def main(argv: list[str] | None = None) -> int:
