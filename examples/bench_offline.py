@@ -11,7 +11,7 @@ import argparse
 
 from meshlm.bench.dataset import Workload
 from meshlm.bench.throughput import ThroughputOptions, run_throughput
-from meshlm.runtime.args import EngineArgs
+from meshlm.config import EngineArgs
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """meshlm: distributed multi-GPU, multi-node LLM inference launched with MPI."""
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
@@ -7,9 +7,9 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 def __getattr__(name):  # import torch-heavy parts on first use
     if name == "LLM":
-        from meshlm.runtime.llm import LLM
+        from meshlm.api.llm import LLM
         return LLM
     if name in ("RequestOutput", "CompletionOutput"):
-        from meshlm.runtime import outputs
+        from meshlm.engine import outputs
         return getattr(outputs, name)
     raise AttributeError(name)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshlm.runtime.args import EngineArgs
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.config import EngineArgs
+from meshlm.sampling_params import SamplingParams
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -75,9 +75,9 @@ def relaunch_if_needed(args: EngineArgs) -> None:
     from meshlm.launcher.world import launched_by_mpi, relaunch_under_mpiexec
     num_ranks = args.tensor_parallel_size * args.pipeline_parallel_size
     if num_ranks > 1 and not launched_by_mpi():
-        from meshlm.runtime.build import check_layout
-        from meshlm.runtime.config import ModelConfig
-        from meshlm.runtime.default_model import resolve_model
+        from meshlm.api.build import check_layout
+        from meshlm.weights.model_config import ModelConfig
+        from meshlm.weights.default_model import resolve_model
         model_dir = resolve_model(args.model)  # fetch once, before the ranks start
         check_layout(ModelConfig.from_dir(model_dir), args)
         if args.model is None:
@@ -86,7 +86,7 @@ def relaunch_if_needed(args: EngineArgs) -> None:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from meshlm.runtime.llm import LLM
+    from meshlm.api.llm import LLM
     args = EngineArgs.from_cli(ns)
     relaunch_if_needed(args)
     params = _sampling_params(ns)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from meshlm.bench.dataset import BenchRequest, Workload
 from meshlm.bench.metrics import RequestRecord, latency_samples_ms, summarize
-from meshlm.runtime.args import EngineArgs
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.config import EngineArgs
+from meshlm.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
@@ -126,7 +126,7 @@ def as_token_ids(coordinator, requests: list[BenchRequest], max_model_len: int |
 
 def device_name(args: EngineArgs) -> str:
     import torch
-    from meshlm.runtime.build import pick_device
+    from meshlm.api.build import pick_device
     local = torch.cuda.current_device() if torch.cuda.is_available() else 0
     device = pick_device(args, local)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -134,7 +134,7 @@ def device_name(args: EngineArgs) -> str:
 
 def _config(args: EngineArgs, opts: ThroughputOptions, coordinator, num_prompts: int) -> dict:
     from meshlm import __version__
-    from meshlm.runtime.default_model import DEFAULT_MODEL_NAME
+    from meshlm.weights.default_model import DEFAULT_MODEL_NAME
     kv = getattr(coordinator, "kv", None)
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     return {
@@ -183,7 +183,7 @@ def benchmark(coordinator, args: EngineArgs, opts: ThroughputOptions) -> tuple[d
 
 def run_throughput(args: EngineArgs, opts: ThroughputOptions) -> dict:
     """Start the runtime, benchmark, shut down; returns the result on rank 0 (other ranks exit)."""
-    from meshlm.runtime.distributed import start_runtime
+    from meshlm.api.start import start_runtime
     coordinator = start_runtime(args)
     try:
         result, samples = benchmark(coordinator, args, opts)

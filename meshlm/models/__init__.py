@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from meshlm.parallel.groups import ParallelGroups
-from meshlm.runtime.config import ModelConfig
+from meshlm.weights.model_config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device, max_positions: int,

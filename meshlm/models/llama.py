@@ -12,11 +12,11 @@ from torch import nn
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                     RowParallelLinear, VocabParallelEmbedding)
-from meshlm.runtime.attention import (AttentionMetadata, RotaryEmbedding, paged_attention_reference,
+from meshlm.kernels.attention import (AttentionMetadata, RotaryEmbedding, paged_attention_reference,
                                       write_kv_cache)
-from meshlm.runtime.checkpoint import CheckpointReader
-from meshlm.runtime.config import ModelConfig
-from meshlm.runtime.fused_ops import TORCH_OPS, TorchOps
+from meshlm.weights.checkpoint import CheckpointReader
+from meshlm.weights.model_config import ModelConfig
+from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps
 
 AttentionFn = type(paged_attention_reference)
 

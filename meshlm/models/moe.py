@@ -27,8 +27,8 @@ from meshlm.models.llama import LlamaForCausalLM, LlamaMLP
 from meshlm.parallel.experts import ExpertNames, FusedMoE, Router
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from meshlm.runtime.checkpoint import CheckpointReader
-from meshlm.runtime.config import ModelConfig
+from meshlm.weights.checkpoint import CheckpointReader
+from meshlm.weights.model_config import ModelConfig
 
 
 def expert_names(cfg: ModelConfig, prefix: str, is_fused: bool = False) -> tuple[str, ExpertNames]:

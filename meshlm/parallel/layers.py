@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.parallel.comm import Communicator
-from meshlm.runtime.checkpoint import CheckpointReader
-from meshlm.runtime.fused_ops import TORCH_OPS
+from meshlm.weights.checkpoint import CheckpointReader
+from meshlm.kernels.fused_ops import TORCH_OPS
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP server on rank 0 (``meshlm serve``): FastAPI routes over an AsyncEngine."""
+"""OpenAI-compatible HTTP server on rank 0 (``meshlm serve``): FastAPI routes over an AsyncLLM."""
 from __future__ import annotations
 
 __all__ = ["build_app", "run_server"]

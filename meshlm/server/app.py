@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's routes over one AsyncEngine, plus /health and /metrics.
+"""The FastAPI app: OpenAI's routes over one AsyncLLM, plus /health and /metrics.
 
     app = build_app(ServedModel(engine, "SmolLM2-135M-Instruct", root, max_model_len, metrics))
 

@@ -13,7 +13,7 @@ import logging
 import signal
 import socket
 
-from meshlm.runtime.args import EngineArgs
+from meshlm.config import EngineArgs
 
 log = logging.getLogger("meshlm")
 
@@ -58,8 +58,8 @@ def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_
     sock = _listen(host, port)
     exit_request = _ExitRequest()
     coordinator = _start_runtime(args)
-    from meshlm.runtime.async_engine import AsyncEngine
-    engine = AsyncEngine(coordinator)
+    from meshlm.api.async_llm import AsyncLLM
+    engine = AsyncLLM(coordinator)
     try:
         if not exit_request.requested:
             app, name = _build(engine, coordinator, args, api_key, served_model_name)
@@ -76,7 +76,7 @@ def _world_rank() -> int:
 
 
 def _start_runtime(args: EngineArgs):
-    from meshlm.runtime.distributed import start_runtime
+    from meshlm.api.start import start_runtime
     return start_runtime(args)
 
 
@@ -89,7 +89,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _build(engine, coordinator, args: EngineArgs, api_key, served_model_name):
-    from meshlm.runtime.default_model import resolve_model
+    from meshlm.weights.default_model import resolve_model
     from meshlm.server.app import build_app
     from meshlm.server.metrics import ServerMetrics
     from meshlm.server.serving import ServedModel

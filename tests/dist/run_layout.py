@@ -12,7 +12,7 @@ test can tell a real N-rank world from N singletons.
 
 Fault injection (for the failure tests, never in meshlm): ``--fault kill|raise|stall``,
 ``--fault-rank R``, ``--fault-step S`` make rank R SIGKILL itself, raise, or sleep inside its
-S-th ``Engine.execute``.
+S-th ``ModelRunner.execute``.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def install_fault(kind: str, step: int) -> None:
-    """Make this rank fail inside its ``step``-th Engine.execute (counted from 1)."""
-    from meshlm.runtime.engine import Engine
-    original = Engine.execute
+    """Make this rank fail inside its ``step``-th ModelRunner.execute (counted from 1)."""
+    from meshlm.executor.model_runner import ModelRunner
+    original = ModelRunner.execute
     calls = {"n": 0}
 
     def execute(self, plan):
@@ -56,7 +56,7 @@ def install_fault(kind: str, step: int) -> None:
             time.sleep(600)  # stall: only the watchdog ends this
         return original(self, plan)
 
-    Engine.execute = execute
+    ModelRunner.execute = execute
 
 
 def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | None:

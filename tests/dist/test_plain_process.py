@@ -27,7 +27,7 @@ def test_llm_tp2_from_plain_process(tmp_path, tiny_models, tiny_prompts, tiny_ru
 
     # While the model was up: one mpiexec and exactly two ranks below this process.
     running = data["processes_while_running"]
-    ranks = [p for p in running if "meshlm.runtime.remote" in p["cmdline"] and "mpiexec" not in p["cmdline"]]
+    ranks = [p for p in running if "meshlm.api.remote_rank0" in p["cmdline"] and "mpiexec" not in p["cmdline"]]
     launchers = [p for p in running if p["cmdline"].split()[0].endswith("mpiexec")]
     assert len(ranks) == 2 and " -n 2 " in launchers[0]["cmdline"], running
     assert len(launchers) == 1, running

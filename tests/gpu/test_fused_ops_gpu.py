@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from meshlm.runtime.attention import RotaryEmbedding  # noqa: E402
-from meshlm.runtime.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
+from meshlm.kernels.attention import RotaryEmbedding  # noqa: E402
+from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
 
 IS_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from meshlm.runtime.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
-from meshlm.runtime.triton_attention import paged_attention_triton  # noqa: E402
+from meshlm.kernels.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
+from meshlm.kernels.triton_attention import paged_attention_triton  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

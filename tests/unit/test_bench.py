@@ -58,7 +58,7 @@ def check_summary(r: dict, num_requests: int, completed: int, num_gpus: int | No
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
-    from meshlm.runtime.default_model import ensure_default_model
+    from meshlm.weights.default_model import ensure_default_model
     ensure_default_model()
     out = tmp_path_factory.mktemp("bench")
     proc = meshlm("bench", "throughput", "--num-prompts", str(NUM_PROMPTS), "--input-len", str(INPUT_LEN),
@@ -310,7 +310,7 @@ def live_server(tmp_path_factory):
                            text=True, timeout=60)
     if probe.returncode != 0:
         pytest.skip("this meshlm has no `serve` subcommand")
-    from meshlm.runtime.default_model import ensure_default_model
+    from meshlm.weights.default_model import ensure_default_model
     model_dir = ensure_default_model()
     port, log = _free_port(), tmp_path_factory.mktemp("serve") / "server.log"
     with log.open("w") as sink:

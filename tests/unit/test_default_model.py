@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from meshlm import LLM, SamplingParams
-from meshlm.runtime.default_model import ensure_default_model
+from meshlm.weights.default_model import ensure_default_model
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 EXPECTED_ANSWER = "The capital of France is Paris."

@@ -16,10 +16,10 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 
 from meshlm.parallel.groups import ParallelGroups  # noqa: E402
 from meshlm.parallel.layers import RMSNorm  # noqa: E402
-from meshlm.runtime.attention import AttentionMetadata, RotaryEmbedding  # noqa: E402
-from meshlm.runtime.config import ModelConfig  # noqa: E402
-from meshlm.runtime.engine import Engine  # noqa: E402
-from meshlm.runtime.fused_ops import TORCH_OPS, TorchOps, select_ops  # noqa: E402
+from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding  # noqa: E402
+from meshlm.weights.model_config import ModelConfig  # noqa: E402
+from meshlm.executor.model_runner import ModelRunner  # noqa: E402
+from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps, select_ops  # noqa: E402
 from tests.model_factory import make_random_model  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -130,8 +130,8 @@ def _prefill_meta(num_tokens: int, block_size: int) -> AttentionMetadata:
         max_seq_len=num_tokens, query_lens_host=np.array([num_tokens]))
 
 
-def _make_engine(path, dtype=torch.float32, **kwargs) -> Engine:
-    engine = Engine(ModelConfig.from_dir(path), ParallelGroups.single(), torch.device("cpu"), dtype,
+def _make_engine(path, dtype=torch.float32, **kwargs) -> ModelRunner:
+    engine = ModelRunner(ModelConfig.from_dir(path), ParallelGroups.single(), torch.device("cpu"), dtype,
                     max_model_len=64, model_dir=path, **kwargs)
     engine.allocate_kv_cache(8, 4)
     return engine
@@ -189,7 +189,7 @@ class CountingOps(TorchOps):
 def test_flag_reaches_every_small_op_of_the_model(model_path, monkeypatch):
     """With the flag on, the engine hands the selected ops to every norm, rotary and MLP."""
     counting = CountingOps()
-    monkeypatch.setattr("meshlm.runtime.engine.select_ops",
+    monkeypatch.setattr("meshlm.executor.model_runner.select_ops",
                         lambda enabled, device: counting if enabled else TORCH_OPS)
     fused = _make_engine(model_path, enable_fused_kernels=True)
     plain = _make_engine(model_path)
@@ -210,7 +210,7 @@ def test_flag_reaches_every_small_op_of_the_model(model_path, monkeypatch):
 def test_llm_passes_the_flag_through(model_path, monkeypatch):
     from meshlm import LLM
     counting = CountingOps()
-    monkeypatch.setattr("meshlm.runtime.engine.select_ops",
+    monkeypatch.setattr("meshlm.executor.model_runner.select_ops",
                         lambda enabled, device: counting if enabled else TORCH_OPS)
     with LLM(str(model_path), enable_fused_kernels=True, device="cpu", num_kv_blocks=16, block_size=4,
              max_model_len=64) as llm:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshlm.runtime import default_model
-from meshlm.runtime.default_model import (
+from meshlm.weights import default_model
+from meshlm.weights.default_model import (
     DEFAULT_MODEL_GGUF_MEMBER,
     DEFAULT_MODEL_GGUF_SHA256,
     DEFAULT_MODEL_NAME,
@@ -24,7 +24,7 @@ from meshlm.runtime.default_model import (
     fetch_default_gguf,
     resolve_model,
 )
-from meshlm.runtime.gguf_import import unpermute_rotary_rows
+from meshlm.weights.gguf_import import unpermute_rotary_rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -291,6 +291,6 @@ def test_gguf_file_as_model_is_converted_once_into_the_cache(reference_gguf, con
     assert (model_dir / "config.json").read_text() == (converted_dir / "config.json").read_text()
     assert (model_dir / "tokenizer.json").read_text() == (converted_dir / "tokenizer.json").read_text()
     # The second time the cached directory is reused, with no conversion.
-    monkeypatch.setattr("meshlm.runtime.default_model.convert_gguf_to_hf",
+    monkeypatch.setattr("meshlm.weights.default_model.convert_gguf_to_hf",
                         lambda *a: pytest.fail("converted twice"))
     assert resolve_model(str(reference_gguf)) == model_dir

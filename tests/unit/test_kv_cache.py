@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from meshlm.runtime.config import CacheConfig
-from meshlm.runtime.kv_cache import KVCacheManager, hash_block, num_blocks_for
-from meshlm.runtime.request import Request
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.config import CacheConfig
+from meshlm.engine.kv_cache import KVCacheManager, hash_block, num_blocks_for
+from meshlm.engine.request import Request
+from meshlm.sampling_params import SamplingParams
 
 
 def make_request(request_id: str, tokens: list[int]) -> Request:

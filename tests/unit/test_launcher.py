@@ -16,8 +16,8 @@ import pytest
 import meshlm
 from meshlm.launcher import env, world
 from meshlm.launcher.world import World
-from meshlm.runtime.args import EngineArgs
-from meshlm.runtime.config import CacheConfig, ParallelConfig, SchedulerConfig
+from meshlm.config import EngineArgs
+from meshlm.config import CacheConfig, ParallelConfig, SchedulerConfig
 
 pytestmark = pytest.mark.timeout(60)
 

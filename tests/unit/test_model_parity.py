@@ -2,7 +2,7 @@
 
 Each family of tests.model_factory: greedy tokens and top-20 logprobs of a batch of prompts through
 ``LLM.generate``; the full logits of hand-built step plans (batched prefill, a chunked prefill
-continued beside decodes, scattered block tables) through ``Engine.forward_logits``; sharded
+continued beside decodes, scattered block tables) through ``ModelRunner.forward_logits``; sharded
 checkpoints; and the errors for a checkpoint that does not match its config.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ pytest.importorskip("transformers")
 
 from meshlm import LLM, SamplingParams
 from meshlm.parallel.groups import ParallelGroups
-from meshlm.runtime.checkpoint import CheckpointError
-from meshlm.runtime.config import ModelConfig
-from meshlm.runtime.engine import Engine
-from meshlm.runtime.protocol import StepPlan
+from meshlm.weights.checkpoint import CheckpointError
+from meshlm.weights.model_config import ModelConfig
+from meshlm.executor.model_runner import ModelRunner
+from meshlm.protocol import StepPlan
 from tests.model_factory import (FAMILIES, load_reference, make_random_model, random_prompts, reference_greedy,
                                  reference_logits)
 
@@ -113,9 +113,9 @@ class PlanBuilder:
             sample_request_ids=[f"seq-{s}" for s, _, _ in seqs])
 
 
-def make_engine(path, num_blocks: int, block_size: int) -> Engine:
+def make_engine(path, num_blocks: int, block_size: int) -> ModelRunner:
     cfg = ModelConfig.from_dir(path)
-    engine = Engine(cfg, ParallelGroups.single(), torch.device("cpu"), torch.float32,
+    engine = ModelRunner(cfg, ParallelGroups.single(), torch.device("cpu"), torch.float32,
                     max_model_len=256, model_dir=path)
     engine.allocate_kv_cache(num_blocks, block_size)
     return engine

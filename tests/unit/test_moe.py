@@ -24,10 +24,10 @@ from meshlm.parallel.comm import Communicator
 from meshlm.parallel.experts import FusedMoE, route
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.mapping import Mapping
-from meshlm.runtime.args import EngineArgs
-from meshlm.runtime.build import check_layout
-from meshlm.runtime.checkpoint import CheckpointReader
-from meshlm.runtime.config import ModelConfig
+from meshlm.config import EngineArgs
+from meshlm.api.build import check_layout
+from meshlm.weights.checkpoint import CheckpointReader
+from meshlm.weights.model_config import ModelConfig
 from tests.model_factory import (MOE_FAMILIES, load_moe_reference, make_random_moe_model, random_prompts,
                                  reference_greedy)
 
@@ -230,7 +230,7 @@ def test_fused_expert_checkpoint_gives_the_same_tokens(family, tmp_path):
 
 def test_missing_expert_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
-    from meshlm.runtime.checkpoint import CheckpointError
+    from meshlm.weights.checkpoint import CheckpointError
     path = make_random_moe_model(tmp_path / "m", "mixtral", seed=0, num_hidden_layers=1)
     name = "model.layers.0.block_sparse_moe.experts.5.w3.weight"
     tensors = load_file(path / "model.safetensors")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshlm.runtime.sampler import (Sampler, apply_penalties, apply_top_k_top_p_min_p, count_tokens)
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.executor.sampler import (Sampler, apply_penalties, apply_top_k_top_p_min_p, count_tokens)
+from meshlm.sampling_params import SamplingParams
 
 
 def softmax64(logits: np.ndarray) -> np.ndarray:

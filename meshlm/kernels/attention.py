@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from meshlm.runtime.fused_ops import TORCH_OPS
+from meshlm.kernels.fused_ops import TORCH_OPS
 
 
 @dataclass(slots=True)

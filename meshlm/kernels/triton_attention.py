@@ -8,7 +8,7 @@ single query token still fills a tile with its whole GQA group. The program walk
 sequence's keys ``BLOCK_N`` at a time through the block table, with an online softmax in fp32
 and causal plus sliding-window masking.
 
-Semantics are those of :func:`meshlm.runtime.attention.paged_attention_reference`.
+Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference`.
 
 CUDA graphs: with ``meta.max_query_len == 1`` (a decode batch) program ``i`` is sequence ``i``
 and nothing is computed on the side, so capture and replay need only the metadata tensors to
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshlm.runtime.attention import AttentionMetadata
+from meshlm.kernels.attention import AttentionMetadata
 
 _LOG2_E = 1.4426950408889634
 

@@ -13,15 +13,15 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from meshlm.runtime.config import SchedulerConfig
-from meshlm.runtime.kv_cache import KVCacheManager
-from meshlm.runtime.outputs import RequestOutput, SequenceOutputState
-from meshlm.runtime.protocol import NewRequest, StepPlan
-from meshlm.runtime.request import Request, RequestStatus
-from meshlm.runtime.sampler import SamplerOutput
-from meshlm.runtime.sampling_params import SamplingParams
-from meshlm.runtime.scheduler import Scheduler, SchedulerOutput
-from meshlm.runtime.tokenizer import Tokenizer
+from meshlm.config import SchedulerConfig
+from meshlm.engine.kv_cache import KVCacheManager
+from meshlm.engine.outputs import RequestOutput, SequenceOutputState
+from meshlm.protocol import NewRequest, StepPlan
+from meshlm.engine.request import Request, RequestStatus
+from meshlm.executor.sampler import SamplerOutput
+from meshlm.sampling_params import SamplingParams
+from meshlm.engine.scheduler import Scheduler, SchedulerOutput
+from meshlm.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("meshlm")
 

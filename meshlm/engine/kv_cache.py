@@ -19,7 +19,7 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-from meshlm.runtime.request import Request
+from meshlm.engine.request import Request
 
 __all__ = ["KVCacheManager", "num_blocks_for", "hash_block"]
 

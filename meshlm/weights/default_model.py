@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 from meshlm.launcher import env
-from meshlm.runtime.gguf_import import convert_gguf_to_hf
+from meshlm.weights.gguf_import import convert_gguf_to_hf
 
 logger = logging.getLogger(__name__)
 

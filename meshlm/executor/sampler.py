@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.sampling_params import SamplingParams
 
 __all__ = ["Sampler", "SamplerOutput", "count_tokens", "apply_penalties", "mask_banned_tokens",
            "apply_top_k_top_p_min_p", "exponential_race"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshlm.runtime.request import Request, RequestStatus
-from meshlm.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from meshlm.engine.request import Request, RequestStatus
+from meshlm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass(slots=True)

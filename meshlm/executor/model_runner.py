@@ -13,13 +13,14 @@ import torch
 
 from meshlm.models import build_model
 from meshlm.parallel.groups import ParallelGroups
-from meshlm.runtime.attention import AttentionMetadata
-from meshlm.runtime.checkpoint import CheckpointReader
-from meshlm.runtime.config import CacheConfig, ModelConfig
-from meshlm.runtime.fused_ops import select_ops
-from meshlm.runtime.protocol import StepPlan
-from meshlm.runtime.sampler import Sampler, SamplerOutput
-from meshlm.runtime.random_weights import RandomCheckpoint
+from meshlm.kernels.attention import AttentionMetadata
+from meshlm.weights.checkpoint import CheckpointReader
+from meshlm.config import CacheConfig
+from meshlm.weights.model_config import ModelConfig
+from meshlm.kernels.fused_ops import select_ops
+from meshlm.protocol import StepPlan
+from meshlm.executor.sampler import Sampler, SamplerOutput
+from meshlm.weights.random_weights import RandomCheckpoint
 
 log = logging.getLogger("meshlm")
 
@@ -38,7 +39,7 @@ def resolve_dtype(dtype: str | None, model_dtype: str, device: torch.device) -> 
     return torch.float16 if model_dtype == "float16" else torch.bfloat16
 
 
-class Engine:
+class ModelRunner:
     def __init__(self, model_config: ModelConfig, groups: ParallelGroups, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, model_dir: str | Path | None = None,
                  sampler_seed: int = 0, attention_backend: str | None = None,
@@ -105,7 +106,7 @@ class Engine:
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         """Capture decode graphs when the path allows it (CUDA, Triton attention, one stage)."""
-        from meshlm.runtime.cuda_graphs import DecodeGraphRunner, default_buckets
+        from meshlm.executor.cuda_graphs import DecodeGraphRunner, default_buckets
         if self.device.type != "cuda" or not self.model.attention_layers:
             return
         if getattr(self.attention_fn, "__name__", "") != "paged_attention_triton":
@@ -208,16 +209,16 @@ class Engine:
 
 def select_attention(backend: str | None, device: torch.device):
     """``None``: the Triton kernel on CUDA when available, else the reference path."""
-    from meshlm.runtime.attention import paged_attention_reference
+    from meshlm.kernels.attention import paged_attention_reference
     if backend in (None, "auto") and device.type == "cuda":
         try:
-            from meshlm.runtime.triton_attention import paged_attention_triton
+            from meshlm.kernels.triton_attention import paged_attention_triton
             return paged_attention_triton
         except ImportError:
             return paged_attention_reference
     if backend in (None, "auto", "reference"):
         return paged_attention_reference
     if backend == "triton":
-        from meshlm.runtime.triton_attention import paged_attention_triton
+        from meshlm.kernels.triton_attention import paged_attention_triton
         return paged_attention_triton
     raise ValueError(f"attention_backend={backend!r}; choose auto, reference or triton")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from meshlm.runtime.args import EngineArgs
-from meshlm.runtime.outputs import RequestOutput
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.config import EngineArgs
+from meshlm.engine.outputs import RequestOutput
+from meshlm.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 
@@ -27,7 +27,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs):
         self.args = EngineArgs(model=model, **kwargs)
-        from meshlm.runtime.distributed import start_runtime
+        from meshlm.api.start import start_runtime
         self._coordinator = start_runtime(self.args)
 
     @property

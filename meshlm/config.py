@@ -1,13 +1,83 @@
-"""Engine arguments: the one list of knobs that ``LLM(...)`` and the CLI share.
+"""The user's configuration: a few slotted dataclasses, validated on construction.
 
-Defaults come from the config dataclasses, so each is written once.
+``None`` means "choose automatically". Values derived at run time (the number of KV blocks, the
+eos ids) live in the objects that derive them, not here. The CLI and ``LLM(...)`` both read their
+defaults from these classes, so a default is written once.
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
+from typing import Any
 
-from meshlm.runtime.config import CacheConfig, ParallelConfig, SchedulerConfig, field_defaults
+from meshlm.sampling_params import SamplingParams
+from meshlm.weights.model_config import ModelConfig
+
+__all__ = ["ModelConfig", "ParallelConfig", "CacheConfig", "SchedulerConfig", "SamplingParams",
+           "EngineArgs"]
+
+@dataclass(slots=True)
+class ParallelConfig:
+    """How many ranks split the model, and along which axes."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    moe_expert_parallel_size: int | None = None  # None: 1 (no expert parallelism)
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        ep = self.moe_expert_parallel_size
+        if ep is not None and (ep < 1 or self.tensor_parallel_size % ep):
+            raise ValueError(f"moe_expert_parallel_size={ep} must divide tensor_parallel_size="
+                             f"{self.tensor_parallel_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    num_blocks: int | None = None  # None: as many as fit in memory
+    cpu_kv_cache_gb: float = 2.0  # KV pool size on the CPU backend when num_blocks is None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """In-flight batching limits."""
+
+    max_num_tokens: int = 8192  # tokens processed in one step (prefill chunks + decodes)
+    max_batch_size: int = 256  # sequences in one step
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.max_num_tokens < 1:
+            raise ValueError(f"max_num_tokens={self.max_num_tokens} must be >= 1")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Default values of a config dataclass, for the CLI (one source of defaults)."""
+    return {f.name: f.default for f in fields(cls)}
+
 
 _CACHE = field_defaults(CacheConfig)
 _SCHED = field_defaults(SchedulerConfig)

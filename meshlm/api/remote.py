@@ -1,12 +1,11 @@
 """``LLM(..., tensor_parallel_size=N)`` from a plain Python process.
 
-The process starts ``mpiexec -n N python -m meshlm.runtime.remote ...``; rank 0 of that world
+The process starts ``mpiexec -n N python -m meshlm.api.remote_rank0 ...``; rank 0 of that world
 connects back over a local authenticated socket and serves the coordinator's methods to this
 process. If any rank dies, mpiexec ends them all and the link closes: the next call raises.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import secrets
@@ -14,9 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Client, Listener
+from multiprocessing.connection import Listener
 
-from meshlm.runtime.args import EngineArgs
+from meshlm.config import EngineArgs
 
 log = logging.getLogger("meshlm")
 
@@ -34,10 +33,10 @@ class RemoteCoordinator:
     @classmethod
     def launch(cls, args: EngineArgs, num_ranks: int) -> "RemoteCoordinator":
         from meshlm.launcher.world import mpiexec_command
-        from meshlm.runtime.build import check_layout
-        from meshlm.runtime.config import ModelConfig
-        from meshlm.runtime.default_model import resolve_model
-        from meshlm.runtime.tokenizer import Tokenizer
+        from meshlm.api.build import check_layout
+        from meshlm.weights.model_config import ModelConfig
+        from meshlm.weights.default_model import resolve_model
+        from meshlm.engine.tokenizer import Tokenizer
 
         model_dir = resolve_model(args.model)  # fetch the default model once, here
         check_layout(ModelConfig.from_dir(model_dir), args)  # fail before starting any rank
@@ -45,7 +44,7 @@ class RemoteCoordinator:
         authkey = secrets.token_hex(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey.encode())
         host, port = listener.address
-        cmd = mpiexec_command(num_ranks, [sys.executable, "-m", "meshlm.runtime.remote",
+        cmd = mpiexec_command(num_ranks, [sys.executable, "-m", "meshlm.api.remote_rank0",
                                           "--connect", f"{host}:{port}", *args.to_cli()])
         proc = subprocess.Popen(cmd, env={**os.environ, "MESHLM_RPC_AUTHKEY": authkey})
         conn = _accept(listener, proc)
@@ -107,46 +106,3 @@ def _accept(listener: Listener, proc: subprocess.Popen):
             raise RuntimeError(f"rank 0 did not come up within {_CONNECT_TIMEOUT_S} s")
     listener.close()
     return box["conn"]
-
-
-def serve(coordinator, address: str) -> None:
-    """Rank 0: answer the parent's calls until it asks to shut down or goes away."""
-    from meshlm.launcher import env
-    host, port = address.rsplit(":", 1)
-    conn = Client((host, int(port)), authkey=(env.get("MESHLM_RPC_AUTHKEY") or "").encode())
-    methods = {"submit", "abort", "step", "has_unfinished"}
-    try:
-        while True:
-            try:
-                method, args, kwargs = conn.recv()
-            except EOFError:
-                break
-            if method == "shutdown":
-                conn.send((True, None))
-                break
-            if method not in methods:
-                conn.send((False, ValueError(f"unknown call {method!r}")))
-                continue
-            try:
-                conn.send((True, getattr(coordinator, method)(*args, **kwargs)))
-            except (ValueError, KeyError) as exc:  # bad input: report, keep serving
-                conn.send((False, exc))
-    finally:
-        coordinator.shutdown()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from meshlm.launcher.logging import setup_logging
-    from meshlm.runtime.distributed import start_runtime
-    parser = argparse.ArgumentParser(prog="python -m meshlm.runtime.remote")
-    parser.add_argument("--connect", required=True)
-    EngineArgs.add_cli_args(parser)
-    ns = parser.parse_args(argv)
-    setup_logging()
-    coordinator = start_runtime(EngineArgs.from_cli(ns))  # ranks other than 0 exit inside
-    serve(coordinator, ns.connect)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from meshlm.runtime.config import SchedulerConfig
-from meshlm.runtime.kv_cache import KVCacheManager, num_blocks_for
-from meshlm.runtime.request import Request, RequestStatus
+from meshlm.config import SchedulerConfig
+from meshlm.engine.kv_cache import KVCacheManager, num_blocks_for
+from meshlm.engine.request import Request, RequestStatus
 
 __all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput"]
 

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from meshlm.runtime.outputs import RequestOutput
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.engine.outputs import RequestOutput
+from meshlm.sampling_params import SamplingParams
 
 log = logging.getLogger("meshlm")
 
@@ -30,7 +30,7 @@ class _Stream:
     first_output: float | None = None
 
 
-class AsyncEngine:
+class AsyncLLM:
     def __init__(self, coordinator):
         self.coordinator = coordinator
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

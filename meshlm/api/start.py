@@ -7,7 +7,7 @@ import logging
 import sys
 
 from meshlm.parallel.mapping import Mapping
-from meshlm.runtime.args import EngineArgs
+from meshlm.config import EngineArgs
 
 log = logging.getLogger("meshlm")
 
@@ -19,17 +19,18 @@ def start_runtime(args: EngineArgs):
     if launched_by_mpi():
         return start_in_mpi_world(args, num_ranks)
     if num_ranks == 1:
-        from meshlm.runtime.build import build_local_coordinator
+        from meshlm.api.build import build_local_coordinator
         return build_local_coordinator(args)
-    from meshlm.runtime.remote import RemoteCoordinator
+    from meshlm.api.remote import RemoteCoordinator
     return RemoteCoordinator.launch(args, num_ranks)
 
 
 def start_in_mpi_world(args: EngineArgs, num_ranks: int):
     from meshlm.launcher.logging import set_rank_description, setup_logging
     from meshlm.launcher.world import check_gpus_per_node, init_world
-    from meshlm.runtime.build import RankRuntime
-    from meshlm.runtime.worker import MPIExecutor, worker_loop
+    from meshlm.api.build import RankRuntime
+    from meshlm.engine.dispatch import MPIDispatcher
+    from meshlm.executor.worker import worker_loop
 
     world = init_world()
     if world.size != num_ranks:
@@ -46,8 +47,8 @@ def start_in_mpi_world(args: EngineArgs, num_ranks: int):
         worker_loop(runtime.engine, world)
         sys.exit(0)
     if world.size == 1:
-        from meshlm.runtime.build import LocalExecutor
-        return runtime.make_coordinator(LocalExecutor(runtime.engine))
-    executor = MPIExecutor(runtime.engine, world)
+        from meshlm.engine.dispatch import LocalDispatcher
+        return runtime.make_coordinator(LocalDispatcher(runtime.engine))
+    executor = MPIDispatcher(runtime.engine, world)
     atexit.register(executor.shutdown)
     return runtime.make_coordinator(executor)

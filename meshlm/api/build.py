@@ -12,12 +12,13 @@ from meshlm.parallel.experts import check_expert_layout
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import check_tp_for_heads
 from meshlm.parallel.mapping import Mapping
-from meshlm.runtime.args import EngineArgs
-from meshlm.runtime.config import ModelConfig
-from meshlm.runtime.coordinator import Coordinator
-from meshlm.runtime.default_model import resolve_model
-from meshlm.runtime.engine import Engine, resolve_dtype
-from meshlm.runtime.tokenizer import Tokenizer
+from meshlm.config import EngineArgs
+from meshlm.weights.model_config import ModelConfig
+from meshlm.engine.coordinator import Coordinator
+from meshlm.engine.dispatch import LocalDispatcher
+from meshlm.weights.default_model import resolve_model
+from meshlm.executor.model_runner import ModelRunner, resolve_dtype
+from meshlm.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("meshlm")
 
@@ -87,7 +88,7 @@ class RankRuntime:
         else:
             groups = ParallelGroups.from_mpi(mapping, self.device)
         weights = None if args.load_format == "random" else self.model_dir
-        self.engine = Engine(self.model_config, groups, self.device, dtype, self.max_model_len, weights,
+        self.engine = ModelRunner(self.model_config, groups, self.device, dtype, self.max_model_len, weights,
                              sampler_seed=args.seed, attention_backend=args.attention_backend,
                              enable_fused_kernels=args.enable_fused_kernels)
         cache = args.cache_config()
@@ -112,19 +113,6 @@ class RankRuntime:
                            self.model_config.vocab_size, cache.enable_prefix_caching)
 
 
-class LocalExecutor:
-    """One rank: the coordinator calls its own engine."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-
-    def execute(self, plan):
-        return self.engine.execute(plan)
-
-    def shutdown(self):
-        self.engine.shutdown()
-
-
 def build_local_coordinator(args: EngineArgs) -> Coordinator:
     runtime = RankRuntime(args, Mapping())
-    return runtime.make_coordinator(LocalExecutor(runtime.engine))
+    return runtime.make_coordinator(LocalDispatcher(runtime.engine))

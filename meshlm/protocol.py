@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meshlm.runtime.sampling_params import SamplingParams
+from meshlm.sampling_params import SamplingParams
 
 
 class Command(enum.IntEnum):
