@@ -119,7 +119,7 @@ def main() -> int:
         kwargs["enable_fused_kernels"] = True
     result["enable_fused_kernels"] = ns.fused
     llm = LLM(**kwargs)
-    coordinator = llm._coordinator
+    coordinator = llm.engine_core
     run_meshlm(coordinator, 4, 32, 8)  # warm-up
     result["meshlm"] = [run_meshlm(coordinator, b, i, o) for (i, o) in lengths for b in batches]
     llm.shutdown()

@@ -46,7 +46,7 @@ def run(ns) -> None:
               "tokens": [o.outputs[0].token_ids for o in outs],
               "logprobs": [[{str(k): v for k, v in step.items()} for step in o.outputs[0].logprobs] for o in outs]}
     result["dtype"] = ns.dtype
-    coordinator = llm._coordinator
+    coordinator = llm.engine_core
     result["timings"] = []
     if not ns.skip_timings:
         run_meshlm(coordinator, 4, 32, 8)  # warm-up

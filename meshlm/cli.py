@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshlm.config import EngineArgs
+from meshlm.config import EngineArgs, EngineConfig
 from meshlm.sampling_params import SamplingParams
 
 
@@ -73,16 +73,11 @@ def _add_bench_parser(sub) -> None:
 def relaunch_if_needed(args: EngineArgs) -> None:
     """A plain process asked for several ranks re-executes itself under mpiexec."""
     from meshlm.launcher.world import launched_by_mpi, relaunch_under_mpiexec
-    num_ranks = args.tensor_parallel_size * args.pipeline_parallel_size
-    if num_ranks > 1 and not launched_by_mpi():
-        from meshlm.api.build import check_layout
-        from meshlm.weights.model_config import ModelConfig
-        from meshlm.weights.default_model import resolve_model
-        model_dir = resolve_model(args.model)  # fetch once, before the ranks start
-        check_layout(ModelConfig.from_dir(model_dir), args)
+    if args.world_size > 1 and not launched_by_mpi():
+        config = EngineConfig.from_args(args)  # fetch the model once and check the layout, before the ranks start
         if args.model is None:
-            sys.argv += ["--model", str(model_dir)]
-        relaunch_under_mpiexec(num_ranks)
+            sys.argv += ["--model", str(config.model_dir)]
+        relaunch_under_mpiexec(args.world_size)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -90,33 +85,31 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     args = EngineArgs.from_cli(ns)
     relaunch_if_needed(args)
     params = _sampling_params(ns)
+    # Only rank 0 returns from LLM(...); the other ranks serve steps inside it, then exit.
     llm = LLM(**{k: getattr(args, k) for k in args.__slots__})
     try:
-        if True:  # only rank 0 returns from LLM(...); the other ranks serve steps inside it
-            tokenizer = llm.tokenizer
-            use_chat = tokenizer.has_chat_template if ns.chat is None else ns.chat
-            prompts = []
-            for text in ns.prompts:
-                if use_chat:
-                    messages = ([{"role": "system", "content": ns.system}] if ns.system else [])
-                    messages.append({"role": "user", "content": text})
-                    prompts.append(tokenizer.encode_chat(messages))
-                else:
-                    prompts.append(text)
-            if len(prompts) == 1:
-                printed = ""
-                for out in llm.generate_stream(prompts[0], params):
-                    text = out.outputs[0].text
-                    sys.stdout.write(text[len(printed):])
-                    sys.stdout.flush()
-                    printed = text
-                sys.stdout.write("\n")
-            else:
-                for text, out in zip(ns.prompts, llm.generate(prompts, params)):
-                    print(f"### {text}\n{out.outputs[0].text}\n")
+        prompts = [_prompt(llm.tokenizer, text, ns) for text in ns.prompts]
+        if len(prompts) == 1:
+            for delta in llm.generate_stream(prompts[0], params, output_kind="delta"):
+                sys.stdout.write("".join(c.text for c in delta.outputs))
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            for text, out in zip(ns.prompts, llm.generate(prompts, params)):
+                print(f"### {text}\n{out.outputs[0].text}\n")
     finally:
         llm.shutdown()
     return 0
+
+
+def _prompt(tokenizer, text: str, ns: argparse.Namespace) -> str | list[int]:
+    """The text itself, or its chat-templated token ids (with ``--system``) when chat is on."""
+    use_chat = tokenizer.has_chat_template if ns.chat is None else ns.chat
+    if not use_chat:
+        return text
+    messages = ([{"role": "system", "content": ns.system}] if ns.system else [])
+    messages.append({"role": "user", "content": text})
+    return tokenizer.encode_chat(messages)
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from meshlm.sampling_params import SamplingParams
+from meshlm.weights.default_model import resolve_model
 from meshlm.weights.model_config import ModelConfig
 
 __all__ = ["ModelConfig", "ParallelConfig", "CacheConfig", "SchedulerConfig", "SamplingParams",
-           "EngineArgs"]
+           "EngineArgs", "EngineConfig"]
 
 @dataclass(slots=True)
 class ParallelConfig:
@@ -114,6 +116,11 @@ class EngineArgs:
         self.cache_config()
         self.scheduler_config()
 
+    @property
+    def world_size(self) -> int:
+        """Ranks the layout needs: tp x pp."""
+        return self.parallel_config().world_size
+
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.moe_expert_parallel_size)
 
@@ -162,3 +169,63 @@ class EngineArgs:
             else:
                 out += [flag, str(value)]
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """The configuration every part of the engine reads, resolved once from EngineArgs and the
+    model's config.json, after checking that the layout can split the model."""
+
+    model_dir: Path
+    model: ModelConfig
+    parallel: ParallelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    max_model_len: int
+    dtype: str  # "auto" or a dtype name; the model runner resolves "auto" for its device
+    device: str | None  # None: cuda when a GPU is present, else cpu
+    seed: int
+    load_format: str
+    attention_backend: str | None
+    skip_tokenizer_init: bool
+    enable_cuda_graphs: bool
+    enable_fused_kernels: bool
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "EngineConfig":
+        """Resolve the model (fetching the default one if needed) and check the layout against it."""
+        model_dir = resolve_model(args.model)
+        model = ModelConfig.from_dir(model_dir)
+        parallel = args.parallel_config()
+        check_layout(model, parallel)
+        scheduler = args.scheduler_config()
+        return cls(model_dir, model, parallel, args.cache_config(), scheduler,
+                   scheduler.max_model_len or model.max_position_embeddings, args.dtype, args.device,
+                   args.seed, args.load_format, args.attention_backend, args.skip_tokenizer_init,
+                   args.enable_cuda_graphs, args.enable_fused_kernels)
+
+
+def check_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:
+    """Fail before loading anything when the layout cannot split this model."""
+    from meshlm.parallel.layers import check_tp_for_heads  # imports torch: only when checking
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    check_tp_for_heads(cfg.num_heads, cfg.num_kv_heads, tp)
+    if not cfg.is_moe or cfg.has_dense_layers:
+        if cfg.intermediate_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide intermediate_size={cfg.intermediate_size}")
+    _check_moe_layout(cfg, tp, parallel.moe_expert_parallel_size)
+    if pp > cfg.num_layers:
+        raise ValueError(f"pipeline parallel size {pp} is larger than the model's {cfg.num_layers} layers")
+
+
+def _check_moe_layout(cfg: ModelConfig, tp: int, moe_ep: int | None) -> None:
+    """Experts split by moe_ep, each expert's width by moe_tp = tp / moe_ep, a shared expert by tp."""
+    if not cfg.is_moe:
+        if moe_ep not in (None, 1):
+            raise ValueError(f"expert parallel size {moe_ep} was given but {cfg.architecture} has no experts")
+        return
+    from meshlm.parallel.experts import check_expert_layout
+    check_expert_layout(cfg.num_experts, cfg.moe_intermediate_size, tp, moe_ep or 1)
+    shared = cfg.shared_expert_intermediate_size
+    if shared % tp:
+        raise ValueError(f"tensor parallel size {tp} does not divide shared_expert_intermediate_size={shared}")

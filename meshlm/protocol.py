@@ -1,26 +1,33 @@
-"""What rank 0 sends to every rank each step, and what comes back.
+"""The messages between rank 0 and every rank: the envelope, the step plan and the step result.
 
-Typed commands over MPI: a ``Command`` tag and a dataclass payload. A step carries flat numpy
-arrays; a request's sampling parameters and prompt travel once, in the step that admits it.
+Rank 0 broadcasts one ``Envelope`` per step; the sampling rank sends a ``StepResult`` back when
+``returns_tokens(plan)``. On the wire both are flat byte buffers: a JSON header (kinds, request
+ids, sampling parameters, array dtypes and shapes) followed by the raw bytes of the numpy arrays.
+Nothing is pickled, so a rank never unpickles what arrives from the network. A request's sampling
+parameters and prompt travel once, in the step that first schedules it.
 """
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from meshlm.sampling_params import SamplingParams
 
+_HEADER_BYTES = np.dtype("<u8").itemsize  # the buffer starts with the JSON header's length
 
-class Command(enum.IntEnum):
-    STEP = 1
-    SHUTDOWN = 2
-    ABORT_JOB = 3  # rank 0 failed: every rank exits with an error
+
+class MessageKind(enum.IntEnum):
+    STEP = 1  # run ``plan``
+    SHUTDOWN = 2  # leave the worker loop; every rank then exits cleanly
 
 
 @dataclass(slots=True)
 class NewRequest:
+    """A request the ranks have not seen: sent once, with the step that first schedules it."""
+
     request_id: str
     params: SamplingParams
     prompt_token_ids: list[int]
@@ -54,8 +61,105 @@ class StepPlan:
         return np.diff(self.query_start_loc)
 
     @classmethod
-    def empty(cls, new_requests=None, finished_request_ids=None) -> "StepPlan":
+    def empty(cls, finished_request_ids: list[str] | None = None) -> "StepPlan":
         """A plan that only carries request bookkeeping (no forward)."""
         i64, i32 = np.zeros(0, np.int64), np.zeros(0, np.int32)
         return cls(i64, i64, i64, np.zeros(1, np.int32), i32, np.zeros((0, 1), np.int32), i64, [],
-                   new_requests or [], finished_request_ids or [])
+                   [], finished_request_ids or [])
+
+
+_PLAN_ARRAYS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
+                "sample_rows")
+
+
+def returns_tokens(plan: StepPlan) -> bool:
+    """Whether the step samples: the sampling rank then sends a StepResult to rank 0."""
+    return plan.num_tokens > 0 and len(plan.sample_rows) > 0
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One step's sampled tokens, on the host.
+
+    ``top_token_ids`` / ``top_logprobs`` have ``k_max`` columns, the most any row asked for; a row
+    that asked for ``k < k_max`` uses its first ``k`` columns only.
+    """
+
+    token_ids: np.ndarray  # int64 [num_rows]
+    logprobs: np.ndarray | None  # float32 [num_rows]: log-prob of each sampled token; None if no row asked
+    top_token_ids: np.ndarray | None  # int64 [num_rows, k_max]; None if k_max == 0
+    top_logprobs: np.ndarray | None  # float32 [num_rows, k_max]
+
+
+_RESULT_ARRAYS = ("token_ids", "logprobs", "top_token_ids", "top_logprobs")
+
+
+@dataclass(slots=True)
+class Envelope:
+    """What rank 0 broadcasts: a kind, and the plan when the kind is STEP."""
+
+    kind: MessageKind
+    plan: StepPlan | None = None
+
+
+# --- the wire format ---------------------------------------------------------------------------
+
+def encode_envelope(envelope: Envelope) -> np.ndarray:
+    header: dict = {"kind": int(envelope.kind)}
+    arrays: dict[str, np.ndarray] = {}
+    plan = envelope.plan
+    if plan is not None:
+        header["sample_request_ids"] = plan.sample_request_ids
+        header["finished_request_ids"] = plan.finished_request_ids
+        header["new_requests"] = [[r.request_id, r.params.to_dict(), r.prompt_token_ids]
+                                  for r in plan.new_requests]
+        arrays = {name: getattr(plan, name) for name in _PLAN_ARRAYS}
+    return _pack(header, arrays)
+
+
+def decode_envelope(buffer: np.ndarray) -> Envelope:
+    header, arrays = _unpack(buffer)
+    kind = MessageKind(header["kind"])
+    if kind != MessageKind.STEP:
+        return Envelope(kind)
+    new_requests = [NewRequest(rid, SamplingParams.from_dict(params), [int(t) for t in prompt])
+                    for rid, params, prompt in header["new_requests"]]
+    plan = StepPlan(**{name: arrays[name] for name in _PLAN_ARRAYS},
+                    sample_request_ids=header["sample_request_ids"], new_requests=new_requests,
+                    finished_request_ids=header["finished_request_ids"])
+    return Envelope(kind, plan)
+
+
+def encode_result(result: StepResult) -> np.ndarray:
+    arrays = {name: getattr(result, name) for name in _RESULT_ARRAYS if getattr(result, name) is not None}
+    return _pack({}, arrays)
+
+
+def decode_result(buffer: np.ndarray) -> StepResult:
+    _, arrays = _unpack(buffer)
+    return StepResult(**{name: arrays.get(name) for name in _RESULT_ARRAYS})
+
+
+def _pack(header: dict, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """``[header length: u8][JSON header][array bytes, in the header's order]`` as one uint8 array."""
+    header = {**header, "arrays": [[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    parts = [np.array([len(head)], dtype="<u8").view(np.uint8), np.frombuffer(head, np.uint8)]
+    parts += [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays.values()]
+    return np.concatenate(parts)
+
+
+def _unpack(buffer: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+    buffer = np.asarray(buffer, dtype=np.uint8)
+    head_len = int(buffer[:_HEADER_BYTES].view("<u8")[0])
+    offset = _HEADER_BYTES + head_len
+    header = json.loads(buffer[_HEADER_BYTES:offset].tobytes())
+    arrays = {}
+    for name, dtype, shape in header.pop("arrays"):
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape)) * dtype.itemsize
+        arrays[name] = buffer[offset:offset + size].view(dtype).reshape(shape).copy()
+        offset += size
+    if offset != len(buffer):
+        raise ValueError(f"a message of {len(buffer)} bytes holds {offset} bytes of header and arrays")
+    return header, arrays

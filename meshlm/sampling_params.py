@@ -111,6 +111,20 @@ class SamplingParams:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (tuples become lists); ``from_dict`` reverses it."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SamplingParams:
+        """Validated parameters from ``to_dict``'s output; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling parameters {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
     def for_sample(self, index: int) -> SamplingParams:
         """The parameters of the ``index``-th of the ``n`` samples: ``n=1`` and, when a seed is set,
         ``seed + index``, so the ``n`` samples differ from one another yet each is reproducible."""

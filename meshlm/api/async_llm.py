@@ -12,7 +12,6 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -26,8 +25,15 @@ log = logging.getLogger("meshlm")
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    submitted: float
-    first_output: float | None = None
+    whole: RequestOutput | None = None  # the deltas so far, accumulated
+
+    def accumulate(self, delta: RequestOutput) -> RequestOutput:
+        """The whole output after this delta (a copy the event loop may keep)."""
+        if self.whole is None:
+            self.whole = RequestOutput.accumulate(delta)
+        else:
+            self.whole.add(delta)
+        return RequestOutput.accumulate(self.whole)
 
 
 class AsyncLLM:
@@ -57,7 +63,7 @@ class AsyncLLM:
         """
         if self._error is not None:
             raise RuntimeError(f"the engine loop failed: {self._error}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._send(("submit", (prompt, params, request_id, stream), accepted))
         try:
@@ -87,7 +93,7 @@ class AsyncLLM:
         """Gauges for metrics; read without stopping the loop, so they may be one step old."""
         coordinator = self.coordinator
         return {"num_running": coordinator.num_running, "num_waiting": coordinator.num_waiting,
-                "kv_cache_usage": coordinator.kv.usage}
+                "kv_cache_usage": coordinator.kv_cache_usage}
 
     def _send(self, command) -> None:
         self._commands.put(command)
@@ -127,7 +133,7 @@ class AsyncLLM:
                         continue
                     if output.finished:
                         self._streams.pop(output.request_id, None)
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, stream.accumulate(output))
         except BaseException as exc:  # a failed step: every waiting client hears of it
             self._error = exc
             log.exception("engine loop failed")

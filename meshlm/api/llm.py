@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from meshlm.config import EngineArgs
+from meshlm.engine.interface import EngineCore
+from meshlm.executor.model_runner import ModelRunner
 from meshlm.engine.outputs import RequestOutput
 from meshlm.sampling_params import SamplingParams
 
@@ -34,6 +36,19 @@ class LLM:
     def tokenizer(self):
         return self._coordinator.tokenizer
 
+    @property
+    def engine_core(self) -> EngineCore:
+        """Rank 0's engine: the coordinator, or a proxy to it when the ranks run under mpiexec."""
+        return self._coordinator
+
+    def local_model_runner(self) -> ModelRunner:
+        """Rank 0's model runner when it runs in this process (for checks and benchmarks)."""
+        dispatcher = getattr(self._coordinator, "dispatcher", None)
+        if dispatcher is None:
+            raise RuntimeError("the model runs in other processes (started under mpiexec); "
+                               "it has no model runner in this process")
+        return dispatcher.runner
+
     # --- generation ----------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -45,10 +60,12 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         bar = _progress(len(ids)) if use_tqdm else None
         for output in self._run(set(ids)):
-            if output.finished:
-                final[output.request_id] = output
-                if bar is not None:
-                    bar.update(1)
+            if output.finished and bar is not None:
+                bar.update(1)
+            if output.request_id in final:
+                final[output.request_id].add(output)
+            else:
+                final[output.request_id] = RequestOutput.accumulate(output)
         if bar is not None:
             bar.close()
         return [final[i] for i in ids]
@@ -61,15 +78,27 @@ class LLM:
         prompts = [self._coordinator.tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params)
 
-    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                        output_kind: str = "cumulative") -> Iterator[RequestOutput]:
         """Yield the request's output after every step that adds to it; the last one is finished.
 
-        Text is cumulative; ``text[len(previous.text):]`` is the new part.
+        ``output_kind="cumulative"``: each output holds everything so far. ``"delta"``: only what
+        is new since the previous one (vLLM's RequestOutputKind.DELTA).
         """
+        if output_kind not in ("cumulative", "delta"):
+            raise ValueError(f"output_kind={output_kind!r}; choose cumulative or delta")
         (request_id,) = self._submit_all([prompt], [sampling_params or SamplingParams()])
+        whole = None
         try:
             for output in self._run({request_id}):
-                yield output
+                if output_kind == "delta":
+                    yield output
+                    continue
+                if whole is None:
+                    whole = RequestOutput.accumulate(output)
+                else:
+                    whole.add(output)
+                yield RequestOutput.accumulate(whole)  # a copy: the caller may keep it
         finally:
             if self._coordinator.abort(request_id):  # the caller stopped early
                 self._drain()

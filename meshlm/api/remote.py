@@ -15,7 +15,12 @@ import threading
 import time
 from multiprocessing.connection import Listener
 
-from meshlm.config import EngineArgs
+from meshlm.api.messages import (AbortCall, Call, EngineState, Hello, ResetPrefixCacheCall, ShutdownCall,
+                                 StepCall, SubmitCall, decode_hello, decode_reply, encode_call)
+from meshlm.config import EngineArgs, EngineConfig
+from meshlm.engine.outputs import RequestOutput
+from meshlm.engine.tokenizer import Tokenizer
+from meshlm.sampling_params import SamplingParams
 
 log = logging.getLogger("meshlm")
 
@@ -23,63 +28,84 @@ _CONNECT_TIMEOUT_S = 900  # loading a large model can take minutes
 
 
 class RemoteCoordinator:
-    """Forwards Coordinator calls to rank 0 of an MPI world this process started."""
+    """Rank 0's coordinator seen from the plain process that started the MPI world: every call
+    travels as a typed message (``meshlm.api.messages``); implements ``EngineCore``."""
 
-    def __init__(self, proc: subprocess.Popen, conn, tokenizer):
+    def __init__(self, proc: subprocess.Popen, conn, tokenizer: Tokenizer | None, hello: Hello):
         self._proc, self._conn = proc, conn
         self.tokenizer = tokenizer
+        self.max_model_len = hello.max_model_len
+        self.vocab_size = hello.vocab_size
+        self.num_kv_blocks = hello.num_kv_blocks
+        self._state = EngineState()
         self._lock = threading.Lock()
 
     @classmethod
-    def launch(cls, args: EngineArgs, num_ranks: int) -> "RemoteCoordinator":
+    def launch(cls, args: EngineArgs, config: EngineConfig) -> "RemoteCoordinator":
+        """Start ``config.parallel.world_size`` ranks under mpiexec and connect to rank 0."""
         from meshlm.launcher.world import mpiexec_command
-        from meshlm.api.build import check_layout
-        from meshlm.weights.model_config import ModelConfig
-        from meshlm.weights.default_model import resolve_model
-        from meshlm.engine.tokenizer import Tokenizer
-
-        model_dir = resolve_model(args.model)  # fetch the default model once, here
-        check_layout(ModelConfig.from_dir(model_dir), args)  # fail before starting any rank
-        args = EngineArgs(**{**{k: getattr(args, k) for k in args.__slots__}, "model": str(model_dir)})
+        args = EngineArgs(**{**{k: getattr(args, k) for k in args.__slots__}, "model": str(config.model_dir)})
         authkey = secrets.token_hex(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey.encode())
         host, port = listener.address
-        cmd = mpiexec_command(num_ranks, [sys.executable, "-m", "meshlm.api.remote_rank0",
-                                          "--connect", f"{host}:{port}", *args.to_cli()])
+        cmd = mpiexec_command(config.parallel.world_size, [sys.executable, "-m", "meshlm.api.remote_rank0",
+                                                           "--connect", f"{host}:{port}", *args.to_cli()])
         proc = subprocess.Popen(cmd, env={**os.environ, "MESHLM_RPC_AUTHKEY": authkey})
         conn = _accept(listener, proc)
-        return cls(proc, conn, Tokenizer(model_dir))
+        hello = decode_hello(conn.recv_bytes())
+        tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model_dir)
+        return cls(proc, conn, tokenizer, hello)
 
-    def _call(self, method: str, *args, **kwargs):
+    def _call(self, call: Call):
         with self._lock:
             try:
-                self._conn.send((method, args, kwargs))
-                ok, value = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError):
+                self._conn.send_bytes(encode_call(call))
+                reply = decode_reply(self._conn.recv_bytes(), call)
+            except (EOFError, OSError):
                 code = self._proc.wait(timeout=60)
-                raise RuntimeError(f"the {method}() call failed: the MPI ranks ended (mpiexec exit code "
-                                   f"{code}); their output above names the rank") from None
-        if not ok:
-            raise value
-        return value
+                raise RuntimeError(f"the {type(call).__name__} failed: the MPI ranks ended (mpiexec exit "
+                                   f"code {code}); their output above names the rank") from None
+            self._state = reply.state
+        if reply.error is not None:
+            raise (KeyError if reply.error_type == "KeyError" else ValueError)(reply.error)
+        return reply.value
 
-    def submit(self, *args, **kwargs):
-        return self._call("submit", *args, **kwargs)
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               request_id: str | None = None, prompt_text: str | None = None) -> str:
+        return self._call(SubmitCall(prompt, params or SamplingParams(), request_id, prompt_text))
 
     def abort(self, request_id: str) -> bool:
-        return self._call("abort", request_id)
+        return self._call(AbortCall(request_id))
 
-    def step(self):
-        return self._call("step")
+    def step(self) -> list[RequestOutput]:
+        return self._call(StepCall())
+
+    def reset_prefix_cache(self) -> None:
+        self._call(ResetPrefixCacheCall())
 
     def has_unfinished(self) -> bool:
-        return self._call("has_unfinished")
+        return self._state.has_unfinished
+
+    def has_pending_notices(self) -> bool:
+        return self._state.has_pending_notices
+
+    @property
+    def num_running(self) -> int:
+        return self._state.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._state.num_waiting
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self._state.kv_cache_usage
 
     def shutdown(self) -> None:
         if self._proc is None:
             return
         try:
-            self._call("shutdown")
+            self._call(ShutdownCall())
         except RuntimeError:
             pass
         try:

@@ -9,33 +9,54 @@ import argparse
 import sys
 from multiprocessing.connection import Client
 
+from meshlm.api.messages import (AbortCall, EngineState, Hello, Reply, ResetPrefixCacheCall, ShutdownCall, StepCall,
+                                 SubmitCall, decode_call, encode_hello, encode_reply)
 from meshlm.config import EngineArgs
+from meshlm.engine.coordinator import Coordinator
 
 
-def serve(coordinator, address: str) -> None:
+def serve(coordinator: Coordinator, address: str) -> None:
     """Rank 0: answer the parent's calls until it asks to shut down or goes away."""
     from meshlm.launcher import env
     host, port = address.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=(env.get("MESHLM_RPC_AUTHKEY") or "").encode())
-    methods = {"submit", "abort", "step", "has_unfinished"}
+    conn.send_bytes(encode_hello(Hello(coordinator.max_model_len, coordinator.vocab_size,
+                                       coordinator.num_kv_blocks)))
     try:
         while True:
             try:
-                method, args, kwargs = conn.recv()
+                data = conn.recv_bytes()
             except EOFError:
                 break
-            if method == "shutdown":
-                conn.send((True, None))
+            reply, is_shutdown = _answer(coordinator, data)
+            conn.send_bytes(encode_reply(reply))
+            if is_shutdown:
                 break
-            if method not in methods:
-                conn.send((False, ValueError(f"unknown call {method!r}")))
-                continue
-            try:
-                conn.send((True, getattr(coordinator, method)(*args, **kwargs)))
-            except (ValueError, KeyError) as exc:  # bad input: report, keep serving
-                conn.send((False, exc))
     finally:
         coordinator.shutdown()
+
+
+def _answer(coordinator: Coordinator, data: bytes) -> tuple[Reply, bool]:
+    """The reply to one call, and whether the call asks rank 0 to shut down."""
+    call = None
+    try:
+        call = decode_call(data)
+        if isinstance(call, SubmitCall):
+            value = coordinator.submit(call.prompt, call.params, call.request_id, call.prompt_text)
+        elif isinstance(call, AbortCall):
+            value = coordinator.abort(call.request_id)
+        elif isinstance(call, StepCall):
+            value = coordinator.step()
+        elif isinstance(call, ResetPrefixCacheCall):
+            value = coordinator.reset_prefix_cache()
+        else:
+            value = None
+        reply = Reply(value)
+    except (ValueError, KeyError, TypeError) as exc:  # bad input: report it, keep serving
+        reply = Reply(None, type(exc).__name__, str(exc))
+    reply.state = EngineState(coordinator.has_unfinished(), coordinator.has_pending_notices(),
+                              coordinator.num_running, coordinator.num_waiting, coordinator.kv_cache_usage)
+    return reply, isinstance(call, ShutdownCall)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from meshlm.parallel.mapping import Mapping
-from meshlm.config import EngineArgs
+from meshlm.config import EngineArgs, EngineConfig
 
 log = logging.getLogger("meshlm")
 
@@ -15,40 +15,42 @@ log = logging.getLogger("meshlm")
 def start_runtime(args: EngineArgs):
     """Return rank 0's coordinator (or a proxy to it). Other ranks serve steps here, then exit."""
     from meshlm.launcher.world import launched_by_mpi
-    num_ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    config = EngineConfig.from_args(args)  # resolves the model and checks the layout, before any rank starts
     if launched_by_mpi():
-        return start_in_mpi_world(args, num_ranks)
-    if num_ranks == 1:
-        from meshlm.api.build import build_local_coordinator
-        return build_local_coordinator(args)
+        return start_in_mpi_world(config)
+    if config.parallel.world_size == 1:
+        from meshlm.api.build import RankRuntime
+        from meshlm.engine.dispatch import LocalDispatcher
+        runtime = RankRuntime(config, Mapping())
+        return runtime.make_coordinator(LocalDispatcher(runtime.runner))
     from meshlm.api.remote import RemoteCoordinator
-    return RemoteCoordinator.launch(args, num_ranks)
+    return RemoteCoordinator.launch(args, config)
 
 
-def start_in_mpi_world(args: EngineArgs, num_ranks: int):
+def start_in_mpi_world(config: EngineConfig):
+    from meshlm.api.build import RankRuntime
+    from meshlm.engine.dispatch import LocalDispatcher, MPIDispatcher
+    from meshlm.executor.worker import worker_loop
     from meshlm.launcher.logging import set_rank_description, setup_logging
     from meshlm.launcher.world import check_gpus_per_node, init_world
-    from meshlm.api.build import RankRuntime
-    from meshlm.engine.dispatch import MPIDispatcher
-    from meshlm.executor.worker import worker_loop
 
     world = init_world()
-    if world.size != num_ranks:
-        raise ValueError(f"the MPI world has {world.size} ranks but tp={args.tensor_parallel_size} x "
-                         f"pp={args.pipeline_parallel_size} needs {num_ranks}; start "
-                         f"mpiexec -n {num_ranks}")
-    check_gpus_per_node(world, args.device)
-    mapping = Mapping(world.size, world.rank, args.tensor_parallel_size, args.pipeline_parallel_size,
-                      args.moe_expert_parallel_size or 1, gpus_per_node=max(1, world.local_size))
+    parallel = config.parallel
+    if world.size != parallel.world_size:
+        raise ValueError(f"the MPI world has {world.size} ranks but tp={parallel.tensor_parallel_size} x "
+                         f"pp={parallel.pipeline_parallel_size} needs {parallel.world_size}; start "
+                         f"mpiexec -n {parallel.world_size}")
+    check_gpus_per_node(world, config.device)
+    mapping = Mapping(world.size, world.rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                      parallel.moe_expert_parallel_size or 1, gpus_per_node=max(1, world.local_size))
     setup_logging(world.rank, mapping.describe())
     set_rank_description(mapping.describe())
-    runtime = RankRuntime(args, mapping, world.local_rank, world.comm if world.size > 1 else None)
+    runtime = RankRuntime(config, mapping, world.local_rank, world.comm if world.size > 1 else None)
     if world.rank != 0:
-        worker_loop(runtime.engine, world)
+        worker_loop(runtime.runner, world)
         sys.exit(0)
     if world.size == 1:
-        from meshlm.engine.dispatch import LocalDispatcher
-        return runtime.make_coordinator(LocalDispatcher(runtime.engine))
-    executor = MPIDispatcher(runtime.engine, world)
-    atexit.register(executor.shutdown)
-    return runtime.make_coordinator(executor)
+        return runtime.make_coordinator(LocalDispatcher(runtime.runner))
+    dispatcher = MPIDispatcher(runtime.runner, world)
+    atexit.register(dispatcher.shutdown)
+    return runtime.make_coordinator(dispatcher)

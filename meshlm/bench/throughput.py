@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from meshlm.bench.dataset import BenchRequest, Workload
 from meshlm.bench.metrics import RequestRecord, latency_samples_ms, summarize
 from meshlm.config import EngineArgs
+from meshlm.engine.interface import EngineCore
 from meshlm.sampling_params import SamplingParams
 
 
@@ -43,22 +44,21 @@ class ThroughputOptions:
 @dataclass(slots=True)
 class OfflineRun:
     records: list[RequestRecord]
-    peak_kv_cache_usage: float | None  # None: the coordinator is remote and its pool not visible
+    peak_kv_cache_usage: float  # the largest fraction of the KV pool in use after a step
 
 
 def greedy_params(output_len: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
 
-def run_offline(coordinator, requests: list[BenchRequest], max_concurrency: int | None = None,
+def run_offline(coordinator: EngineCore, requests: list[BenchRequest], max_concurrency: int | None = None,
                 desc: str = "benchmark", show_progress: bool = True) -> OfflineRun:
     """Submit the requests (at most ``max_concurrency`` unfinished at once) and step until all end.
 
     Every output token is stamped when the step that produced it returns on rank 0.
     """
     from tqdm import tqdm
-    kv = getattr(coordinator, "kv", None)
-    peak = 0.0 if kv is not None else None
+    peak = 0.0
     records: list[RequestRecord | None] = [None] * len(requests)
     queue, inflight = deque(range(len(requests))), {}  # inflight: request id -> index
     bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not show_progress)
@@ -75,15 +75,14 @@ def run_offline(coordinator, requests: list[BenchRequest], max_concurrency: int 
     while inflight:
         outputs = coordinator.step()
         now = time.perf_counter()
-        if kv is not None:
-            peak = max(peak, kv.usage)
-        for out in outputs:
+        peak = max(peak, coordinator.kv_cache_usage)
+        for out in outputs:  # deltas: each carries the tokens of this step
             i = inflight.get(out.request_id)
             if i is None:
                 continue
-            record, num_tokens = records[i], len(out.outputs[0].token_ids)
-            record.token_times += [now] * (num_tokens - record.num_output_tokens)
-            record.num_output_tokens = num_tokens
+            record, num_new = records[i], sum(len(c.token_ids) for c in out.outputs)
+            record.token_times += [now] * num_new
+            record.num_output_tokens += num_new
             if out.finished:
                 record.end = now
                 del inflight[out.request_id]
@@ -97,7 +96,7 @@ def run_offline(coordinator, requests: list[BenchRequest], max_concurrency: int 
 
 def vocab_size_for_prompts(coordinator) -> int:
     """Random prompt ids come from the tokenizer's vocabulary (and lie inside the model's)."""
-    sizes = [getattr(coordinator, "vocab_size", None)]
+    sizes = [coordinator.vocab_size]
     if coordinator.tokenizer is not None:
         sizes.append(coordinator.tokenizer.vocab_size)
     sizes = [s for s in sizes if s]
@@ -128,48 +127,40 @@ def device_name(args: EngineArgs) -> str:
     import torch
     from meshlm.api.build import pick_device
     local = torch.cuda.current_device() if torch.cuda.is_available() else 0
-    device = pick_device(args, local)
+    device = pick_device(args.device, local)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _config(args: EngineArgs, opts: ThroughputOptions, coordinator, num_prompts: int) -> dict:
     from meshlm import __version__
     from meshlm.weights.default_model import DEFAULT_MODEL_NAME
-    kv = getattr(coordinator, "kv", None)
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     return {
         "backend": "meshlm", "mode": "offline", "model": args.model or DEFAULT_MODEL_NAME,
-        "tp": tp, "pp": pp, "ep": args.moe_expert_parallel_size or 1, "num_gpus": tp * pp,
+        "tp": tp, "pp": pp, "ep": args.moe_expert_parallel_size or 1, "num_gpus": args.world_size,
         "device": device_name(args), "dtype": args.dtype, **opts.workload.describe(num_prompts),
-        "max_concurrency": opts.concurrencies[-1], "max_model_len": getattr(coordinator, "max_model_len", None),
+        "max_concurrency": opts.concurrencies[-1], "max_model_len": coordinator.max_model_len,
         "max_num_tokens": args.max_num_tokens, "max_batch_size": args.max_batch_size,
-        "block_size": args.block_size, "num_kv_blocks": kv.num_blocks if kv is not None else None,
+        "block_size": args.block_size, "num_kv_blocks": coordinator.num_kv_blocks,
         "enable_prefix_caching": args.enable_prefix_caching,
         "meshlm_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _reset_prefix_cache(coordinator) -> None:
-    # Each measured run starts cold, so no run reuses the prompts of the one before.
-    kv = getattr(coordinator, "kv", None)
-    if kv is not None:
-        kv.reset_prefix_cache()
-
-
-def benchmark(coordinator, args: EngineArgs, opts: ThroughputOptions) -> tuple[dict, dict[str, list[float]]]:
+def benchmark(coordinator: EngineCore, args: EngineArgs, opts: ThroughputOptions) -> tuple[dict, dict[str, list[float]]]:
     """Warm up, then one measured run per concurrency. Returns the result and the latency samples
     (ms) of its last run, for the plot."""
     vocab = vocab_size_for_prompts(coordinator)
-    max_len = getattr(coordinator, "max_model_len", None)
+    max_len = coordinator.max_model_len
     requests = as_token_ids(coordinator, opts.workload.requests(vocab), max_len)
     warmup = as_token_ids(coordinator, opts.workload.warmup_requests(requests, vocab), max_len)
     if warmup:
         run_offline(coordinator, warmup, opts.concurrencies[-1], "warm-up", opts.show_progress)
-    num_gpus = args.tensor_parallel_size * args.pipeline_parallel_size
+    num_gpus = args.world_size
     points, samples = [], {}
     for c in opts.concurrencies:
-        _reset_prefix_cache(coordinator)
+        coordinator.reset_prefix_cache()  # each run starts cold: none reuses the prompts of the one before
         desc = "benchmark" if c is None else f"concurrency {c}"
         run = run_offline(coordinator, requests, c, desc, opts.show_progress)
         points.append({"max_concurrency": c, **summarize(run.records, num_gpus),

@@ -1,35 +1,27 @@
-"""Rank 0's loop: accept requests, schedule a step, have every rank run it, turn tokens into text.
+"""Rank 0's loop: accept requests, schedule a step, have every rank run it, emit what it produced.
 
-The Coordinator talks to the ranks through an executor (``execute(plan) -> SamplerOutput``):
-the local engine when there is one rank, an MPI broadcast to all ranks otherwise.
+The Coordinator talks to the ranks through a StepDispatcher (``execute(plan) -> StepResult``):
+its own model runner when there is one rank, an MPI broadcast to all ranks otherwise. The
+scheduler owns every sequence's state (tokens, stops, finishing); the coordinator groups the
+``n`` sequences of a request and turns what changed in a step into ``RequestOutput`` deltas.
 """
 from __future__ import annotations
 
 import itertools
-import logging
-import time
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-from meshlm.config import SchedulerConfig
+from meshlm.config import EngineConfig
+from meshlm.engine.dispatch import StepDispatcher
 from meshlm.engine.kv_cache import KVCacheManager
-from meshlm.engine.outputs import RequestOutput, SequenceOutputState
-from meshlm.protocol import NewRequest, StepPlan
-from meshlm.engine.request import Request, RequestStatus
-from meshlm.executor.sampler import SamplerOutput
-from meshlm.sampling_params import SamplingParams
+from meshlm.engine.outputs import RequestOutput
+from meshlm.engine.request import Request
 from meshlm.engine.scheduler import Scheduler, SchedulerOutput
-from meshlm.engine.tokenizer import Tokenizer
-
-log = logging.getLogger("meshlm")
-
-
-class Executor(Protocol):
-    def execute(self, plan: StepPlan) -> SamplerOutput | None: ...
-
-    def shutdown(self) -> None: ...
+from meshlm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from meshlm.protocol import NewRequest, StepPlan
+from meshlm.sampling_params import SamplingParams
 
 
 @dataclass(slots=True, eq=False)
@@ -39,34 +31,36 @@ class _Group:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    sequences: list[SequenceOutputState]
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
+    sequences: list[Request]
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.sequences)
+        return all(s.is_finished for s in self.sequences)
 
-    def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [s.output() for s in self.sequences], self.finished,
-                             min(s.request.num_cached_prompt_tokens for s in self.sequences))
+    def take_output(self) -> RequestOutput | None:
+        """The delta of every sequence that progressed since the last call; None if none did."""
+        deltas = [d for d in (s.take_output() for s in self.sequences) if d is not None]
+        if not deltas:
+            return None
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, deltas, self.finished,
+                             min(s.num_cached_prompt_tokens for s in self.sequences))
 
 
 class Coordinator:
-    def __init__(self, executor: Executor, tokenizer: Tokenizer, scheduler_config: SchedulerConfig,
-                 num_blocks: int, block_size: int, max_model_len: int, eos_token_ids: Sequence[int],
-                 vocab_size: int, enable_prefix_caching: bool = True):
-        self.executor = executor
+    """Rank 0's engine core; implements ``meshlm.engine.interface.EngineCore``."""
+
+    def __init__(self, dispatcher: StepDispatcher, config: EngineConfig, tokenizer: Tokenizer | None,
+                 num_blocks: int, eos_token_ids: Sequence[int]):
+        self.dispatcher = dispatcher
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
-        self.eos_token_ids = tuple(eos_token_ids)
-        self.vocab_size = vocab_size
-        self.block_size = block_size
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, self.kv)
+        self.max_model_len = config.max_model_len
+        self.vocab_size = config.model.vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_size = config.cache.block_size
+        self.kv = KVCacheManager(num_blocks, self.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
         self._groups: dict[str, _Group] = {}
-        self._seq_state: dict[str, tuple[_Group, SequenceOutputState]] = {}
+        self._group_of: dict[str, _Group] = {}  # sequence id -> its group
         self._known_to_workers: set[str] = set()
         self._finished_ids: list[str] = []
         self._request_counter = itertools.count()
@@ -88,25 +82,23 @@ class Coordinator:
         request_id = request_id or f"req-{next(self._request_counter)}"
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        group = _Group(request_id, prompt_text, token_ids, [])
-        requests = []
-        for i in range(params.n):
-            seq_params = params if params.n == 1 else params.for_sample(i)
-            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            request = Request(seq_id, list(token_ids), seq_params, arrival_index=next(self._arrival_counter))
-            state = SequenceOutputState.create(request, i, self.tokenizer, self._stop_ids(seq_params),
-                                               self.max_model_len)
-            group.sequences.append(state)
-            requests.append(request)
-        for request in requests:
+        group = _Group(request_id, prompt_text, token_ids,
+                       [self._new_sequence(request_id, token_ids, params, i) for i in range(params.n)])
+        for request in group.sequences:
             self.scheduler.add(request)  # validated per request; the first one raises if any would
         self._groups[request_id] = group
-        for state in group.sequences:
-            self._seq_state[state.request.request_id] = (group, state)
+        for request in group.sequences:
+            self._group_of[request.request_id] = group
         return request_id
 
-    def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
-        return () if params.ignore_eos else self.eos_token_ids
+    def _new_sequence(self, request_id: str, token_ids: list[int], params: SamplingParams, index: int) -> Request:
+        seq_params = params if params.n == 1 else params.for_sample(index)
+        detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(
+            self.tokenizer, token_ids, seq_params.skip_special_tokens)
+        return Request(request_id if params.n == 1 else f"{request_id}#{index}", list(token_ids), seq_params,
+                       arrival_index=next(self._arrival_counter), index=index,
+                       eos_token_ids=frozenset() if seq_params.ignore_eos else self.eos_token_ids,
+                       max_model_len=self.max_model_len, detokenizer=detokenizer)
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -122,14 +114,13 @@ class Coordinator:
 
     def abort(self, request_id: str) -> bool:
         """Abort a request and free its KV blocks; False if it is unknown or already finished."""
-        group = self._groups.get(request_id)
+        group = self._groups.pop(request_id, None)
         if group is None:
             return False
-        for state in group.sequences:
-            if not state.finished:
-                state.abort()
-                self._retire(state)
-        self._groups.pop(request_id, None)
+        for request in group.sequences:
+            if not request.is_finished:
+                self.scheduler.abort(request.request_id)
+            self._forget(request)
         return True
 
     def has_unfinished(self) -> bool:
@@ -147,26 +138,47 @@ class Coordinator:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv.usage
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prefixes (a benchmark's warm-up should not help its measurement)."""
+        self.kv.reset_prefix_cache()
+
     # --- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one step; returns the outputs of the requests that progressed."""
+        """Schedule and run one step; returns the deltas of the requests that progressed."""
         sched = self.scheduler.schedule()
-        outgrown: dict[str, _Group] = {}
-        for request in sched.finished:  # outgrew the whole KV pool: finished by the scheduler
-            group, state = self._seq_state[request.request_id]
-            state._finish(RequestStatus.FINISHED_LENGTH, None)
-            self._retire(state, already_finished=True)
-            outgrown[group.request_id] = group
+        progressed = [self._group_of[r.request_id] for r in sched.finished]  # outgrew the KV pool
         if sched.is_empty:
             if self._finished_ids:
-                self.executor.execute(StepPlan.empty(finished_request_ids=self._take_finished()))
-            return [g.output() for g in outgrown.values()]
-        plan = self._build_plan(sched)
-        result = self.executor.execute(plan)
-        self.scheduler.update_after_step(sched)
-        outputs = self._process(sched, result)
-        reported = {o.request_id for o in outputs}
-        return outputs + [g.output() for rid, g in outgrown.items() if rid not in reported]
+                self.dispatcher.execute(StepPlan.empty(finished_request_ids=self._take_finished()))
+        else:
+            result = self.dispatcher.execute(self._build_plan(sched))
+            progressed += [self._group_of[r.request_id] for r in self.scheduler.update_from_output(sched, result)]
+        outputs = []
+        for group in dict.fromkeys(progressed):  # each group once, in order
+            output = group.take_output()
+            if output is not None:
+                outputs.append(output)
+            for request in group.sequences:
+                if request.is_finished:
+                    self._forget(request)
+            if group.finished:
+                self._groups.pop(group.request_id, None)
+        return outputs
+
+    def _forget(self, request: Request) -> None:
+        """A finished sequence: the workers drop its sampling state with the next step."""
+        self._group_of.pop(request.request_id, None)
+        if request.request_id in self._known_to_workers:
+            self._known_to_workers.discard(request.request_id)
+            self._finished_ids.append(request.request_id)
 
     def _take_finished(self) -> list[str]:
         ids, self._finished_ids = self._finished_ids, []
@@ -187,56 +199,26 @@ class Coordinator:
                 c.request.all_token_ids[c.request.num_computed_tokens:c.request.num_computed_tokens + c.num_new_tokens]
                 for c in chunks), dtype=np.int64, count=int(query_start_loc[-1]))
         max_blocks = max(len(c.request.block_ids) for c in chunks)
-        block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
+        block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)  # [num_seqs, max_blocks]
         for i, c in enumerate(chunks):
             block_tables[i, :len(c.request.block_ids)] = c.request.block_ids
         slot_mapping = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         sample_rows = np.array([i for i, c in enumerate(chunks) if c.is_sampling], dtype=np.int64)
-        new_requests = []
-        for c in chunks:
-            rid = c.request.request_id
-            if rid not in self._known_to_workers:
-                self._known_to_workers.add(rid)
-                new_requests.append(NewRequest(rid, c.request.params, list(c.request.prompt_token_ids)))
         return StepPlan(
             input_ids=input_ids, positions=positions.astype(np.int64), slot_mapping=slot_mapping,
             query_start_loc=query_start_loc, seq_lens=(starts + query_lens).astype(np.int32),
             block_tables=block_tables, sample_rows=sample_rows,
             sample_request_ids=[chunks[i].request.request_id for i in sample_rows],
-            new_requests=new_requests, finished_request_ids=self._take_finished())
+            new_requests=self._new_to_workers(sched), finished_request_ids=self._take_finished())
 
-    def _process(self, sched: SchedulerOutput, result: SamplerOutput | None) -> list[RequestOutput]:
-        progressed: dict[str, _Group] = {}
-        sampled = [c for c in sched.chunks if c.is_sampling]
-        now = time.monotonic()
-        for row, chunk in enumerate(sampled):
-            group, state = self._seq_state[chunk.request.request_id]
-            if state.finished:  # aborted while the step ran
-                continue
-            top = None
-            if result.top_token_ids is not None and state.request.params.logprobs:
-                k = state.request.params.logprobs
-                top = dict(zip(result.top_token_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist()))
-            logprob = float(result.logprobs[row]) if result.logprobs is not None else None
-            state.append(int(result.token_ids[row]), logprob, top)
-            if group.first_token_time is None:
-                group.first_token_time = now
-            progressed[group.request_id] = group
-            if state.finished:
-                self._retire(state, already_finished=False)
-        return [g.output() for g in progressed.values()]
-
-    def _retire(self, state: SequenceOutputState, already_finished: bool = False) -> None:
-        """A sequence is done: free its blocks, tell the workers, drop the group once all are done."""
-        request = state.request
-        if not already_finished:
-            self.scheduler.finish(request, state.status)
-        if request.request_id in self._known_to_workers:
-            self._known_to_workers.discard(request.request_id)
-            self._finished_ids.append(request.request_id)
-        group, _ = self._seq_state.pop(request.request_id)
-        if group.finished:
-            self._groups.pop(group.request_id, None)
+    def _new_to_workers(self, sched: SchedulerOutput) -> list[NewRequest]:
+        new_requests = []
+        for c in sched.chunks:
+            request = c.request
+            if request.request_id not in self._known_to_workers:
+                self._known_to_workers.add(request.request_id)
+                new_requests.append(NewRequest(request.request_id, request.params, list(request.prompt_token_ids)))
+        return new_requests
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.dispatcher.shutdown()

@@ -1,60 +1,57 @@
 """How rank 0 has a step run: on its own model runner alone, or on every rank of the MPI world.
 
-The coordinator calls ``execute(plan)`` on one of these dispatchers and gets the sampled tokens
-back; it does not know how many ranks there are.
+The coordinator calls ``execute(plan)`` on a StepDispatcher and gets the sampled tokens back; it
+does not know how many ranks there are.
 """
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 from meshlm.executor.model_runner import ModelRunner
-from meshlm.executor.worker import RESULT_TAG
+from meshlm.executor.worker import StepChannel
 from meshlm.launcher.world import StepWatchdog, World
-from meshlm.protocol import Command, StepPlan
-from meshlm.executor.sampler import SamplerOutput
-
-log = logging.getLogger("meshlm")
+from meshlm.protocol import Envelope, MessageKind, StepPlan, StepResult, returns_tokens
 
 
 class StepDispatcher(Protocol):
-    def execute(self, plan: StepPlan) -> SamplerOutput | None: ...
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Run the step on every rank; the sampled tokens when the plan samples, else None."""
 
-    def shutdown(self) -> None: ...
+    def shutdown(self) -> None:
+        """Stop every rank; later calls do nothing."""
 
 
 class LocalDispatcher:
-    """One rank: the coordinator calls its own engine."""
+    """One rank: the coordinator's own model runner runs the step."""
 
-    def __init__(self, engine: ModelRunner):
-        self.engine = engine
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
 
-    def execute(self, plan):
-        return self.engine.execute(plan)
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        return self.runner.execute(plan)
 
-    def shutdown(self):
-        self.engine.shutdown()
-
+    def shutdown(self) -> None:
+        self.runner.shutdown()
 
 
 class MPIDispatcher:
-    """Rank 0's side: broadcast each plan, run rank 0's own shard, collect the sampled tokens."""
+    """Rank 0 of several: broadcast each plan, run rank 0's own shard, collect the sampled tokens."""
 
-    def __init__(self, engine: ModelRunner, world: World):
-        self.engine = engine
+    def __init__(self, runner: ModelRunner, world: World):
+        self.runner = runner
         self.world = world
-        self.sampler_rank = engine.mapping.sampler_rank
+        self.channel = StepChannel(world.comm, runner.mapping.sampler_rank)
         self.watchdog = StepWatchdog(world)
         self._closed = False
 
-    def execute(self, plan: StepPlan) -> SamplerOutput | None:
-        """Blocks until every rank has run the step and the sampler rank's tokens arrived."""
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Blocks until every rank has run the step and the sampling rank's tokens arrived."""
         self.watchdog.begin()
         try:
-            self.world.comm.bcast((Command.STEP, plan), root=0)
-            result = self.engine.execute(plan)
-            if self.sampler_rank != 0 and plan.num_tokens and len(plan.sample_rows):
-                result = self.world.comm.recv(source=self.sampler_rank, tag=RESULT_TAG)
+            self.channel.broadcast(Envelope(MessageKind.STEP, plan))
+            result = self.runner.execute(plan)
+            if self.channel.sampler_rank != 0 and returns_tokens(plan):
+                result = self.channel.recv_result()
             return result
         finally:
             self.watchdog.end()
@@ -63,8 +60,6 @@ class MPIDispatcher:
         if self._closed:
             return
         self._closed = True
-        self.world.comm.bcast((Command.SHUTDOWN, None), root=0)
-        self.engine.shutdown()
+        self.channel.broadcast(Envelope(MessageKind.SHUTDOWN))
+        self.runner.shutdown()
         self.world.comm.Barrier()
-
-

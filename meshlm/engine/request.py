@@ -1,9 +1,13 @@
-"""A request as rank 0 tracks it: tokens, progress through the KV cache, and its blocks."""
+"""A sequence as rank 0 tracks it: its tokens, its progress through the KV cache, its blocks, and
+why it stopped. The scheduler owns every Request: it appends sampled tokens
+(``Scheduler.update_from_output``), which decides here whether the sequence is finished."""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
+from meshlm.engine.outputs import CompletionOutput
+from meshlm.engine.tokenizer import IncrementalDetokenizer
 from meshlm.sampling_params import SamplingParams
 
 
@@ -26,18 +30,31 @@ class Request:
     Invariant: the KV cache holds the first ``num_computed_tokens`` of ``all_token_ids``; the
     rest are computed by later steps. After preemption (recompute) ``num_computed_tokens`` drops
     to 0 and the outputs so far are kept, so the sequence resumes where it stopped.
+
+    Text: each appended token is detokenized once; the new text waits in ``_pending_text`` until
+    ``take_output`` hands it out, minus a tail that could still become a stop string.
     """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_index: int = 0
+    index: int = 0  # which of its group's n samples
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int | None = None
+    detokenizer: IncrementalDetokenizer | None = None  # None: the tokenizer is off
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
+    _num_tokens_taken: int = 0  # output tokens already handed out by take_output
+    _is_finish_taken: bool = False  # take_output has handed out the finish reason
+    _released_tail: str = ""  # the end of the text handed out, where a stop string may begin
+    _pending_text: str = ""
+    _pending_logprobs: list[dict[int, float]] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -51,10 +68,90 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
-
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    # --- the output ----------------------------------------------------------------------------
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> RequestStatus | None:
+        """Record one sampled token (``logprobs``: the sampled token's first, then the top ones).
+
+        Returns the finished status when this token ends the sequence, else None; the caller
+        (the scheduler) then finishes it.
+        """
+        params = self.params
+        self.output_token_ids.append(token_id)
+        if logprobs is not None:
+            if self._pending_logprobs is None:
+                self._pending_logprobs = []
+            self._pending_logprobs.append(logprobs)
+        num_out = len(self.output_token_ids)
+        may_stop = num_out >= params.min_tokens
+        if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
+            return self._stopped(None)
+        if may_stop and token_id in params.stop_token_ids:
+            return self._stopped(token_id)
+        if self.detokenizer is not None:
+            self._pending_text += self.detokenizer.add(self.output_token_ids)
+            if may_stop and params.stop and self._cut_at_stop_string():
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and num_out >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _stopped(self, stop_reason: str | int | None) -> RequestStatus:
+        self.stop_reason = stop_reason
+        return RequestStatus.FINISHED_STOPPED
+
+    def _cut_at_stop_string(self) -> bool:
+        """Search the pending text (and the released tail before it) for the earliest stop string."""
+        params = self.params
+        window = self._released_tail + self._pending_text
+        best = None
+        for stop in params.stop:
+            pos = window.find(stop)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, stop)
+        if best is None:
+            return False
+        pos, stop = best
+        end = pos + len(stop) if params.include_stop_str_in_output else pos
+        # A stop string never starts inside released text unless it is shown in the output.
+        self._pending_text = window[len(self._released_tail):max(end, len(self._released_tail))]
+        self.stop_reason = stop
+        return True
+
+    def take_output(self) -> CompletionOutput | None:
+        """What this sequence produced since the last call (a delta), or None when nothing new
+        can be handed out yet. While running, text that could still become a stop string is held."""
+        if self._is_finish_taken:
+            return None
+        num_new = len(self.output_token_ids) - self._num_tokens_taken
+        finished = self._is_finish_taken = self.is_finished
+        hold = 0 if finished else self._hold_back()
+        text = self._pending_text[:max(0, len(self._pending_text) - hold)]
+        if num_new == 0 and not text and not finished:
+            return None
+        self._pending_text = self._pending_text[len(text):]
+        longest_stop = max((len(s) for s in self.params.stop), default=0)
+        self._released_tail = (self._released_tail + text)[-longest_stop:] if longest_stop else ""
+        token_ids = self.output_token_ids[self._num_tokens_taken:]
+        self._num_tokens_taken = len(self.output_token_ids)
+        logprobs, self._pending_logprobs = self._pending_logprobs, None
+        if self.params.logprobs is not None and logprobs is None:
+            logprobs = []
+        finish_reason = self.status.value if finished else None
+        return CompletionOutput(self.index, text, token_ids, finish_reason,
+                                self.stop_reason if finished else None, logprobs)
+
+    def _hold_back(self) -> int:
+        params = self.params
+        if not params.stop or params.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in params.stop) - 1

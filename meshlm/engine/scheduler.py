@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from meshlm.config import SchedulerConfig
 from meshlm.engine.kv_cache import KVCacheManager, num_blocks_for
 from meshlm.engine.request import Request, RequestStatus
+from meshlm.protocol import StepResult
 
 __all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput"]
 
@@ -31,7 +32,7 @@ __all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput"]
 @dataclass(slots=True)
 class ScheduledChunk:
     """Tokens ``all_token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]`` of one
-    request, run this step (``num_computed_tokens`` as it is before ``update_after_step``)."""
+    request, run this step (``num_computed_tokens`` as it is before ``update_from_output``)."""
 
     request: Request
     num_new_tokens: int
@@ -78,10 +79,6 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
-
-    def get(self, request_id: str) -> Request | None:
-        """The unfinished request with this id, or None."""
-        return self._requests.get(request_id)
 
     # ---- requests in and out -----------------------------------------------------------------
 
@@ -136,7 +133,7 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        """Pick this step's chunks; allocates their blocks. Call ``update_after_step`` after running."""
+        """Pick this step's chunks; allocates their blocks. Call ``update_from_output`` after running."""
         self._drop_finished_running()
         out = SchedulerOutput(chunks=[], preempted=[], num_tokens=0)
         budget = self._schedule_running(out, self.config.max_num_tokens)
@@ -145,17 +142,31 @@ class Scheduler:
         out.num_tokens = sum(chunk.num_new_tokens for chunk in out.chunks)
         return out
 
-    def update_after_step(self, output: SchedulerOutput) -> None:
-        """Record that the step ran: advance each chunk's request and cache its full blocks.
+    def update_from_output(self, output: SchedulerOutput, result: StepResult | None) -> list[Request]:
+        """Record that the step ran: advance each chunk's request, cache its full blocks, append
+        the sampled tokens and finish the requests they end (blocks freed).
 
-        Chunks of requests finished since (an abort while the step ran) are skipped.
+        Returns the requests that got a token, finished or not. Chunks of requests finished since
+        the step was planned (an abort while it ran) are skipped.
         """
+        sampled = []
+        row = 0  # the chunk's row in ``result``: sampling chunks in order
         for chunk in output.chunks:
             request = chunk.request
-            if request.status != RequestStatus.RUNNING:
+            is_live = request.status == RequestStatus.RUNNING
+            if is_live:
+                request.num_computed_tokens += chunk.num_new_tokens
+                self.kv.cache_full_blocks(request)
+            if not chunk.is_sampling:
                 continue
-            request.num_computed_tokens += chunk.num_new_tokens
-            self.kv.cache_full_blocks(request)
+            if is_live:
+                token_id = int(result.token_ids[row])
+                status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
+                if status is not None:
+                    self.finish(request, status)
+                sampled.append(request)
+            row += 1
+        return sampled
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running = self._running
@@ -231,3 +242,15 @@ class Scheduler:
         if self._num_finished_running:
             self._running = [r for r in self._running if not r.status.is_finished]
             self._num_finished_running = 0
+
+
+def _token_logprobs(result: StepResult, row: int, token_id: int, request: Request) -> dict[int, float] | None:
+    """``{sampled token: logprob, then the top-k tokens}`` of one row, when the request asked."""
+    k = request.params.logprobs
+    if k is None or result.logprobs is None:
+        return None
+    entry = {token_id: float(result.logprobs[row])}
+    if k and result.top_token_ids is not None:
+        top = zip(result.top_token_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())
+        entry.update({t: lp for t, lp in top if t != token_id})
+    return entry

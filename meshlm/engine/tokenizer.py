@@ -83,11 +83,12 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a sequence's growing output token ids into text deltas.
 
     A few prompt tokens are kept as context so tokenizers that drop a leading space at the start
     of a decode (SentencePiece) still produce the right first word, and a delta is released only
-    once it no longer ends in an incomplete UTF-8 sequence.
+    once it no longer ends in an incomplete UTF-8 sequence. The output ids are the request's own
+    list, passed in on every call; only offsets into it are kept here.
     """
 
     CONTEXT_TOKENS = 5
@@ -95,16 +96,22 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids = list(prompt_token_ids[-self.CONTEXT_TOKENS:])
+        self.context = list(prompt_token_ids[-self.CONTEXT_TOKENS:])
+        # Offsets into context + output ids: text before read_offset has been handed out.
         self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.read_offset = len(self.context)
 
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, self.skip_special_tokens)
-        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = decode(self.ids[self.prefix_offset:])
+    def add(self, output_token_ids: Sequence[int]) -> str:
+        """The new text after the last id of ``output_token_ids`` was appended ("" while incomplete)."""
+        end = len(self.context) + len(output_token_ids)
+        prefix_text = self._decode(output_token_ids, self.prefix_offset, self.read_offset)
+        full_text = self._decode(output_token_ids, self.prefix_offset, end)
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.prefix_offset, self.read_offset = self.read_offset, end
             return full_text[len(prefix_text):]
         return ""
+
+    def _decode(self, output_token_ids: Sequence[int], start: int, end: int) -> str:
+        n = len(self.context)
+        ids = self.context[start:end] + list(output_token_ids[max(0, start - n):max(0, end - n)])
+        return self.tokenizer.decode(ids, self.skip_special_tokens)

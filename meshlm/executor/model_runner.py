@@ -6,7 +6,7 @@ It knows nothing of requests beyond the arrays of a StepPlan. Every rank of the 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -15,11 +15,10 @@ from meshlm.models import build_model
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.weights.checkpoint import CheckpointReader
-from meshlm.config import CacheConfig
-from meshlm.weights.model_config import ModelConfig
+from meshlm.config import CacheConfig, EngineConfig
 from meshlm.kernels.fused_ops import select_ops
-from meshlm.protocol import StepPlan
-from meshlm.executor.sampler import Sampler, SamplerOutput
+from meshlm.protocol import StepPlan, StepResult
+from meshlm.executor.sampler import Sampler
 from meshlm.weights.random_weights import RandomCheckpoint
 
 log = logging.getLogger("meshlm")
@@ -40,28 +39,28 @@ def resolve_dtype(dtype: str | None, model_dtype: str, device: torch.device) -> 
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, groups: ParallelGroups, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, model_dir: str | Path | None = None,
-                 sampler_seed: int = 0, attention_backend: str | None = None,
-                 enable_fused_kernels: bool = False):
-        self.attention_backend = attention_backend
-        self.cfg = model_config
+    """One rank's model shard, KV pool, decode graphs and (on the sampling rank) sampler."""
+
+    def __init__(self, config: EngineConfig, groups: ParallelGroups, device: torch.device,
+                 eos_token_ids: Sequence[int] = ()):
+        self.cfg = config.model
         self.groups = groups
         self.mapping = groups.mapping
-        self.device, self.dtype = device, dtype
-        self.max_model_len = max_model_len
-        attention_fn = select_attention(attention_backend, device)
-        self.attention_fn = attention_fn
-        self.model = build_model(model_config, groups, dtype, device, max_model_len, attention_fn)
-        self.model.use_ops(select_ops(enable_fused_kernels, device))
+        self.device = device
+        self.dtype = resolve_dtype(config.dtype, self.cfg.torch_dtype, device)
+        self.max_model_len = config.max_model_len
+        self.attention_fn = select_attention(config.attention_backend, device)
+        self.model = build_model(self.cfg, groups, self.dtype, device, self.max_model_len, self.attention_fn)
+        self.model.use_ops(select_ops(config.enable_fused_kernels, device))
         self.model.eval()
-        reader = CheckpointReader(model_dir) if model_dir is not None else RandomCheckpoint(seed=sampler_seed)
+        reader = (RandomCheckpoint(seed=config.seed) if config.load_format == "random"
+                  else CheckpointReader(config.model_dir))
         with torch.no_grad():
             self.model.load(reader)
         reader.close()
         self.is_sampler = self.mapping.rank == self.mapping.sampler_rank
-        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, device,
-                               seed=sampler_seed) if self.is_sampler else None
+        self.sampler = Sampler(self.cfg.vocab_size, eos_token_ids, device,
+                               seed=config.seed) if self.is_sampler else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.graph_runner = None
@@ -128,7 +127,7 @@ class ModelRunner:
             self.sampler.remove_request(request_id)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> SamplerOutput | None:
+    def execute(self, plan: StepPlan) -> StepResult | None:
         """Run one step. The sampling rank returns the sampled tokens; other ranks return None."""
         self.update_requests(plan)
         logits = self._forward(plan)

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from meshlm.protocol import StepResult
 from meshlm.sampling_params import SamplingParams
 
-__all__ = ["Sampler", "SamplerOutput", "count_tokens", "apply_penalties", "mask_banned_tokens",
+__all__ = ["Sampler", "count_tokens", "apply_penalties", "mask_banned_tokens",
            "apply_top_k_top_p_min_p", "exponential_race"]
 
 _SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -31,20 +32,6 @@ _SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 # Columns of the per-step parameter matrix, built on the host and copied to the device at once.
 _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _REPETITION, _PRESENCE, _FREQUENCY = range(7)
 _NUM_PARAM_COLUMNS = 7
-
-
-@dataclass(slots=True)
-class SamplerOutput:
-    """One step's result, on the host.
-
-    ``top_token_ids`` / ``top_logprobs`` have ``k_max`` columns, the most any row asked for; a row
-    that asked for ``k < k_max`` uses its first ``k`` columns only.
-    """
-
-    token_ids: np.ndarray  # int64 [num_rows]
-    logprobs: np.ndarray | None  # float32 [num_rows]: log-prob of each sampled token; None if no row asked
-    top_token_ids: np.ndarray | None  # int64 [num_rows, k_max]; None if k_max == 0
-    top_logprobs: np.ndarray | None  # float32 [num_rows, k_max]
 
 
 @dataclass(slots=True)
@@ -105,7 +92,7 @@ class Sampler:
 
     # ----------------------------------------------------------------------- the step
 
-    def sample(self, logits: torch.Tensor, request_ids: Sequence[str]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, request_ids: Sequence[str]) -> StepResult:
         """Sample one token per row; row ``i`` of ``logits`` [num_rows, vocab_size] belongs to
         ``request_ids[i]``. Appends each sampled token to its request's history."""
         num_rows = len(request_ids)
@@ -290,14 +277,14 @@ def _any_filter(host_params: np.ndarray, vocab_size: int) -> bool:
 
 
 def _make_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
-                 states: list[_RequestState]) -> SamplerOutput:
+                 states: list[_RequestState]) -> StepResult:
     token_ids_host = token_ids.to("cpu", torch.int64).numpy()
     if raw_logprobs is None:
-        return SamplerOutput(token_ids_host, None, None, None)
+        return StepResult(token_ids_host, None, None, None)
     sampled = raw_logprobs.gather(1, token_ids[:, None])[:, 0]  # [num_rows]
     k_max = max(s.params.logprobs or 0 for s in states)
     if k_max == 0:
-        return SamplerOutput(token_ids_host, sampled.cpu().numpy(), None, None)
+        return StepResult(token_ids_host, sampled.cpu().numpy(), None, None)
     top_logprobs, top_ids = raw_logprobs.topk(k_max, dim=-1)  # [num_rows, k_max], sorted descending
-    return SamplerOutput(token_ids_host, sampled.cpu().numpy(), top_ids.cpu().numpy().astype(np.int64),
+    return StepResult(token_ids_host, sampled.cpu().numpy(), top_ids.cpu().numpy().astype(np.int64),
                          top_logprobs.cpu().numpy())

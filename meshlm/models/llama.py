@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from meshlm.models.named_weights import NamedWeights
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                     RowParallelLinear, VocabParallelEmbedding)
@@ -21,7 +22,7 @@ from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps
 AttentionFn = type(paged_attention_reference)
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(NamedWeights, nn.Module):
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rotary: RotaryEmbedding,
                  attention_fn, dtype: torch.dtype, device):
         super().__init__()
@@ -54,30 +55,17 @@ class LlamaAttention(nn.Module):
         out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.view(num_tokens, self.num_heads_per_rank * self.head_dim))
 
-    def expected_shapes(self, prefix: str) -> dict:
+    def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         p = f"{prefix}.self_attn"
-        shapes = self.qkv_proj.expected_shapes(*self._qkv_names(p))
-        shapes.update(self.o_proj.expected_shapes(f"{p}.o_proj.weight"))
-        if self.q_norm is not None:
-            shapes.update(self.q_norm.expected_shapes(f"{p}.q_norm.weight"))
-            shapes.update(self.k_norm.expected_shapes(f"{p}.k_norm.weight"))
-        return shapes
-
-    def load(self, reader: CheckpointReader, prefix: str) -> None:
-        p = f"{prefix}.self_attn"
-        self.qkv_proj.load(reader, *self._qkv_names(p))
-        self.o_proj.load(reader, f"{p}.o_proj.weight")
-        if self.q_norm is not None:
-            self.q_norm.load(reader, f"{p}.q_norm.weight")
-            self.k_norm.load(reader, f"{p}.k_norm.weight")
-
-    def _qkv_names(self, p: str):
-        names = [f"{p}.{x}_proj.weight" for x in "qkv"]
+        weights = [f"{p}.{x}_proj.weight" for x in "qkv"]
         biases = [f"{p}.{x}_proj.bias" for x in "qkv"] if self.qkv_proj.bias is not None else None
-        return names, biases
+        names = [(self.qkv_proj, (weights, biases)), (self.o_proj, (f"{p}.o_proj.weight",))]
+        if self.q_norm is not None:
+            names += [(self.q_norm, (f"{p}.q_norm.weight",)), (self.k_norm, (f"{p}.k_norm.weight",))]
+        return names
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(NamedWeights, nn.Module):
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device):
         super().__init__()
         inter = cfg.intermediate_size
@@ -89,17 +77,13 @@ class LlamaMLP(nn.Module):
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
         return self.down_proj(self.ops.silu_and_mul(gate_up))
 
-    def expected_shapes(self, prefix: str) -> dict:
-        shapes = self.gate_up_proj.expected_shapes([f"{prefix}.mlp.gate_proj.weight", f"{prefix}.mlp.up_proj.weight"])
-        shapes.update(self.down_proj.expected_shapes(f"{prefix}.mlp.down_proj.weight"))
-        return shapes
-
-    def load(self, reader: CheckpointReader, prefix: str) -> None:
-        self.gate_up_proj.load(reader, [f"{prefix}.mlp.gate_proj.weight", f"{prefix}.mlp.up_proj.weight"])
-        self.down_proj.load(reader, f"{prefix}.mlp.down_proj.weight")
+    def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
+        p = f"{prefix}.mlp"
+        return [(self.gate_up_proj, ([f"{p}.gate_proj.weight", f"{p}.up_proj.weight"],)),
+                (self.down_proj, (f"{p}.down_proj.weight",))]
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(NamedWeights, nn.Module):
     """Pre-norm attention and feed-forward blocks; ``mlp`` is Llama's MLP or a family's own (MoE).
 
     The residual stream travels as two tensors, ``hidden + residual``, so that each norm takes the
@@ -122,21 +106,13 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
         return self.mlp(hidden), residual
 
-    def expected_shapes(self, prefix: str) -> dict:
-        shapes = self.input_layernorm.expected_shapes(f"{prefix}.input_layernorm.weight")
-        shapes.update(self.post_attention_layernorm.expected_shapes(f"{prefix}.post_attention_layernorm.weight"))
-        shapes.update(self.self_attn.expected_shapes(prefix))
-        shapes.update(self.mlp.expected_shapes(prefix))
-        return shapes
-
-    def load(self, reader, prefix: str) -> None:
-        self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
-        self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")
-        self.self_attn.load(reader, prefix)
-        self.mlp.load(reader, prefix)
+    def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
+        return [(self.input_layernorm, (f"{prefix}.input_layernorm.weight",)),
+                (self.post_attention_layernorm, (f"{prefix}.post_attention_layernorm.weight",)),
+                (self.self_attn, (prefix,)), (self.mlp, (prefix,))]
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(NamedWeights, nn.Module):
     """One pipeline stage of the model on one TP rank."""
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device,
@@ -191,35 +167,18 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     # --- weights -----------------------------------------------------------------------------
-    def expected_shapes(self) -> dict:
-        shapes = {}
+    def weight_names(self, prefix: str = "") -> list[tuple[object, tuple]]:
+        names = []
         if self.embed_tokens is not None:
-            shapes.update(self.embed_tokens.expected_shapes("model.embed_tokens.weight"))
-        for i, layer in self.layers.items():
-            shapes.update(layer.expected_shapes(f"model.layers.{i}"))
+            names.append((self.embed_tokens, ("model.embed_tokens.weight",)))
+        names += [(layer, (f"model.layers.{i}",)) for i, layer in self.layers.items()]
         if self.norm is not None:
-            shapes.update(self.norm.expected_shapes("model.norm.weight"))
+            names.append((self.norm, ("model.norm.weight",)))
             if not self.cfg.tie_word_embeddings:
-                shapes.update(self.lm_head.expected_shapes("lm_head.weight"))
-        return shapes
+                names.append((self.lm_head, ("lm_head.weight",)))
+        return names
 
-    def load(self, reader: CheckpointReader) -> None:
-        reader.check(self.expected_shapes())
-        if self.embed_tokens is not None:
-            self.embed_tokens.load(reader, "model.embed_tokens.weight")
-        for i, layer in self.layers.items():
-            layer.load(reader, f"model.layers.{i}")
-        if self.norm is not None:
-            self.norm.load(reader, "model.norm.weight")
-            if not self.cfg.tie_word_embeddings:
-                self.lm_head.load(reader, "lm_head.weight")
-
-    @torch.no_grad()
-    def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
-        """Random weights (benchmarks); norms get 1. Same seed, same tensors on every rank."""
-        gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, std, generator=gen)
+    def load(self, reader: CheckpointReader, prefix: str = "") -> None:
+        """Check every tensor's presence and shape first, then load this rank's shards."""
+        reader.check(self.expected_shapes(prefix))
+        NamedWeights.load(self, reader, prefix)

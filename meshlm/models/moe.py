@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.models.llama import LlamaForCausalLM, LlamaMLP
+from meshlm.models.named_weights import NamedWeights
 from meshlm.parallel.experts import ExpertNames, FusedMoE, Router
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -44,7 +45,7 @@ def expert_names(cfg: ModelConfig, prefix: str, is_fused: bool = False) -> tuple
                           f"{prefix}.mlp.experts.down_proj")
 
 
-class SharedExpert(nn.Module):
+class SharedExpert(NamedWeights, nn.Module):
     """Qwen2-MoE's always-on expert, split over the TP group like a dense MLP.
 
     ``forward`` returns this rank's partial sum: its reduction is folded into the MoE block's one
@@ -63,20 +64,13 @@ class SharedExpert(nn.Module):
         partial = F.linear(F.silu(gate) * up, self.down_proj.weight)  # [num_tokens, hidden], unreduced
         return torch.sigmoid(F.linear(x, self.gate.weight)) * partial
 
-    def expected_shapes(self, p: str) -> dict:
-        shapes = self.gate_up_proj.expected_shapes([f"{p}.shared_expert.gate_proj.weight",
-                                                    f"{p}.shared_expert.up_proj.weight"])
-        shapes.update(self.down_proj.expected_shapes(f"{p}.shared_expert.down_proj.weight"))
-        shapes.update(self.gate.expected_shapes(f"{p}.shared_expert_gate.weight"))
-        return shapes
-
-    def load(self, reader: CheckpointReader, p: str) -> None:
-        self.gate_up_proj.load(reader, [f"{p}.shared_expert.gate_proj.weight", f"{p}.shared_expert.up_proj.weight"])
-        self.down_proj.load(reader, f"{p}.shared_expert.down_proj.weight")
-        self.gate.load(reader, f"{p}.shared_expert_gate.weight")
+    def weight_names(self, p: str) -> list[tuple[object, tuple]]:
+        return [(self.gate_up_proj, ([f"{p}.shared_expert.gate_proj.weight", f"{p}.shared_expert.up_proj.weight"],)),
+                (self.down_proj, (f"{p}.shared_expert.down_proj.weight",)),
+                (self.gate, (f"{p}.shared_expert_gate.weight",))]
 
 
-class SparseMoeBlock(nn.Module):
+class SparseMoeBlock(NamedWeights, nn.Module):
     """Router, this rank's experts, the optional shared expert; one all-reduce combines them."""
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device):
@@ -85,14 +79,15 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
                            dtype, device)
         self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
-                                cfg.moe_intermediate_size, groups.ep, groups.moe_tp, dtype, device)
+                                cfg.moe_intermediate_size, groups.mapping, dtype, device)
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size, groups,
                                               dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.groups.dispatch_to_experts(x)  # [num_tokens, hidden] on every TP rank
+        # Every TP rank holds every token ([num_tokens, hidden]) after the attention all-reduce,
+        # and each rank's experts pick out the tokens routed to them: no dispatch is needed.
         topk_weights, topk_ids = self.gate(x)  # [num_tokens, top_k] each
         partial = self.experts(x, topk_weights, topk_ids)  # [num_tokens, hidden], this rank's share
         if self.shared_expert is not None:
@@ -102,23 +97,15 @@ class SparseMoeBlock(nn.Module):
     def _names(self, prefix: str) -> tuple[str, ExpertNames]:
         return expert_names(self.cfg, prefix, self.experts.is_fused_checkpoint)
 
-    def expected_shapes(self, prefix: str) -> dict:
+    def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         p, names = self._names(prefix)
-        shapes = self.gate.expected_shapes(f"{p}.gate.weight")
-        shapes.update(self.experts.expected_shapes(names))
+        parts = [(self.gate, (f"{p}.gate.weight",)), (self.experts, (names,))]
         if self.shared_expert is not None:
-            shapes.update(self.shared_expert.expected_shapes(p))
-        return shapes
+            parts.append((self.shared_expert, (p,)))
+        return parts
 
     def detect_layout(self, reader, prefix: str) -> None:
         self.experts.detect_layout(reader, expert_names(self.cfg, prefix)[1])
-
-    def load(self, reader: CheckpointReader, prefix: str) -> None:
-        p, names = self._names(prefix)
-        self.gate.load(reader, f"{p}.gate.weight")
-        self.experts.load(reader, names)
-        if self.shared_expert is not None:
-            self.shared_expert.load(reader, p)
 
 
 class MoeForCausalLM(LlamaForCausalLM):
@@ -135,8 +122,8 @@ class MoeForCausalLM(LlamaForCausalLM):
         """This stage's MoE blocks by global layer index."""
         return {int(i): layer.mlp for i, layer in self.layers.items() if isinstance(layer.mlp, SparseMoeBlock)}
 
-    def load(self, reader: CheckpointReader) -> None:
-        # The experts' layout (per expert or fused) decides which names expected_shapes lists.
+    def load(self, reader: CheckpointReader, prefix: str = "") -> None:
+        # The experts' layout (per expert or fused) decides which names weight_names lists.
         for i, block in self.moe_blocks.items():
             block.detect_layout(reader, f"model.layers.{i}")
-        super().load(reader)
+        super().load(reader, prefix)

@@ -6,7 +6,7 @@
   enqueue work on the stream and return at once: no host synchronisation, so they can be
   captured in CUDA graphs.
 
-Ranks passed to ``send``/``recv``/``broadcast`` are *group* ranks. Every method is called by all
+Ranks passed to ``send``/``recv`` are *group* ranks. Every method is called by all
 members of the group (``send``/``recv`` by the two peers only).
 """
 from __future__ import annotations
@@ -41,12 +41,6 @@ class Communicator:
         """Fill ``tensor`` (of the sender's shape and dtype) from group rank ``src``."""
         raise NotImplementedError
 
-    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
-        raise NotImplementedError
-
-    def barrier(self) -> None:
-        raise NotImplementedError
-
     def destroy(self) -> None:
         """Release backend resources; call before the process exits."""
 
@@ -66,12 +60,6 @@ class SingleRankComm(Communicator):
 
     def recv(self, tensor, src):
         raise RuntimeError("recv in a group of one")
-
-    def broadcast(self, tensor, root=0):
-        return tensor
-
-    def barrier(self):
-        pass
 
 
 _REDUCIBLE = {torch.float32, torch.float64, torch.int32, torch.int64}
@@ -117,13 +105,6 @@ class MPIComm(Communicator):
     def recv(self, tensor, src):
         self.comm.Recv(_as_buffer(tensor), source=src, tag=7)
         return tensor
-
-    def broadcast(self, tensor, root=0):
-        self.comm.Bcast(_as_buffer(tensor), root=root)
-        return tensor
-
-    def barrier(self):
-        self.comm.Barrier()
 
     def destroy(self):
         if self.comm is not None:
@@ -178,14 +159,6 @@ class NcclComm(Communicator):
     def recv(self, tensor, src):
         self.comm.recv(tensor.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype], src, self._stream())
         return tensor
-
-    def broadcast(self, tensor, root=0):
-        self.comm.bcast(tensor.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype], root, self._stream())
-        return tensor
-
-    def barrier(self):
-        torch.cuda.synchronize(self.device)
-        self.mpi_comm.Barrier()
 
     def destroy(self):
         if self.comm is not None:

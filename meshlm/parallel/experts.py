@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshlm.parallel.comm import Communicator
+from meshlm.parallel.mapping import Mapping
 
 # Token-expert pairs per chunk of the expert compute: bounds the [pairs, hidden] temporaries of a
 # long prefill (decode batches fit in one chunk).
@@ -120,20 +120,20 @@ class FusedMoE(nn.Module):
     and ``w2`` [E_local, hidden, inter_per_rank].
 
     ``forward`` returns this rank's partial sum; combine it across the TP group
-    (``ParallelGroups.combine_from_experts``). ``ep`` and ``moe_tp`` are the expert-parallel and
-    expert-tensor-parallel communicators; only their ranks and sizes are used here.
+    (``ParallelGroups.combine_from_experts``). The rank's place in the expert-parallel and
+    expert-tensor-parallel split comes from its Mapping (no collective runs here).
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 ep: Communicator, moe_tp: Communicator, dtype: torch.dtype, device=None):
+                 mapping: Mapping, dtype: torch.dtype, device=None):
         super().__init__()
-        check_expert_layout(num_experts, intermediate_size, ep.size * moe_tp.size, ep.size)
+        check_expert_layout(num_experts, intermediate_size, mapping.tp, mapping.moe_ep)
         self.num_experts, self.top_k = num_experts, top_k
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        self.num_local_experts = num_experts // ep.size
-        self.expert_start = ep.rank * self.num_local_experts
-        self.inter_per_rank = intermediate_size // moe_tp.size
-        self.inter_start = moe_tp.rank * self.inter_per_rank
+        self.num_local_experts = num_experts // mapping.moe_ep
+        self.expert_start = mapping.moe_ep_rank * self.num_local_experts
+        self.inter_per_rank = intermediate_size // mapping.moe_tp
+        self.inter_start = mapping.moe_tp_rank * self.inter_per_rank
         self.w13 = nn.Parameter(torch.empty((self.num_local_experts, 2 * self.inter_per_rank, hidden_size),
                                             dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty((self.num_local_experts, hidden_size, self.inter_per_rank),

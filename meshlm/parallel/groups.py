@@ -3,15 +3,13 @@
 Layers receive ``groups.tp`` (a Communicator) and never ask the world for ranks. The
 pipeline hand-off and the logits gather are named after what each rank gets back.
 
-For MoE layers the TP group is re-partitioned into ``moe_tp x moe_ep``: ``groups.ep`` holds the
-ranks that split the experts (same moe_tp rank), ``groups.moe_tp`` those that split each expert's
-width (same moe_ep rank). Where one of them spans the whole TP group it is the TP communicator
-itself, and where it is a single rank it is a SingleRankComm, so new communicators are created
-only when ``1 < moe_ep < tp``.
+For MoE layers the TP group is re-partitioned into ``moe_tp x moe_ep`` (see Mapping); the
+experts' partial sums are combined with one all-reduce over the TP group, so MoE layers need no
+communicator of their own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,8 +22,6 @@ class ParallelGroups:
     mapping: Mapping
     tp: Communicator
     pp: Communicator
-    ep: Communicator = field(default_factory=SingleRankComm)  # expert-parallel ranks of the TP group
-    moe_tp: Communicator = field(default_factory=SingleRankComm)  # ranks splitting each expert
 
     @classmethod
     def single(cls) -> "ParallelGroups":
@@ -33,7 +29,7 @@ class ParallelGroups:
 
     @classmethod
     def from_mpi(cls, mapping: Mapping, device: torch.device) -> "ParallelGroups":
-        """Split MPI.COMM_WORLD into this rank's TP and PP groups (and its MoE ep / moe_tp groups).
+        """Split MPI.COMM_WORLD into this rank's TP and PP groups.
 
         Collective over the whole world: every rank must call it. On CUDA devices the groups
         are NCCL communicators; on the CPU, MPI ones.
@@ -54,27 +50,12 @@ class ParallelGroups:
                 return comm
             return MPIComm(sub, members)
 
-        # Split order is the same on every rank: TP groups first, then PP groups, then the MoE
-        # groups (whose existence depends only on the degrees, the same on every rank).
+        # Split order is the same on every rank: TP groups first, then PP groups.
         tp = make(mapping.tp_group)
         pp = make(mapping.pp_group)
-        ep, moe_tp = cls._moe_groups(mapping, tp, make)
-        return cls(mapping, tp, pp, ep, moe_tp)
-
-    @staticmethod
-    def _moe_groups(mapping: Mapping, tp: Communicator, make) -> tuple[Communicator, Communicator]:
-        """(ep, moe_tp) communicators; the TP one is reused where a group is the whole TP group."""
-        if mapping.moe_ep == 1:
-            return SingleRankComm(mapping.rank), tp
-        if mapping.moe_ep == mapping.tp:
-            return tp, SingleRankComm(mapping.rank)
-        return make(mapping.moe_ep_group), make(mapping.moe_tp_group)
+        return cls(mapping, tp, pp)
 
     # --- named collectives -------------------------------------------------------------------
-    def all_reduce_tp(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum partial results across the TP group, in place; every TP rank gets the sum."""
-        return self.tp.all_reduce(tensor)
-
     def gather_logits_to_sampler(self, logits_shard: torch.Tensor) -> torch.Tensor | None:
         """Concatenate vocab shards ``[num_rows, vocab_per_rank]`` along the vocab dim.
 
@@ -96,28 +77,15 @@ class ParallelGroups:
         buf = torch.empty(shape, dtype=dtype, device=device)
         return self.pp.recv(buf, self.pp.rank - 1)
 
-    def dispatch_to_experts(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Bring each token to the ranks that hold its experts; every TP rank gets ``hidden`` back.
-
-        Called by every TP rank before an MoE layer's experts. No communication, no blocking: after
-        the attention all-reduce every TP rank already holds every token ([num_tokens, hidden]),
-        and each rank picks out the tokens routed to its own experts (experts.FusedMoE). An
-        all-to-all belongs here once tokens are sharded across ranks.
-        """
-        return hidden
-
     def combine_from_experts(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum the experts' partial outputs ``[num_tokens, hidden]`` over the TP group, in place.
 
-        Called by every TP rank after its experts ran; blocks like ``all_reduce_tp`` (on the GPU it
+        Called by every TP rank after its experts ran; blocks like any all-reduce (on the GPU it
         is enqueued on the stream). Since moe_tp x moe_ep = tp, one sum adds both the other
         experts' contributions and the other slices of each expert; every TP rank gets the sum.
         """
         return self.tp.all_reduce(partial)
 
     def destroy(self) -> None:
-        for extra in (self.ep, self.moe_tp):
-            if extra is not self.tp:
-                extra.destroy()
         self.tp.destroy()
         self.pp.destroy()

@@ -46,7 +46,7 @@ def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_
                served_model_name: str | None = None, uvicorn_log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM. Rank 0 returns after a clean shutdown; other ranks exit inside."""
     from meshlm.launcher.world import launched_by_mpi
-    num_ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    num_ranks = args.world_size
     if num_ranks > 1 and not launched_by_mpi():
         raise ValueError(f"tp={args.tensor_parallel_size} x pp={args.pipeline_parallel_size} needs "
                          f"{num_ranks} ranks: run `meshlm serve` (it starts them) or mpiexec -n {num_ranks}")

@@ -32,19 +32,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_moe_groups(tp: int, pp: int, ep: int | None) -> dict:
-    """This rank's ep and moe_tp communicators: their members and the sum of the global ranks over them."""
-    import torch
-    from meshlm.parallel.groups import ParallelGroups
+    """This rank's ep and moe_tp groups as its Mapping computes them, and the sum of the global ranks
+    over an MPI communicator split by them (every member must name the same group)."""
     from meshlm.parallel.mapping import Mapping
     world = MPI.COMM_WORLD
     mapping = Mapping(world.Get_size(), world.Get_rank(), tp, pp, ep or 1)
-    groups = ParallelGroups.from_mpi(mapping, torch.device("cpu"))
     sums = {}
-    for name in ("ep", "moe_tp"):
-        comm = getattr(groups, name)
-        sums[name] = comm.ranks
-        sums[f"{name}_sum"] = int(comm.all_reduce(torch.tensor([mapping.rank], dtype=torch.int64))[0])
-    groups.destroy()
+    for name, members in (("ep", mapping.moe_ep_group), ("moe_tp", mapping.moe_tp_group)):
+        sub = world.Split(color=members[0], key=mapping.rank)
+        sums[name] = members
+        sums[f"{name}_sum"] = sub.allreduce(mapping.rank)
+        sub.Free()
     return sums
 
 

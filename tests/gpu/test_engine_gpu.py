@@ -19,7 +19,7 @@ def _run(path, device, dtype, **kwargs):
     llm = LLM(str(path), device=device, dtype=dtype, block_size=16, max_model_len=512, num_kv_blocks=512, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
     outs = llm.generate(PROMPTS, params)
-    engine = llm._coordinator.executor.engine
+    engine = llm.local_model_runner()
     replays = engine.graph_runner.num_replays if engine.graph_runner is not None else 0
     llm.shutdown()
     return [o.outputs[0] for o in outs], replays

@@ -175,7 +175,7 @@ def _generate(path, dtype, enable_fused_kernels):
     from meshlm import LLM, SamplingParams
     llm = LLM(str(path), device="cuda", dtype=dtype, block_size=16, max_model_len=256, num_kv_blocks=128,
               max_batch_size=4, enable_fused_kernels=enable_fused_kernels)
-    engine = llm._coordinator.executor.engine
+    engine = llm.local_model_runner()
     params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
     outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
     ops_name = engine.model.ops.name

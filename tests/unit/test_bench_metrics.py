@@ -181,7 +181,7 @@ class FakeCoordinator:
         self.tokenizer = None
         self.running: dict[str, list] = {}
         self.max_running = 0
-        self.kv = SimpleNamespace(usage=0.0)
+        self.kv_cache_usage = 0.0
         self._n = 0
 
     def submit(self, prompt, params):
@@ -196,13 +196,13 @@ class FakeCoordinator:
 
     def step(self):
         self.max_running = max(self.max_running, len(self.running))
-        self.kv.usage = len(self.running) / 10
+        self.kv_cache_usage = len(self.running) / 10
         outs = []
         for rid, (limit, tokens) in list(self.running.items()):
             tokens.append(7)
             done = len(tokens) == limit
-            outs.append(SimpleNamespace(request_id=rid, finished=done,
-                                        outputs=[SimpleNamespace(token_ids=list(tokens))]))
+            outs.append(SimpleNamespace(request_id=rid, finished=done,  # a delta: this step's token
+                                        outputs=[SimpleNamespace(token_ids=[7])]))
             if done:
                 del self.running[rid]
         return outs

@@ -30,7 +30,7 @@ def _generate(path, prompts, params, with_runner: bool):
     # A budget of 4 tokens cuts prompts into chunks of one token that do not sample yet: such
     # steps have one token per sequence (the graph branch) but not a sample in every row.
     llm = LLM(str(path), num_kv_blocks=64, block_size=4, max_model_len=256, max_num_tokens=4)
-    engine = llm._coordinator.executor.engine
+    engine = llm.local_model_runner()
     if with_runner:
         engine.graph_runner = AllRowsRunner(engine)
     outs = llm.generate(prompts, params)

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from meshlm.parallel.groups import ParallelGroups  # noqa: E402
 from meshlm.parallel.layers import RMSNorm  # noqa: E402
 from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding  # noqa: E402
-from meshlm.weights.model_config import ModelConfig  # noqa: E402
+from meshlm.config import EngineArgs, EngineConfig  # noqa: E402
 from meshlm.executor.model_runner import ModelRunner  # noqa: E402
 from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps, select_ops  # noqa: E402
 from tests.model_factory import make_random_model  # noqa: E402
@@ -130,9 +130,9 @@ def _prefill_meta(num_tokens: int, block_size: int) -> AttentionMetadata:
         max_seq_len=num_tokens, query_lens_host=np.array([num_tokens]))
 
 
-def _make_engine(path, dtype=torch.float32, **kwargs) -> ModelRunner:
-    engine = ModelRunner(ModelConfig.from_dir(path), ParallelGroups.single(), torch.device("cpu"), dtype,
-                    max_model_len=64, model_dir=path, **kwargs)
+def _make_engine(path, dtype="float32", **kwargs) -> ModelRunner:
+    config = EngineConfig.from_args(EngineArgs(str(path), dtype=dtype, max_model_len=64, **kwargs))
+    engine = ModelRunner(config, ParallelGroups.single(), torch.device("cpu"))
     engine.allocate_kv_cache(8, 4)
     return engine
 
@@ -150,7 +150,7 @@ def model_path(request, tmp_path_factory):
     return make_random_model(tmp_path_factory.mktemp(request.param), request.param, seed=5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_split_residual_stream_is_bitwise_the_plain_one(model_path, dtype):
     engine = _make_engine(model_path, dtype)
     model = engine.model
@@ -159,7 +159,7 @@ def test_split_residual_stream_is_bitwise_the_plain_one(model_path, dtype):
         hidden = model.embed(torch.arange(3, 14))
         got = model(hidden, meta, engine.kv_caches)
         expected = _plain_forward(model, hidden, meta, engine.kv_caches)
-    assert got.dtype == dtype
+    assert got.dtype == getattr(torch, dtype)
     assert torch.equal(got, expected)
 
 
@@ -214,7 +214,7 @@ def test_llm_passes_the_flag_through(model_path, monkeypatch):
                         lambda enabled, device: counting if enabled else TORCH_OPS)
     with LLM(str(model_path), enable_fused_kernels=True, device="cpu", num_kv_blocks=16, block_size=4,
              max_model_len=64) as llm:
-        assert llm._coordinator.executor.engine.model.ops is counting
+        assert llm.local_model_runner().model.ops is counting
         llm.generate([[5, 6, 7]])
     assert counting.calls["silu_and_mul"] > 0
 

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from meshlm import LLM, SamplingParams
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.weights.checkpoint import CheckpointError
-from meshlm.weights.model_config import ModelConfig
+from meshlm.config import EngineArgs, EngineConfig
 from meshlm.executor.model_runner import ModelRunner
 from meshlm.protocol import StepPlan
 from tests.model_factory import (FAMILIES, load_reference, make_random_model, random_prompts, reference_greedy,
@@ -114,9 +114,8 @@ class PlanBuilder:
 
 
 def make_engine(path, num_blocks: int, block_size: int) -> ModelRunner:
-    cfg = ModelConfig.from_dir(path)
-    engine = ModelRunner(cfg, ParallelGroups.single(), torch.device("cpu"), torch.float32,
-                    max_model_len=256, model_dir=path)
+    config = EngineConfig.from_args(EngineArgs(str(path), dtype="float32", max_model_len=256))
+    engine = ModelRunner(config, ParallelGroups.single(), torch.device("cpu"))
     engine.allocate_kv_cache(num_blocks, block_size)
     return engine
 

@@ -24,8 +24,7 @@ from meshlm.parallel.comm import Communicator
 from meshlm.parallel.experts import FusedMoE, route
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.mapping import Mapping
-from meshlm.config import EngineArgs
-from meshlm.api.build import check_layout
+from meshlm.config import EngineArgs, ParallelConfig, check_layout
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.model_config import ModelConfig
 from tests.model_factory import (MOE_FAMILIES, load_moe_reference, make_random_moe_model, random_prompts,
@@ -98,8 +97,7 @@ class RankComm(Communicator):
 
 def rank_groups(tp: int, moe_ep: int, rank: int) -> ParallelGroups:
     mapping = Mapping(world_size=tp, rank=rank, tp=tp, moe_ep=moe_ep)
-    return ParallelGroups(mapping, RankComm(mapping.tp_rank, tp), RankComm(0, 1),
-                          RankComm(mapping.moe_ep_rank, moe_ep), RankComm(mapping.moe_tp_rank, mapping.moe_tp))
+    return ParallelGroups(mapping, RankComm(mapping.tp_rank, tp), RankComm(0, 1))
 
 
 class RecordingReader(CheckpointReader):
@@ -134,11 +132,11 @@ def test_ranks_partial_sums_add_up_to_the_single_rank_block(moe_model, tp, moe_e
     for rank in range(tp):
         groups = rank_groups(tp, moe_ep, rank)
         block, reader = load_block(path, cfg, groups)
-        first = groups.ep.rank * (cfg.num_experts // moe_ep)
+        first = groups.mapping.moe_ep_rank * (cfg.num_experts // moe_ep)
         own = set(range(first, first + cfg.num_experts // moe_ep))
         expert_reads = [r for r in reader.reads if ".experts." in r[0]]
         assert {int(r[0].split(".experts.")[1].split(".")[0]) for r in expert_reads} == own, f"rank {rank}"
-        lo = groups.moe_tp.rank * width
+        lo = groups.mapping.moe_tp_rank * width
         assert all(r[1] in (0, 1) and (r[2], r[3]) == (lo, lo + width) for r in expert_reads), expert_reads
         total += block(hidden)
     torch.testing.assert_close(total, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{family} tp={tp} "
@@ -146,7 +144,12 @@ def test_ranks_partial_sums_add_up_to_the_single_rank_block(moe_model, tp, moe_e
 
 
 def make_experts(num_experts=8, top_k=3, hidden=64, inter=32, ep=(0, 1), moe_tp=(0, 1)) -> FusedMoE:
-    experts = FusedMoE(num_experts, top_k, hidden, inter, RankComm(*ep), RankComm(*moe_tp), torch.float32)
+    """Experts of the rank at expert-parallel position ``ep`` = (rank, size) and ``moe_tp`` likewise."""
+    tp = ep[1] * moe_tp[1]
+    rank = moe_tp[0] * ep[1] + ep[0]  # Mapping's order inside a TP group: moe_ep fastest
+    mapping = Mapping(world_size=tp, rank=rank, tp=tp, moe_ep=ep[1])
+    assert (mapping.moe_ep_rank, mapping.moe_tp_rank) == (ep[0], moe_tp[0])
+    experts = FusedMoE(num_experts, top_k, hidden, inter, mapping, torch.float32)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         experts.w13.copy_(torch.randn(experts.w13.shape, generator=gen) * 0.2)
@@ -249,8 +252,8 @@ def moe_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**fields, **overrides})
 
 
-def layout(tp: int, ep: int | None) -> EngineArgs:
-    return EngineArgs(tensor_parallel_size=tp, moe_expert_parallel_size=ep)
+def layout(tp: int, ep: int | None) -> ParallelConfig:
+    return EngineArgs(tensor_parallel_size=tp, moe_expert_parallel_size=ep).parallel_config()
 
 
 def test_layouts_that_split_experts_and_width_pass():

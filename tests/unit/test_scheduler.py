@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from meshlm.config import SchedulerConfig
@@ -10,6 +11,7 @@ from meshlm.engine.kv_cache import KVCacheManager
 from meshlm.engine.request import Request, RequestStatus
 from meshlm.sampling_params import SamplingParams
 from meshlm.engine.scheduler import Scheduler, SchedulerOutput
+from meshlm.protocol import StepResult
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_tokens: int = 64,
@@ -26,14 +28,12 @@ def make_request(request_id: str, num_prompt: int, max_tokens: int | None = 4, f
 def step(sched: Scheduler) -> SchedulerOutput:
     """One engine step: schedule, 'run', sample a token for sampling chunks, stop at max_tokens."""
     out = sched.schedule()
-    sched.update_after_step(out)
-    for chunk in out.chunks:
-        if chunk.is_sampling:
-            req = chunk.request
-            req.output_token_ids.append(1000 + req.num_tokens)
-            if req.params.max_tokens is not None and len(req.output_token_ids) >= req.params.max_tokens:
-                sched.finish(req, RequestStatus.FINISHED_LENGTH)
+    sched.update_from_output(out, sampled([1000 + c.request.num_tokens for c in out.chunks if c.is_sampling]))
     return out
+
+
+def sampled(token_ids: list[int]) -> StepResult:
+    return StepResult(np.array(token_ids, dtype=np.int64), None, None, None)
 
 
 def plan(out: SchedulerOutput) -> list[tuple[str, int, bool]]:
@@ -61,10 +61,11 @@ def test_running_decodes_come_before_new_prefills():
     sched = make_scheduler(max_num_tokens=64)
     sched.add(make_request("old", 5))
     step(sched)
-    sched.add(make_request("new", 7, first=50))
+    new = make_request("new", 7, first=50)
+    sched.add(new)
     out = step(sched)
     assert plan(out) == [("old", 1, True), ("new", 7, True)]
-    assert sched.get("new").status == RequestStatus.RUNNING
+    assert new.status == RequestStatus.RUNNING
 
 
 def test_chunked_prefill_samples_only_on_the_last_chunk():
@@ -95,11 +96,12 @@ def test_admission_is_fifo_without_skipping():
     sched = make_scheduler(num_blocks=4, block_size=4, max_num_tokens=100)
     sched.add(make_request("r0", 10, max_tokens=2))
     sched.add(make_request("r1", 8, first=100))
-    sched.add(make_request("r2", 2, first=200))
+    r2 = make_request("r2", 2, first=200)
+    sched.add(r2)
     out = step(sched)
     assert plan(out) == [("r0", 10, True)]
     assert sched.num_waiting == 2
-    assert sched.get("r2").status == RequestStatus.WAITING and sched.get("r2").block_ids == []
+    assert r2.status == RequestStatus.WAITING and r2.block_ids == []
     out = step(sched)  # r0's decode, then r0 finishes: 3 blocks come back
     assert plan(out) == [("r0", 1, True)]
     out = step(sched)
@@ -198,7 +200,7 @@ def test_abort_frees_blocks():
     aborted = sched.abort("a")
     assert aborted is not None and aborted.status == RequestStatus.FINISHED_ABORTED
     assert aborted.block_ids == [] and sched.kv.num_free_blocks == 8 - 1
-    assert sched.get("a") is None and sched.num_running == 1
+    assert sched.num_running == 1
     assert sched.abort("a") is None and sched.abort("nobody") is None
     assert plan(step(sched)) == [("b", 1, True)]
 
@@ -212,15 +214,16 @@ def test_abort_waiting_and_in_flight_requests():
     sched.abort("w")  # still waiting
     assert sched.num_waiting == 0
     sched.abort("a")  # aborted while its step runs: the step's result is dropped
-    sched.update_after_step(out)
-    assert sched.get("a") is None and not sched.has_unfinished
+    assert sched.update_from_output(out, sampled([])) == []
+    assert not sched.has_unfinished
     assert sched.kv.num_free_blocks == 8
     assert sched.schedule().chunks == []
 
 
 def test_add_rejects_requests_that_can_never_run():
     sched = make_scheduler(num_blocks=2, block_size=4)  # 8 token slots
-    sched.add(make_request("fits", 7))  # 7 + 1 = 8
+    fits = make_request("fits", 7)
+    sched.add(fits)  # 7 + 1 = 8
     with pytest.raises(ValueError, match="8 tokens plus one generated token needs 3 KV blocks"):
         sched.add(make_request("too_long", 8))
     with pytest.raises(ValueError, match="already queued"):
@@ -228,7 +231,7 @@ def test_add_rejects_requests_that_can_never_run():
     with pytest.raises(ValueError, match="empty"):
         sched.add(make_request("empty", 0))
     with pytest.raises(ValueError, match="finished status"):
-        sched.finish(sched.get("fits"), RequestStatus.RUNNING)
+        sched.finish(fits, RequestStatus.RUNNING)
 
 
 def test_generation_outgrowing_the_pool_finishes_for_length():
@@ -247,14 +250,15 @@ def test_prefix_cache_applies_at_admission():
     sched = make_scheduler(num_blocks=16, block_size=4)
     sched.add(make_request("a", 12, max_tokens=1))
     step(sched)
-    sched.add(make_request("b", 14))  # same first 12 tokens: 3 cached blocks
+    b, c = make_request("b", 14), make_request("c", 12)
+    sched.add(b)  # same first 12 tokens: 3 cached blocks
     out = step(sched)
     assert plan(out) == [("b", 2, True)]
-    assert sched.get("b").num_cached_prompt_tokens == 12
-    sched.add(make_request("c", 12))  # fully cached prompt: the last block is recomputed
+    assert b.num_cached_prompt_tokens == 12
+    sched.add(c)  # fully cached prompt: the last block is recomputed
     out = step(sched)
     assert plan(out) == [("b", 1, True), ("c", 4, True)]
-    assert sched.get("c").num_cached_prompt_tokens == 8
+    assert c.num_cached_prompt_tokens == 8
 
 
 # ---- a long random run -------------------------------------------------------------------------
@@ -354,13 +358,7 @@ def test_random_run_terminates_and_frees_everything(seed, num_blocks, block_size
         assert out.finished == []  # every request fits the pool by construction
         num_preempted += len(out.preempted)
         check_step(sched, out, cfg, kv_store)
-        sched.update_after_step(out)
-        for chunk in out.chunks:
-            req = chunk.request
-            if chunk.is_sampling:
-                req.output_token_ids.append(rng.randrange(VOCAB))
-                if len(req.output_token_ids) == req.params.max_tokens:
-                    sched.finish(req, RequestStatus.FINISHED_LENGTH)
+        sched.update_from_output(out, sampled([rng.randrange(VOCAB) for c in out.chunks if c.is_sampling]))
         live = [r for r in live if not r.status.is_finished]
         check_blocks(sched, live)
         assert sched.num_running + sched.num_waiting == len(live)

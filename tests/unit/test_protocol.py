@@ -1,0 +1,82 @@
+"""The wire format between rank 0 and the ranks, and between a plain process and rank 0: typed
+messages that survive a round trip through bytes, with no pickle anywhere."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshlm.api.messages import (AbortCall, EngineState, Reply, StepCall, SubmitCall, decode_call, decode_reply,
+                                 encode_call, encode_reply)
+from meshlm.engine.outputs import CompletionOutput, RequestOutput
+from meshlm.protocol import (Envelope, MessageKind, NewRequest, StepPlan, StepResult, decode_envelope, decode_result,
+                             encode_envelope, encode_result, returns_tokens)
+from meshlm.sampling_params import SamplingParams
+
+
+def make_plan() -> StepPlan:
+    return StepPlan(
+        input_ids=np.array([5, 6, 7, 9], np.int64), positions=np.array([0, 1, 2, 40], np.int64),
+        slot_mapping=np.array([16, 17, 18, 71], np.int64), query_start_loc=np.array([0, 3, 4], np.int32),
+        seq_lens=np.array([3, 41], np.int32), block_tables=np.array([[1, 0, 0], [2, 3, 4]], np.int32),
+        sample_rows=np.array([0, 1], np.int64), sample_request_ids=["a", "b#1"],
+        new_requests=[NewRequest("a", SamplingParams(temperature=0.5, stop=["x", "yz"], seed=3,
+                                                     stop_token_ids=[2]), [5, 6, 7])],
+        finished_request_ids=["old"])
+
+
+def test_a_step_envelope_survives_the_wire():
+    plan = make_plan()
+    buffer = encode_envelope(Envelope(MessageKind.STEP, plan))
+    assert buffer.dtype == np.uint8 and buffer[8:9].tobytes() == b"{"  # length, then a JSON header
+    got = decode_envelope(buffer)
+    assert got.kind == MessageKind.STEP
+    for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
+                 "sample_rows"):
+        expected, actual = getattr(plan, name), getattr(got.plan, name)
+        assert actual.dtype == expected.dtype and np.array_equal(actual, expected), name
+    assert got.plan.sample_request_ids == ["a", "b#1"] and got.plan.finished_request_ids == ["old"]
+    (new,) = got.plan.new_requests
+    assert (new.request_id, new.prompt_token_ids) == ("a", [5, 6, 7])
+    assert new.params == plan.new_requests[0].params and new.params.stop == ("x", "yz")
+
+
+def test_shutdown_and_empty_plans():
+    assert decode_envelope(encode_envelope(Envelope(MessageKind.SHUTDOWN))).kind == MessageKind.SHUTDOWN
+    empty = decode_envelope(encode_envelope(Envelope(MessageKind.STEP, StepPlan.empty(["r"])))).plan
+    assert empty.num_tokens == 0 and empty.finished_request_ids == ["r"] and empty.block_tables.shape == (0, 1)
+    assert not returns_tokens(empty) and returns_tokens(make_plan())
+
+
+def test_a_step_result_survives_the_wire():
+    result = StepResult(np.array([3, 9], np.int64), np.array([-0.5, -1.25], np.float32),
+                        np.array([[3, 4], [9, 1]], np.int64), np.array([[-0.5, -2.0], [-1.25, -3.0]], np.float32))
+    got = decode_result(encode_result(result))
+    for name in ("token_ids", "logprobs", "top_token_ids", "top_logprobs"):
+        assert np.array_equal(getattr(got, name), getattr(result, name)), name
+    bare = decode_result(encode_result(StepResult(np.array([1], np.int64), None, None, None)))
+    assert bare.logprobs is None and bare.top_token_ids is None and bare.token_ids.tolist() == [1]
+
+
+def test_a_truncated_buffer_is_refused():
+    buffer = encode_envelope(Envelope(MessageKind.STEP, make_plan()))
+    with pytest.raises(ValueError, match="bytes"):
+        decode_envelope(np.concatenate([buffer, np.zeros(3, np.uint8)]))
+
+
+def test_sampling_params_refuse_unknown_fields_from_the_wire():
+    with pytest.raises(ValueError, match="unknown sampling parameters"):
+        SamplingParams.from_dict({**SamplingParams().to_dict(), "evil": 1})
+
+
+def test_remote_calls_and_replies_survive_the_wire():
+    call = SubmitCall([1, 2, 3], SamplingParams(max_tokens=4, logprobs=2), "r1", "text")
+    got = decode_call(encode_call(call))
+    assert got == call
+    assert decode_call(encode_call(AbortCall("r1"))) == AbortCall("r1")
+    output = RequestOutput("r1", "text", [1, 2, 3], [CompletionOutput(0, "hi", [7, 8], "stop", "!",
+                                                                      [{7: -0.5, 9: -1.0}, {8: -0.25}])], True, 2)
+    reply = decode_reply(encode_reply(Reply([output], state=EngineState(True, False, 1, 2, 0.5))), StepCall())
+    assert reply.value == [output] and reply.state == EngineState(True, False, 1, 2, 0.5)
+    assert list(reply.value[0].outputs[0].logprobs[0]) == [7, 9]  # int keys, the sampled token first
+    with pytest.raises(ValueError, match="unknown call"):
+        decode_call(b'{"call": "os.system"}')
