@@ -17,6 +17,7 @@ from meshlm.weights.model_config import ModelConfig
 from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.dispatch import LocalDispatcher
 from meshlm.weights.default_model import resolve_model
+from meshlm.executor.memory import check_pool_holds_a_request
 from meshlm.executor.model_runner import ModelRunner, resolve_dtype
 from meshlm.engine.tokenizer import Tokenizer
 
@@ -92,12 +93,18 @@ class RankRuntime:
                              sampler_seed=args.seed, attention_backend=args.attention_backend,
                              enable_fused_kernels=args.enable_fused_kernels)
         cache = args.cache_config()
-        local_blocks = self.engine.available_kv_blocks(cache, args.max_num_tokens)
+        local_blocks = self.engine.available_kv_blocks(cache, args.max_num_tokens, args.max_batch_size)
         if world_comm is not None:
             from mpi4py import MPI
             self.num_blocks = world_comm.allreduce(local_blocks, op=MPI.MIN)
         else:
             self.num_blocks = local_blocks
+        try:  # every rank has the same minimum, so every rank refuses together
+            check_pool_holds_a_request(self.num_blocks, cache.block_size, self.max_model_len, cache,
+                                       self.device.type, mapping.tp)
+        except ValueError:
+            self.engine.shutdown()
+            raise
         self.engine.allocate_kv_cache(self.num_blocks, cache.block_size)
         if args.enable_cuda_graphs:
             self.engine.capture_cuda_graphs(min(args.max_batch_size, 256))
