@@ -1,0 +1,56 @@
+"""Weight loading shows a byte progress bar on rank 0 only, and counts what the model holds."""
+from __future__ import annotations
+
+import torch
+
+from meshlm.executor.model_runner import ModelRunner
+from meshlm.parallel.comm import Communicator
+from meshlm.parallel.groups import ParallelGroups
+from meshlm.parallel.mapping import Mapping
+from meshlm.weights.model_config import ModelConfig
+from meshlm.weights.progress import LoadProgress
+
+CONFIG = ModelConfig("LlamaForCausalLM", vocab_size=96, hidden_size=48, intermediate_size=96, num_layers=2,
+                     num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+
+
+class RankComm(Communicator):
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size, self.ranks = rank, size, list(range(size))
+
+
+class FakeReader:
+    """Hands out zeros of the requested number of rows; records that it was closed."""
+
+    def __init__(self):
+        self.is_closed = False
+
+    def read(self, name, dim=None, start=0, stop=None):
+        return torch.zeros(stop - start, 10)
+
+    def close(self):
+        self.is_closed = True
+
+
+def test_progress_counts_bytes_at_the_models_itemsize_and_stops_at_the_total():
+    reader = FakeReader()
+    progress = LoadProgress(reader, total_bytes=1000, itemsize=2, is_enabled=False)
+    progress.read("a", 0, 0, 30)  # 300 elements of 2 bytes
+    assert progress.num_bytes == 600
+    progress.read("b", 0, 0, 30)  # 600 more would pass the total
+    assert progress.num_bytes == 1000
+    progress.close()
+    assert progress.num_bytes == 1000 and reader.is_closed
+
+
+def runner_stderr(capfd, rank: int) -> str:
+    mapping = Mapping(2, rank, tp=2)
+    groups = ParallelGroups(mapping, RankComm(rank, 2), RankComm(0, 1), RankComm(0, 1), RankComm(rank, 2))
+    ModelRunner(CONFIG, groups, torch.device("cpu"), torch.float32, 64)
+    return capfd.readouterr().err
+
+
+def test_rank_0_draws_the_bar_in_bytes_and_the_other_ranks_stay_quiet(capfd):
+    err = runner_stderr(capfd, 0)
+    assert "loading weights" in err and "100%" in err and "B/s" in err, err
+    assert "loading weights" not in runner_stderr(capfd, 1)
