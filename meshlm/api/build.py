@@ -108,9 +108,9 @@ class RankRuntime:
         self.engine.allocate_kv_cache(self.num_blocks, cache.block_size)
         if args.enable_cuda_graphs:
             self.engine.capture_cuda_graphs(min(args.max_batch_size, 256))
-        log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens",
-                 self.model_dir.name, self.model_config.num_layers, dtype, self.device, self.num_blocks,
-                 cache.block_size)
+        log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens = %d tokens "
+                 "(max_model_len=%d)", self.model_dir.name, self.model_config.num_layers, dtype, self.device,
+                 self.num_blocks, cache.block_size, self.num_blocks * cache.block_size, self.max_model_len)
 
     def make_coordinator(self, executor) -> Coordinator:
         assert self.mapping.rank == 0

@@ -50,7 +50,10 @@ def weight_bytes(cfg: ModelConfig, mapping: Mapping, itemsize: int) -> int:
         num += hidden + (0 if cfg.tie_word_embeddings else vocab_shard)  # final norm, LM head
     for layer in mapping.layer_range(cfg.num_layers):
         num += 2 * hidden + _attention_elements(cfg, tp)  # two norms and the attention
-        num += _moe_elements(cfg, mapping) if cfg.is_moe_layer(layer) else _mlp_elements(hidden, cfg.intermediate_size, tp)
+        if cfg.is_moe_layer(layer):
+            num += _moe_elements(cfg, mapping)
+        else:
+            num += _mlp_elements(hidden, cfg.intermediate_size, tp)
     return num * itemsize
 
 

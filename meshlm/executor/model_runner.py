@@ -99,7 +99,8 @@ class ModelRunner:
                                f"(total {total / 2**30:.1f} GiB, in use {used_elsewhere / 2**30:.1f} GiB, "
                                f"activation reserve {reserve / 2**30:.2f} GiB, "
                                f"gpu_memory_utilization={cache.gpu_memory_utilization}); raise "
-                               f"gpu_memory_utilization or tp (now {self.mapping.tp}) or pp (now {self.mapping.pp}), "
+                               f"gpu_memory_utilization or tp (now {self.mapping.tp}) or pp "
+                               f"(now {self.mapping.pp}), "
                                f"or lower max_num_tokens (now {max_num_tokens})")
         return blocks
 

@@ -110,6 +110,12 @@ def model_dir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def no_log_handler(monkeypatch):
+    """main() would attach the meshlm logger to this test's captured stderr, closed after the test."""
+    monkeypatch.setattr("meshlm.launcher.logging.setup_logging", lambda *args, **kwargs: None)
+
+
 def plan(model_dir, capsys, *flags) -> tuple[int, str, str]:
     code = main(["plan", "--model", str(model_dir), *flags])
     out = capsys.readouterr()
