@@ -1,4 +1,4 @@
-"""``meshlm generate | serve | bench``.
+"""``meshlm generate | serve | bench | plan``.
 
 Engine flags (--model, --tp, --pp, --ep, --dtype, ...) come from EngineArgs; sampling flags
 from SamplingParams. A plain process asked for several ranks relaunches itself under mpiexec.
@@ -43,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(gen)
     _add_serve_parser(sub)
     _add_bench_parser(sub)
+    _add_plan_parser(sub)
     return parser
+
+
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="each rank's memory for a layout, from config.json (no GPU, no weights)")
+    plan.add_argument("--gpu-memory-gb", type=float, default=None,
+                      help="memory of one GPU in GiB (default: the local GPU's)")
+    EngineArgs.add_cli_args(plan)
 
 
 def _add_serve_parser(sub) -> None:
@@ -138,6 +146,12 @@ def cmd_bench_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from meshlm.api.plan import run_plan
+    run_plan(EngineArgs.from_cli(ns), ns.gpu_memory_gb)  # never relaunches: a dry run in this process
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from meshlm.launcher.logging import setup_logging
     parser = build_parser()
@@ -148,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(ns)
         if ns.command == "serve":
             return cmd_serve(ns)
+        if ns.command == "plan":
+            return cmd_plan(ns)
         if ns.command == "bench":
             return {"throughput": cmd_bench_throughput, "serve": cmd_bench_serve}[ns.bench_command](ns)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

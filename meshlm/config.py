@@ -176,7 +176,7 @@ class EngineConfig:
     """The configuration every part of the engine reads, resolved once from EngineArgs and the
     model's config.json, after checking that the layout can split the model."""
 
-    model_dir: Path
+    model_dir: Path | None  # None: random weights of ``model``'s shape, no tokenizer
     model: ModelConfig
     parallel: ParallelConfig
     cache: CacheConfig
@@ -203,6 +203,20 @@ class EngineConfig:
                    scheduler.max_model_len or model.max_position_embeddings, args.dtype, args.device,
                    args.seed, args.load_format, args.attention_backend, args.skip_tokenizer_init,
                    args.enable_cuda_graphs, args.enable_fused_kernels)
+
+
+    @classmethod
+    def for_random_weights(cls, model: ModelConfig, **engine_args) -> "EngineConfig":
+        """A configuration of random weights of ``model``'s shape, no checkpoint on disk (benchmarks,
+        checks); ``engine_args`` are EngineArgs fields."""
+        args = EngineArgs(load_format="random", skip_tokenizer_init=True, **engine_args)
+        parallel = args.parallel_config()
+        check_layout(model, parallel)
+        scheduler = args.scheduler_config()
+        return cls(None, model, parallel, args.cache_config(), scheduler,
+                   scheduler.max_model_len or model.max_position_embeddings, args.dtype, args.device, args.seed,
+                   args.load_format, args.attention_backend, args.skip_tokenizer_init, args.enable_cuda_graphs,
+                   args.enable_fused_kernels)
 
 
 def check_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:

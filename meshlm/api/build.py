@@ -11,6 +11,7 @@ import torch
 from meshlm.config import EngineConfig
 from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.dispatch import StepDispatcher
+from meshlm.executor.memory import check_pool_holds_a_request
 from meshlm.engine.tokenizer import Tokenizer
 from meshlm.executor.model_runner import ModelRunner
 from meshlm.parallel.groups import ParallelGroups
@@ -56,19 +57,26 @@ class RankRuntime:
         self.device = pick_device(config.device, local_rank)
         groups = ParallelGroups.single() if mapping.world_size == 1 else ParallelGroups.from_mpi(mapping, self.device)
         self.runner = ModelRunner(config, groups, self.device, self.eos_token_ids)
-        cache = config.cache
-        local_blocks = self.runner.available_kv_blocks(cache, config.scheduler.max_num_tokens)
+        cache, scheduler = config.cache, config.scheduler
+        local_blocks = self.runner.available_kv_blocks(cache, scheduler.max_num_tokens, scheduler.max_batch_size)
         if world_comm is not None:
             from mpi4py import MPI
             self.num_blocks = world_comm.allreduce(local_blocks, op=MPI.MIN)
         else:
             self.num_blocks = local_blocks
+        try:  # every rank has the same minimum, so every rank refuses together
+            check_pool_holds_a_request(self.num_blocks, cache.block_size, config.max_model_len, cache,
+                                       self.device.type, mapping.tp)
+        except ValueError:
+            self.runner.shutdown()
+            raise
         self.runner.allocate_kv_cache(self.num_blocks, cache.block_size)
         if config.enable_cuda_graphs:
-            self.runner.capture_cuda_graphs(min(config.scheduler.max_batch_size, 256))
-        log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens",
-                 config.model_dir.name, config.model.num_layers, self.runner.dtype, self.device,
-                 self.num_blocks, cache.block_size)
+            self.runner.capture_cuda_graphs(min(scheduler.max_batch_size, 256))
+        log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens = %d tokens "
+                 "(max_model_len=%d)", config.model_dir.name, config.model.num_layers, self.runner.dtype,
+                 self.device, self.num_blocks, cache.block_size, self.num_blocks * cache.block_size,
+                 config.max_model_len)
 
     def make_coordinator(self, dispatcher: StepDispatcher) -> Coordinator:
         assert self.mapping.rank == 0

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from meshlm.executor import memory
 from meshlm.models import build_model
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.weights.checkpoint import CheckpointReader
+from meshlm.weights.progress import LoadProgress
 from meshlm.config import CacheConfig, EngineConfig
 from meshlm.kernels.fused_ops import select_ops
 from meshlm.protocol import StepPlan, StepResult
@@ -53,11 +55,7 @@ class ModelRunner:
         self.model = build_model(self.cfg, groups, self.dtype, device, self.max_model_len, self.attention_fn)
         self.model.use_ops(select_ops(config.enable_fused_kernels, device))
         self.model.eval()
-        reader = (RandomCheckpoint(seed=config.seed) if config.load_format == "random"
-                  else CheckpointReader(config.model_dir))
-        with torch.no_grad():
-            self.model.load(reader)
-        reader.close()
+        self._load_weights(config)
         self.is_sampler = self.mapping.rank == self.mapping.sampler_rank
         self.sampler = Sampler(self.cfg.vocab_size, eos_token_ids, device,
                                seed=config.seed) if self.is_sampler else None
@@ -65,16 +63,27 @@ class ModelRunner:
         self.block_size = 0
         self.graph_runner = None
 
+    def _load_weights(self, config: EngineConfig) -> None:
+        """Read this rank's shard (or random weights of its shape); a bar on rank 0 shows the bytes."""
+        reader = (RandomCheckpoint(seed=config.seed) if config.load_format == "random"
+                  else CheckpointReader(config.model_dir))
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        progress = LoadProgress(reader, total, self.dtype.itemsize, is_enabled=self.mapping.rank == 0)
+        with torch.no_grad():
+            self.model.load(progress)
+        progress.close()
+        log.info("loaded %.2f GiB of weights (this rank's shard) in %.1f s", total / 2**30, progress.elapsed_s)
+
     # --- KV pool -----------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
-        attn = self.model.attention_layers
-        if not attn:
-            return 0
-        per_layer = 2 * block_size * attn[0].num_kv_heads_per_rank * attn[0].head_dim
-        return per_layer * len(attn) * self.dtype.itemsize
+        return memory.kv_bytes_per_token(self.cfg, self.mapping, self.dtype.itemsize) * block_size
 
-    def available_kv_blocks(self, cache: CacheConfig, max_num_tokens: int) -> int:
-        """How many KV blocks fit on this rank (the coordinator takes the minimum over ranks)."""
+    def available_kv_blocks(self, cache: CacheConfig, max_num_tokens: int, max_batch_size: int) -> int:
+        """How many KV blocks fit on this rank (the coordinator takes the minimum over ranks).
+
+        On a GPU: ``gpu_memory_utilization`` of the card, less what is in use now (weights, CUDA
+        context, other processes) and the activation reserve (executor/memory.py, as ``meshlm plan``).
+        """
         if cache.num_blocks is not None:
             return cache.num_blocks
         per_block = max(1, self.kv_bytes_per_block(cache.block_size))
@@ -82,16 +91,17 @@ class ModelRunner:
             return max(1, int(cache.cpu_kv_cache_gb * 2**30) // per_block)
         free, total = torch.cuda.mem_get_info(self.device)
         used_elsewhere = total - free
-        # Activations of the largest step: a generous per-token estimate of the widest tensors.
-        cfg = self.cfg
-        per_token = (4 * cfg.intermediate_size // self.groups.tp.size + 8 * cfg.hidden_size) * 4
-        reserve = max_num_tokens * per_token + 2**30
-        budget = int(total * cache.gpu_memory_utilization) - used_elsewhere - reserve
-        if budget < per_block:
+        reserve = memory.activation_reserve_bytes(self.cfg, self.groups.tp.size, max_num_tokens, max_batch_size)
+        blocks = memory.kv_blocks_that_fit(total, cache.gpu_memory_utilization, used_elsewhere, reserve, per_block)
+        if blocks < 1:
             raise RuntimeError(f"{self.mapping.describe()}: no GPU memory left for the KV cache "
                                f"(total {total / 2**30:.1f} GiB, in use {used_elsewhere / 2**30:.1f} GiB, "
-                               f"gpu_memory_utilization={cache.gpu_memory_utilization})")
-        return budget // per_block
+                               f"activation reserve {reserve / 2**30:.2f} GiB, "
+                               f"gpu_memory_utilization={cache.gpu_memory_utilization}); raise "
+                               f"gpu_memory_utilization or tp (now {self.mapping.tp}) or pp "
+                               f"(now {self.mapping.pp}), "
+                               f"or lower max_num_tokens (now {max_num_tokens})")
+        return blocks
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Blocks 0..num_blocks-1 belong to the scheduler; one more is scratch for padding rows."""

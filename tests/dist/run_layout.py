@@ -67,6 +67,7 @@ def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | 
     try:
         llm = LLM(model=job["model"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
                   moe_expert_parallel_size=ep, device="cpu", num_kv_blocks=job.get("num_kv_blocks", 64),
+                  max_model_len=job.get("max_model_len", 512),
                   max_num_tokens=job.get("max_num_tokens", 8192))
     except SystemExit as exc:
         # Ranks other than 0 serve steps inside LLM(...) and then sys.exit(0). Catching it here

@@ -28,7 +28,8 @@ def main() -> int:
 
     from meshlm import LLM, SamplingParams
     prompts = json.loads(Path(args.prompts).read_text())
-    llm = LLM(model=args.model, tensor_parallel_size=args.tp, device="cpu", num_kv_blocks=64)
+    llm = LLM(model=args.model, tensor_parallel_size=args.tp, device="cpu", num_kv_blocks=64,
+              max_model_len=512)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
     running = descendants(os.getpid())
     llm.shutdown()

@@ -88,7 +88,8 @@ def test_greedy_tokens_survive_chunking_preemption_and_batching(random_model, re
                                                                 enable_prefix_caching):
     prompts, params = make_requests(VOCAB_SIZE)
     with LLM(str(random_model), num_kv_blocks=NUM_KV_BLOCKS, block_size=BLOCK_SIZE,
-             max_num_tokens=MAX_NUM_TOKENS, enable_prefix_caching=enable_prefix_caching) as llm:
+             max_model_len=NUM_KV_BLOCKS * BLOCK_SIZE, max_num_tokens=MAX_NUM_TOKENS,
+             enable_prefix_caching=enable_prefix_caching) as llm:
         log = record_steps(llm)
         outputs = llm.generate(prompts, params)
         assert not llm._coordinator.has_unfinished()
@@ -111,11 +112,12 @@ def test_greedy_tokens_survive_chunking_preemption_and_batching(random_model, re
 
 @pytest.mark.timeout(120)
 def test_default_model_greedy_tokens_survive_chunking_and_preemption():
-    # 4 requests, a pool of 10 blocks of 4 tokens: the busy batch preempts; the 36-token prompt is
-    # prefilled in two chunks. No prefix caching, so the busy run cannot reuse the solo runs' blocks.
+    # 4 requests, a pool of 11 blocks of 4 tokens (one request of max_model_len=44): the busy batch
+    # preempts; the 36-token prompt is prefilled in two chunks. No prefix caching, so the busy run
+    # cannot reuse the solo runs' blocks.
     lengths, max_tokens = (36, 6, 20, 10), (5, 5, 4, 5)
     prompts, params = make_requests(49152, lengths, max_tokens, seed=7)
-    with LLM(num_kv_blocks=10, block_size=BLOCK_SIZE, max_num_tokens=MAX_NUM_TOKENS, max_model_len=64,
+    with LLM(num_kv_blocks=11, block_size=BLOCK_SIZE, max_num_tokens=MAX_NUM_TOKENS, max_model_len=44,
              enable_prefix_caching=False) as llm:
         alone = tokens_alone(llm, prompts, params)
         log = record_steps(llm)

@@ -18,9 +18,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+from tests.rank_groups import rank_groups
 from meshlm import LLM, SamplingParams
 from meshlm.models.moe import SparseMoeBlock
-from meshlm.parallel.comm import Communicator
 from meshlm.parallel.experts import FusedMoE, route
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.mapping import Mapping
@@ -85,19 +85,8 @@ def test_the_test_models_route_to_every_expert(moe_model):
 
 # --- the expert split, rank by rank in one process -------------------------------------------------
 
-class RankComm(Communicator):
-    """Rank ``rank`` of a group of ``size`` whose collectives are left undone (the test sums)."""
-
-    def __init__(self, rank: int, size: int):
-        self.rank, self.size, self.ranks = rank, size, list(range(size))
-
-    def all_reduce(self, tensor):
-        return tensor
-
-
-def rank_groups(tp: int, moe_ep: int, rank: int) -> ParallelGroups:
-    mapping = Mapping(world_size=tp, rank=rank, tp=tp, moe_ep=moe_ep)
-    return ParallelGroups(mapping, RankComm(mapping.tp_rank, tp), RankComm(0, 1))
+def moe_rank_groups(tp: int, moe_ep: int, rank: int) -> ParallelGroups:
+    return rank_groups(Mapping(world_size=tp, rank=rank, tp=tp, moe_ep=moe_ep))
 
 
 class RecordingReader(CheckpointReader):
@@ -130,7 +119,7 @@ def test_ranks_partial_sums_add_up_to_the_single_rank_block(moe_model, tp, moe_e
     total = torch.zeros_like(expected)
     width = cfg.moe_intermediate_size // (tp // moe_ep)
     for rank in range(tp):
-        groups = rank_groups(tp, moe_ep, rank)
+        groups = moe_rank_groups(tp, moe_ep, rank)
         block, reader = load_block(path, cfg, groups)
         first = groups.mapping.moe_ep_rank * (cfg.num_experts // moe_ep)
         own = set(range(first, first + cfg.num_experts // moe_ep))
@@ -227,7 +216,7 @@ def test_fused_expert_checkpoint_gives_the_same_tokens(family, tmp_path):
     # And each rank of tp=4, moe_ep=2 cuts its experts and its width from the fused tensors.
     hidden = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
     expected = load_block(per_expert, cfg, ParallelGroups.single())[0](hidden)
-    total = sum(load_block(tmp_path / "fused", cfg, rank_groups(4, 2, r))[0](hidden) for r in range(4))
+    total = sum(load_block(tmp_path / "fused", cfg, moe_rank_groups(4, 2, r))[0](hidden) for r in range(4))
     torch.testing.assert_close(total, expected, atol=1e-5, rtol=1e-5)
 
 

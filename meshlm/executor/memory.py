@@ -1,0 +1,162 @@
+"""A rank's memory, planned from config.json alone: weights, KV cache per token, reserve, pool size.
+
+One arithmetic for both users: ``meshlm plan`` (a dry run with no GPU and no weights) and the model
+runner when it sizes its KV pool on a real card. Counts follow how the parallel layers shard:
+
+- embedding and LM head: rows of the vocabulary padded up to a multiple of tp, split by tp; the
+  first stage holds the embedding, the last the final norm and the LM head (with tied embeddings
+  the last stage holds the embedding too, once, as the LM head's weight);
+- attention: whole query heads split by tp; KV heads split by tp, or replicated (one per rank)
+  when tp > num_kv_heads; norms replicated;
+- dense MLP and Qwen2-MoE's shared expert: the intermediate width split by tp;
+- experts: each of the moe_ep ranks holds num_experts / moe_ep experts, each moe_tp = tp / moe_ep
+  wide slice of their width; the router is replicated;
+- decoder layers: the contiguous range of this pipeline stage (Mapping.layer_range).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshlm.config import CacheConfig
+from meshlm.parallel.mapping import Mapping
+from meshlm.weights.model_config import ModelConfig
+
+GiB = 2**30
+# Fixed part of the reserve: captured CUDA graphs, the allocator's fragmentation, NCCL buffers.
+FIXED_RESERVE_BYTES = GiB
+# Float32 copies of the logits the sampler holds at once (logits, probabilities, sorted, scratch).
+SAMPLER_LOGIT_COPIES = 4
+
+
+def num_kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
+    """KV heads are split by tp, or replicated whole (one per rank) when tp > num_kv_heads."""
+    return max(1, cfg.num_kv_heads // tp)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, mapping: Mapping, itemsize: int) -> int:
+    """Bytes of K and V that one token takes in this rank's pool: its stage's layers, its KV heads."""
+    num_layers = len(mapping.layer_range(cfg.num_layers))
+    return 2 * num_layers * num_kv_heads_per_rank(cfg, mapping.tp) * cfg.head_dim * itemsize
+
+
+def weight_bytes(cfg: ModelConfig, mapping: Mapping, itemsize: int) -> int:
+    """Bytes of the parameters this rank holds (the sum of its model shard's parameters)."""
+    hidden, tp = cfg.hidden_size, mapping.tp
+    vocab_shard = -(-cfg.vocab_size // tp) * hidden  # [vocab_per_rank, hidden]
+    num = 0
+    if mapping.is_first_pp_rank or (mapping.is_last_pp_rank and cfg.tie_word_embeddings):
+        num += vocab_shard
+    if mapping.is_last_pp_rank:
+        num += hidden + (0 if cfg.tie_word_embeddings else vocab_shard)  # final norm, LM head
+    for layer in mapping.layer_range(cfg.num_layers):
+        num += 2 * hidden + _attention_elements(cfg, tp)  # two norms and the attention
+        if cfg.is_moe_layer(layer):
+            num += _moe_elements(cfg, mapping)
+        else:
+            num += _mlp_elements(hidden, cfg.intermediate_size, tp)
+    return num * itemsize
+
+
+def _attention_elements(cfg: ModelConfig, tp: int) -> int:
+    q_width = cfg.num_heads // tp * cfg.head_dim
+    kv_width = num_kv_heads_per_rank(cfg, tp) * cfg.head_dim
+    qkv_width = q_width + 2 * kv_width
+    num = qkv_width * cfg.hidden_size + cfg.hidden_size * q_width  # qkv_proj, o_proj
+    if cfg.attention_bias:
+        num += qkv_width
+    if cfg.qk_norm:
+        num += 2 * cfg.head_dim
+    return num
+
+
+def _mlp_elements(hidden: int, intermediate: int, tp: int) -> int:
+    return 3 * hidden * (intermediate // tp)  # gate and up [inter/tp, hidden], down [hidden, inter/tp]
+
+
+def _moe_elements(cfg: ModelConfig, mapping: Mapping) -> int:
+    hidden = cfg.hidden_size
+    num = cfg.num_experts * hidden  # the router, replicated
+    num_local_experts = cfg.num_experts // mapping.moe_ep
+    num += num_local_experts * _mlp_elements(hidden, cfg.moe_intermediate_size, mapping.moe_tp)
+    if cfg.shared_expert_intermediate_size:
+        num += _mlp_elements(hidden, cfg.shared_expert_intermediate_size, mapping.tp) + hidden  # + its gate
+    return num
+
+
+def activation_reserve_bytes(cfg: ModelConfig, tp: int, max_num_tokens: int, max_batch_size: int) -> int:
+    """Memory kept out of the KV pool for the largest step: activations, logits, graphs.
+
+    A generous per-token bound on the widest live tensors (float32 upper bound), the sampler's
+    float32 copies of one step's logits, and a fixed part (FIXED_RESERVE_BYTES).
+    """
+    per_token = (4 * cfg.intermediate_size // tp + 8 * cfg.hidden_size) * 4
+    logits = SAMPLER_LOGIT_COPIES * max_batch_size * cfg.vocab_size * 4
+    return max_num_tokens * per_token + logits + FIXED_RESERVE_BYTES
+
+
+def kv_blocks_that_fit(total_bytes: int, gpu_memory_utilization: float, used_bytes: int, reserve_bytes: int,
+                       bytes_per_block: int) -> int:
+    """Blocks the scheduler may use: ``utilization x total``, less what is used and the reserve,
+    in whole blocks, less the one scratch block the runner adds (<= 0: none fit)."""
+    budget = int(total_bytes * gpu_memory_utilization) - used_bytes - reserve_bytes
+    return budget // max(1, bytes_per_block) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class RankPlan:
+    """What one rank holds at a given card size; ``num_blocks`` <= 0 when the weights leave no room."""
+
+    mapping: Mapping
+    weight_bytes: int
+    kv_bytes_per_token: int
+    reserve_bytes: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return max(0, self.num_blocks) * self.block_size
+
+
+def plan_rank(cfg: ModelConfig, mapping: Mapping, itemsize: int, total_bytes: int, cache: CacheConfig,
+              max_num_tokens: int, max_batch_size: int) -> RankPlan:
+    """The memory of rank ``mapping.rank`` on a card of ``total_bytes``, before anything is loaded."""
+    weights = weight_bytes(cfg, mapping, itemsize)
+    per_token = kv_bytes_per_token(cfg, mapping, itemsize)
+    reserve = activation_reserve_bytes(cfg, mapping.tp, max_num_tokens, max_batch_size)
+    blocks = kv_blocks_that_fit(total_bytes, cache.gpu_memory_utilization, weights, reserve,
+                                per_token * cache.block_size)
+    return RankPlan(mapping, weights, per_token, reserve, blocks, cache.block_size)
+
+
+def check_weights_fit(plan: RankPlan, total_bytes: int, gpu_memory_utilization: float, dtype_name: str) -> None:
+    """Refuse a layout whose weights, with the reserve and one KV block, exceed the card's share."""
+    if plan.num_blocks >= 1:
+        return
+    m = plan.mapping
+    share = total_bytes * gpu_memory_utilization
+    raise ValueError(
+        f"{m.describe()}: weights of {plan.weight_bytes / GiB:.2f} GiB plus the activation reserve of "
+        f"{plan.reserve_bytes / GiB:.2f} GiB do not leave room for the KV cache in "
+        f"gpu_memory_utilization={gpu_memory_utilization} x {total_bytes / GiB:.1f} GiB = {share / GiB:.2f} GiB; "
+        f"raise tp (now {m.tp}) or pp (now {m.pp}), pick a smaller dtype (now {dtype_name}), "
+        f"raise gpu_memory_utilization, or lower max_num_tokens / max_batch_size")
+
+
+def check_pool_holds_a_request(num_blocks: int, block_size: int, max_model_len: int, cache: CacheConfig,
+                               device_type: str, tp: int) -> None:
+    """Refuse a KV pool that cannot hold one request of ``max_model_len`` tokens (never truncate)."""
+    needed = -(-max_model_len // block_size)
+    if num_blocks >= needed:
+        return
+    if cache.num_blocks is not None:
+        grow = f"raise num_kv_blocks (now {cache.num_blocks}) to at least {needed}"
+    elif device_type == "cpu":
+        grow = f"raise cpu_kv_cache_gb (now {cache.cpu_kv_cache_gb})"
+    else:
+        grow = (f"raise gpu_memory_utilization (now {cache.gpu_memory_utilization}) "
+                f"or tp (now {tp}) to free memory for it")
+    raise ValueError(
+        f"the KV cache holds {num_blocks} blocks of {block_size} tokens = {num_blocks * block_size} tokens, "
+        f"fewer than one request of max_model_len={max_model_len} ({needed} blocks); lower max_model_len "
+        f"to at most {num_blocks * block_size}, or {grow}")
