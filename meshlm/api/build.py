@@ -2,6 +2,7 @@
 rank 0 the coordinator."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -12,7 +13,7 @@ from meshlm.parallel.experts import check_expert_layout
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import check_tp_for_heads
 from meshlm.parallel.mapping import Mapping
-from meshlm.config import EngineArgs
+from meshlm.config import EngineArgs, auto_max_batch_size
 from meshlm.weights.model_config import ModelConfig
 from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.dispatch import LocalDispatcher
@@ -92,23 +93,37 @@ class RankRuntime:
                              sampler_seed=args.seed, attention_backend=args.attention_backend,
                              enable_fused_kernels=args.enable_fused_kernels)
         cache = args.cache_config()
-        local_blocks = self.engine.available_kv_blocks(cache, args.max_num_tokens)
-        if world_comm is not None:
-            from mpi4py import MPI
-            self.num_blocks = world_comm.allreduce(local_blocks, op=MPI.MIN)
-        else:
-            self.num_blocks = local_blocks
+        with_graphs = args.enable_cuda_graphs and self.engine.can_capture_cuda_graphs()
+        self.max_batch_size, self.num_blocks = self._size_batch_and_kv_pool(cache, with_graphs, world_comm)
         self.engine.allocate_kv_cache(self.num_blocks, cache.block_size)
-        if args.enable_cuda_graphs:
-            self.engine.capture_cuda_graphs(min(args.max_batch_size, 256))
-        log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens",
-                 self.model_dir.name, self.model_config.num_layers, dtype, self.device, self.num_blocks,
-                 cache.block_size)
+        if with_graphs:
+            self.engine.capture_cuda_graphs(self.max_batch_size)
+        log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens; "
+                 "max_batch_size %d", self.model_dir.name, self.model_config.num_layers, dtype, self.device,
+                 self.num_blocks, cache.block_size, self.max_batch_size)
+
+    def _size_batch_and_kv_pool(self, cache, with_graphs: bool, world_comm) -> tuple[int, int]:
+        """(max_batch_size, KV blocks), equal on every rank: an automatic max_batch_size comes from
+        the pool before the batch's own reserve (graphs, sampling rows), which the pool then gives up."""
+        def min_over_ranks(value: int) -> int:
+            if world_comm is None:
+                return value
+            from mpi4py import MPI
+            return world_comm.allreduce(value, op=MPI.MIN)
+
+        args = self.args
+        max_batch_size = args.max_batch_size
+        if max_batch_size is None:
+            blocks = min_over_ranks(self.engine.available_kv_blocks(cache, args.max_num_tokens))
+            max_batch_size = auto_max_batch_size(blocks * cache.block_size, self.device.type == "cuda")
+        reserve = self.engine.batch_memory_reserve_bytes(max_batch_size, with_graphs)
+        return max_batch_size, min_over_ranks(self.engine.available_kv_blocks(cache, args.max_num_tokens, reserve))
 
     def make_coordinator(self, executor) -> Coordinator:
         assert self.mapping.rank == 0
         cache = self.args.cache_config()
-        return Coordinator(executor, self.tokenizer, self.args.scheduler_config(), self.num_blocks,
+        scheduler_config = dataclasses.replace(self.args.scheduler_config(), max_batch_size=self.max_batch_size)
+        return Coordinator(executor, self.tokenizer, scheduler_config, self.num_blocks,
                            cache.block_size, self.max_model_len, self.model_config.eos_token_ids,
                            self.model_config.vocab_size, cache.enable_prefix_caching)
 

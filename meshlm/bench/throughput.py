@@ -136,13 +136,14 @@ def _config(args: EngineArgs, opts: ThroughputOptions, coordinator, num_prompts:
     from meshlm import __version__
     from meshlm.weights.default_model import DEFAULT_MODEL_NAME
     kv = getattr(coordinator, "kv", None)
+    scheduler = getattr(coordinator, "scheduler", None)  # the resolved max_batch_size where it is here
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     return {
         "backend": "meshlm", "mode": "offline", "model": args.model or DEFAULT_MODEL_NAME,
         "tp": tp, "pp": pp, "ep": args.moe_expert_parallel_size or 1, "num_gpus": tp * pp,
         "device": device_name(args), "dtype": args.dtype, **opts.workload.describe(num_prompts),
         "max_concurrency": opts.concurrencies[-1], "max_model_len": getattr(coordinator, "max_model_len", None),
-        "max_num_tokens": args.max_num_tokens, "max_batch_size": args.max_batch_size,
+        "max_num_tokens": args.max_num_tokens, "max_batch_size": scheduler.config.max_batch_size if scheduler is not None else args.max_batch_size,
         "block_size": args.block_size, "num_kv_blocks": kv.num_blocks if kv is not None else None,
         "enable_prefix_caching": args.enable_prefix_caching,
         "meshlm_version": __version__,

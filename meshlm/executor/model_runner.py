@@ -43,7 +43,7 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, groups: ParallelGroups, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, model_dir: str | Path | None = None,
                  sampler_seed: int = 0, attention_backend: str | None = None,
-                 enable_fused_kernels: bool = False):
+                 enable_fused_kernels: bool | None = None):
         self.attention_backend = attention_backend
         self.cfg = model_config
         self.groups = groups
@@ -65,6 +65,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.graph_runner = None
+        self.graph_memory_bytes = 0  # measured when the decode graphs are captured
 
     # --- KV pool -----------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -74,8 +75,9 @@ class ModelRunner:
         per_layer = 2 * block_size * attn[0].num_kv_heads_per_rank * attn[0].head_dim
         return per_layer * len(attn) * self.dtype.itemsize
 
-    def available_kv_blocks(self, cache: CacheConfig, max_num_tokens: int) -> int:
-        """How many KV blocks fit on this rank (the coordinator takes the minimum over ranks)."""
+    def available_kv_blocks(self, cache: CacheConfig, max_num_tokens: int, batch_reserve_bytes: int = 0) -> int:
+        """How many KV blocks fit on this rank (the coordinator takes the minimum over ranks), after
+        the weights, a step's activations and ``batch_reserve_bytes`` (batch_memory_reserve_bytes)."""
         if cache.num_blocks is not None:
             return cache.num_blocks
         per_block = max(1, self.kv_bytes_per_block(cache.block_size))
@@ -86,13 +88,43 @@ class ModelRunner:
         # Activations of the largest step: a generous per-token estimate of the widest tensors.
         cfg = self.cfg
         per_token = (4 * cfg.intermediate_size // self.groups.tp.size + 8 * cfg.hidden_size) * 4
-        reserve = max_num_tokens * per_token + 2**30
+        reserve = max_num_tokens * per_token + 2**30 + batch_reserve_bytes
         budget = int(total * cache.gpu_memory_utilization) - used_elsewhere - reserve
         if budget < per_block:
             raise RuntimeError(f"{self.mapping.describe()}: no GPU memory left for the KV cache "
                                f"(total {total / 2**30:.1f} GiB, in use {used_elsewhere / 2**30:.1f} GiB, "
+                               f"reserved for steps {reserve / 2**30:.1f} GiB, "
                                f"gpu_memory_utilization={cache.gpu_memory_utilization})")
         return budget // per_block
+
+    # --- memory that grows with max_batch_size, set aside before the KV pool is sized -----------
+    def can_capture_cuda_graphs(self) -> bool:
+        """Decode graphs need CUDA, the Triton attention kernel and a model with attention layers."""
+        return (self.device.type == "cuda" and bool(self.model.attention_layers)
+                and getattr(self.attention_fn, "__name__", "") == "paged_attention_triton")
+
+    def batch_memory_reserve_bytes(self, max_batch_size: int, with_graphs: bool) -> int:
+        """Device memory that steps of ``max_batch_size`` sequences need beyond the activations:
+        the decode graphs (when captured) and, on the sampling rank, the sampler's rows."""
+        if self.device.type != "cuda":
+            return 0
+        graphs = self.graph_memory_reserve_bytes(max_batch_size) if with_graphs else 0
+        return graphs + self.sampling_memory_reserve_bytes(max_batch_size)
+
+    def graph_memory_reserve_bytes(self, max_batch_size: int) -> int:
+        """The estimate of cuda_graphs.graph_memory_bytes for this rank's shard of the model."""
+        from meshlm.executor.cuda_graphs import graph_memory_bytes
+        cfg, tp = self.cfg, self.groups.tp.size
+        widest_mlp = max(cfg.intermediate_size, cfg.num_experts_per_tok * (cfg.moe_intermediate_size or 0)
+                         + cfg.shared_expert_intermediate_size)
+        vocab_per_rank = self.model.lm_head.vocab_per_rank if self.model.lm_head is not None else 0
+        return graph_memory_bytes(max_batch_size, cfg.hidden_size, -(-widest_mlp // tp), vocab_per_rank,
+                                  self.dtype.itemsize)
+
+    def sampling_memory_reserve_bytes(self, max_batch_size: int) -> int:
+        """The sampling rank's full-vocabulary fp32 rows: the logits and up to five temporaries of
+        their size while sampling (a sort's values and int64 indices, probabilities, noise)."""
+        return 6 * max_batch_size * self.cfg.vocab_size * 4 if self.is_sampler else 0
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Blocks 0..num_blocks-1 belong to the scheduler; one more is scratch for padding rows."""
@@ -105,17 +137,27 @@ class ModelRunner:
                                    torch.zeros(shape, dtype=self.dtype, device=self.device)))
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
-        """Capture decode graphs when the path allows it (CUDA, Triton attention, one stage)."""
+        """Capture decode graphs for every bucket up to ``max_batch_size`` when the path allows it
+        (can_capture_cuda_graphs); logs the device memory they took against the reserved estimate."""
         from meshlm.executor.cuda_graphs import DecodeGraphRunner, default_buckets
-        if self.device.type != "cuda" or not self.model.attention_layers:
-            return
-        if getattr(self.attention_fn, "__name__", "") != "paged_attention_triton":
+        if not self.can_capture_cuda_graphs():
             return
         max_blocks = -(-self.max_model_len // self.block_size)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
         runner = DecodeGraphRunner(self.model, self.groups, self.kv_caches, self.device,
                                    default_buckets(max_batch_size),
                                    max_blocks, self.num_blocks, self.block_size, self.max_model_len)
         runner.capture()
+        torch.cuda.empty_cache()  # the warm-up steps' cached blocks are the activations' share
+        self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        estimate = self.graph_memory_reserve_bytes(max_batch_size)
+        log.info("decode graphs up to batch %d take %.2f GiB (%.2f GiB reserved)", max_batch_size,
+                 self.graph_memory_bytes / 2**30, estimate / 2**30)
+        if self.graph_memory_bytes > estimate:
+            log.warning("decode graphs take %.2f GiB, more than the %.2f GiB reserved for them",
+                        self.graph_memory_bytes / 2**30, estimate / 2**30)
         self.graph_runner = runner
 
     # --- one step ----------------------------------------------------------------------------
