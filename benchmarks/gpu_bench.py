@@ -2,6 +2,7 @@
 Llama-3-8B-shaped bf16 model with random weights, and Hugging Face transformers in the same run.
 
     python3 benchmarks/gpu_bench.py --out results.json      (on a machine with one free GPU)
+    python3 benchmarks/gpu_bench.py --batches 1,64,256,1024 --skip-hf   (large decode batches)
 
 Prints a table last; every number comes from this run on this card.
 """
@@ -99,7 +100,10 @@ def main() -> int:
     parser.add_argument("--hf-lengths", default=None, help="lengths for transformers (default: --lengths)")
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--no-cuda-graphs", action="store_true")
-    parser.add_argument("--fused", action="store_true", help="enable_fused_kernels=True (Triton small ops)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="enable_fused_kernels (Triton small ops); default: the engine's (on with CUDA)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="default: the engine's automatic value (at least the largest of --batches)")
     ns = parser.parse_args()
     batches = [int(b) for b in ns.batches.split(",")]
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in ns.lengths.split(",")]
@@ -115,11 +119,18 @@ def main() -> int:
                   dtype="bfloat16", max_model_len=4096, attention_backend=ns.attention_backend)
     if ns.no_cuda_graphs:
         kwargs["enable_cuda_graphs"] = False
-    if ns.fused:
-        kwargs["enable_fused_kernels"] = True
-    result["enable_fused_kernels"] = ns.fused
+    kwargs["enable_fused_kernels"] = ns.fused
+    kwargs["max_batch_size"] = ns.max_batch_size
     llm = LLM(**kwargs)
     coordinator = llm._coordinator
+    engine = coordinator.executor.engine
+    result["enable_fused_kernels"] = engine.model.ops.name == "triton"
+    result["max_batch_size"] = coordinator.scheduler.config.max_batch_size
+    result["num_kv_blocks"] = coordinator.kv.num_blocks
+    result["graph_memory_gib"] = engine.graph_memory_bytes / 2**30
+    if max(batches) > result["max_batch_size"]:
+        print(f"warning: batch {max(batches)} > max_batch_size {result['max_batch_size']}: "
+              "decode steps will be split", file=sys.stderr)
     run_meshlm(coordinator, 4, 32, 8)  # warm-up
     result["meshlm"] = [run_meshlm(coordinator, b, i, o) for (i, o) in lengths for b in batches]
     llm.shutdown()
@@ -134,7 +145,9 @@ def main() -> int:
 
     print(f"\ncard: {result['card']}  copy bandwidth {result['copy_tb_s']:.2f} TB/s  "
           f"weights {result['weight_gb']:.2f} GB  floor {result['floor_step_ms']:.2f} ms/step  "
-          f"fused kernels {'on' if ns.fused else 'off'}")
+          f"fused kernels {'on' if result['enable_fused_kernels'] else 'off'}")
+    print(f"max_batch_size {result['max_batch_size']}  KV blocks {result['num_kv_blocks']}  "
+          f"decode graphs {result['graph_memory_gib']:.2f} GiB")
     print(f"{'engine':8} {'batch':>5} {'in/out':>9} {'step ms':>8} {'ttft ms':>8} {'out tok/s':>10}")
     for name in ("meshlm", "hf"):
         for r in result.get(name, []):

@@ -6,6 +6,7 @@ and recv on the stream) is inside the graph, so every stage replays its graph on
 """
 from __future__ import annotations
 
+import bisect
 import logging
 
 import numpy as np
@@ -74,6 +75,11 @@ class DecodeGraphRunner:
         self._host = {name: torch.empty_like(getattr(self, name), device="cpu").pin_memory()
                       for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes that have a captured graph, ascending."""
+        return sorted(self._graphs)
+
     def _meta(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(self.positions[:batch], self.slot_mapping[:batch], self.query_start_loc[:batch + 1],
                                  self.seq_lens[:batch], self.block_tables[:batch], 1, self.max_model_len,
@@ -126,7 +132,7 @@ class DecodeGraphRunner:
         """Logits [num_seqs, vocab_per_rank] of a decode plan (a view valid until the next run);
         None on stages before the last."""
         n = plan.num_seqs
-        batch = next(b for b in self.buckets if b >= n)
+        batch = self.buckets[bisect.bisect_left(self.buckets, n)]
         host = self._host
         host["input_ids"][:n] = torch.from_numpy(plan.input_ids)
         host["positions"][:n] = torch.from_numpy(plan.positions)

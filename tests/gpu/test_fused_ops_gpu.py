@@ -209,6 +209,37 @@ def test_kernels_replay_in_a_cuda_graph(dtype):
             assert_close(got, exp, f"{name} {dtype} after replay {seed}")
 
 
+@needs_cuda
+def test_rotary_and_cache_replays_in_a_cuda_graph():
+    """Captured once; each replay rotates new q/k and stores them at new slots of the same cache."""
+    dtype, num_tokens, num_heads, num_kv_heads, head_dim = torch.bfloat16, 8, 32, 8, 128
+    rotary = RotaryEmbedding(head_dim, 4096, 500000.0, None, torch.device(DEVICE))
+    q, k, v = (randn(num_tokens, h, head_dim, dtype=dtype, seed=s) for s, h in
+               ((0, num_heads), (1, num_kv_heads), (2, num_kv_heads)))
+    positions = torch.zeros(num_tokens, dtype=torch.int64, device=DEVICE)
+    slots = torch.arange(num_tokens, dtype=torch.int64, device=DEVICE)
+    caches = torch.zeros(2, 16, 16, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    TRITON_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, caches[0], caches[1], slots)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q_out = TRITON_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, caches[0], caches[1], slots)
+    expected_caches = caches.clone()
+    for seed in (10, 20):
+        gen = torch.Generator().manual_seed(seed)
+        for buffer, fresh in ((q, randn(*q.shape, dtype=dtype, seed=seed)), (k, randn(*k.shape, dtype=dtype, seed=seed + 1)),
+                              (v, randn(*v.shape, dtype=dtype, seed=seed + 2)),
+                              (positions, torch.randint(0, 4096, (num_tokens,), generator=gen).to(DEVICE)),
+                              (slots, torch.randperm(256, generator=gen)[:num_tokens].to(DEVICE))):
+            buffer.copy_(fresh)
+        graph.replay()
+        expected_q = TORCH_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, expected_caches[0],
+                                                expected_caches[1], slots)
+        torch.cuda.synchronize()
+        assert_close(q_out, expected_q, f"q after replay {seed}")
+        assert_close(caches, expected_caches, f"caches after replay {seed}")
+
+
 # --- the engine -----------------------------------------------------------------------------------
 
 PROMPTS = [[5, 17, 33, 91, 4], list(range(10, 80)), [7] * 23]
