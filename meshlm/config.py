@@ -65,7 +65,7 @@ class SchedulerConfig:
     :func:`auto_max_batch_size`: on a GPU, as many sequences as the pool holds at
     ``AUTO_TOKENS_PER_SEQ`` (512) tokens each, rounded down to a multiple of 16 and kept within
     [16, 2048]; on the CPU, 256. The pool counted is the one before the batch's own reserve (its
-    decode graphs and sampling rows), which it then gives up. An 8B bf16 model gets about 1680
+    decode graphs and sampling rows), which it then gives up. An 8B bf16 model gets about 1700
     sequences on a 141 GB H200 and about 830 on an 80 GB H100 (vLLM's default on such cards is
     1024); a small model gets 2048. Decode CUDA graphs are captured for every batch size up to the
     resolved value.
