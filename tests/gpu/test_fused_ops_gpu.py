@@ -227,7 +227,8 @@ def test_rotary_and_cache_replays_in_a_cuda_graph():
     expected_caches = caches.clone()
     for seed in (10, 20):
         gen = torch.Generator().manual_seed(seed)
-        for buffer, fresh in ((q, randn(*q.shape, dtype=dtype, seed=seed)), (k, randn(*k.shape, dtype=dtype, seed=seed + 1)),
+        for buffer, fresh in ((q, randn(*q.shape, dtype=dtype, seed=seed)),
+                              (k, randn(*k.shape, dtype=dtype, seed=seed + 1)),
                               (v, randn(*v.shape, dtype=dtype, seed=seed + 2)),
                               (positions, torch.randint(0, 4096, (num_tokens,), generator=gen).to(DEVICE)),
                               (slots, torch.randperm(256, generator=gen)[:num_tokens].to(DEVICE))):
