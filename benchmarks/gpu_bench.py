@@ -2,6 +2,7 @@
 Llama-3-8B-shaped bf16 model with random weights, and Hugging Face transformers in the same run.
 
     python3 benchmarks/gpu_bench.py --out results.json      (on a machine with one free GPU)
+    python3 benchmarks/gpu_bench.py --batches 1,64,256,1024 --skip-hf   (large decode batches)
 
 Prints a table last; every number comes from this run on this card.
 """
@@ -40,6 +41,9 @@ def copy_bandwidth(num_bytes: int = 2**30, iters: int = 20) -> float:
     return 2 * num_bytes / seconds / 1e12
 
 
+MAX_NUM_TOKENS = 8192  # the engine's default token budget, set explicitly: prefill steps are counted with it
+
+
 def run_meshlm(coordinator, batch: int, input_len: int, output_len: int, seed: int = 0) -> dict:
     """Submit ``batch`` random prompts, step to completion, time every step."""
     from meshlm import SamplingParams
@@ -55,7 +59,7 @@ def run_meshlm(coordinator, batch: int, input_len: int, output_len: int, seed: i
         step_times.append(time.perf_counter() - s)
     total = time.perf_counter() - t0
     # Steps after the prefill steps are pure decode steps of the whole batch.
-    prefill_steps = -(-batch * input_len // coordinator.scheduler.config.max_num_tokens)
+    prefill_steps = -(-batch * input_len // MAX_NUM_TOKENS)
     decode = step_times[prefill_steps:-1] or step_times
     return {"batch": batch, "input_len": input_len, "output_len": output_len,
             "decode_step_ms_median": 1e3 * statistics.median(decode),
@@ -99,7 +103,10 @@ def main() -> int:
     parser.add_argument("--hf-lengths", default=None, help="lengths for transformers (default: --lengths)")
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--no-cuda-graphs", action="store_true")
-    parser.add_argument("--fused", action="store_true", help="enable_fused_kernels=True (Triton small ops)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="enable_fused_kernels (Triton small ops); default: the engine's (on with CUDA)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="default: the engine's automatic value (at least the largest of --batches)")
     ns = parser.parse_args()
     batches = [int(b) for b in ns.batches.split(",")]
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in ns.lengths.split(",")]
@@ -112,14 +119,22 @@ def main() -> int:
 
     from meshlm import LLM
     kwargs = dict(model=str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True,
-                  dtype="bfloat16", max_model_len=4096, attention_backend=ns.attention_backend)
+                  dtype="bfloat16", max_model_len=4096, attention_backend=ns.attention_backend,
+                  max_num_tokens=MAX_NUM_TOKENS)
     if ns.no_cuda_graphs:
         kwargs["enable_cuda_graphs"] = False
-    if ns.fused:
-        kwargs["enable_fused_kernels"] = True
-    result["enable_fused_kernels"] = ns.fused
+    kwargs["enable_fused_kernels"] = ns.fused
+    kwargs["max_batch_size"] = ns.max_batch_size
     llm = LLM(**kwargs)
     coordinator = llm.engine_core
+    runner = llm.local_model_runner()
+    result["enable_fused_kernels"] = runner.model.ops.name == "triton"
+    result["max_batch_size"] = coordinator.max_batch_size
+    result["num_kv_blocks"] = coordinator.num_kv_blocks
+    result["graph_memory_gib"] = runner.graph_memory_bytes / 2**30
+    if max(batches) > result["max_batch_size"]:
+        print(f"warning: batch {max(batches)} > max_batch_size {result['max_batch_size']}: "
+              "decode steps will be split", file=sys.stderr)
     run_meshlm(coordinator, 4, 32, 8)  # warm-up
     result["meshlm"] = [run_meshlm(coordinator, b, i, o) for (i, o) in lengths for b in batches]
     llm.shutdown()
@@ -134,7 +149,9 @@ def main() -> int:
 
     print(f"\ncard: {result['card']}  copy bandwidth {result['copy_tb_s']:.2f} TB/s  "
           f"weights {result['weight_gb']:.2f} GB  floor {result['floor_step_ms']:.2f} ms/step  "
-          f"fused kernels {'on' if ns.fused else 'off'}")
+          f"fused kernels {'on' if result['enable_fused_kernels'] else 'off'}")
+    print(f"max_batch_size {result['max_batch_size']}  KV blocks {result['num_kv_blocks']}  "
+          f"decode graphs {result['graph_memory_gib']:.2f} GiB")
     print(f"{'engine':8} {'batch':>5} {'in/out':>9} {'step ms':>8} {'ttft ms':>8} {'out tok/s':>10}")
     for name in ("meshlm", "hf"):
         for r in result.get(name, []):

@@ -16,7 +16,7 @@ from meshlm.weights.default_model import resolve_model
 from meshlm.weights.model_config import ModelConfig
 
 __all__ = ["ModelConfig", "ParallelConfig", "CacheConfig", "SchedulerConfig", "SamplingParams",
-           "EngineArgs", "EngineConfig"]
+           "EngineArgs", "EngineConfig", "auto_max_batch_size"]
 
 @dataclass(slots=True)
 class ParallelConfig:
@@ -61,19 +61,46 @@ class CacheConfig:
 
 @dataclass(slots=True)
 class SchedulerConfig:
-    """In-flight batching limits."""
+    """In-flight batching limits.
+
+    ``max_batch_size=None`` (auto) is resolved once the KV pool is known, by
+    :func:`auto_max_batch_size`: on a GPU, as many sequences as the pool holds at
+    ``AUTO_TOKENS_PER_SEQ`` (512) tokens each, rounded down to a multiple of 16 and kept within
+    [16, 2048]; on the CPU, 256. The pool counted is the one before the batch's own reserve (its
+    decode graphs and sampling rows), which it then gives up. An 8B bf16 model gets about 1700
+    sequences on a 141 GB H200 and about 830 on an 80 GB H100 (vLLM's default on such cards is
+    1024); a small model gets 2048. Decode CUDA graphs are captured for every batch size up to the
+    resolved value.
+    """
 
     max_num_tokens: int = 8192  # tokens processed in one step (prefill chunks + decodes)
-    max_batch_size: int = 256  # sequences in one step
+    max_batch_size: int | None = None  # sequences in one step; None: auto_max_batch_size
     max_model_len: int | None = None  # None: the model's max_position_embeddings
 
     def __post_init__(self) -> None:
         if self.max_num_tokens < 1:
             raise ValueError(f"max_num_tokens={self.max_num_tokens} must be >= 1")
-        if self.max_batch_size < 1:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
+
+
+AUTO_TOKENS_PER_SEQ = 512  # the typical sequence the automatic max_batch_size plans for
+AUTO_MAX_BATCH_SIZE = 2048
+AUTO_MIN_BATCH_SIZE = 16
+CPU_MAX_BATCH_SIZE = 256
+
+
+def auto_max_batch_size(num_kv_tokens: int, is_gpu: bool) -> int:
+    """The ``max_batch_size`` of ``None``: the KV pool's tokens (the minimum over ranks) at
+    ``AUTO_TOKENS_PER_SEQ`` a sequence, a multiple of 16 in [16, 2048]; 256 on the CPU. Beyond the
+    pool's share of typical sequences a larger batch would only preempt, and every batch size up to
+    this one gets a decode graph (whose memory grows with it)."""
+    if not is_gpu:
+        return CPU_MAX_BATCH_SIZE
+    fitting = num_kv_tokens // AUTO_TOKENS_PER_SEQ // 16 * 16
+    return max(AUTO_MIN_BATCH_SIZE, min(AUTO_MAX_BATCH_SIZE, fitting))
 
 
 def field_defaults(cls: type) -> dict[str, Any]:
@@ -101,13 +128,14 @@ class EngineArgs:
     cpu_kv_cache_gb: float = _CACHE["cpu_kv_cache_gb"]
     enable_prefix_caching: bool = _CACHE["enable_prefix_caching"]
     max_num_tokens: int = _SCHED["max_num_tokens"]
-    max_batch_size: int = _SCHED["max_batch_size"]
+    max_batch_size: int | None = _SCHED["max_batch_size"]
     max_model_len: int | None = _SCHED["max_model_len"]
     attention_backend: str | None = None  # None: triton on CUDA, reference on the CPU
     load_format: str = "auto"  # "auto": the checkpoint; "random": random weights of its shape
     skip_tokenizer_init: bool = False  # prompts are token ids and outputs carry no text
     enable_cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)
-    enable_fused_kernels: bool = False  # Triton kernels for norms, rotary, SiLU-and-mul (CUDA only)
+    # Triton kernels for norms, rotary + KV-cache store, SiLU-and-mul; None: on with CUDA and Triton
+    enable_fused_kernels: bool | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "random"):
@@ -144,7 +172,7 @@ class EngineArgs:
             flag = cls._FLAG.get(f.name, "--" + f.name.replace("_", "-"))
             names = [flag] + cls._SHORT.get(f.name, [])
             default = getattr(defaults, f.name)
-            if isinstance(default, bool):
+            if isinstance(default, bool) or str(f.type).startswith("bool"):
                 parser.add_argument(*names, dest=f.name, default=default, action=argparse.BooleanOptionalAction)
                 continue
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)

@@ -2,13 +2,14 @@
 the KV pool size agreed by every rank, and on rank 0 the coordinator."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import torch
 
-from meshlm.config import EngineConfig
+from meshlm.config import EngineConfig, auto_max_batch_size
 from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.dispatch import StepDispatcher
 from meshlm.executor.memory import check_pool_holds_a_request
@@ -57,13 +58,12 @@ class RankRuntime:
         self.device = pick_device(config.device, local_rank)
         groups = ParallelGroups.single() if mapping.world_size == 1 else ParallelGroups.from_mpi(mapping, self.device)
         self.runner = ModelRunner(config, groups, self.device, self.eos_token_ids)
-        cache, scheduler = config.cache, config.scheduler
-        local_blocks = self.runner.available_kv_blocks(cache, scheduler.max_num_tokens, scheduler.max_batch_size)
-        if world_comm is not None:
-            from mpi4py import MPI
-            self.num_blocks = world_comm.allreduce(local_blocks, op=MPI.MIN)
-        else:
-            self.num_blocks = local_blocks
+        cache = config.cache
+        with_graphs = config.enable_cuda_graphs and self.runner.can_capture_cuda_graphs()
+        max_batch_size, self.num_blocks = self._size_batch_and_kv_pool(with_graphs, world_comm)
+        # The resolved configuration: max_batch_size is a number from here on.
+        self.config = dataclasses.replace(
+            config, scheduler=dataclasses.replace(config.scheduler, max_batch_size=max_batch_size))
         try:  # every rank has the same minimum, so every rank refuses together
             check_pool_holds_a_request(self.num_blocks, cache.block_size, config.max_model_len, cache,
                                        self.device.type, mapping.tp)
@@ -71,12 +71,30 @@ class RankRuntime:
             self.runner.shutdown()
             raise
         self.runner.allocate_kv_cache(self.num_blocks, cache.block_size)
-        if config.enable_cuda_graphs:
-            self.runner.capture_cuda_graphs(min(scheduler.max_batch_size, 256))
+        if with_graphs:
+            self.runner.capture_cuda_graphs(max_batch_size)
         log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens = %d tokens "
-                 "(max_model_len=%d)", config.model_dir.name, config.model.num_layers, self.runner.dtype,
-                 self.device, self.num_blocks, cache.block_size, self.num_blocks * cache.block_size,
-                 config.max_model_len)
+                 "(max_model_len=%d); max_batch_size %d", config.model.architecture, config.model.num_layers,
+                 self.runner.dtype, self.device, self.num_blocks, cache.block_size,
+                 self.num_blocks * cache.block_size, config.max_model_len, max_batch_size)
+
+    def _size_batch_and_kv_pool(self, with_graphs: bool, world_comm) -> tuple[int, int]:
+        """(max_batch_size, KV blocks), equal on every rank: an automatic max_batch_size comes from
+        the pool before the batch's own reserve (graphs, sampling rows), which the pool then gives up."""
+        def min_over_ranks(value: int) -> int:
+            if world_comm is None:
+                return value
+            from mpi4py import MPI
+            return world_comm.allreduce(value, op=MPI.MIN)
+
+        cache, scheduler, runner = self.config.cache, self.config.scheduler, self.runner
+        max_batch_size = scheduler.max_batch_size
+        if max_batch_size is None:
+            blocks = min_over_ranks(runner.available_kv_blocks(cache, scheduler.max_num_tokens, 0))
+            max_batch_size = auto_max_batch_size(blocks * cache.block_size, self.device.type == "cuda")
+        graphs = runner.graph_memory_reserve_bytes(max_batch_size) if with_graphs else 0
+        blocks = runner.available_kv_blocks(cache, scheduler.max_num_tokens, max_batch_size, graphs)
+        return max_batch_size, min_over_ranks(blocks)
 
     def make_coordinator(self, dispatcher: StepDispatcher) -> Coordinator:
         assert self.mapping.rank == 0

@@ -19,6 +19,7 @@ class Hello:
     max_model_len: int
     vocab_size: int
     num_kv_blocks: int
+    max_batch_size: int
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meshlm.config import EngineArgs, EngineConfig
+from meshlm.config import EngineArgs, EngineConfig, auto_max_batch_size
 from meshlm.executor.memory import (GiB, RankPlan, check_pool_holds_a_request, check_weights_fit, plan_rank)
 from meshlm.executor.model_runner import resolve_dtype
 from meshlm.parallel.mapping import Mapping
@@ -28,6 +28,7 @@ class LayoutPlan:
     total_bytes: int
     max_model_len: int
     ranks: list[RankPlan]
+    max_batch_size: int  # resolved, as the engine does for max_batch_size=None
 
     @property
     def num_blocks(self) -> int:
@@ -53,13 +54,22 @@ def plan_layout(args: EngineArgs, total_bytes: int) -> LayoutPlan:
     config = EngineConfig.from_args(args)  # resolves the model and checks the layout
     cfg = config.model
     dtype = resolve_dtype(args.dtype, cfg.torch_dtype, torch.device("cuda"))  # planned for a GPU
-    parallel = config.parallel
+    parallel, scheduler = config.parallel, config.scheduler
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    ranks = [plan_rank(cfg, Mapping(parallel.world_size, rank, tp, pp, parallel.moe_expert_parallel_size or 1),
-                       dtype.itemsize, total_bytes, config.cache, config.scheduler.max_num_tokens,
-                       config.scheduler.max_batch_size)
-             for rank in range(parallel.world_size)]
-    return LayoutPlan(config.model_dir.name, cfg, args, dtype, total_bytes, config.max_model_len, ranks)
+    mappings = [Mapping(parallel.world_size, rank, tp, pp, parallel.moe_expert_parallel_size or 1)
+                for rank in range(parallel.world_size)]
+
+    def plan_ranks(max_batch_size: int, with_graphs: bool) -> list[RankPlan]:
+        return [plan_rank(cfg, m, dtype.itemsize, total_bytes, config.cache, scheduler.max_num_tokens,
+                          max_batch_size, with_graphs) for m in mappings]
+
+    max_batch_size = scheduler.max_batch_size
+    if max_batch_size is None:  # as the engine resolves it: from the pool before the batch's reserve
+        fit = min(rank.num_blocks for rank in plan_ranks(0, False))
+        max_batch_size = auto_max_batch_size(max(0, fit) * config.cache.block_size, is_gpu=True)
+    ranks = plan_ranks(max_batch_size, config.enable_cuda_graphs)
+    return LayoutPlan(config.model_dir.name, cfg, args, dtype, total_bytes, config.max_model_len, ranks,
+                      max_batch_size)
 
 
 def check_plan(plan: LayoutPlan) -> None:
@@ -89,7 +99,7 @@ def format_plan(plan: LayoutPlan) -> str:
         f"ep={args.moe_expert_parallel_size or 1}; one GPU {plan.total_bytes / GiB:.1f} GiB x "
         f"gpu_memory_utilization {args.gpu_memory_utilization} = {share / GiB:.2f} GiB per rank",
         f"reserve per rank for activations, logits and graphs: {_size(plan.ranks[0].reserve_bytes)} "
-        f"(max_num_tokens={args.max_num_tokens}, max_batch_size={args.max_batch_size})",
+        f"(max_num_tokens={args.max_num_tokens}, max_batch_size={plan.max_batch_size})",
         "",
         f"{'rank':>4}  {'tp':>5} {'pp':>5} {'ep':>5}  {'weights':>10}  {'KV/token':>10}  {'KV blocks':>9}  "
         f"{'KV tokens':>10}",

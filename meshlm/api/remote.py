@@ -37,6 +37,7 @@ class RemoteCoordinator:
         self.max_model_len = hello.max_model_len
         self.vocab_size = hello.vocab_size
         self.num_kv_blocks = hello.num_kv_blocks
+        self.max_batch_size = hello.max_batch_size
         self._state = EngineState()
         self._lock = threading.Lock()
 

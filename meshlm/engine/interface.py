@@ -14,6 +14,7 @@ class EngineCore(Protocol):
     max_model_len: int
     vocab_size: int
     num_kv_blocks: int
+    max_batch_size: int  # sequences in one step, resolved
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                request_id: str | None = None, prompt_text: str | None = None) -> str:

@@ -6,6 +6,7 @@ and recv on the stream) is inside the graph, so every stage replays its graph on
 """
 from __future__ import annotations
 
+import bisect
 import logging
 
 import numpy as np
@@ -17,12 +18,34 @@ from meshlm.protocol import StepPlan
 log = logging.getLogger("meshlm")
 
 
+# Bucket steps: every batch size from 1 to max_batch_size runs the graph of the smallest bucket that
+# holds it, so the padding is at most 7 rows up to 64, 15 up to 256, 31 up to 512, 63 beyond.
+_BUCKET_STEPS = ((64, 8), (256, 16), (512, 32))
+_LARGE_BUCKET_STEP = 64
+
+
 def default_buckets(max_batch_size: int) -> list[int]:
-    buckets, b = [], 1
-    while b < max_batch_size:
-        buckets.append(b)
-        b *= 2
-    return buckets + [max_batch_size]
+    """Decode graph batch sizes: 1, 2, 4, then every 8 to 64, every 16 to 256, every 32 to 512 and
+    every 64 beyond, cut at ``max_batch_size``, which is always the last."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+    sizes, size = [1, 2, 4], 8
+    while size < max_batch_size:
+        sizes.append(size)
+        step = next((s for limit, s in _BUCKET_STEPS if size < limit), _LARGE_BUCKET_STEP)
+        size += step
+    return [b for b in sizes if b < max_batch_size] + [max_batch_size]
+
+
+def graph_memory_bytes(max_batch_size: int, hidden_size: int, intermediate_per_rank: int,
+                       vocab_per_rank: int, itemsize: int) -> int:
+    """An upper estimate of what the decode graphs of buckets up to ``max_batch_size`` hold on the
+    device: one private memory pool that all graphs share (captured largest first, so it is about
+    the temporaries of the largest graph: the widest activations of a layer and its logits), the
+    static logits buffer every graph writes into, the static inputs, and a fixed allowance for the
+    graphs themselves and the capture stream's cuBLAS workspace."""
+    per_row = itemsize * (4 * intermediate_per_rank + 8 * hidden_size + 3 * vocab_per_rank)
+    return max_batch_size * per_row + 2**28
 
 
 class DecodeGraphRunner:
@@ -43,11 +66,19 @@ class DecodeGraphRunner:
         self.seq_lens = torch.ones(largest, dtype=torch.int32, **on)
         self.block_tables = torch.full((largest, max_blocks_per_seq), scratch_block, dtype=torch.int32, **on)
         self.num_replays = 0
+        self.replayed_batch = 0  # the bucket of the last replay (tests and logs)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        # Every graph writes its logits into the first rows of this one buffer (allocated outside
+        # the graphs' pool), so the pool holds no logits once a capture ends; None before the last stage.
+        self.logits: torch.Tensor | None = None
         # Host staging, pinned so the copies are asynchronous.
         self._host = {name: torch.empty_like(getattr(self, name), device="cpu").pin_memory()
                       for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes that have a captured graph, ascending."""
+        return sorted(self._graphs)
 
     def _meta(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(self.positions[:batch], self.slot_mapping[:batch], self.query_start_loc[:batch + 1],
@@ -69,20 +100,29 @@ class DecodeGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        """Capture one graph per bucket, largest first, all in one memory pool: a smaller graph's
+        temporaries reuse the blocks the larger ones freed, so the pool stays about the size of the
+        largest graph's temporaries."""
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
-        for batch in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool
+        for batch in reversed(self.buckets):
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._forward(batch)
+            with torch.cuda.stream(side):  # compile and warm up outside the capture
+                warm = self._forward(batch)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            if warm is not None and self.logits is None:
+                self.logits = torch.empty((self.buckets[-1], warm.shape[1]), dtype=warm.dtype, device=self.device)
+            del warm
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._logits[batch] = self._forward(batch)
+                logits = self._forward(batch)
+                if logits is not None:
+                    self.logits[:batch].copy_(logits)
+                del logits
             self._graphs[batch] = graph
         torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        log.info("captured %d decode CUDA graphs, batch sizes 1 to %d", len(self.buckets), self.buckets[-1])
+        log.debug("decode graph batch sizes: %s", self.buckets)
 
     def can_run(self, plan: StepPlan) -> bool:
         return (plan.num_seqs <= self.buckets[-1] and plan.num_tokens == plan.num_seqs
@@ -92,7 +132,7 @@ class DecodeGraphRunner:
         """Logits [num_seqs, vocab_per_rank] of a decode plan (a view valid until the next run);
         None on stages before the last."""
         n = plan.num_seqs
-        batch = next(b for b in self.buckets if b >= n)
+        batch = self.buckets[bisect.bisect_left(self.buckets, n)]
         host = self._host
         host["input_ids"][:n] = torch.from_numpy(plan.input_ids)
         host["positions"][:n] = torch.from_numpy(plan.positions)
@@ -110,5 +150,6 @@ class DecodeGraphRunner:
             getattr(self, name)[:batch].copy_(staged[:batch], non_blocking=True)
         self._graphs[batch].replay()
         self.num_replays += 1
-        logits = self._logits[batch]
-        return None if logits is None else logits[:n]
+        self.replayed_batch = batch
+        return None if self.logits is None else self.logits[:n]
+

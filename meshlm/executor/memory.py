@@ -24,8 +24,9 @@ from meshlm.weights.model_config import ModelConfig
 GiB = 2**30
 # Fixed part of the reserve: captured CUDA graphs, the allocator's fragmentation, NCCL buffers.
 FIXED_RESERVE_BYTES = GiB
-# Float32 copies of the logits the sampler holds at once (logits, probabilities, sorted, scratch).
-SAMPLER_LOGIT_COPIES = 4
+# Float32 copies of the logits the sampler holds at once: the logits, a sort's values and int64
+# indices, probabilities and noise.
+SAMPLER_LOGIT_COPIES = 6
 
 
 def num_kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
@@ -119,11 +120,13 @@ class RankPlan:
 
 
 def plan_rank(cfg: ModelConfig, mapping: Mapping, itemsize: int, total_bytes: int, cache: CacheConfig,
-              max_num_tokens: int, max_batch_size: int) -> RankPlan:
+              max_num_tokens: int, max_batch_size: int, with_graphs: bool = False) -> RankPlan:
     """The memory of rank ``mapping.rank`` on a card of ``total_bytes``, before anything is loaded."""
     weights = weight_bytes(cfg, mapping, itemsize)
     per_token = kv_bytes_per_token(cfg, mapping, itemsize)
     reserve = activation_reserve_bytes(cfg, mapping.tp, max_num_tokens, max_batch_size)
+    if with_graphs:
+        reserve += graph_reserve_bytes(cfg, mapping, itemsize, max_batch_size)
     blocks = kv_blocks_that_fit(total_bytes, cache.gpu_memory_utilization, weights, reserve,
                                 per_token * cache.block_size)
     return RankPlan(mapping, weights, per_token, reserve, blocks, cache.block_size)
@@ -160,3 +163,14 @@ def check_pool_holds_a_request(num_blocks: int, block_size: int, max_model_len: 
         f"the KV cache holds {num_blocks} blocks of {block_size} tokens = {num_blocks * block_size} tokens, "
         f"fewer than one request of max_model_len={max_model_len} ({needed} blocks); lower max_model_len "
         f"to at most {num_blocks * block_size}, or {grow}")
+
+
+def graph_reserve_bytes(cfg: ModelConfig, mapping: Mapping, itemsize: int, max_batch_size: int) -> int:
+    """What the decode graphs of every bucket up to ``max_batch_size`` hold on this rank (an upper
+    estimate: one shared pool of the largest graph's temporaries and its logits, see cuda_graphs)."""
+    from meshlm.executor.cuda_graphs import graph_memory_bytes
+    widest_mlp = max(cfg.intermediate_size, cfg.num_experts_per_tok * (cfg.moe_intermediate_size or 0)
+                     + cfg.shared_expert_intermediate_size)
+    vocab_per_rank = -(-cfg.vocab_size // mapping.tp) if mapping.is_last_pp_rank else 0
+    return graph_memory_bytes(max_batch_size, cfg.hidden_size, -(-widest_mlp // mapping.tp), vocab_per_rank,
+                              itemsize)

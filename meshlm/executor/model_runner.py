@@ -62,6 +62,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.graph_runner = None
+        self.graph_memory_bytes = 0  # measured when the decode graphs are captured
 
     def _load_weights(self, config: EngineConfig) -> None:
         """Read this rank's shard (or random weights of its shape); a bar on rank 0 shows the bytes."""
@@ -78,11 +79,13 @@ class ModelRunner:
     def kv_bytes_per_block(self, block_size: int) -> int:
         return memory.kv_bytes_per_token(self.cfg, self.mapping, self.dtype.itemsize) * block_size
 
-    def available_kv_blocks(self, cache: CacheConfig, max_num_tokens: int, max_batch_size: int) -> int:
+    def available_kv_blocks(self, cache: CacheConfig, max_num_tokens: int, max_batch_size: int,
+                            graph_reserve_bytes: int = 0) -> int:
         """How many KV blocks fit on this rank (the coordinator takes the minimum over ranks).
 
         On a GPU: ``gpu_memory_utilization`` of the card, less what is in use now (weights, CUDA
-        context, other processes) and the activation reserve (executor/memory.py, as ``meshlm plan``).
+        context, other processes), the activation reserve (executor/memory.py, as ``meshlm plan``)
+        and the decode graphs' ``graph_reserve_bytes``.
         """
         if cache.num_blocks is not None:
             return cache.num_blocks
@@ -91,17 +94,28 @@ class ModelRunner:
             return max(1, int(cache.cpu_kv_cache_gb * 2**30) // per_block)
         free, total = torch.cuda.mem_get_info(self.device)
         used_elsewhere = total - free
-        reserve = memory.activation_reserve_bytes(self.cfg, self.groups.tp.size, max_num_tokens, max_batch_size)
+        reserve = (memory.activation_reserve_bytes(self.cfg, self.groups.tp.size, max_num_tokens, max_batch_size)
+                   + graph_reserve_bytes)
         blocks = memory.kv_blocks_that_fit(total, cache.gpu_memory_utilization, used_elsewhere, reserve, per_block)
         if blocks < 1:
             raise RuntimeError(f"{self.mapping.describe()}: no GPU memory left for the KV cache "
                                f"(total {total / 2**30:.1f} GiB, in use {used_elsewhere / 2**30:.1f} GiB, "
-                               f"activation reserve {reserve / 2**30:.2f} GiB, "
+                               f"reserve for steps and graphs {reserve / 2**30:.2f} GiB, "
                                f"gpu_memory_utilization={cache.gpu_memory_utilization}); raise "
                                f"gpu_memory_utilization or tp (now {self.mapping.tp}) or pp "
-                               f"(now {self.mapping.pp}), "
-                               f"or lower max_num_tokens (now {max_num_tokens})")
+                               f"(now {self.mapping.pp}), or lower max_num_tokens (now {max_num_tokens}) "
+                               f"or max_batch_size (now {max_batch_size})")
         return blocks
+
+    # --- memory that grows with max_batch_size, set aside before the KV pool is sized -----------
+    def can_capture_cuda_graphs(self) -> bool:
+        """Decode graphs need CUDA, the Triton attention kernel and a model with attention layers."""
+        return (self.device.type == "cuda" and bool(self.model.attention_layers)
+                and getattr(self.attention_fn, "__name__", "") == "paged_attention_triton")
+
+    def graph_memory_reserve_bytes(self, max_batch_size: int) -> int:
+        """The decode graphs' memory for batches up to ``max_batch_size`` (executor/memory.py)."""
+        return memory.graph_reserve_bytes(self.cfg, self.mapping, self.dtype.itemsize, max_batch_size)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Blocks 0..num_blocks-1 belong to the scheduler; one more is scratch for padding rows."""
@@ -114,17 +128,27 @@ class ModelRunner:
                                    torch.zeros(shape, dtype=self.dtype, device=self.device)))
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
-        """Capture decode graphs when the path allows it (CUDA, Triton attention, one stage)."""
+        """Capture decode graphs for every bucket up to ``max_batch_size`` when the path allows it
+        (can_capture_cuda_graphs); logs the device memory they took against the reserved estimate."""
         from meshlm.executor.cuda_graphs import DecodeGraphRunner, default_buckets
-        if self.device.type != "cuda" or not self.model.attention_layers:
-            return
-        if getattr(self.attention_fn, "__name__", "") != "paged_attention_triton":
+        if not self.can_capture_cuda_graphs():
             return
         max_blocks = -(-self.max_model_len // self.block_size)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
         runner = DecodeGraphRunner(self.model, self.groups, self.kv_caches, self.device,
                                    default_buckets(max_batch_size),
                                    max_blocks, self.num_blocks, self.block_size, self.max_model_len)
         runner.capture()
+        torch.cuda.empty_cache()  # the warm-up steps' cached blocks are the activations' share
+        self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        estimate = self.graph_memory_reserve_bytes(max_batch_size)
+        log.info("decode graphs up to batch %d take %.2f GiB (%.2f GiB reserved)", max_batch_size,
+                 self.graph_memory_bytes / 2**30, estimate / 2**30)
+        if self.graph_memory_bytes > estimate:
+            log.warning("decode graphs take %.2f GiB, more than the %.2f GiB reserved for them",
+                        self.graph_memory_bytes / 2**30, estimate / 2**30)
         self.graph_runner = runner
 
     # --- one step ----------------------------------------------------------------------------

@@ -54,6 +54,13 @@ class RotaryEmbedding:
         fp32 and returned in their dtypes, by ``ops`` (the torch ops, or a fused kernel)."""
         return self.ops.rotary(positions, q, k, self.cos, self.sin)
 
+    def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         kv_cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotate q and k, store the rotated k and v in ``kv_cache`` at ``slot_mapping``; returns the
+        rotated q. With TritonOps this is one kernel per layer."""
+        k_cache, v_cache = kv_cache
+        return self.ops.rotary_and_cache(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping)
+
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
     if not scaling:
@@ -72,14 +79,6 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tenso
         is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(is_medium, smoothed, scaled)
     raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
-
-
-def write_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys and values ``[num_tokens, num_kv_heads_per_rank, head_dim]``."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

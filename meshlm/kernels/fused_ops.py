@@ -2,17 +2,19 @@
 (``TritonOps``).
 
 Outside the matmuls a decoder layer runs a handful of small ops, each several torch kernels: the
-residual add and RMSNorm before attention and before the MLP, rotary embeddings on q and k, and
-SiLU(gate) * up. At small batches each kernel moves few bytes, so their number sets their cost.
+residual add and RMSNorm before attention and before the MLP, rotary embeddings on q and k followed
+by the store of k and v into the paged KV cache, and SiLU(gate) * up. At small batches each kernel
+moves few bytes, so their number sets their cost.
 ``TritonOps`` runs each op as one kernel (fp32 inside, the input dtype out; one program per token
-row, except SiLU-and-mul, which splits a row over several); ``TorchOps`` is the unfused torch code,
-the default, and the reference the kernels are tested against.
+row, except SiLU-and-mul, which splits a row over several; rotary and the KV-cache store are one
+kernel); ``TorchOps`` is the unfused torch code, the CPU's path and the reference the kernels are
+tested against.
 
 The kernels round where the torch code rounds (the normalised row is cast to the input dtype before
 the weight multiplies it, as transformers does; SiLU is cast before it multiplies ``up``), so the
 two paths differ only in the order of fp32 operations (reductions, fused multiply-adds). They make
 no host decision from device values, so CUDA graphs capture them. ``select_ops`` picks one at
-build time and the model holds it (``LlamaForCausalLM.use_ops``).
+build time (TritonOps by default on CUDA) and the model holds it (``LlamaForCausalLM.use_ops``).
 """
 from __future__ import annotations
 
@@ -67,6 +69,25 @@ class TorchOps:
         sin = sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
+    def rotary_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+        """``rotary`` on q and k, then the rotated k and v ``[num_tokens, num_kv_heads, head_dim]``
+        stored into the paged cache ``[num_blocks, block_size, num_kv_heads, head_dim]`` at
+        ``slot_mapping`` ``[num_tokens]``; returns the rotated q."""
+        q, k = self.rotary(positions, q, k, cos, sin)
+        write_kv_cache(k_cache, v_cache, k, v, slot_mapping)
+        return q
+
+
+def write_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys and values ``[num_tokens, num_kv_heads_per_rank, head_dim]`` at their
+    slots (slot = block * block_size + offset in the block)."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     dtype = x.dtype
@@ -77,8 +98,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 TORCH_OPS = TorchOps()
 
 
-def select_ops(enable_fused_kernels: bool, device: torch.device) -> TorchOps:
-    """TritonOps when the flag is on, the device is CUDA and Triton imports; else TorchOps."""
+def select_ops(enable_fused_kernels: bool | None, device: torch.device) -> TorchOps:
+    """``None`` (auto): TritonOps on a CUDA device when Triton imports, else TorchOps. ``True``:
+    TritonOps, falling back to TorchOps with a warning where they cannot run. ``False``: TorchOps."""
+    if enable_fused_kernels is None:
+        enable_fused_kernels = device.type == "cuda" and triton is not None
     if not enable_fused_kernels:
         return TORCH_OPS
     if device.type != "cuda" or triton is None:
@@ -147,6 +171,32 @@ class TritonOps(TorchOps):
             HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
             KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), num_warps=_num_warps(heads_block * half_block))
         return q_out, k_out
+
+
+    def rotary_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+        """One kernel: rotate q into a new tensor, rotate k and store it and v straight into the
+        cache at their slots (no rotated k tensor, no separate cache writes)."""
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads = k.shape[1]
+        if (num_tokens == 0 or head_dim % 2 or cos.stride(1) != 1 or sin.stride() != cos.stride()
+                or k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or k_cache.dtype != k.dtype
+                or v_cache.dtype != v.dtype or k_cache.shape != v_cache.shape):
+            return super().rotary_and_cache(positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        half = head_dim // 2
+        half_block, heads_block = triton.next_power_of_2(half), triton.next_power_of_2(num_heads)
+        _rotary_cache_kernel[(num_tokens,)](
+            q_out, k_cache, v_cache, q, k, v, cos, sin, positions, slot_mapping,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0),
+            num_heads, num_kv_heads, k_cache.shape[1],
+            HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
+            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), num_warps=_num_warps(heads_block * half_block))
+        return q_out
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -234,3 +284,45 @@ if triton is not None:
                       stride_q_head, stride_q_out_head, num_heads, cos, sin, HALF, HALF_BLOCK, HEADS_BLOCK)
         _rotate_heads(k_out_ptr + token * stride_k_out_token, k_ptr + token * stride_k_token,
                       stride_k_head, stride_k_out_head, num_kv_heads, cos, sin, HALF, HALF_BLOCK, KV_HEADS_BLOCK)
+
+    @triton.jit
+    def _copy_heads(out_ptr, x_ptr, stride_x_head, stride_out_head, num_heads,
+                    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr):
+        """Copy every head of one token, as two halves (the layout ``_rotate_heads`` reads)."""
+        heads = tl.arange(0, HEADS_BLOCK)[:, None]  # [HEADS_BLOCK, 1]
+        cols = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
+        mask = (heads < num_heads) & (cols < HALF)
+        first = x_ptr + heads * stride_x_head + cols
+        out = out_ptr + heads * stride_out_head + cols
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out, tl.load(first, mask=mask, other=0.0).to(dtype), mask=mask)
+        tl.store(out + HALF, tl.load(first + HALF, mask=mask, other=0.0).to(dtype), mask=mask)
+
+    @triton.jit
+    def _rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
+                             positions_ptr, slot_mapping_ptr,
+                             stride_q_token, stride_q_head, stride_k_token, stride_k_head,
+                             stride_v_token, stride_v_head, stride_q_out_token, stride_q_out_head,
+                             stride_kc_block, stride_kc_offset, stride_kc_head,
+                             stride_vc_block, stride_vc_offset, stride_vc_head,
+                             stride_cos, num_heads, num_kv_heads, block_size,
+                             HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                             HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr):
+        """One token: rotate its query heads into ``q_out``; rotate its key heads into the key cache
+        and copy its value heads into the value cache, both at the token's slot."""
+        token = tl.program_id(0).to(tl.int64)
+        position = tl.load(positions_ptr + token).to(tl.int64)
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        block = slot // block_size
+        offset = slot % block_size
+        cols = tl.arange(0, HALF_BLOCK)
+        cos = tl.load(cos_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
+        sin = tl.load(sin_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
+        _rotate_heads(q_out_ptr + token * stride_q_out_token, q_ptr + token * stride_q_token,
+                      stride_q_head, stride_q_out_head, num_heads, cos, sin, HALF, HALF_BLOCK, HEADS_BLOCK)
+        _rotate_heads(k_cache_ptr + block * stride_kc_block + offset * stride_kc_offset,
+                      k_ptr + token * stride_k_token, stride_k_head, stride_kc_head, num_kv_heads, cos, sin,
+                      HALF, HALF_BLOCK, KV_HEADS_BLOCK)
+        _copy_heads(v_cache_ptr + block * stride_vc_block + offset * stride_vc_offset,
+                    v_ptr + token * stride_v_token, stride_v_head, stride_vc_head, num_kv_heads,
+                    HALF, HALF_BLOCK, KV_HEADS_BLOCK)

@@ -13,8 +13,7 @@ from meshlm.models.named_weights import NamedWeights
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                     RowParallelLinear, VocabParallelEmbedding)
-from meshlm.kernels.attention import (AttentionMetadata, RotaryEmbedding, paged_attention_reference,
-                                      write_kv_cache)
+from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_attention_reference
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.model_config import ModelConfig
 from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps
@@ -49,9 +48,8 @@ class LlamaAttention(NamedWeights, nn.Module):
         v = v.view(num_tokens, self.num_kv_heads_per_rank, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(meta.positions, q, k)
+        q = self.rotary.rotate_and_cache(meta.positions, q, k, v, kv_cache, meta.slot_mapping)
         k_cache, v_cache = kv_cache
-        write_kv_cache(k_cache, v_cache, k, v, meta.slot_mapping)
         out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.view(num_tokens, self.num_heads_per_rank * self.head_dim))
 

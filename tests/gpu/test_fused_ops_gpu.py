@@ -114,6 +114,50 @@ def test_rotary(dtype, num_tokens, num_heads, num_kv_heads, head_dim):
     assert_close(got_k, exp_k, f"k {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (4, 2, 24)])
+def test_rotary_and_cache(dtype, num_tokens, num_heads, num_kv_heads, head_dim):
+    """The fused rotary + KV-cache store against rotary then the two index copies: the rotated q,
+    and the whole cache (slots this step does not own must keep their old values)."""
+    rotary = RotaryEmbedding(head_dim, 4096, 500000.0, None, torch.device(DEVICE))
+    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    q, k, v = randn(num_tokens, sum(sizes), dtype=dtype, scale=2.0).split(sizes, dim=-1)
+    q = q.view(num_tokens, num_heads, head_dim)  # strided views of the merged qkv row
+    k = k.view(num_tokens, num_kv_heads, head_dim)
+    v = v.view(num_tokens, num_kv_heads, head_dim)
+    gen = torch.Generator().manual_seed(5)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen).to(DEVICE)
+    num_blocks, block_size = 9, 16
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(DEVICE)
+    cache = randn(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, seed=6)
+    got_caches, exp_caches = cache.clone(), cache.clone()
+    got_q = TRITON_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, got_caches[0],
+                                        got_caches[1], slots)
+    exp_q = TORCH_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, exp_caches[0],
+                                       exp_caches[1], slots)
+    assert_close(got_q, exp_q, f"q {dtype}")
+    assert_close(got_caches[0], exp_caches[0], f"k cache {dtype}")
+    assert torch.equal(got_caches[1], exp_caches[1]), "values are stored unchanged"
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert torch.equal(got_caches[0].view(-1, num_kv_heads, head_dim)[untouched],
+                       cache[0].view(-1, num_kv_heads, head_dim)[untouched])
+
+
+def test_rotary_and_cache_catches_a_misplaced_slot():
+    """The cache comparison can fail: one token stored one slot off is seen."""
+    rotary = RotaryEmbedding(64, 128, 10000.0, None, torch.device(DEVICE))
+    q, k, v = randn(3, 4, 64), randn(3, 2, 64, seed=1), randn(3, 2, 64, seed=2)
+    positions = torch.tensor([0, 5, 9], device=DEVICE)
+    got, expected = torch.zeros(2, 4, 16, 2, 64, device=DEVICE), torch.zeros(2, 4, 16, 2, 64, device=DEVICE)
+    TRITON_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, got[0], got[1],
+                                torch.tensor([3, 17, 40], device=DEVICE))
+    TORCH_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, expected[0], expected[1],
+                               torch.tensor([3, 17, 41], device=DEVICE))
+    assert not torch.equal(got, expected)
+
+
 def test_kernels_catch_a_wrong_answer():
     """The comparisons above can fail: a weight off by one part in a thousand is seen."""
     x, weight = randn(7, 256), randn(256, seed=2) + 1
@@ -163,6 +207,38 @@ def test_kernels_replay_in_a_cuda_graph(dtype):
         expected = _layer_ops(TORCH_OPS, *fresh, rotary, weight)
         for name, got, exp in zip(("normed", "residual", "silu_and_mul", "q", "k"), outputs, expected):
             assert_close(got, exp, f"{name} {dtype} after replay {seed}")
+
+
+@needs_cuda
+def test_rotary_and_cache_replays_in_a_cuda_graph():
+    """Captured once; each replay rotates new q/k and stores them at new slots of the same cache."""
+    dtype, num_tokens, num_heads, num_kv_heads, head_dim = torch.bfloat16, 8, 32, 8, 128
+    rotary = RotaryEmbedding(head_dim, 4096, 500000.0, None, torch.device(DEVICE))
+    q, k, v = (randn(num_tokens, h, head_dim, dtype=dtype, seed=s) for s, h in
+               ((0, num_heads), (1, num_kv_heads), (2, num_kv_heads)))
+    positions = torch.zeros(num_tokens, dtype=torch.int64, device=DEVICE)
+    slots = torch.arange(num_tokens, dtype=torch.int64, device=DEVICE)
+    caches = torch.zeros(2, 16, 16, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    TRITON_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, caches[0], caches[1], slots)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q_out = TRITON_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, caches[0], caches[1], slots)
+    expected_caches = caches.clone()
+    for seed in (10, 20):
+        gen = torch.Generator().manual_seed(seed)
+        for buffer, fresh in ((q, randn(*q.shape, dtype=dtype, seed=seed)),
+                              (k, randn(*k.shape, dtype=dtype, seed=seed + 1)),
+                              (v, randn(*v.shape, dtype=dtype, seed=seed + 2)),
+                              (positions, torch.randint(0, 4096, (num_tokens,), generator=gen).to(DEVICE)),
+                              (slots, torch.randperm(256, generator=gen)[:num_tokens].to(DEVICE))):
+            buffer.copy_(fresh)
+        graph.replay()
+        expected_q = TORCH_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, expected_caches[0],
+                                                expected_caches[1], slots)
+        torch.cuda.synchronize()
+        assert_close(q_out, expected_q, f"q after replay {seed}")
+        assert_close(caches, expected_caches, f"caches after replay {seed}")
 
 
 # --- the engine -----------------------------------------------------------------------------------

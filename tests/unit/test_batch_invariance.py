@@ -47,7 +47,7 @@ class StepLog:
 
 def record_steps(llm: LLM) -> StepLog:
     """Wrap the scheduler of ``llm`` so that every step's decisions land in the returned log."""
-    scheduler = llm._coordinator.scheduler
+    scheduler = llm.engine_core.scheduler
     schedule = scheduler.schedule
     log = StepLog()
 
@@ -92,8 +92,8 @@ def test_greedy_tokens_survive_chunking_preemption_and_batching(random_model, re
              enable_prefix_caching=enable_prefix_caching) as llm:
         log = record_steps(llm)
         outputs = llm.generate(prompts, params)
-        assert not llm._coordinator.has_unfinished()
-        assert llm._coordinator.kv.num_free_blocks == NUM_KV_BLOCKS  # every block came back
+        assert not llm.engine_core.has_unfinished()
+        assert llm.engine_core.kv_cache_usage == 0.0  # every block came back
 
     got = [o.outputs[0].token_ids for o in outputs]
     for i, (mine, ref) in enumerate(zip(got, reference_tokens)):

@@ -21,7 +21,7 @@ def test_a_pool_of_exactly_max_model_len_serves_a_request_to_its_end(model_dir):
     completion = out.outputs[0]
     assert out.finished and completion.finish_reason == "length"
     assert len(completion.token_ids) == 16 - 10
-    assert llm._coordinator.kv.num_free_blocks == 4
+    assert llm.engine_core.kv_cache_usage == 0.0
     llm.shutdown()
 
 

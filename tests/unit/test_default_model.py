@@ -72,7 +72,7 @@ def test_prompt_longer_than_the_context_is_refused(llm, hf_prompt_ids, hf_answer
     # The rejected call left nothing queued: the next one runs alone and as before.
     (output,) = llm.generate([hf_prompt_ids], SamplingParams(temperature=0.0, max_tokens=3))
     assert output.outputs[0].token_ids == hf_answer_ids[:3]
-    assert not llm._coordinator.has_unfinished()
+    assert not llm.engine_core.has_unfinished()
 
 
 def test_generation_stops_at_the_context_length(llm):

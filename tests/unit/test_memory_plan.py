@@ -117,12 +117,14 @@ def plan(model_dir, capsys, *flags) -> tuple[int, str, str]:
 
 
 def test_plan_prints_every_rank_and_the_pool(model_dir, capsys):
-    code, out, err = plan(model_dir, capsys, "--gpu-memory-gb", "8", "--tp", "3", "--pp", "2")
+    code, out, err = plan(model_dir, capsys, "--gpu-memory-gb", "8", "--tp", "3", "--pp", "2",
+                          "--max-batch-size", "256")
     assert code == 0, err
     cfg = ModelConfig.from_dir(model_dir)
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in ([str(r)] for r in range(6))]
     assert [row[:3] for row in rows] == [[str(r), f"{r % 3}/3", f"{r // 3}/2"] for r in range(6)]
-    fewest = min(memory.plan_rank(cfg, m, 2, 8 * 2**30, CacheConfig(), 8192, 256).num_blocks
+    # The plan reserves the decode graphs' memory, as the engine does on a GPU.
+    fewest = min(memory.plan_rank(cfg, m, 2, 8 * 2**30, CacheConfig(), 8192, 256, with_graphs=True).num_blocks
                  for m in mappings(3, 2, 1))
     per_seq = 4096 // 16
     assert (f"{fewest} blocks of 16 tokens (the fewest of any rank) = {fewest * 16} tokens = "
