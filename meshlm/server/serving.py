@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from starlette.requests import Request
 
 from meshlm.engine.outputs import CompletionOutput, RequestOutput
 from meshlm.sampling_params import SamplingParams
 from meshlm.server.errors import APIError, error_body
+from meshlm.server.limits import MAX_CHARS_PER_TOKEN, ServerLimits
 from meshlm.server.metrics import ServerMetrics
-from meshlm.server.streams import Run, merge, sse, start_runs, until_disconnected
+from meshlm.server.streams import Prompt, Run, merge, sse, start_runs, until_disconnected
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -26,8 +30,12 @@ class ServedModel:
     max_model_len: int
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))
+    limits: ServerLimits = field(default_factory=ServerLimits)
     # Set when the server starts shutting down: open requests end at once (503 / an error event).
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+    # Parsing, chat templates and tokenization run here, never on the event loop.
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=4, thread_name_prefix="meshlm-server"))
 
     @property
     def tokenizer(self):
@@ -37,6 +45,29 @@ class ServedModel:
         if requested is not None and requested != self.name:
             raise APIError(HTTPStatus.BAD_REQUEST, f"the model `{requested}` does not exist; this server "
                            f"serves `{self.name}`", param="model", code="model_not_found")
+
+    async def in_pool(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the server's worker threads (CPU-heavy work: templates, tokenization)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def check_text_length(self, num_chars: int, param: str) -> None:
+        """Refuse, untokenized, a text too long for the context whatever the tokenizer."""
+        limit = self.max_model_len * MAX_CHARS_PER_TOKEN
+        if num_chars > limit:
+            raise APIError(HTTPStatus.BAD_REQUEST, f"{param}: {num_chars} characters cannot fit the context "
+                           f"of {self.max_model_len} tokens (max_model_len); at most {limit} characters "
+                           f"({MAX_CHARS_PER_TOKEN} a token) are read", param=param)
+
+    def tokenize(self, prompts: Sequence[str | list[int]]) -> list[Prompt]:
+        """Text prompts as token ids (blocking: call through ``in_pool``)."""
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str) and self.tokenizer is not None:
+                self.check_text_length(len(prompt), "prompt")
+                out.append(Prompt(self.tokenizer.encode(prompt), prompt))
+            else:  # token ids, or text the engine refuses without a tokenizer
+                out.append(Prompt(prompt, None))
+        return out
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
@@ -55,11 +86,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params_or_400(body) -> SamplingParams:
+def sampling_params_or_400(served: ServedModel, body) -> SamplingParams:
+    """The body's SamplingParams, within the server's limits; 400 naming the limit otherwise."""
     try:
-        return body.sampling_params()
+        params = body.sampling_params()
     except ValueError as exc:
         raise APIError.bad_request(exc) from None
+    if params.n > served.limits.max_n:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"n={params.n} is more than this server's maximum of "
+                       f"{served.limits.max_n} samples per prompt (--max-n)", param="n")
+    for name in ("max_tokens", "min_tokens"):
+        value = getattr(params, name)
+        if value is not None and value > served.max_model_len:
+            raise APIError(HTTPStatus.BAD_REQUEST, f"{name}={value} is more than the model's context length "
+                           f"of {served.max_model_len} tokens (max_model_len)", param=name)
+    return params
 
 
 @dataclass(slots=True)
