@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,9 +108,10 @@ def check_answer(status: int, content: bytes, context: object = None) -> None:
 
 
 async def asgi_call(app, method: str, path: str, body: bytes, leave_after_chunks: int | None = None,
-                    timeout_s: float = 30.0) -> tuple[int | None, list[bytes]]:
-    """Call the ASGI app as a server would: the response streams in, and after
-    ``leave_after_chunks`` body chunks the client disconnects (``http.disconnect``).
+                    read_delay_s: float = 0.0, timeout_s: float = 30.0) -> tuple[int | None, list[bytes]]:
+    """Call the ASGI app as a server would: the response streams in, each body chunk taking
+    ``read_delay_s`` to be taken, and after ``leave_after_chunks`` chunks the client disconnects
+    (``http.disconnect``).
 
     Returns (status, body chunks received).
     """
@@ -128,6 +134,7 @@ async def asgi_call(app, method: str, path: str, body: bytes, leave_after_chunks
         if message["type"] == "http.response.start":
             status = message["status"]
         elif message["type"] == "http.response.body":
+            await asyncio.sleep(read_delay_s)  # a slow reader: the send waits as on a full socket
             if message.get("body"):
                 chunks.append(message["body"])
             if leave_after_chunks is not None and len(chunks) >= leave_after_chunks:
@@ -142,3 +149,51 @@ async def asgi_call(app, method: str, path: str, body: bytes, leave_after_chunks
              "client": ("127.0.0.1", 1), "server": ("server", 80)}
     await asyncio.wait_for(app(scope, receive, send), timeout_s)
     return status, chunks
+
+
+# --- a real server in a subprocess ---------------------------------------------------------------
+_READY = re.compile(r"serving \S+ on http://127\.0\.0\.1:(\d+)")
+
+
+class ServeProcess:
+    """``meshlm serve --port 0`` on a model directory, CPU, in its own process group."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *flags: str, startup_timeout_s: float = 120.0):
+        argv = [sys.executable, "-m", "meshlm", "serve", "--model", str(model_dir), "--port", "0",
+                "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "64", *flags]
+        env = {k: v for k, v in os.environ.items() if not re.match(r"^(PMI_|PMIX_|OMPI_|HYDRA_|SLURM_)", k)}
+        env.update(MESHLM_DEVICE="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        try:
+            self.port = self._wait_ready(startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_ready(self, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = _READY.search(self.log())
+            if match:
+                return int(match.group(1))
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"the server was not ready within {timeout_s} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self._log.close()
+        return self.proc.returncode
