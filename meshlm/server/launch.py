@@ -115,7 +115,8 @@ def _build(engine, coordinator, args: EngineArgs, served_model_name, limits: Ser
     from meshlm.server.serving import ServedModel
     model_dir = resolve_model(args.model)
     name = served_model_name or model_dir.name
-    return ServedModel(engine, name, str(model_dir), coordinator.max_model_len, ServerMetrics(name), limits=limits)
+    return ServedModel(engine, name, str(model_dir), coordinator.max_model_len, ServerMetrics(name),
+                       limits=limits)
 
 
 def _serve(served, api_key, sock: socket.socket, log_level: str, exit_request: _ExitRequest) -> None:

@@ -67,6 +67,12 @@ class ServedModel:
                 out.append(Prompt(self.tokenizer.encode(prompt), prompt))
             else:  # token ids, or text the engine refuses without a tokenizer
                 out.append(Prompt(prompt, None))
+            if not isinstance(out[-1].tokens, str) and len(out[-1].tokens) >= self.max_model_len:
+                # the engine would refuse it too, but only after copying it on its own thread
+                raise APIError(HTTPStatus.BAD_REQUEST, f"prompt: {len(out[-1].tokens)} tokens, but the model's "
+                               f"context length (max_model_len) is {self.max_model_len}; at most "
+                               f"{self.max_model_len - 1} prompt tokens leave room for one generated token",
+                               param="prompt")
         return out
 
     def token_text(self, token_id: int) -> str:
