@@ -64,6 +64,8 @@ def _add_serve_parser(sub) -> None:
                        help="the model's name in the API (default: the model directory's name)")
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    from meshlm.server.limits import ServerLimits
+    ServerLimits.add_cli_args(serve)
     EngineArgs.add_cli_args(serve)
 
 
@@ -125,7 +127,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     args = EngineArgs.from_cli(ns)
     relaunch_if_needed(args)
     # Only rank 0 returns, after SIGINT/SIGTERM; the other ranks exit when it shuts down.
-    run_server(args, ns.host, ns.port, ns.api_key, ns.served_model_name, ns.uvicorn_log_level)
+    from meshlm.server.limits import ServerLimits
+    limits = ServerLimits.from_cli(ns)  # bad flags fail here, before any rank starts
+    run_server(args, ns.host, ns.port, ns.api_key, ns.served_model_name, ns.uvicorn_log_level, limits)
     return 0
 
 

@@ -1,19 +1,25 @@
 """The coordinator's step loop in a background thread, for asyncio callers (the server).
 
-Only the loop thread touches the coordinator. Callers hand it commands (submit, abort) through a
-queue that it drains between steps, so the event loop never waits for a step to finish.
+Only the loop thread touches the coordinator. Callers hand it typed commands (``SubmitCommand``,
+``AbortCommand``) through a queue that it drains between steps, so the event loop never waits for
+a step to finish. The loop thread answers only by scheduling a callback on the caller's event loop,
+which cannot fail because of anything the caller did: a caller that left (cancelled, timed out,
+disconnected) leaves behind a stream nobody reads, and its abort command follows in the queue.
+
 ``generate`` submits a request and yields its outputs as the loop produces them; a caller that
-stops iterating (a client that disconnected) aborts its request, which frees its KV blocks.
+stops iterating aborts its request, which frees its KV blocks. Outputs are deltas (the new tokens
+and text); the deltas a slow reader has not taken yet are merged into one, so nothing piles up
+behind it. ``RequestOutput.accumulate`` / ``add`` build the whole output where one is needed.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import queue
 import threading
-from dataclasses import dataclass
-from typing import AsyncIterator
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
 
 from meshlm.engine.outputs import RequestOutput
 from meshlm.sampling_params import SamplingParams
@@ -21,24 +27,51 @@ from meshlm.sampling_params import SamplingParams
 log = logging.getLogger("meshlm")
 
 
-@dataclass(slots=True)
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    whole: RequestOutput | None = None  # the deltas so far, accumulated
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; no request can be served any more."""
 
-    def accumulate(self, delta: RequestOutput) -> RequestOutput:
-        """The whole output after this delta (a copy the event loop may keep)."""
-        if self.whole is None:
-            self.whole = RequestOutput.accumulate(delta)
+
+@dataclass(eq=False)
+class _Stream:
+    """One request's outputs, written and read on the caller's event loop only."""
+
+    loop: asyncio.AbstractEventLoop
+    pending: RequestOutput | None = None  # the deltas the reader has not taken, merged
+    error: BaseException | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put_output(self, delta: RequestOutput) -> None:
+        if self.pending is None:
+            self.pending = delta
         else:
-            self.whole.add(delta)
-        return RequestOutput.accumulate(self.whole)
+            self.pending.add(delta)  # a slow reader gets one delta covering every step it missed
+        self.ready.set()
+
+    def put_error(self, error: BaseException) -> None:
+        self.error = error
+        self.ready.set()
+
+
+@dataclass(slots=True, frozen=True)
+class SubmitCommand:
+    prompt: str | list[int]
+    params: SamplingParams
+    request_id: str
+    stream: _Stream
+    prompt_text: str | None = None  # the text of a prompt tokenized by the caller
+
+
+@dataclass(slots=True, frozen=True)
+class AbortCommand:
+    request_id: str
+    stream: _Stream | None = None  # only the request this stream owns; None: whoever owns the id
 
 
 class AsyncLLM:
-    def __init__(self, coordinator):
+    def __init__(self, coordinator, on_failure: Callable[[BaseException], None] | None = None):
+        """``on_failure(exc)`` is called from the loop thread if a step fails (the loop then stops)."""
         self.coordinator = coordinator
+        self._on_failure = on_failure
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -52,42 +85,41 @@ class AsyncLLM:
         return self.coordinator.tokenizer
 
     @property
+    def max_model_len(self) -> int:
+        return self.coordinator.max_model_len
+
+    @property
     def is_healthy(self) -> bool:
         return self._error is None and self._thread.is_alive()
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after each step that adds to it.
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output as deltas: each holds what is new since the previous one.
 
-        A bad request raises ValueError before anything is queued.
+        A bad request raises ValueError (nothing is queued); a failed engine raises EngineDeadError.
         """
-        if self._error is not None:
-            raise RuntimeError(f"the engine loop failed: {self._error}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(("submit", (prompt, params, request_id, stream), accepted))
-        try:
-            request_id = await asyncio.wrap_future(accepted)
-        except asyncio.CancelledError:  # the caller left while the request was being queued
-            accepted.add_done_callback(lambda f: f.exception() is None and self.abort(f.result()))
-            raise
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        stream = _Stream(asyncio.get_running_loop())
+        self._send(SubmitCommand(prompt, params, request_id, stream, prompt_text))
+        self._raise_if_dead()  # the loop may have died before it could see the command
         finished = False
         try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise RuntimeError(f"the engine loop failed: {item}")
-                finished = item.finished
-                yield item
-                if finished:
-                    break
+            while not finished:
+                await stream.ready.wait()
+                stream.ready.clear()
+                if stream.error is not None:
+                    raise stream.error
+                output, stream.pending = stream.pending, None
+                if output is not None:
+                    finished = output.finished
+                    yield output
         finally:
-            if not finished:
-                self.abort(request_id)
+            if not finished:  # cancelled, closed early or failed: free whatever it holds
+                self._send(AbortCommand(request_id, stream))
 
     def abort(self, request_id: str) -> None:
         """Abort a request (takes effect before the next step); never blocks."""
-        self._send(("abort", request_id, None))
+        self._send(AbortCommand(request_id))
 
     def stats(self) -> dict:
         """Gauges for metrics; read without stopping the loop, so they may be one step old."""
@@ -95,28 +127,62 @@ class AsyncLLM:
         return {"num_running": coordinator.num_running, "num_waiting": coordinator.num_waiting,
                 "kv_cache_usage": coordinator.kv_cache_usage}
 
-    def _send(self, command) -> None:
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop failed: {self._error}")
+
+    def _send(self, command: SubmitCommand | AbortCommand) -> None:
         self._commands.put(command)
         self._wakeup.set()
+
+    # --- the loop thread -----------------------------------------------------------------------
+    def _deliver(self, stream: _Stream, callback, item) -> bool:
+        """Hand ``item`` to the stream's event loop; False if that loop is gone (closed)."""
+        try:
+            stream.loop.call_soon_threadsafe(callback, item)
+            return True
+        except RuntimeError:
+            return False
 
     def _drain_commands(self) -> None:
         while True:
             try:
-                kind, payload, reply = self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "submit":
-                prompt, params, request_id, stream = payload
-                try:
-                    request_id = self.coordinator.submit(prompt, params, request_id)
-                except Exception as exc:  # bad input: the caller gets it, nothing was queued
-                    reply.set_exception(exc)
-                    continue
-                self._streams[request_id] = stream
-                reply.set_result(request_id)
-            elif kind == "abort":
-                self._streams.pop(payload, None)
-                self.coordinator.abort(payload)
+            if isinstance(command, SubmitCommand):
+                self._submit(command)
+            else:
+                self._abort(command)
+
+    def _submit(self, command: SubmitCommand) -> None:
+        stream = command.stream
+        try:
+            self.coordinator.submit(command.prompt, command.params, command.request_id, command.prompt_text)
+        except Exception as exc:  # bad input: the caller gets it, nothing was queued
+            self._deliver(stream, stream.put_error, exc)
+            return
+        self._streams[command.request_id] = stream
+
+    def _abort(self, command: AbortCommand) -> None:
+        owner = self._streams.get(command.request_id)
+        if command.stream is not None and owner is not command.stream:
+            return  # finished already, never accepted, or the id belongs to another caller
+        self._streams.pop(command.request_id, None)
+        try:
+            self.coordinator.abort(command.request_id)
+        except Exception:  # a bug, not the client's doing: keep serving the others
+            log.exception("aborting request %s failed", command.request_id)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                self._streams.pop(output.request_id, None)
+            if not self._deliver(stream, stream.put_output, output) and not output.finished:
+                self._abort(AbortCommand(output.request_id, stream))  # its event loop is closed
 
     def _loop(self) -> None:
         try:
@@ -127,23 +193,36 @@ class AsyncLLM:
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
-                for output in coordinator.step():
-                    stream = self._streams.get(output.request_id)
-                    if stream is None:
-                        continue
-                    if output.finished:
-                        self._streams.pop(output.request_id, None)
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, stream.accumulate(output))
-        except BaseException as exc:  # a failed step: every waiting client hears of it
-            self._error = exc
-            log.exception("engine loop failed")
-            for stream in list(self._streams.values()):
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
-            raise
+                self._publish(coordinator.step())
+        except BaseException as exc:  # a failed step: every waiting client hears of it (it is logged)
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        log.exception("engine loop failed")
+        error = EngineDeadError(f"the engine loop failed: {exc}")
+        for stream in list(self._streams.values()):
+            self._deliver(stream, stream.put_error, error)
+        self._streams.clear()
+        while True:  # submits that raced with the failure are answered too
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, SubmitCommand):
+                self._deliver(command.stream, command.stream.put_error, error)
+        if self._on_failure is not None:
+            try:
+                self._on_failure(exc)
+            except Exception:
+                log.exception("the engine failure callback failed")
 
     def shutdown(self) -> None:
+        """Stop the loop and the coordinator. After a failed step the coordinator is left as it is
+        (its state is unknown): the caller raises, and a launcher aborts the other ranks."""
         self._running = False
         self._wakeup.set()
         self._thread.join(timeout=30)
-        self._drain_commands()
-        self.coordinator.shutdown()
+        if self._error is None:
+            self._drain_commands()
+            self.coordinator.shutdown()

@@ -14,6 +14,8 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from meshlm.api.async_llm import EngineDeadError
+from meshlm.server.body import parse_body
 from meshlm.server.chat import create_chat_completion
 from meshlm.server.completions import create_completion
 from meshlm.server.errors import APIError, error_response, install_error_handlers
@@ -56,17 +58,22 @@ def build_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
                            code="model_not_found")
         return _model_card(served)
 
+    # Bodies are read here (not by FastAPI) so that size, nesting, Unicode and parse time are bounded.
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        _warn_extra(body)
-        return await _answer(create_completion(served, body, request))
+    async def completions(request: Request):
+        return await _answer(_with_body(served, request, CompletionRequest, create_completion))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _warn_extra(body)
-        return await _answer(create_chat_completion(served, body, request))
+    async def chat_completions(request: Request):
+        return await _answer(_with_body(served, request, ChatCompletionRequest, create_chat_completion))
 
     return app
+
+
+async def _with_body(served: ServedModel, request: Request, model, create):
+    body = await parse_body(request, model, served.limits.max_request_body_bytes, served.pool)
+    _warn_extra(body)
+    return await create(served, body, request)
 
 
 async def _answer(work):
@@ -76,6 +83,8 @@ async def _answer(work):
         return Response(status_code=_CLIENT_CLOSED)
     except ServerShuttingDown:
         return error_response(APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down"))
+    except EngineDeadError as exc:
+        return error_response(APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)))
 
 
 def _model_card(served: ServedModel) -> dict:
@@ -85,7 +94,10 @@ def _model_card(served: ServedModel) -> dict:
 
 def _warn_extra(body) -> None:
     if body.model_extra:
-        log.warning("ignored unknown request fields: %s", ", ".join(sorted(body.model_extra)))
+        names = sorted(body.model_extra)
+        shown = ", ".join(repr(name[:40]) for name in names[:10])
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        log.warning("ignored unknown request fields: %s%s", shown, more)
 
 
 class APIKeyMiddleware:

@@ -11,13 +11,13 @@ from meshlm.server.errors import APIError
 from meshlm.server.protocol import ChatCompletionRequest
 from meshlm.server.serving import (ServedModel, choices_of, final_outputs, new_id, sampling_params_or_400,
                                    sse_stream, usage)
-from meshlm.server.streams import SSEResponse
+from meshlm.server.streams import Prompt, SSEResponse
 
 
 async def create_chat_completion(served: ServedModel, body: ChatCompletionRequest, request: Request):
     served.check_model(body.model)
-    params = sampling_params_or_400(body)
-    prompt = _render(served, body)
+    params = sampling_params_or_400(served, body)
+    prompt = Prompt(await served.in_pool(_render, served, body), None)
     request_id = new_id("chatcmpl")
     created = int(time.time())
     runs = await served.start(request, [prompt], params, request_id, "messages")
@@ -57,14 +57,16 @@ async def create_chat_completion(served: ServedModel, body: ChatCompletionReques
 
 
 def _render(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
-    """The conversation through the chat template, as token ids."""
+    """The conversation through the chat template, as token ids (blocking: run it in the pool)."""
     import jinja2
     if served.tokenizer is None:
         raise APIError(HTTPStatus.BAD_REQUEST, "the tokenizer is off (skip_tokenizer_init): chat needs "
                        "one; use /v1/completions with token ids", param="messages")
+    messages = body.template_messages()
+    served.check_text_length(sum(len(m["content"]) + len(m.get("name") or "") for m in messages), "messages")
     try:
-        return served.tokenizer.encode_chat(body.template_messages(), body.add_generation_prompt)
-    except (ValueError, jinja2.TemplateError) as exc:
+        return served.tokenizer.encode_chat(messages, body.add_generation_prompt)
+    except (ValueError, TypeError, jinja2.TemplateError) as exc:  # the template refused them
         raise APIError(HTTPStatus.BAD_REQUEST, f"messages: {exc}", param="messages") from None
 
 

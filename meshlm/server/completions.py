@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from http import HTTPStatus
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -15,11 +16,15 @@ from meshlm.server.streams import SSEResponse
 
 async def create_completion(served: ServedModel, body: CompletionRequest, request: Request):
     served.check_model(body.model)
-    params = sampling_params_or_400(body)
+    params = sampling_params_or_400(served, body)
     try:
-        prompts = body.prompts()
+        texts = body.prompts()
     except ValueError as exc:
         raise APIError.bad_request(exc, "prompt") from None
+    if len(texts) > served.limits.max_prompts:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"prompt: {len(texts)} prompts is more than this server's "
+                       f"maximum of {served.limits.max_prompts} per request (--max-prompts)", param="prompt")
+    prompts = await served.in_pool(served.tokenize, texts)
     request_id = new_id("cmpl")
     created = int(time.time())
     runs = await served.start(request, prompts, params, request_id, "prompt")

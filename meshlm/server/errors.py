@@ -52,7 +52,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(_from_validation(exc))
+        return error_response(from_pydantic_errors(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -64,9 +64,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {exc}"))
 
 
-def _from_validation(exc: RequestValidationError) -> APIError:
+def from_pydantic_errors(errors) -> APIError:
     """The first of pydantic's errors, as ``field: message``; malformed JSON says so."""
-    errors = exc.errors()
     if not errors:
         return APIError(HTTPStatus.BAD_REQUEST, "invalid request")
     first = errors[0]
@@ -77,4 +76,14 @@ def _from_validation(exc: RequestValidationError) -> APIError:
     field = ".".join(p for p in loc if "[" not in p and p not in _TYPE_NAMES) or None
     param = loc[0] if loc else None
     where = f"{field}: " if field else ""
-    return APIError(HTTPStatus.BAD_REQUEST, f"{where}{first.get('msg')}", param)
+    given = first.get("input")
+    shown = f" (got {_short_repr(given)})" if isinstance(given, (int, float, str)) else ""
+    return APIError(HTTPStatus.BAD_REQUEST, f"{where}{first.get('msg')}{shown}", param)
+
+
+def _short_repr(value) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        return "a very large integer"
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"

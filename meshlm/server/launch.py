@@ -6,6 +6,9 @@ at once: 503, or an error event and ``[DONE]`` in a stream, and their engine req
 and the coordinator shuts down, which tells the other ranks to exit. The other ranks ignore SIGINT
 and SIGTERM (mpiexec forwards a signal to every rank): they wait inside a broadcast for rank 0's
 shutdown and then exit 0.
+
+If the engine loop fails, /health answers 503, uvicorn stops as on a signal, and ``run_server``
+raises: the process exits non-zero (under MPI the whole job is aborted), so a supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import signal
 import socket
 
 from meshlm.config import EngineArgs
+from meshlm.server.limits import ServerLimits
 
 log = logging.getLogger("meshlm")
 
@@ -31,8 +35,16 @@ class _ExitRequest:
     def __init__(self):
         self.requested = False
         self.server = None
+        self.engine_error: BaseException | None = None
         for sig in _SIGNALS:
             signal.signal(sig, self._handle)
+
+    def engine_failed(self, exc: BaseException) -> None:
+        """Called from the engine's thread: stop serving (setting a flag uvicorn polls)."""
+        self.engine_error = exc
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
@@ -43,8 +55,12 @@ class _ExitRequest:
 
 
 def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               served_model_name: str | None = None, uvicorn_log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM. Rank 0 returns after a clean shutdown; other ranks exit inside."""
+               served_model_name: str | None = None, uvicorn_log_level: str = "info",
+               limits: ServerLimits | None = None) -> None:
+    """Serve until SIGINT/SIGTERM. Rank 0 returns after a clean shutdown; other ranks exit inside.
+
+    Raises RuntimeError if the engine loop failed while serving."""
+    limits = limits or ServerLimits()
     from meshlm.launcher.world import launched_by_mpi
     num_ranks = args.world_size
     if num_ranks > 1 and not launched_by_mpi():
@@ -59,14 +75,19 @@ def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_
     exit_request = _ExitRequest()
     coordinator = _start_runtime(args)
     from meshlm.api.async_llm import AsyncLLM
-    engine = AsyncLLM(coordinator)
+    engine = AsyncLLM(coordinator, on_failure=exit_request.engine_failed)
+    served = None
     try:
         if not exit_request.requested:
-            app, name = _build(engine, coordinator, args, api_key, served_model_name)
-            _serve(app, name, sock, uvicorn_log_level, exit_request)
+            served = _build(engine, coordinator, args, served_model_name, limits)
+            _serve(served, api_key, sock, uvicorn_log_level, exit_request)
     finally:
         sock.close()
+        if served is not None:
+            served.pool.shutdown(wait=False, cancel_futures=True)
         engine.shutdown()  # rank 0's coordinator tells the other ranks to exit
+    if exit_request.engine_error is not None:
+        raise RuntimeError(f"the engine loop failed: {exit_request.engine_error}")
     log.info("server stopped")
 
 
@@ -88,30 +109,37 @@ def _listen(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
-def _build(engine, coordinator, args: EngineArgs, api_key, served_model_name):
+def _build(engine, coordinator, args: EngineArgs, served_model_name, limits: ServerLimits):
     from meshlm.weights.default_model import resolve_model
-    from meshlm.server.app import build_app
     from meshlm.server.metrics import ServerMetrics
     from meshlm.server.serving import ServedModel
     model_dir = resolve_model(args.model)
     name = served_model_name or model_dir.name
-    served = ServedModel(engine, name, str(model_dir), coordinator.max_model_len, ServerMetrics(name))
-    return build_app(served, api_key), name
+    return ServedModel(engine, name, str(model_dir), coordinator.max_model_len, ServerMetrics(name),
+                       limits=limits)
 
 
-def _serve(app, name: str, sock: socket.socket, log_level: str, exit_request: _ExitRequest) -> None:
+def _serve(served, api_key, sock: socket.socket, log_level: str, exit_request: _ExitRequest) -> None:
     import uvicorn
+    from meshlm.server.app import build_app
+    from meshlm.server.connections import connection_cap, guarded_protocol, raise_open_files_limit
+    app, limits = build_app(served, api_key), served.limits
+    protocol = guarded_protocol(connection_cap(limits.limit_concurrency, raise_open_files_limit()),
+                                limits.request_read_timeout_s)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
             app.state.served.shutting_down.set()  # open requests end now, not at the grace timeout
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off",
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", http=protocol,
+                            timeout_keep_alive=limits.timeout_keep_alive_s,
                             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
     server = Server(config)
     exit_request.server = server
+    if exit_request.requested:  # a signal, or an engine failure, came while the app was built
+        server.should_exit = True
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    log.info("serving %s on http://%s:%d (OpenAI API under /v1)", name, shown, port)
+    log.info("serving %s on http://%s:%d (OpenAI API under /v1)", served.name, shown, port)
     server.run(sockets=[sock])

@@ -5,21 +5,28 @@ Each request turns itself into ``SamplingParams``; range checks stay there, so t
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from meshlm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
+# Unknown fields are kept (and logged); NaN and infinities are refused wherever a number goes.
+_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False)
+# Token ids travel to the sampler as tensors: keep them in int32.
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class StreamOptions(BaseModel):
+    model_config = _CONFIG
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
     """The fields both endpoints share."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONFIG
 
     model: str | None = None  # None: the served model
     n: int = 1
@@ -39,7 +46,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -101,13 +108,13 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONFIG
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONFIG
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None

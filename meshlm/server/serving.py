@@ -1,21 +1,25 @@
 """What the completion and chat endpoints share: the served model, starting engine requests,
-turning cumulative outputs into per-choice deltas, usage and server-sent events."""
+turning the engine's deltas into per-choice deltas, usage and server-sent events."""
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from starlette.requests import Request
 
 from meshlm.engine.outputs import CompletionOutput, RequestOutput
 from meshlm.sampling_params import SamplingParams
 from meshlm.server.errors import APIError, error_body
+from meshlm.server.limits import MAX_CHARS_PER_TOKEN, ServerLimits
 from meshlm.server.metrics import ServerMetrics
-from meshlm.server.streams import Run, merge, sse, start_runs, until_disconnected
+from meshlm.server.streams import Prompt, Run, merge, sse, start_runs, until_disconnected
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -26,8 +30,12 @@ class ServedModel:
     max_model_len: int
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))
+    limits: ServerLimits = field(default_factory=ServerLimits)
     # Set when the server starts shutting down: open requests end at once (503 / an error event).
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+    # Parsing, chat templates and tokenization run here, never on the event loop.
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=4, thread_name_prefix="meshlm-server"))
 
     @property
     def tokenizer(self):
@@ -37,6 +45,35 @@ class ServedModel:
         if requested is not None and requested != self.name:
             raise APIError(HTTPStatus.BAD_REQUEST, f"the model `{requested}` does not exist; this server "
                            f"serves `{self.name}`", param="model", code="model_not_found")
+
+    async def in_pool(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the server's worker threads (CPU-heavy work: templates, tokenization)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def check_text_length(self, num_chars: int, param: str) -> None:
+        """Refuse, untokenized, a text too long for the context whatever the tokenizer."""
+        limit = self.max_model_len * MAX_CHARS_PER_TOKEN
+        if num_chars > limit:
+            raise APIError(HTTPStatus.BAD_REQUEST, f"{param}: {num_chars} characters cannot fit the context "
+                           f"of {self.max_model_len} tokens (max_model_len); at most {limit} characters "
+                           f"({MAX_CHARS_PER_TOKEN} a token) are read", param=param)
+
+    def tokenize(self, prompts: Sequence[str | list[int]]) -> list[Prompt]:
+        """Text prompts as token ids (blocking: call through ``in_pool``)."""
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str) and self.tokenizer is not None:
+                self.check_text_length(len(prompt), "prompt")
+                out.append(Prompt(self.tokenizer.encode(prompt), prompt))
+            else:  # token ids, or text the engine refuses without a tokenizer
+                out.append(Prompt(prompt, None))
+            if not isinstance(out[-1].tokens, str) and len(out[-1].tokens) >= self.max_model_len:
+                # the engine would refuse it too, but only after copying it on its own thread
+                raise APIError(HTTPStatus.BAD_REQUEST, f"prompt: {len(out[-1].tokens)} tokens, but the model's "
+                               f"context length (max_model_len) is {self.max_model_len}; at most "
+                               f"{self.max_model_len - 1} prompt tokens leave room for one generated token",
+                               param="prompt")
+        return out
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
@@ -55,11 +92,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params_or_400(body) -> SamplingParams:
+def sampling_params_or_400(served: ServedModel, body) -> SamplingParams:
+    """The body's SamplingParams, within the server's limits; 400 naming the limit otherwise."""
     try:
-        return body.sampling_params()
+        params = body.sampling_params()
     except ValueError as exc:
         raise APIError.bad_request(exc) from None
+    if params.n > served.limits.max_n:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"n={params.n} is more than this server's maximum of "
+                       f"{served.limits.max_n} samples per prompt (--max-n)", param="n")
+    for name in ("max_tokens", "min_tokens"):
+        value = getattr(params, name)
+        if value is not None and value > served.max_model_len:
+            raise APIError(HTTPStatus.BAD_REQUEST, f"{name}={value} is more than the model's context length "
+                           f"of {served.max_model_len} tokens (max_model_len)", param=name)
+    return params
 
 
 @dataclass(slots=True)
@@ -74,34 +121,38 @@ class ChoiceDelta:
 
 
 class DeltaTracker:
-    """Turns cumulative outputs into deltas: one per choice whose text grew or that just finished."""
+    """Turns the engine's deltas into choice deltas (one per choice whose text grew or that just
+    finished) and keeps each prompt's whole output so far, for the usage numbers."""
 
     def __init__(self, n: int):
         self.n = n
+        self.whole: dict[int, RequestOutput] = {}  # prompt index -> its output so far
         self._text_len: dict[int, int] = {}
-        self._num_logprobs: dict[int, int] = {}
-        self._finished: set[int] = set()
+        self._held_logprobs: dict[int, list[dict[int, float]]] = {}  # of tokens whose text is held back
 
-    def deltas(self, prompt_index: int, output: RequestOutput) -> list[ChoiceDelta]:
+    def deltas(self, prompt_index: int, delta: RequestOutput) -> list[ChoiceDelta]:
+        accumulate(self.whole, prompt_index, delta)
         out = []
-        for c in output.outputs:
+        for c in delta.outputs:
             index = prompt_index * self.n + c.index
-            if index in self._finished:
-                continue
-            start = self._text_len.get(index, 0)
-            if len(c.text) == start and c.finish_reason is None:
-                continue  # text held back (a stop string may be forming, or a partial character)
-            logprobs = None
             if c.logprobs is not None:
-                first_lp = self._num_logprobs.get(index, 0)
-                logprobs = c.logprobs[first_lp:]
-                self._num_logprobs[index] = len(c.logprobs)
-            out.append(ChoiceDelta(index, c.text[start:], start, logprobs, c.finish_reason, c.stop_reason,
+                self._held_logprobs.setdefault(index, []).extend(c.logprobs)
+            if not c.text and c.finish_reason is None:
+                continue  # text held back (a stop string may be forming, or a partial character)
+            start = self._text_len.get(index, 0)
+            logprobs = self._held_logprobs.pop(index, []) if c.logprobs is not None else None
+            out.append(ChoiceDelta(index, c.text, start, logprobs, c.finish_reason, c.stop_reason,
                                    index not in self._text_len))
-            self._text_len[index] = len(c.text)
-            if c.finish_reason is not None:
-                self._finished.add(index)
+            self._text_len[index] = start + len(c.text)
         return out
+
+
+def accumulate(whole: dict[int, RequestOutput], key: int, delta: RequestOutput) -> None:
+    """Fold ``delta`` into ``whole[key]``."""
+    if key in whole:
+        whole[key].add(delta)
+    else:
+        whole[key] = RequestOutput.accumulate(delta)
 
 
 async def final_outputs(served: ServedModel, request: Request, runs: list[Run]) -> list[RequestOutput]:
@@ -110,9 +161,8 @@ async def final_outputs(served: ServedModel, request: Request, runs: list[Run]) 
         final: dict[int, RequestOutput] = {}
         stream = merge(runs)
         try:
-            async for i, out in stream:
-                if out.finished:
-                    final[i] = out
+            async for i, delta in stream:
+                accumulate(final, i, delta)
         finally:
             await stream.aclose()
         return [final[i] for i in range(len(runs))]
@@ -138,15 +188,13 @@ async def sse_stream(runs: list[Run], n: int, make_chunks, usage_chunk) -> Async
     A failure of the engine mid-stream ends the stream with an error event, as vLLM does.
     """
     tracker = DeltaTracker(n)
-    last: dict[int, RequestOutput] = {}
     stream = merge(runs)
     try:
         async for i, out in stream:
-            last[i] = out
             for delta in tracker.deltas(i, out):
                 for chunk in make_chunks(delta):
                     yield sse(chunk)
-        chunk = usage_chunk([last[i] for i in range(len(runs))])
+        chunk = usage_chunk([tracker.whole[i] for i in range(len(runs))])
         if chunk is not None:
             yield sse(chunk)
     except RuntimeError as exc:

@@ -31,6 +31,14 @@ class ServerShuttingDown(Exception):
     pass
 
 
+@dataclass(slots=True, frozen=True)
+class Prompt:
+    """What the engine is given: token ids (tokenized by the server) and the text they came from."""
+
+    tokens: str | list[int]  # text only when the server has no tokenizer (the engine refuses it)
+    text: str | None
+
+
 @dataclass(slots=True, eq=False)
 class Run:
     """One engine request that has produced its first output."""
@@ -39,20 +47,23 @@ class Run:
     first: RequestOutput
 
 
-async def _tracked(engine, prompt, params: SamplingParams, request_id: str, metrics):
+async def _tracked(engine, prompt: Prompt, params: SamplingParams, request_id: str, metrics):
     """``engine.generate`` that records the request's latencies and tokens when it ends."""
-    arrival, first_token, last = time.monotonic(), None, None
-    gen = engine.generate(prompt, params, request_id)
+    arrival, first_token, whole = time.monotonic(), None, None
+    gen = engine.generate(prompt.tokens, params, request_id, prompt_text=prompt.text)
     try:
-        async for out in gen:
-            if first_token is None and any(c.token_ids for c in out.outputs):
+        async for delta in gen:
+            if first_token is None and any(c.token_ids for c in delta.outputs):
                 first_token = time.monotonic()
-            last = out
-            yield out
+            if whole is None:
+                whole = RequestOutput.accumulate(delta)
+            else:
+                whole.add(delta)
+            yield delta
     finally:
         await gen.aclose()  # aborts the request if it has not finished
-        if last is not None:
-            metrics.record(last, arrival, first_token)
+        if whole is not None:
+            metrics.record(whole, arrival, first_token)
 
 
 async def _start(engine, prompt, params, request_id, metrics) -> Run:
@@ -64,7 +75,7 @@ async def _start(engine, prompt, params, request_id, metrics) -> Run:
         raise
 
 
-async def start_runs(engine, prompts: Sequence, params: SamplingParams, request_id: str,
+async def start_runs(engine, prompts: Sequence[Prompt], params: SamplingParams, request_id: str,
                      metrics) -> list[Run]:
     """Submit every prompt at once and wait for each one's first output.
 

@@ -61,7 +61,7 @@ def test_cli_tp3_relaunches_under_mpiexec(default_model, default_runs):
     """``meshlm generate --tp 3`` from a plain process runs 3 ranks and prints the reference answer."""
     (ref,) = default_runs.get(1, 1)["default"]
     result = launch([sys.executable, "-m", "meshlm", "generate", CHAT_PROMPT, "--tp", "3",
-                     "--max-tokens", "16", "--num-kv-blocks", "64"],
+                     "--max-tokens", "16", "--num-kv-blocks", "64", "--max-model-len", "1024"],
                     timeout_s=240, env=rank_env(MESHLM_LOG_LEVEL="INFO"))
     assert result.returncode == 0, result.describe()
     # Rank 0's log prefix carries its coordinates; the world size check inside LLM(...) means
