@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -70,11 +71,16 @@ def pick_device(args: EngineArgs, local_rank: int) -> torch.device:
 
 
 class RankRuntime:
-    """What one rank holds: its engine, and on rank 0 the tokenizer and coordinator."""
+    """What one rank holds: its engine, and on rank 0 the tokenizer and coordinator.
 
-    def __init__(self, args: EngineArgs, mapping: Mapping, local_rank: int = 0, world_comm=None):
+    ``phases`` (a launcher PhaseWatchdog) bounds communicator set-up and loading on every rank.
+    """
+
+    def __init__(self, args: EngineArgs, mapping: Mapping, local_rank: int = 0, world_comm=None,
+                 phases=None):
         self.args = args
         self.mapping = mapping
+        self._phases = phases
         self.model_dir = resolve_model(args.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         check_layout(self.model_config, args)
@@ -83,27 +89,43 @@ class RankRuntime:
         self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
         self.device = pick_device(args, local_rank)
         dtype = resolve_dtype(args.dtype, self.model_config.torch_dtype, self.device)
-        if mapping.world_size == 1:
-            groups = ParallelGroups.single()
-        else:
-            groups = ParallelGroups.from_mpi(mapping, self.device)
-        weights = None if args.load_format == "random" else self.model_dir
-        self.engine = ModelRunner(self.model_config, groups, self.device, dtype, self.max_model_len, weights,
-                             sampler_seed=args.seed, attention_backend=args.attention_backend,
-                             enable_fused_kernels=args.enable_fused_kernels)
+        with self._phase("communicator set-up"):
+            groups = ParallelGroups.single() if mapping.world_size == 1 else ParallelGroups.from_mpi(
+                mapping, self.device)
         cache = args.cache_config()
-        local_blocks = self.engine.available_kv_blocks(cache, args.max_num_tokens)
-        if world_comm is not None:
-            from mpi4py import MPI
-            self.num_blocks = world_comm.allreduce(local_blocks, op=MPI.MIN)
-        else:
-            self.num_blocks = local_blocks
-        self.engine.allocate_kv_cache(self.num_blocks, cache.block_size)
+        with self._phase("loading weights"):
+            weights = None if args.load_format == "random" else self.model_dir
+            self.engine = ModelRunner(self.model_config, groups, self.device, dtype, self.max_model_len,
+                                      weights, sampler_seed=args.seed, attention_backend=args.attention_backend,
+                                      enable_fused_kernels=args.enable_fused_kernels)
+            local_blocks = self.engine.available_kv_blocks(cache, args.max_num_tokens)
+        with self._phase("sizing the KV cache"):
+            self.num_blocks = self._agree_on_blocks(local_blocks, world_comm)
+            self.engine.allocate_kv_cache(self.num_blocks, cache.block_size)
         if args.enable_cuda_graphs:
-            self.engine.capture_cuda_graphs(min(args.max_batch_size, 256))
+            with self._phase("capturing CUDA graphs"):
+                self.engine.capture_cuda_graphs(min(args.max_batch_size, 256))
         log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens",
                  self.model_dir.name, self.model_config.num_layers, dtype, self.device, self.num_blocks,
                  cache.block_size)
+
+    def _phase(self, name: str):
+        return self._phases.phase(name) if self._phases is not None else nullcontext()
+
+    @staticmethod
+    def _agree_on_blocks(local_blocks: int, world_comm) -> int:
+        """Every rank gets the smallest count of any rank (a collective over ``world_comm``).
+
+        The buffer form releases the GIL while it waits (mpi4py's pickled ``allreduce`` does not),
+        so this rank's monitor and watchdog keep running if a peer never arrives.
+        """
+        if world_comm is None:
+            return local_blocks
+        import numpy as np
+        from mpi4py import MPI
+        smallest = np.zeros(1, dtype=np.int64)
+        world_comm.Allreduce(np.array([local_blocks], dtype=np.int64), smallest, op=MPI.MIN)
+        return int(smallest[0])
 
     def make_coordinator(self, executor) -> Coordinator:
         assert self.mapping.rank == 0
