@@ -127,17 +127,33 @@ class AsyncLLM:
                         continue
                     if output.finished:
                         self._streams.pop(output.request_id, None)
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+                    _deliver(stream, output)
         except BaseException as exc:  # a failed step: every waiting client hears of it
             self._error = exc
             log.exception("engine loop failed")
             for stream in list(self._streams.values()):
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+                _deliver(stream, exc)
             raise
 
     def shutdown(self) -> None:
+        """Stop after the step in progress, then shut the coordinator (and the other ranks) down.
+
+        The join has no time limit of its own: a step always ends, or the step watchdog aborts the
+        job. Shutting down while the loop thread is still inside a step would interleave the
+        shutdown with the step's collectives.
+        """
         self._running = False
         self._wakeup.set()
-        self._thread.join(timeout=30)
+        self._thread.join()
         self._drain_commands()
         self.coordinator.shutdown()
+
+
+def _deliver(stream: _Stream, item) -> None:
+    """Hand ``item`` to the stream's event loop; a loop already closed (the server has stopped and
+    its client is gone) is skipped, not an error of the engine loop."""
+    try:
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+    except RuntimeError:
+        if not stream.loop.is_closed():
+            raise

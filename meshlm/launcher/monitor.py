@@ -27,6 +27,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ log = logging.getLogger("meshlm")
 HEARTBEAT_S = 0.5
 SILENT_S = 2.0  # no heartbeat for this long: the rank stopped answering
 CONNECT_TIMEOUT_S = 30.0
+_SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass(slots=True)
@@ -85,6 +87,8 @@ class RankMonitor:
         except OSError as exc:
             log.warning("rank %d: no lifeline to rank 0 (%s); a dead rank is then named only by "
                         "the MPI launcher", monitor.rank, exc)
+        # The report races the launcher's teardown (tens of ms): let the thread get the GIL sooner.
+        sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL_S))
         threading.Thread(target=monitor._run, name="meshlm-monitor", daemon=True).start()
         atexit.register(monitor.close)
         return monitor
