@@ -218,11 +218,15 @@ class AsyncLLM:
                 log.exception("the engine failure callback failed")
 
     def shutdown(self) -> None:
-        """Stop the loop and the coordinator. After a failed step the coordinator is left as it is
+        """Stop after the step in progress, then shut the coordinator (and the other ranks) down.
+
+        The join has no time limit of its own: a step always ends, or the step watchdog aborts the
+        job; shutting down while the loop thread is still inside a step would interleave the
+        shutdown with the step's collectives. After a failed step the coordinator is left as it is
         (its state is unknown): the caller raises, and a launcher aborts the other ranks."""
         self._running = False
         self._wakeup.set()
-        self._thread.join(timeout=30)
+        self._thread.join()
         if self._error is None:
             self._drain_commands()
             self.coordinator.shutdown()

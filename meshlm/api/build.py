@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -48,19 +49,26 @@ def pick_device(device: str | None, local_rank: int) -> torch.device:
 
 class RankRuntime:
     """What one rank holds: its model runner and the agreed KV pool size; on rank 0 the tokenizer
-    for the coordinator."""
+    for the coordinator. ``phases`` (a launcher PhaseWatchdog) bounds communicator set-up, loading,
+    sizing and graph capture on every rank, so a rank that hangs there is named."""
 
-    def __init__(self, config: EngineConfig, mapping: Mapping, local_rank: int = 0, world_comm=None):
+    def __init__(self, config: EngineConfig, mapping: Mapping, local_rank: int = 0, world_comm=None,
+                 phases=None):
         self.config = config
         self.mapping = mapping
+        self._phases = phases
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model_dir)
         self.eos_token_ids = eos_token_ids(config.model_dir, config.model, self.tokenizer)
         self.device = pick_device(config.device, local_rank)
-        groups = ParallelGroups.single() if mapping.world_size == 1 else ParallelGroups.from_mpi(mapping, self.device)
-        self.runner = ModelRunner(config, groups, self.device, self.eos_token_ids)
+        with self._phase("communicator set-up"):
+            groups = ParallelGroups.single() if mapping.world_size == 1 else ParallelGroups.from_mpi(
+                mapping, self.device)
+        with self._phase("loading weights"):
+            self.runner = ModelRunner(config, groups, self.device, self.eos_token_ids)
         cache = config.cache
         with_graphs = config.enable_cuda_graphs and self.runner.can_capture_cuda_graphs()
-        max_batch_size, self.num_blocks = self._size_batch_and_kv_pool(with_graphs, world_comm)
+        with self._phase("sizing the KV cache"):
+            max_batch_size, self.num_blocks = self._size_batch_and_kv_pool(with_graphs, world_comm)
         # The resolved configuration: max_batch_size is a number from here on.
         self.config = dataclasses.replace(
             config, scheduler=dataclasses.replace(config.scheduler, max_batch_size=max_batch_size))
@@ -72,30 +80,43 @@ class RankRuntime:
             raise
         self.runner.allocate_kv_cache(self.num_blocks, cache.block_size)
         if with_graphs:
-            self.runner.capture_cuda_graphs(max_batch_size)
+            with self._phase("capturing CUDA graphs"):
+                self.runner.capture_cuda_graphs(max_batch_size)
         log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens = %d tokens "
                  "(max_model_len=%d); max_batch_size %d", config.model.architecture, config.model.num_layers,
                  self.runner.dtype, self.device, self.num_blocks, cache.block_size,
                  self.num_blocks * cache.block_size, config.max_model_len, max_batch_size)
 
+    def _phase(self, name: str):
+        return self._phases.phase(name) if self._phases is not None else nullcontext()
+
     def _size_batch_and_kv_pool(self, with_graphs: bool, world_comm) -> tuple[int, int]:
         """(max_batch_size, KV blocks), equal on every rank: an automatic max_batch_size comes from
         the pool before the batch's own reserve (graphs, sampling rows), which the pool then gives up."""
-        def min_over_ranks(value: int) -> int:
-            if world_comm is None:
-                return value
-            from mpi4py import MPI
-            return world_comm.allreduce(value, op=MPI.MIN)
-
         cache, scheduler, runner = self.config.cache, self.config.scheduler, self.runner
         max_batch_size = scheduler.max_batch_size
         if max_batch_size is None:
-            blocks = min_over_ranks(runner.available_kv_blocks(cache, scheduler.max_num_tokens, 0))
+            blocks = _min_over_ranks(runner.available_kv_blocks(cache, scheduler.max_num_tokens, 0), world_comm)
             max_batch_size = auto_max_batch_size(blocks * cache.block_size, self.device.type == "cuda")
         graphs = runner.graph_memory_reserve_bytes(max_batch_size) if with_graphs else 0
         blocks = runner.available_kv_blocks(cache, scheduler.max_num_tokens, max_batch_size, graphs)
-        return max_batch_size, min_over_ranks(blocks)
+        return max_batch_size, _min_over_ranks(blocks, world_comm)
 
     def make_coordinator(self, dispatcher: StepDispatcher) -> Coordinator:
         assert self.mapping.rank == 0
         return Coordinator(dispatcher, self.config, self.tokenizer, self.num_blocks, self.eos_token_ids)
+
+
+def _min_over_ranks(value: int, world_comm) -> int:
+    """Every rank gets the smallest ``value`` of any rank (a collective over ``world_comm``).
+
+    The buffer form releases the GIL while it waits (mpi4py's pickled ``allreduce`` does not), so
+    this rank's monitor and watchdog threads keep running if a peer never arrives.
+    """
+    if world_comm is None:
+        return value
+    import numpy as np
+    from mpi4py import MPI
+    smallest = np.zeros(1, dtype=np.int64)
+    world_comm.Allreduce(np.array([value], dtype=np.int64), smallest, op=MPI.MIN)
+    return int(smallest[0])

@@ -32,7 +32,8 @@ def start_in_mpi_world(config: EngineConfig):
     from meshlm.engine.dispatch import LocalDispatcher, MPIDispatcher
     from meshlm.executor.worker import worker_loop
     from meshlm.launcher.logging import set_rank_description, setup_logging
-    from meshlm.launcher.world import check_gpus_per_node, init_world
+    from meshlm.launcher import env
+    from meshlm.launcher.world import PhaseWatchdog, check_gpus_per_node, init_world
 
     world = init_world()
     parallel = config.parallel
@@ -45,7 +46,11 @@ def start_in_mpi_world(config: EngineConfig):
                       parallel.moe_expert_parallel_size or 1, gpus_per_node=max(1, world.local_size))
     setup_logging(world.rank, mapping.describe())
     set_rank_description(mapping.describe())
-    runtime = RankRuntime(config, mapping, world.local_rank, world.comm if world.size > 1 else None)
+    if world.table:
+        log.info("%s started", world.table[world.rank])
+    # Communicator set-up and loading are bounded like steps: a rank that hangs there is named.
+    phases = PhaseWatchdog(world, env.get_int("MESHLM_SETUP_TIMEOUT_S"))
+    runtime = RankRuntime(config, mapping, world.local_rank, world.comm if world.size > 1 else None, phases)
     if world.rank != 0:
         worker_loop(runtime.runner, world)
         sys.exit(0)

@@ -25,7 +25,11 @@ ENV_TABLE: dict[str, EnvVar] = {v.name: v for v in [
            "mpiexec used when a plain process relaunches itself (default: the one beside the interpreter)"),
     EnvVar("MESHLM_MPIEXEC_ARGS", "", "extra arguments for that mpiexec, split on spaces"),
     EnvVar("MESHLM_STEP_TIMEOUT_S", "300",
-           "a rank that waits longer than this for a step aborts the whole job, naming itself"),
+           "a step that runs longer than this on a rank aborts the whole job, naming the ranks that "
+           "did not arrive or stopped answering"),
+    EnvVar("MESHLM_SETUP_TIMEOUT_S", "1800",
+           "the same for communicator set-up and for loading the weights on a rank (each phase); 0: "
+           "no limit"),
     EnvVar("MESHLM_DEVICE", None, "cpu or cuda (default: cuda when a GPU is present)"),
     EnvVar("MESHLM_RPC_AUTHKEY", None,
            "set by meshlm for the ranks it starts itself: the key of rank 0's link to the parent"),
@@ -33,6 +37,12 @@ ENV_TABLE: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar("XDG_CACHE_HOME", None, "standard cache root"),
     # Set by srun in every task; the launcher reads them to tell an srun task from a plain process.
     EnvVar("SLURM_STEP_ID", None, "set by srun: this process is a task of a job step"),
+    EnvVar("SLURM_JOB_NUM_NODES", None,
+           "set by Slurm: nodes of the allocation. More than 1: a relaunch leaves MPI's network alone"),
+    EnvVar("PBS_NODEFILE", None, "set by PBS: the allocation's nodes (a relaunch leaves MPI's network alone)"),
+    # Set by MPICH's mpiexec (hydra) in every rank: all ranks on one host when they are equal.
+    EnvVar("PMI_SIZE", None, "set by hydra: ranks in the job"),
+    EnvVar("MPI_LOCALNRANKS", None, "set by hydra: ranks of the job on this host"),
     EnvVar("SLURM_NTASKS", None,
            "set by srun: tasks of the step. More than 1 with an MPI world of 1 means srun's --mpi "
            "plugin does not match the MPI library (pmi2 for MPICH, pmix for Open MPI): meshlm stops"),
@@ -57,11 +67,13 @@ ENV_TABLE: dict[str, EnvVar] = {v.name: v for v in [
            "MPICH: the network module between nodes, ucx or ofi (the pip mpich wheel has both; ucx "
            "unless this says ofi)"),
     EnvVar("UCX_NET_DEVICES", None,
-           "UCX (MPICH's ucx module, Open MPI's pml ucx): devices between nodes, e.g. mlx5_0:1 or eth0"),
+           "UCX (MPICH's ucx module, Open MPI's pml ucx): devices between nodes, e.g. mlx5_0:1 or eth0. "
+           "Unset, a job on one node gets lo (so do its ranks started by meshlm or by hydra)"),
     EnvVar("UCX_TLS", None, "UCX: transports, e.g. rc,sm,self (InfiniBand) or tcp,sm,self (Ethernet)"),
     EnvVar("MPIR_CVAR_OFI_USE_PROVIDER", None,
            "MPICH with MPIR_CVAR_CH4_NETMOD=ofi: the libfabric provider, e.g. tcp, verbs, efa"),
-    EnvVar("FI_TCP_IFACE", None, "libfabric's tcp provider (MPICH over ofi): its interface, e.g. eth0"),
+    EnvVar("FI_TCP_IFACE", None, "libfabric's tcp provider (MPICH over ofi): its interface, e.g. eth0. "
+           "Unset, a job on one node gets lo"),
     EnvVar("OMPI_MCA_btl_tcp_if_include", None,
            "Open MPI: interfaces or subnets of its TCP transport between nodes, e.g. eth0 or 10.0.0.0/24"),
     EnvVar("OMPI_MCA_oob_tcp_if_include", None,

@@ -1,8 +1,11 @@
 """How ranks come to exist and find each other.
 
 The world comes from MPI (mpi4py), so mpirun, mpiexec and srun --mpi=pmi2|pmix all work. The
-node-local rank (from a COMM_TYPE_SHARED split) picks the GPU. An uncaught exception on any rank
-aborts the whole job, so one dead rank never leaves the others hanging.
+node-local rank (from a COMM_TYPE_SHARED split) picks the GPU. Every rank learns the rank table
+(rank, host, pid of each rank) and opens a lifeline to rank 0 (monitor.py), so that the job's last
+words name a rank that died or stopped answering. An uncaught exception on any rank aborts the
+whole job, and watchdogs bound communicator set-up, loading and every step, so one dead or stalled
+rank never leaves the others hanging.
 """
 from __future__ import annotations
 
@@ -14,15 +17,21 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from meshlm.launcher import env
+from meshlm.launcher.monitor import RankMonitor
+from meshlm.launcher.mpi_env import loopback_env, mpiexec_env_args, set_loopback_before_mpi_init
+from meshlm.launcher.ranks import RankInfo, gather_rank_table
 
 log = logging.getLogger("meshlm")
 
 # Seconds between writing an aborting rank's message and MPI_Abort (see abort_job).
 _ABORT_GRACE_S = 1.0
+# A rank other than 0 whose phase overran waits this much longer for rank 0 to name the culprit.
+_DEFER_S = 5.0
 
 # Variables that the common launchers set in every rank they start.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
@@ -35,6 +44,11 @@ class World:
     local_rank: int
     local_size: int
     comm: object  # mpi4py.MPI.Comm (COMM_WORLD)
+    table: tuple[RankInfo, ...] = ()  # every rank's host and pid, in rank order
+    monitor: RankMonitor | None = None  # this rank's lifeline to rank 0 (several ranks only)
+
+
+_STARTED: dict[str, World] = {}  # the process's world, once init_world has run (MPI_Init is once)
 
 
 def launched_by_mpi() -> bool:
@@ -61,7 +75,14 @@ def _srun_tasks() -> int:
 
 
 def init_world() -> World:
-    """Initialise MPI (once) and read this process's place in the world."""
+    """Initialise MPI (once) and read this process's place in the world.
+
+    Collective the first time: gathers the rank table and connects the lifelines to rank 0.
+    """
+    if "world" in _STARTED:
+        return _STARTED["world"]
+    if "mpi4py.MPI" not in sys.modules:
+        set_loopback_before_mpi_init()
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
@@ -73,8 +94,23 @@ def init_world() -> World:
             f"srun started {slurm_ntasks} tasks but MPI sees a world of 1: each task is its own "
             "MPI job. The MPI library and srun's --mpi plugin do not match; use --mpi=pmi2 with "
             "MPICH, --mpi=pmix with Open MPI, or launch with mpiexec inside the allocation")
+    if world.size > 1:
+        world = _with_rank_table(world)
     install_abort_on_error(world)
+    _STARTED["world"] = world
     return world
+
+
+def _with_rank_table(world: World) -> World:
+    """Gather the rank table (rank 0 logs it) and start this rank's monitor."""
+    table = gather_rank_table(world.comm)
+    if world.rank == 0:  # the other ranks log their own entry once their logging is set up
+        log.info("%d ranks: %s", world.size, ", ".join(str(info) for info in table))
+    started: list[World] = []
+    monitor = RankMonitor.start(world.comm, table, on_death=lambda: abort_job(started[0], 4))
+    started.append(World(world.rank, world.size, world.local_rank, world.local_size, world.comm, table,
+                         monitor))
+    return started[0]
 
 
 def install_abort_on_error(world: World) -> None:
@@ -97,6 +133,8 @@ def abort_job(world: World, code: int) -> None:
     MPI_Abort makes the launcher kill all ranks at once; without the pause, Hydra sometimes tears
     down before it has copied the aborting rank's last lines, and the job ends with no message.
     """
+    if world.monitor is not None:
+        world.monitor.announce_abort()  # the peers will not report this rank's end as a death
     sys.stdout.flush()
     sys.stderr.flush()
     time.sleep(_ABORT_GRACE_S)
@@ -113,6 +151,8 @@ def end_job_after_error(code: int) -> None:
         return
     from mpi4py import MPI
     if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+        if "world" in _STARTED and _STARTED["world"].monitor is not None:
+            _STARTED["world"].monitor.announce_abort()
         sys.stdout.flush()
         sys.stderr.flush()
         time.sleep(_ABORT_GRACE_S)
@@ -162,12 +202,17 @@ def mpiexec_path() -> str:
 
 
 def mpiexec_command(num_ranks: int, argv: list[str]) -> list[str]:
-    """``mpiexec -n N <argv>`` with the user's extra arguments (MESHLM_MPIEXEC_ARGS)."""
+    """``mpiexec -n N <argv>`` with the user's extra arguments (MESHLM_MPIEXEC_ARGS).
+
+    A job on this node alone keeps MPI's traffic on the loopback interface (mpi_env.py).
+    """
     extra = shlex.split(env.get("MESHLM_MPIEXEC_ARGS") or "")
     launcher = mpiexec_path()
-    if os.geteuid() == 0 and _is_open_mpi(launcher):
+    is_open_mpi = _is_open_mpi(launcher)
+    if os.geteuid() == 0 and is_open_mpi:
         extra = ["--allow-run-as-root", "--oversubscribe", *extra]
-    return [launcher, "-n", str(num_ranks), *extra, *argv]
+    loopback = mpiexec_env_args(loopback_env(extra), is_open_mpi)
+    return [launcher, "-n", str(num_ranks), *loopback, *extra, *argv]
 
 
 def _is_open_mpi(launcher: str) -> bool:
@@ -187,35 +232,78 @@ def relaunch_under_mpiexec(num_ranks: int) -> None:
     os.execv(cmd[0], cmd)
 
 
-class StepWatchdog:
-    """Aborts the job when one step takes longer than MESHLM_STEP_TIMEOUT_S on this rank.
+class PhaseWatchdog:
+    """Aborts the job when a phase (communicator set-up, loading, a step) overruns on this rank.
 
-    A rank blocked in a collective whose peer died or stalled never returns from the step; the
-    watchdog names this rank and the step, then aborts every rank.
+    A rank blocked in a collective whose peer died or stalled never returns from the phase. When
+    the phase has run for ``timeout_s``, the watchdog names the phase and, from the monitor, the
+    ranks that did not arrive or stopped answering, then aborts every rank. Rank 0 hears from
+    every rank and so speaks first; another rank waits a little longer (up to _DEFER_S) for rank 0
+    to do so, unless rank 0 itself stopped answering.
     """
 
-    def __init__(self, world: World, timeout_s: float | None = None):
+    def __init__(self, world: World, timeout_s: float):
         self.world = world
-        self.timeout_s = timeout_s if timeout_s is not None else env.get_int("MESHLM_STEP_TIMEOUT_S")
-        self._started: float | None = None
-        self._step = 0
+        self.timeout_s = timeout_s
+        self._phase: tuple[str, int, float] | None = None  # (name, index, start)
+        self._index = 0
         if world.size > 1 and self.timeout_s > 0:
             threading.Thread(target=self._watch, name="meshlm-watchdog", daemon=True).start()
 
-    def begin(self) -> None:
-        self._step += 1
-        self._started = time.monotonic()
+    def begin(self, name: str) -> None:
+        monitor = self.world.monitor
+        self._index = monitor.begin(name) if monitor is not None else self._index + 1
+        self._phase = (name, self._index, time.monotonic())
 
     def end(self) -> None:
-        self._started = None
+        self._phase = None
+        if self.world.monitor is not None:
+            self.world.monitor.end()
+
+    @contextmanager
+    def phase(self, name: str):
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.end()
 
     def _watch(self) -> None:
         while True:
             time.sleep(min(1.0, self.timeout_s / 4))
-            started = self._started
-            if started is not None and time.monotonic() - started > self.timeout_s:
-                sys.stderr.write(
-                    f"[meshlm rank {self.world.rank}] step {self._step} has not finished after "
-                    f"{self.timeout_s:.0f} s: a peer rank died or a collective stalled; aborting all "
-                    f"{self.world.size} ranks\n")
+            phase = self._phase
+            if phase is not None and time.monotonic() - phase[2] > self.timeout_s + self._defer_s():
+                name, index, _ = phase
+                lines = [f"[meshlm rank {self.world.rank}] {name} has not finished after "
+                         f"{self.timeout_s:.0f} s; aborting all {self.world.size} ranks\n"]
+                if self.world.monitor is not None:
+                    lines += [f"[meshlm rank {self.world.rank}] {line}\n"
+                              for line in self.world.monitor.describe_stall(index, name)]
+                sys.stderr.write("".join(lines))
                 abort_job(self.world, 3)
+
+    def _defer_s(self) -> float:
+        monitor = self.world.monitor
+        if self.world.rank == 0 or monitor is None or not monitor.is_answering(0):
+            return 0.0
+        return min(_DEFER_S, self.timeout_s)
+
+
+class StepWatchdog:
+    """The step loops' watchdog: each ``begin`` starts the next step, timed by MESHLM_STEP_TIMEOUT_S."""
+
+    def __init__(self, world: World, timeout_s: float | None = None):
+        timeout_s = timeout_s if timeout_s is not None else env.get_int("MESHLM_STEP_TIMEOUT_S")
+        self._phases = PhaseWatchdog(world, timeout_s)
+        self._step = 0
+
+    @property
+    def timeout_s(self) -> float:
+        return self._phases.timeout_s
+
+    def begin(self) -> None:
+        self._step += 1
+        self._phases.begin(f"step {self._step}")
+
+    def end(self) -> None:
+        self._phases.end()

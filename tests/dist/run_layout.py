@@ -10,9 +10,10 @@ N pid P``; rank 0 writes ``{"world_size", "ranks", "results": {name: [{"token_id
 "logprobs"}]}}``, where ``ranks`` lists the ranks that answered a gather over the world, so the
 test can tell a real N-rank world from N singletons.
 
-Fault injection (for the failure tests, never in meshlm): ``--fault kill|raise|stall``,
-``--fault-rank R``, ``--fault-step S`` make rank R SIGKILL itself, raise, or sleep inside its
-S-th ``ModelRunner.execute``.
+Fault injection (for the failure tests, never in meshlm): ``--fault kill|raise|stall|stop``,
+``--fault-rank R``, ``--fault-step S`` make rank R SIGKILL itself, raise, sleep or SIGSTOP itself
+inside its S-th ``ModelRunner.execute``; ``--fault stall-loading`` makes rank R sleep while it
+builds its ModelRunner (weight loading).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--fault", choices=("kill", "raise", "stall"), default=None)
+    parser.add_argument("--fault", choices=("kill", "raise", "stall", "stop", "stall-loading"), default=None)
     parser.add_argument("--fault-rank", type=int, default=1)
     parser.add_argument("--fault-step", type=int, default=3)
     return parser.parse_args(argv)
@@ -41,6 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def install_fault(kind: str, step: int) -> None:
     """Make this rank fail inside its ``step``-th ModelRunner.execute (counted from 1)."""
     from meshlm.executor.model_runner import ModelRunner
+    if kind == "stall-loading":
+        loading = ModelRunner.__init__
+
+        def stalled_init(self, *args, **kwargs):
+            print(f"[run_layout rank {MPI.COMM_WORLD.Get_rank()}] injecting {kind}", flush=True)
+            time.sleep(600)  # only the watchdog ends this
+            loading(self, *args, **kwargs)
+
+        ModelRunner.__init__ = stalled_init
+        return
     original = ModelRunner.execute
     calls = {"n": 0}
 
@@ -53,6 +64,8 @@ def install_fault(kind: str, step: int) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind == "raise":
                 raise RuntimeError(f"injected failure at step {step}")
+            if kind == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(600)  # stall: only the watchdog ends this
         return original(self, plan)
 

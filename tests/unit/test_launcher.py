@@ -23,6 +23,18 @@ pytestmark = pytest.mark.timeout(60)
 
 PACKAGE_DIR = Path(meshlm.__file__).parent
 
+# What a relaunch on one node adds to mpiexec's command line (see mpi_env.py), written out.
+LOOPBACK_HYDRA = ["-genv", "UCX_NET_DEVICES", "lo", "-genv", "FI_TCP_IFACE", "lo"]
+LOOPBACK_OPEN_MPI = ["-x", "UCX_NET_DEVICES=lo", "-x", "FI_TCP_IFACE=lo"]
+
+
+@pytest.fixture(autouse=True)
+def one_node(monkeypatch):
+    """No allocation of several nodes and no user choice of MPI's network, unless a test sets one."""
+    for name in ("UCX_NET_DEVICES", "FI_TCP_IFACE", "SLURM_JOB_NUM_NODES", "PBS_NODEFILE", "PMI_SIZE",
+                 "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(name, raising=False)
+
 
 # --- the environment table ---------------------------------------------------------------------
 def test_every_meshlm_variable_in_the_package_is_in_the_table():
@@ -113,7 +125,7 @@ def test_mpiexec_command_with_extra_args(monkeypatch, tmp_path):
     monkeypatch.setenv("MESHLM_MPIEXEC_ARGS", "-bind-to none -genv FOO 'a b'")
     monkeypatch.setattr(world.os, "geteuid", lambda: 0)
     assert world.mpiexec_command(3, ["python", "-m", "x"]) == [
-        str(launcher), "-n", "3", "-bind-to", "none", "-genv", "FOO", "a b", "python", "-m", "x"]
+        str(launcher), "-n", "3", *LOOPBACK_HYDRA, "-bind-to", "none", "-genv", "FOO", "a b", "python", "-m", "x"]
 
 
 @pytest.mark.parametrize("euid, extra", [(0, ["--allow-run-as-root", "--oversubscribe"]), (1000, [])])
@@ -122,7 +134,7 @@ def test_open_mpi_as_root_gets_its_flags(monkeypatch, tmp_path, euid, extra):
     monkeypatch.setenv("MESHLM_MPIEXEC", str(launcher))
     monkeypatch.delenv("MESHLM_MPIEXEC_ARGS", raising=False)
     monkeypatch.setattr(world.os, "geteuid", lambda: euid)
-    assert world.mpiexec_command(2, ["prog"]) == [str(launcher), "-n", "2", *extra, "prog"]
+    assert world.mpiexec_command(2, ["prog"]) == [str(launcher), "-n", "2", *LOOPBACK_OPEN_MPI, *extra, "prog"]
 
 
 def test_relaunch_runs_the_same_command_under_mpiexec(monkeypatch, tmp_path):
@@ -139,7 +151,8 @@ def test_relaunch_runs_the_same_command_under_mpiexec(monkeypatch, tmp_path):
     monkeypatch.setattr(world.os, "execv", fake_execv)
     with pytest.raises(SystemExit):
         world.relaunch_under_mpiexec(2)
-    cmd = [str(launcher), "-n", "2", sys.executable, "-m", "meshlm", "generate", "Hello", "--tp", "2"]
+    cmd = [str(launcher), "-n", "2", *LOOPBACK_HYDRA, sys.executable, "-m", "meshlm", "generate", "Hello",
+           "--tp", "2"]
     assert calls == [(str(launcher), cmd)]
 
 
