@@ -92,6 +92,7 @@ class ModelRunner:
         per_block = max(1, self.kv_bytes_per_block(cache.block_size))
         if self.device.type == "cpu":
             return max(1, int(cache.cpu_kv_cache_gb * 2**30) // per_block)
+        torch.cuda.empty_cache()  # memory this process freed but still caches is not in use
         free, total = torch.cuda.mem_get_info(self.device)
         used_elsewhere = total - free
         reserve = (memory.activation_reserve_bytes(self.cfg, self.groups.tp.size, max_num_tokens, max_batch_size)

@@ -204,13 +204,18 @@ def mpiexec_path() -> str:
 def mpiexec_command(num_ranks: int, argv: list[str]) -> list[str]:
     """``mpiexec -n N <argv>`` with the user's extra arguments (MESHLM_MPIEXEC_ARGS).
 
-    A job on this node alone keeps MPI's traffic on the loopback interface (mpi_env.py).
+    A job on this node alone keeps MPI's traffic on the loopback interface (mpi_env.py). Under
+    MPICH's hydra the automatic clean-up is off: when a rank dies, hydra would kill the others
+    within milliseconds, before rank 0 could name the dead rank; instead rank 0's monitor names it
+    and ends the job (MPI_Abort), and a rank that loses rank 0 does the same (monitor.py).
     """
     extra = shlex.split(env.get("MESHLM_MPIEXEC_ARGS") or "")
     launcher = mpiexec_path()
     is_open_mpi = _is_open_mpi(launcher)
     if os.geteuid() == 0 and is_open_mpi:
         extra = ["--allow-run-as-root", "--oversubscribe", *extra]
+    if not is_open_mpi:
+        extra = ["-disable-auto-cleanup", *extra]
     loopback = mpiexec_env_args(loopback_env(extra), is_open_mpi)
     return [launcher, "-n", str(num_ranks), *loopback, *extra, *argv]
 

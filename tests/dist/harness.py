@@ -100,10 +100,11 @@ def launch(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None) 
 
 
 def mpiexec(num_ranks: int, script_args: list[str], timeout_s: float = 180,
-            env: dict[str, str] | None = None, script: Path = RUN_LAYOUT) -> Launch:
-    """``mpiexec -n num_ranks python script ...``."""
+            env: dict[str, str] | None = None, script: Path = RUN_LAYOUT,
+            launcher_args: tuple[str, ...] = ()) -> Launch:
+    """``mpiexec [launcher_args] -n num_ranks python script ...``."""
     _require_mpiexec()
-    return launch([str(MPIEXEC), "-n", str(num_ranks), sys.executable, str(script), *script_args],
+    return launch([str(MPIEXEC), *launcher_args, "-n", str(num_ranks), sys.executable, str(script), *script_args],
                   timeout_s, env)
 
 

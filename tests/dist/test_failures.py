@@ -40,11 +40,11 @@ def _rank_name(result, rank: int) -> str:
     return f"rank {rank} (host {socket.gethostname()}, pid {pids[rank]})"
 
 
-def _run_fault(fault_spec, fault: str, **env):
+def _run_fault(fault_spec, fault: str, launcher_args: tuple[str, ...] = (), **env):
     spec, out = fault_spec
     return mpiexec(2, ["--spec", str(spec), "--out", str(out), "--tp", "2", "--fault", fault,
                        "--fault-rank", "1", "--fault-step", str(FAULT_STEP)],
-                   timeout_s=120, env=rank_env(**env))
+                   timeout_s=120, env=rank_env(**env), launcher_args=launcher_args)
 
 
 def _assert_failed_fast(result) -> None:
@@ -70,7 +70,13 @@ def test_sigkill_of_a_rank_ends_the_job(fault_spec):
     _assert_failed_fast(result)
     # mpiexec (Hydra) reports a killed process and its signal, but not which rank it was.
     assert re.search(r"signal 9|SIGNAL: 9|Killed", result.output), result.describe()
-    # Rank 0 saw rank 1's lifeline close and named it before the launcher ended the job.
+
+
+def test_sigkill_of_a_rank_is_named_when_the_launcher_leaves_the_ending_to_meshlm(fault_spec):
+    """With hydra's automatic clean-up off (as meshlm's own relaunch runs it), nothing races rank 0:
+    it sees rank 1's lifeline close, names it, and ends the job itself."""
+    result = _run_fault(fault_spec, "kill", launcher_args=("-disable-auto-cleanup",))
+    _assert_failed_fast(result)
     assert f"[meshlm rank 0] {_rank_name(result, 1)} died" in result.stderr, result.describe()
 
 

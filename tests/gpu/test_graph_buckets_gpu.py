@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from meshlm.config import EngineArgs
+from meshlm.config import EngineArgs, EngineConfig
 from meshlm.executor.cuda_graphs import default_buckets
 from meshlm.executor.model_runner import ModelRunner
 from meshlm.parallel.groups import ParallelGroups
@@ -49,8 +49,8 @@ def _config_dir(root, shape: dict):
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     path = _config_dir(tmp_path_factory.mktemp("mid"), MID)
-    runner = ModelRunner(ModelConfig.from_dir(path), ParallelGroups.single(), torch.device("cuda"),
-                         torch.bfloat16, max_model_len=512)  # random weights
+    config = EngineConfig.for_random_weights(ModelConfig.from_dir(path), dtype="bfloat16", max_model_len=512)
+    runner = ModelRunner(config, ParallelGroups.single(), torch.device("cuda"))
     runner.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for k_cache, v_cache in runner.kv_caches:

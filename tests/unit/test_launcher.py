@@ -125,7 +125,8 @@ def test_mpiexec_command_with_extra_args(monkeypatch, tmp_path):
     monkeypatch.setenv("MESHLM_MPIEXEC_ARGS", "-bind-to none -genv FOO 'a b'")
     monkeypatch.setattr(world.os, "geteuid", lambda: 0)
     assert world.mpiexec_command(3, ["python", "-m", "x"]) == [
-        str(launcher), "-n", "3", *LOOPBACK_HYDRA, "-bind-to", "none", "-genv", "FOO", "a b", "python", "-m", "x"]
+        str(launcher), "-n", "3", *LOOPBACK_HYDRA, "-disable-auto-cleanup", "-bind-to", "none", "-genv", "FOO",
+        "a b", "python", "-m", "x"]
 
 
 @pytest.mark.parametrize("euid, extra", [(0, ["--allow-run-as-root", "--oversubscribe"]), (1000, [])])
@@ -151,8 +152,8 @@ def test_relaunch_runs_the_same_command_under_mpiexec(monkeypatch, tmp_path):
     monkeypatch.setattr(world.os, "execv", fake_execv)
     with pytest.raises(SystemExit):
         world.relaunch_under_mpiexec(2)
-    cmd = [str(launcher), "-n", "2", *LOOPBACK_HYDRA, sys.executable, "-m", "meshlm", "generate", "Hello",
-           "--tp", "2"]
+    cmd = [str(launcher), "-n", "2", *LOOPBACK_HYDRA, "-disable-auto-cleanup", sys.executable, "-m", "meshlm",
+           "generate", "Hello", "--tp", "2"]
     assert calls == [(str(launcher), cmd)]
 
 

@@ -1,0 +1,90 @@
+"""Where a decode step's time goes, on one GPU: for each batch size, the wall time of a few decode
+steps of the Llama-3-8B shape (random bf16 weights), the GPU's busy time in them (the union of
+kernel intervals from torch.profiler) and the top kernels.
+
+    python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --out profile.json
+
+Prints one table last: the busy fraction is busy time / wall time of the profiled steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import model_dir  # noqa: E402
+
+
+def busy_us(events) -> float:
+    """The union of the kernels' [start, end) intervals, in microseconds."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    total, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def profile_batch(coordinator, batch: int, num_steps: int) -> dict:
+    from meshlm import SamplingParams
+    rng = np.random.default_rng(batch)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    ids = [coordinator.submit(rng.integers(0, 32000, 128).tolist(), params) for _ in range(batch)]
+    for _ in range(4 + batch * 128 // 8192):  # the prompts' prefill, then a few plain decode steps
+        coordinator.step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            coordinator.step()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        by_name[e.name] += e.time_range.end - e.time_range.start
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+    for request_id in ids:
+        coordinator.abort(request_id)
+    coordinator.step()
+    busy = busy_us(kernels)
+    return {"batch": batch, "step_ms": wall_us / num_steps / 1e3, "busy_ms": busy / num_steps / 1e3,
+            "busy_fraction": busy / wall_us,
+            "top_kernels": [(name[:60], us / num_steps / 1e3) for name, us in top]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,64,256,1024")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    ns = parser.parse_args()
+    from meshlm import LLM
+    llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=4096)
+    rows = [profile_batch(llm.engine_core, int(b), ns.steps) for b in ns.batches.split(",")]
+    llm.shutdown()
+    if ns.out:
+        Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
+    print(f"card: {torch.cuda.get_device_name(0)}")
+    print(f"{'batch':>6} {'step ms':>8} {'GPU busy ms':>12} {'busy':>6}  top kernels (ms per step)")
+    for r in rows:
+        top = ", ".join(f"{name.split('(')[0][:28]} {ms:.2f}" for name, ms in r["top_kernels"][:4])
+        print(f"{r['batch']:>6} {r['step_ms']:>8.2f} {r['busy_ms']:>12.2f} {r['busy_fraction']:>6.0%}  {top}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
