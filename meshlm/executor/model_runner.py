@@ -92,6 +92,8 @@ class ModelRunner:
         per_block = max(1, self.kv_bytes_per_block(cache.block_size))
         if self.device.type == "cpu":
             return max(1, int(cache.cpu_kv_cache_gb * 2**30) // per_block)
+        import gc
+        gc.collect()  # tensors of an engine shut down earlier in this process, held only by cycles
         torch.cuda.empty_cache()  # memory this process freed but still caches is not in use
         free, total = torch.cuda.mem_get_info(self.device)
         used_elsewhere = total - free
