@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from meshlm.launcher.mpi_json import bcast_json
 from meshlm.launcher.ranks import RankInfo, all_on_one_host, process_state
 
 log = logging.getLogger("meshlm")
@@ -78,7 +79,8 @@ class RankMonitor:
         if monitor.rank == 0:
             server = socket.create_server(("127.0.0.1" if one_host else "", 0))
             address = ("127.0.0.1" if one_host else table[0].host, server.getsockname()[1])
-        address = comm.bcast(address if server else None, root=0)
+        host, port = bcast_json(comm, list(address) if server else None)
+        address = (host, port)
         try:
             if server:
                 monitor._accept(server, len(table) - 1)

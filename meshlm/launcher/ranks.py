@@ -27,8 +27,9 @@ def this_rank(rank: int) -> RankInfo:
 def gather_rank_table(comm) -> tuple[RankInfo, ...]:
     """Every rank calls this (an allgather over ``comm``) and gets the whole table, in rank order."""
     me = this_rank(comm.Get_rank())
+    from meshlm.launcher.mpi_json import allgather_json
     return tuple(RankInfo(rank, host, pid) for rank, (host, pid) in
-                 enumerate(comm.allgather((me.host, me.pid))))
+                 enumerate(allgather_json(comm, [me.host, me.pid])))
 
 
 def all_on_one_host(table: tuple[RankInfo, ...]) -> bool:

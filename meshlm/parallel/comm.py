@@ -124,8 +124,8 @@ class NcclComm(Communicator):
         self.ranks = global_ranks
         self.device = device
         self.mpi_comm = mpi_comm
-        uid = nccl.get_unique_id() if self.rank == 0 else None
-        uid = mpi_comm.bcast(uid, root=0)
+        from meshlm.launcher.mpi_json import bcast_json
+        uid = tuple(bcast_json(mpi_comm, list(nccl.get_unique_id()) if self.rank == 0 else None))
         with torch.cuda.device(device):
             self.comm = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._dtypes = {

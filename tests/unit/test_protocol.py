@@ -80,3 +80,14 @@ def test_remote_calls_and_replies_survive_the_wire():
     assert list(reply.value[0].outputs[0].logprobs[0]) == [7, 9]  # int keys, the sampled token first
     with pytest.raises(ValueError, match="unknown call"):
         decode_call(b'{"call": "os.system"}')
+
+
+def test_set_up_messages_travel_as_json_not_pickle():
+    from mpi4py import MPI
+
+    from meshlm.launcher.mpi_json import allgather_json, bcast_json
+    value = ["host-a", 1234, {"nested": [1.5, None]}]
+    assert bcast_json(MPI.COMM_SELF, value) == value
+    assert allgather_json(MPI.COMM_SELF, value) == [value]
+    with pytest.raises(TypeError):  # a value JSON cannot carry is refused, never pickled
+        bcast_json(MPI.COMM_SELF, object())
