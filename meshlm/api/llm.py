@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from meshlm.config import EngineArgs
+from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.interface import EngineCore
 from meshlm.executor.model_runner import ModelRunner
 from meshlm.engine.outputs import RequestOutput
@@ -43,11 +44,10 @@ class LLM:
 
     def local_model_runner(self) -> ModelRunner:
         """Rank 0's model runner when it runs in this process (for checks and benchmarks)."""
-        dispatcher = getattr(self._coordinator, "dispatcher", None)
-        if dispatcher is None:
+        if not isinstance(self._coordinator, Coordinator):
             raise RuntimeError("the model runs in other processes (started under mpiexec); "
                                "it has no model runner in this process")
-        return dispatcher.runner
+        return self._coordinator.dispatcher.runner
 
     # --- generation ----------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist.proc_tree import descendants, wait_until_gone
-from tests.unit.test_server import ServerProcess, server_env
+from tests.server_process import ServerProcess, server_env
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
