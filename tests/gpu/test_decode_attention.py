@@ -38,16 +38,18 @@ TOLERANCES = {torch.float32: (2e-5 if DEVICE == "cpu" else 1e-4, 2e-6 if DEVICE 
 
 
 def make_decode(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
-                seed: int = 0, spare_columns: int = 1):
+                seed: int = 0, num_blocks: int | None = None, max_blocks: int | None = None):
     """Random q and KV cache with shuffled block tables and metadata for one decode per sequence.
 
-    Spare blocks and spare table columns point at valid blocks whose keys no query may see.
+    ``None`` sizes are the smallest that fit, plus spare blocks and a spare table column that
+    point at valid blocks whose keys no query may see.
     """
     gen = torch.Generator().manual_seed(seed)
     lens = np.array(seq_lens, dtype=np.int64)
     blocks_per_seq = -(-lens // BLOCK_SIZE)
-    max_blocks = int(blocks_per_seq.max()) + spare_columns
-    num_blocks = int(blocks_per_seq.sum()) + 3
+    max_blocks = int(blocks_per_seq.max()) + 1 if max_blocks is None else max_blocks
+    num_blocks = int(blocks_per_seq.sum()) + 3 if num_blocks is None else num_blocks
+    assert num_blocks >= blocks_per_seq.sum() and max_blocks >= blocks_per_seq.max()
     order = torch.randperm(num_blocks, generator=gen)
     tables = torch.randint(0, num_blocks, (len(lens), max_blocks), generator=gen)
     first = 0
@@ -156,3 +158,64 @@ def test_default_tiles_are_multiples_of_the_block():
 def _small_tiles(dtype):
     """32-key tiles, so that tiny contexts cross tile and split boundaries."""
     return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
+
+
+# Batch x context of the benchmark, sequences up to 100 keys shorter so that the
+# lengths cross block and tile boundaries: Llama-3-8B's heads (32 query, 8 KV, head_dim 128).
+LARGE = {"1x32k": (1, 32768), "8x8k": (8, 8192), "64x2k": (64, 2048), "256x1k": (256, 1024),
+         "1024x256": (1024, 256)}
+LARGE_CASES = [(name, dtype) for name in LARGE for dtype in DTYPES]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,dtype", LARGE_CASES, ids=[f"{n}-{str(d).removeprefix('torch.')}" for n, d in LARGE_CASES])
+def test_large_shapes_match_reference(name, dtype):
+    batch, context = LARGE[name]
+    lengths = [context - (37 * i) % 101 for i in range(batch)]
+    max_err, mean_err = errors(lengths, 8, 4, 128, dtype, num_splits=None, seed=1)
+    assert_close((name,), max_err, mean_err, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [2, 9])
+def test_forced_splits_on_a_long_context(num_splits):
+    max_err, mean_err = errors([5000, 17, 1], 8, 4, 128, torch.bfloat16, num_splits, seed=4)
+    assert_close((num_splits,), max_err, mean_err, torch.bfloat16)
+
+
+@needs_cuda
+def test_cuda_graph_replay_follows_new_lengths():
+    """Capture a decode batch as the graph runner does (max_seq_len = the model's length), then
+    replay with other lengths (longer, shorter, one token) in the same buffers."""
+    first = [300, 17, 1, 2000]
+    second = [4000, 1, 640, 33]
+    scale = 128 ** -0.5
+    sizes = dict(num_blocks=400, max_blocks=256)
+    q, k_cache, v_cache, meta = make_decode(first, 8, 4, 128, torch.bfloat16, **sizes)
+    q2, k2, v2, meta2 = make_decode(second, 8, 4, 128, torch.bfloat16, seed=6, **sizes)
+    meta.max_seq_len = 4096
+    assert choose_num_splits(4, 8, 4096, torch.cuda.get_device_properties(DEVICE).multi_processor_count) > 1
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        paged_attention_triton(q, k_cache, v_cache, meta, scale)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention_triton(q, k_cache, v_cache, meta, scale)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, scale).float()
+    assert (out.float() - expected).abs().max().item() < 3e-2
+
+    q.copy_(q2)
+    k_cache.copy_(k2)
+    v_cache.copy_(v2)
+    for name in ("positions", "slot_mapping", "seq_lens", "block_tables"):
+        getattr(meta, name).copy_(getattr(meta2, name))  # meta keeps its host sizes (max_seq_len 4096)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected2 = paged_attention_reference(q, k_cache, v_cache, meta, scale).float()
+    assert (expected2 - expected).abs().max().item() > 0.5  # the second batch really differs
+    assert (out.float() - expected2).abs().max().item() < 3e-2
