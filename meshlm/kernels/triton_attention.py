@@ -1,4 +1,6 @@
-"""Paged attention for the GPU: one Triton kernel for prefill chunks and decodes together.
+"""Paged attention for the GPU: the entry point, and one Triton kernel for prefill chunks and
+decodes together. Batches of decodes only go to the split-KV decode kernel
+(:mod:`meshlm.kernels.decode_attention`); the unified kernel runs every other batch.
 
 The kernel follows the layout of vLLM's "unified attention": the grid is (query blocks across
 all sequences, KV heads). One program takes ``block_q = BLOCK_M // group`` consecutive query
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
+from meshlm.kernels.decode_attention import dot_precision, paged_decode_attention
 
 _LOG2_E = 1.4426950408889634
 
@@ -154,7 +157,18 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q: [num_tokens, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
     num_kv_heads_per_rank, head_dim], already holding this step's keys and values. Returns
     [num_tokens, num_heads_per_rank, head_dim] in q's dtype. Makes no host synchronisation.
+    Decode batches (one query token per sequence) take the split-KV decode kernel, every other
+    batch the unified kernel.
     """
+    if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    return unified_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """:func:`paged_attention_triton` by the unified kernel, for any batch."""
     num_tokens, num_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = meta.seq_lens.shape[0]
@@ -187,18 +201,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         meta.block_tables.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n,
         KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, USE_PROGRAM_MAP=not is_decode_batch,
-        USE_WINDOW=sliding_window is not None, DOT_PRECISION=_dot_precision(q),
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
-
-
-def _dot_precision(q: torch.Tensor) -> str:
-    """fp32 inputs: three TF32 products on the GPU (fp32 accuracy on tensor cores; plain TF32
-    would lose about three decimal digits), exact products in the CPU interpreter."""
-    if q.dtype != torch.float32:
-        return "tf32"  # not used for 16-bit inputs
-    return "tf32x3" if q.is_cuda else "ieee"
 
 
 def _tile_config(group: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:

@@ -1,0 +1,261 @@
+"""Paged attention for decode steps (one query token per sequence), split over the context.
+
+Grid: (sequence, KV head, split). One program loads the query rows of every head of its KV
+head's GQA group as one small matrix (``GROUP_ROWS`` rows, padded to at least 16 for the
+tensor cores) and attends them together to each KV tile, so a group's KV is read once. The
+program covers one split of its sequence's context, ``BLOCK_N`` keys at a time through the
+block table, with an online softmax in fp32.
+
+Split-KV ("flash decoding"): when sequences x KV heads are too few to fill the GPU, each
+sequence's keys are cut into ``num_splits`` equal runs of whole tiles, computed from the
+sequence's own length on the device; each split writes its normalised partial output and the
+log-sum-exp of its scores, and a second kernel merges the splits. A split that falls past its
+sequence's end writes an empty partial (log-sum-exp -inf) that the merge ignores.
+
+``num_splits`` comes from host values that stay fixed for a decode CUDA graph (the batch size,
+the KV heads, ``meta.max_seq_len``, which the graphs set to the model's length, and the SM
+count), never from the step's sequence lengths, so a captured graph stays right when the
+lengths change between replays.
+
+Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference` for rows
+whose query length is 1.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from meshlm.kernels.attention import AttentionMetadata
+
+_LOG2_E = 1.4426950408889634
+# Programs per SM that the splits aim for: enough to hide memory latency on every SM.
+_PROGRAMS_PER_SM = 2
+# A split covers at least this many keys: shorter splits cost more in merging than they give.
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 64
+# The SM count assumed off the GPU (the interpreter), so that CPU tests split too.
+_CPU_NUM_SMS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeTiles:
+    """Launch shape of the split kernel: keys per tile, warps per program, pipeline depth."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit(do_not_specialize=["num_splits", "sliding_window", "stride_table_seq"])
+def _decode_split_kernel(
+        out_ptr, partial_ptr, lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        num_splits, qk_scale_log2, sliding_window,
+        stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+        stride_k_block, stride_k_offset, stride_k_head,
+        stride_v_block, stride_v_offset, stride_v_head,
+        stride_table_seq,
+        GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+        KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr,
+        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    key_lo = 0  # first key the query sees
+    if USE_WINDOW:
+        key_lo = tl.maximum(seq_len - sliding_window, 0)
+    first_tile = key_lo // BLOCK_N * BLOCK_N
+    # Whole tiles per split, from this sequence's length: splits share its keys evenly.
+    split_keys = tl.cdiv(tl.cdiv(seq_len - first_tile, num_splits), BLOCK_N) * BLOCK_N
+    split_start = first_tile + split * split_keys
+    split_end = tl.minimum(split_start + split_keys, seq_len)
+
+    rows = tl.arange(0, GROUP_ROWS)
+    dims = tl.arange(0, HEAD_DIM)
+    is_row = rows < GROUP
+    head = kv_head * GROUP + rows  # [GROUP_ROWS]
+    q_offsets = seq.to(tl.int64) * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=is_row[:, None], other=0.0)  # [GROUP_ROWS, HEAD_DIM]
+
+    m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    k_head = k_cache_ptr + kv_head * stride_k_head
+    v_head = v_cache_ptr + kv_head * stride_v_head
+    # Tiles below full_end lie wholly inside [key_lo, seq_len) and load without masks.
+    full_end = split_start
+    if not USE_WINDOW:
+        full_end = tl.maximum(tl.minimum(split_end, seq_len // BLOCK_N * BLOCK_N), split_start)
+    for tile_start in range(split_start, full_end, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims, qk_scale_log2,
+            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
+            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False)
+    for tile_start in range(full_end, split_end, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims, qk_scale_log2,
+            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
+            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True)
+
+    acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
+    if IS_SPLIT:
+        num_heads = tl.num_programs(1) * GROUP
+        part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_ROWS]
+        tl.store(partial_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=is_row[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + part, lse, mask=is_row)
+    else:
+        o_offsets = seq.to(tl.int64) * stride_o_token + head[:, None] * stride_o_head + dims[None, :]
+        tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims,
+                 qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
+                 BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step of the group's rows over keys [tile_start, tile_start + BLOCK_N)."""
+    key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    is_key = (key_pos >= key_lo) & (key_pos < seq_len)
+    if MASKED:
+        block = tl.load(table_row + key_pos // KV_BLOCK_SIZE, mask=is_key, other=0).to(tl.int64)
+    else:
+        block = tl.load(table_row + key_pos // KV_BLOCK_SIZE).to(tl.int64)
+    offset = key_pos % KV_BLOCK_SIZE
+    k_offsets = block[None, :] * stride_k_block + offset[None, :] * stride_k_offset + dims[:, None]
+    v_offsets = block[:, None] * stride_v_block + offset[:, None] * stride_v_offset + dims[None, :]
+    if MASKED:
+        k = tl.load(k_head + k_offsets, mask=is_key[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    else:
+        k = tl.load(k_head + k_offsets)
+        v = tl.load(v_head + v_offsets)
+
+    if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, BLOCK_N]
+    if MASKED:
+        scores = tl.where(is_key[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)
+    if DOT_IN_FP32:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_merge_kernel(out_ptr, partial_ptr, lse_ptr, num_splits, stride_o_token, stride_o_head,
+                         HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """out[seq, head] = the splits' partial outputs weighted by exp2(lse - max lse)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq.to(tl.int64) * tl.num_programs(1) + head
+    splits = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(lse_ptr + row * num_splits + splits, mask=splits < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    denom = tl.sum(tl.math.exp2(lse - lse_max), 0)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for split in range(0, num_splits):
+        weight = tl.math.exp2(tl.load(lse_ptr + row * num_splits + split) - lse_max)
+        acc += weight * tl.load(partial_ptr + (row * num_splits + split) * HEAD_DIM + dims)
+    acc = acc / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_o_token + head * stride_o_head + dims,
+             acc.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                           tiles: DecodeTiles | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one query token per sequence (token ``i`` belongs to sequence ``i``) over the
+    sequence's cached keys, which include this step's.
+
+    q: [num_seqs, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
+    num_kv_heads_per_rank, head_dim]. Returns q's shape and dtype. ``tiles`` and ``num_splits``
+    default to :func:`decode_tiles` and :func:`choose_num_splits`. No host synchronisation.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    _, kv_block_size, num_kv_heads, _ = k_cache.shape
+    assert num_seqs == meta.seq_lens.shape[0], (q.shape, meta.seq_lens.shape)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_seqs == 0:
+        return out
+    tiles = tiles or decode_tiles(q.dtype)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
+    group = num_heads // num_kv_heads
+    is_split = num_splits > 1
+    # [num_seqs, num_heads, num_splits, head_dim] partial outputs, [..., num_splits] their log2-sum-exp
+    partial = torch.empty((num_seqs, num_heads, num_splits, head_dim) if is_split else (0,),
+                          dtype=torch.float32, device=q.device)
+    lse = torch.empty((num_seqs, num_heads, num_splits) if is_split else (0,), dtype=torch.float32,
+                      device=q.device)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        out, partial, lse, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+        num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        meta.block_tables.stride(0),
+        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n,
+        KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split,
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    if is_split:
+        _decode_merge_kernel[(num_seqs, num_heads)](
+            out, partial, lse, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits per sequence: enough (sequence, KV head, split) programs for ``_PROGRAMS_PER_SM``
+    per SM, each split at least ``_MIN_KEYS_PER_SPLIT`` keys of ``max_seq_len``, at most
+    ``_MAX_SPLITS``. Depends on host sizes only, never on the step's sequence lengths."""
+    num_programs = num_seqs * num_kv_heads
+    wanted = -(-_PROGRAMS_PER_SM * num_sms // num_programs)
+    by_length = max(1, max_seq_len // _MIN_KEYS_PER_SPLIT)
+    return max(1, min(wanted, by_length, _MAX_SPLITS))
+
+
+def decode_tiles(dtype: torch.dtype) -> DecodeTiles:
+    """Tiles of the split kernel. 16-bit: 128-key tiles, 4 warps, 3 stages (the decode tiles that
+    read the cache fastest in the unified kernel on an H100); fp32 (tests): 32-key tiles, which
+    keep its twice larger tiles within shared memory and compile quickly."""
+    if dtype == torch.float32:
+        return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
+    return DecodeTiles(block_n=128, num_warps=4, num_stages=3)
+
+
+def dot_precision(q: torch.Tensor) -> str:
+    """fp32 inputs: three TF32 products on the GPU (fp32 accuracy on tensor cores; plain TF32
+    would lose about three decimal digits), exact products in the CPU interpreter."""
+    if q.dtype != torch.float32:
+        return "tf32"  # not used for 16-bit inputs
+    return "tf32x3" if q.is_cuda else "ieee"
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,221 @@
+"""The split-KV decode attention kernel against the plain-torch reference, and under CUDA graphs.
+
+Runs on a CUDA GPU. The small cases also run on the CPU in Triton's interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_decode_attention.py
+
+The interpreter rounds fp32 to bf16 by truncation where the GPU rounds to nearest, so its bf16
+tolerance is one bf16 step wider.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from meshlm.kernels.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
+from meshlm.kernels.decode_attention import (  # noqa: E402
+    DecodeTiles, choose_num_splits, decode_tiles, paged_decode_attention)
+from meshlm.kernels.triton_attention import paged_attention_triton  # noqa: E402
+
+IS_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA and not IS_INTERPRETED else "cpu"
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not HAS_CUDA and not IS_INTERPRETED,
+                                 reason="needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")]
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+
+BLOCK_SIZE = 16
+# (max abs error, mean abs error) against the reference's output in q's dtype
+TOLERANCES = {torch.float32: (2e-5 if DEVICE == "cpu" else 1e-4, 2e-6 if DEVICE == "cpu" else 1e-5),
+              torch.bfloat16: (4e-2 if IS_INTERPRETED else 3e-2, 4e-3)}
+
+
+def make_decode(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
+                seed: int = 0, num_blocks: int | None = None, max_blocks: int | None = None):
+    """Random q and KV cache with shuffled block tables and metadata for one decode per sequence.
+
+    ``None`` sizes are the smallest that fit, plus spare blocks and a spare table column that
+    point at valid blocks whose keys no query may see.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lens = np.array(seq_lens, dtype=np.int64)
+    blocks_per_seq = -(-lens // BLOCK_SIZE)
+    max_blocks = int(blocks_per_seq.max()) + 1 if max_blocks is None else max_blocks
+    num_blocks = int(blocks_per_seq.sum()) + 3 if num_blocks is None else num_blocks
+    assert num_blocks >= blocks_per_seq.sum() and max_blocks >= blocks_per_seq.max()
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.randint(0, num_blocks, (len(lens), max_blocks), generator=gen)
+    first = 0
+    for row, count in enumerate(blocks_per_seq):
+        tables[row, :count] = order[first:first + count]
+        first += count
+    values = torch.Generator(DEVICE).manual_seed(seed)
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=values, device=DEVICE)
+    k_cache = torch.randn(shape, generator=values, device=DEVICE)
+    v_cache = torch.randn(shape, generator=values, device=DEVICE)
+    positions = lens - 1
+    slots = tables[np.arange(len(lens)), positions // BLOCK_SIZE].numpy() * BLOCK_SIZE + positions % BLOCK_SIZE
+    meta = AttentionMetadata(
+        positions=torch.from_numpy(positions).to(DEVICE),
+        slot_mapping=torch.from_numpy(slots).to(DEVICE),
+        query_start_loc=torch.arange(len(lens) + 1, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.from_numpy(lens).int().to(DEVICE),
+        block_tables=tables.int().to(DEVICE),
+        max_query_len=1,
+        max_seq_len=int(lens.max()),
+        query_lens_host=np.ones(len(lens), dtype=np.int64),
+    )
+    return q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), meta
+
+
+def errors(seq_lens, num_kv_heads, group, head_dim, dtype, num_splits, window=None, tiles=None, seed=0):
+    """(max abs error, mean abs error) of the decode kernel against the reference on one case."""
+    q, k_cache, v_cache, meta = make_decode(seq_lens, num_kv_heads, group, head_dim, dtype, seed)
+    scale = head_dim ** -0.5
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, scale, window).float()
+    got = paged_decode_attention(q, k_cache, v_cache, meta, scale, window, tiles, num_splits)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    diff = (got.float() - expected).abs()
+    return diff.max().item(), diff.mean().item()
+
+
+def assert_close(case, max_err, mean_err, dtype):
+    max_tol, mean_tol = TOLERANCES[dtype]
+    assert max_err < max_tol and mean_err < mean_tol, (*case, max_err, mean_err)
+
+
+# Lengths crossing the block (16) and the fp32 tile (32) boundaries, and one-token sequences.
+LENGTHS = [1, 15, 17, 32, 33, 100]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_matches_reference(num_splits, group, head_dim, dtype):
+    max_err, mean_err = errors(LENGTHS, 1, group, head_dim, dtype, num_splits, tiles=_small_tiles(dtype))
+    assert_close((num_splits, group, head_dim), max_err, mean_err, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seq_lens,num_splits", [
+    ([1, 2], 5),  # every split but the first of each sequence is empty
+    ([16 * 9, 31], 4),  # splits that end on a block boundary, one sequence shorter than a split
+    ([200], 7),  # splits of whole tiles, the last one short
+    ([1, 64, 65, 129, 7, 48, 90, 33], 2),  # a batch of eight
+], ids=["empty_splits", "block_edges", "one_long", "batch8"])
+def test_split_boundaries(seq_lens, num_splits, dtype):
+    max_err, mean_err = errors(seq_lens, 2, 4, 64, dtype, num_splits, tiles=_small_tiles(dtype), seed=3)
+    assert_close((seq_lens, num_splits), max_err, mean_err, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [1, 24, 40])
+def test_sliding_window(window, num_splits):
+    lengths = [1, 20, 41, 100]
+    max_err, mean_err = errors(lengths, 2, 2, 64, torch.float32, num_splits, window, _small_tiles(torch.float32))
+    assert_close((window, num_splits), max_err, mean_err, torch.float32)
+
+
+def test_the_entry_point_routes_decodes_to_the_decode_kernel():
+    q, k_cache, v_cache, meta = make_decode([5, 40, 70], 2, 4, 64, torch.float32, seed=2)
+    meta.max_seq_len = 4096  # as the decode graphs set it: splits as for a long context
+    scale = 0.125
+    num_splits = choose_num_splits(3, 2, meta.max_seq_len, 8 if DEVICE == "cpu" else
+                                   torch.cuda.get_device_properties(DEVICE).multi_processor_count)
+    assert num_splits > 1
+    direct = paged_decode_attention(q, k_cache, v_cache, meta, scale, num_splits=num_splits)
+    assert torch.equal(paged_attention_triton(q, k_cache, v_cache, meta, scale), direct)
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, scale)
+    assert_close(("entry",), (direct - expected).abs().max().item(), (direct - expected).abs().mean().item(),
+                 torch.float32)
+
+
+def test_split_count_follows_batch_shape_and_caps():
+    assert choose_num_splits(1, 8, 32768, 132) == 33  # 2 programs per SM
+    assert choose_num_splits(8, 8, 8192, 132) == 5
+    assert choose_num_splits(64, 8, 2048, 132) == 1  # 512 programs fill the GPU already
+    assert choose_num_splits(1024, 8, 256, 132) == 1
+    assert choose_num_splits(1, 8, 1000, 132) == 3  # at least 256 keys a split
+    assert choose_num_splits(1, 1, 10**6, 132) == 64  # at most 64
+    assert choose_num_splits(1, 8, 10, 132) == 1
+
+
+def test_default_tiles_are_multiples_of_the_block():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert decode_tiles(dtype).block_n % BLOCK_SIZE == 0
+
+
+def _small_tiles(dtype):
+    """32-key tiles, so that tiny contexts cross tile and split boundaries."""
+    return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
+
+
+# Batch x context of the benchmark, sequences up to 100 keys shorter so that the
+# lengths cross block and tile boundaries: Llama-3-8B's heads (32 query, 8 KV, head_dim 128).
+LARGE = {"1x32k": (1, 32768), "8x8k": (8, 8192), "64x2k": (64, 2048), "256x1k": (256, 1024),
+         "1024x256": (1024, 256)}
+LARGE_CASES = [(name, dtype) for name in LARGE for dtype in DTYPES]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,dtype", LARGE_CASES, ids=[f"{n}-{str(d).removeprefix('torch.')}" for n, d in LARGE_CASES])
+def test_large_shapes_match_reference(name, dtype):
+    batch, context = LARGE[name]
+    lengths = [context - (37 * i) % 101 for i in range(batch)]
+    max_err, mean_err = errors(lengths, 8, 4, 128, dtype, num_splits=None, seed=1)
+    assert_close((name,), max_err, mean_err, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [2, 9])
+def test_forced_splits_on_a_long_context(num_splits):
+    max_err, mean_err = errors([5000, 17, 1], 8, 4, 128, torch.bfloat16, num_splits, seed=4)
+    assert_close((num_splits,), max_err, mean_err, torch.bfloat16)
+
+
+@needs_cuda
+def test_cuda_graph_replay_follows_new_lengths():
+    """Capture a decode batch as the graph runner does (max_seq_len = the model's length), then
+    replay with other lengths (longer, shorter, one token) in the same buffers."""
+    first = [300, 17, 1, 2000]
+    second = [4000, 1, 640, 33]
+    scale = 128 ** -0.5
+    sizes = dict(num_blocks=400, max_blocks=256)
+    q, k_cache, v_cache, meta = make_decode(first, 8, 4, 128, torch.bfloat16, **sizes)
+    q2, k2, v2, meta2 = make_decode(second, 8, 4, 128, torch.bfloat16, seed=6, **sizes)
+    meta.max_seq_len = 4096
+    assert choose_num_splits(4, 8, 4096, torch.cuda.get_device_properties(DEVICE).multi_processor_count) > 1
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        paged_attention_triton(q, k_cache, v_cache, meta, scale)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention_triton(q, k_cache, v_cache, meta, scale)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, scale).float()
+    assert (out.float() - expected).abs().max().item() < 3e-2
+
+    q.copy_(q2)
+    k_cache.copy_(k2)
+    v_cache.copy_(v2)
+    for name in ("positions", "slot_mapping", "seq_lens", "block_tables"):
+        getattr(meta, name).copy_(getattr(meta2, name))  # meta keeps its host sizes (max_seq_len 4096)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected2 = paged_attention_reference(q, k_cache, v_cache, meta, scale).float()
+    assert (expected2 - expected).abs().max().item() > 0.5  # the second batch really differs
+    assert (out.float() - expected2).abs().max().item() < 3e-2
