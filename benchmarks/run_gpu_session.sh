@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on one GPU: the GPU tests, decode steps by batch size (gpu_bench.py, SKIP_BENCH=1 skips),
-# a profile of decode steps (profile_decode.py), and `meshlm bench throughput` on the Llama-3-8B
-# shape at 128/128 with 2000 prompts and 1000/1000 with 1000 prompts. Logs under $OUT.
+# paged decode attention (attention_bench.py), a profile of decode steps (profile_decode.py), and `meshlm bench throughput` on the Llama-3-8B
+# shape at 128/128 with 2000 prompts and 1000/1000 with 1000 prompts (SKIP_LONG=1 skips). Logs under $OUT.
 # Usage: OUT=results COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-out}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
@@ -17,6 +17,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
       --out "$OUT/gpu_bench.json" > "$OUT/gpu_bench.log" 2>&1
   tail -12 "$OUT/gpu_bench.log"
 fi
+echo "== paged decode attention (attention_bench.py)"
+timeout 150 python3 benchmarks/attention_bench.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
+tail -9 "$OUT/attention.log"
 echo "== profile of decode steps (profile_decode.py)"
 timeout 200 python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --out "$OUT/profile.json" \
     > "$OUT/profile.log" 2>&1
@@ -27,6 +30,7 @@ timeout 240 python3 -m meshlm bench throughput --model "$DIR" --load-format rand
     --dtype bfloat16 --num-prompts 2000 --input-len 128 --output-len 128 --max-model-len 4096 --no-progress \
     --output-json "$OUT/bench_128.json" > "$OUT/bench_128.log" 2>&1
 grep -E "throughput|TTFT|TPOT|max_batch|Error" "$OUT/bench_128.log" | head -12
+[ -n "${SKIP_LONG:-}" ] && exit 0
 echo "== meshlm bench throughput, Llama-3-8B shape, 1000/1000, 1000 prompts"
 timeout 330 python3 -m meshlm bench throughput --model "$DIR" --load-format random --skip-tokenizer-init \
     --dtype bfloat16 --num-prompts 1000 --input-len 1000 --output-len 1000 --max-model-len 4096 --no-progress \
