@@ -132,13 +132,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from meshlm.server.launch import run_server
     from meshlm.weights.hub import hub_repo_id
     args = EngineArgs.from_cli(ns)
-    # The ranks get the model's directory: a repo id stays the served name (vLLM's default).
-    served_model_name = ns.served_model_name or hub_repo_id(args.model)
-    relaunch_if_needed(args, ("--served-model-name", served_model_name) if served_model_name else ())
+    # Relaunched ranks get the model's directory: a repo id stays the served name (vLLM's default).
+    repo_id = None if ns.served_model_name else hub_repo_id(args.model)
+    relaunch_if_needed(args, ("--served-model-name", repo_id) if repo_id else ())
     # Only rank 0 returns, after SIGINT/SIGTERM; the other ranks exit when it shuts down.
     from meshlm.server.limits import ServerLimits
     limits = ServerLimits.from_cli(ns)  # bad flags fail here, before any rank starts
-    run_server(args, ns.host, ns.port, ns.api_key, served_model_name, ns.uvicorn_log_level, limits)
+    run_server(args, ns.host, ns.port, ns.api_key, ns.served_model_name, ns.uvicorn_log_level, limits)
     return 0
 
 
