@@ -31,7 +31,10 @@ def resolve_model(model: str | os.PathLike | None, revision: str | None = None,
         return ensure_gguf_model(path)
     repo_id = hub_repo_id(str(model))
     if repo_id is not None:
-        return hub_snapshot_dir(repo_id, revision, download_dir, local_files_only)
+        try:
+            return hub_snapshot_dir(repo_id, revision, download_dir, local_files_only)
+        except FileNotFoundError as exc:  # say too that it was not a local path
+            raise FileNotFoundError(f"{exc}. No local path {path.resolve()} either") from None
     raise FileNotFoundError(
         f"model {str(model)!r}: no such directory on node {socket.gethostname()} ({path.resolve()}), and "
         f"not a Hugging Face repo id (ORG/NAME). meshlm expects a Hugging Face layout directory "

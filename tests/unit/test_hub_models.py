@@ -68,6 +68,7 @@ def test_missing_snapshot_offline_names_the_node_and_the_folder(hub_cache, repo_
     message = str(excinfo.value)
     assert socket.gethostname() in message and str(repo_folder(hub_cache, repo_id)) in message, message
     assert "HF_HUB_OFFLINE" in message and repr(revision or "main") in message, message
+    assert f"No local path {Path(repo_id).resolve()}" in message, message
 
 
 def test_a_local_directory_wins_over_a_repo_id(hub_cache, tmp_path, models):
