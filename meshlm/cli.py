@@ -61,7 +61,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
     serve.add_argument("--served-model-name", default=None,
-                       help="the model's name in the API (default: the model directory's name)")
+                       help="the model's name in the API (default: the repo id of a Hub model, else the model "
+                            "directory's name)")
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     from meshlm.server.limits import ServerLimits
@@ -80,13 +81,18 @@ def _add_bench_parser(sub) -> None:
     add_serve_args(serving)
 
 
-def relaunch_if_needed(args: EngineArgs) -> None:
-    """A plain process asked for several ranks re-executes itself under mpiexec."""
+def relaunch_if_needed(args: EngineArgs, extra_argv: tuple[str, ...] = ()) -> None:
+    """A plain process asked for several ranks re-executes itself under mpiexec, with ``extra_argv``.
+
+    The model is resolved (fetched if needed) here, once; the ranks get its directory.
+    """
     from meshlm.launcher.world import launched_by_mpi, relaunch_under_mpiexec
+    from meshlm.weights.hub import hub_repo_id
     if args.world_size > 1 and not launched_by_mpi():
         config = EngineConfig.from_args(args)  # fetch the model once and check the layout, before the ranks start
-        if args.model is None:
-            sys.argv += ["--model", str(config.model_dir)]
+        if args.model is None or hub_repo_id(args.model) is not None:
+            sys.argv += ["--model", str(config.model_dir)]  # argparse keeps the last --model
+        sys.argv += extra_argv
         relaunch_under_mpiexec(args.world_size)
 
 
@@ -124,8 +130,11 @@ def _prompt(tokenizer, text: str, ns: argparse.Namespace) -> str | list[int]:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     from meshlm.server.launch import run_server
+    from meshlm.weights.hub import hub_repo_id
     args = EngineArgs.from_cli(ns)
-    relaunch_if_needed(args)
+    # Relaunched ranks get the model's directory: a repo id stays the served name (vLLM's default).
+    repo_id = None if ns.served_model_name else hub_repo_id(args.model)
+    relaunch_if_needed(args, ("--served-model-name", repo_id) if repo_id else ())
     # Only rank 0 returns, after SIGINT/SIGTERM; the other ranks exit when it shuts down.
     from meshlm.server.limits import ServerLimits
     limits = ServerLimits.from_cli(ns)  # bad flags fail here, before any rank starts

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from meshlm.sampling_params import SamplingParams
-from meshlm.weights.default_model import resolve_model
+from meshlm.weights.resolve import resolve_model_on_ranks
 from meshlm.weights.model_config import ModelConfig
 
 __all__ = ["ModelConfig", "ParallelConfig", "CacheConfig", "SchedulerConfig", "SamplingParams",
@@ -115,7 +115,9 @@ _PAR = field_defaults(ParallelConfig)
 
 @dataclass(slots=True)
 class EngineArgs:
-    model: str | None = None  # None: the built-in default model
+    model: str | None = None  # None: the built-in default model; else a directory, a .gguf or ORG/NAME
+    revision: str | None = None  # of a Hugging Face repo id: branch, tag or commit; None: main
+    download_dir: str | None = None  # the hub cache for repo ids; None: HF_HUB_CACHE or $HF_HOME/hub
     tensor_parallel_size: int = _PAR["tensor_parallel_size"]
     pipeline_parallel_size: int = _PAR["pipeline_parallel_size"]
     moe_expert_parallel_size: int | None = _PAR["moe_expert_parallel_size"]
@@ -222,7 +224,7 @@ class EngineConfig:
     @classmethod
     def from_args(cls, args: EngineArgs) -> "EngineConfig":
         """Resolve the model (fetching the default one if needed) and check the layout against it."""
-        model_dir = resolve_model(args.model)
+        model_dir = resolve_model_on_ranks(args.model, args.revision, args.download_dir)
         model = ModelConfig.from_dir(model_dir)
         parallel = args.parallel_config()
         check_layout(model, parallel)

@@ -13,7 +13,8 @@ fi
   torch==2.13.0 \
   numpy==2.4.6 \
   mpich==5.0.2 mpi4py==4.1.2 \
-  safetensors==0.8.0 tokenizers==0.23.3 transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0 \
+  safetensors==0.8.0 tokenizers==0.23.3 transformers==5.24.0 huggingface_hub==2.4.0 gguf==0.19.0 \
+  accelerate==1.15.0 \
   jinja2==3.1.6 tqdm==4.70.1 matplotlib==3.11.2 \
   fastapi==0.165.0 uvicorn==0.54.0 prometheus-client==0.26.0 httpx==0.28.1 openai==3.57.0 \
   pytest==9.2.0 pytest-timeout==2.4.0 setuptools==84.2.1

