@@ -138,6 +138,8 @@ class EngineArgs:
     enable_cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)
     # Triton kernels for norms, rotary + KV-cache store, SiLU-and-mul; None: on with CUDA and Triton
     enable_fused_kernels: bool | None = None
+    # Overlapped step loop: the host plans step n+1 while the device runs step n (see EngineConfig)
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "random"):
@@ -220,6 +222,10 @@ class EngineConfig:
     skip_tokenizer_init: bool
     enable_cuda_graphs: bool
     enable_fused_kernels: bool
+    # The overlapped step loop, as asked, except with pipeline stages: the tokens are sampled on
+    # the last stage and the first one would need them for the next step, so pp > 1 runs the plain
+    # loop. With tp > 1 the sampling rank broadcasts each step's tokens to its TP group on the device.
+    async_scheduling: bool
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "EngineConfig":
@@ -232,7 +238,7 @@ class EngineConfig:
         return cls(model_dir, model, parallel, args.cache_config(), scheduler,
                    scheduler.max_model_len or model.max_position_embeddings, args.dtype, args.device,
                    args.seed, args.load_format, args.attention_backend, args.skip_tokenizer_init,
-                   args.enable_cuda_graphs, args.enable_fused_kernels)
+                   args.enable_cuda_graphs, args.enable_fused_kernels, _resolve_async_scheduling(args, parallel))
 
 
     @classmethod
@@ -246,7 +252,11 @@ class EngineConfig:
         return cls(None, model, parallel, args.cache_config(), scheduler,
                    scheduler.max_model_len or model.max_position_embeddings, args.dtype, args.device, args.seed,
                    args.load_format, args.attention_backend, args.skip_tokenizer_init, args.enable_cuda_graphs,
-                   args.enable_fused_kernels)
+                   args.enable_fused_kernels, _resolve_async_scheduling(args, parallel))
+
+
+def _resolve_async_scheduling(args: EngineArgs, parallel: ParallelConfig) -> bool:
+    return args.async_scheduling and parallel.pipeline_parallel_size == 1
 
 
 def check_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:

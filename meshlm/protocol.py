@@ -47,6 +47,11 @@ class StepPlan:
     sample_request_ids: list[str]  # [num_samples]
     new_requests: list[NewRequest] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
+    # The overlapped loop: input tokens rank 0 does not know yet, sampled by the step before
+    # (which has not reached rank 0). input_ids[prev_token_index[i]] is that step's sampled token
+    # of row prev_token_rows[i]; the ranks take it from the device, and input_ids holds 0 there.
+    prev_token_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prev] int64
+    prev_token_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prev] int64
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +74,7 @@ class StepPlan:
 
 
 _PLAN_ARRAYS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
-                "sample_rows")
+                "sample_rows", "prev_token_index", "prev_token_rows")
 
 
 def returns_tokens(plan: StepPlan) -> bool:

@@ -1,7 +1,7 @@
 """Rank 0's loop: accept requests, schedule a step, have every rank run it, emit what it produced.
 
-The Coordinator talks to the ranks through a StepDispatcher (``execute(plan) -> StepResult``):
-its own model runner when there is one rank, an MPI broadcast to all ranks otherwise. The
+The Coordinator talks to the ranks through a StepDispatcher (``execute(plan)``, whose tokens come
+back through an ``AsyncStepResult``): its own model runner when there is one rank, an MPI broadcast to all ranks otherwise. The
 scheduler owns every sequence's state (tokens, stops, finishing); the coordinator groups the
 ``n`` sequences of a request and turns what changed in a step into ``RequestOutput`` deltas.
 """
@@ -11,15 +11,15 @@ import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-
 from meshlm.config import EngineConfig
 from meshlm.engine.dispatch import StepDispatcher
 from meshlm.engine.kv_cache import KVCacheManager
 from meshlm.engine.outputs import RequestOutput
+from meshlm.engine.plan_builder import build_step_plan
 from meshlm.engine.request import Request
 from meshlm.engine.scheduler import Scheduler, SchedulerOutput
 from meshlm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from meshlm.executor.async_output import AsyncStepResult
 from meshlm.protocol import NewRequest, StepPlan
 from meshlm.sampling_params import SamplingParams
 
@@ -46,6 +46,15 @@ class _Group:
                              min(s.num_cached_prompt_tokens for s in self.sequences))
 
 
+@dataclass(slots=True, eq=False)
+class _LaunchedStep:
+    """A step every rank has started; its tokens reach rank 0 through ``pending``."""
+
+    sched: SchedulerOutput
+    sample_request_ids: list[str]  # the requests of the sampled rows, in row order
+    pending: AsyncStepResult | None  # None when the step samples nothing
+
+
 class Coordinator:
     """Rank 0's engine core; implements ``meshlm.engine.interface.EngineCore``."""
 
@@ -64,6 +73,9 @@ class Coordinator:
         self._group_of: dict[str, _Group] = {}  # sequence id -> its group
         self._known_to_workers: set[str] = set()
         self._finished_ids: list[str] = []
+        # The overlapped loop (config.async_scheduling): the launched step whose tokens are not recorded yet.
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: _LaunchedStep | None = None
         self._request_counter = itertools.count()
         self._arrival_counter = itertools.count()
 
@@ -153,15 +165,40 @@ class Coordinator:
 
     # --- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one step; returns the deltas of the requests that progressed."""
-        sched = self.scheduler.schedule()
+        """Schedule and launch one step; returns the deltas of the requests that progressed.
+
+        The plain loop waits for the step's tokens before it returns. The overlapped loop
+        (``async_scheduling``) returns once the step is launched and the step before it is
+        recorded: the host plans step n+1 and records step n's tokens while the device runs, and
+        the tokens of step n feed step n+1 on the device (``StepPlan.prev_token_rows``).
+        """
+        sched = self.scheduler.schedule()  # counts the tokens of the step in flight as placeholders
         progressed = [self._group_of[r.request_id] for r in sched.finished]  # outgrew the KV pool
+        to_record = self._launch(sched)
+        if self.async_scheduling:  # record the step before, which waits for its one copy to the host
+            to_record, self._in_flight = self._in_flight, to_record
+        if to_record is not None:
+            progressed += self._record(to_record)
+        return self._take_outputs(progressed)
+
+    def _launch(self, sched: SchedulerOutput) -> _LaunchedStep | None:
+        """Have every rank start the step; None when it runs no forward."""
         if sched.is_empty:
             if self._finished_ids:
                 self.dispatcher.execute(StepPlan.empty(finished_request_ids=self._take_finished()))
-        else:
-            result = self.dispatcher.execute(self._build_plan(sched))
-            progressed += [self._group_of[r.request_id] for r in self.scheduler.update_from_output(sched, result)]
+            return None
+        in_flight = self._in_flight
+        prev_rows = {} if in_flight is None else {rid: row for row, rid in enumerate(in_flight.sample_request_ids)}
+        plan = build_step_plan(sched.chunks, self.block_size, prev_rows, self._new_to_workers(sched),
+                               self._take_finished())
+        return _LaunchedStep(sched, plan.sample_request_ids, self.dispatcher.execute(plan))
+
+    def _record(self, step: _LaunchedStep) -> list[_Group]:
+        """Append a launched step's tokens; the groups of the requests that got one."""
+        result = None if step.pending is None else step.pending.get_result()
+        return [self._group_of[r.request_id] for r in self.scheduler.update_from_output(step.sched, result)]
+
+    def _take_outputs(self, progressed: list[_Group]) -> list[RequestOutput]:
         outputs = []
         for group in dict.fromkeys(progressed):  # each group once, in order
             output = group.take_output()
@@ -184,33 +221,6 @@ class Coordinator:
     def _take_finished(self) -> list[str]:
         ids, self._finished_ids = self._finished_ids, []
         return ids
-
-    def _build_plan(self, sched: SchedulerOutput) -> StepPlan:
-        chunks = sched.chunks
-        bs = self.block_size
-        query_lens = np.array([c.num_new_tokens for c in chunks], dtype=np.int32)
-        starts = np.array([c.request.num_computed_tokens for c in chunks], dtype=np.int64)
-        query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=query_start_loc[1:])
-        # Positions: each chunk's range start..start+len, packed.
-        seq_index = np.repeat(np.arange(len(chunks)), query_lens)  # [num_tokens]
-        positions = starts[seq_index] + (np.arange(query_start_loc[-1]) - query_start_loc[:-1][seq_index])
-        input_ids = np.fromiter(
-            itertools.chain.from_iterable(
-                c.request.all_token_ids[c.request.num_computed_tokens:c.request.num_computed_tokens + c.num_new_tokens]
-                for c in chunks), dtype=np.int64, count=int(query_start_loc[-1]))
-        max_blocks = max(len(c.request.block_ids) for c in chunks)
-        block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)  # [num_seqs, max_blocks]
-        for i, c in enumerate(chunks):
-            block_tables[i, :len(c.request.block_ids)] = c.request.block_ids
-        slot_mapping = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-        sample_rows = np.array([i for i, c in enumerate(chunks) if c.is_sampling], dtype=np.int64)
-        return StepPlan(
-            input_ids=input_ids, positions=positions.astype(np.int64), slot_mapping=slot_mapping,
-            query_start_loc=query_start_loc, seq_lens=(starts + query_lens).astype(np.int32),
-            block_tables=block_tables, sample_rows=sample_rows,
-            sample_request_ids=[chunks[i].request.request_id for i in sample_rows],
-            new_requests=self._new_to_workers(sched), finished_request_ids=self._take_finished())
 
     def _new_to_workers(self, sched: SchedulerOutput) -> list[NewRequest]:
         new_requests = []

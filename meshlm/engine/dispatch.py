@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from meshlm.executor.async_output import AsyncStepResult
 from meshlm.executor.model_runner import ModelRunner
 from meshlm.executor.worker import StepChannel
 from meshlm.launcher.world import StepWatchdog, World
-from meshlm.protocol import Envelope, MessageKind, StepPlan, StepResult, returns_tokens
+from meshlm.protocol import Envelope, MessageKind, StepPlan, returns_tokens
 
 
 class StepDispatcher(Protocol):
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Run the step on every rank; the sampled tokens when the plan samples, else None."""
+    def execute(self, plan: StepPlan) -> AsyncStepResult | None:
+        """Launch the step on every rank; the sampled tokens on their way to rank 0 when the plan
+        samples, else None."""
 
     def shutdown(self) -> None:
         """Stop every rank; later calls do nothing."""
@@ -27,7 +29,7 @@ class LocalDispatcher:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
 
-    def execute(self, plan: StepPlan) -> StepResult | None:
+    def execute(self, plan: StepPlan) -> AsyncStepResult | None:
         return self.runner.execute(plan)
 
     def shutdown(self) -> None:
@@ -44,15 +46,16 @@ class MPIDispatcher:
         self.watchdog = StepWatchdog(world)
         self._closed = False
 
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Blocks until every rank has run the step and the sampling rank's tokens arrived."""
+    def execute(self, plan: StepPlan) -> AsyncStepResult | None:
+        """Broadcast the plan and launch rank 0's shard. When another rank samples (pipeline
+        stages), blocks until its tokens arrived; else they come through rank 0's own copy."""
         self.watchdog.begin()
         try:
             self.channel.broadcast(Envelope(MessageKind.STEP, plan))
-            result = self.runner.execute(plan)
+            pending = self.runner.execute(plan)
             if self.channel.sampler_rank != 0 and returns_tokens(plan):
-                result = self.channel.recv_result()
-            return result
+                pending = AsyncStepResult(ready=self.channel.recv_result())
+            return pending
         finally:
             self.watchdog.end()
 

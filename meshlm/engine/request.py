@@ -27,9 +27,14 @@ class RequestStatus(enum.Enum):
 class Request:
     """One sequence being generated.
 
-    Invariant: the KV cache holds the first ``num_computed_tokens`` of ``all_token_ids``; the
-    rest are computed by later steps. After preemption (recompute) ``num_computed_tokens`` drops
-    to 0 and the outputs so far are kept, so the sequence resumes where it stopped.
+    Invariant: the KV cache holds (or a step already launched writes) the first
+    ``num_computed_tokens`` of the sequence; the scheduler advances it when it schedules a chunk.
+    A scheduled chunk that samples adds an output placeholder (``num_output_placeholders``, as
+    vLLM's): a token the device is producing but rank 0 has not appended yet. With the overlapped
+    step loop the next step is scheduled while that token is in flight, so the scheduler counts
+    it (``num_tokens_with_placeholders``); when it arrives, ``append_token`` replaces the
+    placeholder. After preemption (recompute) ``num_computed_tokens`` drops to 0 and the outputs
+    so far are kept, so the sequence resumes where it stopped.
 
     Text: each appended token is detokenized once; the new text waits in ``_pending_text`` until
     ``take_output`` hands it out, minus a tail that could still become a stop string.
@@ -45,6 +50,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None  # None: the tokenizer is off
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_output_placeholders: int = 0  # sampled tokens on their way to rank 0 (see the docstring)
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
@@ -62,7 +68,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """The known tokens: prompt and appended outputs."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """The known tokens and the outputs still in flight: what the scheduler plans with."""
+        return self.num_tokens + self.num_output_placeholders
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -70,7 +82,18 @@ class Request:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return self.num_tokens_with_placeholders - self.num_computed_tokens
+
+    @property
+    def is_capped_by_placeholders(self) -> bool:
+        """Whether the tokens in flight already reach ``max_tokens`` or the context length: the
+        sequence finishes when they land, so scheduling another token for it would be wasted."""
+        if not self.num_output_placeholders:
+            return False
+        max_tokens = self.params.max_tokens
+        if max_tokens is not None and len(self.output_token_ids) + self.num_output_placeholders >= max_tokens:
+            return True
+        return self.max_model_len is not None and self.num_tokens_with_placeholders >= self.max_model_len
 
     @property
     def is_finished(self) -> bool:
@@ -78,7 +101,8 @@ class Request:
 
     # --- the output ----------------------------------------------------------------------------
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> RequestStatus | None:
-        """Record one sampled token (``logprobs``: the sampled token's first, then the top ones).
+        """Record one sampled token (``logprobs``: the sampled token's first, then the top ones). The
+        scheduler has taken away the placeholder its chunk added.
 
         Returns the finished status when this token ends the sequence, else None; the caller
         (the scheduler) then finishes it.

@@ -12,6 +12,13 @@ Each step has a budget of ``max_num_tokens`` tokens and ``max_batch_size`` seque
    prefilled in chunks over several steps) and is admitted only if its blocks can be allocated.
    Admission stops at the first request that does not fit: nobody skips ahead.
 
+Scheduling a chunk advances its request's ``num_computed_tokens`` at once, and a chunk that
+samples adds an output placeholder; ``update_from_output`` later appends the sampled token in its
+place. So the next step can be scheduled while this one still runs on the device (the overlapped
+loop): a decode of a token still in flight reads it from the device, and a request whose tokens in
+flight already reach its length limit is not scheduled again. A stop found one step late leaves
+one extra token computed for a finished request, which ``update_from_output`` drops.
+
 "Arrival" is the order of ``add``. The running list stays in arrival order: a request is admitted
 only after every older one, and preemption always takes the newest, which is older than every
 waiting request, so it goes to the front of the queue.
@@ -31,12 +38,13 @@ __all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput"]
 
 @dataclass(slots=True)
 class ScheduledChunk:
-    """Tokens ``all_token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]`` of one
-    request, run this step (``num_computed_tokens`` as it is before ``update_from_output``)."""
+    """Tokens ``start : start + num_new_tokens`` of one request's sequence, run this step. The
+    last of them may be a placeholder: the token the step in flight samples for it."""
 
     request: Request
+    start: int  # the request's num_computed_tokens when the chunk was scheduled
     num_new_tokens: int
-    is_sampling: bool  # the chunk reaches the last known token, so a token is sampled
+    is_sampling: bool  # the chunk reaches the last token (placeholders included): a token is sampled
 
 
 @dataclass(slots=True)
@@ -143,29 +151,28 @@ class Scheduler:
         return out
 
     def update_from_output(self, output: SchedulerOutput, result: StepResult | None) -> list[Request]:
-        """Record that the step ran: advance each chunk's request, cache its full blocks, append
-        the sampled tokens and finish the requests they end (blocks freed).
+        """Record that the step ran: cache the chunks' full blocks, put each sampled token in its
+        placeholder's place and finish the requests it ends (blocks freed).
 
-        Returns the requests that got a token, finished or not. Chunks of requests finished since
-        the step was planned (an abort while it ran) are skipped.
+        Returns the requests that got a token, finished or not. A request finished since the step
+        was planned (an abort, or a stop found in the step before) has its token dropped; one
+        preempted since keeps it (it was sampled from the whole sequence, which the recompute
+        rebuilds).
         """
         sampled = []
         row = 0  # the chunk's row in ``result``: sampling chunks in order
         for chunk in output.chunks:
-            request = chunk.request
-            is_live = request.status == RequestStatus.RUNNING
-            if is_live:
-                request.num_computed_tokens += chunk.num_new_tokens
-                self.kv.cache_full_blocks(request)
-            if not chunk.is_sampling:
-                continue
-            if is_live:
+            request, status = chunk.request, None
+            if chunk.is_sampling and not request.is_finished:
+                request.num_output_placeholders -= 1
                 token_id = int(result.token_ids[row])
                 status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
-                if status is not None:
-                    self.finish(request, status)
                 sampled.append(request)
-            row += 1
+            if request.status == RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(request)  # every token it has computed is known now
+            if status is not None:
+                self.finish(request, status)
+            row += chunk.is_sampling
         return sampled
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -178,7 +185,7 @@ class Scheduler:
                 self._finish_for_length(request, out)
                 continue
             num_new = min(request.num_uncomputed_tokens, budget)
-            if num_new == 0:  # its sampled token has not been appended; nothing to run
+            if num_new == 0 or request.is_capped_by_placeholders:  # it finishes when they land
                 index += 1
                 continue
             while not self.kv.can_allocate(request, num_new):
@@ -201,6 +208,8 @@ class Scheduler:
                 waiting.popleft()
                 self._finish_for_length(request, out)
                 continue
+            # A request preempted with a token in flight waits at least one step, which lands it.
+            assert not request.num_output_placeholders, f"{request.request_id} admitted with tokens in flight"
             self.kv.get_computed_prefix(request)
             num_new = min(request.num_uncomputed_tokens, budget)
             if not self.kv.can_allocate(request, num_new):
@@ -215,8 +224,11 @@ class Scheduler:
 
     def _add_chunk(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
         self.kv.allocate(request, num_new)
-        is_sampling = request.num_computed_tokens + num_new == request.num_tokens
-        out.chunks.append(ScheduledChunk(request, num_new, is_sampling))
+        start = request.num_computed_tokens
+        is_sampling = start + num_new == request.num_tokens_with_placeholders
+        out.chunks.append(ScheduledChunk(request, start, num_new, is_sampling))
+        request.num_computed_tokens += num_new
+        request.num_output_placeholders += is_sampling
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Recompute preemption: free the blocks, restart from token 0, wait at the queue's front."""
@@ -229,7 +241,7 @@ class Scheduler:
 
     def _outgrew_pool(self, request: Request) -> bool:
         """True when the request's known tokens cannot all be in the KV pool at once."""
-        return num_blocks_for(request.num_tokens, self.kv.block_size) > self.kv.num_blocks
+        return num_blocks_for(request.num_tokens_with_placeholders, self.kv.block_size) > self.kv.num_blocks
 
     def _finish_for_length(self, request: Request, out: SchedulerOutput) -> None:
         # Already taken out of its queue by the caller.

@@ -71,9 +71,12 @@ class DecodeGraphRunner:
         # Every graph writes its logits into the first rows of this one buffer (allocated outside
         # the graphs' pool), so the pool holds no logits once a capture ends; None before the last stage.
         self.logits: torch.Tensor | None = None
-        # Host staging, pinned so the copies are asynchronous.
-        self._host = {name: torch.empty_like(getattr(self, name), device="cpu").pin_memory()
-                      for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+        # Host staging, pinned so the copies are asynchronous. Two sets, used in turn: with the
+        # overlapped loop the host fills step n+1's while step n's copies may not have run yet
+        # (rank 0 has waited for step n-1 only, whose copies read the other set).
+        self._host_sets = [{name: torch.empty_like(getattr(self, name), device="cpu").pin_memory()
+                            for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+                           for _ in range(2)]
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -128,12 +131,13 @@ class DecodeGraphRunner:
         return (plan.num_seqs <= self.buckets[-1] and plan.num_tokens == plan.num_seqs
                 and plan.block_tables.shape[1] <= self.max_blocks_per_seq)
 
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
+    def run(self, plan: StepPlan, prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [num_seqs, vocab_per_rank] of a decode plan (a view valid until the next run);
-        None on stages before the last."""
+        None on stages before the last. ``prev_tokens`` [num_prev] (on the device) fill the
+        input ids at ``plan.prev_token_index``: the previous step's tokens (the overlapped loop)."""
         n = plan.num_seqs
         batch = self.buckets[bisect.bisect_left(self.buckets, n)]
-        host = self._host
+        host = self._host_sets[self.num_replays % 2]
         host["input_ids"][:n] = torch.from_numpy(plan.input_ids)
         host["positions"][:n] = torch.from_numpy(plan.positions)
         host["slot_mapping"][:n] = torch.from_numpy(plan.slot_mapping)
@@ -148,6 +152,9 @@ class DecodeGraphRunner:
         host["block_tables"][n:batch, 0] = self.scratch_block
         for name, staged in host.items():
             getattr(self, name)[:batch].copy_(staged[:batch], non_blocking=True)
+        if prev_tokens is not None:  # after the copy, on the same stream
+            index = torch.from_numpy(plan.prev_token_index).pin_memory().to(self.device, non_blocking=True)
+            self.input_ids.index_copy_(0, index, prev_tokens)  # [num_prev] into [largest]
         self._graphs[batch].replay()
         self.num_replays += 1
         self.replayed_batch = batch

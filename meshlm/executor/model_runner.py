@@ -1,7 +1,10 @@
 """The per-rank engine: one model shard, its KV pool and its sampler; it executes step plans.
 
 It knows nothing of requests beyond the arrays of a StepPlan. Every rank of the model runs
-``execute`` on the same plan in the same order; only the sampling rank returns tokens.
+``execute`` on the same plan in the same order; only the sampling rank returns tokens, as an
+AsyncStepResult whose copy to the host runs behind the step. With the overlapped loop each rank
+of the (single) stage keeps the step's sampled tokens on the device, and the next plan's
+``prev_token_rows`` take their input ids from them.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.progress import LoadProgress
 from meshlm.config import CacheConfig, EngineConfig
 from meshlm.kernels.fused_ops import select_ops
-from meshlm.protocol import StepPlan, StepResult
+from meshlm.protocol import StepPlan, returns_tokens
+from meshlm.executor.async_output import AsyncStepResult
 from meshlm.executor.sampler import Sampler
 from meshlm.weights.random_weights import RandomCheckpoint
 
@@ -63,6 +67,10 @@ class ModelRunner:
         self.block_size = 0
         self.graph_runner = None
         self.graph_memory_bytes = 0  # measured when the decode graphs are captured
+        self.async_scheduling = config.async_scheduling
+        # The last step's sampled token ids [num_samples] on the device (the overlapped loop only);
+        # None after a step that sampled nothing.
+        self.prev_sampled_token_ids: torch.Tensor | None = None
 
     def _load_weights(self, config: EngineConfig) -> None:
         """Read this rank's shard (or random weights of its shape); a bar on rank 0 shows the bytes."""
@@ -164,13 +172,44 @@ class ModelRunner:
             self.sampler.remove_request(request_id)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Run one step. The sampling rank returns the sampled tokens; other ranks return None."""
+    def execute(self, plan: StepPlan) -> AsyncStepResult | None:
+        """Launch one step. The sampling rank returns its tokens on their way to the host; other
+        ranks return None. Nothing here waits for the device (on the GPU)."""
         self.update_requests(plan)
         logits = self._forward(plan)
-        if logits is None:
+        sampled = None if logits is None else self.sampler.sample_on_device(logits, plan.sample_request_ids)
+        token_ids = None if sampled is None else sampled.token_ids
+        self.prev_sampled_token_ids = self._share_sampled_tokens(plan, token_ids)
+        return None if sampled is None else AsyncStepResult(sampled)
+
+    def _share_sampled_tokens(self, plan: StepPlan, token_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The step's sampled tokens on every TP rank (the overlapped loop needs them on each rank
+        that embeds the next step's input ids; pipeline stages run the plain loop)."""
+        if not self.async_scheduling or not returns_tokens(plan):
             return None
-        return self.sampler.sample(logits, plan.sample_request_ids)
+        if self.groups.tp.size == 1:
+            return token_ids
+        if token_ids is None:  # a TP rank other than the sampler: receive them
+            token_ids = torch.empty(len(plan.sample_rows), dtype=torch.int64, device=self.device)
+        return self.groups.broadcast_sampled_tokens(token_ids)
+
+    def _input_ids(self, plan: StepPlan) -> torch.Tensor:
+        """The step's input ids on the device, the placeholders filled from the last step's tokens."""
+        input_ids = self._to_device(plan.input_ids)  # [num_tokens]
+        prev_tokens = self.previous_tokens(plan)
+        if prev_tokens is None:
+            return input_ids
+        return input_ids.index_put((self._to_device(plan.prev_token_index),), prev_tokens)  # a copy
+
+    def previous_tokens(self, plan: StepPlan) -> torch.Tensor | None:
+        """The last step's sampled tokens that the plan's placeholders take ([num_prev] on the
+        device); None when the plan has no placeholders."""
+        if len(plan.prev_token_rows) == 0:
+            return None
+        if self.prev_sampled_token_ids is None:
+            raise RuntimeError(f"{self.mapping.describe()}: the plan takes {len(plan.prev_token_rows)} input "
+                               f"ids from the previous step's sampled tokens, but that step sampled none here")
+        return self.prev_sampled_token_ids[self._to_device(plan.prev_token_rows)]
 
     @torch.inference_mode()
     def forward_logits(self, plan: StepPlan) -> torch.Tensor | None:
@@ -184,7 +223,7 @@ class ModelRunner:
         if plan.num_tokens == 0:
             return None
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
-            logits = self.graph_runner.run(plan)  # every row's; None on stages before the last
+            logits = self.graph_runner.run(plan, self.previous_tokens(plan))  # every row's; None before the last stage
             if logits is not None and 0 < len(plan.sample_rows) != plan.num_seqs:
                 logits = logits[self._to_device(plan.sample_rows)]
         else:
@@ -198,7 +237,7 @@ class ModelRunner:
         """This rank's vocab shard of the sample rows' logits on the last stage, else None."""
         meta = self._metadata(plan)
         if self.mapping.is_first_pp_rank:
-            hidden = self.model.embed(self._to_device(plan.input_ids))
+            hidden = self.model.embed(self._input_ids(plan))
         else:
             hidden = self.groups.recv_from_prev_stage((plan.num_tokens, self.cfg.hidden_size), self.dtype,
                                                       self.device)

@@ -1,8 +1,11 @@
 """The batched sampler: turns one step's logits into one token per row.
 
 It lives on the rank that samples (the last pipeline stage's first TP rank) and keeps, per request,
-its sampling parameters, its token history (for penalties and ``min_tokens``) and, for a seeded
-request, its own ``torch.Generator``. Stop strings, stop token ids, ``ignore_eos`` and ``max_tokens``
+its sampling parameters, its number of outputs (for ``min_tokens``), its token history when a
+penalty needs it and, for a seeded request, its own ``torch.Generator``. A step's tokens stay on
+the device (``sample_on_device``), so the host never waits for them, except that the history of a
+penalised request needs its last token: a step with such a request first waits for the steps
+before it (correct, just not overlapped). Stop strings, stop token ids, ``ignore_eos`` and ``max_tokens``
 are decided on rank 0 after detokenization, not here.
 
 One step, all batched over rows:
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from meshlm.executor.async_output import AsyncStepResult, SampledTokens
 from meshlm.protocol import StepResult
 from meshlm.sampling_params import SamplingParams
 
@@ -38,8 +42,10 @@ _NUM_PARAM_COLUMNS = 7
 class _RequestState:
     params: SamplingParams
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    output_token_ids: list[int]  # kept only when needs_history
     generator: torch.Generator | None  # only for a seeded request
+    needs_history: bool  # a repetition, presence or frequency penalty reads the outputs
+    num_output_tokens: int = 0
 
 
 class Sampler:
@@ -58,6 +64,9 @@ class Sampler:
         self.device = torch.device(device)
         self._generator = _make_generator(seed, self.device)  # noise for rows without a seed
         self._requests: dict[str, _RequestState] = {}
+        # Steps whose tokens are not in the histories yet: (their penalised rows' states, the
+        # rows, the step's token ids on the device).
+        self._unrecorded: list[tuple[list[_RequestState], list[int], torch.Tensor]] = []
 
     # ----------------------------------------------------------------------- request state
 
@@ -66,7 +75,9 @@ class Sampler:
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already in the sampler")
         generator = None if params.seed is None else _make_generator(params.seed, self.device)
-        self._requests[request_id] = _RequestState(params, list(prompt_token_ids), [], generator)
+        needs_history = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                         or params.frequency_penalty != 0.0)
+        self._requests[request_id] = _RequestState(params, list(prompt_token_ids), [], generator, needs_history)
 
     def remove_request(self, request_id: str) -> None:
         """Forget a request; a no-op for an unknown id (an aborted request may never have arrived)."""
@@ -80,8 +91,18 @@ class Sampler:
         return len(self._requests)
 
     def output_token_ids(self, request_id: str) -> list[int]:
-        """The tokens this sampler has sampled for the request so far (a copy)."""
+        """The tokens sampled for a request with a penalty so far (a copy; waits for them). Other
+        requests keep no history: their list is empty."""
+        self._record_history()
         return list(self._get_state(request_id).output_token_ids)
+
+    def _record_history(self) -> None:
+        """Append the unrecorded steps' tokens to the penalised requests' histories (waits for them)."""
+        for states, rows, token_ids in self._unrecorded:
+            values = token_ids.tolist()
+            for state, row in zip(states, rows):
+                state.output_token_ids.append(values[row])
+        self._unrecorded.clear()
 
     def _get_state(self, request_id: str) -> _RequestState:
         try:
@@ -93,15 +114,22 @@ class Sampler:
     # ----------------------------------------------------------------------- the step
 
     def sample(self, logits: torch.Tensor, request_ids: Sequence[str]) -> StepResult:
+        """``sample_on_device``, then wait for the tokens on the host."""
+        return AsyncStepResult(self.sample_on_device(logits, request_ids)).get_result()
+
+    def sample_on_device(self, logits: torch.Tensor, request_ids: Sequence[str]) -> SampledTokens:
         """Sample one token per row; row ``i`` of ``logits`` [num_rows, vocab_size] belongs to
-        ``request_ids[i]``. Appends each sampled token to its request's history."""
+        ``request_ids[i]``. Counts each row's output; the tokens stay on the device."""
         num_rows = len(request_ids)
         if logits.dim() != 2 or logits.shape != (num_rows, self.vocab_size):
             raise ValueError(f"logits shape {tuple(logits.shape)} != (num_rows={num_rows}, "
                              f"vocab_size={self.vocab_size})")
         states = [self._get_state(rid) for rid in request_ids]
+        history_rows = [row for row, state in enumerate(states) if state.needs_history]
+        if history_rows:
+            self._record_history()  # the only wait for earlier steps: penalties read their tokens
         host_params = _row_params(states, self.vocab_size)  # [num_rows, 7] float64 on the host
-        row_params = torch.from_numpy(host_params).to(self.device, torch.float32)
+        row_params = _to_device(host_params, self.device).float()
         logits = logits.to(self.device, torch.float32)
 
         raw_logprobs = self._raw_logprobs(logits, states)
@@ -109,9 +137,11 @@ class Sampler:
         logits = self._apply_min_tokens(logits, states)
         token_ids = self._choose_tokens(logits, states, host_params, row_params)
 
-        for state, token_id in zip(states, token_ids.tolist()):
-            state.output_token_ids.append(token_id)
-        return _make_output(token_ids, raw_logprobs, states)
+        for state in states:
+            state.num_output_tokens += 1
+        if history_rows:
+            self._unrecorded.append(([states[row] for row in history_rows], history_rows, token_ids))
+        return _device_output(token_ids, raw_logprobs, states)
 
     def _raw_logprobs(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor | None:
         if all(s.params.logprobs is None for s in states):
@@ -136,15 +166,15 @@ class Sampler:
         rows: list[int] = []
         cols: list[int] = []
         for row, state in enumerate(states):
-            if len(state.output_token_ids) < state.params.min_tokens:
+            if state.num_output_tokens < state.params.min_tokens:
                 banned = set(self.eos_token_ids).union(state.params.stop_token_ids)
                 banned = [t for t in banned if t < self.vocab_size]
                 rows.extend([row] * len(banned))
                 cols.extend(banned)
         if not rows:
             return logits
-        return mask_banned_tokens(logits, torch.tensor(rows, device=self.device),
-                                  torch.tensor(cols, device=self.device))
+        return mask_banned_tokens(logits, _to_device(np.array(rows, dtype=np.int64), self.device),
+                                  _to_device(np.array(cols, dtype=np.int64), self.device))
 
     def _choose_tokens(self, logits: torch.Tensor, states: list[_RequestState],
                        host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:
@@ -161,7 +191,7 @@ class Sampler:
         probs = torch.softmax(scaled, dim=-1)  # [num_rows, vocab_size]
         noise = self._exponential_noise(states, is_greedy)
         sampled_tokens = exponential_race(probs, noise)
-        return torch.where(torch.from_numpy(is_greedy).to(self.device), greedy_tokens, sampled_tokens)
+        return torch.where(_to_device(is_greedy, self.device), greedy_tokens, sampled_tokens)
 
     def _exponential_noise(self, states: list[_RequestState], is_greedy: np.ndarray) -> torch.Tensor:
         """q ~ Exp(1), [num_rows, vocab_size]. A seeded row draws from its own generator (one draw of
@@ -188,7 +218,7 @@ def count_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int,
     padded = np.full((num_rows, max_len), vocab_size, dtype=np.int64)  # [num_rows, max_len]
     for row, tokens in enumerate(token_lists):
         padded[row, :len(tokens)] = tokens
-    index = torch.from_numpy(padded).to(device)
+    index = _to_device(padded, torch.device(device))
     counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.int32, device=device)
     counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
     return counts[:, :vocab_size]  # [num_rows, vocab_size]
@@ -276,15 +306,21 @@ def _any_filter(host_params: np.ndarray, vocab_size: int) -> bool:
     return bool((uses & sampled).any())
 
 
-def _make_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
-                 states: list[_RequestState]) -> StepResult:
-    token_ids_host = token_ids.to("cpu", torch.int64).numpy()
+def _device_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
+                   states: list[_RequestState]) -> SampledTokens:
     if raw_logprobs is None:
-        return StepResult(token_ids_host, None, None, None)
+        return SampledTokens(token_ids, None, None, None)
     sampled = raw_logprobs.gather(1, token_ids[:, None])[:, 0]  # [num_rows]
     k_max = max(s.params.logprobs or 0 for s in states)
     if k_max == 0:
-        return StepResult(token_ids_host, sampled.cpu().numpy(), None, None)
+        return SampledTokens(token_ids, sampled, None, None)
     top_logprobs, top_ids = raw_logprobs.topk(k_max, dim=-1)  # [num_rows, k_max], sorted descending
-    return StepResult(token_ids_host, sampled.cpu().numpy(), top_ids.cpu().numpy().astype(np.int64),
-                         top_logprobs.cpu().numpy())
+    return SampledTokens(token_ids, sampled, top_ids, top_logprobs)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; on CUDA through pinned memory, without waiting for the copy."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor

@@ -66,9 +66,9 @@ def worker_loop(runner: ModelRunner, world: World) -> None:
         if envelope.kind == MessageKind.SHUTDOWN:
             break
         watchdog.begin()
-        result = runner.execute(envelope.plan)
+        pending = runner.execute(envelope.plan)
         if sends_result and returns_tokens(envelope.plan):
-            channel.send_result(result)
+            channel.send_result(pending.get_result())  # pipeline stages: the plain loop, no overlap
         watchdog.end()
     runner.shutdown()
     world.comm.Barrier()

@@ -34,6 +34,10 @@ class Communicator:
         """Concatenation of every member's tensor along ``dim``, in group-rank order."""
         raise NotImplementedError
 
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Group rank ``src``'s tensor into every member's ``tensor`` (same shape and dtype), in place."""
+        raise NotImplementedError
+
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         raise NotImplementedError
 
@@ -53,6 +57,9 @@ class SingleRankComm(Communicator):
         return tensor
 
     def all_gather(self, tensor, dim=0):
+        return tensor
+
+    def broadcast(self, tensor, src):
         return tensor
 
     def send(self, tensor, dst):
@@ -98,6 +105,10 @@ class MPIComm(Communicator):
         self.comm.Allgather(_as_buffer(tensor), _as_buffer(out))
         # [size, *shape] -> concatenated along dim
         return torch.cat(out.unbind(0), dim=dim)
+
+    def broadcast(self, tensor, src):
+        self.comm.Bcast(_as_buffer(tensor), root=src)
+        return tensor
 
     def send(self, tensor, dst):
         self.comm.Send(_as_buffer(tensor.contiguous()), dest=dst, tag=7)
@@ -151,6 +162,12 @@ class NcclComm(Communicator):
         if dim == 0:
             return out.view(self.size * tensor.shape[0], *tensor.shape[1:])
         return torch.cat(out.unbind(0), dim=dim)
+
+    def broadcast(self, tensor, src):
+        assert tensor.is_contiguous()
+        self.comm.broadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype],
+                            src, self._stream())
+        return tensor
 
     def send(self, tensor, dst):
         tensor = tensor.contiguous()

@@ -67,6 +67,16 @@ class ParallelGroups:
         full = self.tp.all_gather(logits_shard, dim=1)
         return full if self.tp.rank == 0 else None
 
+    def broadcast_sampled_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The sampler's token ids ``[num_rows]`` int64 to every TP rank of its stage, so that each
+        can feed them to the next step's input ids (the overlapped loop).
+
+        Called by every TP rank of the last stage; the sampler (TP rank 0) passes its tokens, the
+        others a buffer of the same shape, which they get back filled. Blocks on the CPU; on the
+        GPU it is enqueued on the stream.
+        """
+        return self.tp.broadcast(token_ids, 0)
+
     def send_to_next_stage(self, hidden: torch.Tensor) -> None:
         """Send this stage's hidden states to the same TP rank of the next stage (non-blocking on GPU)."""
         self.pp.send(hidden, self.pp.rank + 1)

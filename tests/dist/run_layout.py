@@ -4,8 +4,10 @@
     python tests/dist/run_layout.py --spec spec.json --out ref.json            # the single-rank run
 
 ``spec.json`` lists jobs ``{"name", "model", "prompts", "chat", "max_tokens", "logprobs",
-"ignore_eos"}``: a prompt is a list of token ids, or a user message when ``chat`` is true. Each
-job is one ``LLM(...)`` over the whole world, greedy. Every rank prints ``[run_layout] rank R of
+"ignore_eos"}``, and optionally the engine's ``num_kv_blocks``, ``block_size``, ``max_model_len``,
+``max_num_tokens``, ``async_scheduling`` and the sampling's ``temperature`` and ``seed`` (greedy
+unless given): a prompt is a list of token ids, or a user message when ``chat`` is true. Each
+job is one ``LLM(...)`` over the whole world. Every rank prints ``[run_layout] rank R of
 N pid P``; rank 0 writes ``{"world_size", "ranks", "results": {name: [{"token_ids",
 "logprobs"}]}}``, where ``ranks`` lists the ranks that answered a gather over the world, so the
 test can tell a real N-rank world from N singletons.
@@ -75,13 +77,15 @@ def install_fault(kind: str, step: int) -> None:
 def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | None:
     """Generate for one job; rank 0 returns per-prompt results, other ranks None."""
     from meshlm import LLM, SamplingParams
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=job.get("logprobs"),
+    params = SamplingParams(temperature=job.get("temperature", 0.0), seed=job.get("seed"),
+                            max_tokens=job["max_tokens"], logprobs=job.get("logprobs"),
                             ignore_eos=job.get("ignore_eos", True))
     try:
         llm = LLM(model=job["model"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
                   moe_expert_parallel_size=ep, device="cpu", num_kv_blocks=job.get("num_kv_blocks", 64),
                   max_model_len=job.get("max_model_len", 512),
-                  max_num_tokens=job.get("max_num_tokens", 8192))
+                  max_num_tokens=job.get("max_num_tokens", 8192),
+                  async_scheduling=job.get("async_scheduling", True), block_size=job.get("block_size", 16))
     except SystemExit as exc:
         # Ranks other than 0 serve steps inside LLM(...) and then sys.exit(0). Catching it here
         # lets one world run several jobs; MPI stays initialised until the process ends.

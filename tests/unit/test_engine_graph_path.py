@@ -20,7 +20,8 @@ class AllRowsRunner:
     def can_run(self, plan) -> bool:
         return plan.num_tokens == plan.num_seqs
 
-    def run(self, plan):
+    def run(self, plan, prev_tokens):
+        # The eager forward below fills the placeholders from the previous step's tokens itself.
         self.num_replays += 1
         every_row = dataclasses.replace(plan, sample_rows=np.arange(plan.num_seqs, dtype=np.int64))
         return self.engine._forward_eager(every_row)
@@ -44,9 +45,9 @@ def runner_saw_partial_samples(path, prompts, params) -> bool:
     seen = []
     original = AllRowsRunner.run
 
-    def spy(self, plan):
+    def spy(self, plan, prev_tokens):
         seen.append(len(plan.sample_rows) < plan.num_seqs)
-        return original(self, plan)
+        return original(self, plan, prev_tokens)
 
     AllRowsRunner.run = spy
     try:

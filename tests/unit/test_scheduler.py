@@ -284,10 +284,13 @@ def check_step(sched: Scheduler, out: SchedulerOutput, cfg: dict, kv_store: dict
     assert waiting == sorted(waiting)
     bs = kv.block_size
     for chunk in out.chunks:
-        req, start = chunk.request, chunk.request.num_computed_tokens
+        req, start = chunk.request, chunk.start
         end = start + chunk.num_new_tokens
+        assert req.num_computed_tokens == end  # advanced when scheduled
+        # The plain loop: every token before this step's is known; a sampling chunk adds one placeholder.
         assert chunk.num_new_tokens >= 1 and end <= req.num_tokens
         assert chunk.is_sampling == (end == req.num_tokens)
+        assert req.num_output_placeholders == chunk.is_sampling
         assert len(req.block_ids) * bs >= end
         ids = prefix_ids(req.all_token_ids[:end])
         for p in range(start):  # what the request reads was computed for exactly its prefix

@@ -1,0 +1,75 @@
+"""A scheduled step as the flat arrays every rank runs: tokens, positions, KV slots, block tables.
+
+Rank 0 builds them once for all ranks. With the overlapped loop, a decode may run on a token the
+step still in flight samples: its input id is then a placeholder, and the plan names the row of
+the previous step's sampled tokens that the ranks take from the device instead.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from meshlm.engine.scheduler import ScheduledChunk
+from meshlm.protocol import NewRequest, StepPlan
+
+__all__ = ["build_step_plan"]
+
+
+def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_rows: dict[str, int],
+                    new_requests: list[NewRequest], finished_request_ids: list[str]) -> StepPlan:
+    """The StepPlan of ``chunks``. ``prev_sample_rows`` maps a request id to its row among the
+    sampled tokens of the step in flight (empty when none is)."""
+    query_lens = np.array([c.num_new_tokens for c in chunks], dtype=np.int32)
+    starts = np.array([c.start for c in chunks], dtype=np.int64)
+    query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    # Positions: each chunk's range start..start+len, packed.
+    seq_index = np.repeat(np.arange(len(chunks)), query_lens)  # [num_tokens]
+    positions = starts[seq_index] + (np.arange(num_tokens) - query_start_loc[:-1][seq_index])
+    input_ids, prev_index, prev_rows = _input_ids(chunks, query_start_loc, num_tokens, prev_sample_rows)
+    max_blocks = max(len(c.request.block_ids) for c in chunks)
+    block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)  # [num_seqs, max_blocks]
+    for i, c in enumerate(chunks):
+        block_tables[i, :len(c.request.block_ids)] = c.request.block_ids
+    slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size
+                    + positions % block_size)
+    sample_rows = np.array([i for i, c in enumerate(chunks) if c.is_sampling], dtype=np.int64)
+    return StepPlan(
+        input_ids=input_ids, positions=positions.astype(np.int64), slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc, seq_lens=(starts + query_lens).astype(np.int32),
+        block_tables=block_tables, sample_rows=sample_rows,
+        sample_request_ids=[chunks[i].request.request_id for i in sample_rows],
+        new_requests=new_requests, finished_request_ids=finished_request_ids,
+        prev_token_index=np.array(prev_index, dtype=np.int64), prev_token_rows=np.array(prev_rows, dtype=np.int64))
+
+
+def _input_ids(chunks: list[ScheduledChunk], query_start_loc: np.ndarray, num_tokens: int,
+               prev_sample_rows: dict[str, int]) -> tuple[np.ndarray, list[int], list[int]]:
+    """The packed input ids [num_tokens], and where the step in flight's tokens go: (indices into
+    the input ids, rows of that step's sampled tokens)."""
+    input_ids = np.zeros(num_tokens, dtype=np.int64)
+    prev_index, prev_rows = [], []
+    for i, chunk in enumerate(chunks):
+        request, offset = chunk.request, int(query_start_loc[i])
+        known = _known_tokens(request.prompt_token_ids, request.output_token_ids, chunk.start,
+                              chunk.start + chunk.num_new_tokens)
+        input_ids[offset:offset + len(known)] = known
+        num_unknown = chunk.num_new_tokens - len(known)
+        if num_unknown:
+            # Only one step is ever in flight, so only a chunk's last token can be unknown.
+            assert num_unknown == 1 and request.request_id in prev_sample_rows, \
+                f"{request.request_id}: {num_unknown} unknown input tokens, in flight: {request.request_id in prev_sample_rows}"
+            prev_index.append(offset + chunk.num_new_tokens - 1)
+            prev_rows.append(prev_sample_rows[request.request_id])
+    return input_ids, prev_index, prev_rows
+
+
+def _known_tokens(prompt: list[int], outputs: list[int], start: int, end: int) -> list[int]:
+    """Tokens ``start:end`` of ``prompt + outputs`` that are known, without joining the two lists
+    (a decode reads one output token, not the whole sequence)."""
+    num_prompt = len(prompt)
+    if start >= num_prompt:
+        return outputs[start - num_prompt:end - num_prompt]
+    if end <= num_prompt:
+        return prompt[start:end]
+    return prompt[start:] + outputs[:end - num_prompt]
