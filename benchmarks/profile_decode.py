@@ -70,15 +70,17 @@ def main() -> int:
     parser.add_argument("--batches", default="1,64,256,1024")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="the overlapped step loop (default) or the plain one")
     ns = parser.parse_args()
     from meshlm import LLM
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=4096)
+              max_model_len=4096, async_scheduling=ns.async_scheduling)
     rows = [profile_batch(llm.engine_core, int(b), ns.steps) for b in ns.batches.split(",")]
     llm.shutdown()
     if ns.out:
         Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
-    print(f"card: {torch.cuda.get_device_name(0)}")
+    print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}")
     print(f"{'batch':>6} {'step ms':>8} {'GPU busy ms':>12} {'busy':>6}  top kernels (ms per step)")
     for r in rows:
         top = ", ".join(f"{name.split('(')[0][:28]} {ms:.2f}" for name, ms in r["top_kernels"][:4])

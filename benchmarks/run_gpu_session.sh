@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on one GPU: the GPU tests, decode steps by batch size (gpu_bench.py, SKIP_BENCH=1 skips),
-# paged decode attention (attention_bench.py), a profile of decode steps (profile_decode.py), and `meshlm bench throughput` on the Llama-3-8B
+# paged decode attention (attention_bench.py, SKIP_ATTENTION=1 skips), a profile of decode steps with
+# the overlapped and the plain step loop (profile_decode.py), and `meshlm bench throughput` on the Llama-3-8B
 # shape at 128/128 with 2000 prompts and 1000/1000 with 1000 prompts (SKIP_LONG=1 skips). Logs under $OUT.
 # Usage: OUT=results COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu_session.sh
 set -uo pipefail
@@ -17,19 +18,25 @@ if [ -z "${SKIP_BENCH:-}" ]; then
       --out "$OUT/gpu_bench.json" > "$OUT/gpu_bench.log" 2>&1
   tail -12 "$OUT/gpu_bench.log"
 fi
-echo "== paged decode attention (attention_bench.py)"
-timeout 150 python3 benchmarks/attention_bench.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
-tail -9 "$OUT/attention.log"
-echo "== profile of decode steps (profile_decode.py)"
-timeout 200 python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --out "$OUT/profile.json" \
-    > "$OUT/profile.log" 2>&1
-tail -7 "$OUT/profile.log"
+if [ -z "${SKIP_ATTENTION:-}" ]; then
+  echo "== paged decode attention (attention_bench.py)"
+  timeout 150 python3 benchmarks/attention_bench.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
+  tail -9 "$OUT/attention.log"
+fi
+for loop in async-scheduling no-async-scheduling; do
+  echo "== profile of decode steps (profile_decode.py --$loop)"
+  timeout 150 python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --$loop \
+      --out "$OUT/profile_$loop.json" > "$OUT/profile_$loop.log" 2>&1
+  tail -6 "$OUT/profile_$loop.log"
+done
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
-echo "== meshlm bench throughput, Llama-3-8B shape, 128/128, 2000 prompts"
-timeout 240 python3 -m meshlm bench throughput --model "$DIR" --load-format random --skip-tokenizer-init \
-    --dtype bfloat16 --num-prompts 2000 --input-len 128 --output-len 128 --max-model-len 4096 --no-progress \
-    --output-json "$OUT/bench_128.json" > "$OUT/bench_128.log" 2>&1
-grep -E "throughput|TTFT|TPOT|max_batch|Error" "$OUT/bench_128.log" | head -12
+for loop in async-scheduling no-async-scheduling; do
+  echo "== meshlm bench throughput, Llama-3-8B shape, 128/128, 2000 prompts, --$loop"
+  timeout 150 python3 -m meshlm bench throughput --model "$DIR" --load-format random --skip-tokenizer-init \
+      --dtype bfloat16 --num-prompts 2000 --input-len 128 --output-len 128 --max-model-len 4096 --no-progress \
+      --$loop --output-json "$OUT/bench_128_$loop.json" > "$OUT/bench_128_$loop.log" 2>&1
+  grep -E "Output token|TTFT|TPOT|Error" "$OUT/bench_128_$loop.log" | head -6
+done
 [ -n "${SKIP_LONG:-}" ] && exit 0
 echo "== meshlm bench throughput, Llama-3-8B shape, 1000/1000, 1000 prompts"
 timeout 330 python3 -m meshlm bench throughput --model "$DIR" --load-format random --skip-tokenizer-init \
