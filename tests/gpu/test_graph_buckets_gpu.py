@@ -142,9 +142,9 @@ def test_auto_max_batch_size_decodes_1000_requests_in_one_graph_step(tmp_path):
         batches = []
         run = engine.graph_runner.run
 
-        def spy(plan):
+        def spy(plan, *rest):
             batches.append(plan.num_seqs)
-            return run(plan)
+            return run(plan, *rest)
 
         engine.graph_runner.run = spy
         # Eight tokens each: every prompt is in by the third step, the first finish at the eighth.
