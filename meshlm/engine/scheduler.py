@@ -88,6 +88,11 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def waiting(self) -> tuple[Request, ...]:
+        """The waiting queue, front first (the order admission takes)."""
+        return tuple(self._waiting)
+
     # ---- requests in and out -----------------------------------------------------------------
 
     def add(self, request: Request) -> None:

@@ -24,7 +24,11 @@ class AllRowsRunner:
         # The eager forward below fills the placeholders from the previous step's tokens itself.
         self.num_replays += 1
         every_row = dataclasses.replace(plan, sample_rows=np.arange(plan.num_seqs, dtype=np.int64))
-        return self.engine._forward_eager(every_row)
+        self.engine.graph_runner = None  # the engine's own eager path, through its public method
+        try:
+            return self.engine.forward_logits(every_row)
+        finally:
+            self.engine.graph_runner = self
 
 
 def _generate(path, prompts, params, with_runner: bool):

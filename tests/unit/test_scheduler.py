@@ -158,7 +158,7 @@ def test_preempted_requests_wait_in_arrival_order_before_new_ones():
     assert plan(out) == [("r0", 1, True), ("r1", 1, True)]
     assert out.preempted == [reqs[2]]
     # r2 is back at the front, ahead of "late"; no admission in a step that preempted.
-    assert [r.request_id for r in sched._waiting] == ["r2", "late"]
+    assert [r.request_id for r in sched.waiting] == ["r2", "late"]
 
 
 def test_no_admission_in_a_step_that_preempted():
@@ -186,7 +186,7 @@ def test_repeated_preemption_keeps_arrival_order():
     out = step(sched)  # each needs a 2nd block: r0 preempts r3, r1 preempts r2
     assert plan(out) == [("r0", 1, True), ("r1", 1, True)]
     assert out.preempted == [reqs[3], reqs[2]]
-    assert [r.request_id for r in sched._waiting] == ["r2", "r3"]
+    assert [r.request_id for r in sched.waiting] == ["r2", "r3"]
 
 
 # ---- requests in and out -----------------------------------------------------------------------
@@ -280,7 +280,7 @@ def check_step(sched: Scheduler, out: SchedulerOutput, cfg: dict, kv_store: dict
     # Oldest first across the whole step: decodes and running chunks, then FIFO admissions.
     arrivals = [c.request.arrival_index for c in out.chunks]
     assert arrivals == sorted(arrivals)
-    waiting = [r.arrival_index for r in sched._waiting]
+    waiting = [r.arrival_index for r in sched.waiting]
     assert waiting == sorted(waiting)
     bs = kv.block_size
     for chunk in out.chunks:
