@@ -88,8 +88,12 @@ def test_serve_on_two_nodes_reached_from_the_other_host(two_hosts, two_node_slur
                                                          multinode_reference):
     slurm = two_node_slurm
     port = free_port()
+    # --async-scheduling only restates the default. Without it this job failed in MPI_Init 3 times
+    # out of 3 (Slurm's pmi2 plugin received garbage from MPICH's PMI2 client: "value not properly
+    # terminated", then UCX "Destination is unreachable"), with it and with --no-async-scheduling it
+    # passed: the failure follows the tasks' command line, not meshlm's behaviour. Not understood yet.
     env = job_env(multinode_llama, MESHLM_PORT=str(port),
-                  MESHLM_ARGS="--served-model-name tiny --max-model-len 256 --num-kv-blocks 64")
+                  MESHLM_ARGS="--served-model-name tiny --max-model-len 256 --num-kv-blocks 64 --async-scheduling")
     job = slurm.sbatch("serve.sbatch", [], env, ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1"])
     try:
         match = wait_for(lambda: _SERVE_LINE.search(job.stderr()), 60)
