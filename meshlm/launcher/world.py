@@ -20,7 +20,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable
 
 from meshlm.launcher import env
 from meshlm.launcher.monitor import RankMonitor
@@ -28,7 +28,6 @@ from meshlm.launcher.mpi_env import loopback_env, mpiexec_env_args, set_loopback
 from meshlm.launcher.ranks import RankInfo, gather_rank_table
 
 log = logging.getLogger("meshlm")
-T = TypeVar("T")
 
 # Seconds between writing an aborting rank's message and MPI_Abort (see abort_job).
 _ABORT_GRACE_S = 1.0
@@ -115,29 +114,35 @@ def _with_rank_table(world: World) -> World:
     return started[0]
 
 
-def once_per_node(world: World, produce: Callable[[], T]) -> T:
+def once_per_node(world: World, produce: Callable[[], object]):
     """Run ``produce`` on the first rank of each node while the node's other ranks wait; every rank
-    of the node returns its result, or raises its error.
+    of the node returns its JSON-able result (lists for tuples), or raises its error (as
+    ValueError, FileNotFoundError or RuntimeError, with the first rank's message).
 
     Collective over the world (every rank calls it). For work that one process per node must do,
-    e.g. fetching a model into a cache the node's ranks share.
+    e.g. fetching a model into a cache the node's ranks share. The answer travels as JSON.
     """
     from mpi4py import MPI
+
+    from meshlm.launcher.mpi_json import bcast_json
+    errors = {cls.__name__: cls for cls in (ValueError, FileNotFoundError, RuntimeError)}
     node = world.comm.Split_type(MPI.COMM_TYPE_SHARED, key=world.rank)
     try:
-        result, error = None, None
+        answer = None
         if node.Get_rank() == 0:
             try:
-                result = produce()
+                answer = {"value": produce()}
             except Exception as exc:  # the node's other ranks raise it too
-                error = exc if isinstance(exc, (ValueError, FileNotFoundError, RuntimeError)) else (
-                    RuntimeError(f"{type(exc).__name__}: {exc}"))
-        result, error = node.bcast((result, error), root=0)
+                kind = type(exc).__name__ if type(exc).__name__ in errors else "RuntimeError"
+                message = str(exc) if kind == type(exc).__name__ else f"{type(exc).__name__}: {exc}"
+                answer = {"error": [kind, message]}
+        answer = bcast_json(node, answer)
     finally:
         node.Free()
-    if error is not None:
-        raise error
-    return result
+    if "error" in answer:
+        kind, message = answer["error"]
+        raise errors[kind](message)
+    return answer["value"]
 
 
 def install_abort_on_error(world: World) -> None:

@@ -53,4 +53,4 @@ def resolve_model_on_ranks(model: str | os.PathLike | None, revision: str | None
     # Local paths need no fetching, and the default model and GGUF files have their own file lock.
     if hub_repo_id(None if model is None else str(model)) is None or not launched_by_mpi():
         return resolve_model(model, revision, download_dir)
-    return once_per_node(init_world(), lambda: resolve_model(model, revision, download_dir))
+    return Path(once_per_node(init_world(), lambda: str(resolve_model(model, revision, download_dir))))

@@ -33,7 +33,7 @@ def main() -> int:
     rank = MPI.COMM_WORLD.Get_rank()
     say(f"[run_layout] rank {rank} of {MPI.COMM_WORLD.Get_size()} pid {os.getpid()}")
     worker = once_per_node(world, lambda: (world.rank, os.getpid()))
-    say(f"[node_once] rank {rank} got {worker}")
+    say(f"[node_once] rank {rank} got {tuple(worker)}")
     try:
         path = resolve_model_on_ranks(args.model, args.revision)
         say(f"[node_once] rank {rank} resolved {path}")
