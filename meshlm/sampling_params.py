@@ -229,8 +229,9 @@ def _normalise_logit_bias(bias: Mapping[int, float] | None) -> dict[int, float]:
         token_id = int(key) if isinstance(key, str) and key.isdecimal() else key
         if not _is_int(token_id) or token_id < 0:
             raise ValueError(f"logit_bias: key {key!r} is not a token id (an integer >= 0)")
-        _check_real(f"logit_bias[{key!r}]", value)
-        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-            raise ValueError(f"logit_bias[{key!r}]={value} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not \
+                -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: the bias {value!r} of token {key!r} must be a number in "
+                             f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         out[int(token_id)] = float(value)
     return out

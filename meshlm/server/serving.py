@@ -112,7 +112,7 @@ def new_id(prefix: str) -> str:
 def sampling_params_or_400(served: ServedModel, body) -> SamplingParams:
     """The body's SamplingParams, within the server's limits; 400 naming the limit otherwise."""
     try:
-        params = body.sampling_params()
+        params = body.sampling_params().with_bad_words_tokenized(served.tokenizer)
     except ValueError as exc:
         raise APIError.bad_request(exc) from None
     if params.n > served.limits.max_n:

@@ -129,7 +129,8 @@ def test_logit_bias_allowed_ids_and_bad_words_normalised():
 
 
 @pytest.mark.parametrize("bad, words", [
-    ({"logit_bias": {5: 100.5}}, ["logit_bias[5]=100.5", "[-100, 100]"]),
+    ({"logit_bias": {5: 100.5}}, ["logit_bias: the bias 100.5 of token 5", "[-100, 100]"]),
+    ({"logit_bias": {5: float("nan")}}, ["nan", "token 5"]),
     ({"logit_bias": {"x": 1}}, ["'x'", "token id"]),
     ({"logit_bias": {-1: 1}}, ["-1", "token id"]),
     ({"logit_bias": [1, 2]}, ["logit_bias=[1, 2]", "map"]),
