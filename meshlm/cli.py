@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
-    gen.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch)")
+    gen.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch); with "
+                     "--skip-tokenizer-init, token ids such as \"1, 2, 3\"")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="apply the chat template (default: when the model has one)")
     gen.add_argument("--system", default=None, help="system message when --chat")
@@ -99,23 +100,40 @@ def relaunch_if_needed(args: EngineArgs, extra_argv: tuple[str, ...] = ()) -> No
 def cmd_generate(ns: argparse.Namespace) -> int:
     from meshlm.api.llm import LLM
     args = EngineArgs.from_cli(ns)
+    # With no tokenizer, prompts are token ids: bad ones fail here, before any rank starts.
+    token_prompts = [token_ids_of(text) for text in ns.prompts] if args.skip_tokenizer_init else None
     relaunch_if_needed(args)
     params = _sampling_params(ns)
     # Only rank 0 returns from LLM(...); the other ranks serve steps inside it, then exit.
     llm = LLM(**{k: getattr(args, k) for k in args.__slots__})
     try:
-        prompts = [_prompt(llm.tokenizer, text, ns) for text in ns.prompts]
+        prompts = token_prompts or [_prompt(llm.tokenizer, text, ns) for text in ns.prompts]
+        show = _token_ids_text if token_prompts else (lambda c: c.text)
         if len(prompts) == 1:
             for delta in llm.generate_stream(prompts[0], params, output_kind="delta"):
-                sys.stdout.write("".join(c.text for c in delta.outputs))
+                sys.stdout.write("".join(show(c) for c in delta.outputs))
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
             for text, out in zip(ns.prompts, llm.generate(prompts, params)):
-                print(f"### {text}\n{out.outputs[0].text}\n")
+                print(f"### {text}\n{show(out.outputs[0])}\n")
     finally:
         llm.shutdown()
     return 0
+
+
+def token_ids_of(text: str) -> list[int]:
+    """A prompt written as token ids, separated by commas or spaces: ``"1, 2, 3"`` or ``"1 2 3"``."""
+    words = text.replace(",", " ").split()
+    if not words or not all(w.isdecimal() for w in words):
+        raise ValueError(f"prompt {text!r}: with --skip-tokenizer-init there is no tokenizer, so a prompt "
+                         f"must be token ids separated by commas or spaces, such as \"1, 2, 3\"")
+    return [int(w) for w in words]
+
+
+def _token_ids_text(completion) -> str:
+    """A completion's new token ids, each followed by a space (streamed pieces join into one line)."""
+    return "".join(f"{t} " for t in completion.token_ids)
 
 
 def _prompt(tokenizer, text: str, ns: argparse.Namespace) -> str | list[int]:

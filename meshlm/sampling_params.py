@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["SamplingParams", "MAX_LOGPROBS"]
 
 MAX_LOGPROBS = 20  # the most top logprobs one request may ask for (OpenAI's limit)
 _MAX_SEED = 2**64  # torch.Generator.manual_seed takes seeds modulo 2**64
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 @dataclass(slots=True)
@@ -24,6 +25,11 @@ class SamplingParams:
     up to the context length. ``logprobs=None`` returns no logprobs; ``logprobs=k`` returns the
     sampled token's logprob and the ``k`` most likely tokens' (``k=0``: the sampled one only).
     ``seed`` makes the request's tokens independent of what else is in the batch.
+
+    ``logit_bias`` ({token id: bias in [-100, 100]}, as OpenAI) is added to the logits;
+    ``allowed_token_ids`` restricts sampling to those ids; ``bad_words`` are never generated: their
+    token ids (``bad_words_token_ids``, filled in by ``with_bad_words_tokenized`` where a tokenizer
+    is, or given directly without one) are banned when the tokens before the word's last match.
     """
 
     n: int = 1
@@ -43,10 +49,24 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: Mapping[int, float] | None = None  # normalised to a dict {int: float}; keys may be "123"
+    allowed_token_ids: Sequence[int] | None = None  # None: every token; normalised to a tuple of ints
+    bad_words: str | Sequence[str] | None = None  # normalised to a tuple of non-empty strings
+    bad_words_token_ids: Sequence[Sequence[int]] | None = None  # normalised to a tuple of tuples
 
     def __post_init__(self) -> None:
         self.stop = _normalise_stop(self.stop)
-        self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
+        self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids)
+        self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _normalise_token_ids("allowed_token_ids", self.allowed_token_ids)
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids=[] would allow no token: give at least one id, or None")
+        self.bad_words = _normalise_stop(self.bad_words, "bad_words")
+        self.bad_words_token_ids = tuple(
+            _normalise_token_ids("bad_words_token_ids", ids) for ids in self.bad_words_token_ids or ())
+        if any(not ids for ids in self.bad_words_token_ids):
+            raise ValueError(f"bad_words_token_ids={self.bad_words_token_ids!r}: a word has no token ids")
         self._check_counts()
         self._check_filters()
         self._check_penalties()
@@ -107,14 +127,39 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 
+    @property
+    def needs_output_history(self) -> bool:
+        """True when sampling reads the request's earlier output tokens (penalties, bad words)."""
+        return self.uses_penalties or bool(self.bad_words_token_ids)
+
+    def with_bad_words_tokenized(self, tokenizer) -> SamplingParams:
+        """A copy whose ``bad_words_token_ids`` holds every bad word's token ids, tokenized alone and
+        after a space (a word inside a text usually follows one); ``self`` when there are no bad
+        words. ``tokenizer=None`` with bad words is an error."""
+        if not self.bad_words:
+            return self
+        if tokenizer is None:
+            raise ValueError(f"bad_words={list(self.bad_words)!r} need a tokenizer, and it is off "
+                             "(skip_tokenizer_init): give bad_words_token_ids instead")
+        ids = list(self.bad_words_token_ids)
+        for word in self.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                word_ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+                if word_ids and word_ids not in ids:
+                    ids.append(word_ids)
+        return self.replace(bad_words_token_ids=ids)
+
     def replace(self, **changes: object) -> SamplingParams:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """The fields as JSON-ready values (tuples become lists); ``from_dict`` reverses it."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self)}
+        """The fields as JSON-ready values (tuples become lists, logit_bias keys strings, as JSON
+        keys must be); ``from_dict`` reverses it."""
+        out = {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+               for f in dataclasses.fields(self)}
+        out["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
+        return out
 
     @classmethod
     def from_dict(cls, values: dict) -> SamplingParams:
@@ -152,23 +197,41 @@ def _check_real(name: str, value: object) -> None:
         raise ValueError(f"{name}={value!r} must be a real number")
 
 
-def _normalise_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+def _normalise_stop(stop: str | Sequence[str] | None, name: str = "stop") -> tuple[str, ...]:
     if stop is None:
         return ()
     items = (stop,) if isinstance(stop, str) else tuple(stop)
     for item in items:
         if not isinstance(item, str) or not item:
-            raise ValueError(f"stop={stop!r}: every stop string must be a non-empty str, got {item!r}")
+            raise ValueError(f"{name}={stop!r}: every one must be a non-empty str, got {item!r}")
     return items
 
 
-def _normalise_stop_token_ids(ids: Sequence[int] | None) -> tuple[int, ...]:
+def _normalise_token_ids(name: str, ids: Sequence[int] | None) -> tuple[int, ...]:
     if ids is None:
         return ()
-    if isinstance(ids, (str, bytes)):
-        raise ValueError(f"stop_token_ids={ids!r} must be a list of non-negative token ids")
-    out = tuple(ids)
-    for token_id in out:
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"{name}={ids!r} must be a list of non-negative token ids")
+    for token_id in ids:
         if not _is_int(token_id) or token_id < 0:
-            raise ValueError(f"stop_token_ids={ids!r}: {token_id!r} is not a token id (an integer >= 0)")
-    return tuple(int(t) for t in out)
+            raise ValueError(f"{name}={ids!r}: {token_id!r} is not a token id (an integer >= 0)")
+    return tuple(int(t) for t in ids)
+
+
+def _normalise_logit_bias(bias: Mapping[int, float] | None) -> dict[int, float]:
+    """``{token id: bias}`` with int keys (JSON's and OpenAI's string keys such as ``"50256"`` too)."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias={bias!r} must be a map from token id to bias")
+    out = {}
+    for key, value in bias.items():
+        token_id = int(key) if isinstance(key, str) and key.isdecimal() else key
+        if not _is_int(token_id) or token_id < 0:
+            raise ValueError(f"logit_bias: key {key!r} is not a token id (an integer >= 0)")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not \
+                -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: the bias {value!r} of token {key!r} must be a number in "
+                             f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        out[int(token_id)] = float(value)
+    return out

@@ -107,6 +107,7 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompts, params):
+                p = p.with_bad_words_tokenized(self._coordinator.tokenizer)
                 ids.append(self._coordinator.submit(prompt, p))
         except Exception:
             for request_id in ids:  # an invalid prompt rejects the whole call, leaving nothing queued

@@ -4,14 +4,15 @@ It lives on the rank that samples (the last pipeline stage's first TP rank) and 
 its sampling parameters, its number of outputs (for ``min_tokens``), its token history when a
 penalty needs it and, for a seeded request, its own ``torch.Generator``. A step's tokens stay on
 the device (``sample_on_device``), so the host never waits for them, except that the history of a
-penalised request needs its last token: a step with such a request first waits for the steps
+request with a penalty or bad words needs its last token: a step with such a request first waits for the steps
 before it (correct, just not overlapped). Stop strings, stop token ids, ``ignore_eos`` and ``max_tokens``
 are decided on rank 0 after detokenization, not here.
 
 One step, all batched over rows:
 
 1. logprobs (when some row asks) from ``log_softmax`` of the raw logits, as vLLM reports them;
-2. repetition penalty over prompt + output tokens, presence and frequency penalties over output tokens;
+2. ``allowed_token_ids``, ``bad_words`` and ``logit_bias`` (``token_constraints``);
+   repetition penalty over prompt + output tokens, presence and frequency penalties over output tokens;
 3. ``min_tokens``: eos ids and the request's stop token ids get ``-inf`` until it has enough outputs;
 4. greedy rows take the argmax; the others divide by the temperature, filter by top-k, top-p and
    min-p (one sort), and sample by the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``.
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from meshlm.executor.async_output import AsyncStepResult, SampledTokens
+from meshlm.executor.token_constraints import apply_token_constraints
 from meshlm.protocol import StepResult
 from meshlm.sampling_params import SamplingParams
 
@@ -44,7 +46,7 @@ class _RequestState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # kept only when needs_history
     generator: torch.Generator | None  # only for a seeded request
-    needs_history: bool  # a repetition, presence or frequency penalty reads the outputs
+    needs_history: bool  # a penalty or a bad word reads the outputs
     num_output_tokens: int = 0
 
 
@@ -75,9 +77,8 @@ class Sampler:
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already in the sampler")
         generator = None if params.seed is None else _make_generator(params.seed, self.device)
-        needs_history = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                         or params.frequency_penalty != 0.0)
-        self._requests[request_id] = _RequestState(params, list(prompt_token_ids), [], generator, needs_history)
+        self._requests[request_id] = _RequestState(params, list(prompt_token_ids), [], generator,
+                                                   params.needs_output_history)
 
     def remove_request(self, request_id: str) -> None:
         """Forget a request; a no-op for an unknown id (an aborted request may never have arrived)."""
@@ -133,6 +134,10 @@ class Sampler:
         logits = logits.to(self.device, torch.float32)
 
         raw_logprobs = self._raw_logprobs(logits, states)
+        if any(s.params.allowed_token_ids is not None or s.params.logit_bias or s.params.bad_words_token_ids
+               for s in states):
+            logits = apply_token_constraints(logits, [s.params for s in states],
+                                             [s.output_token_ids for s in states])
         logits = self._apply_penalties(logits, states, host_params, row_params)
         logits = self._apply_min_tokens(logits, states)
         token_ids = self._choose_tokens(logits, states, host_params, row_params)

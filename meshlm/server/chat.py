@@ -18,6 +18,7 @@ async def create_chat_completion(served: ServedModel, body: ChatCompletionReques
     served.check_model(body.model)
     params = sampling_params_or_400(served, body)
     prompt = Prompt(await served.in_pool(_render, served, body), None)
+    served.check_fits([prompt], params, "messages")
     request_id = new_id("chatcmpl")
     created = int(time.time())
     runs = await served.start(request, [prompt], params, request_id, "messages")

@@ -25,6 +25,7 @@ async def create_completion(served: ServedModel, body: CompletionRequest, reques
         raise APIError(HTTPStatus.BAD_REQUEST, f"prompt: {len(texts)} prompts is more than this server's "
                        f"maximum of {served.limits.max_prompts} per request (--max-prompts)", param="prompt")
     prompts = await served.in_pool(served.tokenize, texts)
+    served.check_fits(prompts, params, "prompt")
     request_id = new_id("cmpl")
     created = int(time.time())
     runs = await served.start(request, prompts, params, request_id, "prompt")

@@ -39,7 +39,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, ignored
-    logit_bias: dict[str, float] | None = None  # only empty or null
+    logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}
     # vLLM's extras
     top_k: int | None = None  # 0 and -1 also mean "off", as in vLLM
     min_p: float = 0.0
@@ -49,13 +49,13 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: str | list[str] | None = None
 
     def check_common(self) -> None:
         """Raise ValueError for combinations pydantic cannot see."""
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         top_k = None if self.top_k in (0, -1) else self.top_k
@@ -67,7 +67,8 @@ class _SamplingFields(BaseModel):
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, stop=self.stop,
             stop_token_ids=self.stop_token_ids, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, logit_bias=self.logit_bias,
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words)
 
     @property
     def include_usage(self) -> bool:

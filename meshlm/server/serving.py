@@ -43,7 +43,7 @@ class ServedModel:
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.name:
-            raise APIError(HTTPStatus.BAD_REQUEST, f"the model `{requested}` does not exist; this server "
+            raise APIError(HTTPStatus.NOT_FOUND, f"the model `{requested}` does not exist; this server "
                            f"serves `{self.name}`", param="model", code="model_not_found")
 
     async def in_pool(self, fn: Callable[..., T], *args) -> T:
@@ -75,6 +75,23 @@ class ServedModel:
                                param="prompt")
         return out
 
+    def check_fits(self, prompts: Sequence[Prompt], params: SamplingParams, source: str) -> None:
+        """Refuse a prompt whose tokens plus ``max_tokens`` exceed the context; with ``max_tokens``
+        omitted, generation stops at the context instead (finish_reason ``length``)."""
+        if params.max_tokens is None:
+            return
+        for prompt in prompts:
+            if isinstance(prompt.tokens, str):
+                continue  # text with no tokenizer: the engine refuses it
+            num_prompt_tokens = len(prompt.tokens)
+            requested = num_prompt_tokens + params.max_tokens
+            if requested > self.max_model_len:
+                raise APIError(HTTPStatus.BAD_REQUEST, f"the context of this model holds {self.max_model_len} "
+                               f"tokens (max_model_len), but this request needs {requested}: "
+                               f"{num_prompt_tokens} in the {source} and {params.max_tokens} to generate "
+                               f"(max_tokens); shorten the {source} or lower max_tokens to at most "
+                               f"{max(self.max_model_len - num_prompt_tokens, 0)}", param="max_tokens")
+
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
 
@@ -95,7 +112,7 @@ def new_id(prefix: str) -> str:
 def sampling_params_or_400(served: ServedModel, body) -> SamplingParams:
     """The body's SamplingParams, within the server's limits; 400 naming the limit otherwise."""
     try:
-        params = body.sampling_params()
+        params = body.sampling_params().with_bad_words_tokenized(served.tokenizer)
     except ValueError as exc:
         raise APIError.bad_request(exc) from None
     if params.n > served.limits.max_n:

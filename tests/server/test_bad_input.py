@@ -37,6 +37,12 @@ CASES = [
      ["10000", str(MAX_MODEL_LEN)]),
     (COMPLETIONS, json.dumps({"prompt": list(range(3, MAX_MODEL_LEN + 3))}), 400, "prompt",
      [str(MAX_MODEL_LEN)]),
+    # 90 prompt tokens + 50 to generate = 140 > 128: every number named, and the most that fits (38)
+    (COMPLETIONS, json.dumps({"prompt": list(range(3, 93)), "max_tokens": 50}), 400, "max_tokens",
+     [str(MAX_MODEL_LEN), str(90 + 50), "90", "50", str(MAX_MODEL_LEN - 90)]),
+    (CHAT, json.dumps({"messages": HI, "max_tokens": MAX_MODEL_LEN - 1}), 400, "max_tokens",
+     [str(MAX_MODEL_LEN), str(MAX_MODEL_LEN - 1), "messages"]),
+    (COMPLETIONS, '{"prompt": "w5", "model": "no-such-model"}', 404, "model", ["no-such-model"]),
 ]
 
 
@@ -54,6 +60,27 @@ def test_bad_inputs_are_refused(model_dir):
                         assert word in error["message"], (word, error)
             await server.wait_idle()
             await server.check_serving()
+
+    asyncio.run(run())
+
+
+def test_generation_stops_at_the_context_when_max_tokens_is_omitted(model_dir):
+    prompt = list(range(3, 93))
+    room = MAX_MODEL_LEN - len(prompt)
+
+    async def run():
+        with InProcessServer(model_dir) as server:
+            async with server.client() as http:
+                body = {"prompt": prompt, "ignore_eos": True, "temperature": 0}
+                for max_tokens in (room, None):  # exactly the room left, then omitted
+                    r = await http.post(COMPLETIONS, json={**body, "max_tokens": max_tokens})
+                    assert r.status_code == 200, (max_tokens, r.text)
+                    out = r.json()
+                    assert out["usage"]["completion_tokens"] == room, (max_tokens, out["usage"])
+                    assert out["choices"][0]["finish_reason"] == "length", out["choices"]
+                r = await http.post(COMPLETIONS, json={**body, "max_tokens": room + 1})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+            await server.wait_idle()
 
     asyncio.run(run())
 

@@ -20,7 +20,9 @@ def make_plan() -> StepPlan:
         seq_lens=np.array([3, 41], np.int32), block_tables=np.array([[1, 0, 0], [2, 3, 4]], np.int32),
         sample_rows=np.array([0, 1], np.int64), sample_request_ids=["a", "b#1"],
         new_requests=[NewRequest("a", SamplingParams(temperature=0.5, stop=["x", "yz"], seed=3,
-                                                     stop_token_ids=[2]), [5, 6, 7])],
+                                                     stop_token_ids=[2], logit_bias={7: 2.5, 11: -100},
+                                                     allowed_token_ids=[5, 7, 11], bad_words=["no"],
+                                                     bad_words_token_ids=[[4, 5], [6]]), [5, 6, 7])],
         finished_request_ids=["old"])
 
 

@@ -117,3 +117,46 @@ def test_replace_revalidates():
 def test_pickles_round_trip():
     p = SamplingParams(n=2, seed=3, stop=["a"], stop_token_ids=[1], logprobs=5)
     assert pickle.loads(pickle.dumps(p)) == p
+
+
+def test_logit_bias_allowed_ids_and_bad_words_normalised():
+    p = SamplingParams(logit_bias={"50": 1, 7: -100.0}, allowed_token_ids=np.array([3, 9]), bad_words="no",
+                       bad_words_token_ids=[[4, 5]])
+    assert p.logit_bias == {50: 1.0, 7: -100.0} and all(type(k) is int for k in p.logit_bias)
+    assert p.allowed_token_ids == (3, 9) and p.bad_words == ("no",) and p.bad_words_token_ids == ((4, 5),)
+    assert p.needs_output_history and not SamplingParams(logit_bias={1: 2}).needs_output_history
+    assert SamplingParams.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"logit_bias": {5: 100.5}}, ["logit_bias: the bias 100.5 of token 5", "[-100, 100]"]),
+    ({"logit_bias": {5: float("nan")}}, ["nan", "token 5"]),
+    ({"logit_bias": {"x": 1}}, ["'x'", "token id"]),
+    ({"logit_bias": {-1: 1}}, ["-1", "token id"]),
+    ({"logit_bias": [1, 2]}, ["logit_bias=[1, 2]", "map"]),
+    ({"allowed_token_ids": []}, ["allowed_token_ids=[]"]),
+    ({"allowed_token_ids": [3, -2]}, ["allowed_token_ids=[3, -2]", "-2"]),
+    ({"bad_words": ["ok", ""]}, ["bad_words=['ok', '']", "''"]),
+    ({"bad_words_token_ids": [[1], []]}, ["bad_words_token_ids", "no token ids"]),
+])
+def test_logit_bias_allowed_ids_and_bad_words_validated(bad, words):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**bad)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+class _WordTokenizer:
+    """Each character is a token id (its code point); a leading space is a token of its own."""
+
+    def encode(self, text, add_special_tokens=True):
+        assert not add_special_tokens
+        return [ord(c) for c in text]
+
+
+def test_bad_words_tokenized_alone_and_after_a_space():
+    p = SamplingParams(bad_words=["ab", " c"]).with_bad_words_tokenized(_WordTokenizer())
+    assert p.bad_words_token_ids == ((97, 98), (32, 97, 98), (99,), (32, 99))
+    assert SamplingParams().with_bad_words_tokenized(None) == SamplingParams()
+    with pytest.raises(ValueError, match="bad_words=\\['x'\\] need a tokenizer"):
+        SamplingParams(bad_words=["x"]).with_bad_words_tokenized(None)

@@ -269,7 +269,7 @@ def _bad_requests(server) -> list[tuple[str, dict | str, dict, int, str | None]]
         ("/v1/completions", {"prompt": "Hi", "n": 0}, _headers(), 400, "n"),
         ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, _headers(), 400, "max_tokens"),
         ("/v1/completions", {"prompt": "Hi", "stop": [""]}, _headers(), 400, "stop"),
-        ("/v1/completions", {"prompt": "Hi", "model": "no-such-model"}, _headers(), 400, "model"),
+        ("/v1/completions", {"prompt": "Hi", "model": "no-such-model"}, _headers(), 404, "model"),
         ("/v1/completions", {"prompt": long_prompt}, _headers(), 400, "prompt"),
         ("/v1/completions", {"prompt": ""}, _headers(), 400, "prompt"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, _headers(), 400, "prompt"),
@@ -324,8 +324,9 @@ def _wait_for_gauges(server, running: int, timeout_s: float) -> dict[str, float]
 
 
 def _long_request(stream: bool) -> dict:
-    """A request that would generate about 2000 tokens: far longer than any wait in these tests."""
-    return {"model": MODEL_NAME, "prompt": PROMPTS[1], "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True,
+    """A request that would generate about 2000 tokens (up to the context, max_tokens omitted): far
+    longer than any wait in these tests."""
+    return {"model": MODEL_NAME, "prompt": PROMPTS[1], "max_tokens": None, "ignore_eos": True,
             "temperature": 0, "stream": stream}
 
 
