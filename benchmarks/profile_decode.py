@@ -36,7 +36,7 @@ def busy_us(events) -> float:
     return total
 
 
-def profile_batch(coordinator, batch: int, num_steps: int) -> dict:
+def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = False) -> dict:
     from meshlm import SamplingParams
     rng = np.random.default_rng(batch)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
@@ -51,6 +51,8 @@ def profile_batch(coordinator, batch: int, num_steps: int) -> dict:
             coordinator.step()
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - start) * 1e6
+    if host_table:  # where the host's time goes: CUDA runtime calls (waits, copies) and Python-side ops
+        print(f"batch {batch}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, float] = defaultdict(float)
     for e in kernels:
@@ -70,13 +72,14 @@ def main() -> int:
     parser.add_argument("--batches", default="1,64,256,1024")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--host-table", action="store_true", help="print the host-side ops of each batch")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="the overlapped step loop (default) or the plain one")
     ns = parser.parse_args()
     from meshlm import LLM
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=4096, async_scheduling=ns.async_scheduling)
-    rows = [profile_batch(llm.engine_core, int(b), ns.steps) for b in ns.batches.split(",")]
+    rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table) for b in ns.batches.split(",")]
     llm.shutdown()
     if ns.out:
         Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
