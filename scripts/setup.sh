@@ -17,6 +17,7 @@ fi
   accelerate==1.15.0 \
   jinja2==3.1.6 tqdm==4.70.1 matplotlib==3.11.2 \
   fastapi==0.165.0 uvicorn==0.54.0 prometheus-client==0.26.0 httpx==0.28.1 openai==3.57.0 \
+  llguidance==1.9.1 compressed-tensors==0.20.0 loguru==0.7.3 \
   pytest==9.2.0 pytest-timeout==2.4.0 setuptools==84.2.1
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 echo "meshlm installed in .venv ($(.venv/bin/python -c 'import torch, mpi4py; print("torch", torch.__version__, "mpi4py", mpi4py.__version__)'))"
