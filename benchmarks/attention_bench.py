@@ -31,8 +31,9 @@ from meshlm.kernels.triton_attention import unified_attention  # noqa: E402
 
 SHAPES = "1x32768,8x8192,64x2048,256x1024,1024x256"
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-SWEEP = [DecodeTiles(32, 4, 3), DecodeTiles(64, 4, 2), DecodeTiles(64, 4, 3), DecodeTiles(64, 4, 4),
-         DecodeTiles(128, 4, 2), DecodeTiles(128, 8, 3)]
+SWEEP = [DecodeTiles(block_n, warps, stages) for block_n, warps, stages in (
+    (16, 2, 2), (16, 4, 3), (32, 2, 3), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 2, 3),
+    (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3))]
 
 
 def median_ms(fn, warmup: int = 5, iters: int = 25) -> float:
@@ -90,7 +91,7 @@ def bench_shape(batch: int, context: int, copy_rate: float, sweep: bool) -> list
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)}
     if sweep:
         for tiles in SWEEP:
-            for splits in sorted({num_splits, 2 * num_splits}):
+            for splits in sorted({num_splits, 2 * num_splits, 4 * num_splits, max(1, num_splits // 2)}):
                 runs[f"decode {tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s x{splits}"] = (
                     lambda t=tiles, s=splits: paged_decode_attention(q, k_cache, v_cache, meta, scale, None, t, s))
     baseline = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True).squeeze(2).float()

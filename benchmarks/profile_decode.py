@@ -9,6 +9,7 @@ Prints one table last: the busy fraction is busy time / wall time of the profile
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -36,15 +37,50 @@ def busy_us(events) -> float:
     return total
 
 
+class GcClock:
+    """Seconds the garbage collector ran while ``running`` (gc.callbacks brackets each collection)."""
+
+    def __init__(self):
+        self.seconds, self._start, self.running = 0.0, 0.0, False
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if not self.running:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+
+GC_CLOCK = GcClock()
+
+
+def timed_steps(coordinator, num_steps: int) -> tuple[float, float]:
+    """Wall microseconds of ``num_steps`` steps without a profiler, and the GC's share of them."""
+    torch.cuda.synchronize()
+    GC_CLOCK.seconds, GC_CLOCK.running = 0.0, True
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        coordinator.step()
+    torch.cuda.synchronize()
+    GC_CLOCK.running = False
+    return (time.perf_counter() - start) * 1e6, GC_CLOCK.seconds * 1e6
+
+
 def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = False) -> dict:
     from meshlm import SamplingParams
     rng = np.random.default_rng(batch)
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16 + 5 * num_steps + batch * 128 // 8192, ignore_eos=True)
     ids = [coordinator.submit(rng.integers(0, 32000, 128).tolist(), params) for _ in range(batch)]
-    for _ in range(4 + batch * 128 // 8192):  # the prompts' prefill, then a few plain decode steps
+    for _ in range(4 + batch * 128 // 8192 + num_steps):  # the prompts' prefill, then some decode steps
         coordinator.step()
+    plain_us, gc_us = timed_steps(coordinator, num_steps)
+    # Kernels only, unless the host's ops are asked for: tracing every CPU op slows the host.
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if host_table:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
     torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(num_steps):
@@ -63,7 +99,8 @@ def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = Fa
     coordinator.step()
     busy = busy_us(kernels)
     return {"batch": batch, "step_ms": wall_us / num_steps / 1e3, "busy_ms": busy / num_steps / 1e3,
-            "busy_fraction": busy / wall_us,
+            "busy_fraction": busy / wall_us, "unprofiled_step_ms": plain_us / num_steps / 1e3,
+            "unprofiled_busy_fraction": busy / plain_us, "gc_ms": gc_us / num_steps / 1e3,
             "top_kernels": [(name[:60], us / num_steps / 1e3) for name, us in top]}
 
 
@@ -84,10 +121,13 @@ def main() -> int:
     if ns.out:
         Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}")
-    print(f"{'batch':>6} {'step ms':>8} {'GPU busy ms':>12} {'busy':>6}  top kernels (ms per step)")
+    print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
+          " gc: the garbage collector's time per unprofiled step")
+    print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")
     for r in rows:
         top = ", ".join(f"{name.split('(')[0][:28]} {ms:.2f}" for name, ms in r["top_kernels"][:4])
-        print(f"{r['batch']:>6} {r['step_ms']:>8.2f} {r['busy_ms']:>12.2f} {r['busy_fraction']:>6.0%}  {top}")
+        print(f"{r['batch']:>6} {r['step_ms']:>8.2f} {r['unprofiled_step_ms']:>9.2f} {r['busy_ms']:>12.2f} "
+              f"{r['unprofiled_busy_fraction']:>6.0%} {r['gc_ms']:>6.2f}  {top}")
     return 0
 
 
