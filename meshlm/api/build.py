@@ -3,6 +3,7 @@ the KV pool size agreed by every rank, and on rank 0 the coordinator."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 from contextlib import nullcontext
@@ -86,6 +87,7 @@ class RankRuntime:
                  "(max_model_len=%d); max_batch_size %d", config.model.architecture, config.model.num_layers,
                  self.runner.dtype, self.device, self.num_blocks, cache.block_size,
                  self.num_blocks * cache.block_size, config.max_model_len, max_batch_size)
+        freeze_startup_heap()
 
     def _phase(self, name: str):
         return self._phases.phase(name) if self._phases is not None else nullcontext()
@@ -105,6 +107,22 @@ class RankRuntime:
     def make_coordinator(self, dispatcher: StepDispatcher) -> Coordinator:
         assert self.mapping.rank == 0
         return Coordinator(dispatcher, self.config, self.tokenizer, self.num_blocks, self.eos_token_ids)
+
+
+# Young objects that may pile up before the collector runs (Python's default: 700). The step loop
+# allocates thousands of short-lived containers per step at large batches.
+_GC_YOUNG_THRESHOLD = 50_000
+
+
+def freeze_startup_heap() -> None:
+    """Keep the garbage collector off the step loop's critical path: every object alive after
+    start-up (modules, the model, the libraries' heaps) moves out of the collector's reach
+    (``gc.freeze``), and young collections run less often. Measured on an H200 before this: at
+    batch 1024 the collector took 9.3 ms of a 42 ms decode step, traversing that start-up heap."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, _GC_YOUNG_THRESHOLD), middle, old)
 
 
 def _min_over_ranks(value: int, world_comm) -> int:

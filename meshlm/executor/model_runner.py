@@ -276,8 +276,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.groups.destroy()
+        import gc
+        gc.unfreeze()  # start-up froze this engine's objects (api/build.py): let cycles among them go
         if self.device.type == "cuda":
-            import gc
             gc.collect()
             torch.cuda.empty_cache()
 

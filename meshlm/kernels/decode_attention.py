@@ -32,8 +32,12 @@ import triton.language as tl
 from meshlm.kernels.attention import AttentionMetadata
 
 _LOG2_E = 1.4426950408889634
-# Programs per SM that the splits aim for: enough to hide memory latency on every SM.
-_PROGRAMS_PER_SM = 2
+# Programs per SM that the splits aim for: enough to hide memory latency on every SM (on an H200,
+# 64 sequences x 2k keys ran 10 % faster in 2 splits than in 1).
+_PROGRAMS_PER_SM = 4
+# Up to this many (sequence, KV head) programs per SM, 128-key tiles read faster; beyond it, 64-key
+# tiles (attention_bench.py --sweep on an H200: 1 x 32k, 8 x 8k and 64 x 2k against 256 x 1k, 1024 x 256).
+_LARGE_TILE_PROGRAMS_PER_SM = 4
 # A split covers at least this many keys: shorter splits cost more in merging than they give.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
@@ -198,7 +202,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_seqs == 0:
         return out
-    tiles = tiles or decode_tiles(q.dtype)
+    tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, _num_sms(q.device))
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
     group = num_heads // num_kv_heads
@@ -237,13 +241,16 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 
 
-def decode_tiles(dtype: torch.dtype) -> DecodeTiles:
-    """Tiles of the split kernel. 16-bit: 128-key tiles, 4 warps, 3 stages (the decode tiles that
-    read the cache fastest in the unified kernel on an H100); fp32 (tests): 32-key tiles, which
-    keep its twice larger tiles within shared memory and compile quickly."""
+def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = _CPU_NUM_SMS) -> DecodeTiles:
+    """Tiles of the split kernel for ``num_programs`` (sequence, KV head) pairs on ``num_sms`` SMs.
+    16-bit: 2 pipeline stages and 4 warps; 128-key tiles while the pairs are few (long contexts
+    in small batches), 64-key tiles when there are many. fp32 (tests): 32-key tiles, which keep
+    its twice larger tiles within shared memory and compile quickly."""
     if dtype == torch.float32:
         return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
-    return DecodeTiles(block_n=128, num_warps=4, num_stages=3)
+    if num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms:
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2)
+    return DecodeTiles(block_n=64, num_warps=4, num_stages=2)
 
 
 def dot_precision(q: torch.Tensor) -> str:

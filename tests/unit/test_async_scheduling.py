@@ -132,3 +132,15 @@ def test_abort_mid_generation_matches_the_plain_loop(model_path):
     assert len(plain[0]) == 12 and len(plain[1]) < 12
     # The aborted request's tokens, however many arrived before the abort, are the same tokens.
     assert 0 < len(overlapped[1]) and overlapped[1] == plain[1][:len(overlapped[1])]
+
+
+def test_start_up_heap_is_frozen_while_the_engine_runs_and_released_at_shutdown(model_path):
+    """The collector skips the start-up heap while an engine runs (api/build.py) and gets it back at
+    shutdown, so a second engine in the same process can free the first one's cycles."""
+    import gc
+    gc.unfreeze()
+    with LLM(model_path, **ENGINE) as llm:
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] >= 50_000
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+    assert gc.get_freeze_count() == 0
