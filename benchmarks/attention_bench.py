@@ -58,14 +58,22 @@ def copy_tb_s(num_bytes: int = 2**31) -> float:
     return 2 * num_bytes / (ms * 1e-3) / 1e12
 
 
-def make_batch(batch: int, context: int):
+def paged_cache(num_blocks: int, layout: str) -> torch.Tensor:
+    """A [num_blocks, block_size, kv_heads, dim] cache; "head" stores it head-major in memory
+    ([num_blocks, kv_heads, block_size, dim], so one head's block is contiguous) behind that view."""
+    if layout == "token":
+        return torch.randn((num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
+    stored = torch.randn((num_blocks, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
+    return stored.permute(0, 2, 1, 3)
+
+
+def make_batch(batch: int, context: int, layout: str = "token"):
     """q [batch, heads, dim], a paged cache with shuffled tables, decode metadata, and the same
     keys and values contiguous for SDPA ([batch, kv_heads, context, dim])."""
     blocks_per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
-    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    k_cache = paged_cache(num_blocks, layout)
+    v_cache = paged_cache(num_blocks, layout)
     tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq).int()
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
@@ -75,13 +83,13 @@ def make_batch(batch: int, context: int):
         block_tables=tables, max_query_len=1, max_seq_len=context, query_lens_host=np.ones(batch, np.int64))
 
     def contiguous(cache):  # [batch, kv_heads, context, dim]
-        return cache[tables.long()].view(batch, -1, NUM_KV_HEADS, HEAD_DIM)[:, :context].transpose(1, 2).contiguous()
+        return cache[tables.long()].reshape(batch, -1, NUM_KV_HEADS, HEAD_DIM)[:, :context].transpose(1, 2).contiguous()
 
     return q, k_cache, v_cache, meta, contiguous(k_cache), contiguous(v_cache)
 
 
-def bench_shape(batch: int, context: int, copy_rate: float, sweep: bool) -> list[dict]:
-    q, k_cache, v_cache, meta, k, v = make_batch(batch, context)
+def bench_shape(batch: int, context: int, copy_rate: float, sweep: bool, layout: str = "token") -> list[dict]:
+    q, k_cache, v_cache, meta, k, v = make_batch(batch, context, layout)
     scale = HEAD_DIM ** -0.5
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2
     q4 = q.unsqueeze(2)  # [batch, heads, 1, dim]
@@ -89,6 +97,8 @@ def bench_shape(batch: int, context: int, copy_rate: float, sweep: bool) -> list
     runs = {f"decode (splits {num_splits})": lambda: paged_decode_attention(q, k_cache, v_cache, meta, scale),
             "unified": lambda: unified_attention(q, k_cache, v_cache, meta, scale),
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)}
+    if layout != "token":
+        runs = {f"{name} [{layout}-major]": fn for name, fn in runs.items() if not name.startswith("sdpa")}
     if sweep:
         for tiles in SWEEP:
             for splits in sorted({num_splits, 2 * num_splits, 4 * num_splits, max(1, num_splits // 2)}):
@@ -116,16 +126,20 @@ def main() -> None:
     parser.add_argument("--shapes", default=SHAPES, help="batch x context, comma separated")
     parser.add_argument("--sweep", action="store_true", help="also time the decode kernel at other tiles")
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
+    parser.add_argument("--kv-layout", choices=("token", "head", "both"), default="token",
+                        help="the cache's memory order: token-major (the engine's) or head-major")
     args = parser.parse_args()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name(0)
+    copy_tb_s()  # the first timed work of a process runs slow (clocks, lazy set-up): not measured
     copy_rate = copy_tb_s()
     print(f"{card}: device-to-device copy {copy_rate:.2f} TB/s (read + write); default tiles "
           f"{decode_tiles(torch.bfloat16)}", flush=True)
     rows = []
     for shape in args.shapes.split(","):
         batch, context = (int(x) for x in shape.split("x"))
-        rows += bench_shape(batch, context, copy_rate, args.sweep)
+        for layout in ("token", "head") if args.kv_layout == "both" else (args.kv_layout,):
+            rows += bench_shape(batch, context, copy_rate, args.sweep, layout)
         torch.cuda.empty_cache()  # the shape's tensors are gone: give their memory back
     if args.out:
         args.out.write_text(json.dumps(dict(card=card, copy_tb_s=copy_rate, rows=rows), indent=1))
