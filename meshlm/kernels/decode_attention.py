@@ -131,13 +131,17 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo
     else:
         block = tl.load(table_row + key_pos // KV_BLOCK_SIZE).to(tl.int64)
     offset = key_pos % KV_BLOCK_SIZE
-    k_offsets = block[None, :] * stride_k_block + offset[None, :] * stride_k_offset + dims[:, None]
     v_offsets = block[:, None] * stride_v_block + offset[:, None] * stride_v_offset + dims[None, :]
+    # Keys load as rows [BLOCK_N, HEAD_DIM], along memory (5 % faster at 256 x 1k on an H200 than
+    # loading them transposed), and are transposed in registers for the product.
+    k_offsets = block[:, None] * stride_k_block + offset[:, None] * stride_k_offset + dims[None, :]
     if MASKED:
-        k = tl.load(k_head + k_offsets, mask=is_key[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        k = tl.trans(tl.load(k_head + k_offsets, mask=is_key[:, None], other=0.0))  # [HEAD_DIM, BLOCK_N]
+    else:
+        k = tl.trans(tl.load(k_head + k_offsets))
+    if MASKED:
         v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
     else:
-        k = tl.load(k_head + k_offsets)
         v = tl.load(v_head + v_offsets)
 
     if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers

@@ -141,9 +141,10 @@ def test_the_entry_point_routes_decodes_to_the_decode_kernel():
 
 
 def test_split_count_follows_batch_shape_and_caps():
-    assert choose_num_splits(1, 8, 32768, 132) == 33  # 2 programs per SM
-    assert choose_num_splits(8, 8, 8192, 132) == 5
-    assert choose_num_splits(64, 8, 2048, 132) == 1  # 512 programs fill the GPU already
+    assert choose_num_splits(1, 8, 32768, 132) == 64  # 4 programs per SM would take 66
+    assert choose_num_splits(8, 8, 8192, 132) == 9  # ceil(528 / 64)
+    assert choose_num_splits(64, 8, 2048, 132) == 2  # 512 programs: 2 splits reach 4 per SM
+    assert choose_num_splits(256, 8, 1024, 132) == 1  # 2048 programs fill the GPU already
     assert choose_num_splits(1024, 8, 256, 132) == 1
     assert choose_num_splits(1, 8, 1000, 132) == 3  # at least 256 keys a split
     assert choose_num_splits(1, 1, 10**6, 132) == 64  # at most 64
@@ -152,7 +153,13 @@ def test_split_count_follows_batch_shape_and_caps():
 
 def test_default_tiles_are_multiples_of_the_block():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert decode_tiles(dtype).block_n % BLOCK_SIZE == 0
+        for num_programs in (1, 512, 2048):
+            assert decode_tiles(dtype, num_programs, 132).block_n % BLOCK_SIZE == 0
+
+
+def test_default_tiles_shrink_when_programs_are_many():
+    assert decode_tiles(torch.bfloat16, 8 * 64, 132).block_n == 128  # 64 sequences x 8 KV heads
+    assert decode_tiles(torch.bfloat16, 8 * 256, 132).block_n == 64
 
 
 def _small_tiles(dtype):
