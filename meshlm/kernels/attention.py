@@ -10,13 +10,13 @@ are checked against.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from meshlm.kernels.fused_ops import TORCH_OPS
+from meshlm.kernels.rope_scaling import rope_inv_freq
 
 
 @dataclass(slots=True)
@@ -37,16 +37,17 @@ class AttentionMetadata:
 
 
 class RotaryEmbedding:
-    """Rotate-half rotary embedding (Hugging Face layout) with optional llama3 / linear scaling."""
+    """Rotate-half rotary embedding (Hugging Face layout) with optional rope scaling
+    (:mod:`meshlm.kernels.rope_scaling`: linear, dynamic, yarn, llama3)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict | None, device: torch.device):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        inv_freq = _scale_inv_freq(inv_freq, scaling)
+        inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling)
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim / 2]
-        self.cos = freqs.cos().to(device)  # [max_positions, head_dim / 2] fp32
-        self.sin = freqs.sin().to(device)
+        # yarn's attention factor scales cos and sin, as in transformers
+        self.cos = (freqs.cos() * attention_factor).to(device)  # [max_positions, head_dim / 2] fp32
+        self.sin = (freqs.sin() * attention_factor).to(device)
         self.ops = TORCH_OPS
 
     def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
@@ -60,25 +61,6 @@ class RotaryEmbedding:
         rotated q. With TritonOps this is one kernel per layer."""
         k_cache, v_cache = kv_cache
         return self.ops.rotary_and_cache(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping)
-
-
-def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(is_medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
