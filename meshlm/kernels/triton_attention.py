@@ -8,7 +8,10 @@ tokens of one sequence and every query head of one KV-head group, packed into th
 (row ``m`` is query token ``m // group``, head ``m % group`` of the group), so a decode with a
 single query token still fills a tile with its whole GQA group. The program walks the
 sequence's keys ``BLOCK_N`` at a time through the block table, with an online softmax in fp32
-and causal plus sliding-window masking.
+(exp2, log2(e) folded into the scale) and causal plus sliding-window masking. It stops at its
+last query token's position, so tiles above the causal diagonal are never read, and masks only
+the tiles on the diagonal (or on the window's edge); the tiles below go unmasked. The tile sizes
+come from :func:`meshlm.kernels.attention_tiles.unified_tiles`.
 
 Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference`.
 
