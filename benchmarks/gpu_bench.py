@@ -161,7 +161,8 @@ def main() -> int:
     ns = parser.parse_args()
     batches = [int(b) for b in ns.batches.split(",") if b]
     prefills = [tuple(int(x) for x in shape.split("x")) for shape in ns.prefill.split(",") if shape]
-    max_model_len = max([4096] + [length + 1 for _, length in prefills])
+    # Room for the longest prompt and its token, within the model's context.
+    max_model_len = min(max([4096] + [length + 1 for _, length in prefills]), LLAMA3_8B["max_position_embeddings"])
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in ns.lengths.split(",")]
 
     result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -173,7 +174,7 @@ def main() -> int:
 
     from meshlm import LLM
     kwargs = dict(model=str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True,
-                  dtype="bfloat16", max_model_len=min(max_model_len, LLAMA3_8B["max_position_embeddings"]), attention_backend=ns.attention_backend,
+                  dtype="bfloat16", max_model_len=max_model_len, attention_backend=ns.attention_backend,
                   max_num_tokens=MAX_NUM_TOKENS)
     if ns.no_cuda_graphs:
         kwargs["enable_cuda_graphs"] = False
