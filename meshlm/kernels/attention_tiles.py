@@ -22,25 +22,40 @@ class UnifiedTiles:
     num_stages: int
 
 
+# 16-bit tiles for heads up to 128 wide, by the batch's kind: (most rows, keys a tile, warps,
+# stages). Rows are query tokens x the heads of a GQA group, cut to what the batch fills.
+# ``benchmarks/attention_bench.py --sweep`` prints the fastest per shape: decode shapes set
+# _DECODE's keys, warps and stages, the prefill shapes (1x2k and longer) _LONG_PREFILL.
+_DECODE = (16, 128, 4, 3)
+_MIXED = (64, 64, 4, 3)
+_LONG_PREFILL = (64, 64, 4, 3)
+# Query tokens from which a batch runs the long-prefill tiles.
+_LONG_PREFILL_TOKENS = 1024
+
+
 def unified_tiles(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype) -> UnifiedTiles:
     """Tiles of the unified kernel for a batch's shape; tile rows hold a whole GQA group, at least 16.
 
     Measured on an H100 (bf16, head_dim 128, group 4): decode batches read the cache fastest
     with 128-key tiles, mostly because a few long sequences then keep more loads in flight;
-    mixed batches and prefills run best with 64 x 64 tiles (``benchmarks/attention_bench.py
-    --sweep`` times the others). Heads wider than 128 take half the keys per tile, so that the
-    pipelined K and V tiles stay within shared memory. fp32 (tests) takes small tiles, which
-    keep its twice larger elements within shared memory and compile quickly.
+    mixed batches run best with 64 x 64 tiles, and prefills take the same until a sweep on the
+    card says otherwise. Heads wider than 128 take half the keys per tile, so that the pipelined
+    K and V tiles stay within shared memory. fp32 (tests) takes small tiles, which keep its
+    twice larger elements within shared memory and compile quickly.
     """
     group_rows = next_power_of_2(group)
-    is_fp32 = dtype == torch.float32
-    wide = head_dim > 128
-    if max_query_len == 1:
-        block_n = 32 if is_fp32 else 64 if wide else 128
-        return UnifiedTiles(max(16, group_rows), block_n, 4, 3)
-    max_rows = 32 if is_fp32 else 64
-    block_m = max(group_rows, min(max_rows, next_power_of_2(max_query_len * group)), 16)
-    return UnifiedTiles(block_m, 32 if is_fp32 or wide else 64, 4, 3)
+    if dtype == torch.float32:
+        max_rows, block_n, num_warps, num_stages = (16, 32, 4, 3) if max_query_len == 1 else (32, 32, 4, 3)
+    elif max_query_len == 1:
+        max_rows, block_n, num_warps, num_stages = _DECODE
+    else:
+        max_rows, block_n, num_warps, num_stages = (
+            _LONG_PREFILL if max_query_len >= _LONG_PREFILL_TOKENS else _MIXED)
+    if head_dim > 128 and dtype != torch.float32:
+        block_n //= 2
+    rows = 1 if max_query_len == 1 else next_power_of_2(max_query_len * group)
+    block_m = max(group_rows, min(max_rows, rows), 16)
+    return UnifiedTiles(block_m, block_n, num_warps, num_stages)
 
 
 def check_tiles(tiles: UnifiedTiles, group: int) -> None:
