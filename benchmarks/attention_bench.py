@@ -119,7 +119,7 @@ def flex_fn(q4, k, v, is_causal: bool):
         return None
 
 
-def decode_runs(batch: int, context: int, sweep: bool):
+def decode_runs(batch: int, context: int, sweep: bool, with_flex: bool):
     q, k_cache, v_cache, meta, (q4, k, v) = make_batch(batch, context, 1)
     splits = choose_num_splits(batch, NUM_KV_HEADS, context, torch.cuda.get_device_properties(0).multi_processor_count)
     runs = {f"decode {_decode_name(decode_tiles(q.dtype), splits)}": lambda: paged_decode_attention(
@@ -127,7 +127,7 @@ def decode_runs(batch: int, context: int, sweep: bool):
             f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, 1, q.dtype))}": lambda: unified_attention(
                 q, k_cache, v_cache, meta, SCALE),
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, enable_gqa=True)}
-    flex = flex_fn(q4, k, v, is_causal=False)
+    flex = flex_fn(q4, k, v, is_causal=False) if with_flex else None
     if flex is not None:
         runs["flex (compiled)"] = flex
     if sweep:
@@ -139,12 +139,12 @@ def decode_runs(batch: int, context: int, sweep: bool):
     return runs, baseline, 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2  # bytes of K and V
 
 
-def prefill_runs(batch: int, length: int, sweep: bool):
+def prefill_runs(batch: int, length: int, sweep: bool, with_flex: bool):
     q, k_cache, v_cache, meta, (q4, k, v) = make_batch(batch, length, length)
     runs = {f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, length, q.dtype))}": lambda: unified_attention(
                 q, k_cache, v_cache, meta, SCALE),
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, is_causal=True, enable_gqa=True)}
-    flex = flex_fn(q4, k, v, is_causal=True)
+    flex = flex_fn(q4, k, v, is_causal=True) if with_flex else None
     if flex is not None:
         runs["flex (compiled)"] = flex
     if sweep:
@@ -163,10 +163,10 @@ def _unified_name(tiles: UnifiedTiles) -> str:
     return f"m{tiles.block_m}/n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s"
 
 
-def bench_shape(kind: str, batch: int, length: int, peak: float, sweep: bool) -> list[dict]:
+def bench_shape(kind: str, batch: int, length: int, peak: float, sweep: bool, with_flex: bool) -> list[dict]:
     """Time every run of one shape; ``peak`` is the copy rate (TB/s, decode) or matmul rate (TFLOP/s)."""
     make = decode_runs if kind == "decode" else prefill_runs
-    runs, baseline, work = make(batch, length, sweep)
+    runs, baseline, work = make(batch, length, sweep, with_flex)
     unit = "TB/s" if kind == "decode" else "TFLOP/s"
     rows = []
     for name, fn in runs.items():
@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--decode", default=DECODE_SHAPES, help="batch x context, comma separated ('' for none)")
     parser.add_argument("--prefill", default=PREFILL_SHAPES, help="batch x prompt length, comma separated ('' for none)")
     parser.add_argument("--sweep", action="store_true", help="also time other tiles and split counts")
+    parser.add_argument("--skip-flex", action="store_true", help="no flex attention (it compiles once per shape)")
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -221,7 +222,7 @@ def main() -> None:
     for kind, shapes, peak in (("decode", args.decode, copy_rate), ("prefill", args.prefill, matmul_rate)):
         for shape in filter(None, shapes.split(",")):
             batch, length = (int(x) for x in shape.split("x"))
-            rows += bench_shape(kind, batch, length, peak, args.sweep)
+            rows += bench_shape(kind, batch, length, peak, args.sweep, not args.skip_flex)
             torch.cuda.empty_cache()  # the shape's tensors are gone: give their memory back
     if args.out:
         args.out.write_text(json.dumps(dict(card=card, copy_tb_s=copy_rate, matmul_tflop_s=matmul_rate,
