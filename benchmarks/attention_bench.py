@@ -1,18 +1,24 @@
-"""Paged decode attention on one GPU: the split-KV decode kernel, the unified kernel and PyTorch
-SDPA (on the same keys and values laid out contiguously), against the card's copy bandwidth.
+"""Paged attention on one GPU against the card's limits: decode (the split-KV decode kernel, the
+unified kernel) against the copy bandwidth, prefill (the unified kernel) against the bf16 matrix
+rate; PyTorch SDPA and compiled flex attention on the same keys and values, laid out
+contiguously, as baselines.
 
-    python3 benchmarks/attention_bench.py [--shapes 1x32768,8x8192] [--sweep] [--out attention.json]
+    python3 benchmarks/attention_bench.py [--decode 1x32768,8x8192] [--prefill 1x2048] [--sweep] [--out a.json]
 
 Llama-3-8B's attention on one GPU: 32 query heads, 8 KV heads, head_dim 128, bf16, KV block size
-16, every sequence of the batch at the full context, block tables shuffled. Each timing is the
-median of CUDA-event times after a warm-up. "KV GB" is the keys and values a step must read;
-"of copy" is the rate of reading them against the device-to-device copy rate (read + write
-bytes) measured in the same run. ``--sweep`` also times the decode kernel at other tiles.
-Prints one table last.
+16, block tables shuffled. Decode: every sequence of the batch at the full context; "GB" is the
+keys and values a step must read, "of peak" the rate of reading them against the device-to-device
+copy rate (read + write bytes). Prefill: fresh prompts of the given length, causal; "TFLOP" counts
+the two matrix products over the causal triangle (4 x heads x head_dim x L(L+1)/2 a sequence),
+"of peak" their rate against a bf16 8192^3 matmul. Copy and matmul rates are measured in the same
+run. Each timing is the median of CUDA-event times after a warm-up. ``--sweep`` also times the
+decode kernel at other tiles and split counts and the unified kernel at other tiles, and prints
+the fastest of each per shape. Prints one table last.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -25,15 +31,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshlm.kernels.attention import AttentionMetadata  # noqa: E402
+from meshlm.kernels.attention_tiles import UnifiedTiles, unified_tiles  # noqa: E402
 from meshlm.kernels.decode_attention import (  # noqa: E402
     DecodeTiles, choose_num_splits, decode_tiles, paged_decode_attention)
 from meshlm.kernels.triton_attention import unified_attention  # noqa: E402
 
-SHAPES = "1x32768,8x8192,64x2048,256x1024,1024x256"
+DECODE_SHAPES = "1x32768,8x8192,64x2048,256x1024,1024x256"
+PREFILL_SHAPES = "1x2048,4x8192,1x32768"
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-SWEEP = [DecodeTiles(block_n, warps, stages) for block_n, warps, stages in (
-    (16, 2, 2), (16, 4, 3), (32, 2, 3), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 2, 3),
-    (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3))]
+GROUP = NUM_HEADS // NUM_KV_HEADS
+SCALE = HEAD_DIM ** -0.5
+DECODE_SWEEP = [DecodeTiles(n, w, s) for n, w, s in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4))]
+PREFILL_SWEEP = [UnifiedTiles(m, n, w, s) for m, n, w, s in
+                 itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
 
 
 def median_ms(fn, warmup: int = 5, iters: int = 25) -> float:
@@ -58,96 +68,167 @@ def copy_tb_s(num_bytes: int = 2**31) -> float:
     return 2 * num_bytes / (ms * 1e-3) / 1e12
 
 
-def paged_cache(num_blocks: int, layout: str) -> torch.Tensor:
-    """A [num_blocks, block_size, kv_heads, dim] cache; "head" stores it head-major in memory
-    ([num_blocks, kv_heads, block_size, dim], so one head's block is contiguous) behind that view."""
-    if layout == "token":
-        return torch.randn((num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
-    stored = torch.randn((num_blocks, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
-    return stored.permute(0, 2, 1, 3)
+def matmul_tflop_s(n: int = 8192) -> float:
+    """A bf16 n x n x n matmul (cuBLAS), in TFLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(lambda: a @ b, iters=20)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def make_batch(batch: int, context: int, layout: str = "token"):
-    """q [batch, heads, dim], a paged cache with shuffled tables, decode metadata, and the same
-    keys and values contiguous for SDPA ([batch, kv_heads, context, dim])."""
+def make_batch(batch: int, context: int, query_len: int):
+    """Each sequence: ``context`` keys in a paged cache (shuffled tables), its last ``query_len``
+    tokens as queries. Returns q [batch * query_len, heads, dim], the caches, the metadata, and
+    q, k, v laid out for SDPA ([batch, heads, tokens, dim])."""
     blocks_per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
-    k_cache = paged_cache(num_blocks, layout)
-    v_cache = paged_cache(num_blocks, layout)
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq).int()
-    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch * query_len, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    positions = torch.arange(context - query_len, context, device="cuda").repeat(batch)
     meta = AttentionMetadata(
-        positions=(seq_lens - 1).long(), slot_mapping=torch.zeros(batch, dtype=torch.int64, device="cuda"),
-        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"), seq_lens=seq_lens,
-        block_tables=tables, max_query_len=1, max_seq_len=context, query_lens_host=np.ones(batch, np.int64))
+        positions=positions, slot_mapping=torch.zeros(batch * query_len, dtype=torch.int64, device="cuda"),
+        query_start_loc=torch.arange(0, batch * query_len + 1, query_len, dtype=torch.int32, device="cuda"),
+        seq_lens=seq_lens, block_tables=tables, max_query_len=query_len, max_seq_len=context,
+        query_lens_host=np.full(batch, query_len, np.int64))
 
     def contiguous(cache):  # [batch, kv_heads, context, dim]
-        return cache[tables.long()].reshape(batch, -1, NUM_KV_HEADS, HEAD_DIM)[:, :context].transpose(1, 2).contiguous()
+        return cache[tables.long()].view(batch, -1, NUM_KV_HEADS, HEAD_DIM)[:, :context].transpose(1, 2).contiguous()
 
-    return q, k_cache, v_cache, meta, contiguous(k_cache), contiguous(v_cache)
+    q4 = q.view(batch, query_len, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()  # [batch, heads, q, dim]
+    return q, k_cache, v_cache, meta, (q4, contiguous(k_cache), contiguous(v_cache))
 
 
-def bench_shape(batch: int, context: int, copy_rate: float, sweep: bool, layout: str = "token") -> list[dict]:
-    q, k_cache, v_cache, meta, k, v = make_batch(batch, context, layout)
-    scale = HEAD_DIM ** -0.5
-    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2
-    q4 = q.unsqueeze(2)  # [batch, heads, 1, dim]
-    num_splits = choose_num_splits(batch, NUM_KV_HEADS, context, torch.cuda.get_device_properties(0).multi_processor_count)
-    runs = {f"decode (splits {num_splits})": lambda: paged_decode_attention(q, k_cache, v_cache, meta, scale),
-            "unified": lambda: unified_attention(q, k_cache, v_cache, meta, scale),
-            "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)}
-    if layout != "token":
-        runs = {f"{name} [{layout}-major]": fn for name, fn in runs.items() if not name.startswith("sdpa")}
+def flex_fn(q4, k, v, is_causal: bool):
+    """Compiled flex attention on the contiguous layout, or None (printed) where it does not run."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        compiled = torch.compile(flex_attention, dynamic=False)
+        mask = None
+        if is_causal:
+            mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None,
+                                     q4.shape[2], k.shape[2], device="cuda")
+        fn = lambda: compiled(q4, k, v, block_mask=mask, scale=SCALE, enable_gqa=True)  # noqa: E731
+        fn()
+        return fn
+    except Exception as error:  # torch versions without it, shapes it refuses
+        print(f"flex attention does not run here: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        return None
+
+
+def decode_runs(batch: int, context: int, sweep: bool, with_flex: bool):
+    q, k_cache, v_cache, meta, (q4, k, v) = make_batch(batch, context, 1)
+    splits = choose_num_splits(batch, NUM_KV_HEADS, context, torch.cuda.get_device_properties(0).multi_processor_count)
+    runs = {f"decode {_decode_name(decode_tiles(q.dtype), splits)}": lambda: paged_decode_attention(
+                q, k_cache, v_cache, meta, SCALE),
+            f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, 1, q.dtype))}": lambda: unified_attention(
+                q, k_cache, v_cache, meta, SCALE),
+            "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, enable_gqa=True)}
+    flex = flex_fn(q4, k, v, is_causal=False) if with_flex else None
+    if flex is not None:
+        runs["flex (compiled)"] = flex
     if sweep:
-        for tiles in SWEEP:
-            for splits in sorted({num_splits, 2 * num_splits, 4 * num_splits, max(1, num_splits // 2)}):
-                runs[f"decode {tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s x{splits}"] = (
-                    lambda t=tiles, s=splits: paged_decode_attention(q, k_cache, v_cache, meta, scale, None, t, s))
-    baseline = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True).squeeze(2).float()
+        split_counts = sorted({max(1, splits // 2), splits, min(64, 2 * splits), min(64, 4 * splits)})
+        for tiles, count in itertools.product(DECODE_SWEEP, split_counts):
+            runs[f"sweep decode {_decode_name(tiles, count)}"] = (
+                lambda t=tiles, s=count: paged_decode_attention(q, k_cache, v_cache, meta, SCALE, None, t, s))
+    baseline = runs["sdpa"]().transpose(1, 2).reshape(q.shape).float()
+    return runs, baseline, 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2  # bytes of K and V
+
+
+def prefill_runs(batch: int, length: int, sweep: bool, with_flex: bool):
+    q, k_cache, v_cache, meta, (q4, k, v) = make_batch(batch, length, length)
+    runs = {f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, length, q.dtype))}": lambda: unified_attention(
+                q, k_cache, v_cache, meta, SCALE),
+            "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, is_causal=True, enable_gqa=True)}
+    flex = flex_fn(q4, k, v, is_causal=True) if with_flex else None
+    if flex is not None:
+        runs["flex (compiled)"] = flex
+    if sweep:
+        for tiles in PREFILL_SWEEP:
+            runs[f"sweep unified {_unified_name(tiles)}"] = (
+                lambda t=tiles: unified_attention(q, k_cache, v_cache, meta, SCALE, None, t))
+    baseline = runs["sdpa"]().transpose(1, 2).reshape(q.shape).float()
+    return runs, baseline, batch * 4 * NUM_HEADS * HEAD_DIM * length * (length + 1) // 2  # FLOPs
+
+
+def _decode_name(tiles: DecodeTiles, splits: int) -> str:
+    return f"n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s x{splits}"
+
+
+def _unified_name(tiles: UnifiedTiles) -> str:
+    return f"m{tiles.block_m}/n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s"
+
+
+def bench_shape(kind: str, batch: int, length: int, peak: float, sweep: bool, with_flex: bool) -> list[dict]:
+    """Time every run of one shape; ``peak`` is the copy rate (TB/s, decode) or matmul rate (TFLOP/s)."""
+    make = decode_runs if kind == "decode" else prefill_runs
+    runs, baseline, work = make(batch, length, sweep, with_flex)
+    unit = "TB/s" if kind == "decode" else "TFLOP/s"
     rows = []
     for name, fn in runs.items():
         try:
-            err = (fn().view(batch, NUM_HEADS, HEAD_DIM).float() - baseline).abs().max().item()
-            ms = median_ms(fn)
+            out = fn()
+            out = out.transpose(1, 2) if out.dim() == 4 else out  # SDPA and flex: [batch, heads, q, dim]
+            err = (out.reshape(baseline.shape).float() - baseline).abs().max().item()
+            ms = median_ms(fn, *((2, 10) if name.startswith("sweep") else ()))
         except Exception as error:  # a tile that does not fit (shared memory) skips, not stops, the run
-            print(f"{batch}x{context:<6} {name:<28} failed: {type(error).__name__}: {error}", flush=True)
+            print(f"{kind} {batch}x{length:<6} {name:<36} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
             continue
-        rate = kv_bytes / (ms * 1e-3) / 1e12
-        rows.append(dict(shape=f"{batch}x{context}", kernel=name, ms=ms, kv_gb=kv_bytes / 1e9, tb_s=rate,
-                         of_copy=rate / copy_rate, max_diff_vs_sdpa=err))
-        print(f"{batch}x{context:<6} {name:<28} {ms * 1e3:9.1f} us  {rate:5.2f} TB/s  "
-              f"{rate / copy_rate:6.1%} of copy  max |diff| vs sdpa {err:.2e}", flush=True)
+        rate = work / (ms * 1e-3) / 1e12
+        rows.append(dict(kind=kind, shape=f"{batch}x{length}", kernel=name, ms=ms, work=work / 1e9, rate=rate,
+                         unit=unit, of_peak=rate / peak, max_diff_vs_sdpa=err))
+        print(f"{kind:7} {batch}x{length:<6} {name:<36} {ms * 1e3:10.1f} us {rate:7.2f} {unit:7} "
+              f"{rate / peak:6.1%} of peak  max |diff| vs sdpa {err:.2e}", flush=True)
     return rows
+
+
+def print_table(card: str, copy_rate: float, matmul_rate: float, rows: list[dict]) -> None:
+    print(f"\n{card}: copy {copy_rate:.2f} TB/s, bf16 matmul {matmul_rate:.0f} TFLOP/s; bf16, 32 heads / "
+          f"8 KV heads, head_dim 128, block 16")
+    print(f"{'kind':<8} {'shape':<10} {'kernel':<36} {'us':>10} {'GB|TFLOP':>9} {'rate':>8} {'unit':<7} {'of peak':>8}")
+    for row in rows:
+        if not row["kernel"].startswith("sweep"):
+            print(f"{row['kind']:<8} {row['shape']:<10} {row['kernel']:<36} {row['ms'] * 1e3:10.1f} "
+                  f"{row['work']:9.3f} {row['rate']:8.2f} {row['unit']:<7} {row['of_peak']:8.1%}")
+    swept = [row for row in rows if row["kernel"].startswith("sweep")]
+    if swept:
+        print("\nfastest swept configuration per shape (paste as defaults: decode_tiles / choose_num_splits, "
+              "unified_tiles):")
+        for (kind, shape), group in itertools.groupby(swept, key=lambda r: (r["kind"], r["shape"])):
+            best = min(group, key=lambda r: r["ms"])
+            print(f"{kind:<8} {shape:<10} {best['kernel'].removeprefix('sweep '):<36} {best['ms'] * 1e3:10.1f} us "
+                  f"{best['of_peak']:6.1%} of peak")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=SHAPES, help="batch x context, comma separated")
-    parser.add_argument("--sweep", action="store_true", help="also time the decode kernel at other tiles")
+    parser.add_argument("--decode", default=DECODE_SHAPES, help="batch x context, comma separated ('' for none)")
+    parser.add_argument("--prefill", default=PREFILL_SHAPES, help="batch x prompt length, comma separated ('' for none)")
+    parser.add_argument("--sweep", action="store_true", help="also time other tiles and split counts")
+    parser.add_argument("--skip-flex", action="store_true", help="no flex attention (it compiles once per shape)")
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
-    parser.add_argument("--kv-layout", choices=("token", "head", "both"), default="token",
-                        help="the cache's memory order: token-major (the engine's) or head-major")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 64  # flex attention compiles once per shape
     card = torch.cuda.get_device_name(0)
     copy_tb_s()  # the first timed work of a process runs slow (clocks, lazy set-up): not measured
-    copy_rate = copy_tb_s()
-    print(f"{card}: device-to-device copy {copy_rate:.2f} TB/s (read + write); default tiles "
-          f"{decode_tiles(torch.bfloat16)}", flush=True)
+    copy_rate, matmul_rate = copy_tb_s(), matmul_tflop_s()
+    print(f"{card}: device-to-device copy {copy_rate:.2f} TB/s (read + write), bf16 matmul "
+          f"{matmul_rate:.0f} TFLOP/s", flush=True)
     rows = []
-    for shape in args.shapes.split(","):
-        batch, context = (int(x) for x in shape.split("x"))
-        for layout in ("token", "head") if args.kv_layout == "both" else (args.kv_layout,):
-            rows += bench_shape(batch, context, copy_rate, args.sweep, layout)
-        torch.cuda.empty_cache()  # the shape's tensors are gone: give their memory back
+    for kind, shapes, peak in (("decode", args.decode, copy_rate), ("prefill", args.prefill, matmul_rate)):
+        for shape in filter(None, shapes.split(",")):
+            batch, length = (int(x) for x in shape.split("x"))
+            rows += bench_shape(kind, batch, length, peak, args.sweep, not args.skip_flex)
+            torch.cuda.empty_cache()  # the shape's tensors are gone: give their memory back
     if args.out:
-        args.out.write_text(json.dumps(dict(card=card, copy_tb_s=copy_rate, rows=rows), indent=1))
-    print(f"\n{card}, copy {copy_rate:.2f} TB/s; bf16, 32 heads / 8 KV heads, head_dim 128, block 16")
-    print(f"{'batch x ctx':<12} {'kernel':<28} {'us':>9} {'KV GB':>7} {'TB/s':>6} {'of copy':>8}")
-    for row in rows:
-        print(f"{row['shape']:<12} {row['kernel']:<28} {row['ms'] * 1e3:9.1f} {row['kv_gb']:7.3f} "
-              f"{row['tb_s']:6.2f} {row['of_copy']:8.1%}")
+        args.out.write_text(json.dumps(dict(card=card, copy_tb_s=copy_rate, matmul_tflop_s=matmul_rate,
+                                            rows=rows), indent=1))
+    print_table(card, copy_rate, matmul_rate, rows)
 
 
 if __name__ == "__main__":

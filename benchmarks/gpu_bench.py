@@ -3,6 +3,7 @@ Llama-3-8B-shaped bf16 model with random weights, and Hugging Face transformers 
 
     python3 benchmarks/gpu_bench.py --out results.json      (on a machine with one free GPU)
     python3 benchmarks/gpu_bench.py --batches 1,64,256,1024 --skip-hf   (large decode batches)
+    python3 benchmarks/gpu_bench.py --batches "" --prefill 1x8192,8x2048 --skip-hf   (prefill vs the GEMM rate)
 
 Prints a table last; every number comes from this run on this card.
 """
@@ -42,6 +43,54 @@ def copy_bandwidth(num_bytes: int = 2**30, iters: int = 20) -> float:
 
 
 MAX_NUM_TOKENS = 8192  # the engine's default token budget, set explicitly: prefill steps are counted with it
+
+
+def matmul_tflop_s(n: int = 8192, iters: int = 20) -> float:
+    """A bf16 n x n x n matmul (cuBLAS), in TFLOP/s: the GEMM rate prefill is measured against."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def prefill_flops(cfg: dict, batch: int, length: int) -> float:
+    """FLOPs of prefilling ``batch`` prompts of ``length`` tokens: two per weight of the decoder
+    layers a token, the attention's two products over the causal triangle, and the LM head on
+    each prompt's last token (the only row sampled)."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    head_dim = h // heads
+    kv = cfg["num_key_value_heads"] * head_dim
+    per_token = 2 * layers * (h * (h + 2 * kv) + h * h + 3 * h * inter)
+    attention = 4 * layers * heads * head_dim * length * (length + 1) / 2
+    return batch * (length * per_token + attention + 2 * cfg["vocab_size"] * h)
+
+
+def run_prefill(coordinator, batch: int, length: int, gemm_tflop_s: float, repeats: int = 3) -> dict:
+    """``batch`` random prompts of ``length`` tokens, one output token each: prompt tokens/s and
+    achieved TFLOP/s of the whole model (median of ``repeats`` after a warm-up)."""
+    from meshlm import SamplingParams
+    rng = np.random.default_rng(1)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    times = []
+    for _ in range(repeats + 1):
+        for _ in range(batch):
+            coordinator.submit(rng.integers(0, 32000, length).tolist(), params)
+        start = time.perf_counter()
+        while coordinator.has_unfinished():
+            coordinator.step()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1:])
+    tflop_s = prefill_flops(LLAMA3_8B, batch, length) / seconds / 1e12
+    return {"batch": batch, "prompt_len": length, "seconds": seconds, "prompt_tok_s": batch * length / seconds,
+            "tflop_s": tflop_s, "of_gemm": tflop_s / gemm_tflop_s}
 
 
 def run_meshlm(coordinator, batch: int, input_len: int, output_len: int, seed: int = 0) -> dict:
@@ -105,10 +154,15 @@ def main() -> int:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                         help="enable_fused_kernels (Triton small ops); default: the engine's (on with CUDA)")
+    parser.add_argument("--prefill", default="", help="batch x prompt length of whole-model prefills, e.g. "
+                        "1x8192,8x2048 (lengths are clipped to the model's context - 1)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="default: the engine's automatic value (at least the largest of --batches)")
     ns = parser.parse_args()
-    batches = [int(b) for b in ns.batches.split(",")]
+    batches = [int(b) for b in ns.batches.split(",") if b]
+    prefills = [tuple(int(x) for x in shape.split("x")) for shape in ns.prefill.split(",") if shape]
+    # Room for the longest prompt and its token, within the model's context.
+    max_model_len = min(max([4096] + [length + 1 for _, length in prefills]), LLAMA3_8B["max_position_embeddings"])
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in ns.lengths.split(",")]
 
     result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -116,10 +170,11 @@ def main() -> int:
     wbytes = weight_bytes(LLAMA3_8B)
     result["weight_gb"] = wbytes / 1e9
     result["floor_step_ms"] = wbytes / (result["copy_tb_s"] * 1e12) * 1e3
+    result["gemm_tflop_s"] = matmul_tflop_s()
 
     from meshlm import LLM
     kwargs = dict(model=str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True,
-                  dtype="bfloat16", max_model_len=4096, attention_backend=ns.attention_backend,
+                  dtype="bfloat16", max_model_len=max_model_len, attention_backend=ns.attention_backend,
                   max_num_tokens=MAX_NUM_TOKENS)
     if ns.no_cuda_graphs:
         kwargs["enable_cuda_graphs"] = False
@@ -132,11 +187,13 @@ def main() -> int:
     result["max_batch_size"] = coordinator.max_batch_size
     result["num_kv_blocks"] = coordinator.num_kv_blocks
     result["graph_memory_gib"] = runner.graph_memory_bytes / 2**30
-    if max(batches) > result["max_batch_size"]:
+    if batches and max(batches) > result["max_batch_size"]:
         print(f"warning: batch {max(batches)} > max_batch_size {result['max_batch_size']}: "
               "decode steps will be split", file=sys.stderr)
     run_meshlm(coordinator, 4, 32, 8)  # warm-up
     result["meshlm"] = [run_meshlm(coordinator, b, i, o) for (i, o) in lengths for b in batches]
+    context = coordinator.max_model_len
+    result["prefill"] = [run_prefill(coordinator, b, min(n, context - 1), result["gemm_tflop_s"]) for b, n in prefills]
     llm.shutdown()
     del llm, coordinator
     gc.collect()
@@ -157,6 +214,13 @@ def main() -> int:
         for r in result.get(name, []):
             print(f"{name:8} {r['batch']:>5} {r['input_len']:>4}/{r['output_len']:<4} "
                   f"{r['decode_step_ms_median']:>8.2f} {r['ttft_ms']:>8.1f} {r['output_tok_s']:>10.1f}")
+    if result["prefill"]:
+        print(f"\nwhole-model prefill (max_num_tokens {MAX_NUM_TOKENS}), against bf16 GEMM "
+              f"{result['gemm_tflop_s']:.0f} TFLOP/s")
+        print(f"{'batch x prompt':>15} {'seconds':>8} {'prompt tok/s':>13} {'TFLOP/s':>8} {'of GEMM':>8}")
+        for r in result["prefill"]:
+            print(f"{r['batch']:>6} x {r['prompt_len']:<6} {r['seconds']:>8.3f} {r['prompt_tok_s']:>13.0f} "
+                  f"{r['tflop_s']:>8.1f} {r['of_gemm']:>8.1%}")
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on one GPU: the GPU tests, decode steps by batch size (gpu_bench.py, SKIP_BENCH=1 skips),
-# paged decode attention (attention_bench.py, SKIP_ATTENTION=1 skips), a profile of decode steps with
+# paged decode and prefill attention (attention_bench.py, SKIP_ATTENTION=1 skips), a profile of decode steps with
 # the overlapped and the plain step loop (profile_decode.py), and `meshlm bench throughput` on the Llama-3-8B
 # shape at 128/128 with 2000 prompts and 1000/1000 with 1000 prompts (SKIP_LONG=1 skips). Logs under $OUT.
 # Usage: OUT=results COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu_session.sh
@@ -19,9 +19,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   tail -12 "$OUT/gpu_bench.log"
 fi
 if [ -z "${SKIP_ATTENTION:-}" ]; then
-  echo "== paged decode attention (attention_bench.py)"
-  timeout 150 python3 benchmarks/attention_bench.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
-  tail -9 "$OUT/attention.log"
+  echo "== paged attention, decode and prefill (attention_bench.py)"
+  timeout 300 python3 benchmarks/attention_bench.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
+  tail -22 "$OUT/attention.log"
 fi
 for loop in async-scheduling no-async-scheduling; do
   echo "== profile of decode steps (profile_decode.py --$loop)"

@@ -236,7 +236,7 @@ class EngineConfig:
         check_layout(model, parallel)
         scheduler = args.scheduler_config()
         return cls(model_dir, model, parallel, args.cache_config(), scheduler,
-                   scheduler.max_model_len or model.max_position_embeddings, args.dtype, args.device,
+                   _resolve_max_model_len(scheduler, model), args.dtype, args.device,
                    args.seed, args.load_format, args.attention_backend, args.skip_tokenizer_init,
                    args.enable_cuda_graphs, args.enable_fused_kernels, _resolve_async_scheduling(args, parallel))
 
@@ -250,9 +250,23 @@ class EngineConfig:
         check_layout(model, parallel)
         scheduler = args.scheduler_config()
         return cls(None, model, parallel, args.cache_config(), scheduler,
-                   scheduler.max_model_len or model.max_position_embeddings, args.dtype, args.device, args.seed,
+                   _resolve_max_model_len(scheduler, model), args.dtype, args.device, args.seed,
                    args.load_format, args.attention_backend, args.skip_tokenizer_init, args.enable_cuda_graphs,
                    args.enable_fused_kernels, _resolve_async_scheduling(args, parallel))
+
+
+def _resolve_max_model_len(scheduler: SchedulerConfig, model: ModelConfig) -> int:
+    """max_model_len as asked, else the model's longest context; never beyond that."""
+    longest = model.derived_max_model_len
+    if scheduler.max_model_len is None:
+        return longest
+    if scheduler.max_model_len > longest:
+        scaling = model.rope_scaling
+        rope = "no rope scaling" if scaling is None else f"rope_type {scaling['rope_type']} factor {scaling['factor']}"
+        raise ValueError(f"max_model_len={scheduler.max_model_len} exceeds the model's context of {longest} "
+                         f"tokens (max_position_embeddings={model.max_position_embeddings}, {rope}); "
+                         f"lower max_model_len to at most {longest}")
+    return scheduler.max_model_len
 
 
 def _resolve_async_scheduling(args: EngineArgs, parallel: ParallelConfig) -> bool:

@@ -10,13 +10,13 @@ are checked against.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from meshlm.kernels.fused_ops import TORCH_OPS
+from meshlm.kernels.rope_scaling import rope_inv_freq
 
 
 @dataclass(slots=True)
@@ -37,16 +37,17 @@ class AttentionMetadata:
 
 
 class RotaryEmbedding:
-    """Rotate-half rotary embedding (Hugging Face layout) with optional llama3 / linear scaling."""
+    """Rotate-half rotary embedding (Hugging Face layout) with optional rope scaling
+    (:mod:`meshlm.kernels.rope_scaling`: linear, dynamic, yarn, llama3)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict | None, device: torch.device):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        inv_freq = _scale_inv_freq(inv_freq, scaling)
+        inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling)
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim / 2]
-        self.cos = freqs.cos().to(device)  # [max_positions, head_dim / 2] fp32
-        self.sin = freqs.sin().to(device)
+        # yarn's attention factor scales cos and sin, as in transformers
+        self.cos = (freqs.cos() * attention_factor).to(device)  # [max_positions, head_dim / 2] fp32
+        self.sin = (freqs.sin() * attention_factor).to(device)
         self.ops = TORCH_OPS
 
     def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
@@ -60,25 +61,6 @@ class RotaryEmbedding:
         rotated q. With TritonOps this is one kernel per layer."""
         k_cache, v_cache = kv_cache
         return self.ops.rotary_and_cache(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping)
-
-
-def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(is_medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -98,37 +80,55 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out
 
 
+# Scores held at once by the reference path (fp32 elements, 256 MiB): longer queries are attended
+# a piece of query tokens at a time, so a 32k-token prompt fits in a CPU's memory.
+_MAX_SCORES = 1 << 26
+
+
 def _attend_rows(q, k_cache, v_cache, meta, rows, scale, sliding_window, out) -> None:
     """Attention for the sequences ``rows``, padded to their longest query and context."""
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     num_heads = q.shape[1]
-    group = num_heads // num_kv_heads
     starts = meta.query_start_loc[rows].long()
     query_lens = meta.query_start_loc[rows + 1].long() - starts
     max_q = int(meta.query_lens_host[rows.cpu().numpy()].max())
     max_seq = int(meta.seq_lens[rows].max())
     num_blocks = -(-max_seq // block_size)
-
-    offsets = torch.arange(max_q, device=q.device)
-    valid = offsets[None, :] < query_lens[:, None]  # [rows, max_q]
-    token = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # [rows, max_q]
-    q_pad = q[token].view(len(rows), max_q, num_kv_heads, group, head_dim)
     tables = meta.block_tables[rows, :num_blocks].long()  # [rows, num_blocks]
     keys = k_cache[tables].view(len(rows), num_blocks * block_size, num_kv_heads, head_dim)
     values = v_cache[tables].view(len(rows), num_blocks * block_size, num_kv_heads, head_dim)
 
-    q_pos = meta.positions[token]  # [rows, max_q]
-    k_pos = torch.arange(num_blocks * block_size, device=q.device)
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [rows, max_q, ctx]
+    piece = max(1, _MAX_SCORES // (len(rows) * num_heads * num_blocks * block_size))
+    for first in range(0, max_q, piece):
+        offsets = torch.arange(first, min(first + piece, max_q), device=q.device)
+        valid = offsets[None, :] < query_lens[:, None]  # [rows, piece]
+        token = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # [rows, piece]
+        num_keys = keys.shape[1]
+        if piece < max_q:  # keys past the piece's last position are masked for all of it: skip them
+            num_keys = min(num_keys, int(meta.positions[token].max()) + 1)
+        _attend_piece(q, keys[:, :num_keys], values[:, :num_keys], meta.positions[token], token, valid,
+                      scale, sliding_window, out)
+
+
+def _attend_piece(q, keys, values, q_pos, token, valid, scale, sliding_window, out) -> None:
+    """Causal attention of the query tokens ``token`` [rows, piece] (``valid`` marks real ones) at
+    positions ``q_pos`` over ``keys``/``values`` [rows, num_keys, num_kv_heads, head_dim]."""
+    num_rows, num_queries = token.shape
+    num_kv_heads, head_dim = keys.shape[2], keys.shape[3]
+    num_heads = q.shape[1]
+    group = num_heads // num_kv_heads
+    q_pad = q[token].view(num_rows, num_queries, num_kv_heads, group, head_dim)
+    k_pos = torch.arange(keys.shape[1], device=q.device)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [rows, piece, num_keys]
     if sliding_window is not None:
         mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
     mask &= valid[:, :, None]
     mask[..., 0] |= ~valid  # padding rows see one key, so softmax stays finite
 
-    # [rows, kv_heads, group, max_q, ctx]
+    # [rows, kv_heads, group, piece, num_keys]
     scores = torch.einsum("bqhgd,bkhd->bhgqk", q_pad.float(), keys.float()) * scale
     scores.masked_fill_(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    attended = torch.einsum("bhgqk,bkhd->bqhgd", probs, values.float())  # [rows, max_q, kv, g, d]
-    attended = attended.reshape(len(rows), max_q, num_heads, head_dim).to(q.dtype)
+    attended = torch.einsum("bhgqk,bkhd->bqhgd", probs, values.float())  # [rows, piece, kv, g, d]
+    attended = attended.reshape(num_rows, num_queries, num_heads, head_dim).to(q.dtype)
     out[token[valid]] = attended[valid]

@@ -8,7 +8,10 @@ tokens of one sequence and every query head of one KV-head group, packed into th
 (row ``m`` is query token ``m // group``, head ``m % group`` of the group), so a decode with a
 single query token still fills a tile with its whole GQA group. The program walks the
 sequence's keys ``BLOCK_N`` at a time through the block table, with an online softmax in fp32
-and causal plus sliding-window masking.
+(exp2, log2(e) folded into the scale) and causal plus sliding-window masking. It stops at its
+last query token's position, so tiles above the causal diagonal are never read, and masks only
+the tiles on the diagonal (or on the window's edge); the tiles below go unmasked. The tile sizes
+come from :func:`meshlm.kernels.attention_tiles.unified_tiles`.
 
 Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference`.
 
@@ -25,6 +28,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
+from meshlm.kernels.attention_tiles import UnifiedTiles, check_tiles, unified_tiles
 from meshlm.kernels.decode_attention import dot_precision, paged_decode_attention
 
 _LOG2_E = 1.4426950408889634
@@ -166,9 +170,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float,
-                      sliding_window: int | None = None) -> torch.Tensor:
-    """:func:`paged_attention_triton` by the unified kernel, for any batch."""
+                      meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                      tiles: UnifiedTiles | None = None) -> torch.Tensor:
+    """:func:`paged_attention_triton` by the unified kernel, for any batch; ``tiles`` default to
+    :func:`unified_tiles` of the batch's shape."""
     num_tokens, num_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = meta.seq_lens.shape[0]
@@ -182,8 +187,9 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return out
 
     group = num_heads // num_kv_heads
-    block_m, block_n, num_warps, num_stages = _tile_config(group, meta.max_query_len, q.dtype)
-    block_q = block_m // group
+    tiles = tiles or unified_tiles(head_dim, group, meta.max_query_len, q.dtype)
+    check_tiles(tiles, group)
+    block_q = tiles.block_m // group
     is_decode_batch = meta.max_query_len == 1
     if is_decode_batch:
         program_map, num_programs = meta.query_start_loc, num_seqs  # the map is not read
@@ -199,29 +205,12 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         meta.block_tables.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, USE_PROGRAM_MAP=not is_decode_batch,
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
-
-
-def _tile_config(group: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); tile rows hold a whole GQA group, at least 16.
-
-    Measured on an H100 (bf16, head_dim 128, group 4): decode batches read the cache fastest
-    with 128-key tiles, mostly because a few long sequences then keep more loads in flight;
-    mixed batches run best with 64 x 64 tiles. fp32 (tests) takes small tiles, which keep its
-    twice larger tiles within shared memory and compile quickly.
-    """
-    group_rows = triton.next_power_of_2(group)
-    is_fp32 = dtype == torch.float32
-    if max_query_len == 1:
-        return max(16, group_rows), 32 if is_fp32 else 128, 4, 3
-    max_rows = 32 if is_fp32 else 64
-    block_m = max(group_rows, min(max_rows, triton.next_power_of_2(max_query_len * group)), 16)
-    return block_m, 32 if is_fp32 else 64, 4, 3
 
 
 def _program_map(meta: AttentionMetadata, block_q: int, num_tokens: int,

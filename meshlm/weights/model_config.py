@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# rope_type values of config.json that meshlm rotates by (kernels/rope_scaling.py); "default" is none.
+SUPPORTED_ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+
 # Hugging Face architecture name -> meshlm model family module.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -89,6 +92,18 @@ class ModelConfig:
         return not all(self.is_moe_layer(i) for i in range(self.num_layers))
 
     @property
+    def derived_max_model_len(self) -> int:
+        """The longest context the model supports: ``max_position_embeddings``, stretched by the
+        rope factor for the types whose config keeps the pre-training length there (linear,
+        dynamic; yarn: ``factor`` x its original length). llama3 configs already give the long one."""
+        scaling = self.rope_scaling
+        if scaling is None or scaling["rope_type"] == "llama3":
+            return self.max_position_embeddings
+        if scaling["rope_type"] == "yarn":
+            return int(scaling["original_max_position_embeddings"] * scaling["factor"])
+        return int(self.max_position_embeddings * scaling["factor"])
+
+    @property
     def family(self) -> str:
         return SUPPORTED_ARCHITECTURES[self.architecture]
 
@@ -102,15 +117,7 @@ class ModelConfig:
         hidden = hf["hidden_size"]
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        rope_scaling = hf.get("rope_scaling")
-        rope_theta = hf.get("rope_theta")
-        rope_params = hf.get("rope_parameters")  # transformers >= 5 may write this form
-        if rope_params and rope_theta is None:
-            rope_theta = rope_params.get("rope_theta")
-            if rope_params.get("rope_type", "default") != "default":
-                rope_scaling = dict(rope_params)
-        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
-            rope_scaling = None
+        rope_theta, rope_scaling = _rope_fields(hf)
         sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
         moe = _moe_fields(arch, hf)
         if arch == "MixtralForCausalLM":
@@ -126,7 +133,7 @@ class ModelConfig:
             head_dim=hf.get("head_dim") or hidden // num_heads,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=_attention_bias(arch, hf),
@@ -144,6 +151,33 @@ class ModelConfig:
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{path}: no config.json; a model directory in Hugging Face layout is expected")
         return cls.from_hf_dict(json.loads(cfg_path.read_text()))
+
+
+def _rope_fields(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope theta, rope scaling dict or None) from ``rope_scaling`` or transformers 5's
+    ``rope_parameters``. The dict gets ``rope_type`` (older configs say ``type``) and, for llama3
+    and yarn, ``original_max_position_embeddings`` (top level first, then the dict's, then
+    ``max_position_embeddings``), as transformers fills them in."""
+    params = hf.get("rope_parameters") or {}
+    scaling = dict(hf.get("rope_scaling") or params)
+    theta = hf.get("rope_theta") or params.get("rope_theta") or scaling.get("rope_theta") or 10000.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"config.json: unsupported rope_type {kind!r}; meshlm supports "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)} (and the default, none)")
+    scaling["rope_type"] = kind
+    scaling.pop("type", None)
+    scaling.pop("rope_theta", None)
+    if kind in ("llama3", "yarn"):
+        original = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = original or hf.get("max_position_embeddings", 2048)
+    if kind == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = hf.get("max_position_embeddings", 2048) / scaling["original_max_position_embeddings"]
+    if not scaling.get("factor") or scaling["factor"] < 1:
+        raise ValueError(f"config.json: rope_type {kind!r} needs a factor >= 1, got factor={scaling.get('factor')}")
+    return float(theta), scaling
 
 
 def _attention_bias(arch: str, hf: dict[str, Any]) -> bool:

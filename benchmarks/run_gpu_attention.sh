@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On one GPU: the attention kernels at every tile and split count (attention_bench.py --sweep; the
+# fastest per shape is printed last, to paste into decode_tiles / choose_num_splits and
+# meshlm/kernels/attention_tiles.py), then whole-model prefill of the Llama-3-8B shape against the
+# bf16 GEMM rate (gpu_bench.py --prefill). Each part fits one call of a few minutes: PART=decode,
+# PART=prefill or PART=model runs one of them. Logs and JSON under $OUT.
+# Usage: OUT=results [PART=decode|prefill|model] bash benchmarks/run_gpu_attention.sh
+set -uo pipefail
+OUT=${OUT:-out}; PART=${PART:-all}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi -L
+if [ "$PART" = all ] || [ "$PART" = decode ]; then
+  echo "== decode attention, swept (attention_bench.py --sweep --prefill '')"
+  timeout 280 python3 benchmarks/attention_bench.py --sweep --skip-flex --prefill "" \
+      --out "$OUT/attention_sweep_decode.json" > "$OUT/attention_sweep_decode.log" 2>&1
+  tail -24 "$OUT/attention_sweep_decode.log"
+fi
+if [ "$PART" = all ] || [ "$PART" = prefill ]; then
+  echo "== prefill attention, swept (attention_bench.py --sweep --decode '')"
+  timeout 280 python3 benchmarks/attention_bench.py --sweep --skip-flex --decode "" \
+      --out "$OUT/attention_sweep_prefill.json" > "$OUT/attention_sweep_prefill.log" 2>&1
+  tail -16 "$OUT/attention_sweep_prefill.log"
+fi
+if [ "$PART" = all ] || [ "$PART" = model ]; then
+  echo "== whole-model prefill, Llama-3-8B shape (gpu_bench.py --prefill)"
+  timeout 170 python3 benchmarks/gpu_bench.py --batches "" --prefill 1x8192,8x2048 --skip-hf \
+      --out "$OUT/gpu_bench_prefill.json" > "$OUT/gpu_bench_prefill.log" 2>&1
+  tail -6 "$OUT/gpu_bench_prefill.log"
+fi
