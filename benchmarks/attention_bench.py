@@ -121,8 +121,10 @@ def flex_fn(q4, k, v, is_causal: bool):
 
 def decode_runs(batch: int, context: int, sweep: bool, with_flex: bool):
     q, k_cache, v_cache, meta, (q4, k, v) = make_batch(batch, context, 1)
-    splits = choose_num_splits(batch, NUM_KV_HEADS, context, torch.cuda.get_device_properties(0).multi_processor_count)
-    runs = {f"decode {_decode_name(decode_tiles(q.dtype), splits)}": lambda: paged_decode_attention(
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = choose_num_splits(batch, NUM_KV_HEADS, context, num_sms)
+    tiles = decode_tiles(q.dtype, batch * NUM_KV_HEADS, num_sms)
+    runs = {f"decode {_decode_name(tiles, splits)}": lambda: paged_decode_attention(
                 q, k_cache, v_cache, meta, SCALE),
             f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, 1, q.dtype))}": lambda: unified_attention(
                 q, k_cache, v_cache, meta, SCALE),
