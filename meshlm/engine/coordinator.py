@@ -32,6 +32,7 @@ class _Group:
     prompt: str | None
     prompt_token_ids: list[int]
     sequences: list[Request]
+    is_prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -43,7 +44,15 @@ class _Group:
         if not deltas:
             return None
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, deltas, self.finished,
-                             min(s.num_cached_prompt_tokens for s in self.sequences))
+                             min(s.num_cached_prompt_tokens for s in self.sequences), self._take_prompt_logprobs())
+
+    def _take_prompt_logprobs(self) -> list[dict[int, float] | None] | None:
+        """The prompt's logprobs once they are complete (the first sample scores them), then None."""
+        scores = self.sequences[0].prompt_logprobs
+        if self.is_prompt_logprobs_sent or scores is None or len(scores) < len(self.prompt_token_ids):
+            return None
+        self.is_prompt_logprobs_sent = True
+        return scores
 
 
 @dataclass(slots=True, eq=False)
@@ -106,6 +115,8 @@ class Coordinator:
 
     def _new_sequence(self, request_id: str, token_ids: list[int], params: SamplingParams, index: int) -> Request:
         seq_params = params if params.n == 1 else params.for_sample(index)
+        if index > 0 and seq_params.prompt_logprobs is not None:  # the first sample scores the prompt
+            seq_params = seq_params.replace(prompt_logprobs=None)
         detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(
             self.tokenizer, token_ids, seq_params.skip_special_tokens)
         return Request(request_id if params.n == 1 else f"{request_id}#{index}", list(token_ids), seq_params,
