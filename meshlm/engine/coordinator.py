@@ -101,6 +101,7 @@ class Coordinator:
         else:
             token_ids = [int(t) for t in prompt]
         self._check_prompt(token_ids)
+        self._check_token_ids(params)
         request_id = request_id or f"req-{next(self._request_counter)}"
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -135,6 +136,16 @@ class Coordinator:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids in the sampling parameters must be in the vocabulary (as vLLM refuses them)."""
+        vocab = self.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("bad_words_token_ids", [t for word in params.bad_words_token_ids for t in word])):
+            bad = sorted({t for t in ids if t >= vocab})
+            if bad:
+                raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary: the model has "
+                                 f"vocab_size={vocab} (ids 0 to {vocab - 1})")
 
     def abort(self, request_id: str) -> bool:
         """Abort a request and free its KV blocks; False if it is unknown or already finished."""
