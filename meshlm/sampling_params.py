@@ -139,8 +139,9 @@ class SamplingParams:
 
     def with_bad_words_tokenized(self, tokenizer) -> SamplingParams:
         """A copy whose ``bad_words_token_ids`` holds every bad word's token ids, tokenized alone and
-        after a space (a word inside a text usually follows one); ``self`` when there are no bad
-        words. ``tokenizer=None`` with bad words is an error."""
+        after a space (a word inside a text usually follows one), and whose ``bad_words`` is empty
+        (so a second call does nothing); ``self`` when there are no bad words. ``tokenizer=None``
+        with bad words is an error."""
         if not self.bad_words:
             return self
         if tokenizer is None:
@@ -152,7 +153,7 @@ class SamplingParams:
                 word_ids = tuple(tokenizer.encode(text, add_special_tokens=False))
                 if word_ids and word_ids not in ids:
                     ids.append(word_ids)
-        return self.replace(bad_words_token_ids=ids)
+        return self.replace(bad_words_token_ids=ids, bad_words=None)
 
     def replace(self, **changes: object) -> SamplingParams:
         """A validated copy with some fields changed."""
