@@ -1,6 +1,6 @@
 """Rank-side script: the sampling features through ``AsyncLLM`` on the world it runs in.
 
-    mpiexec -n 3 python tests/dist/run_sampling_features.py --model DIR --out out.json --tp 3
+    mpiexec -n 3 python tests/dist/run_sampling_features.py --model DIR --out out.json --tp 3 [--pp 1]
     python tests/dist/run_sampling_features.py --model DIR --out ref.json               # one rank
 
 Every rank prints ``[run_layout] rank R of N pid P`` and builds ``AsyncLLM`` (the other ranks serve
@@ -54,12 +54,13 @@ def main() -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     print(f"[run_layout] rank {comm.Get_rank()} of {comm.Get_size()} pid {os.getpid()}", flush=True)
     from meshlm import AsyncLLM
     # max_num_tokens 16: the prompt is prefilled in chunks, and the requests share steps.
-    llm = AsyncLLM(model=args.model, tensor_parallel_size=args.tp, device="cpu", num_kv_blocks=128,
+    llm = AsyncLLM(model=args.model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, device="cpu", num_kv_blocks=128,
                    max_model_len=256, max_num_tokens=16, block_size=16)
     try:
         results = asyncio.run(_run(llm))
