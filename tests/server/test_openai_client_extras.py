@@ -1,5 +1,7 @@
-"""Prompt logprobs through the HTTP API with the official openai client: ``echo`` with ``logprobs``
-(OpenAI's legacy completions) and vLLM's ``prompt_logprobs`` extra, against transformers' logits."""
+"""The official openai client against the API's extras: prompt logprobs (``echo`` with ``logprobs``,
+OpenAI's legacy completions, and vLLM's ``prompt_logprobs``) against transformers' logits, and the
+errors OpenAI and vLLM give (unknown model, prompt plus max_tokens past the context, token ids
+outside the vocabulary)."""
 from __future__ import annotations
 
 import asyncio
@@ -84,6 +86,28 @@ def test_token_ids_outside_the_vocabulary_are_refused(model_dir):
                     error = r.json()["error"]
                     assert r.status_code == 400 and error["param"] == field, r.text
                     assert str(vocab) in error["message"], error
+            await server.wait_idle()
+
+    asyncio.run(run())
+
+
+def test_errors_as_openai_and_vllm_give_them(model_dir):
+    async def run():
+        with InProcessServer(model_dir) as server:
+            client = _client(server)
+            with pytest.raises(openai.NotFoundError) as missing:
+                await client.completions.create(model="no-such-model", prompt=[5], max_tokens=1)
+            assert missing.value.code == "model_not_found" and "no-such-model" in missing.value.message
+            prompt = list(range(3, 93))  # 90 tokens; the context holds MAX_MODEL_LEN
+            limit = server.served.max_model_len
+            with pytest.raises(openai.BadRequestError) as too_long:
+                await client.completions.create(model=model_dir.name, prompt=prompt, max_tokens=limit)
+            message = too_long.value.message
+            assert str(len(prompt)) in message and str(limit) in message and str(len(prompt) + limit) in message
+            omitted = await client.chat.completions.create(model=model_dir.name, temperature=0,
+                                                           messages=[{"role": "user", "content": "w5"}],
+                                                           extra_body={"ignore_eos": True, "min_tokens": 1})
+            assert omitted.choices[0].finish_reason == "length"  # max_tokens omitted: up to the context
             await server.wait_idle()
 
     asyncio.run(run())
