@@ -115,3 +115,21 @@ def test_only_requests_that_ask_get_prompt_rows():
     assert scored_index == list(range(9))  # positions 0..8 score tokens 1..9; position 9 samples
     assert scored_targets == asking.prompt_token_ids[1:]
     assert [next(iter(e)) for e in asking.prompt_logprobs[1:]] == asking.prompt_token_ids[1:]
+
+
+@pytest.mark.parametrize("k_max", [0, 4])
+def test_scores_in_slices_equal_one_log_softmax(monkeypatch, k_max):
+    from meshlm.executor import prompt_logprobs
+    monkeypatch.setattr(prompt_logprobs, "ROWS_PER_SLICE", 3)  # 10 rows: slices of 3, 3, 3 and 1
+    gen = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(12, 8, generator=gen), torch.randn(8, 50, generator=gen)
+    index, targets = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8, 10, 11]), torch.randint(0, 50, (10,), generator=gen)
+    chosen, top_ids, top_lps = prompt_logprobs.score_prompt_tokens(hidden, index, targets, k_max,
+                                                                   lambda rows: rows @ head)
+    expected = torch.log_softmax(hidden[index] @ head, dim=-1)  # [10, 50]
+    assert torch.allclose(chosen, expected.gather(1, targets[:, None])[:, 0], atol=1e-6)
+    if k_max == 0:
+        assert top_ids is None and top_lps is None
+    else:
+        assert torch.equal(top_ids, expected.topk(k_max).indices)
+        assert torch.allclose(top_lps, expected.topk(k_max).values, atol=1e-6)
