@@ -8,7 +8,8 @@ Each step has a budget of ``max_num_tokens`` tokens and ``max_batch_size`` seque
    back to the front of the waiting queue and later recomputes its prompt and outputs so far); if
    the request itself is the newest, it is the one preempted.
 2. Then, if nothing was preempted in this step, waiting requests in FIFO order: the prefix cache
-   is applied, the request gets ``min(uncomputed tokens, budget left)`` tokens (a long prompt is
+   is applied (not to a request with prompt positions still to score for ``prompt_logprobs``:
+   a cached position has no logits), the request gets ``min(uncomputed tokens, budget left)`` tokens (a long prompt is
    prefilled in chunks over several steps) and is admitted only if its blocks can be allocated.
    Admission stops at the first request that does not fit: nobody skips ahead.
 
