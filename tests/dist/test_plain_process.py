@@ -1,4 +1,4 @@
-"""``LLM(model, tensor_parallel_size=2)`` from a plain Python process (not under mpiexec).
+"""``LLM(model, tensor_parallel_size=2)`` and ``AsyncLLM`` from a plain Python process (not under mpiexec).
 
 The process starts mpiexec itself; the tokens equal the single-rank run's, and after shutdown
 the process exits 0 with nothing left of the job it started.
@@ -28,8 +28,18 @@ def _run_plain(tmp_path, model: Path, prompts: list, *flags: str) -> dict:
     return json.loads(out.read_text())
 
 
+def _without_tokenizer(tmp_path, model: Path) -> Path:
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(model, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink(missing_ok=True)
+    return bare
+
+
 def test_llm_tp2_from_plain_process(tmp_path, tiny_models, tiny_prompts, tiny_runs):
-    data = _run_plain(tmp_path, tiny_models["llama"], tiny_prompts)
+    """Also ``skip_tokenizer_init=True`` on a model directory that has no tokenizer files at all."""
+    bare = _without_tokenizer(tmp_path, tiny_models["llama"])
+    data = _run_plain(tmp_path, bare, tiny_prompts, "--skip-tokenizer-init")
 
     # While the model was up: one mpiexec and exactly two ranks below this process.
     running = data["processes_while_running"]
@@ -43,14 +53,8 @@ def test_llm_tp2_from_plain_process(tmp_path, tiny_models, tiny_prompts, tiny_ru
     assert wait_until_gone([p["pid"] for p in running]) == [], f"processes outlived shutdown: {running}"
 
 
-@pytest.mark.parametrize("api", ["LLM", "AsyncLLM"])
-def test_tp2_from_plain_process_without_a_tokenizer(tmp_path, tiny_models, tiny_prompts, tiny_runs, api):
-    """``skip_tokenizer_init=True`` on a model directory that has no tokenizer files at all."""
-    bare = tmp_path / "no-tokenizer"
-    shutil.copytree(tiny_models["llama"], bare)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (bare / name).unlink(missing_ok=True)
-    data = _run_plain(tmp_path, bare, tiny_prompts, "--skip-tokenizer-init", "--api", api)
+def test_async_llm_tp2_from_plain_process(tmp_path, tiny_models, tiny_prompts, tiny_runs):
+    data = _run_plain(tmp_path, tiny_models["llama"], tiny_prompts, "--api", "AsyncLLM")
     ref = tiny_runs.get(1, 1)["llama"]
     assert [r["token_ids"] for r in data["results"]] == [r["token_ids"] for r in ref]
     assert wait_until_gone([p["pid"] for p in data["processes_while_running"]]) == []
