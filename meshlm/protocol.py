@@ -52,6 +52,11 @@ class StepPlan:
     # of row prev_token_rows[i]; the ranks take it from the device, and input_ids holds 0 there.
     prev_token_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prev] int64
     prev_token_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prev] int64
+    # Prompt logprobs, only for the requests that asked: the packed token whose logits score the
+    # next prompt token, that token, and how many top tokens its request wants.
+    prompt_logprob_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prompt_rows]
+    prompt_logprob_target_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prompt_rows]
+    prompt_logprob_num_top: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prompt_rows]
 
     @property
     def num_tokens(self) -> int:
@@ -74,12 +79,14 @@ class StepPlan:
 
 
 _PLAN_ARRAYS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
-                "sample_rows", "prev_token_index", "prev_token_rows")
+                "sample_rows", "prev_token_index", "prev_token_rows", "prompt_logprob_index",
+                "prompt_logprob_target_ids", "prompt_logprob_num_top")
 
 
 def returns_tokens(plan: StepPlan) -> bool:
-    """Whether the step samples: the sampling rank then sends a StepResult to rank 0."""
-    return plan.num_tokens > 0 and len(plan.sample_rows) > 0
+    """Whether the step samples or scores prompt tokens: the sampling rank then sends a
+    StepResult to rank 0."""
+    return plan.num_tokens > 0 and (len(plan.sample_rows) > 0 or len(plan.prompt_logprob_index) > 0)
 
 
 @dataclass(slots=True)
@@ -94,9 +101,14 @@ class StepResult:
     logprobs: np.ndarray | None  # float32 [num_rows]: log-prob of each sampled token; None if no row asked
     top_token_ids: np.ndarray | None  # int64 [num_rows, k_max]; None if k_max == 0
     top_logprobs: np.ndarray | None  # float32 [num_rows, k_max]
+    # The plan's prompt_logprob rows: each prompt token's logprob and the top ones (``k_max`` columns).
+    prompt_logprobs: np.ndarray | None = None  # float32 [num_prompt_rows]
+    prompt_top_token_ids: np.ndarray | None = None  # int64 [num_prompt_rows, k_max]; None if k_max == 0
+    prompt_top_logprobs: np.ndarray | None = None  # float32 [num_prompt_rows, k_max]
 
 
-_RESULT_ARRAYS = ("token_ids", "logprobs", "top_token_ids", "top_logprobs")
+_RESULT_ARRAYS = ("token_ids", "logprobs", "top_token_ids", "top_logprobs", "prompt_logprobs",
+                  "prompt_top_token_ids", "prompt_top_logprobs")
 
 
 @dataclass(slots=True)

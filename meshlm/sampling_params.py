@@ -25,6 +25,8 @@ class SamplingParams:
     up to the context length. ``logprobs=None`` returns no logprobs; ``logprobs=k`` returns the
     sampled token's logprob and the ``k`` most likely tokens' (``k=0``: the sampled one only).
     ``seed`` makes the request's tokens independent of what else is in the batch.
+    ``prompt_logprobs=k`` returns, for every prompt token after the first, its logprob given the
+    tokens before it and the ``k`` most likely tokens' there (the first token's entry is None).
 
     ``logit_bias`` ({token id: bias in [-100, 100]}, as OpenAI) is added to the logits;
     ``allowed_token_ids`` restricts sampling to those ids; ``bad_words`` are never generated: their
@@ -47,6 +49,7 @@ class SamplingParams:
     stop: str | Sequence[str] | None = None  # normalised to a tuple of non-empty strings
     stop_token_ids: Sequence[int] | None = None  # normalised to a tuple of ints
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: Mapping[int, float] | None = None  # normalised to a dict {int: float}; keys may be "123"
@@ -81,6 +84,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lower=0, upper=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lower=0, upper=MAX_LOGPROBS)
         if self.seed is not None and (not _is_int(self.seed) or not -_MAX_SEED < self.seed < _MAX_SEED):
             raise ValueError(f"seed={self.seed!r} must be an integer with |seed| < 2**64, or None")
 
@@ -109,7 +114,7 @@ class SamplingParams:
 
     def _coerce_numbers(self) -> None:
         # numpy scalars pass validation; store plain Python numbers so the params pickle small.
-        for name in ("n", "min_tokens", "max_tokens", "top_k", "seed", "logprobs"):
+        for name in ("n", "min_tokens", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, int(value))
@@ -134,8 +139,9 @@ class SamplingParams:
 
     def with_bad_words_tokenized(self, tokenizer) -> SamplingParams:
         """A copy whose ``bad_words_token_ids`` holds every bad word's token ids, tokenized alone and
-        after a space (a word inside a text usually follows one); ``self`` when there are no bad
-        words. ``tokenizer=None`` with bad words is an error."""
+        after a space (a word inside a text usually follows one), and whose ``bad_words`` is empty
+        (so a second call does nothing); ``self`` when there are no bad words. ``tokenizer=None``
+        with bad words is an error."""
         if not self.bad_words:
             return self
         if tokenizer is None:
@@ -147,7 +153,7 @@ class SamplingParams:
                 word_ids = tuple(tokenizer.encode(text, add_special_tokens=False))
                 if word_ids and word_ids not in ids:
                     ids.append(word_ids)
-        return self.replace(bad_words_token_ids=ids)
+        return self.replace(bad_words_token_ids=ids, bad_words=None)
 
     def replace(self, **changes: object) -> SamplingParams:
         """A validated copy with some fields changed."""

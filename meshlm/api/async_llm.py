@@ -1,15 +1,21 @@
-"""The coordinator's step loop in a background thread, for asyncio callers (the server).
+"""``AsyncLLM``: the asyncio Python API (vLLM's names), and the engine under the OpenAI server.
 
-Only the loop thread touches the coordinator. Callers hand it typed commands (``SubmitCommand``,
-``AbortCommand``) through a queue that it drains between steps, so the event loop never waits for
-a step to finish. The loop thread answers only by scheduling a callback on the caller's event loop,
-which cannot fail because of anything the caller did: a caller that left (cancelled, timed out,
-disconnected) leaves behind a stream nobody reads, and its abort command follows in the queue.
+    from meshlm import AsyncLLM, SamplingParams
+    async with AsyncLLM(model="Qwen/Qwen3-0.6B", tensor_parallel_size=2) as llm:
+        async for out in llm.generate("Hello", SamplingParams(max_tokens=32), request_id="r1"):
+            print(out.outputs[0].text)        # everything so far; output_kind="delta": only what is new
 
-``generate`` submits a request and yields its outputs as the loop produces them; a caller that
-stops iterating aborts its request, which frees its KV blocks. Outputs are deltas (the new tokens
-and text); the deltas a slow reader has not taken yet are merged into one, so nothing piles up
-behind it. ``RequestOutput.accumulate`` / ``add`` build the whole output where one is needed.
+It starts the ranks as ``LLM`` does (one rank here, the ranks of the mpiexec world it runs in, or a
+new world under mpiexec from a plain process), then runs the coordinator's step loop in a
+background thread. Only that thread touches the coordinator. Callers hand it typed commands
+(``SubmitCommand``, ``AbortCommand``) through a queue that it drains between steps, so the event
+loop never waits for a step to finish. The loop thread answers only by scheduling a callback on the
+caller's event loop, which cannot fail because of anything the caller did: a caller that left
+(cancelled, timed out, disconnected) leaves behind a stream nobody reads, and its abort command
+follows in the queue.
+
+A caller that stops iterating ``generate`` aborts its request, which frees its KV blocks. The
+deltas a slow reader has not taken yet are merged into one, so nothing piles up behind it.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from meshlm.engine.outputs import RequestOutput
+from meshlm.config import EngineArgs
+from meshlm.engine.interface import EngineCore
+from meshlm.engine.outputs import CompletionOutput, RequestOutput
 from meshlm.sampling_params import SamplingParams
 
 log = logging.getLogger("meshlm")
@@ -36,6 +44,7 @@ class _Stream:
     """One request's outputs, written and read on the caller's event loop only."""
 
     loop: asyncio.AbstractEventLoop
+    num_samples: int = 1  # the request's n
     pending: RequestOutput | None = None  # the deltas the reader has not taken, merged
     error: BaseException | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -68,14 +77,37 @@ class AbortCommand:
 
 
 class AsyncLLM:
-    def __init__(self, coordinator, on_failure: Callable[[BaseException], None] | None = None):
+    """Generate with asyncio over a model split into ``tensor_parallel_size x pipeline_parallel_size``
+    ranks; keyword arguments are those of EngineArgs (and ``LLM``)."""
+
+    def __init__(self, model: str | None = None, *, on_failure: Callable[[BaseException], None] | None = None,
+                 **kwargs):
         """``on_failure(exc)`` is called from the loop thread if a step fails (the loop then stops)."""
+        from meshlm.api.start import start_runtime
+        self._start(start_runtime(EngineArgs(model=model, **kwargs)), on_failure)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs,
+                         on_failure: Callable[[BaseException], None] | None = None) -> "AsyncLLM":
+        from meshlm.api.start import start_runtime
+        return cls.from_engine_core(start_runtime(args), on_failure)
+
+    @classmethod
+    def from_engine_core(cls, core: EngineCore,
+                         on_failure: Callable[[BaseException], None] | None = None) -> "AsyncLLM":
+        """Over an engine core already started (``meshlm.api.start.start_runtime``)."""
+        llm = cls.__new__(cls)
+        llm._start(core, on_failure)
+        return llm
+
+    def _start(self, coordinator: EngineCore, on_failure) -> None:
         self.coordinator = coordinator
         self._on_failure = on_failure
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._running = True
+        self._is_shut_down = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="meshlm-engine", daemon=True)
         self._thread.start()
@@ -89,17 +121,41 @@ class AsyncLLM:
         return self.coordinator.max_model_len
 
     @property
+    def engine_core(self) -> EngineCore:
+        return self.coordinator
+
+    @property
     def is_healthy(self) -> bool:
         return self._error is None and self._thread.is_alive()
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output as deltas: each holds what is new since the previous one.
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, prompt_text: str | None = None,
+                       output_kind: str = "cumulative") -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every step that adds to it; the last one is finished.
 
-        A bad request raises ValueError (nothing is queued); a failed engine raises EngineDeadError.
+        ``output_kind="cumulative"``: each output holds everything so far. ``"delta"``: only what
+        is new since the previous one. A bad request raises ValueError (nothing is queued); a
+        failed engine raises EngineDeadError.
         """
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        stream = _Stream(asyncio.get_running_loop())
+        if output_kind not in ("cumulative", "delta"):
+            raise ValueError(f"output_kind={output_kind!r}; choose cumulative or delta")
+        params = sampling_params or SamplingParams()
+        if params.bad_words:  # tokenizing is CPU work: off the event loop
+            params = await asyncio.get_running_loop().run_in_executor(
+                None, params.with_bad_words_tokenized, self.tokenizer)
+        whole = None
+        async for delta in self._deltas(prompt, params, request_id or f"req-{uuid.uuid4().hex}", prompt_text):
+            if output_kind == "delta":
+                yield delta
+                continue
+            if whole is None:
+                whole = RequestOutput.accumulate(delta)
+            else:
+                whole.add(delta)
+            yield RequestOutput.accumulate(whole)  # a copy: the caller may keep it
+
+    async def _deltas(self, prompt, params: SamplingParams, request_id: str, prompt_text: str | None):
+        stream = _Stream(asyncio.get_running_loop(), params.n)
         self._send(SubmitCommand(prompt, params, request_id, stream, prompt_text))
         self._raise_if_dead()  # the loop may have died before it could see the command
         finished = False
@@ -117,8 +173,9 @@ class AsyncLLM:
             if not finished:  # cancelled, closed early or failed: free whatever it holds
                 self._send(AbortCommand(request_id, stream))
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request (takes effect before the next step); never blocks."""
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (takes effect before the next step, freeing its KV blocks); never blocks.
+        Its ``generate`` then ends with a finished output (finish_reason ``abort``) or nothing more."""
         self._send(AbortCommand(request_id))
 
     def stats(self) -> dict:
@@ -170,9 +227,13 @@ class AsyncLLM:
             return  # finished already, never accepted, or the id belongs to another caller
         self._streams.pop(command.request_id, None)
         try:
-            self.coordinator.abort(command.request_id)
+            aborted = self.coordinator.abort(command.request_id)
         except Exception:  # a bug, not the client's doing: keep serving the others
             log.exception("aborting request %s failed", command.request_id)
+            return
+        if aborted and command.stream is None and owner is not None:  # abort(): its reader hears the end
+            ended = [CompletionOutput(i, "", [], "abort") for i in range(owner.num_samples)]
+            self._deliver(owner, owner.put_output, RequestOutput(command.request_id, None, [], ended, True))
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -224,9 +285,24 @@ class AsyncLLM:
         job; shutting down while the loop thread is still inside a step would interleave the
         shutdown with the step's collectives. After a failed step the coordinator is left as it is
         (its state is unknown): the caller raises, and a launcher aborts the other ranks."""
+        if self._is_shut_down:
+            return
+        self._is_shut_down = True
         self._running = False
         self._wakeup.set()
         self._thread.join()
         if self._error is None:
             self._drain_commands()
             self.coordinator.shutdown()
+
+    async def __aenter__(self) -> "AsyncLLM":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __enter__(self) -> "AsyncLLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

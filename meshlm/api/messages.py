@@ -125,6 +125,8 @@ def _output_to_json(output: RequestOutput) -> dict:
     for c in body["outputs"]:  # {token id: logprob} keys would become strings: send pairs
         if c["logprobs"] is not None:
             c["logprobs"] = [list(entry.items()) for entry in c["logprobs"]]
+    if body["prompt_logprobs"] is not None:
+        body["prompt_logprobs"] = [None if e is None else list(e.items()) for e in body["prompt_logprobs"]]
     return body
 
 
@@ -134,4 +136,6 @@ def _output_from_json(body: dict) -> RequestOutput:
         if c["logprobs"] is not None:
             c["logprobs"] = [{int(t): lp for t, lp in entry} for entry in c["logprobs"]]
         outputs.append(CompletionOutput(**c))
+    if body["prompt_logprobs"] is not None:
+        body["prompt_logprobs"] = [None if e is None else {int(t): lp for t, lp in e} for e in body["prompt_logprobs"]]
     return RequestOutput(outputs=outputs, **body)

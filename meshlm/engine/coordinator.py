@@ -32,6 +32,7 @@ class _Group:
     prompt: str | None
     prompt_token_ids: list[int]
     sequences: list[Request]
+    is_prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -43,7 +44,15 @@ class _Group:
         if not deltas:
             return None
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, deltas, self.finished,
-                             min(s.num_cached_prompt_tokens for s in self.sequences))
+                             min(s.num_cached_prompt_tokens for s in self.sequences), self._take_prompt_logprobs())
+
+    def _take_prompt_logprobs(self) -> list[dict[int, float] | None] | None:
+        """The prompt's logprobs once they are complete (the first sample scores them), then None."""
+        scores = self.sequences[0].prompt_logprobs
+        if self.is_prompt_logprobs_sent or scores is None or len(scores) < len(self.prompt_token_ids):
+            return None
+        self.is_prompt_logprobs_sent = True
+        return scores
 
 
 @dataclass(slots=True, eq=False)
@@ -92,6 +101,7 @@ class Coordinator:
         else:
             token_ids = [int(t) for t in prompt]
         self._check_prompt(token_ids)
+        self._check_token_ids(params)
         request_id = request_id or f"req-{next(self._request_counter)}"
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -106,6 +116,8 @@ class Coordinator:
 
     def _new_sequence(self, request_id: str, token_ids: list[int], params: SamplingParams, index: int) -> Request:
         seq_params = params if params.n == 1 else params.for_sample(index)
+        if index > 0 and seq_params.prompt_logprobs is not None:  # the first sample scores the prompt
+            seq_params = seq_params.replace(prompt_logprobs=None)
         detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(
             self.tokenizer, token_ids, seq_params.skip_special_tokens)
         return Request(request_id if params.n == 1 else f"{request_id}#{index}", list(token_ids), seq_params,
@@ -124,6 +136,16 @@ class Coordinator:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids in the sampling parameters must be in the vocabulary (as vLLM refuses them)."""
+        vocab = self.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("bad_words_token_ids", [t for word in params.bad_words_token_ids for t in word])):
+            bad = sorted({t for t in ids if t >= vocab})
+            if bad:
+                raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary: the model has "
+                                 f"vocab_size={vocab} (ids 0 to {vocab - 1})")
 
     def abort(self, request_id: str) -> bool:
         """Abort a request and free its KV blocks; False if it is unknown or already finished."""

@@ -44,9 +44,14 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt token
+    # {token id: logprob}, the prompt token first. It comes once, in the delta of the first token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def add(self, delta: "RequestOutput") -> None:
         """Fold a later delta of the same request into this output."""
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = list(delta.prompt_logprobs)
         mine = {c.index: c for c in self.outputs}
         for c in delta.outputs:
             if c.index in mine:

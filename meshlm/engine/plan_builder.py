@@ -34,13 +34,32 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
     sample_rows = np.array([i for i, c in enumerate(chunks) if c.is_sampling], dtype=np.int64)
+    scored_index, scored_targets, scored_num_top = _prompt_scores(chunks, query_start_loc)
     return StepPlan(
         input_ids=input_ids, positions=positions.astype(np.int64), slot_mapping=slot_mapping,
         query_start_loc=query_start_loc, seq_lens=(starts + query_lens).astype(np.int32),
         block_tables=block_tables, sample_rows=sample_rows,
         sample_request_ids=[chunks[i].request.request_id for i in sample_rows],
         new_requests=new_requests, finished_request_ids=finished_request_ids,
-        prev_token_index=np.array(prev_index, dtype=np.int64), prev_token_rows=np.array(prev_rows, dtype=np.int64))
+        prev_token_index=np.array(prev_index, dtype=np.int64), prev_token_rows=np.array(prev_rows, dtype=np.int64),
+        prompt_logprob_index=scored_index, prompt_logprob_target_ids=scored_targets,
+        prompt_logprob_num_top=scored_num_top)
+
+
+def _prompt_scores(chunks: list[ScheduledChunk], query_start_loc: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The packed tokens whose logits score the next prompt token, those tokens and each row's
+    top-k, for the chunks of requests that asked for prompt logprobs (all [num_prompt_rows])."""
+    index, targets, num_top = [], [], []
+    for i, c in enumerate(chunks):
+        if not c.num_scored:
+            continue
+        offset = int(query_start_loc[i]) + c.first_scored - c.start
+        index.extend(range(offset, offset + c.num_scored))
+        targets.extend(c.request.prompt_token_ids[c.first_scored + 1:c.first_scored + 1 + c.num_scored])
+        num_top.extend([c.request.params.prompt_logprobs] * c.num_scored)
+    return (np.array(index, dtype=np.int64), np.array(targets, dtype=np.int64),
+            np.array(num_top, dtype=np.int64))
 
 
 def _input_ids(chunks: list[ScheduledChunk], query_start_loc: np.ndarray, num_tokens: int,

@@ -56,11 +56,19 @@ class Request:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
+    # With params.prompt_logprobs: [None] (the first token's), then one entry per scored prompt
+    # token, the token's own logprob first; complete at num_prompt_tokens entries.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_prompt_positions_scored: int = 0  # prompt positions whose scores are known or on the way
     _num_tokens_taken: int = 0  # output tokens already handed out by take_output
     _is_finish_taken: bool = False  # take_output has handed out the finish reason
     _released_tail: str = ""  # the end of the text handed out, where a stop string may begin
     _pending_text: str = ""
     _pending_logprobs: list[dict[int, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -98,6 +106,25 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt positions it must score are still to run (so no prefix may be skipped)."""
+        return (self.params.prompt_logprobs is not None
+                and self.num_prompt_positions_scored < self.num_prompt_tokens - 1)
+
+    def positions_to_score(self, start: int, num_new_tokens: int) -> tuple[int, int]:
+        """``(first, count)``: the positions of a chunk ``start : start + num_new_tokens`` whose
+        logits score the next prompt token and are not scored yet; marks them scored. Position ``p``
+        scores token ``p + 1``; the last prompt position samples instead."""
+        if self.params.prompt_logprobs is None:
+            return start, 0
+        first = max(start, self.num_prompt_positions_scored)
+        end = min(start + num_new_tokens, self.num_prompt_tokens - 1)
+        if end <= first:
+            return first, 0
+        self.num_prompt_positions_scored = end
+        return first, end - first
 
     # --- the output ----------------------------------------------------------------------------
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> RequestStatus | None:

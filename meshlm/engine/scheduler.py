@@ -8,7 +8,8 @@ Each step has a budget of ``max_num_tokens`` tokens and ``max_batch_size`` seque
    back to the front of the waiting queue and later recomputes its prompt and outputs so far); if
    the request itself is the newest, it is the one preempted.
 2. Then, if nothing was preempted in this step, waiting requests in FIFO order: the prefix cache
-   is applied, the request gets ``min(uncomputed tokens, budget left)`` tokens (a long prompt is
+   is applied (not to a request with prompt positions still to score for ``prompt_logprobs``:
+   a cached position has no logits), the request gets ``min(uncomputed tokens, budget left)`` tokens (a long prompt is
    prefilled in chunks over several steps) and is admitted only if its blocks can be allocated.
    Admission stops at the first request that does not fit: nobody skips ahead.
 
@@ -45,6 +46,9 @@ class ScheduledChunk:
     start: int  # the request's num_computed_tokens when the chunk was scheduled
     num_new_tokens: int
     is_sampling: bool  # the chunk reaches the last token (placeholders included): a token is sampled
+    # Positions first_scored : first_scored + num_scored score the prompt token after each (prompt_logprobs).
+    first_scored: int = 0
+    num_scored: int = 0
 
 
 @dataclass(slots=True)
@@ -166,8 +170,12 @@ class Scheduler:
         """
         sampled = []
         row = 0  # the chunk's row in ``result``: sampling chunks in order
+        prompt_row = 0  # its first row of prompt scores
         for chunk in output.chunks:
             request, status = chunk.request, None
+            if chunk.num_scored and not request.is_finished:
+                request.prompt_logprobs.extend(_prompt_logprobs(result, prompt_row, chunk))
+            prompt_row += chunk.num_scored
             if chunk.is_sampling and not request.is_finished:
                 request.num_output_placeholders -= 1
                 token_id = int(result.token_ids[row])
@@ -215,7 +223,8 @@ class Scheduler:
                 continue
             # A request preempted with a token in flight waits at least one step, which lands it.
             assert not request.num_output_placeholders, f"{request.request_id} admitted with tokens in flight"
-            self.kv.get_computed_prefix(request)
+            if not request.needs_prompt_logprobs:  # scoring the prompt needs every position run
+                self.kv.get_computed_prefix(request)
             num_new = min(request.num_uncomputed_tokens, budget)
             if not self.kv.can_allocate(request, num_new):
                 self.kv.free(request)  # give back the shared prefix blocks until it fits
@@ -231,7 +240,8 @@ class Scheduler:
         self.kv.allocate(request, num_new)
         start = request.num_computed_tokens
         is_sampling = start + num_new == request.num_tokens_with_placeholders
-        out.chunks.append(ScheduledChunk(request, start, num_new, is_sampling))
+        first_scored, num_scored = request.positions_to_score(start, num_new)
+        out.chunks.append(ScheduledChunk(request, start, num_new, is_sampling, first_scored, num_scored))
         request.num_computed_tokens += num_new
         request.num_output_placeholders += is_sampling
 
@@ -259,6 +269,21 @@ class Scheduler:
         if self._num_finished_running:
             self._running = [r for r in self._running if not r.status.is_finished]
             self._num_finished_running = 0
+
+
+def _prompt_logprobs(result: StepResult, first_row: int, chunk: ScheduledChunk) -> list[dict[int, float]]:
+    """``{prompt token: logprob, then the top-k tokens}`` of each position the chunk scored."""
+    request, k = chunk.request, chunk.request.params.prompt_logprobs
+    targets = request.prompt_token_ids[chunk.first_scored + 1:chunk.first_scored + 1 + chunk.num_scored]
+    rows = range(first_row, first_row + chunk.num_scored)
+    entries = []
+    for row, target in zip(rows, targets):
+        entry = {target: float(result.prompt_logprobs[row])}
+        if k and result.prompt_top_token_ids is not None:
+            top = zip(result.prompt_top_token_ids[row, :k].tolist(), result.prompt_top_logprobs[row, :k].tolist())
+            entry.update({t: lp for t, lp in top if t != target})
+        entries.append(entry)
+    return entries
 
 
 def _token_logprobs(result: StepResult, row: int, token_id: int, request: Request) -> dict[int, float] | None:

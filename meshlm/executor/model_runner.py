@@ -22,8 +22,9 @@ from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.progress import LoadProgress
 from meshlm.config import CacheConfig, EngineConfig
 from meshlm.kernels.fused_ops import select_ops
-from meshlm.protocol import StepPlan, returns_tokens
-from meshlm.executor.async_output import AsyncStepResult
+from meshlm.protocol import StepPlan
+from meshlm.executor.async_output import AsyncStepResult, SampledTokens
+from meshlm.executor.prompt_logprobs import score_prompt_tokens
 from meshlm.executor.sampler import Sampler
 from meshlm.weights.random_weights import RandomCheckpoint
 
@@ -173,19 +174,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> AsyncStepResult | None:
-        """Launch one step. The sampling rank returns its tokens on their way to the host; other
-        ranks return None. Nothing here waits for the device (on the GPU)."""
+        """Launch one step. The sampling rank returns its tokens (and prompt logprobs) on their way
+        to the host; other ranks return None. Nothing here waits for the device (on the GPU)."""
         self.update_requests(plan)
-        logits = self._forward(plan)
-        sampled = None if logits is None else self.sampler.sample_on_device(logits, plan.sample_request_ids)
-        token_ids = None if sampled is None else sampled.token_ids
-        self.prev_sampled_token_ids = self._share_sampled_tokens(plan, token_ids)
+        logits, prompt_scores = self._forward(plan)
+        sampled = None
+        if logits is not None:
+            sampled = self.sampler.sample_on_device(logits, plan.sample_request_ids)
+        elif prompt_scores is not None:  # a prompt chunk that samples nothing
+            sampled = SampledTokens(torch.zeros(0, dtype=torch.int64, device=self.device), None, None, None)
+        if prompt_scores is not None:
+            sampled.prompt_logprobs, sampled.prompt_top_token_ids, sampled.prompt_top_logprobs = prompt_scores
+        self.prev_sampled_token_ids = self._share_sampled_tokens(plan, None if sampled is None else sampled.token_ids)
         return None if sampled is None else AsyncStepResult(sampled)
 
     def _share_sampled_tokens(self, plan: StepPlan, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The step's sampled tokens on every TP rank (the overlapped loop needs them on each rank
         that embeds the next step's input ids; pipeline stages run the plain loop)."""
-        if not self.async_scheduling or not returns_tokens(plan):
+        if not self.async_scheduling or plan.num_tokens == 0 or len(plan.sample_rows) == 0:
             return None
         if self.groups.tp.size == 1:
             return token_ids
@@ -215,26 +221,45 @@ class ModelRunner:
     def forward_logits(self, plan: StepPlan) -> torch.Tensor | None:
         """Logits [num_samples, vocab] of the plan's sample rows on the sampling rank, without
         sampling (tests and checks); None on the other ranks."""
-        return self._forward(plan)
+        return self._forward(plan)[0]
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
-        """The step's forward on this rank; the sampling rank gets the float32 logits of the
-        sample rows over the whole vocabulary, every other rank None."""
+    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor | None, tuple | None]:
+        """The step's forward on this rank. The sampling rank gets the float32 logits of the
+        sample rows over the whole vocabulary and the plan's prompt-token scores
+        (``score_prompt_tokens``); every other rank ``(None, None)``."""
         if plan.num_tokens == 0:
-            return None
-        if self.graph_runner is not None and self.graph_runner.can_run(plan):
-            logits = self.graph_runner.run(plan, self.previous_tokens(plan))  # every row's; None before the last stage
-            if logits is not None and 0 < len(plan.sample_rows) != plan.num_seqs:
-                logits = logits[self._to_device(plan.sample_rows)]
-        else:
-            logits = self._forward_eager(plan)
-        if logits is None or len(plan.sample_rows) == 0:
-            return None
-        logits = self.groups.gather_logits_to_sampler(logits)
+            return None, None
+        wants_prompt_logprobs = len(plan.prompt_logprob_index) > 0
+        if self.graph_runner is not None and not wants_prompt_logprobs and self.graph_runner.can_run(plan):
+            shard = self.graph_runner.run(plan, self.previous_tokens(plan))  # every row's; None before the last stage
+            if shard is None or len(plan.sample_rows) == 0:
+                return None, None
+            if len(plan.sample_rows) != plan.num_seqs:
+                shard = shard[self._to_device(plan.sample_rows)]
+            return self._sampler_logits(shard), None
+        hidden = self._forward_eager(plan)  # [num_tokens, hidden_size] on the last stage, else None
+        if hidden is None:
+            return None, None
+        logits = None
+        if len(plan.sample_rows) > 0:
+            last_token = plan.query_start_loc[1:].astype(np.int64)[plan.sample_rows] - 1  # [num_samples]
+            logits = self._sampler_logits(self.model.compute_logits(hidden[self._to_device(last_token)]))
+        if not wants_prompt_logprobs:
+            return logits, None
+        scores = score_prompt_tokens(
+            hidden, self._to_device(plan.prompt_logprob_index), self._to_device(plan.prompt_logprob_target_ids),
+            int(plan.prompt_logprob_num_top.max()),
+            lambda rows: self._sampler_logits(self.model.compute_logits(rows)))
+        return logits, scores
+
+    def _sampler_logits(self, logits_shard: torch.Tensor) -> torch.Tensor | None:
+        """This rank's vocab shard [num_rows, vocab_per_rank] gathered into the sampler's float32
+        logits [num_rows, vocab_size] (a TP collective); None on the other TP ranks."""
+        logits = self.groups.gather_logits_to_sampler(logits_shard)
         return None if logits is None else logits[:, :self.cfg.vocab_size].float()
 
     def _forward_eager(self, plan: StepPlan) -> torch.Tensor | None:
-        """This rank's vocab shard of the sample rows' logits on the last stage, else None."""
+        """The hidden states [num_tokens, hidden_size] of the last stage, else None."""
         meta = self._metadata(plan)
         if self.mapping.is_first_pp_rank:
             hidden = self.model.embed(self._input_ids(plan))
@@ -245,10 +270,7 @@ class ModelRunner:
         if not self.mapping.is_last_pp_rank:
             self.groups.send_to_next_stage(hidden)
             return None
-        if len(plan.sample_rows) == 0:
-            return None
-        last_token = meta.query_start_loc[1:].long()[self._to_device(plan.sample_rows)] - 1
-        return self.model.compute_logits(hidden[last_token])  # [num_samples, vocab_per_rank]
+        return hidden
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)

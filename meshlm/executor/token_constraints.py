@@ -3,7 +3,7 @@ over rows: ``allowed_token_ids`` (every other token ``-inf``), ``bad_words`` (a 
 ``-inf`` when the tokens before it end the output so far) and ``logit_bias`` (added).
 
 The host only gathers (row, token id) pairs, a few per request; the masks and the additions are
-single indexed writes on the device. Ids outside the vocabulary are ignored.
+single indexed writes on the device. The coordinator refuses ids outside the vocabulary.
 """
 from __future__ import annotations
 

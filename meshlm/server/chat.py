@@ -7,6 +7,7 @@ from http import HTTPStatus
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from meshlm.server.logprobs import vllm_prompt_logprobs
 from meshlm.server.errors import APIError
 from meshlm.server.protocol import ChatCompletionRequest
 from meshlm.server.serving import (ServedModel, choices_of, final_outputs, new_id, sampling_params_or_400,
@@ -16,7 +17,7 @@ from meshlm.server.streams import Prompt, SSEResponse
 
 async def create_chat_completion(served: ServedModel, body: ChatCompletionRequest, request: Request):
     served.check_model(body.model)
-    params = sampling_params_or_400(served, body)
+    params = await served.tokenize_bad_words(sampling_params_or_400(served, body))
     prompt = Prompt(await served.in_pool(_render, served, body), None)
     served.check_fits([prompt], params, "messages")
     request_id = new_id("chatcmpl")
@@ -52,9 +53,11 @@ async def create_chat_completion(served: ServedModel, body: ChatCompletionReques
                 "logprobs": _logprobs(served, c.logprobs, top_k) if c.logprobs is not None else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                for index, _, c in choices_of(outputs, body.n)]
-    return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                         "model": served.name, "choices": choices, "usage": usage(outputs),
-                         "system_fingerprint": None})
+    result = {"id": request_id, "object": "chat.completion", "created": created, "model": served.name,
+              "choices": choices, "usage": usage(outputs), "system_fingerprint": None}
+    if body.prompt_logprobs is not None:  # vLLM's extra: the rendered prompt's tokens
+        result["prompt_logprobs"] = vllm_prompt_logprobs(served, outputs[0].prompt_logprobs, params.prompt_logprobs)
+    return JSONResponse(result)
 
 
 def _render(served: ServedModel, body: ChatCompletionRequest) -> list[int]:

@@ -8,6 +8,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from meshlm.server.errors import APIError
+from meshlm.sampling_params import SamplingParams
+from meshlm.server.logprobs import LegacyLogprobs, vllm_prompt_logprobs
 from meshlm.server.protocol import CompletionRequest
 from meshlm.server.serving import (ServedModel, choices_of, final_outputs, new_id, sampling_params_or_400,
                                    sse_stream, usage)
@@ -16,7 +18,7 @@ from meshlm.server.streams import SSEResponse
 
 async def create_completion(served: ServedModel, body: CompletionRequest, request: Request):
     served.check_model(body.model)
-    params = sampling_params_or_400(served, body)
+    params = await served.tokenize_bad_words(sampling_params_or_400(served, body))
     try:
         texts = body.prompts()
     except ValueError as exc:
@@ -29,8 +31,7 @@ async def create_completion(served: ServedModel, body: CompletionRequest, reques
     request_id = new_id("cmpl")
     created = int(time.time())
     runs = await served.start(request, prompts, params, request_id, "prompt")
-    echoes = [_prompt_text(served, run.first) if body.echo else "" for run in runs]
-    logprobs = _LogprobsFormatter(served) if body.logprobs is not None else None
+    shape = _ChoiceShape(served, body, params, [_prompt_text(served, run.first) if body.echo else "" for run in runs])
 
     def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
         out = {"id": request_id, "object": "text_completion", "created": created, "model": served.name,
@@ -41,12 +42,10 @@ async def create_completion(served: ServedModel, body: CompletionRequest, reques
 
     if body.stream:
         def make_chunks(delta):
-            echo = echoes[delta.index // body.n]
-            text = (echo if delta.is_first else "") + delta.text
-            lp = (logprobs.format(delta.logprobs, len(echo) + delta.text_start)
-                  if logprobs and delta.logprobs is not None else None)
-            yield chunk([{"index": delta.index, "text": text, "logprobs": lp,
-                          "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}])
+            first = runs[delta.index // body.n].first
+            yield chunk([shape.choice(delta.index, delta.text, delta.text_start, delta.is_first, delta.logprobs,
+                                      first.prompt_token_ids, delta.prompt_logprobs, delta.finish_reason,
+                                      delta.stop_reason)])
 
         def usage_chunk(outputs):
             return chunk([], usage(outputs)) if body.include_usage else None
@@ -54,12 +53,9 @@ async def create_completion(served: ServedModel, body: CompletionRequest, reques
         return SSEResponse(sse_stream(runs, body.n, make_chunks, usage_chunk), served.shutting_down)
 
     outputs = await final_outputs(served, request, runs)
-    choices = []
-    for index, _, c in choices_of(outputs, body.n):
-        echo = echoes[index // body.n]
-        lp = logprobs.format(c.logprobs, len(echo)) if logprobs and c.logprobs is not None else None
-        choices.append({"index": index, "text": echo + c.text, "logprobs": lp,
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    choices = [shape.choice(index, c.text, 0, True, c.logprobs, output.prompt_token_ids, output.prompt_logprobs,
+                            c.finish_reason, c.stop_reason)
+               for index, output, c in choices_of(outputs, body.n)]
     result = chunk(choices, usage(outputs))
     result["system_fingerprint"] = None
     return JSONResponse(result)
@@ -71,23 +67,24 @@ def _prompt_text(served: ServedModel, first) -> str:
     return served.tokenizer.decode(first.prompt_token_ids) if served.tokenizer else ""
 
 
-class _LogprobsFormatter:
-    """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+class _ChoiceShape:
+    """One request's choices: the echoed prompt, legacy logprobs (the prompt's too with echo) and
+    vLLM's ``prompt_logprobs``."""
 
-    def __init__(self, served: ServedModel):
-        self.served = served
+    def __init__(self, served: ServedModel, body: CompletionRequest, params: SamplingParams, echoes: list[str]):
+        self.served, self.body, self.params, self.echoes = served, body, params, echoes
+        self.logprobs = LegacyLogprobs(served) if body.logprobs is not None else None
 
-    def format(self, entries: list[dict[int, float]], text_offset: int) -> dict:
-        tokens, token_logprobs, top, offsets = [], [], [], []
-        offset = text_offset
-        for entry in entries:
-            sampled, logprob = next(iter(entry.items()))  # the sampled token comes first
-            text = self.served.token_text(sampled)
-            tokens.append(text)
-            token_logprobs.append(logprob)
-            ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-            top.append({self.served.token_text(t): lp for t, lp in ranked})
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
-                "text_offset": offsets}
+    def choice(self, index: int, text: str, text_start: int, is_first: bool, entries, prompt_token_ids: list[int],
+               prompt_logprobs, finish_reason, stop_reason) -> dict:
+        """A choice, or a streamed delta of one (``is_first``: the first, which carries the echo)."""
+        body, logprobs = self.body, self.logprobs
+        echo = self.echoes[index // body.n]
+        lp = logprobs.format(entries, len(echo) + text_start) if logprobs and entries is not None else None
+        if body.echo and is_first and lp is not None:
+            lp = logprobs.join(logprobs.format_prompt(prompt_token_ids, prompt_logprobs), lp)
+        out = {"index": index, "text": (echo if is_first else "") + text, "logprobs": lp,
+               "finish_reason": finish_reason, "stop_reason": stop_reason}
+        if body.prompt_logprobs is not None and is_first:
+            out["prompt_logprobs"] = vllm_prompt_logprobs(self.served, prompt_logprobs, self.params.prompt_logprobs)
+        return out

@@ -73,13 +73,12 @@ def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_
         return
     sock = _listen(host, port)
     exit_request = _ExitRequest()
-    coordinator = _start_runtime(args)
     from meshlm.api.async_llm import AsyncLLM
-    engine = AsyncLLM(coordinator, on_failure=exit_request.engine_failed)
+    engine = AsyncLLM.from_engine_args(args, on_failure=exit_request.engine_failed)
     served = None
     try:
         if not exit_request.requested:
-            served = _build(engine, coordinator, args, served_model_name, limits)
+            served = _build(engine, args, served_model_name, limits)
             _serve(served, api_key, sock, uvicorn_log_level, exit_request)
     finally:
         sock.close()
@@ -109,7 +108,7 @@ def _listen(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
-def _build(engine, coordinator, args: EngineArgs, served_model_name, limits: ServerLimits):
+def _build(engine, args: EngineArgs, served_model_name, limits: ServerLimits):
     from meshlm.server.metrics import ServerMetrics
     from meshlm.server.serving import ServedModel
     from meshlm.weights.hub import hub_repo_id
@@ -117,7 +116,7 @@ def _build(engine, coordinator, args: EngineArgs, served_model_name, limits: Ser
     # Already fetched when the runtime started: found in the cache, never fetched again.
     model_dir = resolve_model(args.model, args.revision, args.download_dir, local_files_only=True)
     name = served_model_name or hub_repo_id(args.model) or model_dir.name
-    return ServedModel(engine, name, str(model_dir), coordinator.max_model_len, ServerMetrics(name),
+    return ServedModel(engine, name, str(model_dir), engine.max_model_len, ServerMetrics(name),
                        limits=limits)
 
 

@@ -51,13 +51,15 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     allowed_token_ids: list[TokenId] | None = None
     bad_words: str | list[str] | None = None
+    prompt_logprobs: int | None = None
 
     def check_common(self) -> None:
         """Raise ValueError for combinations pydantic cannot see."""
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         top_k = None if self.top_k in (0, -1) else self.top_k
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
@@ -68,7 +70,8 @@ class _SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, logit_bias=self.logit_bias,
-            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words)
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -103,9 +106,10 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("suffix: not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of={self.best_of}: only best_of == n={self.n} is supported")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo: echo with logprobs needs prompt logprobs, which are not supported")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        prompt_logprobs = None
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+            prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
+        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
 class TextPart(BaseModel):

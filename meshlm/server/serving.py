@@ -92,6 +92,15 @@ class ServedModel:
                                f"(max_tokens); shorten the {source} or lower max_tokens to at most "
                                f"{max(self.max_model_len - num_prompt_tokens, 0)}", param="max_tokens")
 
+    async def tokenize_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with its bad words' token ids, tokenized on a worker thread; 400 if it cannot be."""
+        if not params.bad_words:
+            return params
+        try:
+            return await self.in_pool(params.with_bad_words_tokenized, self.tokenizer)
+        except ValueError as exc:
+            raise APIError.bad_request(exc, "bad_words") from None
+
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
 
@@ -112,7 +121,7 @@ def new_id(prefix: str) -> str:
 def sampling_params_or_400(served: ServedModel, body) -> SamplingParams:
     """The body's SamplingParams, within the server's limits; 400 naming the limit otherwise."""
     try:
-        params = body.sampling_params().with_bad_words_tokenized(served.tokenizer)
+        params = body.sampling_params()
     except ValueError as exc:
         raise APIError.bad_request(exc) from None
     if params.n > served.limits.max_n:
@@ -135,6 +144,7 @@ class ChoiceDelta:
     finish_reason: str | None
     stop_reason: str | int | None
     is_first: bool
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first delta, when asked
 
 
 class DeltaTracker:
@@ -158,8 +168,9 @@ class DeltaTracker:
                 continue  # text held back (a stop string may be forming, or a partial character)
             start = self._text_len.get(index, 0)
             logprobs = self._held_logprobs.pop(index, []) if c.logprobs is not None else None
-            out.append(ChoiceDelta(index, c.text, start, logprobs, c.finish_reason, c.stop_reason,
-                                   index not in self._text_len))
+            is_first = index not in self._text_len
+            out.append(ChoiceDelta(index, c.text, start, logprobs, c.finish_reason, c.stop_reason, is_first,
+                                   self.whole[prompt_index].prompt_logprobs if is_first else None))
             self._text_len[index] = start + len(c.text)
         return out
 

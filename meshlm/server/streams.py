@@ -50,7 +50,7 @@ class Run:
 async def _tracked(engine, prompt: Prompt, params: SamplingParams, request_id: str, metrics):
     """``engine.generate`` that records the request's latencies and tokens when it ends."""
     arrival, first_token, whole = time.monotonic(), None, None
-    gen = engine.generate(prompt.tokens, params, request_id, prompt_text=prompt.text)
+    gen = engine.generate(prompt.tokens, params, request_id, prompt_text=prompt.text, output_kind="delta")
     try:
         async for delta in gen:
             if first_token is None and any(c.token_ids for c in delta.outputs):

@@ -53,7 +53,7 @@ class InProcessServer:
         args = EngineArgs(model=str(model_dir), device="cpu", num_kv_blocks=num_kv_blocks,
                           max_model_len=MAX_MODEL_LEN, enable_cuda_graphs=False)
         self.coordinator = start_runtime(args)
-        self.engine = AsyncLLM(self.coordinator)
+        self.engine = AsyncLLM.from_engine_core(self.coordinator)
         name = model_dir.name
         self.served = ServedModel(self.engine, name, str(model_dir), MAX_MODEL_LEN, ServerMetrics(name),
                                   limits=ServerLimits(**limits))

@@ -45,10 +45,14 @@ def gated(model_dir):
     from meshlm.config import EngineArgs
     args = EngineArgs(model=str(model_dir), device="cpu", num_kv_blocks=32, max_model_len=MAX_MODEL_LEN)
     coordinator = GatedCoordinator(start_runtime(args))
-    engine = AsyncLLM(coordinator)
+    engine = AsyncLLM.from_engine_core(coordinator)
     yield coordinator, engine
     coordinator.gate.set()
     engine.shutdown()
+
+
+def _deltas(engine, *args):
+    return engine.generate(*args, output_kind="delta")
 
 
 async def _drain(gen) -> list:
@@ -80,18 +84,18 @@ def test_caller_timing_out_while_queued_leaves_the_loop_alive(gated):
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
     async def scenario():
-        first = asyncio.create_task(_drain(engine.generate([5, 6, 7], params, "first")))
+        first = asyncio.create_task(_drain(_deltas(engine, [5, 6, 7], params, "first")))
         while not coordinator.in_step.is_set():  # the loop is now inside a step, held
             await asyncio.sleep(0.005)
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(_drain(engine.generate([8, 9], params, "left")), timeout=0.1)
+            await asyncio.wait_for(_drain(_deltas(engine, [8, 9], params, "left")), timeout=0.1)
         coordinator.gate.set()
         outputs = await asyncio.wait_for(first, timeout=10)
         assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 4
         await _idle(coordinator)
         assert engine.is_healthy
         assert "left" in coordinator.aborted
-        again = await asyncio.wait_for(_drain(engine.generate([5, 6, 7], params)), timeout=10)
+        again = await asyncio.wait_for(_drain(_deltas(engine, [5, 6, 7], params)), timeout=10)
         assert again[-1].outputs[0].token_ids == outputs[-1].outputs[0].token_ids
 
     asyncio.run(scenario())
@@ -105,7 +109,7 @@ def test_callers_leaving_at_every_stage(gated):
     long = SamplingParams(max_tokens=MAX_MODEL_LEN - 8, temperature=0, ignore_eos=True)
 
     async def leave_after(num_outputs: int, prompt: list[int]):
-        gen = engine.generate(prompt, long)
+        gen = _deltas(engine, prompt, long)
         seen = 0
         async for _ in gen:
             seen += 1
@@ -116,7 +120,7 @@ def test_callers_leaving_at_every_stage(gated):
     async def scenario():
         # 32 blocks of 16 tokens: 8 requests of up to 128 tokens cannot all hold blocks at once.
         tasks = [asyncio.create_task(leave_after(1 + 7 * i, [3 + i, 4, 5])) for i in range(8)]
-        tasks += [asyncio.create_task(_drain(engine.generate([7, 7], long))) for _ in range(8)]
+        tasks += [asyncio.create_task(_drain(_deltas(engine, [7, 7], long))) for _ in range(8)]
         await asyncio.sleep(0.05)
         for task in tasks[8:]:
             task.cancel()
@@ -134,10 +138,10 @@ def test_duplicate_request_id_is_refused_without_touching_the_owner(gated):
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
     async def scenario():
-        owner = engine.generate([5, 6], params, "same")
+        owner = _deltas(engine, [5, 6], params, "same")
         first = await owner.__anext__()
         with pytest.raises(ValueError, match="already in use"):
-            await _drain(engine.generate([7, 8], params, "same"))
+            await _drain(_deltas(engine, [7, 8], params, "same"))
         rest = await _drain(owner)  # the refused caller's clean-up must not abort the owner's request
         whole = _added(first, rest[-1]) if rest else first
         assert whole.finished
@@ -178,13 +182,13 @@ def test_a_failed_step_reaches_every_caller_and_the_callback():
             raise AssertionError("a failed coordinator must not be shut down")
 
     failures = []
-    engine = AsyncLLM(Broken(), on_failure=failures.append)
+    engine = AsyncLLM.from_engine_core(Broken(), on_failure=failures.append)
 
     async def scenario():
         with pytest.raises(EngineDeadError, match="device lost"):
-            await asyncio.wait_for(_drain(engine.generate([1, 2], SamplingParams())), timeout=10)
+            await asyncio.wait_for(_drain(_deltas(engine, [1, 2], SamplingParams())), timeout=10)
         with pytest.raises(EngineDeadError):
-            await asyncio.wait_for(_drain(engine.generate([1, 2], SamplingParams())), timeout=10)
+            await asyncio.wait_for(_drain(_deltas(engine, [1, 2], SamplingParams())), timeout=10)
 
     asyncio.run(scenario())
     assert not engine.is_healthy

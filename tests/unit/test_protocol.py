@@ -93,3 +93,28 @@ def test_set_up_messages_travel_as_json_not_pickle():
     assert allgather_json(MPI.COMM_SELF, value) == [value]
     with pytest.raises(TypeError):  # a value JSON cannot carry is refused, never pickled
         bcast_json(MPI.COMM_SELF, object())
+
+
+def test_prompt_logprob_rows_survive_the_wire():
+    plan = make_plan()
+    plan.sample_rows = np.zeros(0, np.int64)
+    plan.sample_request_ids = []
+    plan.prompt_logprob_index = np.array([0, 1], np.int64)
+    plan.prompt_logprob_target_ids = np.array([6, 7], np.int64)
+    plan.prompt_logprob_num_top = np.array([2, 2], np.int64)
+    assert returns_tokens(plan)  # scores come back although nothing is sampled
+    got = decode_envelope(encode_envelope(Envelope(MessageKind.STEP, plan))).plan
+    for name in ("prompt_logprob_index", "prompt_logprob_target_ids", "prompt_logprob_num_top"):
+        assert np.array_equal(getattr(got, name), getattr(plan, name)), name
+    result = StepResult(np.zeros(0, np.int64), None, None, None, np.array([-1.5, -0.25], np.float32),
+                        np.array([[6, 2], [7, 3]], np.int64), np.array([[-1.5, -2.0], [-0.25, -4.0]], np.float32))
+    back = decode_result(encode_result(result))
+    for name in ("prompt_logprobs", "prompt_top_token_ids", "prompt_top_logprobs"):
+        assert np.array_equal(getattr(back, name), getattr(result, name)), name
+
+
+def test_prompt_logprobs_survive_the_link_from_a_plain_process():
+    output = RequestOutput("r", None, [4, 5], [CompletionOutput(0, "", [9])], False, 0,
+                           [None, {5: -0.5, 8: -0.25}])
+    reply = decode_reply(encode_reply(Reply(value=[output], state=EngineState())), StepCall())
+    assert reply.value[0].prompt_logprobs == [None, {5: -0.5, 8: -0.25}]
