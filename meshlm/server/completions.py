@@ -16,7 +16,7 @@ from meshlm.server.streams import SSEResponse
 
 async def create_completion(served: ServedModel, body: CompletionRequest, request: Request):
     served.check_model(body.model)
-    params = sampling_params_or_400(served, body)
+    params = await served.in_pool(sampling_params_or_400, served, body)  # compiles any grammar
     try:
         texts = body.prompts()
     except ValueError as exc:
