@@ -54,8 +54,12 @@ class GrammarCompiler:
             if self.tokenizer_path is None or not self.tokenizer_path.is_file():
                 raise ValueError(f"structured outputs need the model's tokenizer.json, and there is none "
                                  f"({self.tokenizer_path})")
-            text = Tokenizer.from_file(str(self.tokenizer_path)).to_str()
-            self._tokenizer = llguidance.LLTokenizer(text, n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
+            tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+            # The larger of the model's rows and the tokenizer's ids: a model may pad its vocabulary,
+            # a tokenizer may hold ids past the model's (never allowed: apply_bitmask cuts them off).
+            num_ids = max(self.vocab_size, tokenizer.get_vocab_size(with_added_tokens=True))
+            self._tokenizer = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=num_ids,
+                                                     eos_token=self.eos_token_ids)
         return self._tokenizer
 
     def matcher(self, spec: StructuredOutputsParams):
@@ -77,9 +81,10 @@ class GrammarCompiler:
         return fresh.deep_copy()
 
     def fill_bitmask(self, matchers: Sequence[object]) -> np.ndarray:
-        """The next-token bitmask of every matcher: int32 [len(matchers), bitmask_words(vocab)]."""
+        """The next-token bitmask of every matcher: int32 [len(matchers), words] (words cover the
+        tokenizer's ids, at least the model's vocabulary)."""
         import llguidance.numpy as llg_numpy
-        bitmask = np.full((len(matchers), bitmask_words(self.vocab_size)), -1, dtype=np.int32)
+        bitmask = np.full((len(matchers), bitmask_words(self._llg_tokenizer().vocab_size)), -1, dtype=np.int32)
         for row, matcher in enumerate(matchers):
             llg_numpy.fill_next_token_bitmask(matcher, bitmask, row)
         return bitmask

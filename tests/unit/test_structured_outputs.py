@@ -148,3 +148,14 @@ def test_sampler_without_a_tokenizer_refuses_structured_outputs():
     sampler = Sampler(16, [2], seed=0)
     with pytest.raises(ValueError, match="structured outputs"):
         sampler.add_request("r", SamplingParams(structured_outputs={"regex": "a"}), [1])
+
+
+def test_a_model_vocabulary_padded_past_the_tokenizer(tokenizer_path):
+    """Rows past the tokenizer's ids are never allowed; the mask covers the model's rows."""
+    eos, vocab = 2, 49152 + 40
+    sampler = Sampler(vocab, [eos], seed=0, grammars=GrammarCompiler(tokenizer_path, vocab, [eos]))
+    sampler.add_request("r", SamplingParams(temperature=0, structured_outputs={"regex": "[0-9]+"}), [1])
+    logits = torch.zeros(1, vocab)
+    logits[0, 49152:] = 100.0  # padding rows that would win if they were not masked
+    (token,) = sampler.sample_on_device(logits, ["r"]).token_ids.tolist()
+    assert token < 49152 and re.fullmatch("[0-9]+", _decode(tokenizer_path, [token])), token
