@@ -4,11 +4,11 @@ It lives on the rank that samples (the last pipeline stage's first TP rank) and 
 its sampling parameters, its number of outputs (for ``min_tokens``), its token history when a
 penalty needs it and, for a seeded request, its own ``torch.Generator``. A step's tokens stay on
 the device (``sample_on_device``), so the host never waits for them, except that the history of a
-request with a penalty or bad words needs its last token: a step with such a request first waits for the steps
-before it (correct, just not overlapped). A structured-output request's matcher must consume its last
-token before the next mask, so it waits the same way, and only when such a request is in the
-step. Stop strings, stop token ids, ``ignore_eos`` and ``max_tokens``
-are decided on rank 0 after detokenization, not here.
+request with a penalty or bad words needs its last token, and a structured-output request's matcher
+must consume its last token before the next mask: a step with such a request first waits for the
+tokens of the steps before it (their copy to the host, which follows their sampling; the forward
+launched since keeps running). Steps without such a request never wait. Stop strings, stop token
+ids, ``ignore_eos`` and ``max_tokens`` are decided on rank 0 after detokenization, not here.
 
 One step, all batched over rows:
 
@@ -74,9 +74,10 @@ class Sampler:
         self._generator = _make_generator(seed, self.device)  # noise for rows without a seed
         self._requests: dict[str, _RequestState] = {}
         self._grammars = grammars  # None: structured outputs are refused
-        # Steps whose tokens are not in the histories yet: (their penalised rows' states, the
-        # rows, the step's token ids on the device).
-        self._unrecorded: list[tuple[list[_RequestState], list[int], torch.Tensor]] = []
+        # Steps whose tokens are not in the histories yet: (their penalised or constrained rows'
+        # states, the rows, the step's tokens on their way to the host: waiting for them waits for
+        # that step's sampling only, not for the forward launched after it).
+        self._unrecorded: list[tuple[list[_RequestState], list[int], AsyncStepResult]] = []
 
     # ----------------------------------------------------------------------- request state
 
@@ -113,8 +114,8 @@ class Sampler:
 
     def _record_history(self) -> None:
         """Append the unrecorded steps' tokens to the penalised requests' histories (waits for them)."""
-        for states, rows, token_ids in self._unrecorded:
-            values = token_ids.tolist()
+        for states, rows, pending in self._unrecorded:
+            values = pending.get_result().token_ids.tolist()
             for state, row in zip(states, rows):
                 state.output_token_ids.append(values[row])
                 if state.matcher is not None:
@@ -162,7 +163,8 @@ class Sampler:
         for state in states:
             state.num_output_tokens += 1
         if history_rows:
-            self._unrecorded.append(([states[row] for row in history_rows], history_rows, token_ids))
+            pending = AsyncStepResult(SampledTokens(token_ids, None, None, None))  # copied behind the step
+            self._unrecorded.append(([states[row] for row in history_rows], history_rows, pending))
         return _device_output(token_ids, raw_logprobs, states)
 
     def _raw_logprobs(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor | None:
