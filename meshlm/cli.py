@@ -68,6 +68,8 @@ def _add_serve_parser(sub) -> None:
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     from meshlm.server.limits import ServerLimits
     ServerLimits.add_cli_args(serve)
+    from meshlm.server.tools import ToolOptions
+    ToolOptions.add_cli_args(serve)
     EngineArgs.add_cli_args(serve)
 
 
@@ -155,8 +157,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     relaunch_if_needed(args, ("--served-model-name", repo_id) if repo_id else ())
     # Only rank 0 returns, after SIGINT/SIGTERM; the other ranks exit when it shuts down.
     from meshlm.server.limits import ServerLimits
+    from meshlm.server.tools import ToolOptions
     limits = ServerLimits.from_cli(ns)  # bad flags fail here, before any rank starts
-    run_server(args, ns.host, ns.port, ns.api_key, ns.served_model_name, ns.uvicorn_log_level, limits)
+    tool_options = ToolOptions.from_cli(ns)
+    run_server(args, ns.host, ns.port, ns.api_key, ns.served_model_name, ns.uvicorn_log_level, limits,
+               tool_options)
     return 0
 
 

@@ -10,6 +10,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from meshlm.structured_outputs import StructuredOutputsParams
+
 __all__ = ["SamplingParams", "MAX_LOGPROBS"]
 
 MAX_LOGPROBS = 20  # the most top logprobs one request may ask for (OpenAI's limit)
@@ -32,6 +34,8 @@ class SamplingParams:
     ``allowed_token_ids`` restricts sampling to those ids; ``bad_words`` are never generated: their
     token ids (``bad_words_token_ids``, filled in by ``with_bad_words_tokenized`` where a tokenizer
     is, or given directly without one) are banned when the tokens before the word's last match.
+    ``structured_outputs`` (a ``StructuredOutputsParams`` or its dict) constrains the output to a
+    JSON schema, regex, choice or grammar; eos is then allowed only where the grammar is complete.
     """
 
     n: int = 1
@@ -56,6 +60,7 @@ class SamplingParams:
     allowed_token_ids: Sequence[int] | None = None  # None: every token; normalised to a tuple of ints
     bad_words: str | Sequence[str] | None = None  # normalised to a tuple of non-empty strings
     bad_words_token_ids: Sequence[Sequence[int]] | None = None  # normalised to a tuple of tuples
+    structured_outputs: StructuredOutputsParams | Mapping | None = None  # a dict becomes the dataclass
 
     def __post_init__(self) -> None:
         self.stop = _normalise_stop(self.stop)
@@ -70,6 +75,7 @@ class SamplingParams:
             _normalise_token_ids("bad_words_token_ids", ids) for ids in self.bad_words_token_ids or ())
         if any(not ids for ids in self.bad_words_token_ids):
             raise ValueError(f"bad_words_token_ids={self.bad_words_token_ids!r}: a word has no token ids")
+        self._check_structured_outputs()
         self._check_counts()
         self._check_filters()
         self._check_penalties()
@@ -88,6 +94,14 @@ class SamplingParams:
             _check_int("prompt_logprobs", self.prompt_logprobs, lower=0, upper=MAX_LOGPROBS)
         if self.seed is not None and (not _is_int(self.seed) or not -_MAX_SEED < self.seed < _MAX_SEED):
             raise ValueError(f"seed={self.seed!r} must be an integer with |seed| < 2**64, or None")
+
+    def _check_structured_outputs(self) -> None:
+        if self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams):
+            return
+        if not isinstance(self.structured_outputs, Mapping):
+            raise ValueError(f"structured_outputs={self.structured_outputs!r} must be a StructuredOutputsParams "
+                             "or a dict of its fields")
+        self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
 
     def _check_filters(self) -> None:
         _check_real("temperature", self.temperature)
@@ -165,6 +179,8 @@ class SamplingParams:
         out = {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                for f in dataclasses.fields(self)}
         out["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
+        if self.structured_outputs is not None:
+            out["structured_outputs"] = self.structured_outputs.to_dict()
         return out
 
     @classmethod

@@ -96,6 +96,9 @@ class Coordinator:
         if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
             raise ValueError("the tokenizer is off (skip_tokenizer_init): prompts must be token ids "
                              "and stop strings cannot be used")
+        if self.tokenizer is None and params.structured_outputs is not None:
+            raise ValueError("structured_outputs: the tokenizer is off (skip_tokenizer_init), and grammars "
+                             "are compiled against it")
         if isinstance(prompt, str):
             prompt_text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:

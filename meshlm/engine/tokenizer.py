@@ -77,9 +77,14 @@ class Tokenizer:
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                      **kwargs)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """The rendered conversation's token ids; ``tools`` (OpenAI's tool definitions) reach the
+        template as ``tools``, as transformers passes them."""
+        extra = {} if tools is None else {"tools": tools}
         # The template writes any BOS itself, so no special tokens are added on top.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra),
+                           add_special_tokens=False)
 
 
 class IncrementalDetokenizer:

@@ -25,6 +25,7 @@ from meshlm.kernels.fused_ops import select_ops
 from meshlm.protocol import StepPlan
 from meshlm.executor.async_output import AsyncStepResult, SampledTokens
 from meshlm.executor.prompt_logprobs import score_prompt_tokens
+from meshlm.executor.grammar import GrammarCompiler
 from meshlm.executor.sampler import Sampler
 from meshlm.weights.random_weights import RandomCheckpoint
 
@@ -62,8 +63,8 @@ class ModelRunner:
         self.model.eval()
         self._load_weights(config)
         self.is_sampler = self.mapping.rank == self.mapping.sampler_rank
-        self.sampler = Sampler(self.cfg.vocab_size, eos_token_ids, device,
-                               seed=config.seed) if self.is_sampler else None
+        self.sampler = Sampler(self.cfg.vocab_size, eos_token_ids, device, seed=config.seed,
+                               grammars=_grammar_compiler(config, eos_token_ids)) if self.is_sampler else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.graph_runner = None
@@ -303,6 +304,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def _grammar_compiler(config: EngineConfig, eos_token_ids: Sequence[int]) -> GrammarCompiler | None:
+    """Structured outputs compile against the model's tokenizer; None without one."""
+    if config.model_dir is None or config.skip_tokenizer_init:
+        return None
+    return GrammarCompiler(config.model_dir / "tokenizer.json", config.model.vocab_size, eos_token_ids)
 
 
 def select_attention(backend: str | None, device: torch.device):

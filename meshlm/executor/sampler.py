@@ -4,16 +4,20 @@ It lives on the rank that samples (the last pipeline stage's first TP rank) and 
 its sampling parameters, its number of outputs (for ``min_tokens``), its token history when a
 penalty needs it and, for a seeded request, its own ``torch.Generator``. A step's tokens stay on
 the device (``sample_on_device``), so the host never waits for them, except that the history of a
-request with a penalty or bad words needs its last token: a step with such a request first waits for the steps
-before it (correct, just not overlapped). Stop strings, stop token ids, ``ignore_eos`` and ``max_tokens``
-are decided on rank 0 after detokenization, not here.
+request with a penalty or bad words needs its last token, and a structured-output request's matcher
+must consume its last token before the next mask: a step with such a request first waits for the
+tokens of the steps before it (their copy to the host, which follows their sampling; the forward
+launched since keeps running). Steps without such a request never wait. Stop strings, stop token
+ids, ``ignore_eos`` and ``max_tokens`` are decided on rank 0 after detokenization, not here.
 
 One step, all batched over rows:
 
 1. logprobs (when some row asks) from ``log_softmax`` of the raw logits, as vLLM reports them;
 2. ``allowed_token_ids``, ``bad_words`` and ``logit_bias`` (``token_constraints``);
    repetition penalty over prompt + output tokens, presence and frequency penalties over output tokens;
-3. ``min_tokens``: eos ids and the request's stop token ids get ``-inf`` until it has enough outputs;
+3. ``min_tokens``: eos ids and the request's stop token ids get ``-inf`` until it has enough outputs
+   (not for structured outputs, where the grammar alone says where the output may end);
+   structured outputs: every token the request's grammar does not allow next gets ``-inf``;
 4. greedy rows take the argmax; the others divide by the temperature, filter by top-k, top-p and
    min-p (one sort), and sample by the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``.
 """
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from meshlm.executor.async_output import AsyncStepResult, SampledTokens
+from meshlm.executor.grammar import GrammarCompiler, advance, apply_bitmask
 from meshlm.executor.token_constraints import apply_token_constraints
 from meshlm.protocol import StepResult
 from meshlm.sampling_params import SamplingParams
@@ -46,7 +51,8 @@ class _RequestState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # kept only when needs_history
     generator: torch.Generator | None  # only for a seeded request
-    needs_history: bool  # a penalty or a bad word reads the outputs
+    needs_history: bool  # a penalty, a bad word or a grammar matcher reads the outputs
+    matcher: object | None = None  # the llguidance matcher of a structured-output request
     num_output_tokens: int = 0
 
 
@@ -54,7 +60,8 @@ class Sampler:
     """Per-request state plus the batched sampling step (see the module docstring)."""
 
     def __init__(self, vocab_size: int, eos_token_ids: Iterable[int],
-                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 device: torch.device | str = "cpu", seed: int = 0,
+                 grammars: GrammarCompiler | None = None) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size} must be >= 1")
         self.vocab_size = vocab_size
@@ -66,9 +73,11 @@ class Sampler:
         self.device = torch.device(device)
         self._generator = _make_generator(seed, self.device)  # noise for rows without a seed
         self._requests: dict[str, _RequestState] = {}
-        # Steps whose tokens are not in the histories yet: (their penalised rows' states, the
-        # rows, the step's token ids on the device).
-        self._unrecorded: list[tuple[list[_RequestState], list[int], torch.Tensor]] = []
+        self._grammars = grammars  # None: structured outputs are refused
+        # Steps whose tokens are not in the histories yet: (their penalised or constrained rows'
+        # states, the rows, the step's tokens on their way to the host: waiting for them waits for
+        # that step's sampling only, not for the forward launched after it).
+        self._unrecorded: list[tuple[list[_RequestState], list[int], AsyncStepResult]] = []
 
     # ----------------------------------------------------------------------- request state
 
@@ -77,8 +86,14 @@ class Sampler:
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already in the sampler")
         generator = None if params.seed is None else _make_generator(params.seed, self.device)
+        matcher = None
+        if params.structured_outputs is not None:
+            if self._grammars is None:
+                raise ValueError(f"request {request_id!r} asks for structured outputs, and this sampler "
+                                 "has no tokenizer to compile grammars with")
+            matcher = self._grammars.matcher(params.structured_outputs)
         self._requests[request_id] = _RequestState(params, list(prompt_token_ids), [], generator,
-                                                   params.needs_output_history)
+                                                   params.needs_output_history or matcher is not None, matcher)
 
     def remove_request(self, request_id: str) -> None:
         """Forget a request; a no-op for an unknown id (an aborted request may never have arrived)."""
@@ -99,10 +114,12 @@ class Sampler:
 
     def _record_history(self) -> None:
         """Append the unrecorded steps' tokens to the penalised requests' histories (waits for them)."""
-        for states, rows, token_ids in self._unrecorded:
-            values = token_ids.tolist()
+        for states, rows, pending in self._unrecorded:
+            values = pending.get_result().token_ids.tolist()
             for state, row in zip(states, rows):
                 state.output_token_ids.append(values[row])
+                if state.matcher is not None:
+                    advance(state.matcher, values[row])
         self._unrecorded.clear()
 
     def _get_state(self, request_id: str) -> _RequestState:
@@ -128,7 +145,7 @@ class Sampler:
         states = [self._get_state(rid) for rid in request_ids]
         history_rows = [row for row, state in enumerate(states) if state.needs_history]
         if history_rows:
-            self._record_history()  # the only wait for earlier steps: penalties read their tokens
+            self._record_history()  # the only wait for earlier steps: penalties and matchers read their tokens
         host_params = _row_params(states, self.vocab_size)  # [num_rows, 7] float64 on the host
         row_params = _to_device(host_params, self.device).float()
         logits = logits.to(self.device, torch.float32)
@@ -140,12 +157,14 @@ class Sampler:
                                              [s.output_token_ids for s in states])
         logits = self._apply_penalties(logits, states, host_params, row_params)
         logits = self._apply_min_tokens(logits, states)
+        logits = self._apply_grammars(logits, states)
         token_ids = self._choose_tokens(logits, states, host_params, row_params)
 
         for state in states:
             state.num_output_tokens += 1
         if history_rows:
-            self._unrecorded.append(([states[row] for row in history_rows], history_rows, token_ids))
+            pending = AsyncStepResult(SampledTokens(token_ids, None, None, None))  # copied behind the step
+            self._unrecorded.append(([states[row] for row in history_rows], history_rows, pending))
         return _device_output(token_ids, raw_logprobs, states)
 
     def _raw_logprobs(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor | None:
@@ -171,7 +190,7 @@ class Sampler:
         rows: list[int] = []
         cols: list[int] = []
         for row, state in enumerate(states):
-            if state.num_output_tokens < state.params.min_tokens:
+            if state.num_output_tokens < state.params.min_tokens and state.matcher is None:
                 banned = set(self.eos_token_ids).union(state.params.stop_token_ids)
                 banned = [t for t in banned if t < self.vocab_size]
                 rows.extend([row] * len(banned))
@@ -180,6 +199,14 @@ class Sampler:
             return logits
         return mask_banned_tokens(logits, _to_device(np.array(rows, dtype=np.int64), self.device),
                                   _to_device(np.array(cols, dtype=np.int64), self.device))
+
+    def _apply_grammars(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor:
+        rows = [row for row, state in enumerate(states) if state.matcher is not None]
+        if not rows:
+            return logits
+        bitmask = self._grammars.fill_bitmask([states[row].matcher for row in rows])
+        return apply_bitmask(logits, _to_device(np.array(rows, dtype=np.int64), self.device),
+                             _to_device(bitmask, self.device))
 
     def _choose_tokens(self, logits: torch.Tensor, states: list[_RequestState],
                        host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:

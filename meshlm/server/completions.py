@@ -18,7 +18,8 @@ from meshlm.server.streams import SSEResponse
 
 async def create_completion(served: ServedModel, body: CompletionRequest, request: Request):
     served.check_model(body.model)
-    params = await served.tokenize_bad_words(sampling_params_or_400(served, body))
+    params = await served.in_pool(sampling_params_or_400, served, body)  # compiles any grammar
+    params = await served.tokenize_bad_words(params)
     try:
         texts = body.prompts()
     except ValueError as exc:

@@ -56,7 +56,7 @@ class _ExitRequest:
 
 def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                served_model_name: str | None = None, uvicorn_log_level: str = "info",
-               limits: ServerLimits | None = None) -> None:
+               limits: ServerLimits | None = None, tool_options=None) -> None:
     """Serve until SIGINT/SIGTERM. Rank 0 returns after a clean shutdown; other ranks exit inside.
 
     Raises RuntimeError if the engine loop failed while serving."""
@@ -78,7 +78,7 @@ def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_
     served = None
     try:
         if not exit_request.requested:
-            served = _build(engine, args, served_model_name, limits)
+            served = _build(engine, args, served_model_name, limits, tool_options)
             _serve(served, api_key, sock, uvicorn_log_level, exit_request)
     finally:
         sock.close()
@@ -108,16 +108,17 @@ def _listen(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
-def _build(engine, args: EngineArgs, served_model_name, limits: ServerLimits):
+def _build(engine, args: EngineArgs, served_model_name, limits: ServerLimits, tool_options):
     from meshlm.server.metrics import ServerMetrics
     from meshlm.server.serving import ServedModel
+    from meshlm.server.tools import ToolOptions
     from meshlm.weights.hub import hub_repo_id
     from meshlm.weights.resolve import resolve_model
     # Already fetched when the runtime started: found in the cache, never fetched again.
     model_dir = resolve_model(args.model, args.revision, args.download_dir, local_files_only=True)
     name = served_model_name or hub_repo_id(args.model) or model_dir.name
     return ServedModel(engine, name, str(model_dir), engine.max_model_len, ServerMetrics(name),
-                       limits=limits)
+                       limits=limits, tool_options=tool_options or ToolOptions())
 
 
 def _serve(served, api_key, sock: socket.socket, log_level: str, exit_request: _ExitRequest) -> None:

@@ -5,11 +5,14 @@ Each request turns itself into ``SamplingParams``; range checks stay there, so t
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from meshlm.sampling_params import MAX_LOGPROBS, SamplingParams
+from meshlm.server.structured import structured_outputs_of
+from meshlm.server.tools import ToolMode, tool_mode
 
 
 # Unknown fields are kept (and logged); NaN and infinities are refused wherever a number goes.
@@ -52,6 +55,13 @@ class _SamplingFields(BaseModel):
     allowed_token_ids: list[TokenId] | None = None
     bad_words: str | list[str] | None = None
     prompt_logprobs: int | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* extras and structured_outputs
+    response_format: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict | None = None
 
     def check_common(self) -> None:
         """Raise ValueError for combinations pydantic cannot see."""
@@ -59,7 +69,7 @@ class _SamplingFields(BaseModel):
             raise ValueError("stream_options: only allowed when stream is true")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         prompt_logprobs: int | None = None) -> SamplingParams:
+                         prompt_logprobs: int | None = None, structured_outputs=None) -> SamplingParams:
         top_k = None if self.top_k in (0, -1) else self.top_k
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
@@ -71,7 +81,15 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, logit_bias=self.logit_bias,
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
-            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+            structured_outputs=self._structured_outputs(structured_outputs))
+
+    def _structured_outputs(self, from_tools):
+        requested = structured_outputs_of(self)
+        if from_tools is not None and requested is not None:
+            raise ValueError("tool_choice: a required or named tool call is itself structured output; "
+                             "it cannot be combined with response_format, guided_* or structured_outputs")
+        return from_tools or requested
 
     @property
     def include_usage(self) -> bool:
@@ -112,6 +130,32 @@ class CompletionRequest(_SamplingFields):
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
+class FunctionCallIn(BaseModel):
+    model_config = _CONFIG
+    name: str
+    arguments: str | dict = "{}"
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant message, as the client sends it back."""
+
+    model_config = _CONFIG
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def as_template_dict(self) -> dict:
+        # Chat templates write the arguments with tojson: give them the object, not its text.
+        arguments = self.function.arguments
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                pass
+        call = {"type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+        return call if self.id is None else {"id": self.id, **call}
+
+
 class TextPart(BaseModel):
     model_config = _CONFIG
     type: Literal["text"]
@@ -123,6 +167,8 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
     def as_template_dict(self) -> dict:
         content = self.content
@@ -131,6 +177,10 @@ class ChatMessage(BaseModel):
         message = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -141,23 +191,25 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    response_format: dict | None = None
-    tools: list | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None  # None: "auto" with tools, else "none"
+    parallel_tool_calls: bool = True
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, tools: ToolMode | None = None) -> SamplingParams:
+        """The sampling parameters; ``tools`` (from ``tool_mode``) constrains a required or named call."""
         self.check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"top_logprobs={self.top_logprobs} must be an integer in [0, {MAX_LOGPROBS}]")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format: type {self.response_format.get('type')!r} is not "
-                             "supported (only 'text')")
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs,
+                                     structured_outputs=tools.structured_outputs() if tools else None)
+
+    def tool_mode(self, enable_auto_tool_choice: bool, parser: str | None) -> ToolMode:
+        """How this request uses its tools, under the server's flags (ValueError for a bad combination)."""
+        return tool_mode(self.tools, self.tool_choice, self.parallel_tool_calls, enable_auto_tool_choice, parser)
 
     def template_messages(self) -> list[dict]:
         return [m.as_template_dict() for m in self.messages]

@@ -18,6 +18,7 @@ from meshlm.server.errors import APIError, error_body
 from meshlm.server.limits import MAX_CHARS_PER_TOKEN, ServerLimits
 from meshlm.server.metrics import ServerMetrics
 from meshlm.server.streams import Prompt, Run, merge, sse, start_runs, until_disconnected
+from meshlm.server.tools import ToolOptions
 
 T = TypeVar("T")
 
@@ -31,6 +32,7 @@ class ServedModel:
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))
     limits: ServerLimits = field(default_factory=ServerLimits)
+    tool_options: ToolOptions = field(default_factory=ToolOptions)
     # Set when the server starts shutting down: open requests end at once (503 / an error event).
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     # Parsing, chat templates and tokenization run here, never on the event loop.
@@ -118,10 +120,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params_or_400(served: ServedModel, body) -> SamplingParams:
-    """The body's SamplingParams, within the server's limits; 400 naming the limit otherwise."""
+def sampling_params_or_400(served: ServedModel, body, *args) -> SamplingParams:
+    """The body's SamplingParams (``body.sampling_params(*args)``), within the server's limits; 400
+    naming the limit otherwise."""
     try:
-        params = body.sampling_params()
+        params = body.sampling_params(*args)
     except ValueError as exc:
         raise APIError.bad_request(exc) from None
     if params.n > served.limits.max_n:

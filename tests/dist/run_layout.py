@@ -6,7 +6,7 @@
 ``spec.json`` lists jobs ``{"name", "model", "prompts", "chat", "max_tokens", "logprobs",
 "ignore_eos"}``, and optionally the engine's ``num_kv_blocks``, ``block_size``, ``max_model_len``,
 ``max_num_tokens``, ``async_scheduling`` and the sampling's ``temperature`` and ``seed`` (greedy
-unless given): a prompt is a list of token ids, or a user message when ``chat`` is true. Each
+unless given), and ``structured_outputs`` (one dict per prompt): a prompt is a list of token ids, or a user message when ``chat`` is true. Each
 job is one ``LLM(...)`` over the whole world. Every rank prints ``[run_layout] rank R of
 N pid P``; rank 0 writes ``{"world_size", "ranks", "results": {name: [{"token_ids",
 "logprobs"}]}}``, where ``ranks`` lists the ranks that answered a gather over the world, so the
@@ -92,6 +92,8 @@ def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | 
         if exc.code not in (0, None):
             raise
         return None
+    if job.get("structured_outputs"):
+        params = [params.replace(structured_outputs=spec) for spec in job["structured_outputs"]]
     try:
         if job.get("chat"):
             outs = llm.chat([[{"role": "user", "content": p}] for p in job["prompts"]], params)

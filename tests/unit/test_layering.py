@@ -20,7 +20,7 @@ LEVELS = [
     {"engine"},
     {"executor"},
     {"protocol"},
-    {"config", "sampling_params"},
+    {"config", "sampling_params", "structured_outputs"},
     {"models"},
     {"parallel"},
     {"kernels"},
