@@ -97,8 +97,9 @@ class Coordinator:
             raise ValueError(f"request id {request_id!r} is already in use")
         group = _Group(request_id, prompt_text, token_ids,
                        [self._new_sequence(request_id, token_ids, params, i) for i in range(params.n)])
-        for request in group.sequences:
-            self.scheduler.add(request)  # validated per request; the first one raises if any would
+        # The n samples prefill the prompt once: the others fork from the first at its first token.
+        group.sequences[0].forks = group.sequences[1:]
+        self.scheduler.add(group.sequences[0])
         self._groups[request_id] = group
         for request in group.sequences:
             self._group_of[request.request_id] = group
@@ -190,7 +191,7 @@ class Coordinator:
         in_flight = self._in_flight
         prev_rows = {} if in_flight is None else {rid: row for row, rid in enumerate(in_flight.sample_request_ids)}
         plan = build_step_plan(sched.chunks, self.block_size, prev_rows, self._new_to_workers(sched),
-                               self._take_finished())
+                               self._take_finished(), sched.block_copies)
         return _LaunchedStep(sched, plan.sample_request_ids, self.dispatcher.execute(plan))
 
     def _record(self, step: _LaunchedStep) -> list[_Group]:
@@ -224,8 +225,7 @@ class Coordinator:
 
     def _new_to_workers(self, sched: SchedulerOutput) -> list[NewRequest]:
         new_requests = []
-        for c in sched.chunks:
-            request = c.request
+        for request in (r for c in sched.chunks for r in (c.request, *c.forked)):
             if request.request_id not in self._known_to_workers:
                 self._known_to_workers.add(request.request_id)
                 new_requests.append(NewRequest(request.request_id, request.params, list(request.prompt_token_ids)))

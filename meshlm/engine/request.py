@@ -56,6 +56,9 @@ class Request:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
+    # Sequences that start as copies of this one at its first sampled token (``n > 1``): they
+    # share its prompt's KV blocks instead of prefilling it again (Scheduler._fork).
+    forks: list["Request"] = field(default_factory=list)
     _num_tokens_taken: int = 0  # output tokens already handed out by take_output
     _is_finish_taken: bool = False  # take_output has handed out the finish reason
     _released_tail: str = ""  # the end of the text handed out, where a stop string may begin

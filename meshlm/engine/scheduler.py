@@ -12,6 +12,11 @@ Each step has a budget of ``max_num_tokens`` tokens and ``max_batch_size`` seque
    prefilled in chunks over several steps) and is admitted only if its blocks can be allocated.
    Admission stops at the first request that does not fit: nobody skips ahead.
 
+Forks: the ``n`` samples of one prompt are one request in the queue, whose ``forks`` are the
+other samples. The chunk that samples its first token forks them (``ScheduledChunk.forked``):
+each takes the request's block table (shared, copy-on-write in the KV manager) and samples its own
+first token from the same logits row; from the next step on they run as requests of their own.
+
 Scheduling a chunk advances its request's ``num_computed_tokens`` at once, and a chunk that
 samples adds an output placeholder; ``update_from_output`` later appends the sampled token in its
 place. So the next step can be scheduled while this one still runs on the device (the overlapped
@@ -45,6 +50,9 @@ class ScheduledChunk:
     start: int  # the request's num_computed_tokens when the chunk was scheduled
     num_new_tokens: int
     is_sampling: bool  # the chunk reaches the last token (placeholders included): a token is sampled
+    # Sequences forked from ``request`` by this chunk: each samples its own token from the same
+    # last-token logits, in the rows after the request's own.
+    forked: list[Request] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -54,6 +62,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]  # running requests first (in their order), then newly admitted
     preempted: list[Request]  # preempted this step; already back in the waiting queue
     num_tokens: int  # sum of the chunks' num_new_tokens
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) pairs
     # Finished by the scheduler itself (status FINISHED_LENGTH, blocks freed): their tokens
     # outgrew the whole KV pool. The caller reports them to their clients.
     finished: list[Request] = field(default_factory=list)
@@ -108,9 +117,11 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already queued or running")
         if request.num_prompt_tokens < 1:
             raise ValueError(f"request {request.request_id!r}: the prompt is empty; at least one token is needed")
-        if request.num_computed_tokens or request.block_ids:
-            raise ValueError(f"request {request.request_id!r} is not fresh: num_computed_tokens="
-                             f"{request.num_computed_tokens}, {len(request.block_ids)} blocks")
+        for r in (request, *request.forks):
+            if r.num_computed_tokens or r.block_ids or r.output_token_ids or r.request_id in self._requests:
+                raise ValueError(f"request {r.request_id!r} is not fresh: num_computed_tokens="
+                                 f"{r.num_computed_tokens}, {len(r.block_ids)} blocks, "
+                                 f"{len(r.output_token_ids)} outputs, or its id is in use")
         bs, num_blocks = self.kv.block_size, self.kv.num_blocks
         needed = num_blocks_for(request.num_prompt_tokens + 1, bs)
         if needed > num_blocks:
@@ -142,6 +153,13 @@ class Scheduler:
             self._num_finished_running += 1  # dropped from the running list at the next schedule()
         request.status = status
         self.kv.free(request)
+        self._finish_forks(request, status)
+
+    def _finish_forks(self, request: Request, status: RequestStatus) -> None:
+        """Samples not forked yet end with their parent (they hold no blocks)."""
+        for child in request.forks:
+            child.status = status
+        request.forks = []
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -153,6 +171,11 @@ class Scheduler:
         if not out.preempted:  # blocks are short: admitting now would only preempt again
             self._schedule_waiting(out, budget)
         out.num_tokens = sum(chunk.num_new_tokens for chunk in out.chunks)
+        for chunk in out.chunks:
+            if chunk.forked:  # run from the next step on, right after their parent
+                at = self._running.index(chunk.request) + 1
+                self._running[at:at] = chunk.forked
+        out.block_copies = self.kv.take_block_copies()
         return out
 
     def update_from_output(self, output: SchedulerOutput, result: StepResult | None) -> list[Request]:
@@ -168,17 +191,28 @@ class Scheduler:
         row = 0  # the chunk's row in ``result``: sampling chunks in order
         for chunk in output.chunks:
             request, status = chunk.request, None
-            if chunk.is_sampling and not request.is_finished:
-                request.num_output_placeholders -= 1
-                token_id = int(result.token_ids[row])
-                status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
-                sampled.append(request)
-            if request.status == RequestStatus.RUNNING:
+            if chunk.is_sampling:
+                for r in (request, *chunk.forked):
+                    if self._append(r, result, row):
+                        sampled.append(r)
+                    row += 1
+            elif request.status == RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(request)  # every token it has computed is known now
-            if status is not None:
-                self.finish(request, status)
-            row += chunk.is_sampling
         return sampled
+
+    def _append(self, request: Request, result: StepResult, row: int) -> bool:
+        """Put row ``row``'s token in ``request``'s placeholder (and finish it when the token ends
+        it); False when the request finished before the token came."""
+        if request.is_finished:
+            return False
+        request.num_output_placeholders -= 1
+        token_id = int(result.token_ids[row])
+        status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
+        if request.status == RequestStatus.RUNNING:
+            self.kv.cache_full_blocks(request)  # every token it has computed is known now
+        if status is not None:
+            self.finish(request, status)
+        return True
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running = self._running
@@ -231,9 +265,26 @@ class Scheduler:
         self.kv.allocate(request, num_new)
         start = request.num_computed_tokens
         is_sampling = start + num_new == request.num_tokens_with_placeholders
-        out.chunks.append(ScheduledChunk(request, start, num_new, is_sampling))
+        chunk = ScheduledChunk(request, start, num_new, is_sampling)
+        out.chunks.append(chunk)
         request.num_computed_tokens += num_new
         request.num_output_placeholders += is_sampling
+        if is_sampling and request.forks:
+            self._fork(chunk)
+
+    def _fork(self, chunk: ScheduledChunk) -> None:
+        """The chunk samples its request's first token: its pending forks become running
+        sequences that share its blocks and sample their own first token in this step."""
+        parent = chunk.request
+        assert not parent.output_token_ids, f"{parent.request_id} forks after its first token"
+        for child in parent.forks:
+            self.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_output_placeholders = 1
+            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+            child.status = RequestStatus.RUNNING
+            self._requests[child.request_id] = child
+        chunk.forked, parent.forks = parent.forks, []
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Recompute preemption: free the blocks, restart from token 0, wait at the queue's front."""
@@ -254,6 +305,8 @@ class Scheduler:
         request.status = RequestStatus.FINISHED_LENGTH
         self.kv.free(request)
         out.finished.append(request)
+        out.finished.extend(request.forks)
+        self._finish_forks(request, RequestStatus.FINISHED_LENGTH)
 
     def _drop_finished_running(self) -> None:
         if self._num_finished_running:

@@ -22,7 +22,7 @@ from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.progress import LoadProgress
 from meshlm.config import CacheConfig, EngineConfig
 from meshlm.kernels.fused_ops import select_ops
-from meshlm.protocol import StepPlan, returns_tokens
+from meshlm.protocol import StepPlan, returns_tokens, samples_every_row_once
 from meshlm.executor.async_output import AsyncStepResult
 from meshlm.executor.sampler import Sampler
 from meshlm.weights.random_weights import RandomCheckpoint
@@ -176,11 +176,22 @@ class ModelRunner:
         """Launch one step. The sampling rank returns its tokens on their way to the host; other
         ranks return None. Nothing here waits for the device (on the GPU)."""
         self.update_requests(plan)
+        self.copy_blocks(plan.block_copies)
         logits = self._forward(plan)
         sampled = None if logits is None else self.sampler.sample_on_device(logits, plan.sample_request_ids)
         token_ids = None if sampled is None else sampled.token_ids
         self.prev_sampled_token_ids = self._share_sampled_tokens(plan, token_ids)
         return None if sampled is None else AsyncStepResult(sampled)
+
+    def copy_blocks(self, block_copies: np.ndarray) -> None:
+        """Copy-on-write: block ``src`` to block ``dst`` in every layer's K and V pool, for each
+        (src, dst) row of ``block_copies`` [num_copies, 2]; one batched index copy per pool."""
+        if len(block_copies) == 0 or not self.kv_caches:
+            return
+        copies = self._to_device(np.ascontiguousarray(block_copies.T))  # [2, num_copies]
+        src, dst = copies[0], copies[1]
+        for pool in (p for kv in self.kv_caches for p in kv):
+            pool.index_copy_(0, dst, pool.index_select(0, src))  # [num_copies, block_size, heads, head_dim]
 
     def _share_sampled_tokens(self, plan: StepPlan, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The step's sampled tokens on every TP rank (the overlapped loop needs them on each rank
@@ -224,7 +235,7 @@ class ModelRunner:
             return None
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
             logits = self.graph_runner.run(plan, self.previous_tokens(plan))  # every row's; None before the last stage
-            if logits is not None and 0 < len(plan.sample_rows) != plan.num_seqs:
+            if logits is not None and len(plan.sample_rows) and not samples_every_row_once(plan):
                 logits = logits[self._to_device(plan.sample_rows)]
         else:
             logits = self._forward_eager(plan)
