@@ -1,8 +1,8 @@
 """meshlm: distributed multi-GPU, multi-node LLM inference launched with MPI."""
-from meshlm.sampling_params import SamplingParams
+from meshlm.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name):  # import torch-heavy parts on first use

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from meshlm.config import EngineConfig
+from meshlm.engine.beam_search import BeamSearch, beam_sequence_params
 from meshlm.engine.dispatch import StepDispatcher
 from meshlm.engine.kv_cache import KVCacheManager
 from meshlm.engine.outputs import RequestOutput
@@ -69,13 +70,14 @@ class Coordinator:
         self.block_size = config.cache.block_size
         self.kv = KVCacheManager(num_blocks, self.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self._groups: dict[str, _Group] = {}
-        self._group_of: dict[str, _Group] = {}  # sequence id -> its group
+        self._groups: dict[str, _Group | BeamSearch] = {}
+        self._group_of: dict[str, _Group | BeamSearch] = {}  # sequence id -> its group
         self._known_to_workers: set[str] = set()
         self._finished_ids: list[str] = []
         # The overlapped loop (config.async_scheduling): the launched step whose tokens are not recorded yet.
         self.async_scheduling = config.async_scheduling
         self._in_flight: _LaunchedStep | None = None
+        self._beam_searches: dict[str, BeamSearch] = {}  # unfinished ones; while any is, steps are synchronous
         self._request_counter = itertools.count()
         self._arrival_counter = itertools.count()
 
@@ -95,6 +97,8 @@ class Coordinator:
         request_id = request_id or f"req-{next(self._request_counter)}"
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.use_beam_search:
+            return self._submit_beam_search(request_id, prompt_text, token_ids, params)
         group = _Group(request_id, prompt_text, token_ids,
                        [self._new_sequence(request_id, token_ids, params, i) for i in range(params.n)])
         # The n samples prefill the prompt once: the others fork from the first at its first token.
@@ -114,6 +118,40 @@ class Coordinator:
                        eos_token_ids=frozenset() if seq_params.ignore_eos else self.eos_token_ids,
                        max_model_len=self.max_model_len, detokenizer=detokenizer)
 
+    def _submit_beam_search(self, request_id: str, prompt_text: str | None, token_ids: list[int],
+                            params: SamplingParams) -> str:
+        max_tokens = self.max_model_len - len(token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        search = BeamSearch(request_id, prompt_text, self._new_beam(request_id, token_ids, params), params,
+                            self.eos_token_ids, max_tokens, self.tokenizer)
+        self.scheduler.add(search.sequences[0])
+        self._groups[request_id] = self._beam_searches[request_id] = search
+        self._group_of[search.sequences[0].request_id] = search
+        return request_id
+
+    def _new_beam(self, request_id: str, token_ids: list[int], params: SamplingParams) -> Request:
+        """A beam's sequence (no detokenizer: the search decodes its hypotheses at the end)."""
+        beam = Request(f"{request_id}#beam{next(self._request_counter)}", list(token_ids),
+                       beam_sequence_params(params), arrival_index=next(self._arrival_counter),
+                       max_model_len=self.max_model_len, is_beam=True)
+        if request_id in self._groups:  # a fork of a running search; the first beam is mapped by its caller
+            self._group_of[beam.request_id] = self._groups[request_id]
+        return beam
+
+    def _advance_beams(self) -> list[BeamSearch]:
+        """One step of every beam search whose beams all reported their candidates."""
+        advanced = []
+        for search in [s for s in self._beam_searches.values() if s.is_ready]:
+            prompt = search.sequences[0].prompt_token_ids
+            new_beam = lambda: self._new_beam(search.request_id, prompt, search.params)  # noqa: E731
+            for beam in search.advance(self.scheduler, new_beam):
+                self._forget(beam)
+            advanced.append(search)
+            if search.finished:
+                del self._beam_searches[search.request_id]
+        return advanced
+
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty")
@@ -129,6 +167,7 @@ class Coordinator:
     def abort(self, request_id: str) -> bool:
         """Abort a request and free its KV blocks; False if it is unknown or already finished."""
         group = self._groups.pop(request_id, None)
+        self._beam_searches.pop(request_id, None)
         if group is None:
             return False
         for request in group.sequences:
@@ -173,13 +212,22 @@ class Coordinator:
         recorded: the host plans step n+1 and records step n's tokens while the device runs, and
         the tokens of step n feed step n+1 on the device (``StepPlan.prev_token_rows``).
         """
+        # Beam search picks each beam's next token on the host, so while one runs the steps do not
+        # overlap: the step in flight lands before the next is planned.
+        overlap = self.async_scheduling and not self._beam_searches
+        progressed = []
+        if not overlap and self._in_flight is not None:
+            progressed += self._record(self._in_flight)
+            self._in_flight = None
+        progressed += self._advance_beams()
         sched = self.scheduler.schedule()  # counts the tokens of the step in flight as placeholders
-        progressed = [self._group_of[r.request_id] for r in sched.finished]  # outgrew the KV pool
+        progressed += [self._group_of[r.request_id] for r in sched.finished]  # outgrew the KV pool
         to_record = self._launch(sched)
-        if self.async_scheduling:  # record the step before, which waits for its one copy to the host
+        if overlap:  # record the step before, which waits for its one copy to the host
             to_record, self._in_flight = self._in_flight, to_record
         if to_record is not None:
             progressed += self._record(to_record)
+        progressed += self._advance_beams()
         return self._take_outputs(progressed)
 
     def _launch(self, sched: SchedulerOutput) -> _LaunchedStep | None:

@@ -206,6 +206,13 @@ class Scheduler:
         if request.is_finished:
             return False
         request.num_output_placeholders -= 1
+        if request.is_beam:  # the beam search appends the token it picks (extend_beam)
+            k = request.params.logprobs
+            request.beam_candidates = list(zip(result.top_token_ids[row, :k].tolist(),
+                                               result.top_logprobs[row, :k].tolist()))
+            if request.status == RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(request)
+            return True
         token_id = int(result.token_ids[row])
         status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
         if request.status == RequestStatus.RUNNING:
@@ -271,6 +278,29 @@ class Scheduler:
         request.num_output_placeholders += is_sampling
         if is_sampling and request.forks:
             self._fork(chunk)
+
+    # ---- beam search ---------------------------------------------------------------------------
+
+    def extend_beam(self, beam: Request, token_id: int, child: Request | None = None) -> None:
+        """Continue ``beam`` with ``token_id``, or, given ``child`` (a fresh beam), fork ``child``
+        from ``beam`` (its tokens, blocks shared copy-on-write) and continue the child instead.
+        Consumes ``beam``'s candidates unless a child is given: fork every child first."""
+        if child is not None:
+            assert not child.block_ids and child.request_id not in self._requests, child.request_id
+            child.output_token_ids = list(beam.output_token_ids)
+            self.kv.fork(beam, child)
+            child.num_computed_tokens = beam.num_computed_tokens
+            child.status = beam.status
+            child.num_preemptions = beam.num_preemptions
+            self._requests[child.request_id] = child
+            if beam.status == RequestStatus.RUNNING:
+                at = self._running.index(beam) + 1
+                self._running.insert(at, child)
+            else:  # preempted: it waits beside its parent
+                self._waiting.insert(self._waiting.index(beam) + 1, child)
+            beam = child
+        beam.beam_candidates = None
+        beam.output_token_ids.append(token_id)
 
     def _fork(self, chunk: ScheduledChunk) -> None:
         """The chunk samples its request's first token: its pending forks become running

@@ -84,7 +84,11 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = None  # with use_beam_search: the beam width (default n); else must equal n
+    # vLLM's beam search extras
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     def prompts(self) -> list[Prompt]:
         """The prompts as a list: text, or token ids."""
@@ -101,11 +105,13 @@ class CompletionRequest(_SamplingFields):
         self.check_common()
         if self.suffix:
             raise ValueError("suffix: not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of}: only best_of == n={self.n} is supported")
         if self.echo and self.logprobs is not None:
             raise ValueError("echo: echo with logprobs needs prompt logprobs, which are not supported")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        if self.use_beam_search and self.logprobs is not None:
+            raise ValueError("logprobs: not returned with use_beam_search")
+        return self._sampling_params(self.max_tokens, self.logprobs).replace(
+            best_of=self.best_of, use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping)
 
 
 class TextPart(BaseModel):
