@@ -71,11 +71,16 @@ class BeamSearch:
 
     @property
     def is_ready(self) -> bool:
-        """Every live beam has reported its candidates: the search can take a step."""
-        return not self.finished and all(b.beam_candidates is not None for b in self.sequences)
+        """Every live beam has reported its candidates (or was ended by the scheduler: its
+        tokens outgrew the KV pool): the search can take a step."""
+        return not self.finished and all(b.beam_candidates is not None or b.is_finished for b in self.sequences)
 
     def advance(self, scheduler: Scheduler, new_beam: Callable[[], Request]) -> list[Request]:
         """One step (see the module docstring); returns the beams it ended (finished and freed)."""
+        self.sequences = [b for b in self.sequences if not b.is_finished]
+        if not self.sequences:  # the scheduler ended them all
+            self.finished = True
+            return []
         candidates = sorted(((self._cum_logprobs[b.request_id] + lp, i, t) for i, b in enumerate(self.sequences)
                              for t, lp in b.beam_candidates), key=lambda c: -c[0])[:2 * self.width]
         num_generated = len(self.sequences[0].output_token_ids) + 1
