@@ -61,7 +61,7 @@ class BeamSearch:
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
         self.max_tokens = max_tokens
         self.tokenizer = tokenizer
-        self._prompt_token_ids = first_beam.prompt_token_ids
+        self.prompt_token_ids = first_beam.prompt_token_ids
         self.sequences = [first_beam]  # the live beams, best first
         self._cum_logprobs = {first_beam.request_id: 0.0}
         self._hypotheses: list[_Hypothesis] = []  # best first, at most width
@@ -156,4 +156,4 @@ class BeamSearch:
                 text_ids, skip_special_tokens=self.params.skip_special_tokens)
             outputs.append(CompletionOutput(index, text, list(h.token_ids), h.finish_reason, None, None,
                                             h.cum_logprob))
-        return RequestOutput(self.request_id, self.prompt, self._prompt_token_ids, outputs, True, 0)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, True, 0)

@@ -7,6 +7,7 @@ scheduler owns every sequence's state (tokens, stops, finishing); the coordinato
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Sequence
@@ -143,8 +144,7 @@ class Coordinator:
         """One step of every beam search whose beams all reported their candidates."""
         advanced = []
         for search in [s for s in self._beam_searches.values() if s.is_ready]:
-            prompt = search.sequences[0].prompt_token_ids
-            new_beam = lambda: self._new_beam(search.request_id, prompt, search.params)  # noqa: E731
+            new_beam = functools.partial(self._new_beam, search.request_id, search.prompt_token_ids, search.params)
             for beam in search.advance(self.scheduler, new_beam):
                 self._forget(beam)
             advanced.append(search)

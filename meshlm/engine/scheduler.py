@@ -246,14 +246,20 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        waiting = self._waiting
-        while (waiting and budget > 0 and len(out.chunks) < self.config.max_batch_size
-               and len(self._running) < self.config.max_batch_size):
+        waiting, max_batch_size = self._waiting, self.config.max_batch_size
+        # Sequences running soon: the running ones and the forks still to come, which sample in the
+        # step that forks them. A request and its forks are admitted only when all of them fit
+        # (or nothing runs), so no step samples more rows than max_batch_size allows.
+        num_seqs = len(self._running) + (
+            sum(len(r.forks) for r in self._running) + sum(len(c.forked) for c in out.chunks) if waiting else 0)
+        while waiting and budget > 0 and len(out.chunks) < max_batch_size and num_seqs < max_batch_size:
             request = waiting[0]
             if self._outgrew_pool(request):
                 waiting.popleft()
                 self._finish_for_length(request, out)
                 continue
+            if num_seqs and num_seqs + 1 + len(request.forks) > max_batch_size:
+                break
             # A request preempted with a token in flight waits at least one step, which lands it.
             assert not request.num_output_placeholders, f"{request.request_id} admitted with tokens in flight"
             self.kv.get_computed_prefix(request)
@@ -265,6 +271,7 @@ class Scheduler:
             waiting.popleft()
             request.status = RequestStatus.RUNNING
             self._running.append(request)
+            num_seqs += 1 + len(request.forks)
             self._add_chunk(request, num_new, out)
             budget -= num_new
 

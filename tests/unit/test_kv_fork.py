@@ -176,3 +176,28 @@ def test_block_copies_and_repeated_sample_rows_cross_the_wire():
     plan.block_copies = np.array([[3, 7], [3, 9]], np.int64)
     got = decode_envelope(encode_envelope(Envelope(MessageKind.STEP, plan))).plan
     assert got.block_copies.tolist() == [[3, 7], [3, 9]] and got.sample_rows.tolist() == [0, 0, 0]
+
+
+def test_a_request_and_its_forks_are_admitted_when_all_fit_the_batch():
+    kv = KVCacheManager(64, BLOCK_SIZE)
+    sched = Scheduler(SchedulerConfig(max_num_tokens=64, max_batch_size=4), kv)
+    first = Request("a", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    sched.add(first)
+    run_step(sched)
+    four = forked_request(6, 4, max_tokens=2)  # 1 running + 4 > max_batch_size: waits
+    sched.add(four)
+    admitted = []
+    while sched.has_unfinished:
+        out = run_step(sched)
+        admitted += [c.request.request_id for c in out.chunks if c.start == 0]
+        assert sum(1 + len(c.forked) for c in out.chunks if c.is_sampling) <= 4
+        if four.request_id in admitted:
+            assert first.is_finished
+    assert admitted == [four.request_id]
+    big = forked_request(6, 6, max_tokens=2)  # more forks than max_batch_size: runs alone
+    sched.add(big)
+    out = run_step(sched)
+    assert len(out.chunks[0].forked) == 5 and kv.num_free_blocks < 64
+    while sched.has_unfinished:
+        run_step(sched)
+    assert kv.num_free_blocks == 64
