@@ -65,7 +65,7 @@ class BeamSearch:
         self.sequences = [first_beam]  # the live beams, best first
         self._cum_logprobs = {first_beam.request_id: 0.0}
         self._hypotheses: list[_Hypothesis] = []  # best first, at most width
-        self._improvable = True  # transformers' early-stop heuristic, sticky once False
+        self._improvable = True  # transformers' early-stop heuristic; False ends the search
         self.finished = False
         self._is_output_taken = False
 
@@ -85,12 +85,10 @@ class BeamSearch:
                              for t, lp in b.beam_candidates), key=lambda c: -c[0])[:2 * self.width]
         num_generated = len(self.sequences[0].output_token_ids) + 1
         at_length = num_generated >= self.max_tokens
-        # Hypotheses are taken only while the search may still improve (as of the step before).
-        may_add = self._improvable and not (self.params.early_stopping is True and self._is_full)
         live: list[tuple[float, int, int]] = []
         for rank, (cum, i, token) in enumerate(candidates):
             if token in self.eos_token_ids or at_length:
-                if rank < self.width and may_add:
+                if rank < self.width:  # (a search that could no longer improve has ended already)
                     self._add_hypothesis(self.sequences[i].output_token_ids + [token], cum, num_generated,
                                          "length" if token not in self.eos_token_ids else "stop")
             elif len(live) < self.width:

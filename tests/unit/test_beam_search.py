@@ -168,8 +168,11 @@ def test_n_best_of_a_wider_search_and_plain_requests_beside_it(llm, prompts):
 
 # ---- the default model ----------------------------------------------------------------------------
 
-QUESTIONS = ("What is the capital of France?", "What is 2+2?", "Say hello.")
-DEFAULT_MAX_TOKENS = 12
+QUESTIONS = ("What is the capital of France?", "What is 2+2?")
+DEFAULT_MAX_TOKENS = 16
+# On the first question, four hypotheses end in eos before max_tokens: early_stopping=True then
+# stops where False searches on, and the beams differ.
+DEFAULT_SETTINGS = [(False, 1.0), (True, 1.0), ("never", 2.0)]
 
 
 @pytest.fixture(scope="module")
@@ -184,19 +187,21 @@ def default_reference():
     return transformers.AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), (True, 0.5), ("never", 2.0)])
-def test_default_model_beams_match_transformers(default_llm, default_reference, early_stopping, length_penalty):
+def test_default_model_beams_match_transformers(default_llm, default_reference):
     eos = sorted(default_llm.engine_core.eos_token_ids)
     prompts = [default_llm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    params = BeamSearchParams(WIDTH, DEFAULT_MAX_TOKENS, length_penalty=length_penalty, early_stopping=early_stopping)
-    outputs = default_llm.beam_search(prompts, params)
-    assert default_llm.engine_core.kv.num_free_blocks == default_llm.engine_core.num_kv_blocks
-    num_stopped = 0
-    for question, prompt, output in zip(QUESTIONS, prompts, outputs):
-        want = hf_beams(default_reference, prompt, early_stopping, length_penalty, DEFAULT_MAX_TOKENS, eos[0])
-        assert_same_beams(meshlm_beams(output, prompt, length_penalty), want, f"{question!r}, "
-                          f"early_stopping={early_stopping}, length_penalty={length_penalty}")
-        num_stopped += sum(s.finish_reason == "stop" for s in output.sequences)
-        assert output.sequences[0].text == default_llm.tokenizer.decode(
-            [t for t in output.sequences[0].tokens[len(prompt):] if t not in eos])
-    assert num_stopped >= 1  # eos ended hypotheses: early_stopping and length_penalty had something to rank
+    first_beams = {}
+    for early_stopping, length_penalty in DEFAULT_SETTINGS:
+        params = BeamSearchParams(WIDTH, DEFAULT_MAX_TOKENS, length_penalty=length_penalty,
+                                  early_stopping=early_stopping)
+        outputs = default_llm.beam_search(prompts, params)
+        assert default_llm.engine_core.kv.num_free_blocks == default_llm.engine_core.num_kv_blocks
+        for question, prompt, output in zip(QUESTIONS, prompts, outputs):
+            want = hf_beams(default_reference, prompt, early_stopping, length_penalty, DEFAULT_MAX_TOKENS, eos[0])
+            assert_same_beams(meshlm_beams(output, prompt, length_penalty), want, f"{question!r}, "
+                              f"early_stopping={early_stopping}, length_penalty={length_penalty}")
+            assert output.sequences[0].text == default_llm.tokenizer.decode(
+                [t for t in output.sequences[0].tokens[len(prompt):] if t not in eos])
+        first_beams[early_stopping] = [s.tokens for s in outputs[0].sequences]
+        assert "Paris" in outputs[0].sequences[0].text
+    assert first_beams[True] != first_beams[False]  # early stopping had something to decide
