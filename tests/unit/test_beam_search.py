@@ -1,7 +1,7 @@
 """Beam search against transformers' ``generate(num_beams=..., do_sample=False)`` on the same weights
-(fp32): a tiny random model with a small vocabulary, so that eos often ends a hypothesis and
-early_stopping and length_penalty matter, then the default model. Beams share KV blocks
-copy-on-write, and every block comes back."""
+(fp32): a tiny random model with a small vocabulary, so that eos ends some hypotheses, then the
+default model, whose answers end in eos (there early_stopping changes the beams). Beams share KV
+blocks copy-on-write, survive preemption, and every block comes back."""
 from __future__ import annotations
 
 import numpy as np
