@@ -205,3 +205,16 @@ def test_default_model_beams_match_transformers(default_llm, default_reference):
         first_beams[early_stopping] = [s.tokens for s in outputs[0].sequences]
         assert "Paris" in outputs[0].sequences[0].text
     assert first_beams[True] != first_beams[False]  # early stopping had something to decide
+
+
+def test_abort_mid_search_frees_every_beam(llm, prompts):
+    core = llm.engine_core
+    request_id = core.submit(prompts[2], BeamSearchParams(WIDTH, MAX_TOKENS, ignore_eos=True).to_sampling_params())
+    for _ in range(3):
+        core.step()
+    assert core.kv.num_free_blocks < core.num_kv_blocks
+    assert core.abort(request_id)
+    core.step()  # the ranks hear of the aborted beams
+    assert not core.has_unfinished()
+    assert core.kv.num_free_blocks == core.num_kv_blocks
+    assert llm.local_model_runner().sampler.num_requests == 0
