@@ -218,3 +218,21 @@ def test_abort_mid_search_frees_every_beam(llm, prompts):
     assert not core.has_unfinished()
     assert core.kv.num_free_blocks == core.num_kv_blocks
     assert llm.local_model_runner().sampler.num_requests == 0
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(use_beam_search=True, n=5, best_of=4), ["best_of=4", "n=5", "10"]),
+    (dict(use_beam_search=True, best_of=11), ["best_of=11", "10"]),
+    (dict(n=1, best_of=2), ["best_of=2", "n=1", "use_beam_search"]),
+    (dict(use_beam_search=True, early_stopping="sometimes"), ["early_stopping='sometimes'", "never"]),
+])
+def test_bad_beam_parameters_name_every_number(fields, words):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**fields)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_beam_search_params_are_vllm_s():
+    params = BeamSearchParams(beam_width=3, max_tokens=7, length_penalty=0.5).to_sampling_params()
+    assert (params.n, params.beam_width, params.max_tokens, params.length_penalty) == (3, 3, 7, 0.5)
+    assert params.use_beam_search and SamplingParams.from_dict(params.to_dict()) == params
