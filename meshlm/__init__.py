@@ -1,10 +1,10 @@
 """meshlm: distributed multi-GPU, multi-node LLM inference launched with MPI."""
-from meshlm.sampling_params import SamplingParams
+from meshlm.sampling_params import BeamSearchParams, SamplingParams
 from meshlm.structured_outputs import StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "StructuredOutputsParams", "RequestOutput",
-           "CompletionOutput"]
+__all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams",
+           "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name):  # import torch-heavy parts on first use

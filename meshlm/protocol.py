@@ -57,6 +57,10 @@ class StepPlan:
     prompt_logprob_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prompt_rows]
     prompt_logprob_target_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prompt_rows]
     prompt_logprob_num_top: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [num_prompt_rows]
+    # Copy-on-write of KV blocks several sequences shared: every rank copies block src to block dst
+    # in each layer's K and V pools before the forward. A row of sample_rows may repeat: sequences
+    # forked in this step sample their own tokens from the same last-token logits.
+    block_copies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [num_copies, 2] (src, dst)
 
     @property
     def num_tokens(self) -> int:
@@ -80,13 +84,18 @@ class StepPlan:
 
 _PLAN_ARRAYS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
                 "sample_rows", "prev_token_index", "prev_token_rows", "prompt_logprob_index",
-                "prompt_logprob_target_ids", "prompt_logprob_num_top")
+                "prompt_logprob_target_ids", "prompt_logprob_num_top", "block_copies")
 
 
 def returns_tokens(plan: StepPlan) -> bool:
     """Whether the step samples or scores prompt tokens: the sampling rank then sends a
     StepResult to rank 0."""
     return plan.num_tokens > 0 and (len(plan.sample_rows) > 0 or len(plan.prompt_logprob_index) > 0)
+
+
+def samples_every_row_once(plan: StepPlan) -> bool:
+    """Whether ``sample_rows`` is exactly ``0..num_seqs-1`` (no row skipped or repeated)."""
+    return len(plan.sample_rows) == plan.num_seqs and bool((plan.sample_rows == np.arange(plan.num_seqs)).all())
 
 
 @dataclass(slots=True)

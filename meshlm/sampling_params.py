@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 from meshlm.structured_outputs import StructuredOutputsParams
 
-__all__ = ["SamplingParams", "MAX_LOGPROBS"]
+__all__ = ["SamplingParams", "BeamSearchParams", "MAX_LOGPROBS", "MAX_BEAM_WIDTH"]
 
 MAX_LOGPROBS = 20  # the most top logprobs one request may ask for (OpenAI's limit)
 _MAX_SEED = 2**64  # torch.Generator.manual_seed takes seeds modulo 2**64
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # each step ranks 2 x beam_width candidates per beam
+_EARLY_STOPPING = (True, False, "never")
 
 
 @dataclass(slots=True)
@@ -36,6 +38,10 @@ class SamplingParams:
     is, or given directly without one) are banned when the tokens before the word's last match.
     ``structured_outputs`` (a ``StructuredOutputsParams`` or its dict) constrains the output to a
     JSON schema, regex, choice or grammar; eos is then allowed only where the grammar is complete.
+
+    ``use_beam_search`` (vLLM's extra) runs beam search of width ``best_of`` (default ``n``) and
+    returns the ``n`` best finished beams, scored ``cum_logprob / num_tokens ** length_penalty``;
+    ``early_stopping`` is transformers': True, False or "never" (see engine/beam_search.py).
     """
 
     n: int = 1
@@ -61,6 +67,10 @@ class SamplingParams:
     bad_words: str | Sequence[str] | None = None  # normalised to a tuple of non-empty strings
     bad_words_token_ids: Sequence[Sequence[int]] | None = None  # normalised to a tuple of tuples
     structured_outputs: StructuredOutputsParams | Mapping | None = None  # a dict becomes the dataclass
+    use_beam_search: bool = False
+    best_of: int | None = None  # None: n; beam search's width
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         self.stop = _normalise_stop(self.stop)
@@ -79,6 +89,7 @@ class SamplingParams:
         self._check_counts()
         self._check_filters()
         self._check_penalties()
+        self._check_beam_search()
         self._coerce_numbers()
 
     def _check_counts(self) -> None:
@@ -126,14 +137,36 @@ class SamplingParams:
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name}={value} must be in [-2, 2]")
 
+    def _check_beam_search(self) -> None:
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, lower=1)
+            if not self.use_beam_search and self.best_of != self.n:
+                raise ValueError(f"best_of={self.best_of}: without use_beam_search only best_of == n={self.n} "
+                                 "is supported")
+        _check_real("length_penalty", self.length_penalty)
+        if self.early_stopping not in _EARLY_STOPPING or isinstance(self.early_stopping, int) and \
+                not isinstance(self.early_stopping, bool):
+            raise ValueError(f"early_stopping={self.early_stopping!r} must be True, False or 'never'")
+        if not self.use_beam_search:
+            return
+        width = self.beam_width
+        if width > MAX_BEAM_WIDTH or self.n > width:
+            raise ValueError(f"beam search: best_of={width} (the beam width) must be in [n={self.n}, "
+                             f"{MAX_BEAM_WIDTH}]")
+
+    @property
+    def beam_width(self) -> int:
+        """Beam search's width: ``best_of``, else ``n``."""
+        return self.n if self.best_of is None else self.best_of
+
     def _coerce_numbers(self) -> None:
         # numpy scalars pass validation; store plain Python numbers so the params pickle small.
-        for name in ("n", "min_tokens", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):
+        for name in ("n", "min_tokens", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "best_of"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, int(value))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):
+                     "frequency_penalty", "length_penalty"):
             setattr(self, name, float(getattr(self, name)))
 
     @property
@@ -198,7 +231,33 @@ class SamplingParams:
         if not 0 <= index < self.n:
             raise ValueError(f"sample index={index} must be in [0, n={self.n})")
         seed = None if self.seed is None else (self.seed + index) % _MAX_SEED
-        return self.replace(n=1, seed=seed)
+        return self.replace(n=1, seed=seed, best_of=None)
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    """``LLM.beam_search``'s parameters, as vLLM's. ``early_stopping`` (an extra) is transformers':
+    see engine/beam_search.py. As in vLLM, beams are scored by the model's log-probabilities, which
+    ``temperature`` does not change."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        self.to_sampling_params()  # validates
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The same search as ``SamplingParams``: all ``beam_width`` beams returned, best first."""
+        return SamplingParams(n=self.beam_width, best_of=self.beam_width, use_beam_search=True,
+                              temperature=self.temperature, max_tokens=self.max_tokens,
+                              ignore_eos=self.ignore_eos, length_penalty=self.length_penalty,
+                              early_stopping=self.early_stopping,
+                              include_stop_str_in_output=self.include_stop_str_in_output)
 
 
 def _is_int(value: object) -> bool:

@@ -13,8 +13,8 @@ from meshlm.config import EngineArgs
 from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.interface import EngineCore
 from meshlm.executor.model_runner import ModelRunner
-from meshlm.engine.outputs import RequestOutput
-from meshlm.sampling_params import SamplingParams
+from meshlm.engine.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from meshlm.sampling_params import BeamSearchParams, SamplingParams
 
 Prompt = str | list[int]
 
@@ -69,6 +69,21 @@ class LLM:
         if bar is not None:
             bar.close()
         return [final[i] for i in ids]
+
+    def beam_search(self, prompts: Prompt | dict | Sequence[Prompt | dict],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (text, token ids, or vLLM's ``{"prompt": ...}`` /
+        ``{"prompt_token_ids": [...]}``); each output holds ``params.beam_width`` beams, best first.
+        The beams of all prompts run batched, sharing their KV blocks copy-on-write."""
+        if isinstance(prompts, dict):
+            prompts = [prompts]
+        prompts = [p.get("prompt_token_ids", p.get("prompt")) if isinstance(p, dict) else p
+                   for p in _as_list(prompts)]
+        outputs = self.generate(prompts, params.to_sampling_params())
+        return [BeamSearchOutput([BeamSearchSequence(out.prompt_token_ids + c.token_ids, [],
+                                                     c.cumulative_logprob or 0.0, c.text, c.finish_reason,
+                                                     c.stop_reason) for c in out.outputs])
+                for out in outputs]
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -7,11 +7,13 @@ scheduler owns every sequence's state (tokens, stops, finishing); the coordinato
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
 from meshlm.config import EngineConfig
+from meshlm.engine.beam_search import BeamSearch, beam_sequence_params
 from meshlm.engine.dispatch import StepDispatcher
 from meshlm.engine.kv_cache import KVCacheManager
 from meshlm.engine.outputs import RequestOutput
@@ -78,13 +80,14 @@ class Coordinator:
         self.block_size = config.cache.block_size
         self.kv = KVCacheManager(num_blocks, self.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self._groups: dict[str, _Group] = {}
-        self._group_of: dict[str, _Group] = {}  # sequence id -> its group
+        self._groups: dict[str, _Group | BeamSearch] = {}
+        self._group_of: dict[str, _Group | BeamSearch] = {}  # sequence id -> its group
         self._known_to_workers: set[str] = set()
         self._finished_ids: list[str] = []
         # The overlapped loop (config.async_scheduling): the launched step whose tokens are not recorded yet.
         self.async_scheduling = config.async_scheduling
         self._in_flight: _LaunchedStep | None = None
+        self._beam_searches: dict[str, BeamSearch] = {}  # unfinished ones; while any is, steps are synchronous
         self._request_counter = itertools.count()
         self._arrival_counter = itertools.count()
 
@@ -108,10 +111,13 @@ class Coordinator:
         request_id = request_id or f"req-{next(self._request_counter)}"
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.use_beam_search:
+            return self._submit_beam_search(request_id, prompt_text, token_ids, params)
         group = _Group(request_id, prompt_text, token_ids,
                        [self._new_sequence(request_id, token_ids, params, i) for i in range(params.n)])
-        for request in group.sequences:
-            self.scheduler.add(request)  # validated per request; the first one raises if any would
+        # The n samples prefill the prompt once: the others fork from the first at its first token.
+        group.sequences[0].forks = group.sequences[1:]
+        self.scheduler.add(group.sequences[0])
         self._groups[request_id] = group
         for request in group.sequences:
             self._group_of[request.request_id] = group
@@ -127,6 +133,39 @@ class Coordinator:
                        arrival_index=next(self._arrival_counter), index=index,
                        eos_token_ids=frozenset() if seq_params.ignore_eos else self.eos_token_ids,
                        max_model_len=self.max_model_len, detokenizer=detokenizer)
+
+    def _submit_beam_search(self, request_id: str, prompt_text: str | None, token_ids: list[int],
+                            params: SamplingParams) -> str:
+        max_tokens = self.max_model_len - len(token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        search = BeamSearch(request_id, prompt_text, self._new_beam(request_id, token_ids, params), params,
+                            self.eos_token_ids, max_tokens, self.tokenizer)
+        self.scheduler.add(search.sequences[0])
+        self._groups[request_id] = self._beam_searches[request_id] = search
+        self._group_of[search.sequences[0].request_id] = search
+        return request_id
+
+    def _new_beam(self, request_id: str, token_ids: list[int], params: SamplingParams) -> Request:
+        """A beam's sequence (no detokenizer: the search decodes its hypotheses at the end)."""
+        beam = Request(f"{request_id}#beam{next(self._request_counter)}", list(token_ids),
+                       beam_sequence_params(params), arrival_index=next(self._arrival_counter),
+                       max_model_len=self.max_model_len, is_beam=True)
+        if request_id in self._groups:  # a fork of a running search; the first beam is mapped by its caller
+            self._group_of[beam.request_id] = self._groups[request_id]
+        return beam
+
+    def _advance_beams(self) -> list[BeamSearch]:
+        """One step of every beam search whose beams all reported their candidates."""
+        advanced = []
+        for search in [s for s in self._beam_searches.values() if s.is_ready]:
+            new_beam = functools.partial(self._new_beam, search.request_id, search.prompt_token_ids, search.params)
+            for beam in search.advance(self.scheduler, new_beam):
+                self._forget(beam)
+            advanced.append(search)
+            if search.finished:
+                del self._beam_searches[search.request_id]
+        return advanced
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -153,6 +192,7 @@ class Coordinator:
     def abort(self, request_id: str) -> bool:
         """Abort a request and free its KV blocks; False if it is unknown or already finished."""
         group = self._groups.pop(request_id, None)
+        self._beam_searches.pop(request_id, None)
         if group is None:
             return False
         for request in group.sequences:
@@ -197,13 +237,22 @@ class Coordinator:
         recorded: the host plans step n+1 and records step n's tokens while the device runs, and
         the tokens of step n feed step n+1 on the device (``StepPlan.prev_token_rows``).
         """
+        # Beam search picks each beam's next token on the host, so while one runs the steps do not
+        # overlap: the step in flight lands before the next is planned.
+        overlap = self.async_scheduling and not self._beam_searches
+        progressed = []
+        if not overlap and self._in_flight is not None:
+            progressed += self._record(self._in_flight)
+            self._in_flight = None
+        progressed += self._advance_beams()
         sched = self.scheduler.schedule()  # counts the tokens of the step in flight as placeholders
-        progressed = [self._group_of[r.request_id] for r in sched.finished]  # outgrew the KV pool
+        progressed += [self._group_of[r.request_id] for r in sched.finished]  # outgrew the KV pool
         to_record = self._launch(sched)
-        if self.async_scheduling:  # record the step before, which waits for its one copy to the host
+        if overlap:  # record the step before, which waits for its one copy to the host
             to_record, self._in_flight = self._in_flight, to_record
         if to_record is not None:
             progressed += self._record(to_record)
+        progressed += self._advance_beams()
         return self._take_outputs(progressed)
 
     def _launch(self, sched: SchedulerOutput) -> _LaunchedStep | None:
@@ -215,7 +264,7 @@ class Coordinator:
         in_flight = self._in_flight
         prev_rows = {} if in_flight is None else {rid: row for row, rid in enumerate(in_flight.sample_request_ids)}
         plan = build_step_plan(sched.chunks, self.block_size, prev_rows, self._new_to_workers(sched),
-                               self._take_finished())
+                               self._take_finished(), sched.block_copies)
         return _LaunchedStep(sched, plan.sample_request_ids, self.dispatcher.execute(plan))
 
     def _record(self, step: _LaunchedStep) -> list[_Group]:
@@ -249,8 +298,7 @@ class Coordinator:
 
     def _new_to_workers(self, sched: SchedulerOutput) -> list[NewRequest]:
         new_requests = []
-        for c in sched.chunks:
-            request = c.request
+        for request in (r for c in sched.chunks for r in (c.request, *c.forked)):
             if request.request_id not in self._known_to_workers:
                 self._known_to_workers.add(request.request_id)
                 new_requests.append(NewRequest(request.request_id, request.params, list(request.prompt_token_ids)))

@@ -11,6 +11,12 @@ of that block is identical. Only full blocks are shared, and they are never writ
 request always computes at least its last known token itself, into a block of its own. A freed
 block keeps its key and can be found again until the allocator needs it for something else; free
 blocks without a key are handed out first, then keyed free blocks, least recently freed first.
+
+Forking (``n > 1`` samples and beam search): a child sequence takes its parent's whole block table,
+each block's reference count going up by one, so a prompt prefilled once serves every sample. A
+block several sequences hold may be partly filled; the first of them that writes into it gets a
+copy of its own (copy-on-write): ``allocate`` swaps in a fresh block and records the (source,
+destination) pair, which the step plan carries and every rank copies before its forward.
 """
 from __future__ import annotations
 
@@ -60,6 +66,7 @@ class KVCacheManager:
         self._cached: dict[bytes, int] = {}  # key -> block id
         # request id -> key of each of its full, computed blocks, from its first block on
         self._request_keys: dict[str, list[bytes]] = {}
+        self._block_copies: list[tuple[int, int]] = []  # (src, dst) pairs since take_block_copies
 
     # ---- accounting -------------------------------------------------------------------------
 
@@ -83,9 +90,17 @@ class KVCacheManager:
         return self._ref_counts[block_id]
 
     def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
-        """Blocks ``request`` lacks to hold its computed tokens plus ``num_new_tokens`` more."""
+        """Blocks ``request`` lacks to hold its computed tokens plus ``num_new_tokens`` more,
+        counting a copy of each shared block those new tokens are written into."""
         needed = num_blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(0, needed - len(request.block_ids))
+        return max(0, needed - len(request.block_ids)) + len(self._shared_written(request, needed))
+
+    def _shared_written(self, request: Request, num_blocks_needed: int) -> list[int]:
+        """Indices into ``request.block_ids`` of the blocks the next tokens are written into
+        (from its first uncomputed token on) that other sequences hold too."""
+        first = request.num_computed_tokens // self.block_size
+        last = min(num_blocks_needed, len(request.block_ids))
+        return [i for i in range(first, last) if self._ref_counts[request.block_ids[i]] > 1]
 
     def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
         return self.num_new_blocks(request, num_new_tokens) <= self.num_free_blocks
@@ -99,8 +114,28 @@ class KVCacheManager:
                 f"num_computed_tokens={request.num_computed_tokens} + num_new_tokens={num_new_tokens} "
                 f"(block_size={self.block_size}, holds {len(request.block_ids)}), but only "
                 f"{self.num_free_blocks} of {self.num_blocks} are free; check can_allocate first")
-        for _ in range(num_new):
+        needed = num_blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)
+        for index in self._shared_written(request, needed):  # copy-on-write
+            src, dst = request.block_ids[index], self._take_free_block()
+            self._release(src)  # still held by the others
+            request.block_ids[index] = dst
+            self._block_copies.append((src, dst))
+        for _ in range(needed - len(request.block_ids)):
             request.block_ids.append(self._take_free_block())
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Give ``child`` (holding no blocks) ``parent``'s block table, every block shared."""
+        assert not child.block_ids, f"request {child.request_id} already holds blocks"
+        for block_id in parent.block_ids:
+            self._share(block_id)
+        child.block_ids.extend(parent.block_ids)
+        self._request_keys[child.request_id] = list(self._request_keys.get(parent.request_id, ()))
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) copy-on-write pairs made since the last call; every rank copies them
+        before the next forward."""
+        copies, self._block_copies = self._block_copies, []
+        return copies
 
     def free(self, request: Request) -> None:
         """Release every block of ``request`` and clear its block table.

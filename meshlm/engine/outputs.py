@@ -74,3 +74,23 @@ class RequestOutput:
 def _copy(c: CompletionOutput) -> CompletionOutput:
     return CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
                             None if c.logprobs is None else list(c.logprobs), c.cumulative_logprob)
+
+
+@dataclass(slots=True)
+class BeamSearchSequence:
+    """One beam of ``LLM.beam_search``, as vLLM's: ``tokens`` are the prompt's and the generated
+    ones (an ending eos included), ``text`` the generated text (without that eos)."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # not collected: always empty
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass(slots=True)
+class BeamSearchOutput:
+    """The beams of one prompt, best (highest length-penalised score) first."""
+
+    sequences: list[BeamSearchSequence]

@@ -15,9 +15,11 @@ __all__ = ["build_step_plan"]
 
 
 def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_rows: dict[str, int],
-                    new_requests: list[NewRequest], finished_request_ids: list[str]) -> StepPlan:
+                    new_requests: list[NewRequest], finished_request_ids: list[str],
+                    block_copies: list[tuple[int, int]] = ()) -> StepPlan:
     """The StepPlan of ``chunks``. ``prev_sample_rows`` maps a request id to its row among the
-    sampled tokens of the step in flight (empty when none is)."""
+    sampled tokens of the step in flight (empty when none is). A chunk that forks samples its row
+    once for itself and once for each sequence it forked."""
     query_lens = np.array([c.num_new_tokens for c in chunks], dtype=np.int32)
     starts = np.array([c.start for c in chunks], dtype=np.int64)
     query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
@@ -33,17 +35,17 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
         block_tables[i, :len(c.request.block_ids)] = c.request.block_ids
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
-    sample_rows = np.array([i for i, c in enumerate(chunks) if c.is_sampling], dtype=np.int64)
+    samplers = [(i, r) for i, c in enumerate(chunks) if c.is_sampling for r in (c.request, *c.forked)]
     scored_index, scored_targets, scored_num_top = _prompt_scores(chunks, query_start_loc)
     return StepPlan(
         input_ids=input_ids, positions=positions.astype(np.int64), slot_mapping=slot_mapping,
         query_start_loc=query_start_loc, seq_lens=(starts + query_lens).astype(np.int32),
-        block_tables=block_tables, sample_rows=sample_rows,
-        sample_request_ids=[chunks[i].request.request_id for i in sample_rows],
+        block_tables=block_tables, sample_rows=np.array([i for i, _ in samplers], dtype=np.int64),
+        sample_request_ids=[r.request_id for _, r in samplers],
         new_requests=new_requests, finished_request_ids=finished_request_ids,
         prev_token_index=np.array(prev_index, dtype=np.int64), prev_token_rows=np.array(prev_rows, dtype=np.int64),
         prompt_logprob_index=scored_index, prompt_logprob_target_ids=scored_targets,
-        prompt_logprob_num_top=scored_num_top)
+        prompt_logprob_num_top=scored_num_top, block_copies=np.array(block_copies, dtype=np.int64).reshape(-1, 2))
 
 
 def _prompt_scores(chunks: list[ScheduledChunk], query_start_loc: np.ndarray

@@ -60,6 +60,13 @@ class Request:
     # token, the token's own logprob first; complete at num_prompt_tokens entries.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_prompt_positions_scored: int = 0  # prompt positions whose scores are known or on the way
+    # Sequences that start as copies of this one at its first sampled token (``n > 1``): they
+    # share its prompt's KV blocks instead of prefilling it again (Scheduler._fork).
+    forks: list["Request"] = field(default_factory=list)
+    # A beam of beam search: its sampled rows give candidates (``beam_candidates``: the top
+    # (token, logprob) pairs), and the beam search (engine/beam_search.py) picks its next token.
+    is_beam: bool = False
+    beam_candidates: list[tuple[int, float]] | None = None
     _num_tokens_taken: int = 0  # output tokens already handed out by take_output
     _is_finish_taken: bool = False  # take_output has handed out the finish reason
     _released_tail: str = ""  # the end of the text handed out, where a stop string may begin

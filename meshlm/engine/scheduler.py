@@ -13,6 +13,11 @@ Each step has a budget of ``max_num_tokens`` tokens and ``max_batch_size`` seque
    prefilled in chunks over several steps) and is admitted only if its blocks can be allocated.
    Admission stops at the first request that does not fit: nobody skips ahead.
 
+Forks: the ``n`` samples of one prompt are one request in the queue, whose ``forks`` are the
+other samples. The chunk that samples its first token forks them (``ScheduledChunk.forked``):
+each takes the request's block table (shared, copy-on-write in the KV manager) and samples its own
+first token from the same logits row; from the next step on they run as requests of their own.
+
 Scheduling a chunk advances its request's ``num_computed_tokens`` at once, and a chunk that
 samples adds an output placeholder; ``update_from_output`` later appends the sampled token in its
 place. So the next step can be scheduled while this one still runs on the device (the overlapped
@@ -49,6 +54,9 @@ class ScheduledChunk:
     # Positions first_scored : first_scored + num_scored score the prompt token after each (prompt_logprobs).
     first_scored: int = 0
     num_scored: int = 0
+    # Sequences forked from ``request`` by this chunk: each samples its own token from the same
+    # last-token logits, in the rows after the request's own.
+    forked: list[Request] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -58,6 +66,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]  # running requests first (in their order), then newly admitted
     preempted: list[Request]  # preempted this step; already back in the waiting queue
     num_tokens: int  # sum of the chunks' num_new_tokens
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) pairs
     # Finished by the scheduler itself (status FINISHED_LENGTH, blocks freed): their tokens
     # outgrew the whole KV pool. The caller reports them to their clients.
     finished: list[Request] = field(default_factory=list)
@@ -112,9 +121,11 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already queued or running")
         if request.num_prompt_tokens < 1:
             raise ValueError(f"request {request.request_id!r}: the prompt is empty; at least one token is needed")
-        if request.num_computed_tokens or request.block_ids:
-            raise ValueError(f"request {request.request_id!r} is not fresh: num_computed_tokens="
-                             f"{request.num_computed_tokens}, {len(request.block_ids)} blocks")
+        for r in (request, *request.forks):
+            if r.num_computed_tokens or r.block_ids or r.output_token_ids or r.request_id in self._requests:
+                raise ValueError(f"request {r.request_id!r} is not fresh: num_computed_tokens="
+                                 f"{r.num_computed_tokens}, {len(r.block_ids)} blocks, "
+                                 f"{len(r.output_token_ids)} outputs, or its id is in use")
         bs, num_blocks = self.kv.block_size, self.kv.num_blocks
         needed = num_blocks_for(request.num_prompt_tokens + 1, bs)
         if needed > num_blocks:
@@ -146,6 +157,13 @@ class Scheduler:
             self._num_finished_running += 1  # dropped from the running list at the next schedule()
         request.status = status
         self.kv.free(request)
+        self._finish_forks(request, status)
+
+    def _finish_forks(self, request: Request, status: RequestStatus) -> None:
+        """Samples not forked yet end with their parent (they hold no blocks)."""
+        for child in request.forks:
+            child.status = status
+        request.forks = []
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -157,6 +175,11 @@ class Scheduler:
         if not out.preempted:  # blocks are short: admitting now would only preempt again
             self._schedule_waiting(out, budget)
         out.num_tokens = sum(chunk.num_new_tokens for chunk in out.chunks)
+        for chunk in out.chunks:
+            if chunk.forked:  # run from the next step on, right after their parent
+                at = self._running.index(chunk.request) + 1
+                self._running[at:at] = chunk.forked
+        out.block_copies = self.kv.take_block_copies()
         return out
 
     def update_from_output(self, output: SchedulerOutput, result: StepResult | None) -> list[Request]:
@@ -172,21 +195,39 @@ class Scheduler:
         row = 0  # the chunk's row in ``result``: sampling chunks in order
         prompt_row = 0  # its first row of prompt scores
         for chunk in output.chunks:
-            request, status = chunk.request, None
+            request = chunk.request
             if chunk.num_scored and not request.is_finished:
                 request.prompt_logprobs.extend(_prompt_logprobs(result, prompt_row, chunk))
             prompt_row += chunk.num_scored
-            if chunk.is_sampling and not request.is_finished:
-                request.num_output_placeholders -= 1
-                token_id = int(result.token_ids[row])
-                status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
-                sampled.append(request)
-            if request.status == RequestStatus.RUNNING:
+            if chunk.is_sampling:
+                for r in (request, *chunk.forked):
+                    if self._append(r, result, row):
+                        sampled.append(r)
+                    row += 1
+            elif request.status == RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(request)  # every token it has computed is known now
-            if status is not None:
-                self.finish(request, status)
-            row += chunk.is_sampling
         return sampled
+
+    def _append(self, request: Request, result: StepResult, row: int) -> bool:
+        """Put row ``row``'s token in ``request``'s placeholder (and finish it when the token ends
+        it); False when the request finished before the token came."""
+        if request.is_finished:
+            return False
+        request.num_output_placeholders -= 1
+        if request.is_beam:  # the beam search appends the token it picks (extend_beam)
+            k = request.params.logprobs
+            request.beam_candidates = list(zip(result.top_token_ids[row, :k].tolist(),
+                                               result.top_logprobs[row, :k].tolist()))
+            if request.status == RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(request)
+            return True
+        token_id = int(result.token_ids[row])
+        status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
+        if request.status == RequestStatus.RUNNING:
+            self.kv.cache_full_blocks(request)  # every token it has computed is known now
+        if status is not None:
+            self.finish(request, status)
+        return True
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running = self._running
@@ -213,14 +254,20 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        waiting = self._waiting
-        while (waiting and budget > 0 and len(out.chunks) < self.config.max_batch_size
-               and len(self._running) < self.config.max_batch_size):
+        waiting, max_batch_size = self._waiting, self.config.max_batch_size
+        # Sequences running soon: the running ones and the forks still to come, which sample in the
+        # step that forks them. A request and its forks are admitted only when all of them fit
+        # (or nothing runs), so no step samples more rows than max_batch_size allows.
+        num_seqs = len(self._running) + (
+            sum(len(r.forks) for r in self._running) + sum(len(c.forked) for c in out.chunks) if waiting else 0)
+        while waiting and budget > 0 and len(out.chunks) < max_batch_size and num_seqs < max_batch_size:
             request = waiting[0]
             if self._outgrew_pool(request):
                 waiting.popleft()
                 self._finish_for_length(request, out)
                 continue
+            if num_seqs and num_seqs + 1 + len(request.forks) > max_batch_size:
+                break
             # A request preempted with a token in flight waits at least one step, which lands it.
             assert not request.num_output_placeholders, f"{request.request_id} admitted with tokens in flight"
             if not request.needs_prompt_logprobs:  # scoring the prompt needs every position run
@@ -233,6 +280,7 @@ class Scheduler:
             waiting.popleft()
             request.status = RequestStatus.RUNNING
             self._running.append(request)
+            num_seqs += 1 + len(request.forks)
             self._add_chunk(request, num_new, out)
             budget -= num_new
 
@@ -241,9 +289,49 @@ class Scheduler:
         start = request.num_computed_tokens
         is_sampling = start + num_new == request.num_tokens_with_placeholders
         first_scored, num_scored = request.positions_to_score(start, num_new)
-        out.chunks.append(ScheduledChunk(request, start, num_new, is_sampling, first_scored, num_scored))
+        chunk = ScheduledChunk(request, start, num_new, is_sampling, first_scored, num_scored)
+        out.chunks.append(chunk)
         request.num_computed_tokens += num_new
         request.num_output_placeholders += is_sampling
+        if is_sampling and request.forks:
+            self._fork(chunk)
+
+    # ---- beam search ---------------------------------------------------------------------------
+
+    def extend_beam(self, beam: Request, token_id: int, child: Request | None = None) -> None:
+        """Continue ``beam`` with ``token_id``, or, given ``child`` (a fresh beam), fork ``child``
+        from ``beam`` (its tokens, blocks shared copy-on-write) and continue the child instead.
+        Consumes ``beam``'s candidates unless a child is given: fork every child first."""
+        if child is not None:
+            assert not child.block_ids and child.request_id not in self._requests, child.request_id
+            child.output_token_ids = list(beam.output_token_ids)
+            self.kv.fork(beam, child)
+            child.num_computed_tokens = beam.num_computed_tokens
+            child.status = beam.status
+            child.num_preemptions = beam.num_preemptions
+            self._requests[child.request_id] = child
+            if beam.status == RequestStatus.RUNNING:
+                at = self._running.index(beam) + 1
+                self._running.insert(at, child)
+            else:  # preempted: it waits beside its parent
+                self._waiting.insert(self._waiting.index(beam) + 1, child)
+            beam = child
+        beam.beam_candidates = None
+        beam.output_token_ids.append(token_id)
+
+    def _fork(self, chunk: ScheduledChunk) -> None:
+        """The chunk samples its request's first token: its pending forks become running
+        sequences that share its blocks and sample their own first token in this step."""
+        parent = chunk.request
+        assert not parent.output_token_ids, f"{parent.request_id} forks after its first token"
+        for child in parent.forks:
+            self.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_output_placeholders = 1
+            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+            child.status = RequestStatus.RUNNING
+            self._requests[child.request_id] = child
+        chunk.forked, parent.forks = parent.forks, []
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Recompute preemption: free the blocks, restart from token 0, wait at the queue's front."""
@@ -264,6 +352,8 @@ class Scheduler:
         request.status = RequestStatus.FINISHED_LENGTH
         self.kv.free(request)
         out.finished.append(request)
+        out.finished.extend(request.forks)
+        self._finish_forks(request, RequestStatus.FINISHED_LENGTH)
 
     def _drop_finished_running(self) -> None:
         if self._num_finished_running:

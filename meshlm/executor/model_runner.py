@@ -22,7 +22,7 @@ from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.progress import LoadProgress
 from meshlm.config import CacheConfig, EngineConfig
 from meshlm.kernels.fused_ops import select_ops
-from meshlm.protocol import StepPlan
+from meshlm.protocol import StepPlan, samples_every_row_once
 from meshlm.executor.async_output import AsyncStepResult, SampledTokens
 from meshlm.executor.prompt_logprobs import score_prompt_tokens
 from meshlm.executor.grammar import GrammarCompiler
@@ -178,6 +178,7 @@ class ModelRunner:
         """Launch one step. The sampling rank returns its tokens (and prompt logprobs) on their way
         to the host; other ranks return None. Nothing here waits for the device (on the GPU)."""
         self.update_requests(plan)
+        self.copy_blocks(plan.block_copies)
         logits, prompt_scores = self._forward(plan)
         sampled = None
         if logits is not None:
@@ -188,6 +189,16 @@ class ModelRunner:
             sampled.prompt_logprobs, sampled.prompt_top_token_ids, sampled.prompt_top_logprobs = prompt_scores
         self.prev_sampled_token_ids = self._share_sampled_tokens(plan, None if sampled is None else sampled.token_ids)
         return None if sampled is None else AsyncStepResult(sampled)
+
+    def copy_blocks(self, block_copies: np.ndarray) -> None:
+        """Copy-on-write: block ``src`` to block ``dst`` in every layer's K and V pool, for each
+        (src, dst) row of ``block_copies`` [num_copies, 2]; one batched index copy per pool."""
+        if len(block_copies) == 0 or not self.kv_caches:
+            return
+        copies = self._to_device(np.ascontiguousarray(block_copies.T))  # [2, num_copies]
+        src, dst = copies[0], copies[1]
+        for pool in (p for kv in self.kv_caches for p in kv):
+            pool.index_copy_(0, dst, pool.index_select(0, src))  # [num_copies, block_size, heads, head_dim]
 
     def _share_sampled_tokens(self, plan: StepPlan, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The step's sampled tokens on every TP rank (the overlapped loop needs them on each rank
@@ -235,7 +246,7 @@ class ModelRunner:
             shard = self.graph_runner.run(plan, self.previous_tokens(plan))  # every row's; None before the last stage
             if shard is None or len(plan.sample_rows) == 0:
                 return None, None
-            if len(plan.sample_rows) != plan.num_seqs:
+            if not samples_every_row_once(plan):
                 shard = shard[self._to_device(plan.sample_rows)]
             return self._sampler_logits(shard), None
         hidden = self._forward_eager(plan)  # [num_tokens, hidden_size] on the last stage, else None

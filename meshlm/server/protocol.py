@@ -105,7 +105,11 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = None  # with use_beam_search: the beam width (default n); else must equal n
+    # vLLM's beam search extras
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     def prompts(self) -> list[Prompt]:
         """The prompts as a list: text, or token ids."""
@@ -122,12 +126,14 @@ class CompletionRequest(_SamplingFields):
         self.check_common()
         if self.suffix:
             raise ValueError("suffix: not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of}: only best_of == n={self.n} is supported")
         prompt_logprobs = None
         if self.echo and self.logprobs is not None:  # the echoed prompt's tokens get logprobs too
             prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
-        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
+        if self.use_beam_search and self.logprobs is not None:
+            raise ValueError("logprobs: not returned with use_beam_search")
+        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs).replace(
+            best_of=self.best_of, use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping)
 
 
 class FunctionCallIn(BaseModel):
