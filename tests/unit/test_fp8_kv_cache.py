@@ -28,10 +28,12 @@ from meshlm.kernels.attention import AttentionMetadata, paged_attention_referenc
 from meshlm.kernels.fused_ops import write_kv_cache  # noqa: E402
 from meshlm.kernels.kv_quant import FP8_KV_DTYPE, dequantize_kv, quantize_kv  # noqa: E402
 from meshlm.parallel.groups import ParallelGroups  # noqa: E402
+from meshlm.parallel.kv_scales import KVCacheScales  # noqa: E402
 from meshlm.parallel.mapping import Mapping  # noqa: E402
+from meshlm.weights.checkpoint import CheckpointError, CheckpointReader  # noqa: E402
 from meshlm.weights.model_config import ModelConfig  # noqa: E402
 from tests.model_factory import load_reference, make_random_model, random_prompts, reference_greedy  # noqa: E402
-from tests.rank_groups import rank_groups  # noqa: E402
+from tests.rank_groups import RankComm, rank_groups  # noqa: E402
 
 E4M3_HALF_STEP = 2.0 ** -4  # 3 mantissa bits: rounding moves a normal value by at most 1/16 of it
 E4M3_MIN_NORMAL = 2.0 ** -6
@@ -198,6 +200,47 @@ def test_checkpoint_scales_are_used_per_head(tmp_path):
     _register_fp8_attention("meshlm_fp8_kv_unscaled", torch.ones(2), torch.ones(2))
     reference.set_attn_implementation("meshlm_fp8_kv_unscaled")
     assert _worst_logprob_error(outputs, reference, prompts)[1] > 10 * ATOL
+
+
+# --- checkpoint scales, sharded with the KV heads -------------------------------------------------
+
+def _scales(tmp_path, tensors: dict, tp: int, rank: int, num_kv_heads: int = 4) -> KVCacheScales:
+    from safetensors.torch import save_file
+    save_file(tensors, tmp_path / "model.safetensors")
+    scales = KVCacheScales(num_kv_heads, RankComm(rank, tp))
+    scales.load(CheckpointReader(tmp_path), "model.layers.0")
+    return scales
+
+
+@pytest.mark.parametrize("tp", [1, 2, 8])
+def test_per_head_scales_follow_each_ranks_kv_heads(tmp_path, tp):
+    """4 KV heads: tp 2 gives each rank two, tp 8 one replicated head per pair of ranks."""
+    k_scale, v_scale = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor(0.5)  # per head [4, 1, 1], per tensor []
+    tensors = {"model.layers.0.self_attn.k_scale": k_scale.view(4, 1, 1),
+               "model.layers.0.self_attn.v_scale": v_scale}
+    for rank in range(tp):
+        scales = _scales(tmp_path, tensors, tp, rank)
+        heads = [rank * 4 // tp] if tp > 4 else list(range(rank * 4 // tp, (rank + 1) * 4 // tp))
+        assert torch.equal(scales.k_scale, k_scale[heads]), (tp, rank)
+        assert torch.equal(scales.v_scale, torch.full((len(heads),), 0.5)), (tp, rank)
+
+
+def test_older_scale_names_and_absent_scales(tmp_path):
+    scales = _scales(tmp_path, {"model.layers.0.self_attn.kv_scale": torch.tensor([0.25])}, 1, 0)
+    assert torch.equal(scales.k_scale, torch.full((4,), 0.25)) and torch.equal(scales.v_scale, scales.k_scale)
+    scales = _scales(tmp_path, {"model.layers.0.self_attn.k_proj.output_scale": torch.tensor([2.0]),
+                                "model.layers.0.mlp.down_proj.weight": torch.ones(1)}, 1, 0)
+    assert torch.equal(scales.k_scale, torch.full((4,), 2.0)) and torch.equal(scales.v_scale, torch.ones(4))
+
+
+@pytest.mark.parametrize("value,message", [
+    (torch.ones(3), r"'model.layers.0.self_attn.k_scale' has shape \[3\] \(3 values\); expected one value, or "
+                    r"one per KV head \(num_kv_heads=4\)"),
+    (torch.tensor([0.0]), r"'model.layers.0.self_attn.k_scale' holds \[0.0\]; scales must be finite and > 0"),
+])
+def test_bad_scales_are_named(tmp_path, value, message):
+    with pytest.raises(CheckpointError, match=message):
+        _scales(tmp_path, {"model.layers.0.self_attn.k_scale": value}, 1, 0)
 
 
 # --- twice the tokens in the same memory ---------------------------------------------------------
