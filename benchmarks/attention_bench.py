@@ -34,6 +34,7 @@ from meshlm.kernels.attention import AttentionMetadata  # noqa: E402
 from meshlm.kernels.attention_tiles import UnifiedTiles, unified_tiles  # noqa: E402
 from meshlm.kernels.decode_attention import (  # noqa: E402
     DecodeTiles, choose_num_splits, decode_tiles, paged_decode_attention)
+from meshlm.kernels.kv_quant import FP8_KV_MAX, dequantize_kv, quantize_kv  # noqa: E402
 from meshlm.kernels.triton_attention import unified_attention  # noqa: E402
 
 DECODE_SHAPES = "1x32768,8x8192,64x2048,256x1024,1024x256"
@@ -76,10 +77,15 @@ def matmul_tflop_s(n: int = 8192) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+# "fp8": the caches in float8 e4m3 with per-head scales (each head's largest value maps to 448);
+# SDPA and flex then read the dequantized bf16 keys and values. Set by --kv-cache-dtype.
+KV_CACHE_DTYPE = "auto"
+
+
 def make_batch(batch: int, context: int, query_len: int):
     """Each sequence: ``context`` keys in a paged cache (shuffled tables), its last ``query_len``
-    tokens as queries. Returns q [batch * query_len, heads, dim], the caches, the metadata, and
-    q, k, v laid out for SDPA ([batch, heads, tokens, dim])."""
+    tokens as queries. Returns q [batch * query_len, heads, dim], the caches, the metadata,
+    q, k, v laid out for SDPA ([batch, heads, tokens, dim]) and the kernels' scale arguments."""
     blocks_per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
@@ -87,6 +93,12 @@ def make_batch(batch: int, context: int, query_len: int):
     v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq).int()
     q = torch.randn(batch * query_len, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    scales = {}
+    if KV_CACHE_DTYPE == "fp8":
+        scales = {name: cache.abs().amax((0, 1, 3)).float() / FP8_KV_MAX  # [kv_heads]
+                  for name, cache in (("k_scale", k_cache), ("v_scale", v_cache))}
+        k_cache = quantize_kv(k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM), scales["k_scale"]).view(shape)
+        v_cache = quantize_kv(v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM), scales["v_scale"]).view(shape)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     positions = torch.arange(context - query_len, context, device="cuda").repeat(batch)
     meta = AttentionMetadata(
@@ -95,11 +107,13 @@ def make_batch(batch: int, context: int, query_len: int):
         seq_lens=seq_lens, block_tables=tables, max_query_len=query_len, max_seq_len=context,
         query_lens_host=np.full(batch, query_len, np.int64))
 
-    def contiguous(cache):  # [batch, kv_heads, context, dim]
+    def contiguous(cache, scale_name):  # [batch, kv_heads, context, dim] in bf16
+        if scales:
+            cache = dequantize_kv(cache, scales[scale_name]).to(torch.bfloat16)
         return cache[tables.long()].view(batch, -1, NUM_KV_HEADS, HEAD_DIM)[:, :context].transpose(1, 2).contiguous()
 
     q4 = q.view(batch, query_len, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()  # [batch, heads, q, dim]
-    return q, k_cache, v_cache, meta, (q4, contiguous(k_cache), contiguous(v_cache))
+    return q, k_cache, v_cache, meta, (q4, contiguous(k_cache, "k_scale"), contiguous(v_cache, "v_scale")), scales
 
 
 def flex_fn(q4, k, v, is_causal: bool):
@@ -120,14 +134,14 @@ def flex_fn(q4, k, v, is_causal: bool):
 
 
 def decode_runs(batch: int, context: int, sweep: bool, with_flex: bool):
-    q, k_cache, v_cache, meta, (q4, k, v) = make_batch(batch, context, 1)
+    q, k_cache, v_cache, meta, (q4, k, v), scales = make_batch(batch, context, 1)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = choose_num_splits(batch, NUM_KV_HEADS, context, num_sms)
     tiles = decode_tiles(q.dtype, batch * NUM_KV_HEADS, num_sms)
     runs = {f"decode {_decode_name(tiles, splits)}": lambda: paged_decode_attention(
-                q, k_cache, v_cache, meta, SCALE),
+                q, k_cache, v_cache, meta, SCALE, **scales),
             f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, 1, q.dtype))}": lambda: unified_attention(
-                q, k_cache, v_cache, meta, SCALE),
+                q, k_cache, v_cache, meta, SCALE, **scales),
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, enable_gqa=True)}
     flex = flex_fn(q4, k, v, is_causal=False) if with_flex else None
     if flex is not None:
@@ -136,15 +150,16 @@ def decode_runs(batch: int, context: int, sweep: bool, with_flex: bool):
         split_counts = sorted({max(1, splits // 2), splits, min(64, 2 * splits), min(64, 4 * splits)})
         for tiles, count in itertools.product(DECODE_SWEEP, split_counts):
             runs[f"sweep decode {_decode_name(tiles, count)}"] = (
-                lambda t=tiles, s=count: paged_decode_attention(q, k_cache, v_cache, meta, SCALE, None, t, s))
+                lambda t=tiles, s=count: paged_decode_attention(q, k_cache, v_cache, meta, SCALE, None, t, s,
+                                                                **scales))
     baseline = runs["sdpa"]().transpose(1, 2).reshape(q.shape).float()
-    return runs, baseline, 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2  # bytes of K and V
+    return runs, baseline, 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()  # K and V bytes
 
 
 def prefill_runs(batch: int, length: int, sweep: bool, with_flex: bool):
-    q, k_cache, v_cache, meta, (q4, k, v) = make_batch(batch, length, length)
+    q, k_cache, v_cache, meta, (q4, k, v), scales = make_batch(batch, length, length)
     runs = {f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, length, q.dtype))}": lambda: unified_attention(
-                q, k_cache, v_cache, meta, SCALE),
+                q, k_cache, v_cache, meta, SCALE, **scales),
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, is_causal=True, enable_gqa=True)}
     flex = flex_fn(q4, k, v, is_causal=True) if with_flex else None
     if flex is not None:
@@ -152,7 +167,7 @@ def prefill_runs(batch: int, length: int, sweep: bool, with_flex: bool):
     if sweep:
         for tiles in PREFILL_SWEEP:
             runs[f"sweep unified {_unified_name(tiles)}"] = (
-                lambda t=tiles: unified_attention(q, k_cache, v_cache, meta, SCALE, None, t))
+                lambda t=tiles: unified_attention(q, k_cache, v_cache, meta, SCALE, None, tiles=t, **scales))
     baseline = runs["sdpa"]().transpose(1, 2).reshape(q.shape).float()
     return runs, baseline, batch * 4 * NUM_HEADS * HEAD_DIM * length * (length + 1) // 2  # FLOPs
 
@@ -189,8 +204,8 @@ def bench_shape(kind: str, batch: int, length: int, peak: float, sweep: bool, wi
 
 
 def print_table(card: str, copy_rate: float, matmul_rate: float, rows: list[dict]) -> None:
-    print(f"\n{card}: copy {copy_rate:.2f} TB/s, bf16 matmul {matmul_rate:.0f} TFLOP/s; bf16, 32 heads / "
-          f"8 KV heads, head_dim 128, block 16")
+    print(f"\n{card}: copy {copy_rate:.2f} TB/s, bf16 matmul {matmul_rate:.0f} TFLOP/s; bf16 q, "
+          f"{'fp8 e4m3' if KV_CACHE_DTYPE == 'fp8' else 'bf16'} KV, 32 heads / 8 KV heads, head_dim 128, block 16")
     print(f"{'kind':<8} {'shape':<10} {'kernel':<36} {'us':>10} {'GB|TFLOP':>9} {'rate':>8} {'unit':<7} {'of peak':>8}")
     for row in rows:
         if not row["kernel"].startswith("sweep"):
@@ -213,7 +228,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time other tiles and split counts")
     parser.add_argument("--skip-flex", action="store_true", help="no flex attention (it compiles once per shape)")
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="auto: bf16 keys and values; fp8: float8 e4m3 with per-head scales")
     args = parser.parse_args()
+    global KV_CACHE_DTYPE
+    KV_CACHE_DTYPE = args.kv_cache_dtype
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64  # flex attention compiles once per shape
     card = torch.cuda.get_device_name(0)
@@ -229,7 +248,7 @@ def main() -> None:
             torch.cuda.empty_cache()  # the shape's tensors are gone: give their memory back
     if args.out:
         args.out.write_text(json.dumps(dict(card=card, copy_tb_s=copy_rate, matmul_tflop_s=matmul_rate,
-                                            rows=rows), indent=1))
+                                            kv_cache_dtype=args.kv_cache_dtype, rows=rows), indent=1))
     print_table(card, copy_rate, matmul_rate, rows)
 
 

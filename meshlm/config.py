@@ -40,6 +40,9 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 @dataclass(slots=True)
 class CacheConfig:
     """The paged KV cache."""
@@ -49,8 +52,13 @@ class CacheConfig:
     num_blocks: int | None = None  # None: as many as fit in memory
     cpu_kv_cache_gb: float = 2.0  # KV pool size on the CPU backend when num_blocks is None
     enable_prefix_caching: bool = True
+    # The pool's element type: "auto" the model's dtype, "fp8" (= "fp8_e4m3") float8 e4m3 with a
+    # scale per layer (and KV head) for K and V, half the bytes of bf16 (vLLM's kv_cache_dtype).
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -129,6 +137,7 @@ class EngineArgs:
     gpu_memory_utilization: float = _CACHE["gpu_memory_utilization"]
     cpu_kv_cache_gb: float = _CACHE["cpu_kv_cache_gb"]
     enable_prefix_caching: bool = _CACHE["enable_prefix_caching"]
+    kv_cache_dtype: str = _CACHE["cache_dtype"]  # "auto": the model's dtype; "fp8": float8 e4m3 (scaled)
     max_num_tokens: int = _SCHED["max_num_tokens"]
     max_batch_size: int | None = _SCHED["max_batch_size"]
     max_model_len: int | None = _SCHED["max_model_len"]
@@ -158,7 +167,7 @@ class EngineArgs:
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.gpu_memory_utilization, self.num_kv_blocks,
-                           self.cpu_kv_cache_gb, self.enable_prefix_caching)
+                           self.cpu_kv_cache_gb, self.enable_prefix_caching, self.kv_cache_dtype)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_tokens, self.max_batch_size, self.max_model_len)

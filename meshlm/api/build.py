@@ -83,9 +83,9 @@ class RankRuntime:
         if with_graphs:
             with self._phase("capturing CUDA graphs"):
                 self.runner.capture_cuda_graphs(max_batch_size)
-        log.info("model %s: %d layers, dtype %s, device %s; KV cache %d blocks of %d tokens = %d tokens "
+        log.info("model %s: %d layers, dtype %s, device %s; KV cache (%s) %d blocks of %d tokens = %d tokens "
                  "(max_model_len=%d); max_batch_size %d", config.model.architecture, config.model.num_layers,
-                 self.runner.dtype, self.device, self.num_blocks, cache.block_size,
+                 self.runner.dtype, self.device, self.runner.kv_cache_dtype, self.num_blocks, cache.block_size,
                  self.num_blocks * cache.block_size, config.max_model_len, max_batch_size)
         freeze_startup_heap()
 

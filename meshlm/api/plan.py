@@ -96,7 +96,8 @@ def format_plan(plan: LayoutPlan) -> str:
     share = plan.total_bytes * args.gpu_memory_utilization
     lines = [
         f"{plan.model_name}: {cfg.architecture}, {cfg.num_layers} layers, {cfg.num_heads} heads / "
-        f"{cfg.num_kv_heads} KV heads, vocab {cfg.vocab_size}, dtype {str(plan.dtype).removeprefix('torch.')}",
+        f"{cfg.num_kv_heads} KV heads, vocab {cfg.vocab_size}, dtype {str(plan.dtype).removeprefix('torch.')}, "
+        f"KV cache dtype {args.kv_cache_dtype}",
         f"layout tp={args.tensor_parallel_size} pp={args.pipeline_parallel_size} "
         f"ep={args.moe_expert_parallel_size or 1}; one GPU {plan.total_bytes / GiB:.1f} GiB x "
         f"gpu_memory_utilization {args.gpu_memory_utilization} = {share / GiB:.2f} GiB per rank",

@@ -143,6 +143,7 @@ def _config(args: EngineArgs, opts: ThroughputOptions, coordinator, num_prompts:
         "max_num_tokens": args.max_num_tokens, "max_batch_size": coordinator.max_batch_size,
         "block_size": args.block_size, "num_kv_blocks": coordinator.num_kv_blocks,
         "enable_prefix_caching": args.enable_prefix_caching,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "meshlm_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshlm.config import CacheConfig
+from meshlm.kernels.kv_quant import kv_cache_itemsize
 from meshlm.parallel.mapping import Mapping
 from meshlm.weights.model_config import ModelConfig
 
@@ -123,7 +124,7 @@ def plan_rank(cfg: ModelConfig, mapping: Mapping, itemsize: int, total_bytes: in
               max_num_tokens: int, max_batch_size: int, with_graphs: bool = False) -> RankPlan:
     """The memory of rank ``mapping.rank`` on a card of ``total_bytes``, before anything is loaded."""
     weights = weight_bytes(cfg, mapping, itemsize)
-    per_token = kv_bytes_per_token(cfg, mapping, itemsize)
+    per_token = kv_bytes_per_token(cfg, mapping, kv_cache_itemsize(cache.cache_dtype, itemsize))
     reserve = activation_reserve_bytes(cfg, mapping.tp, max_num_tokens, max_batch_size)
     if with_graphs:
         reserve += graph_reserve_bytes(cfg, mapping, itemsize, max_batch_size)

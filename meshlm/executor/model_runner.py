@@ -22,6 +22,7 @@ from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.progress import LoadProgress
 from meshlm.config import CacheConfig, EngineConfig
 from meshlm.kernels.fused_ops import select_ops
+from meshlm.kernels.kv_quant import resolve_kv_cache_dtype
 from meshlm.protocol import StepPlan, samples_every_row_once
 from meshlm.executor.async_output import AsyncStepResult, SampledTokens
 from meshlm.executor.prompt_logprobs import score_prompt_tokens
@@ -56,6 +57,7 @@ class ModelRunner:
         self.mapping = groups.mapping
         self.device = device
         self.dtype = resolve_dtype(config.dtype, self.cfg.torch_dtype, device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.cache_dtype, self.dtype)
         self.max_model_len = config.max_model_len
         self.attention_fn = select_attention(config.attention_backend, device)
         self.model = build_model(self.cfg, groups, self.dtype, device, self.max_model_len, self.attention_fn)
@@ -87,7 +89,7 @@ class ModelRunner:
 
     # --- KV pool -----------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
-        return memory.kv_bytes_per_token(self.cfg, self.mapping, self.dtype.itemsize) * block_size
+        return memory.kv_bytes_per_token(self.cfg, self.mapping, self.kv_cache_dtype.itemsize) * block_size
 
     def available_kv_blocks(self, cache: CacheConfig, max_num_tokens: int, max_batch_size: int,
                             graph_reserve_bytes: int = 0) -> int:
@@ -137,8 +139,8 @@ class ModelRunner:
         self.kv_caches = []
         for attn in self.model.attention_layers:
             shape = (num_blocks + 1, block_size, attn.num_kv_heads_per_rank, attn.head_dim)
-            self.kv_caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                   torch.zeros(shape, dtype=self.dtype, device=self.device)))
+            self.kv_caches.append((torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                                   torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)))
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         """Capture decode graphs for every bucket up to ``max_batch_size`` when the path allows it
@@ -198,6 +200,8 @@ class ModelRunner:
         copies = self._to_device(np.ascontiguousarray(block_copies.T))  # [2, num_copies]
         src, dst = copies[0], copies[1]
         for pool in (p for kv in self.kv_caches for p in kv):
+            if pool.element_size() == 1:  # a float8 pool: the CPU has no float8 index_copy, bytes copy alike
+                pool = pool.view(torch.uint8)
             pool.index_copy_(0, dst, pool.index_select(0, src))  # [num_copies, block_size, heads, head_dim]
 
     def _share_sampled_tokens(self, plan: StepPlan, token_ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ import torch
 
 from meshlm.kernels.fused_ops import TORCH_OPS
 from meshlm.kernels.rope_scaling import rope_inv_freq
+from meshlm.kernels.kv_quant import dequantize_kv, is_fp8_kv
 
 
 @dataclass(slots=True)
@@ -56,26 +57,31 @@ class RotaryEmbedding:
         return self.ops.rotary(positions, q, k, self.cos, self.sin)
 
     def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         kv_cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Rotate q and k, store the rotated k and v in ``kv_cache`` at ``slot_mapping``; returns the
-        rotated q. With TritonOps this is one kernel per layer."""
+                         kv_cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate q and k, store the rotated k and v in ``kv_cache`` at ``slot_mapping`` (an fp8
+        cache quantized by ``k_scale``, ``v_scale``); returns the rotated q. With TritonOps this is
+        one kernel per layer."""
         k_cache, v_cache = kv_cache
-        return self.ops.rotary_and_cache(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping)
+        return self.ops.rotary_and_cache(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping,
+                                         k_scale, v_scale)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              meta: AttentionMetadata, scale: float,
-                              sliding_window: int | None = None) -> torch.Tensor:
+                              meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of this step's queries over each sequence's cached keys.
 
     q: [num_tokens, num_heads_per_rank, head_dim]; returns the same shape. The cache must
-    already hold this step's keys and values.
+    already hold this step's keys and values; a float8 cache is read back in fp32 times
+    ``k_scale``, ``v_scale`` [num_kv_heads_per_rank] (kernels/kv_quant.py).
     """
     out = torch.empty_like(q)
     is_decode = meta.query_lens_host == 1
+    kv_scales = (k_scale, v_scale) if is_fp8_kv(k_cache) else None
     for rows in (np.flatnonzero(is_decode), np.flatnonzero(~is_decode)):
         if len(rows):
-            _attend_rows(q, k_cache, v_cache, meta, torch.from_numpy(rows).to(q.device), scale,
+            _attend_rows(q, (k_cache, v_cache), kv_scales, meta, torch.from_numpy(rows).to(q.device), scale,
                          sliding_window, out)
     return out
 
@@ -85,8 +91,9 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 _MAX_SCORES = 1 << 26
 
 
-def _attend_rows(q, k_cache, v_cache, meta, rows, scale, sliding_window, out) -> None:
+def _attend_rows(q, kv_cache, kv_scales, meta, rows, scale, sliding_window, out) -> None:
     """Attention for the sequences ``rows``, padded to their longest query and context."""
+    k_cache, v_cache = kv_cache
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     num_heads = q.shape[1]
     starts = meta.query_start_loc[rows].long()
@@ -97,6 +104,8 @@ def _attend_rows(q, k_cache, v_cache, meta, rows, scale, sliding_window, out) ->
     tables = meta.block_tables[rows, :num_blocks].long()  # [rows, num_blocks]
     keys = k_cache[tables].view(len(rows), num_blocks * block_size, num_kv_heads, head_dim)
     values = v_cache[tables].view(len(rows), num_blocks * block_size, num_kv_heads, head_dim)
+    if kv_scales is not None:
+        keys, values = dequantize_kv(keys, kv_scales[0]), dequantize_kv(values, kv_scales[1])
 
     piece = max(1, _MAX_SCORES // (len(rows) * num_heads * num_blocks * block_size))
     for first in range(0, max_q, piece):

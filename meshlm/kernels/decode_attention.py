@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
+from meshlm.kernels.kv_quant import is_fp8_kv, kernel_scales
 
 _LOG2_E = 1.4426950408889634
 # Programs per SM that the splits aim for: enough to hide memory latency on every SM (on an H200,
@@ -56,15 +57,16 @@ class DecodeTiles:
 
 @triton.jit(do_not_specialize=["num_splits", "sliding_window", "stride_table_seq"])
 def _decode_split_kernel(
-        out_ptr, partial_ptr, lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-        num_splits, qk_scale_log2, sliding_window,
+        out_ptr, partial_ptr, lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+        block_tables_ptr, seq_lens_ptr, num_splits, qk_scale_log2, sliding_window,
         stride_q_token, stride_q_head, stride_o_token, stride_o_head,
         stride_k_block, stride_k_offset, stride_k_head,
         stride_v_block, stride_v_offset, stride_v_head,
         stride_table_seq,
         GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr,
-        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        KV_FP8: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -84,6 +86,8 @@ def _decode_split_kernel(
     head = kv_head * GROUP + rows  # [GROUP_ROWS]
     q_offsets = seq.to(tl.int64) * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=is_row[:, None], other=0.0)  # [GROUP_ROWS, HEAD_DIM]
+    if KV_FP8:  # keys are stored / k_scale: the head's scale multiplies the scores instead
+        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head)
 
     m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
@@ -99,14 +103,16 @@ def _decode_split_kernel(
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims, qk_scale_log2,
             stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False)
+            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8)
     for tile_start in range(full_end, split_end, BLOCK_N):
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims, qk_scale_log2,
             stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True)
+            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
+    if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
+        acc = acc * tl.load(v_scale_ptr + kv_head)
     if IS_SPLIT:
         num_heads = tl.num_programs(1) * GROUP
         part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_ROWS]
@@ -122,8 +128,9 @@ def _decode_split_kernel(
 def _decode_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims,
                  qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
                  BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr):
-    """One online-softmax step of the group's rows over keys [tile_start, tile_start + BLOCK_N)."""
+                 DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr):
+    """One online-softmax step of the group's rows over keys [tile_start, tile_start + BLOCK_N).
+    ``KV_FP8``: k and v are float8, converted exactly to q's dtype (the caller applies their scales)."""
     key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     is_key = (key_pos >= key_lo) & (key_pos < seq_len)
     if MASKED:
@@ -143,6 +150,9 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo
         v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
     else:
         v = tl.load(v_head + v_offsets)
+    if KV_FP8:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
 
     if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers
         q = q.to(tl.float32)
@@ -188,13 +198,15 @@ def _decode_merge_kernel(out_ptr, partial_ptr, lse_ptr, num_splits, stride_o_tok
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                           tiles: DecodeTiles | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           tiles: DecodeTiles | None = None, num_splits: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence (token ``i`` belongs to sequence ``i``) over the
     sequence's cached keys, which include this step's.
 
     q: [num_seqs, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
     num_kv_heads_per_rank, head_dim]. Returns q's shape and dtype. ``tiles`` and ``num_splits``
-    default to :func:`decode_tiles` and :func:`choose_num_splits`. No host synchronisation.
+    default to :func:`decode_tiles` and :func:`choose_num_splits`. A float8 cache is read with
+    ``k_scale``, ``v_scale`` [num_kv_heads_per_rank] (kernels/kv_quant.py). No host synchronisation.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
@@ -216,15 +228,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                           dtype=torch.float32, device=q.device)
     lse = torch.empty((num_seqs, num_heads, num_splits) if is_split else (0,), dtype=torch.float32,
                       device=q.device)
+    k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        out, partial, lse, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+        out, partial, lse, q, k_cache, v_cache, k_scale, v_scale, meta.block_tables, meta.seq_lens,
         num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         meta.block_tables.stride(0),
         GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n,
-        KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split,
+        KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split, KV_FP8=is_fp8_kv(k_cache),
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

@@ -23,6 +23,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from meshlm.kernels.kv_quant import FP8_KV_MAX, is_fp8_kv, quantize_kv
+
 try:
     import triton
     import triton.language as tl
@@ -71,20 +73,28 @@ class TorchOps:
 
     def rotary_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> torch.Tensor:
+                         slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``rotary`` on q and k, then the rotated k and v ``[num_tokens, num_kv_heads, head_dim]``
         stored into the paged cache ``[num_blocks, block_size, num_kv_heads, head_dim]`` at
-        ``slot_mapping`` ``[num_tokens]``; returns the rotated q."""
+        ``slot_mapping`` ``[num_tokens]`` (quantized by ``k_scale``/``v_scale`` into an fp8 cache);
+        returns the rotated q."""
         q, k = self.rotary(positions, q, k, cos, sin)
-        write_kv_cache(k_cache, v_cache, k, v, slot_mapping)
+        write_kv_cache(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
         return q
 
 
 def write_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
     """Store this step's keys and values ``[num_tokens, num_kv_heads_per_rank, head_dim]`` at their
-    slots (slot = block * block_size + offset in the block)."""
+    slots (slot = block * block_size + offset in the block). An fp8 cache stores them quantized by
+    their head's scale ``[num_kv_heads_per_rank]`` (kernels/kv_quant.py)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    if is_fp8_kv(k_cache):
+        k, v = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
+        # index_copy_ has no float8 kernel on the CPU: copy the bytes
+        k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
@@ -175,27 +185,35 @@ class TritonOps(TorchOps):
 
     def rotary_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> torch.Tensor:
+                         slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """One kernel: rotate q into a new tensor, rotate k and store it and v straight into the
-        cache at their slots (no rotated k tensor, no separate cache writes)."""
+        cache at their slots (no rotated k tensor, no separate cache writes); an fp8 cache gets
+        them divided by their head's scale and clamped to its range."""
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
+        is_fp8 = is_fp8_kv(k_cache)
+        takes_kv = v_cache.dtype == k_cache.dtype and (is_fp8 or (k_cache.dtype == k.dtype and v.dtype == k.dtype))
         if (num_tokens == 0 or head_dim % 2 or cos.stride(1) != 1 or sin.stride() != cos.stride()
-                or k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or k_cache.dtype != k.dtype
-                or v_cache.dtype != v.dtype or k_cache.shape != v_cache.shape):
-            return super().rotary_and_cache(positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+                or k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or not takes_kv
+                or k_cache.shape != v_cache.shape):
+            return super().rotary_and_cache(positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
+                                            k_scale, v_scale)
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         half = head_dim // 2
         half_block, heads_block = triton.next_power_of_2(half), triton.next_power_of_2(num_heads)
+        if not is_fp8:
+            k_scale = v_scale = k_cache  # pointers the kernel never reads
         _rotary_cache_kernel[(num_tokens,)](
-            q_out, k_cache, v_cache, q, k, v, cos, sin, positions, slot_mapping,
+            q_out, k_cache, v_cache, q, k, v, cos, sin, positions, slot_mapping, k_scale, v_scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0),
             num_heads, num_kv_heads, k_cache.shape[1],
             HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
-            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), num_warps=_num_warps(heads_block * half_block))
+            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), IS_FP8=is_fp8,
+            num_warps=_num_warps(heads_block * half_block))
         return q_out
 
 
@@ -218,6 +236,7 @@ def _num_warps(block: int) -> int:
 
 
 if triton is not None:
+    FP8_MAX = tl.constexpr(FP8_KV_MAX)
 
     @triton.jit
     def _add_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
@@ -253,9 +272,17 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + cols, (silu * up).to(dtype), mask=mask)
 
     @triton.jit
-    def _rotate_heads(out_ptr, x_ptr, stride_x_head, stride_out_head, num_heads, cos, sin,
-                      HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr):
-        """Rotate every head of one token: ``out = (x1 cos - x2 sin, x2 cos + x1 sin)`` in fp32."""
+    def _to_fp8_range(x, scale_ptr, heads, num_heads):
+        """``x`` [HEADS_BLOCK, cols] fp32 divided by its head's scale, clamped to e4m3's +-448."""
+        scale = tl.load(scale_ptr + heads, mask=heads < num_heads, other=1.0)  # [HEADS_BLOCK, 1]
+        return tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+
+    @triton.jit
+    def _rotate_heads(out_ptr, x_ptr, stride_x_head, stride_out_head, num_heads, cos, sin, scale_ptr,
+                      HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr,
+                      IS_FP8: tl.constexpr):
+        """Rotate every head of one token: ``out = (x1 cos - x2 sin, x2 cos + x1 sin)`` in fp32;
+        ``IS_FP8``: into an fp8 cache, scaled by ``scale_ptr`` [num_heads]."""
         heads = tl.arange(0, HEADS_BLOCK)[:, None]  # [HEADS_BLOCK, 1]
         cols = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
         mask = (heads < num_heads) & (cols < HALF)
@@ -264,8 +291,12 @@ if triton is not None:
         x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
         out = out_ptr + heads * stride_out_head + cols
-        tl.store(out, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-        tl.store(out + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+        first_half, second_half = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        if IS_FP8:
+            first_half = _to_fp8_range(first_half, scale_ptr, heads, num_heads)
+            second_half = _to_fp8_range(second_half, scale_ptr, heads, num_heads)
+        tl.store(out, first_half.to(dtype), mask=mask)
+        tl.store(out + HALF, second_half.to(dtype), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_out_ptr, k_out_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr,
@@ -281,35 +312,45 @@ if triton is not None:
         cos = tl.load(cos_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
         sin = tl.load(sin_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
         _rotate_heads(q_out_ptr + token * stride_q_out_token, q_ptr + token * stride_q_token,
-                      stride_q_head, stride_q_out_head, num_heads, cos, sin, HALF, HALF_BLOCK, HEADS_BLOCK)
+                      stride_q_head, stride_q_out_head, num_heads, cos, sin, q_ptr, HALF, HALF_BLOCK, HEADS_BLOCK,
+                      False)
         _rotate_heads(k_out_ptr + token * stride_k_out_token, k_ptr + token * stride_k_token,
-                      stride_k_head, stride_k_out_head, num_kv_heads, cos, sin, HALF, HALF_BLOCK, KV_HEADS_BLOCK)
+                      stride_k_head, stride_k_out_head, num_kv_heads, cos, sin, k_ptr, HALF, HALF_BLOCK,
+                      KV_HEADS_BLOCK, False)
 
     @triton.jit
-    def _copy_heads(out_ptr, x_ptr, stride_x_head, stride_out_head, num_heads,
-                    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr):
-        """Copy every head of one token, as two halves (the layout ``_rotate_heads`` reads)."""
+    def _copy_heads(out_ptr, x_ptr, stride_x_head, stride_out_head, num_heads, scale_ptr,
+                    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr,
+                    IS_FP8: tl.constexpr):
+        """Copy every head of one token, as two halves (the layout ``_rotate_heads`` reads);
+        ``IS_FP8``: into an fp8 cache, scaled by ``scale_ptr`` [num_heads]."""
         heads = tl.arange(0, HEADS_BLOCK)[:, None]  # [HEADS_BLOCK, 1]
         cols = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
         mask = (heads < num_heads) & (cols < HALF)
         first = x_ptr + heads * stride_x_head + cols
         out = out_ptr + heads * stride_out_head + cols
         dtype = out_ptr.dtype.element_ty
-        tl.store(out, tl.load(first, mask=mask, other=0.0).to(dtype), mask=mask)
-        tl.store(out + HALF, tl.load(first + HALF, mask=mask, other=0.0).to(dtype), mask=mask)
+        first_half = tl.load(first, mask=mask, other=0.0)
+        second_half = tl.load(first + HALF, mask=mask, other=0.0)
+        if IS_FP8:
+            first_half = _to_fp8_range(first_half.to(tl.float32), scale_ptr, heads, num_heads)
+            second_half = _to_fp8_range(second_half.to(tl.float32), scale_ptr, heads, num_heads)
+        tl.store(out, first_half.to(dtype), mask=mask)
+        tl.store(out + HALF, second_half.to(dtype), mask=mask)
 
     @triton.jit
     def _rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
-                             positions_ptr, slot_mapping_ptr,
+                             positions_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
                              stride_q_token, stride_q_head, stride_k_token, stride_k_head,
                              stride_v_token, stride_v_head, stride_q_out_token, stride_q_out_head,
                              stride_kc_block, stride_kc_offset, stride_kc_head,
                              stride_vc_block, stride_vc_offset, stride_vc_head,
                              stride_cos, num_heads, num_kv_heads, block_size,
                              HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                             HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr):
+                             HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr, IS_FP8: tl.constexpr):
         """One token: rotate its query heads into ``q_out``; rotate its key heads into the key cache
-        and copy its value heads into the value cache, both at the token's slot."""
+        and copy its value heads into the value cache, both at the token's slot (``IS_FP8``:
+        quantized by ``k_scale_ptr``, ``v_scale_ptr`` [num_kv_heads])."""
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token).to(tl.int64)
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -319,10 +360,11 @@ if triton is not None:
         cos = tl.load(cos_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
         sin = tl.load(sin_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
         _rotate_heads(q_out_ptr + token * stride_q_out_token, q_ptr + token * stride_q_token,
-                      stride_q_head, stride_q_out_head, num_heads, cos, sin, HALF, HALF_BLOCK, HEADS_BLOCK)
+                      stride_q_head, stride_q_out_head, num_heads, cos, sin, q_ptr, HALF, HALF_BLOCK, HEADS_BLOCK,
+                      False)
         _rotate_heads(k_cache_ptr + block * stride_kc_block + offset * stride_kc_offset,
                       k_ptr + token * stride_k_token, stride_k_head, stride_kc_head, num_kv_heads, cos, sin,
-                      HALF, HALF_BLOCK, KV_HEADS_BLOCK)
+                      k_scale_ptr, HALF, HALF_BLOCK, KV_HEADS_BLOCK, IS_FP8)
         _copy_heads(v_cache_ptr + block * stride_vc_block + offset * stride_vc_offset,
-                    v_ptr + token * stride_v_token, stride_v_head, stride_vc_head, num_kv_heads,
-                    HALF, HALF_BLOCK, KV_HEADS_BLOCK)
+                    v_ptr + token * stride_v_token, stride_v_head, stride_vc_head, num_kv_heads, v_scale_ptr,
+                    HALF, HALF_BLOCK, KV_HEADS_BLOCK, IS_FP8)

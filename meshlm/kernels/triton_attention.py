@@ -30,6 +30,7 @@ import triton.language as tl
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.attention_tiles import UnifiedTiles, check_tiles, unified_tiles
 from meshlm.kernels.decode_attention import dot_precision, paged_decode_attention
+from meshlm.kernels.kv_quant import is_fp8_kv, kernel_scales
 
 _LOG2_E = 1.4426950408889634
 
@@ -37,7 +38,7 @@ _LOG2_E = 1.4426950408889634
 # Values that change from batch to batch are not specialised on, so serving compiles once per model.
 @triton.jit(do_not_specialize=["num_seqs", "group", "block_q", "sliding_window", "stride_table_seq"])
 def _unified_attention_kernel(
-        out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+        out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
         block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, program_map_ptr,
         num_seqs, group, block_q, qk_scale_log2, sliding_window,
         stride_q_token, stride_q_head, stride_o_token, stride_o_head,
@@ -46,7 +47,7 @@ def _unified_attention_kernel(
         stride_table_seq,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PROGRAM_MAP: tl.constexpr,
-        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
     if USE_PROGRAM_MAP:
@@ -73,6 +74,8 @@ def _unified_attention_kernel(
 
     q_offsets = token[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=is_row[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if KV_FP8:  # keys are stored / k_scale: the head's scale multiplies the scores instead
+        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head)
 
     # Key ranges of this query block, from its first and last query positions: keys below
     # full_end are causally visible to every row, keys from full_start on are inside every
@@ -97,19 +100,21 @@ def _unified_attention_kernel(
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_end, query_pos, is_row, dims,
                 qk_scale_log2, sliding_window, stride_k_block, stride_k_offset, stride_v_block,
-                stride_v_offset, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, True, USE_WINDOW)
+                stride_v_offset, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, True, USE_WINDOW, KV_FP8)
     for tile_start in range(full_start, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_end, query_pos, is_row, dims,
             qk_scale_log2, sliding_window, stride_k_block, stride_k_offset, stride_v_block,
-            stride_v_offset, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, False, USE_WINDOW)
+            stride_v_offset, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, False, USE_WINDOW, KV_FP8)
     for tile_start in range(full_end, key_end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_end, query_pos, is_row, dims,
             qk_scale_log2, sliding_window, stride_k_block, stride_k_offset, stride_v_block,
-            stride_v_offset, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, True, USE_WINDOW)
+            stride_v_offset, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, True, USE_WINDOW, KV_FP8)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if KV_FP8:  # values are stored / v_scale: the weighted sum is scaled back once
+        acc = acc * tl.load(v_scale_ptr + kv_head)
     o_offsets = token[:, None] * stride_o_token + head[:, None] * stride_o_head + dims[None, :]
     tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
 
@@ -118,9 +123,11 @@ def _unified_attention_kernel(
 def _attend_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_end, query_pos, is_row, dims,
                  qk_scale_log2, sliding_window, stride_k_block, stride_k_offset, stride_v_block,
                  stride_v_offset, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 KV_FP8: tl.constexpr):
     """One online-softmax step over keys [tile_start, tile_start + BLOCK_N); MASKED=False only for
-    tiles that every row sees whole."""
+    tiles that every row sees whole. ``KV_FP8``: k and v are float8, converted exactly to q's dtype
+    (their scales are applied by the caller)."""
     key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     is_key = key_pos < key_end
     if MASKED:
@@ -136,6 +143,9 @@ def _attend_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_en
     else:
         k = tl.load(k_head + k_offsets)
         v = tl.load(v_head + v_offsets)
+    if KV_FP8:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
 
     scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
     if MASKED:
@@ -154,23 +164,26 @@ def _attend_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_en
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of this step's queries over each sequence's cached keys.
 
     q: [num_tokens, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
     num_kv_heads_per_rank, head_dim], already holding this step's keys and values. Returns
     [num_tokens, num_heads_per_rank, head_dim] in q's dtype. Makes no host synchronisation.
     Decode batches (one query token per sequence) take the split-KV decode kernel, every other
-    batch the unified kernel.
+    batch the unified kernel. A float8 cache is read with ``k_scale``, ``v_scale``
+    [num_kv_heads_per_rank] (kernels/kv_quant.py).
     """
     if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
-        return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
-    return unified_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
+                                      v_scale=v_scale)
+    return unified_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
 
 
 def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                       tiles: UnifiedTiles | None = None) -> torch.Tensor:
     """:func:`paged_attention_triton` by the unified kernel, for any batch; ``tiles`` default to
     :func:`unified_tiles` of the batch's shape."""
@@ -197,8 +210,9 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         program_map = _program_map(meta, block_q, num_tokens, q.device)
         num_programs = program_map.shape[0]
 
+    k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale)
     _unified_attention_kernel[(num_programs, num_kv_heads)](
-        out, q, k_cache, v_cache,
+        out, q, k_cache, v_cache, k_scale, v_scale,
         meta.block_tables, meta.seq_lens, meta.query_start_loc, program_map,
         num_seqs, group, block_q, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -207,7 +221,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         meta.block_tables.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, USE_PROGRAM_MAP=not is_decode_batch,
-        USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q),
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), KV_FP8=is_fp8_kv(k_cache),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -11,6 +11,7 @@ from torch import nn
 
 from meshlm.models.named_weights import NamedWeights
 from meshlm.parallel.groups import ParallelGroups
+from meshlm.parallel.kv_scales import KVCacheScales
 from meshlm.parallel.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                     RowParallelLinear, VocabParallelEmbedding)
 from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_attention_reference
@@ -38,6 +39,7 @@ class LlamaAttention(NamedWeights, nn.Module):
         self.attention_fn = attention_fn
         self.scale = cfg.head_dim ** -0.5
         self.sliding_window = cfg.sliding_window
+        self.kv_scales = KVCacheScales(cfg.num_kv_heads, tp, device)  # read by an fp8 KV cache only
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -48,16 +50,18 @@ class LlamaAttention(NamedWeights, nn.Module):
         v = v.view(num_tokens, self.num_kv_heads_per_rank, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = self.rotary.rotate_and_cache(meta.positions, q, k, v, kv_cache, meta.slot_mapping)
+        k_scale, v_scale = self.kv_scales.k_scale, self.kv_scales.v_scale
+        q = self.rotary.rotate_and_cache(meta.positions, q, k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         k_cache, v_cache = kv_cache
-        out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k_scale, v_scale)
         return self.o_proj(out.view(num_tokens, self.num_heads_per_rank * self.head_dim))
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         p = f"{prefix}.self_attn"
         weights = [f"{p}.{x}_proj.weight" for x in "qkv"]
         biases = [f"{p}.{x}_proj.bias" for x in "qkv"] if self.qkv_proj.bias is not None else None
-        names = [(self.qkv_proj, (weights, biases)), (self.o_proj, (f"{p}.o_proj.weight",))]
+        names = [(self.qkv_proj, (weights, biases)), (self.o_proj, (f"{p}.o_proj.weight",)),
+                 (self.kv_scales, (prefix,))]
         if self.q_norm is not None:
             names += [(self.q_norm, (f"{p}.q_norm.weight",)), (self.k_norm, (f"{p}.k_norm.weight",))]
         return names

@@ -54,9 +54,9 @@ class CheckpointReader:
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The tensor, or only ``[start:stop]`` along ``dim``."""
-        sl = self._handle(name).get_slice(name)
         if dim is None:
-            return sl[:]
+            return self._handle(name).get_tensor(name)  # also a 0-dim tensor (a scale), which slices refuse
+        sl = self._handle(name).get_slice(name)
         index = [slice(None)] * len(sl.get_shape())
         index[dim] = slice(start, stop)
         return sl[tuple(index)]

@@ -21,6 +21,9 @@ class RandomCheckpoint:
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         self._shapes.update(expected)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 

@@ -66,7 +66,7 @@ def check(seqs, group, dtype, tiles=None, window=None, head_dim=32, num_kv_heads
     q, k_cache, v_cache, meta = make_prefill(seqs, num_kv_heads, group, head_dim, dtype)
     scale = head_dim ** -0.5
     expected = paged_attention_reference(q, k_cache, v_cache, meta, scale, window).float()
-    got = unified_attention(q, k_cache, v_cache, meta, scale, window, tiles)
+    got = unified_attention(q, k_cache, v_cache, meta, scale, window, tiles=tiles)
     diff = (got.float() - expected).abs()
     max_tol, mean_tol = TOLERANCES[dtype]
     assert diff.max() < max_tol and diff.mean() < mean_tol, (seqs, group, tiles, window, diff.max(), diff.mean())
