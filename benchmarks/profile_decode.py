@@ -110,17 +110,21 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=None)
     parser.add_argument("--host-table", action="store_true", help="print the host-side ops of each batch")
+    parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="the overlapped step loop (default) or the plain one")
     ns = parser.parse_args()
     from meshlm import LLM
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=4096, async_scheduling=ns.async_scheduling)
+              max_model_len=4096, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
+              **({"quantization": ns.quantization} if ns.quantization else {}))
     rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table) for b in ns.batches.split(",")]
     llm.shutdown()
     if ns.out:
         Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
-    print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}")
+    print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}  "
+          f"quantization={ns.quantization}  kv_cache_dtype={ns.kv_cache_dtype}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

@@ -16,8 +16,8 @@ WIDTH, MAX_TOKENS = 4, 16
 
 
 @pytest.fixture(scope="module")
-def llm():
-    with LLM(device="cuda", dtype="float32", block_size=16, max_model_len=512, num_kv_blocks=512) as engine:
+def llm(default_model_dir):
+    with LLM(str(default_model_dir), device="cuda", dtype="float32", block_size=16, max_model_len=512, num_kv_blocks=512) as engine:
         yield engine
 
 
@@ -31,10 +31,9 @@ def test_forked_samples_equal_separate_requests_on_gpu(llm):
     assert llm.engine_core.kv.num_free_blocks == llm.engine_core.num_kv_blocks
 
 
-def test_beams_match_transformers_on_gpu(llm):
+def test_beams_match_transformers_on_gpu(llm, default_model_dir):
     import transformers
-    from meshlm.weights.default_model import ensure_default_model
-    model = transformers.AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=torch.float32).cuda()
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).cuda()
     eos = sorted(llm.engine_core.eos_token_ids)[0]
     prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     outputs = llm.beam_search(prompts, BeamSearchParams(WIDTH, MAX_TOKENS))

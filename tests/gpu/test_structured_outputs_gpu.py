@@ -34,9 +34,9 @@ def test_bitmask_on_the_device_matches_the_host():
     assert torch.equal(on_device.cpu(), on_host)
 
 
-def test_default_model_json_regex_choice_with_graphs():
+def test_default_model_json_regex_choice_with_graphs(default_model_dir):
     from meshlm import LLM, SamplingParams
-    llm = LLM(max_model_len=1024)  # default model, CUDA graphs, overlapped loop
+    llm = LLM(str(default_model_dir), max_model_len=1024)  # default model, CUDA graphs, overlapped loop
     try:
         cases = [("Describe a person as JSON.", {"json": PERSON}), ("Write a phone number.", {"regex": r"\d{3}-\d{4}"}),
                  ("Is the sky blue?", {"choice": ["yes", "no"]})]
