@@ -22,6 +22,14 @@ def make_long_context_model(path, max_model_len: int):
                              max_position_embeddings=max_model_len)
 
 
+def _cache_of(out) -> dict:
+    """The forward output's KV cache as the next forward's argument: transformers 5.2x names it
+    ``cache``, earlier 5.x releases ``past_key_values``."""
+    if hasattr(out, "cache"):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
 @torch.no_grad()
 def transformers_greedy(path, prompt: list[int], num_steps: int, device: str = "cpu"):
     """Greedy tokens and the log-probabilities [num_steps, vocab] at the last prompt position and
@@ -32,7 +40,7 @@ def transformers_greedy(path, prompt: list[int], num_steps: int, device: str = "
     logits, tokens = [out.logits[0, -1].float().cpu()], []
     for _ in range(num_steps - 1):
         tokens.append(int(logits[-1].argmax()))
-        out = model(torch.tensor([[tokens[-1]]], device=device), cache=out.cache, use_cache=True)
+        out = model(torch.tensor([[tokens[-1]]], device=device), use_cache=True, **_cache_of(out))
         logits.append(out.logits[0, -1].float().cpu())
     tokens.append(int(logits[-1].argmax()))
     return tokens, torch.log_softmax(torch.stack(logits), dim=-1)

@@ -15,7 +15,7 @@ PROMPTS = [list(range(10, 80)), [5, 17, 33, 91, 4], [3 + (7 * i) % 300 for i in 
 
 
 def _run(path, device: str):
-    llm = LLM(str(path), device=device, dtype="float32", block_size=16, max_model_len=1024, num_kv_blocks=256,
+    llm = LLM(str(path), device=device, dtype="float32", block_size=16, max_model_len=512, num_kv_blocks=256,
               max_num_tokens=128)
     params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=5),
               SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
