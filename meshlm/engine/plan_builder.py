@@ -34,13 +34,15 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
     sample_rows = np.array([i for i, c in enumerate(chunks) if c.is_sampling], dtype=np.int64)
+    num_draft_tokens = np.array([len(chunks[i].draft_token_ids) for i in sample_rows], dtype=np.int32)
     return StepPlan(
         input_ids=input_ids, positions=positions.astype(np.int64), slot_mapping=slot_mapping,
         query_start_loc=query_start_loc, seq_lens=(starts + query_lens).astype(np.int32),
         block_tables=block_tables, sample_rows=sample_rows,
         sample_request_ids=[chunks[i].request.request_id for i in sample_rows],
         new_requests=new_requests, finished_request_ids=finished_request_ids,
-        prev_token_index=np.array(prev_index, dtype=np.int64), prev_token_rows=np.array(prev_rows, dtype=np.int64))
+        prev_token_index=np.array(prev_index, dtype=np.int64), prev_token_rows=np.array(prev_rows, dtype=np.int64),
+        num_draft_tokens=num_draft_tokens)
 
 
 def _input_ids(chunks: list[ScheduledChunk], query_start_loc: np.ndarray, num_tokens: int,
@@ -51,8 +53,9 @@ def _input_ids(chunks: list[ScheduledChunk], query_start_loc: np.ndarray, num_to
     prev_index, prev_rows = [], []
     for i, chunk in enumerate(chunks):
         request, offset = chunk.request, int(query_start_loc[i])
+        num_drafts = len(chunk.draft_token_ids)  # drafts follow the known last token
         known = _known_tokens(request.prompt_token_ids, request.output_token_ids, chunk.start,
-                              chunk.start + chunk.num_new_tokens)
+                              chunk.start + chunk.num_new_tokens - num_drafts) + chunk.draft_token_ids
         input_ids[offset:offset + len(known)] = known
         num_unknown = chunk.num_new_tokens - len(known)
         if num_unknown:

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 
 from meshlm.config import SchedulerConfig
 from meshlm.engine.kv_cache import KVCacheManager, num_blocks_for
+from meshlm.engine.ngram_proposer import NgramProposer
 from meshlm.engine.request import Request, RequestStatus
 from meshlm.protocol import StepResult
 
-__all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput"]
+__all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput", "SpecDecodeStats"]
 
 
 @dataclass(slots=True)
@@ -45,6 +46,8 @@ class ScheduledChunk:
     start: int  # the request's num_computed_tokens when the chunk was scheduled
     num_new_tokens: int
     is_sampling: bool  # the chunk reaches the last token (placeholders included): a token is sampled
+    # Speculative decoding: the chunk's last tokens are these drafts, after the last known token.
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -63,12 +66,38 @@ class SchedulerOutput:
         return not self.chunks
 
 
-class Scheduler:
-    """Owns the waiting queue and the running set; decides each step's chunks."""
+@dataclass(slots=True)
+class SpecDecodeStats:
+    """Speculative decoding so far: verify rows, drafts scored, drafts accepted."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    num_verify_rows: int = 0  # sequence steps that scored drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_tokens_per_verify_row(self) -> float:
+        """Tokens a verify row emits on average: its accepted drafts plus the one it samples."""
+        return 1 + self.num_accepted_tokens / self.num_verify_rows if self.num_verify_rows else 0.0
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; decides each step's chunks.
+
+    With a ``proposer`` (speculative decoding) a decode of a request whose last token is known
+    also runs the proposer's draft tokens: its chunk is ``1 + num_drafts`` tokens and samples at
+    each. ``update_from_output`` appends the accepted drafts and the sampled token, and rolls the
+    request's computed tokens and blocks back past the rejected drafts.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, proposer: NgramProposer | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.proposer = proposer
+        self.spec_stats = SpecDecodeStats()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # arrival order; finished ones removed at the next step
         self._num_finished_running = 0
@@ -169,9 +198,7 @@ class Scheduler:
         for chunk in output.chunks:
             request, status = chunk.request, None
             if chunk.is_sampling and not request.is_finished:
-                request.num_output_placeholders -= 1
-                token_id = int(result.token_ids[row])
-                status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
+                status = self._append_tokens(chunk, result, row)
                 sampled.append(request)
             if request.status == RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(request)  # every token it has computed is known now
@@ -179,6 +206,46 @@ class Scheduler:
                 self.finish(request, status)
             row += chunk.is_sampling
         return sampled
+
+    def _append_tokens(self, chunk: ScheduledChunk, result: StepResult, row: int) -> RequestStatus | None:
+        """Append a sampling chunk's tokens until one finishes the request (the rest are dropped);
+        after a verify step, roll back what the rejected drafts computed."""
+        request, num_drafts = chunk.request, len(chunk.draft_token_ids)
+        request.num_output_placeholders -= 1 + num_drafts
+        tokens = result.row_tokens(row)
+        status = None
+        for index, token_id in enumerate(tokens):
+            logprobs = _token_logprobs(result, row, token_id, request) if index == len(tokens) - 1 else None
+            status = request.append_token(token_id, logprobs)
+            if status is not None:
+                break
+        if num_drafts:
+            stats = self.spec_stats
+            stats.num_verify_rows += 1
+            stats.num_draft_tokens += num_drafts
+            stats.num_accepted_tokens += len(tokens) - 1
+            if status is None and request.status == RequestStatus.RUNNING:
+                # The KV holds the last known token's predecessors: the accepted drafts are computed.
+                request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+                self.kv.free_excess_blocks(request)
+        return status
+
+    def _draft_tokens(self, request: Request, budget: int) -> list[int]:
+        """The proposer's drafts for a decode of ``request`` whose last token is known; none for a
+        request whose sampling reads its history or reports logprobs, or still under min_tokens."""
+        params = request.params
+        if (self.proposer is None or request.num_uncomputed_tokens != 1 or request.num_output_placeholders
+                or params.needs_output_history or params.logprobs is not None
+                or len(request.output_token_ids) < params.min_tokens):
+            return []
+        # A step emits at most 1 + drafts tokens; they must fit max_tokens and the context.
+        limit = budget - 1
+        if params.max_tokens is not None:
+            limit = min(limit, params.max_tokens - len(request.output_token_ids) - 1)
+        if request.max_model_len is not None:
+            limit = min(limit, request.max_model_len - request.num_tokens - 1)
+        drafts = self.proposer.propose(request.all_token_ids, limit) if limit > 0 else []
+        return drafts if drafts and self.kv.can_allocate(request, 1 + len(drafts)) else []
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running = self._running
@@ -193,14 +260,15 @@ class Scheduler:
             if num_new == 0 or request.is_capped_by_placeholders:  # it finishes when they land
                 index += 1
                 continue
+            drafts = self._draft_tokens(request, budget)
             while not self.kv.can_allocate(request, num_new):
                 victim = running.pop()  # the newest; never one scheduled earlier in this loop
                 self._preempt(victim, out)
                 if victim is request:
                     break
             else:
-                self._add_chunk(request, num_new, out)
-                budget -= num_new
+                self._add_chunk(request, num_new, out, drafts)
+                budget -= num_new + len(drafts)
                 index += 1
         return budget
 
@@ -227,13 +295,17 @@ class Scheduler:
             self._add_chunk(request, num_new, out)
             budget -= num_new
 
-    def _add_chunk(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
-        self.kv.allocate(request, num_new)
+    def _add_chunk(self, request: Request, num_new: int, out: SchedulerOutput,
+                   drafts: list[int] | None = None) -> None:
+        """Schedule ``num_new`` of the request's tokens, then ``drafts`` (each may become an output,
+        so each adds a placeholder)."""
+        drafts = drafts or []
+        self.kv.allocate(request, num_new + len(drafts))
         start = request.num_computed_tokens
         is_sampling = start + num_new == request.num_tokens_with_placeholders
-        out.chunks.append(ScheduledChunk(request, start, num_new, is_sampling))
-        request.num_computed_tokens += num_new
-        request.num_output_placeholders += is_sampling
+        out.chunks.append(ScheduledChunk(request, start, num_new + len(drafts), is_sampling, drafts))
+        request.num_computed_tokens += num_new + len(drafts)
+        request.num_output_placeholders += is_sampling + len(drafts)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Recompute preemption: free the blocks, restart from token 0, wait at the queue's front."""

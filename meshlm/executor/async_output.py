@@ -23,6 +23,9 @@ class SampledTokens:
     logprobs: torch.Tensor | None  # float32 [num_rows]; None if no row asked
     top_token_ids: torch.Tensor | None  # int64 [num_rows, k_max]; None if k_max == 0
     top_logprobs: torch.Tensor | None  # float32 [num_rows, k_max]
+    # Verify steps (speculative decoding): token_ids is [num_rows, 1 + max_drafts], of which row r
+    # holds num_tokens[r] (its accepted drafts, then one sampled token). None: one token a row.
+    num_tokens: torch.Tensor | None = None  # int64 [num_rows]
 
 
 class AsyncStepResult:
@@ -35,7 +38,8 @@ class AsyncStepResult:
         self._event = None
         if sampled is None:
             return
-        tensors = (sampled.token_ids, sampled.logprobs, sampled.top_token_ids, sampled.top_logprobs)
+        tensors = (sampled.token_ids, sampled.logprobs, sampled.top_token_ids, sampled.top_logprobs,
+                   sampled.num_tokens)
         self._host = [None if t is None else _copy_to_host(t) for t in tensors]
         if sampled.token_ids.device.type == "cuda":
             self._event = torch.cuda.Event()
@@ -46,8 +50,7 @@ class AsyncStepResult:
         if self._ready is None:
             if self._event is not None:
                 self._event.synchronize()
-            token_ids, logprobs, top_ids, top_logprobs = (None if t is None else t.numpy() for t in self._host)
-            self._ready = StepResult(token_ids, logprobs, top_ids, top_logprobs)
+            self._ready = StepResult(*(None if t is None else t.numpy() for t in self._host))
             self._host = []
         return self._ready
 

@@ -177,10 +177,18 @@ class ModelRunner:
         ranks return None. Nothing here waits for the device (on the GPU)."""
         self.update_requests(plan)
         logits = self._forward(plan)
-        sampled = None if logits is None else self.sampler.sample_on_device(logits, plan.sample_request_ids)
+        sampled = None if logits is None else self._sample(plan, logits)
         token_ids = None if sampled is None else sampled.token_ids
         self.prev_sampled_token_ids = self._share_sampled_tokens(plan, token_ids)
         return None if sampled is None else AsyncStepResult(sampled)
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor):
+        if not plan.has_drafts:
+            return self.sampler.sample_on_device(logits, plan.sample_request_ids)
+        # Each logits row scores the token after it: the next draft (the sample row's last is unused).
+        draft_ids = plan.input_ids[np.minimum(plan.logits_token_index() + 1, plan.num_tokens - 1)]
+        return self.sampler.sample_on_device(logits, plan.sample_request_ids, plan.num_draft_tokens,
+                                             self._to_device(draft_ids))
 
     def _share_sampled_tokens(self, plan: StepPlan, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The step's sampled tokens on every TP rank (the overlapped loop needs them on each rank
@@ -213,7 +221,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, plan: StepPlan) -> torch.Tensor | None:
-        """Logits [num_samples, vocab] of the plan's sample rows on the sampling rank, without
+        """Logits [num_logits, vocab] of the plan's sample rows on the sampling rank, without
         sampling (tests and checks); None on the other ranks."""
         return self._forward(plan)
 
@@ -247,8 +255,8 @@ class ModelRunner:
             return None
         if len(plan.sample_rows) == 0:
             return None
-        last_token = meta.query_start_loc[1:].long()[self._to_device(plan.sample_rows)] - 1
-        return self.model.compute_logits(hidden[last_token])  # [num_samples, vocab_per_rank]
+        # [num_logits, vocab_per_rank]: each sample row's last token, and the tokens its drafts follow
+        return self.model.compute_logits(hidden[self._to_device(plan.logits_token_index())])
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from meshlm.executor.async_output import AsyncStepResult, SampledTokens
+from meshlm.executor.rejection_sampler import verify_drafts
 from meshlm.executor.token_constraints import apply_token_constraints
 from meshlm.protocol import StepResult
 from meshlm.sampling_params import SamplingParams
@@ -118,35 +119,77 @@ class Sampler:
         """``sample_on_device``, then wait for the tokens on the host."""
         return AsyncStepResult(self.sample_on_device(logits, request_ids)).get_result()
 
-    def sample_on_device(self, logits: torch.Tensor, request_ids: Sequence[str]) -> SampledTokens:
+    def sample_on_device(self, logits: torch.Tensor, request_ids: Sequence[str],
+                         num_drafts: np.ndarray | None = None,
+                         draft_ids: torch.Tensor | None = None) -> SampledTokens:
         """Sample one token per row; row ``i`` of ``logits`` [num_rows, vocab_size] belongs to
-        ``request_ids[i]``. Counts each row's output; the tokens stay on the device."""
-        num_rows = len(request_ids)
+        ``request_ids[i]``. Counts each row's output; the tokens stay on the device.
+
+        A verify step (speculative decoding) passes ``num_drafts`` [num_requests]: request ``i``
+        then has ``1 + num_drafts[i]`` consecutive logits rows, and ``draft_ids`` [num_rows] the
+        draft each row scores (rejection_sampler.verify_drafts). Requests with drafts use no
+        penalties, bad words, logprobs or pending min_tokens (the scheduler drafts for no other).
+        """
+        counts = np.ones(len(request_ids), np.int64) if num_drafts is None else 1 + num_drafts.astype(np.int64)
+        num_rows = int(counts.sum())
         if logits.dim() != 2 or logits.shape != (num_rows, self.vocab_size):
             raise ValueError(f"logits shape {tuple(logits.shape)} != (num_rows={num_rows}, "
-                             f"vocab_size={self.vocab_size})")
+                             f"vocab_size={self.vocab_size}) for {len(request_ids)} requests")
         states = [self._get_state(rid) for rid in request_ids]
         history_rows = [row for row, state in enumerate(states) if state.needs_history]
         if history_rows:
             self._record_history()  # the only wait for earlier steps: penalties read their tokens
-        host_params = _row_params(states, self.vocab_size)  # [num_rows, 7] float64 on the host
+        row_states = [s for s, c in zip(states, counts.tolist()) for _ in range(c)]
+        host_params = _row_params(row_states, self.vocab_size)  # [num_rows, 7] float64 on the host
         row_params = _to_device(host_params, self.device).float()
         logits = logits.to(self.device, torch.float32)
 
-        raw_logprobs = self._raw_logprobs(logits, states)
+        raw_logprobs = self._raw_logprobs(logits, row_states)
         if any(s.params.allowed_token_ids is not None or s.params.logit_bias or s.params.bad_words_token_ids
                for s in states):
-            logits = apply_token_constraints(logits, [s.params for s in states],
-                                             [s.output_token_ids for s in states])
-        logits = self._apply_penalties(logits, states, host_params, row_params)
-        logits = self._apply_min_tokens(logits, states)
-        token_ids = self._choose_tokens(logits, states, host_params, row_params)
-
-        for state in states:
-            state.num_output_tokens += 1
+            logits = apply_token_constraints(logits, [s.params for s in row_states],
+                                             [s.output_token_ids for s in row_states])
+        logits = self._apply_penalties(logits, row_states, host_params, row_params)
+        logits = self._apply_min_tokens(logits, row_states)
+        if num_drafts is None:
+            token_ids, num_tokens, last_rows = self._choose_tokens(logits, row_states, host_params, row_params), None, None
+        else:
+            token_ids, num_tokens, last_rows = self._verify(logits, row_states, host_params, row_params,
+                                                            _to_device(counts - 1, self.device), draft_ids)
+        self._count_outputs(states, num_drafts)
+        first_tokens = token_ids if num_tokens is None else token_ids[:, 0]  # rows with history draft nothing
         if history_rows:
-            self._unrecorded.append(([states[row] for row in history_rows], history_rows, token_ids))
-        return _device_output(token_ids, raw_logprobs, states)
+            self._unrecorded.append(([states[row] for row in history_rows], history_rows, first_tokens))
+        if num_tokens is None:
+            return _device_output(token_ids, raw_logprobs, states)
+        last_tokens = token_ids.gather(1, (num_tokens - 1)[:, None])[:, 0]  # [num_requests]
+        out = _device_output(last_tokens, None if raw_logprobs is None else raw_logprobs[last_rows], states)
+        return SampledTokens(token_ids, out.logprobs, out.top_token_ids, out.top_logprobs, num_tokens)
+
+    def _count_outputs(self, states: list[_RequestState], num_drafts: np.ndarray | None) -> None:
+        """One more output each; a request with drafts is past min_tokens (its only use), however
+        many of them it accepts."""
+        for i, state in enumerate(states):
+            state.num_output_tokens += 1
+            if num_drafts is not None and num_drafts[i]:
+                state.num_output_tokens = max(state.num_output_tokens, state.params.min_tokens)
+
+    def _verify(self, logits: torch.Tensor, row_states: list[_RequestState], host_params: np.ndarray,
+                row_params: torch.Tensor, num_drafts: torch.Tensor,
+                draft_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """verify_drafts on the processed logits: the target distribution as this sampler samples it
+        (temperature, top-k, top-p, min-p), one uniform and one noise row per logits row."""
+        greedy_tokens = logits.argmax(dim=-1)  # [num_rows]
+        is_greedy = host_params[:, _TEMPERATURE] == 0.0
+        probs = self._probs(logits, host_params, row_params)
+        uniforms = torch.empty(len(row_states), device=self.device)
+        uniforms.uniform_(generator=self._generator)
+        for row, state in enumerate(row_states):
+            if state.generator is not None and not is_greedy[row]:
+                uniforms[row:row + 1].uniform_(generator=state.generator)
+        noise = self._exponential_noise(row_states, is_greedy)
+        return verify_drafts(probs, greedy_tokens, _to_device(is_greedy, self.device), draft_ids.to(self.device),
+                             num_drafts, uniforms, noise)
 
     def _raw_logprobs(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor | None:
         if all(s.params.logprobs is None for s in states):
@@ -187,16 +230,21 @@ class Sampler:
         is_greedy = host_params[:, _TEMPERATURE] == 0.0
         if is_greedy.all():
             return greedy_tokens
+        probs = self._probs(logits, host_params, row_params)
+        noise = self._exponential_noise(states, is_greedy)
+        sampled_tokens = exponential_race(probs, noise)
+        return torch.where(_to_device(is_greedy, self.device), greedy_tokens, sampled_tokens)
+
+    def _probs(self, logits: torch.Tensor, host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:
+        """The distribution each sampled row draws from: temperature, then top-k, top-p and min-p
+        (greedy rows get the softmax at temperature 1, which nothing reads). [num_rows, vocab_size]"""
         temperature = row_params[:, _TEMPERATURE]
         temperature = torch.where(temperature == 0.0, torch.ones_like(temperature), temperature)
         scaled = logits / temperature[:, None]
         if _any_filter(host_params, self.vocab_size):
             scaled = apply_top_k_top_p_min_p(scaled, row_params[:, _TOP_K], row_params[:, _TOP_P],
                                              row_params[:, _MIN_P])
-        probs = torch.softmax(scaled, dim=-1)  # [num_rows, vocab_size]
-        noise = self._exponential_noise(states, is_greedy)
-        sampled_tokens = exponential_race(probs, noise)
-        return torch.where(_to_device(is_greedy, self.device), greedy_tokens, sampled_tokens)
+        return torch.softmax(scaled, dim=-1)  # [num_rows, vocab_size]
 
     def _exponential_noise(self, states: list[_RequestState], is_greedy: np.ndarray) -> torch.Tensor:
         """q ~ Exp(1), [num_rows, vocab_size]. A seeded row draws from its own generator (one draw of
