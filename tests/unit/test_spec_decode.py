@@ -144,3 +144,25 @@ def test_speculative_config_is_checked():
     args = EngineArgs(speculative_config='{"method": "ngram", "num_speculative_tokens": 2}')  # the CLI's JSON
     assert EngineArgs(speculative_config=args.speculative_config).to_cli() == args.to_cli()
     assert args.to_cli() == ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']
+
+
+def test_metrics_and_bench_report_acceptance():
+    from meshlm.bench.throughput import _spec_decode_summary
+    from meshlm.engine.scheduler import SpecDecodeStats
+    from meshlm.server.metrics import ServerMetrics
+
+    def scrape(metrics: ServerMetrics, stats: SpecDecodeStats) -> dict[str, float]:
+        text = metrics.render({"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "spec_decode": stats})
+        return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+                if line.startswith("meshlm:spec_decode")}
+
+    metrics = ServerMetrics("m")
+    scrape(metrics, SpecDecodeStats(2, 6, 3))
+    samples = scrape(metrics, SpecDecodeStats(5, 15, 12))  # counters carry totals, not sums of totals
+    assert samples["meshlm:spec_decode_num_drafts_total"] == 5
+    assert samples["meshlm:spec_decode_num_draft_tokens_total"] == 15
+    assert samples["meshlm:spec_decode_num_accepted_tokens_total"] == 12
+    assert samples["meshlm:spec_decode_acceptance_rate"] == pytest.approx(12 / 15)
+    assert samples["meshlm:spec_decode_mean_acceptance_length"] == pytest.approx(1 + 12 / 5)
+    summary = _spec_decode_summary((2, 6, 3), (5, 15, 12))  # one measured run: the difference
+    assert summary["acceptance_rate"] == pytest.approx(9 / 9) and summary["mean_acceptance_length"] == 4.0
