@@ -230,16 +230,17 @@ class Scheduler:
                 self.kv.free_excess_blocks(request)
         return status
 
-    def _draft_tokens(self, request: Request, budget: int) -> list[int]:
+    def _draft_tokens(self, request: Request, budget: int, draft_budget: int) -> list[int]:
         """The proposer's drafts for a decode of ``request`` whose last token is known; none for a
-        request whose sampling reads its history or reports logprobs, or still under min_tokens."""
+        request whose sampling reads its history or reports logprobs, or still under min_tokens.
+        ``draft_budget`` caps them too (the step's logits rows stay within max_batch_size)."""
         params = request.params
         if (self.proposer is None or request.num_uncomputed_tokens != 1 or request.num_output_placeholders
                 or params.needs_output_history or params.logprobs is not None
                 or len(request.output_token_ids) < params.min_tokens):
             return []
         # A step emits at most 1 + drafts tokens; they must fit max_tokens and the context.
-        limit = budget - 1
+        limit = min(budget - 1, draft_budget)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens - len(request.output_token_ids) - 1)
         if request.max_model_len is not None:
@@ -250,6 +251,8 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running = self._running
         index = 0
+        # The sampler's memory is reserved for max_batch_size rows: drafts fill what decodes leave.
+        draft_budget = self.config.max_batch_size - len(running)
         while index < len(running) and budget > 0 and len(out.chunks) < self.config.max_batch_size:
             request = running[index]
             if self._outgrew_pool(request):
@@ -260,7 +263,8 @@ class Scheduler:
             if num_new == 0 or request.is_capped_by_placeholders:  # it finishes when they land
                 index += 1
                 continue
-            drafts = self._draft_tokens(request, budget)
+            drafts = self._draft_tokens(request, budget, draft_budget)
+            draft_budget -= len(drafts)
             while not self.kv.can_allocate(request, num_new):
                 victim = running.pop()  # the newest; never one scheduled earlier in this loop
                 self._preempt(victim, out)
@@ -274,7 +278,8 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         waiting = self._waiting
-        while (waiting and budget > 0 and len(out.chunks) < self.config.max_batch_size
+        num_drafts = sum(len(c.draft_token_ids) for c in out.chunks)  # their logits rows count too
+        while (waiting and budget > 0 and len(out.chunks) + num_drafts < self.config.max_batch_size
                and len(self._running) < self.config.max_batch_size):
             request = waiting[0]
             if self._outgrew_pool(request):

@@ -166,3 +166,17 @@ def test_metrics_and_bench_report_acceptance():
     assert samples["meshlm:spec_decode_mean_acceptance_length"] == pytest.approx(1 + 12 / 5)
     summary = _spec_decode_summary((2, 6, 3), (5, 15, 12))  # one measured run: the difference
     assert summary["acceptance_rate"] == pytest.approx(9 / 9) and summary["mean_acceptance_length"] == 4.0
+
+
+def test_drafts_keep_the_step_within_max_batch_size_rows():
+    """The sampler's memory is sized for max_batch_size rows: 2 decodes at max_batch_size=3 leave
+    room for one draft in all."""
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_tokens=64, max_batch_size=3), kv, NgramProposer(3, 1, 3))
+    requests = [Request(f"r{i}", [5, 6, 7, 8, 5, 6], SamplingParams(temperature=0.0, max_tokens=20)) for i in range(2)]
+    for request in requests:
+        scheduler.add(request)
+    prefill = scheduler.schedule()
+    scheduler.update_from_output(prefill, StepResult(np.array([7, 7]), None, None, None))
+    verify = scheduler.schedule()
+    assert [c.draft_token_ids for c in verify.chunks] == [[8], []]
