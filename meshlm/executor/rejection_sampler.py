@@ -20,13 +20,14 @@ __all__ = ["verify_drafts"]
 
 def verify_drafts(probs: torch.Tensor, greedy_tokens: torch.Tensor, is_greedy: torch.Tensor,
                   draft_ids: torch.Tensor, num_drafts: torch.Tensor, uniforms: torch.Tensor,
-                  noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  noise: torch.Tensor, max_drafts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accept drafts and sample the token after them, batched over sample rows.
 
     probs [num_logits, vocab]: the target's distribution at each logits row (any values on greedy
     rows); greedy_tokens [num_logits]: its argmax; is_greedy [num_logits] bool; draft_ids
     [num_logits]: the draft each row scores (ignored on a sample row's last row); num_drafts
-    [num_samples] int64; uniforms [num_logits] in [0, 1); noise [num_logits, vocab] ~ Exp(1).
+    [num_samples] int64 and ``max_drafts``, its maximum (from the host); uniforms [num_logits] in
+    [0, 1); noise [num_logits, vocab] ~ Exp(1).
 
     Returns ``(token_ids [num_samples, 1 + max_drafts], num_tokens [num_samples], last_row
     [num_samples])``: row ``i`` emits ``token_ids[i, :num_tokens[i]]`` (its accepted drafts, then
@@ -37,7 +38,8 @@ def verify_drafts(probs: torch.Tensor, greedy_tokens: torch.Tensor, is_greedy: t
     counts = num_drafts + 1
     num_samples = len(counts)
     starts = torch.cumsum(counts, 0) - counts  # [num_samples]: each sample row's first logits row
-    row_of = torch.repeat_interleave(torch.arange(num_samples, device=device), counts)  # [num_logits]
+    # [num_logits]; output_size saves a wait for the device (counts live there)
+    row_of = torch.repeat_interleave(torch.arange(num_samples, device=device), counts, output_size=len(probs))
     position = torch.arange(len(row_of), device=device) - starts[row_of]  # [num_logits]: j
     has_draft = position < num_drafts[row_of]
     safe_drafts = torch.where(has_draft, draft_ids, 0)
@@ -58,7 +60,6 @@ def verify_drafts(probs: torch.Tensor, greedy_tokens: torch.Tensor, is_greedy: t
     sampled = (residual / race_noise).argmax(dim=-1)
     final = torch.where(is_greedy[last_row], greedy_tokens[last_row], sampled)  # [num_samples]
 
-    max_drafts = int(num_drafts.max()) if num_samples else 0
     column = torch.arange(1 + max_drafts, device=device)  # [1 + max_drafts]
     draft_index = (starts[:, None] + column[None, :]).clamp(max=len(row_of) - 1)  # [num_samples, 1 + max_drafts]
     token_ids = torch.where(column[None, :] < num_accepted[:, None], safe_drafts[draft_index],

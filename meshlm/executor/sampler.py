@@ -155,7 +155,7 @@ class Sampler:
             token_ids, num_tokens, last_rows = self._choose_tokens(logits, row_states, host_params, row_params), None, None
         else:
             token_ids, num_tokens, last_rows = self._verify(logits, row_states, host_params, row_params,
-                                                            _to_device(counts - 1, self.device), draft_ids)
+                                                            counts - 1, draft_ids)
         self._count_outputs(states, num_drafts)
         first_tokens = token_ids if num_tokens is None else token_ids[:, 0]  # rows with history draft nothing
         if history_rows:
@@ -175,7 +175,7 @@ class Sampler:
                 state.num_output_tokens = max(state.num_output_tokens, state.params.min_tokens)
 
     def _verify(self, logits: torch.Tensor, row_states: list[_RequestState], host_params: np.ndarray,
-                row_params: torch.Tensor, num_drafts: torch.Tensor,
+                row_params: torch.Tensor, num_drafts: np.ndarray,
                 draft_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """verify_drafts on the processed logits: the target distribution as this sampler samples it
         (temperature, top-k, top-p, min-p), one uniform and one noise row per logits row."""
@@ -188,8 +188,10 @@ class Sampler:
             if state.generator is not None and not is_greedy[row]:
                 uniforms[row:row + 1].uniform_(generator=state.generator)
         noise = self._exponential_noise(row_states, is_greedy)
+        max_drafts = int(num_drafts.max()) if len(num_drafts) else 0
+        num_drafts = _to_device(np.ascontiguousarray(num_drafts, dtype=np.int64), self.device)
         return verify_drafts(probs, greedy_tokens, _to_device(is_greedy, self.device), draft_ids.to(self.device),
-                             num_drafts, uniforms, noise)
+                             num_drafts, uniforms, noise, max_drafts)
 
     def _raw_logprobs(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor | None:
         if all(s.params.logprobs is None for s in states):

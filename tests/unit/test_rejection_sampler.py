@@ -54,7 +54,7 @@ def test_emitted_tokens_follow_the_target(seed):
     noise = torch.empty_like(rows).exponential_(generator=generator)
     token_ids, num_tokens, last_row = verify_drafts(
         rows, rows.argmax(-1), torch.zeros(len(rows), dtype=torch.bool), draft_ids,
-        torch.full((NUM_DRAWS,), 2), uniforms, noise)
+        torch.full((NUM_DRAWS,), 2), uniforms, noise, max_drafts=2)
     assert token_ids.shape == (NUM_DRAWS, 3)
     assert torch.equal(last_row, torch.arange(NUM_DRAWS) * 3 + num_tokens - 1)
     emitted_distribution_checks(token_ids.numpy(), num_tokens.numpy(), probs, drafts)
@@ -91,7 +91,7 @@ def test_greedy_rows_accept_while_the_draft_is_the_argmax():
     draft_ids = torch.tensor([1, 0, 0, 1, 2, 0])
     token_ids, num_tokens, _ = verify_drafts(
         torch.softmax(logits, -1), logits.argmax(-1), torch.ones(6, dtype=torch.bool), draft_ids,
-        torch.tensor([2, 2]), torch.zeros(6), torch.ones(6, 3))
+        torch.tensor([2, 2]), torch.zeros(6), torch.ones(6, 3), max_drafts=2)
     assert num_tokens.tolist() == [3, 2]
     assert token_ids[0].tolist() == [1, 0, 2]  # both accepted, then the bonus argmax
     assert token_ids[1].tolist() == [1, 0, -1]  # draft 2 refused: the argmax 0 instead
