@@ -7,6 +7,7 @@ defaults from these classes, so a default is written once.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from meshlm.weights.resolve import resolve_model_on_ranks
 from meshlm.weights.model_config import ModelConfig
 
 __all__ = ["ModelConfig", "ParallelConfig", "CacheConfig", "SchedulerConfig", "SamplingParams",
-           "EngineArgs", "EngineConfig", "auto_max_batch_size"]
+           "SpeculativeConfig", "EngineArgs", "EngineConfig", "auto_max_batch_size"]
 
 @dataclass(slots=True)
 class ParallelConfig:
@@ -94,6 +95,38 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
 
 
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding, vLLM's ``speculative_config``. ``method="ngram"`` (prompt lookup): the
+    drafts continue the latest earlier occurrence of the sequence's last ``prompt_lookup_max`` down
+    to ``prompt_lookup_min`` tokens. Each verify step scores ``num_speculative_tokens`` drafts."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config method={self.method!r}; this build supports 'ngram'")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 1")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max="
+                             f"{self.prompt_lookup_max} must satisfy 1 <= min <= max")
+
+    @classmethod
+    def from_dict(cls, spec: dict | None) -> "SpeculativeConfig | None":
+        """None for None; else the config of vLLM's dict (unknown keys are an error)."""
+        if spec is None:
+            return None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"speculative_config keys {unknown} are unknown; known: {sorted(known)}")
+        return cls(**spec)
+
+
 AUTO_TOKENS_PER_SEQ = 512  # the typical sequence the automatic max_batch_size plans for
 AUTO_MAX_BATCH_SIZE = 2048
 AUTO_MIN_BATCH_SIZE = 16
@@ -149,8 +182,13 @@ class EngineArgs:
     enable_fused_kernels: bool | None = None
     # Overlapped step loop: the host plans step n+1 while the device runs step n (see EngineConfig)
     async_scheduling: bool = True
+    # Speculative decoding, as vLLM's dict: {"method": "ngram", "num_speculative_tokens": 4, ...}
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, str):  # the CLI's JSON
+            self.speculative_config = _parse_json_dict("speculative_config", self.speculative_config)
+        SpeculativeConfig.from_dict(self.speculative_config)
         if self.load_format not in ("auto", "random"):
             raise ValueError(f"load_format={self.load_format!r}; choose auto or random")
         self.parallel_config()
@@ -207,6 +245,8 @@ class EngineArgs:
             flag = self._FLAG.get(f.name, "--" + f.name.replace("_", "-"))
             if isinstance(value, bool):
                 out.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, dict):
+                out += [flag, json.dumps(value)]
             else:
                 out += [flag, str(value)]
         return out
@@ -235,6 +275,8 @@ class EngineConfig:
     # the last stage and the first one would need them for the next step, so pp > 1 runs the plain
     # loop. With tp > 1 the sampling rank broadcasts each step's tokens to its TP group on the device.
     async_scheduling: bool
+    # Speculative decoding (None: off). Verify steps run the plain loop: async_scheduling is off.
+    speculative: SpeculativeConfig | None = None
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "EngineConfig":
@@ -247,7 +289,8 @@ class EngineConfig:
         return cls(model_dir, model, parallel, args.cache_config(), scheduler,
                    _resolve_max_model_len(scheduler, model), args.dtype, args.device,
                    args.seed, args.load_format, args.attention_backend, args.skip_tokenizer_init,
-                   args.enable_cuda_graphs, args.enable_fused_kernels, _resolve_async_scheduling(args, parallel))
+                   args.enable_cuda_graphs, args.enable_fused_kernels, _resolve_async_scheduling(args, parallel),
+                   SpeculativeConfig.from_dict(args.speculative_config))
 
 
     @classmethod
@@ -261,7 +304,8 @@ class EngineConfig:
         return cls(None, model, parallel, args.cache_config(), scheduler,
                    _resolve_max_model_len(scheduler, model), args.dtype, args.device, args.seed,
                    args.load_format, args.attention_backend, args.skip_tokenizer_init, args.enable_cuda_graphs,
-                   args.enable_fused_kernels, _resolve_async_scheduling(args, parallel))
+                   args.enable_fused_kernels, _resolve_async_scheduling(args, parallel),
+                   SpeculativeConfig.from_dict(args.speculative_config))
 
 
 def _resolve_max_model_len(scheduler: SchedulerConfig, model: ModelConfig) -> int:
@@ -279,7 +323,20 @@ def _resolve_max_model_len(scheduler: SchedulerConfig, model: ModelConfig) -> in
 
 
 def _resolve_async_scheduling(args: EngineArgs, parallel: ParallelConfig) -> bool:
-    return args.async_scheduling and parallel.pipeline_parallel_size == 1
+    """Off with pipeline stages, and with speculative decoding (a verify step's accepted tokens
+    decide the next step's inputs and KV slots, so the next step waits for them)."""
+    return (args.async_scheduling and parallel.pipeline_parallel_size == 1
+            and args.speculative_config is None)
+
+
+def _parse_json_dict(name: str, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
+    return value
 
 
 def check_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:

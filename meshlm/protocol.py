@@ -61,6 +61,9 @@ class StepPlan:
     # in each layer's K and V pools before the forward. A row of sample_rows may repeat: sequences
     # forked in this step sample their own tokens from the same last-token logits.
     block_copies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [num_copies, 2] (src, dst)
+    # Speculative decoding: the draft tokens of each sample row, the last ones of its sequence's
+    # query (after the last known token). Logits are taken at its last 1 + num_draft_tokens tokens.
+    num_draft_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [num_samples] int32
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +77,21 @@ class StepPlan:
     def query_lens(self) -> np.ndarray:
         return np.diff(self.query_start_loc)
 
+    @property
+    def has_drafts(self) -> bool:
+        return bool(len(self.num_draft_tokens)) and bool(self.num_draft_tokens.any())
+
+    def logits_token_index(self) -> np.ndarray:
+        """Indices into the step's tokens whose logits the sampler takes, sample row by sample row:
+        the last ``1 + num_draft_tokens[i]`` tokens of sample row ``i``'s sequence. [num_logits] int64"""
+        ends = self.query_start_loc[1:].astype(np.int64)[self.sample_rows]  # [num_samples]
+        if not self.has_drafts:
+            return ends - 1
+        counts = 1 + self.num_draft_tokens.astype(np.int64)
+        first = np.repeat(ends - counts, counts)  # [num_logits]
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return first + offsets
+
     @classmethod
     def empty(cls, finished_request_ids: list[str] | None = None) -> "StepPlan":
         """A plan that only carries request bookkeeping (no forward)."""
@@ -84,7 +102,7 @@ class StepPlan:
 
 _PLAN_ARRAYS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
                 "sample_rows", "prev_token_index", "prev_token_rows", "prompt_logprob_index",
-                "prompt_logprob_target_ids", "prompt_logprob_num_top", "block_copies")
+                "prompt_logprob_target_ids", "prompt_logprob_num_top", "block_copies", "num_draft_tokens")
 
 
 def returns_tokens(plan: StepPlan) -> bool:
@@ -104,9 +122,13 @@ class StepResult:
 
     ``top_token_ids`` / ``top_logprobs`` have ``k_max`` columns, the most any row asked for; a row
     that asked for ``k < k_max`` uses its first ``k`` columns only.
+
+    A step with draft tokens (speculative decoding) gives each row ``num_tokens[row]`` tokens, the
+    accepted drafts and then one sampled token: ``token_ids`` is then [num_rows, 1 + max drafts],
+    and the logprobs are those of each row's last token (rows with logprobs carry no drafts).
     """
 
-    token_ids: np.ndarray  # int64 [num_rows]
+    token_ids: np.ndarray  # int64 [num_rows], or [num_rows, 1 + max_drafts] with num_tokens
     logprobs: np.ndarray | None  # float32 [num_rows]: log-prob of each sampled token; None if no row asked
     top_token_ids: np.ndarray | None  # int64 [num_rows, k_max]; None if k_max == 0
     top_logprobs: np.ndarray | None  # float32 [num_rows, k_max]
@@ -114,10 +136,17 @@ class StepResult:
     prompt_logprobs: np.ndarray | None = None  # float32 [num_prompt_rows]
     prompt_top_token_ids: np.ndarray | None = None  # int64 [num_prompt_rows, k_max]; None if k_max == 0
     prompt_top_logprobs: np.ndarray | None = None  # float32 [num_prompt_rows, k_max]
+    num_tokens: np.ndarray | None = None  # int64 [num_rows]: tokens of each row; None: one each
+
+    def row_tokens(self, row: int) -> list[int]:
+        """The tokens sampled for ``row``, in order."""
+        if self.num_tokens is None:
+            return [int(self.token_ids[row])]
+        return self.token_ids[row, :int(self.num_tokens[row])].tolist()
 
 
 _RESULT_ARRAYS = ("token_ids", "logprobs", "top_token_ids", "top_logprobs", "prompt_logprobs",
-                  "prompt_top_token_ids", "prompt_top_logprobs")
+                  "prompt_top_token_ids", "prompt_top_logprobs", "num_tokens")
 
 
 @dataclass(slots=True)

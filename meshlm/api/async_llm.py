@@ -181,8 +181,12 @@ class AsyncLLM:
     def stats(self) -> dict:
         """Gauges for metrics; read without stopping the loop, so they may be one step old."""
         coordinator = self.coordinator
-        return {"num_running": coordinator.num_running, "num_waiting": coordinator.num_waiting,
-                "kv_cache_usage": coordinator.kv_cache_usage}
+        stats = {"num_running": coordinator.num_running, "num_waiting": coordinator.num_waiting,
+                 "kv_cache_usage": coordinator.kv_cache_usage}
+        spec_decode = coordinator.spec_decode_stats
+        if spec_decode is not None:  # speculative decoding is on: its SpecDecodeStats
+            stats["spec_decode"] = spec_decode
+        return stats
 
     def _raise_if_dead(self) -> None:
         if self._error is not None:

@@ -59,6 +59,8 @@ class EngineState:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+    # Speculative decoding's counts (SpecDecodeStats' fields in order); None when it is off
+    spec_decode: list[int] | None = None
 
 
 @dataclass(slots=True)

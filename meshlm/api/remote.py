@@ -19,6 +19,7 @@ from meshlm.api.messages import (AbortCall, Call, EngineState, Hello, ResetPrefi
                                  StepCall, SubmitCall, decode_hello, decode_reply, encode_call)
 from meshlm.config import EngineArgs, EngineConfig
 from meshlm.engine.outputs import RequestOutput
+from meshlm.engine.scheduler import SpecDecodeStats
 from meshlm.engine.tokenizer import Tokenizer
 from meshlm.sampling_params import SamplingParams
 
@@ -101,6 +102,11 @@ class RemoteCoordinator:
     @property
     def kv_cache_usage(self) -> float:
         return self._state.kv_cache_usage
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        counts = self._state.spec_decode
+        return None if counts is None else SpecDecodeStats(*counts)
 
     def shutdown(self) -> None:
         if self._proc is None:

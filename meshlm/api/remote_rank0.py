@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import astuple
 from multiprocessing.connection import Client
 
 from meshlm.api.messages import (AbortCall, EngineState, Hello, Reply, ResetPrefixCacheCall, ShutdownCall, StepCall,
@@ -54,8 +55,10 @@ def _answer(coordinator: Coordinator, data: bytes) -> tuple[Reply, bool]:
         reply = Reply(value)
     except (ValueError, KeyError, TypeError) as exc:  # bad input: report it, keep serving
         reply = Reply(None, type(exc).__name__, str(exc))
+    spec = coordinator.spec_decode_stats
     reply.state = EngineState(coordinator.has_unfinished(), coordinator.has_pending_notices(),
-                              coordinator.num_running, coordinator.num_waiting, coordinator.kv_cache_usage)
+                              coordinator.num_running, coordinator.num_waiting, coordinator.kv_cache_usage,
+                              None if spec is None else list(astuple(spec)))
     return reply, isinstance(call, ShutdownCall)
 
 

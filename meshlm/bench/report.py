@@ -60,6 +60,11 @@ def format_table(result: dict, title: str) -> str:
     lines += _throughput_lines(result)
     if result.get("peak_kv_cache_usage") is not None:
         lines.append(f"{'Peak KV cache usage':<34}{100 * result['peak_kv_cache_usage']:>11.1f}%")
+    spec = result.get("spec_decode")
+    if spec is not None:
+        lines.append(f"{'Spec decode acceptance rate':<34}{_num(spec['acceptance_rate']):>12}")
+        lines.append(f"{'Spec decode tokens per step':<34}{_num(spec['mean_acceptance_length']):>12}"
+                     f"   ({spec['num_accepted_tokens']} of {spec['num_draft_tokens']} drafts accepted)")
     lines.append("-" * 70)
     lines += _latency_lines(result)
     if result.get("sweep"):

@@ -163,14 +163,32 @@ def benchmark(coordinator: EngineCore, args: EngineArgs, opts: ThroughputOptions
     for c in opts.concurrencies:
         coordinator.reset_prefix_cache()  # each run starts cold: none reuses the prompts of the one before
         desc = "benchmark" if c is None else f"concurrency {c}"
+        spec_before = _spec_counts(coordinator)
         run = run_offline(coordinator, requests, c, desc, opts.show_progress)
+        spec_decode = _spec_decode_summary(spec_before, _spec_counts(coordinator))
         points.append({"max_concurrency": c, **summarize(run.records, num_gpus),
-                       "peak_kv_cache_usage": run.peak_kv_cache_usage})
+                       "peak_kv_cache_usage": run.peak_kv_cache_usage,
+                       **({} if spec_decode is None else {"spec_decode": spec_decode})})
         samples = latency_samples_ms(run.records)
     last = {k: v for k, v in points[-1].items() if k != "max_concurrency"}
     result = {"config": _config(args, opts, coordinator, len(requests)), **last,
               "sweep": points if opts.sweep_concurrency else []}
     return result, samples
+
+
+def _spec_counts(coordinator: EngineCore) -> tuple[int, int, int] | None:
+    stats = coordinator.spec_decode_stats
+    return None if stats is None else (stats.num_verify_rows, stats.num_draft_tokens, stats.num_accepted_tokens)
+
+
+def _spec_decode_summary(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> dict | None:
+    """Speculative decoding within one measured run (None when it is off)."""
+    if before is None or after is None:
+        return None
+    rows, drafts, accepted = (a - b for a, b in zip(after, before))
+    return {"num_drafts": rows, "num_draft_tokens": drafts, "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafts if drafts else None,
+            "mean_acceptance_length": 1 + accepted / rows if rows else None}
 
 
 def run_throughput(args: EngineArgs, opts: ThroughputOptions) -> dict:

@@ -18,8 +18,9 @@ from meshlm.engine.dispatch import StepDispatcher
 from meshlm.engine.kv_cache import KVCacheManager
 from meshlm.engine.outputs import RequestOutput
 from meshlm.engine.plan_builder import build_step_plan
+from meshlm.engine.ngram_proposer import NgramProposer
 from meshlm.engine.request import Request
-from meshlm.engine.scheduler import Scheduler, SchedulerOutput
+from meshlm.engine.scheduler import Scheduler, SchedulerOutput, SpecDecodeStats
 from meshlm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from meshlm.executor.async_output import AsyncStepResult
 from meshlm.protocol import NewRequest, StepPlan
@@ -79,7 +80,10 @@ class Coordinator:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_size = config.cache.block_size
         self.kv = KVCacheManager(num_blocks, self.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        spec = config.speculative
+        proposer = None if spec is None else NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
+                                                           spec.prompt_lookup_max)
+        self.scheduler = Scheduler(config.scheduler, self.kv, proposer)
         self._groups: dict[str, _Group | BeamSearch] = {}
         self._group_of: dict[str, _Group | BeamSearch] = {}  # sequence id -> its group
         self._known_to_workers: set[str] = set()
@@ -223,6 +227,11 @@ class Coordinator:
     @property
     def num_kv_blocks(self) -> int:
         return self.kv.num_blocks
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding's counts since the start (None when it is off)."""
+        return None if self.scheduler.proposer is None else self.scheduler.spec_stats
 
     def reset_prefix_cache(self) -> None:
         """Forget the cached prefixes (a benchmark's warm-up should not help its measurement)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from meshlm.engine.outputs import RequestOutput
+from meshlm.engine.scheduler import SpecDecodeStats
 from meshlm.engine.tokenizer import Tokenizer
 from meshlm.sampling_params import SamplingParams
 
@@ -41,6 +42,10 @@ class EngineCore(Protocol):
     @property
     def kv_cache_usage(self) -> float:
         """The fraction of the KV pool's blocks in use."""
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding's counts so far; None when it is off."""
 
     def reset_prefix_cache(self) -> None:
         """Forget the cached prefixes (a benchmark's warm-up should not help its measurement)."""

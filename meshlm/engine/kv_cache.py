@@ -148,6 +148,14 @@ class KVCacheManager:
         request.block_ids.clear()
         self._request_keys.pop(request.request_id, None)
 
+    def free_excess_blocks(self, request: Request) -> None:
+        """Release the blocks past those that hold ``request.num_computed_tokens`` (a verify step's
+        rejected drafts wrote there), last block first. They were never keyed for the prefix cache."""
+        keep = num_blocks_for(request.num_computed_tokens, self.block_size)
+        for block_id in reversed(request.block_ids[keep:]):
+            self._release(block_id)
+        del request.block_ids[keep:]
+
     def _take_free_block(self) -> int:
         if self._free_uncached:
             return self._acquire(self._free_uncached.popleft())

@@ -36,6 +36,7 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
     samplers = [(i, r) for i, c in enumerate(chunks) if c.is_sampling for r in (c.request, *c.forked)]
+    num_draft_tokens = np.array([len(chunks[i].draft_token_ids) for i, _ in samplers], dtype=np.int32)
     scored_index, scored_targets, scored_num_top = _prompt_scores(chunks, query_start_loc)
     return StepPlan(
         input_ids=input_ids, positions=positions.astype(np.int64), slot_mapping=slot_mapping,
@@ -45,7 +46,8 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
         new_requests=new_requests, finished_request_ids=finished_request_ids,
         prev_token_index=np.array(prev_index, dtype=np.int64), prev_token_rows=np.array(prev_rows, dtype=np.int64),
         prompt_logprob_index=scored_index, prompt_logprob_target_ids=scored_targets,
-        prompt_logprob_num_top=scored_num_top, block_copies=np.array(block_copies, dtype=np.int64).reshape(-1, 2))
+        prompt_logprob_num_top=scored_num_top, block_copies=np.array(block_copies, dtype=np.int64).reshape(-1, 2),
+        num_draft_tokens=num_draft_tokens)
 
 
 def _prompt_scores(chunks: list[ScheduledChunk], query_start_loc: np.ndarray
@@ -72,8 +74,9 @@ def _input_ids(chunks: list[ScheduledChunk], query_start_loc: np.ndarray, num_to
     prev_index, prev_rows = [], []
     for i, chunk in enumerate(chunks):
         request, offset = chunk.request, int(query_start_loc[i])
+        num_drafts = len(chunk.draft_token_ids)  # drafts follow the known last token
         known = _known_tokens(request.prompt_token_ids, request.output_token_ids, chunk.start,
-                              chunk.start + chunk.num_new_tokens)
+                              chunk.start + chunk.num_new_tokens - num_drafts) + chunk.draft_token_ids
         input_ids[offset:offset + len(known)] = known
         num_unknown = chunk.num_new_tokens - len(known)
         if num_unknown:

@@ -36,10 +36,13 @@ from dataclasses import dataclass, field
 
 from meshlm.config import SchedulerConfig
 from meshlm.engine.kv_cache import KVCacheManager, num_blocks_for
+from meshlm.engine.fork_scheduling import ForkScheduling
+from meshlm.engine.ngram_proposer import NgramProposer
 from meshlm.engine.request import Request, RequestStatus
+from meshlm.engine.spec_scheduling import SpecDecodeStats, SpeculativeScheduling
 from meshlm.protocol import StepResult
 
-__all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput"]
+__all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput", "SpecDecodeStats"]
 
 
 @dataclass(slots=True)
@@ -57,6 +60,8 @@ class ScheduledChunk:
     # Sequences forked from ``request`` by this chunk: each samples its own token from the same
     # last-token logits, in the rows after the request's own.
     forked: list[Request] = field(default_factory=list)
+    # Speculative decoding: the chunk's last tokens are these drafts, after the last known token.
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -76,12 +81,20 @@ class SchedulerOutput:
         return not self.chunks
 
 
-class Scheduler:
-    """Owns the waiting queue and the running set; decides each step's chunks."""
+class Scheduler(SpeculativeScheduling, ForkScheduling):
+    """Owns the waiting queue and the running set; decides each step's chunks.
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    With a ``proposer`` (speculative decoding) a decode of a request whose last token is known
+    also runs the proposer's draft tokens: its chunk is ``1 + num_drafts`` tokens and samples at
+    each. ``update_from_output`` appends the accepted drafts and the sampled token, and rolls the
+    request's computed tokens and blocks back past the rejected drafts.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, proposer: NgramProposer | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.proposer = proposer
+        self.spec_stats = SpecDecodeStats()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # arrival order; finished ones removed at the next step
         self._num_finished_running = 0
@@ -201,19 +214,20 @@ class Scheduler:
             prompt_row += chunk.num_scored
             if chunk.is_sampling:
                 for r in (request, *chunk.forked):
-                    if self._append(r, result, row):
+                    if self._append(r, chunk, result, row):
                         sampled.append(r)
                     row += 1
             elif request.status == RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(request)  # every token it has computed is known now
         return sampled
 
-    def _append(self, request: Request, result: StepResult, row: int) -> bool:
-        """Put row ``row``'s token in ``request``'s placeholder (and finish it when the token ends
-        it); False when the request finished before the token came."""
+    def _append(self, request: Request, chunk: ScheduledChunk, result: StepResult, row: int) -> bool:
+        """Put row ``row``'s tokens in ``request``'s placeholders (and finish it when a token ends
+        it); False when the request finished before the tokens came."""
         if request.is_finished:
             return False
-        request.num_output_placeholders -= 1
+        num_drafts = len(chunk.draft_token_ids) if request is chunk.request else 0
+        request.num_output_placeholders -= 1 + num_drafts
         if request.is_beam:  # the beam search appends the token it picks (extend_beam)
             k = request.params.logprobs
             request.beam_candidates = list(zip(result.top_token_ids[row, :k].tolist(),
@@ -221,8 +235,7 @@ class Scheduler:
             if request.status == RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(request)
             return True
-        token_id = int(result.token_ids[row])
-        status = request.append_token(token_id, _token_logprobs(result, row, token_id, request))
+        status = self._append_tokens(request, num_drafts, result, row)
         if request.status == RequestStatus.RUNNING:
             self.kv.cache_full_blocks(request)  # every token it has computed is known now
         if status is not None:
@@ -232,6 +245,8 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running = self._running
         index = 0
+        # The sampler's memory is reserved for max_batch_size rows: drafts fill what decodes leave.
+        draft_budget = self.config.max_batch_size - len(running)
         while index < len(running) and budget > 0 and len(out.chunks) < self.config.max_batch_size:
             request = running[index]
             if self._outgrew_pool(request):
@@ -242,25 +257,29 @@ class Scheduler:
             if num_new == 0 or request.is_capped_by_placeholders:  # it finishes when they land
                 index += 1
                 continue
+            drafts = self._draft_tokens(request, budget, draft_budget)
+            draft_budget -= len(drafts)
             while not self.kv.can_allocate(request, num_new):
                 victim = running.pop()  # the newest; never one scheduled earlier in this loop
                 self._preempt(victim, out)
                 if victim is request:
                     break
             else:
-                self._add_chunk(request, num_new, out)
-                budget -= num_new
+                self._add_chunk(request, num_new, out, drafts)
+                budget -= num_new + len(drafts)
                 index += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         waiting, max_batch_size = self._waiting, self.config.max_batch_size
+        num_drafts = sum(len(c.draft_token_ids) for c in out.chunks)  # their logits rows count too
         # Sequences running soon: the running ones and the forks still to come, which sample in the
         # step that forks them. A request and its forks are admitted only when all of them fit
         # (or nothing runs), so no step samples more rows than max_batch_size allows.
         num_seqs = len(self._running) + (
             sum(len(r.forks) for r in self._running) + sum(len(c.forked) for c in out.chunks) if waiting else 0)
-        while waiting and budget > 0 and len(out.chunks) < max_batch_size and num_seqs < max_batch_size:
+        while (waiting and budget > 0 and len(out.chunks) + num_drafts < max_batch_size
+               and num_seqs < max_batch_size):
             request = waiting[0]
             if self._outgrew_pool(request):
                 waiting.popleft()
@@ -284,54 +303,22 @@ class Scheduler:
             self._add_chunk(request, num_new, out)
             budget -= num_new
 
-    def _add_chunk(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
-        self.kv.allocate(request, num_new)
+    def _add_chunk(self, request: Request, num_new: int, out: SchedulerOutput,
+                   drafts: list[int] | None = None) -> None:
+        """Schedule ``num_new`` of the request's tokens, then ``drafts`` (each may become an output,
+        so each adds a placeholder)."""
+        drafts = drafts or []
+        self.kv.allocate(request, num_new + len(drafts))
         start = request.num_computed_tokens
         is_sampling = start + num_new == request.num_tokens_with_placeholders
         first_scored, num_scored = request.positions_to_score(start, num_new)
-        chunk = ScheduledChunk(request, start, num_new, is_sampling, first_scored, num_scored)
+        chunk = ScheduledChunk(request, start, num_new + len(drafts), is_sampling, first_scored, num_scored,
+                               draft_token_ids=drafts)
         out.chunks.append(chunk)
-        request.num_computed_tokens += num_new
-        request.num_output_placeholders += is_sampling
+        request.num_computed_tokens += num_new + len(drafts)
+        request.num_output_placeholders += is_sampling + len(drafts)
         if is_sampling and request.forks:
             self._fork(chunk)
-
-    # ---- beam search ---------------------------------------------------------------------------
-
-    def extend_beam(self, beam: Request, token_id: int, child: Request | None = None) -> None:
-        """Continue ``beam`` with ``token_id``, or, given ``child`` (a fresh beam), fork ``child``
-        from ``beam`` (its tokens, blocks shared copy-on-write) and continue the child instead.
-        Consumes ``beam``'s candidates unless a child is given: fork every child first."""
-        if child is not None:
-            assert not child.block_ids and child.request_id not in self._requests, child.request_id
-            child.output_token_ids = list(beam.output_token_ids)
-            self.kv.fork(beam, child)
-            child.num_computed_tokens = beam.num_computed_tokens
-            child.status = beam.status
-            child.num_preemptions = beam.num_preemptions
-            self._requests[child.request_id] = child
-            if beam.status == RequestStatus.RUNNING:
-                at = self._running.index(beam) + 1
-                self._running.insert(at, child)
-            else:  # preempted: it waits beside its parent
-                self._waiting.insert(self._waiting.index(beam) + 1, child)
-            beam = child
-        beam.beam_candidates = None
-        beam.output_token_ids.append(token_id)
-
-    def _fork(self, chunk: ScheduledChunk) -> None:
-        """The chunk samples its request's first token: its pending forks become running
-        sequences that share its blocks and sample their own first token in this step."""
-        parent = chunk.request
-        assert not parent.output_token_ids, f"{parent.request_id} forks after its first token"
-        for child in parent.forks:
-            self.kv.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.num_output_placeholders = 1
-            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
-            child.status = RequestStatus.RUNNING
-            self._requests[child.request_id] = child
-        chunk.forked, parent.forks = parent.forks, []
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Recompute preemption: free the blocks, restart from token 0, wait at the queue's front."""
@@ -374,15 +361,3 @@ def _prompt_logprobs(result: StepResult, first_row: int, chunk: ScheduledChunk) 
             entry.update({t: lp for t, lp in top if t != target})
         entries.append(entry)
     return entries
-
-
-def _token_logprobs(result: StepResult, row: int, token_id: int, request: Request) -> dict[int, float] | None:
-    """``{sampled token: logprob, then the top-k tokens}`` of one row, when the request asked."""
-    k = request.params.logprobs
-    if k is None or result.logprobs is None:
-        return None
-    entry = {token_id: float(result.logprobs[row])}
-    if k and result.top_token_ids is not None:
-        top = zip(result.top_token_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())
-        entry.update({t: lp for t, lp in top if t != token_id})
-    return entry

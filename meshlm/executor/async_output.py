@@ -26,6 +26,9 @@ class SampledTokens:
     prompt_logprobs: torch.Tensor | None = None  # float32 [num_prompt_rows]; None without prompt rows
     prompt_top_token_ids: torch.Tensor | None = None  # int64 [num_prompt_rows, k_max]
     prompt_top_logprobs: torch.Tensor | None = None  # float32 [num_prompt_rows, k_max]
+    # Verify steps (speculative decoding): token_ids is [num_rows, 1 + max_drafts], of which row r
+    # holds num_tokens[r] (its accepted drafts, then one sampled token). None: one token a row.
+    num_tokens: torch.Tensor | None = None  # int64 [num_rows]
 
 
 class AsyncStepResult:
@@ -39,7 +42,8 @@ class AsyncStepResult:
         if sampled is None:
             return
         tensors = (sampled.token_ids, sampled.logprobs, sampled.top_token_ids, sampled.top_logprobs,
-                   sampled.prompt_logprobs, sampled.prompt_top_token_ids, sampled.prompt_top_logprobs)
+                   sampled.prompt_logprobs, sampled.prompt_top_token_ids, sampled.prompt_top_logprobs,
+                   sampled.num_tokens)
         self._host = [None if t is None else _copy_to_host(t) for t in tensors]
         if sampled.token_ids.device.type == "cuda":
             self._event = torch.cuda.Event()

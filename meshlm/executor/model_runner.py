@@ -184,7 +184,7 @@ class ModelRunner:
         logits, prompt_scores = self._forward(plan)
         sampled = None
         if logits is not None:
-            sampled = self.sampler.sample_on_device(logits, plan.sample_request_ids)
+            sampled = self._sample(plan, logits)
         elif prompt_scores is not None:  # a prompt chunk that samples nothing
             sampled = SampledTokens(torch.zeros(0, dtype=torch.int64, device=self.device), None, None, None)
         if prompt_scores is not None:
@@ -203,6 +203,14 @@ class ModelRunner:
             if pool.element_size() == 1:  # a float8 pool: the CPU has no float8 index_copy, bytes copy alike
                 pool = pool.view(torch.uint8)
             pool.index_copy_(0, dst, pool.index_select(0, src))  # [num_copies, block_size, heads, head_dim]
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor):
+        if not plan.has_drafts:
+            return self.sampler.sample_on_device(logits, plan.sample_request_ids)
+        # Each logits row scores the token after it: the next draft (the sample row's last is unused).
+        draft_ids = plan.input_ids[np.minimum(plan.logits_token_index() + 1, plan.num_tokens - 1)]
+        return self.sampler.sample_on_device(logits, plan.sample_request_ids, plan.num_draft_tokens,
+                                             self._to_device(draft_ids))
 
     def _share_sampled_tokens(self, plan: StepPlan, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The step's sampled tokens on every TP rank (the overlapped loop needs them on each rank
@@ -235,7 +243,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, plan: StepPlan) -> torch.Tensor | None:
-        """Logits [num_samples, vocab] of the plan's sample rows on the sampling rank, without
+        """Logits [num_logits, vocab] of the plan's sample rows on the sampling rank, without
         sampling (tests and checks); None on the other ranks."""
         return self._forward(plan)[0]
 
@@ -258,8 +266,9 @@ class ModelRunner:
             return None, None
         logits = None
         if len(plan.sample_rows) > 0:
-            last_token = plan.query_start_loc[1:].astype(np.int64)[plan.sample_rows] - 1  # [num_samples]
-            logits = self._sampler_logits(self.model.compute_logits(hidden[self._to_device(last_token)]))
+            # Each sample row's last token, and the tokens its drafts follow (speculative decoding)
+            logits_index = self._to_device(plan.logits_token_index())  # [num_logits]
+            logits = self._sampler_logits(self.model.compute_logits(hidden[logits_index]))
         if not wants_prompt_logprobs:
             return logits, None
         scores = score_prompt_tokens(

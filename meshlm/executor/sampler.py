@@ -31,6 +31,9 @@ import torch
 
 from meshlm.executor.async_output import AsyncStepResult, SampledTokens
 from meshlm.executor.grammar import GrammarCompiler, advance, apply_bitmask
+from meshlm.executor.rejection_sampler import verify_drafts
+from meshlm.executor.sampling_ops import (apply_penalties, apply_top_k_top_p_min_p, count_tokens,
+                                          exponential_race, mask_banned_tokens, to_device as _to_device)
 from meshlm.executor.token_constraints import apply_token_constraints
 from meshlm.protocol import StepResult
 from meshlm.sampling_params import SamplingParams
@@ -135,37 +138,82 @@ class Sampler:
         """``sample_on_device``, then wait for the tokens on the host."""
         return AsyncStepResult(self.sample_on_device(logits, request_ids)).get_result()
 
-    def sample_on_device(self, logits: torch.Tensor, request_ids: Sequence[str]) -> SampledTokens:
+    def sample_on_device(self, logits: torch.Tensor, request_ids: Sequence[str],
+                         num_drafts: np.ndarray | None = None,
+                         draft_ids: torch.Tensor | None = None) -> SampledTokens:
         """Sample one token per row; row ``i`` of ``logits`` [num_rows, vocab_size] belongs to
-        ``request_ids[i]``. Counts each row's output; the tokens stay on the device."""
-        num_rows = len(request_ids)
+        ``request_ids[i]``. Counts each row's output; the tokens stay on the device.
+
+        A verify step (speculative decoding) passes ``num_drafts`` [num_requests]: request ``i``
+        then has ``1 + num_drafts[i]`` consecutive logits rows, and ``draft_ids`` [num_rows] the
+        draft each row scores (rejection_sampler.verify_drafts). Requests with drafts use no
+        penalties, bad words, logprobs or pending min_tokens (the scheduler drafts for no other).
+        """
+        counts = np.ones(len(request_ids), np.int64) if num_drafts is None else 1 + num_drafts.astype(np.int64)
+        num_rows = int(counts.sum())
         if logits.dim() != 2 or logits.shape != (num_rows, self.vocab_size):
             raise ValueError(f"logits shape {tuple(logits.shape)} != (num_rows={num_rows}, "
-                             f"vocab_size={self.vocab_size})")
+                             f"vocab_size={self.vocab_size}) for {len(request_ids)} requests")
         states = [self._get_state(rid) for rid in request_ids]
         history_rows = [row for row, state in enumerate(states) if state.needs_history]
         if history_rows:
             self._record_history()  # the only wait for earlier steps: penalties and matchers read their tokens
-        host_params = _row_params(states, self.vocab_size)  # [num_rows, 7] float64 on the host
+        row_states = [s for s, c in zip(states, counts.tolist()) for _ in range(c)]
+        host_params = _row_params(row_states, self.vocab_size)  # [num_rows, 7] float64 on the host
         row_params = _to_device(host_params, self.device).float()
         logits = logits.to(self.device, torch.float32)
 
-        raw_logprobs = self._raw_logprobs(logits, states)
+        raw_logprobs = self._raw_logprobs(logits, row_states)
         if any(s.params.allowed_token_ids is not None or s.params.logit_bias or s.params.bad_words_token_ids
                for s in states):
-            logits = apply_token_constraints(logits, [s.params for s in states],
-                                             [s.output_token_ids for s in states])
-        logits = self._apply_penalties(logits, states, host_params, row_params)
-        logits = self._apply_min_tokens(logits, states)
-        logits = self._apply_grammars(logits, states)
-        token_ids = self._choose_tokens(logits, states, host_params, row_params)
-
-        for state in states:
-            state.num_output_tokens += 1
+            logits = apply_token_constraints(logits, [s.params for s in row_states],
+                                             [s.output_token_ids for s in row_states])
+        logits = self._apply_penalties(logits, row_states, host_params, row_params)
+        logits = self._apply_min_tokens(logits, row_states)
+        logits = self._apply_grammars(logits, row_states)  # grammar rows carry no drafts: one row each
+        if num_drafts is None:
+            token_ids, num_tokens, last_rows = self._choose_tokens(logits, row_states, host_params, row_params), None, None
+        else:
+            token_ids, num_tokens, last_rows = self._verify(logits, row_states, host_params, row_params,
+                                                            counts - 1, draft_ids)
+        self._count_outputs(states, num_drafts)
+        first_tokens = token_ids if num_tokens is None else token_ids[:, 0]  # rows with history draft nothing
         if history_rows:
-            pending = AsyncStepResult(SampledTokens(token_ids, None, None, None))  # copied behind the step
+            pending = AsyncStepResult(SampledTokens(first_tokens, None, None, None))  # copied behind the step
             self._unrecorded.append(([states[row] for row in history_rows], history_rows, pending))
-        return _device_output(token_ids, raw_logprobs, states)
+        if num_tokens is None:
+            return _device_output(token_ids, raw_logprobs, states)
+        last_tokens = token_ids.gather(1, (num_tokens - 1)[:, None])[:, 0]  # [num_requests]
+        out = _device_output(last_tokens, None if raw_logprobs is None else raw_logprobs[last_rows], states)
+        return SampledTokens(token_ids, out.logprobs, out.top_token_ids, out.top_logprobs,
+                             num_tokens=num_tokens)
+
+    def _count_outputs(self, states: list[_RequestState], num_drafts: np.ndarray | None) -> None:
+        """One more output each; a request with drafts is past min_tokens (its only use), however
+        many of them it accepts."""
+        for i, state in enumerate(states):
+            state.num_output_tokens += 1
+            if num_drafts is not None and num_drafts[i]:
+                state.num_output_tokens = max(state.num_output_tokens, state.params.min_tokens)
+
+    def _verify(self, logits: torch.Tensor, row_states: list[_RequestState], host_params: np.ndarray,
+                row_params: torch.Tensor, num_drafts: np.ndarray,
+                draft_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """verify_drafts on the processed logits: the target distribution as this sampler samples it
+        (temperature, top-k, top-p, min-p), one uniform and one noise row per logits row."""
+        greedy_tokens = logits.argmax(dim=-1)  # [num_rows]
+        is_greedy = host_params[:, _TEMPERATURE] == 0.0
+        probs = self._probs(logits, host_params, row_params)
+        uniforms = torch.empty(len(row_states), device=self.device)
+        uniforms.uniform_(generator=self._generator)
+        for row, state in enumerate(row_states):
+            if state.generator is not None and not is_greedy[row]:
+                uniforms[row:row + 1].uniform_(generator=state.generator)
+        noise = self._exponential_noise(row_states, is_greedy)
+        max_drafts = int(num_drafts.max()) if len(num_drafts) else 0
+        num_drafts = _to_device(np.ascontiguousarray(num_drafts, dtype=np.int64), self.device)
+        return verify_drafts(probs, greedy_tokens, _to_device(is_greedy, self.device), draft_ids.to(self.device),
+                             num_drafts, uniforms, noise, max_drafts)
 
     def _raw_logprobs(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor | None:
         if all(s.params.logprobs is None for s in states):
@@ -214,16 +262,21 @@ class Sampler:
         is_greedy = host_params[:, _TEMPERATURE] == 0.0
         if is_greedy.all():
             return greedy_tokens
+        probs = self._probs(logits, host_params, row_params)
+        noise = self._exponential_noise(states, is_greedy)
+        sampled_tokens = exponential_race(probs, noise)
+        return torch.where(_to_device(is_greedy, self.device), greedy_tokens, sampled_tokens)
+
+    def _probs(self, logits: torch.Tensor, host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:
+        """The distribution each sampled row draws from: temperature, then top-k, top-p and min-p
+        (greedy rows get the softmax at temperature 1, which nothing reads). [num_rows, vocab_size]"""
         temperature = row_params[:, _TEMPERATURE]
         temperature = torch.where(temperature == 0.0, torch.ones_like(temperature), temperature)
         scaled = logits / temperature[:, None]
         if _any_filter(host_params, self.vocab_size):
             scaled = apply_top_k_top_p_min_p(scaled, row_params[:, _TOP_K], row_params[:, _TOP_P],
                                              row_params[:, _MIN_P])
-        probs = torch.softmax(scaled, dim=-1)  # [num_rows, vocab_size]
-        noise = self._exponential_noise(states, is_greedy)
-        sampled_tokens = exponential_race(probs, noise)
-        return torch.where(_to_device(is_greedy, self.device), greedy_tokens, sampled_tokens)
+        return torch.softmax(scaled, dim=-1)  # [num_rows, vocab_size]
 
     def _exponential_noise(self, states: list[_RequestState], is_greedy: np.ndarray) -> torch.Tensor:
         """q ~ Exp(1), [num_rows, vocab_size]. A seeded row draws from its own generator (one draw of
@@ -235,83 +288,6 @@ class Sampler:
                 noise[row].exponential_(generator=state.generator)
         return noise
 
-
-# --------------------------------------------------------------------------- batched pieces
-
-def count_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """How often each token id occurs in each row's list: int32 [num_rows, vocab_size].
-
-    The lists are padded into one [num_rows, max_len] tensor with the id ``vocab_size`` and
-    scattered into ``vocab_size + 1`` bins; the padding bin is then dropped.
-    """
-    num_rows = len(token_lists)
-    max_len = max((len(t) for t in token_lists), default=0)
-    padded = np.full((num_rows, max_len), vocab_size, dtype=np.int64)  # [num_rows, max_len]
-    for row, tokens in enumerate(token_lists):
-        padded[row, :len(tokens)] = tokens
-    index = _to_device(padded, torch.device(device))
-    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.int32, device=device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
-    return counts[:, :vocab_size]  # [num_rows, vocab_size]
-
-
-def apply_penalties(logits: torch.Tensor, prompt_counts: torch.Tensor, output_counts: torch.Tensor,
-                    repetition: torch.Tensor, presence: torch.Tensor,
-                    frequency: torch.Tensor) -> torch.Tensor:
-    """Penalise seen tokens; returns new logits [num_rows, vocab_size].
-
-    Repetition (as HF and vLLM): a token seen in the prompt or the output has its logit divided by
-    the penalty when positive and multiplied by it when not. Presence and frequency (as OpenAI and
-    vLLM, output tokens only): ``logit -= presence * (count > 0) + frequency * count``.
-    The penalty vectors are [num_rows]; the counts [num_rows, vocab_size].
-    """
-    seen = (prompt_counts > 0) | (output_counts > 0)
-    penalty = torch.where(seen, repetition[:, None], torch.ones_like(logits))  # [num_rows, vocab_size]
-    logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    counts = output_counts.to(logits.dtype)
-    logits = logits - frequency[:, None] * counts
-    return logits - presence[:, None] * (counts > 0).to(logits.dtype)
-
-
-def mask_banned_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """A copy of ``logits`` with ``-inf`` at each (rows[i], token_ids[i])."""
-    logits = logits.clone()
-    logits[rows, token_ids] = float("-inf")
-    return logits
-
-
-def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                            min_p: torch.Tensor) -> torch.Tensor:
-    """Set to ``-inf`` every logit outside each row's top-k, nucleus and min-p sets (one sort).
-
-    Per row ([num_rows] vectors): ``top_k`` as a float (vocab_size = off), ``top_p`` in (0, 1]
-    (1 = off), ``min_p`` in [0, 1] (0 = off). Applied in vLLM's order: top-k, then top-p over the
-    renormalised top-k distribution (keep the most likely tokens until their mass reaches top_p),
-    then min-p (keep tokens with prob >= min_p * the top prob). The most likely token always stays.
-    """
-    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)  # [num_rows, vocab_size]
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    drop = rank[None, :] >= top_k[:, None]  # [num_rows, vocab_size], in sorted order
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    sorted_probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens
-    # Rows with top_p == 1 skip the test, so float rounding in the cumsum never drops their tail.
-    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
-    drop[:, 0] = False
-    drop_unsorted = torch.zeros_like(drop).scatter_(1, sorted_index, drop)  # [num_rows, vocab_size]
-    return logits.masked_fill(drop_unsorted, float("-inf"))
-
-
-def exponential_race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``argmax(probs / q)`` per row with ``q ~ Exp(1)``: an exact draw from ``probs`` with no
-    cumulative sum. Returns int64 [num_rows]."""
-    noise = noise.clamp(min=torch.finfo(noise.dtype).tiny)  # q == 0 would give 0/0 = nan
-    return (probs / noise).argmax(dim=-1)
-
-
-# --------------------------------------------------------------------------- helpers
 
 def _make_generator(seed: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
@@ -348,11 +324,3 @@ def _device_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
         return SampledTokens(token_ids, sampled, None, None)
     top_logprobs, top_ids = raw_logprobs.topk(k_max, dim=-1)  # [num_rows, k_max], sorted descending
     return SampledTokens(token_ids, sampled, top_ids, top_logprobs)
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on ``device``; on CUDA through pinned memory, without waiting for the copy."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor

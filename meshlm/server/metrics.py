@@ -22,6 +22,31 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
+class SpecDecodeMetrics:
+    """Speculative decoding (vLLM's names): counters of verify rows ("drafts"), draft tokens and
+    accepted draft tokens, and gauges of the acceptance rate and of the mean tokens one verify row
+    emits (accepted drafts + 1). The engine keeps totals; each scrape adds what is new."""
+
+    def __init__(self, counter, gauge):
+        self.num_drafts = counter("meshlm:spec_decode_num_drafts", "Sequence steps that verified draft tokens")
+        self.num_draft_tokens = counter("meshlm:spec_decode_num_draft_tokens", "Draft tokens verified")
+        self.num_accepted_tokens = counter("meshlm:spec_decode_num_accepted_tokens", "Draft tokens accepted")
+        self.acceptance_rate = gauge("meshlm:spec_decode_acceptance_rate",
+                                     "Accepted draft tokens / verified draft tokens, since the start")
+        self.mean_acceptance_length = gauge("meshlm:spec_decode_mean_acceptance_length",
+                                            "Tokens emitted per verify step of a sequence (accepted + 1)")
+        self._seen = (0, 0, 0)
+
+    def update(self, stats) -> None:
+        totals = (stats.num_verify_rows, stats.num_draft_tokens, stats.num_accepted_tokens)
+        for metric, total, seen in zip((self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens),
+                                       totals, self._seen):
+            metric.inc(total - seen)
+        self._seen = totals
+        self.acceptance_rate.set(stats.acceptance_rate)
+        self.mean_acceptance_length.set(stats.mean_tokens_per_verify_row)
+
+
 class ServerMetrics:
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
@@ -47,6 +72,7 @@ class ServerMetrics:
                              _E2E_BUCKETS)
         self.prompt_tokens = counter("meshlm:prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("meshlm:generation_tokens", "Tokens generated")
+        self.spec_decode = SpecDecodeMetrics(counter, gauge)
         self._finished = Counter("meshlm:request_success", "Requests finished, by finish reason",
                                  labels + ["finished_reason"], registry=self.registry)
 
@@ -55,6 +81,8 @@ class ServerMetrics:
         self.num_running.set(stats["num_running"])
         self.num_waiting.set(stats["num_waiting"])
         self.kv_cache_usage.set(stats["kv_cache_usage"])
+        if stats.get("spec_decode") is not None:
+            self.spec_decode.update(stats["spec_decode"])
         return generate_latest(self.registry)
 
     def record(self, last: RequestOutput, arrival: float, first_token: float | None) -> None:
