@@ -109,6 +109,17 @@ def test_row_parallel_shards_keep_the_scales_of_whole_rows():
     assert torch.equal(rows[0].float(), whole[2:6].float()) and torch.equal(rows[1], whole_scale[2:6])
 
 
+def test_per_channel_scales_are_cut_with_their_rows_and_kept_whole_with_columns():
+    quant = QuantizationConfig("compressed-tensors", "channel", None, False, ())
+    q = torch.arange(-16.0, 16.0).reshape(8, 4).to(E4M3)
+    scales = torch.arange(1.0, 9.0).reshape(8, 1)
+    reader = DictReader({"l.weight": q, "l.weight_scale": scales})
+    rows, row_scales = read_fp8(reader, quant, "l.weight", 0, 2, 6)
+    assert torch.equal(rows.float(), q[2:6].float()) and row_scales.tolist() == [3.0, 4.0, 5.0, 6.0]
+    cols, col_scales = read_fp8(reader, quant, "l.weight", 1, 2, 4)
+    assert torch.equal(cols.float(), q[:, 2:4].float()) and col_scales.tolist() == scales[:, 0].tolist()
+
+
 def test_per_tensor_scales_of_merged_parts_stay_exact():
     quant = QuantizationConfig("fp8", "tensor", None, True, ())
     q = torch.tensor([[1.0, 2.0], [4.0, 8.0]]).to(E4M3)
