@@ -269,6 +269,9 @@ def resolve_quantization(model: ModelConfig, quantization: str | None, load_form
     in high precision and quantized at load."""
     if model.quantization is None and quantization is None:
         return model
+    if quantization == "compressed-tensors" and model.quantization is None and load_format != "random":
+        raise ValueError("quantization='compressed-tensors' reads a compressed-tensors checkpoint, and this "
+                         "model's config.json has no quantization_config; quantization='fp8' quantizes at load")
     if load_format == "random" or model.quantization is None:
         return replace(model, quantization=QuantizationConfig.at_load())
     return model

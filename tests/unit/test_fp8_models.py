@@ -186,6 +186,11 @@ def test_float8_checkpoint_weight_in_another_dtype_is_named(llama, tmp_path):
         LLM(str(path), **ENGINE_KW)
 
 
+def test_compressed_tensors_asked_of_an_unquantized_checkpoint_says_so(llama):
+    with pytest.raises(ValueError, match="no quantization_config; quantization='fp8' quantizes at load"):
+        LLM(str(llama), quantization="compressed-tensors", **ENGINE_KW)
+
+
 def test_random_weights_are_quantized_at_load(llama, tmp_path):
     fp8_dir = write_fp8_checkpoint(llama, tmp_path / "hf", "hf-fp8-static")
     for model in (ModelConfig.from_dir(llama), ModelConfig.from_dir(fp8_dir)):
