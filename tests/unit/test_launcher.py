@@ -240,7 +240,8 @@ NON_DEFAULT = EngineArgs(
     dtype="bfloat16", device="cpu", seed=7, block_size=32, num_kv_blocks=100, gpu_memory_utilization=0.5,
     cpu_kv_cache_gb=0.25, enable_prefix_caching=False, max_num_tokens=1024, max_batch_size=8,
     max_model_len=2048, attention_backend="reference", load_format="random", skip_tokenizer_init=True,
-    enable_cuda_graphs=False, enable_fused_kernels=True, async_scheduling=False)
+    enable_cuda_graphs=False, enable_fused_kernels=True, async_scheduling=False,
+    quantization="fp8")
 
 
 def test_non_default_covers_every_field():
