@@ -49,7 +49,7 @@ class SharedExpert(NamedWeights, nn.Module):
     """Qwen2-MoE's always-on expert, split over the TP group like a dense MLP.
 
     ``forward`` returns this rank's partial sum: its reduction is folded into the MoE block's one
-    ``combine_from_experts``, so ``down_proj`` is used for its sharding and loader, not its forward.
+    ``combine_from_experts``, so ``down_proj`` gives its unreduced ``matmul``, not its forward.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, groups: ParallelGroups, dtype, device,
