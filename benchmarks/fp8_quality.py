@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--kv-cache-dtype", default=None, help="passed to the engine only when given")
     parser.add_argument("--checkpoint-format", default="hf-fp8",
                         help="published format of the third run (tests/model_factory.py FP8_FORMATS)")
-    parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
+    parser.add_argument("--window", type=int, default=256, help="tokens per perplexity window")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
     from meshlm.weights.resolve import resolve_model_on_ranks
