@@ -208,3 +208,110 @@ def load_moe_reference(path: str | Path):
     if model.config._experts_implementation != "eager":
         raise RuntimeError(f"transformers chose experts_implementation={model.config._experts_implementation!r}")
     return model.eval()
+
+
+# --- published FP8 checkpoints ----------------------------------------------------------------
+# Written here with torch and safetensors alone (compressed-tensors' own QuantizationConfig writes
+# that format's config), so that meshlm's reader is checked against files it did not write.
+FP8_FORMATS = ("hf-fp8", "hf-fp8-static", "hf-fp8-block", "ct-channel", "ct-tensor-static")
+_FP8_MAX = 448.0
+
+
+def is_fp8_linear_weight(name: str) -> bool:
+    """The decoder's linear weights a published FP8 checkpoint stores in float8 (not routers, norms,
+    embeddings or the LM head)."""
+    import re
+    return name.startswith("model.layers.") and bool(
+        re.search(r"(_proj|experts\.\d+\.w[123])\.weight$", name)) and "shared_expert_gate" not in name
+
+
+def _fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _block_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    bn, bk = block
+    rows, cols = w.shape
+    scales = torch.empty(-(-rows // bn), -(-cols // bk))
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            scales[i, j] = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk].abs().amax().float() / _FP8_MAX
+    per_element = scales.repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)[:, :cols]
+    return _fp8(w, per_element), scales
+
+
+def calibrate_input_amax(path: str | Path, prompts: list[list[int]]) -> dict[str, float]:
+    """The largest |input| each decoder linear layer of the transformers model in ``path`` sees over
+    ``prompts`` (what a static activation scale is calibrated from)."""
+    model = load_reference(path)
+    amax: dict[str, float] = {}
+
+    def hook(name):
+        return lambda module, args: amax.__setitem__(name, max(amax.get(name, 0.0), float(args[0].abs().max())))
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and is_fp8_linear_weight(n + ".weight")]
+    with torch.no_grad():
+        for prompt in prompts:
+            model(torch.tensor([prompt]))
+    for h in handles:
+        h.remove()
+    return amax
+
+
+def _fp8_tensors(name: str, w: torch.Tensor, fmt: str, block, input_amax) -> dict[str, torch.Tensor]:
+    module = name.removesuffix(".weight")
+    if fmt == "hf-fp8-block":
+        q, scales = _block_quantize(w, block)
+        return {name: q, f"{module}.weight_scale_inv": scales}
+    if fmt == "ct-channel":
+        scale = (w.abs().amax(dim=1, keepdim=True).float() / _FP8_MAX)  # [N, 1]
+        return {name: _fp8(w, scale), f"{module}.weight_scale": scale}
+    scale = w.abs().amax().float() / _FP8_MAX
+    out = {name: _fp8(w, scale), f"{module}.weight_scale": scale.reshape(() if fmt.startswith("hf") else (1,))}
+    if fmt.endswith("static"):
+        input_scale = torch.tensor(max(input_amax.get(module, 1.0), 1e-6) / _FP8_MAX)
+        out[f"{module}.input_scale"] = input_scale.reshape(() if fmt.startswith("hf") else (1,))
+    return out
+
+
+def _fp8_quantization_config(fmt: str, block) -> dict[str, Any]:
+    if fmt.startswith("hf"):
+        cfg = {"quant_method": "fp8", "activation_scheme": "static" if fmt.endswith("static") else "dynamic",
+               "ignored_layers": ["lm_head"]}
+        if fmt == "hf-fp8-block":
+            cfg["weight_block_size"] = list(block)
+        return cfg
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    scheme = preset_name_to_scheme("FP8_DYNAMIC" if fmt == "ct-channel" else "FP8", ["Linear"])
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head", "re:.*mlp.gate$"],
+                                format="float-quantized", quantization_status="compressed")
+    return json.loads(config.model_dump_json(exclude_none=False))
+
+
+def write_fp8_checkpoint(src: str | Path, dst: str | Path, fmt: str, block: tuple[int, int] = (16, 16),
+                         calibration_prompts: list[list[int]] | None = None) -> Path:
+    """Copy the model in ``src`` to ``dst`` with its decoder's linear weights in a published FP8
+    format (see FP8_FORMATS): Hugging Face ``quant_method: fp8`` per tensor (``-static``: with input
+    scales calibrated on ``calibration_prompts``) or in ``block`` blocks, compressed-tensors per
+    channel, or per tensor with static input scales."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"unknown FP8 format {fmt!r}; choose one of {', '.join(FP8_FORMATS)}")
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    input_amax = calibrate_input_amax(src, calibration_prompts or [[3, 4, 5]]) if fmt.endswith("static") else {}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(src.glob("*.safetensors")):
+        for name, w in load_file(file).items():
+            tensors.update(_fp8_tensors(name, w, fmt, block, input_amax) if is_fp8_linear_weight(name)
+                           else {name: w})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = _fp8_quantization_config(fmt, block)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / extra).is_file():
+            shutil.copy(src / extra, dst / extra)
+    return dst

@@ -138,7 +138,8 @@ def _config(args: EngineArgs, opts: ThroughputOptions, coordinator, num_prompts:
     return {
         "backend": "meshlm", "mode": "offline", "model": args.model or DEFAULT_MODEL_NAME,
         "tp": tp, "pp": pp, "ep": args.moe_expert_parallel_size or 1, "num_gpus": args.world_size,
-        "device": device_name(args), "dtype": args.dtype, **opts.workload.describe(num_prompts),
+        "device": device_name(args), "dtype": args.dtype, "quantization": args.quantization,
+        **opts.workload.describe(num_prompts),
         "max_concurrency": opts.concurrencies[-1], "max_model_len": coordinator.max_model_len,
         "max_num_tokens": args.max_num_tokens, "max_batch_size": coordinator.max_batch_size,
         "block_size": args.block_size, "num_kv_blocks": coordinator.num_kv_blocks,

@@ -11,7 +11,9 @@ runner when it sizes its KV pool on a real card. Counts follow how the parallel 
 - dense MLP and Qwen2-MoE's shared expert: the intermediate width split by tp;
 - experts: each of the moe_ep ranks holds num_experts / moe_ep experts, each moe_tp = tp / moe_ep
   wide slice of their width; the router is replicated;
-- decoder layers: the contiguous range of this pipeline stage (Mapping.layer_range).
+- decoder layers: the contiguous range of this pipeline stage (Mapping.layer_range);
+- FP8 (``quantization``): each linear weight one byte an element, a float32 scale per row and, for
+  a checkpoint with static activation scales, one float32 input scale per layer (not per expert).
 """
 from __future__ import annotations
 
@@ -45,44 +47,68 @@ def weight_bytes(cfg: ModelConfig, mapping: Mapping, itemsize: int) -> int:
     """Bytes of the parameters this rank holds (the sum of its model shard's parameters)."""
     hidden, tp = cfg.hidden_size, mapping.tp
     vocab_shard = -(-cfg.vocab_size // tp) * hidden  # [vocab_per_rank, hidden]
-    num = 0
+    num = 0  # elements in the model dtype
+    linears: list[Linear] = []  # the linear layers' weights, float8 when quantized
     if mapping.is_first_pp_rank or (mapping.is_last_pp_rank and cfg.tie_word_embeddings):
         num += vocab_shard
     if mapping.is_last_pp_rank:
         num += hidden + (0 if cfg.tie_word_embeddings else vocab_shard)  # final norm, LM head
     for layer in mapping.layer_range(cfg.num_layers):
-        num += 2 * hidden + _attention_elements(cfg, tp)  # two norms and the attention
+        num += 2 * hidden + _attention_extras(cfg, tp)  # two norms, biases and qk-norms
+        linears += _attention_linears(cfg, tp)
         if cfg.is_moe_layer(layer):
-            num += _moe_elements(cfg, mapping)
+            num += cfg.num_experts * hidden  # the router, replicated
+            linears += _moe_linears(cfg, mapping)
+            if cfg.shared_expert_intermediate_size:
+                num += hidden  # the shared expert's gate
         else:
-            num += _mlp_elements(hidden, cfg.intermediate_size, tp)
-    return num * itemsize
+            linears += _mlp_linears(hidden, cfg.intermediate_size, tp)
+    return num * itemsize + sum(linear.num_bytes(itemsize, cfg) for linear in linears)
 
 
-def _attention_elements(cfg: ModelConfig, tp: int) -> int:
-    q_width = cfg.num_heads // tp * cfg.head_dim
-    kv_width = num_kv_heads_per_rank(cfg, tp) * cfg.head_dim
-    qkv_width = q_width + 2 * kv_width
-    num = qkv_width * cfg.hidden_size + cfg.hidden_size * q_width  # qkv_proj, o_proj
+@dataclass(frozen=True, slots=True)
+class Linear:
+    """One linear weight of a rank: ``rows`` x ``columns``; ``is_expert``: no input scale of its own."""
+
+    rows: int
+    columns: int
+    is_expert: bool = False
+
+    def num_bytes(self, itemsize: int, cfg: ModelConfig) -> int:
+        quant = cfg.quantization
+        if quant is None:
+            return self.rows * self.columns * itemsize
+        # float8 weight, a float32 scale per row, and a static input scale where the checkpoint has them
+        input_scale = 4 if quant.is_static_input and not self.is_expert else 0
+        return self.rows * self.columns + 4 * self.rows + input_scale
+
+
+def _attention_extras(cfg: ModelConfig, tp: int) -> int:
+    num = 0
     if cfg.attention_bias:
-        num += qkv_width
+        num += (cfg.num_heads // tp + 2 * num_kv_heads_per_rank(cfg, tp)) * cfg.head_dim
     if cfg.qk_norm:
         num += 2 * cfg.head_dim
     return num
 
 
-def _mlp_elements(hidden: int, intermediate: int, tp: int) -> int:
-    return 3 * hidden * (intermediate // tp)  # gate and up [inter/tp, hidden], down [hidden, inter/tp]
+def _attention_linears(cfg: ModelConfig, tp: int) -> list[Linear]:
+    q_width = cfg.num_heads // tp * cfg.head_dim
+    kv_width = num_kv_heads_per_rank(cfg, tp) * cfg.head_dim
+    return [Linear(q_width + 2 * kv_width, cfg.hidden_size), Linear(cfg.hidden_size, q_width)]  # qkv, o
 
 
-def _moe_elements(cfg: ModelConfig, mapping: Mapping) -> int:
-    hidden = cfg.hidden_size
-    num = cfg.num_experts * hidden  # the router, replicated
+def _mlp_linears(hidden: int, intermediate: int, tp: int) -> list[Linear]:
+    return [Linear(2 * (intermediate // tp), hidden), Linear(hidden, intermediate // tp)]  # gate/up, down
+
+
+def _moe_linears(cfg: ModelConfig, mapping: Mapping) -> list[Linear]:
+    hidden, width = cfg.hidden_size, cfg.moe_intermediate_size // mapping.moe_tp
     num_local_experts = cfg.num_experts // mapping.moe_ep
-    num += num_local_experts * _mlp_elements(hidden, cfg.moe_intermediate_size, mapping.moe_tp)
+    linears = [Linear(num_local_experts * 2 * width, hidden, True), Linear(num_local_experts * hidden, width, True)]
     if cfg.shared_expert_intermediate_size:
-        num += _mlp_elements(hidden, cfg.shared_expert_intermediate_size, mapping.tp) + hidden  # + its gate
-    return num
+        linears += _mlp_linears(hidden, cfg.shared_expert_intermediate_size, mapping.tp)
+    return linears
 
 
 def activation_reserve_bytes(cfg: ModelConfig, tp: int, max_num_tokens: int, max_batch_size: int) -> int:

@@ -28,8 +28,9 @@ class LlamaAttention(NamedWeights, nn.Module):
         super().__init__()
         tp = groups.tp
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          tp, cfg.attention_bias, dtype, device)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp, False, dtype, device)
+                                          tp, cfg.attention_bias, dtype, device, quant=cfg.quantization)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp, False, dtype, device,
+                                        quant=cfg.quantization)
         self.num_heads_per_rank = self.qkv_proj.num_heads_per_rank
         self.num_kv_heads_per_rank = self.qkv_proj.num_kv_heads_per_rank
         self.head_dim = cfg.head_dim
@@ -71,8 +72,10 @@ class LlamaMLP(NamedWeights, nn.Module):
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device):
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], groups.tp, False, dtype, device)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, groups.tp, False, dtype, device)
+        quant = cfg.quantization
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], groups.tp, False, dtype, device,
+                                                 quant=quant)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, groups.tp, False, dtype, device, quant=quant)
         self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

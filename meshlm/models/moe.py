@@ -49,19 +49,21 @@ class SharedExpert(NamedWeights, nn.Module):
     """Qwen2-MoE's always-on expert, split over the TP group like a dense MLP.
 
     ``forward`` returns this rank's partial sum: its reduction is folded into the MoE block's one
-    ``combine_from_experts``, so ``down_proj`` is used for its sharding and loader, not its forward.
+    ``combine_from_experts``, so ``down_proj`` gives its unreduced ``matmul``, not its forward.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, groups: ParallelGroups, dtype, device):
+    def __init__(self, hidden_size: int, intermediate_size: int, groups: ParallelGroups, dtype, device,
+                 quant=None):
         super().__init__()
         tp = groups.tp
-        self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, tp, False, dtype, device)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp, False, dtype, device)
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, tp, False, dtype, device,
+                                                 quant=quant)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp, False, dtype, device, quant=quant)
         self.gate = Router(hidden_size, 1, 1, False, dtype, device)  # shared_expert_gate: [1, hidden]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, inter_per_rank] each
-        partial = F.linear(F.silu(gate) * up, self.down_proj.weight)  # [num_tokens, hidden], unreduced
+        partial = self.down_proj.matmul(F.silu(gate) * up)  # [num_tokens, hidden], unreduced
         return torch.sigmoid(F.linear(x, self.gate.weight)) * partial
 
     def weight_names(self, p: str) -> list[tuple[object, tuple]]:
@@ -79,11 +81,11 @@ class SparseMoeBlock(NamedWeights, nn.Module):
         self.gate = Router(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
                            dtype, device)
         self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
-                                cfg.moe_intermediate_size, groups.mapping, dtype, device)
+                                cfg.moe_intermediate_size, groups.mapping, dtype, device, quant=cfg.quantization)
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size, groups,
-                                              dtype, device)
+                                              dtype, device, quant=cfg.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every TP rank holds every token ([num_tokens, hidden]) after the attention all-reduce,

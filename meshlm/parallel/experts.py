@@ -24,6 +24,10 @@ local expert owns a contiguous run of rows, then:
   filled with its pairs and zeros, and one batched GEMM per projection runs them all: no host
   synchronisation, any dtype, but work for ``num_local_experts x num_tokens`` rows. Used while a
   CUDA graph of a decode step is captured and ``grouped`` is unavailable (fp16, fp32).
+
+FP8 experts (a QuantizationConfig): ``w13``/``w2`` float8 with one scale per output row of each
+expert (``w13_scale`` [E_local, 2 * inter_per_rank], ``w2_scale`` [E_local, hidden]); ``loop`` runs
+each expert's scaled product, ``padded`` a batched one; ``grouped`` is not used for them.
 """
 from __future__ import annotations
 
@@ -33,7 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshlm.kernels.fp8 import FP8_DTYPE, bmm, linear, quantize_per_row
+from meshlm.parallel.fp8_weights import check_fp8_support, read_fp8
 from meshlm.parallel.mapping import Mapping
+from meshlm.weights.quantization import QuantizationConfig
 
 # Token-expert pairs per chunk of the expert compute: bounds the [pairs, hidden] temporaries of a
 # long prefill (decode batches fit in one chunk).
@@ -125,7 +132,7 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 mapping: Mapping, dtype: torch.dtype, device=None):
+                 mapping: Mapping, dtype: torch.dtype, device=None, quant: QuantizationConfig | None = None):
         super().__init__()
         check_expert_layout(num_experts, intermediate_size, mapping.tp, mapping.moe_ep)
         self.num_experts, self.top_k = num_experts, top_k
@@ -134,10 +141,18 @@ class FusedMoE(nn.Module):
         self.expert_start = mapping.moe_ep_rank * self.num_local_experts
         self.inter_per_rank = intermediate_size // mapping.moe_tp
         self.inter_start = mapping.moe_tp_rank * self.inter_per_rank
-        self.w13 = nn.Parameter(torch.empty((self.num_local_experts, 2 * self.inter_per_rank, hidden_size),
-                                            dtype=dtype, device=device), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty((self.num_local_experts, hidden_size, self.inter_per_rank),
-                                           dtype=dtype, device=device), requires_grad=False)
+        self.quant = quant
+        w13_shape = (self.num_local_experts, 2 * self.inter_per_rank, hidden_size)
+        w2_shape = (self.num_local_experts, hidden_size, self.inter_per_rank)
+        weight_dtype = dtype if quant is None else FP8_DTYPE
+        self.w13 = nn.Parameter(torch.empty(w13_shape, dtype=weight_dtype, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(w2_shape, dtype=weight_dtype, device=device), requires_grad=False)
+        self.w13_scale = self.w2_scale = None
+        if quant is not None:
+            self.w13_scale = nn.Parameter(torch.empty(w13_shape[:2], dtype=torch.float32, device=device),
+                                          requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.empty(w2_shape[:2], dtype=torch.float32, device=device),
+                                         requires_grad=False)
         self.backend: str | None = None  # None: auto (see backend_for)
         self.is_fused_checkpoint = False
 
@@ -164,6 +179,8 @@ class FusedMoE(nn.Module):
             return self.backend
         if hidden.device.type != "cuda":
             return "loop"
+        if self.quant is not None:
+            return "padded" if torch.cuda.is_current_stream_capturing() else "loop"
         if grouped_mm_supported(hidden.dtype, self.hidden_size, self.inter_per_rank):
             return "grouped"
         return "padded" if torch.cuda.is_current_stream_capturing() else "loop"
@@ -198,8 +215,12 @@ class FusedMoE(nn.Module):
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Local expert ``e`` on rows ``x`` [n, hidden] -> [n, hidden]."""
-        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # [n, inter_per_rank] each
-        return F.linear(F.silu(gate) * up, self.w2[e])
+        gate, up = linear(x, self.w13[e], self._scale(self.w13_scale, e)).chunk(2, dim=-1)  # [n, inter_per_rank] each
+        return linear(F.silu(gate) * up, self.w2[e], self._scale(self.w2_scale, e))
+
+    @staticmethod
+    def _scale(scales: torch.Tensor | None, e: int) -> torch.Tensor | None:
+        return None if scales is None else scales[e]
 
     def _loop(self, x: torch.Tensor, ends: list[int]) -> torch.Tensor:
         y = torch.empty_like(x)  # [num_local_pairs, hidden]
@@ -228,9 +249,9 @@ class FusedMoE(nn.Module):
         padded = x.new_zeros((num_experts + 1, capacity, self.hidden_size))
         padded[expert, row] = x
         padded = padded[:num_experts]  # [num_local_experts, capacity, hidden]
-        gate_up = torch.bmm(padded, self.w13.transpose(1, 2))  # [num_local_experts, capacity, 2 * inter_per_rank]
+        gate_up = bmm(padded, self.w13, self.w13_scale)  # [num_local_experts, capacity, 2 * inter_per_rank]
         gate, up = gate_up.chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))  # [num_local_experts, capacity, hidden]
+        y = bmm(F.silu(gate) * up, self.w2, self.w2_scale)  # [num_local_experts, capacity, hidden]
         return y[expert.clamp(max=num_experts - 1), row]
 
     # --- weights -----------------------------------------------------------------------------
@@ -244,6 +265,9 @@ class FusedMoE(nn.Module):
             shapes[names.gate.format(e=e)] = (inter, hidden)
             shapes[names.up.format(e=e)] = (inter, hidden)
             shapes[names.down.format(e=e)] = (hidden, inter)
+        if self.quant is not None:
+            for name, shape in list(shapes.items()):
+                shapes.update(self.quant.scale_shapes(name, shape))
         return shapes
 
     def detect_layout(self, reader, names: ExpertNames) -> None:
@@ -257,10 +281,25 @@ class FusedMoE(nn.Module):
         if self.is_fused_checkpoint:
             self._load_fused(reader, names)
             return
+        if self.quant is not None:
+            self._load_fp8(reader, names)
+            return
         for i, e in enumerate(self.local_experts):
             self.w13[i, :n].copy_(reader.read(names.gate.format(e=e), 0, lo, lo + n))
             self.w13[i, n:].copy_(reader.read(names.up.format(e=e), 0, lo, lo + n))
             self.w2[i].copy_(reader.read(names.down.format(e=e), 1, lo, lo + n))
+
+    def _load_fp8(self, reader, names: ExpertNames) -> None:
+        """Float8 rows and their scales; down's rows are scaled over the full expert width."""
+        n, lo = self.inter_per_rank, self.inter_start
+        for i, e in enumerate(self.local_experts):
+            for part, name in enumerate((names.gate.format(e=e), names.up.format(e=e))):
+                weight, scale = read_fp8(reader, self.quant, name, 0, lo, lo + n)
+                self.w13[i, part * n:(part + 1) * n].copy_(weight)
+                self.w13_scale[i, part * n:(part + 1) * n].copy_(scale)
+            weight, scale = read_fp8(reader, self.quant, names.down.format(e=e), 1, lo, lo + n)
+            self.w2[i].copy_(weight)
+            self.w2_scale[i].copy_(scale)
 
     def _load_fused(self, reader, names: ExpertNames) -> None:
         # A read slices one dim: this rank's experts. Their full width comes off the disk and the
@@ -268,10 +307,19 @@ class FusedMoE(nn.Module):
         n, lo, inter = self.inter_per_rank, self.inter_start, self.intermediate_size
         first, stop = self.expert_start, self.expert_start + self.num_local_experts
         gate_up = reader.read(names.fused_gate_up, 0, first, stop)  # [E_local, 2 * inter, hidden]
-        self.w13[:, :n].copy_(gate_up[:, lo:lo + n])
-        self.w13[:, n:].copy_(gate_up[:, inter + lo:inter + lo + n])
+        rows13 = torch.cat([gate_up[:, lo:lo + n], gate_up[:, inter + lo:inter + lo + n]], dim=1)  # [E_local, 2n, hidden]
         down = reader.read(names.fused_down, 0, first, stop)  # [E_local, hidden, inter]
-        self.w2.copy_(down[:, :, lo:lo + n])
+        if self.quant is None:
+            self.w13.copy_(rows13)
+            self.w2.copy_(down[:, :, lo:lo + n])
+            return
+        check_fp8_support(self.quant, names.fused_gate_up)
+        q13, s13 = quantize_per_row(rows13)  # scales [E_local, 2n, 1]
+        q2, s2 = quantize_per_row(down)  # down's whole rows: scales over the full expert width
+        self.w13.copy_(q13)
+        self.w13_scale.copy_(s13[..., 0])
+        self.w2.copy_(q2[:, :, lo:lo + n])
+        self.w2_scale.copy_(s2[..., 0])
 
 
 def sort_by_expert(local_ids: torch.Tensor, is_local: torch.Tensor,

@@ -3,6 +3,10 @@
 Shapes are per rank; a model built from these reads like single-GPU code. ``load`` takes a
 CheckpointReader and the checkpoint names, and reads only this rank's rows or columns.
 ``expected_shapes`` gives the full checkpoint shapes for the up-front check.
+
+With a QuantizationConfig (``quant``) the linear layers hold float8 weights with one scale per
+output row (parallel/fp8_weights.py reads them, kernels/fp8.py multiplies); embeddings, norms and
+the LM head keep the model dtype.
 """
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.parallel.comm import Communicator
+from meshlm.parallel.fp8_weights import read_fp8, read_input_scale
 from meshlm.weights.checkpoint import CheckpointReader
+from meshlm.weights.quantization import QuantizationConfig
+from meshlm.kernels.fp8 import FP8_DTYPE, linear
 from meshlm.kernels.fused_ops import TORCH_OPS
 
 
@@ -43,7 +50,44 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+class QuantizableLinear(nn.Module):
+    """``weight`` [out, in] in the model dtype, or float8 with ``weight_scale`` [out] (float32) and,
+    for a checkpoint with static activation scales, ``input_scale`` [1]."""
+
+    def _make_weight(self, out: int, in_features: int, dtype, device, quant: QuantizationConfig | None) -> None:
+        self.quant = quant
+        self.weight_scale = self.input_scale = None
+        if quant is None:
+            self.weight = _param((out, in_features), dtype, device)
+            return
+        self.weight = _param((out, in_features), FP8_DTYPE, device)
+        self.weight_scale = _param((out,), torch.float32, device)
+        if quant.is_static_input:
+            self.input_scale = _param((1,), torch.float32, device)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x W^T + b`` on this rank's shard, with no communication."""
+        return linear(x, self.weight, self.weight_scale, bias, self.input_scale)
+
+    def _scale_shapes(self, names: list[str], shapes: dict) -> dict:
+        if self.quant is None:
+            return {}
+        found = {}
+        for name in names:
+            found.update(self.quant.scale_shapes(name, shapes[name]))
+        return found
+
+    def _load_input_scale(self, reader, names: list[str]) -> None:
+        if self.input_scale is None:
+            return
+        scale = read_input_scale(reader, self.quant, names)
+        if scale is None:  # parts stored unquantized: their activations are quantized per token
+            self.input_scale = None
+        else:
+            self.input_scale.copy_(scale)
+
+
+class ColumnParallelLinear(QuantizableLinear):
     """``y = x W^T + b`` with W's output rows split across TP ranks; y stays sharded.
 
     ``output_sizes`` lists merged sub-matrices (e.g. gate and up), each split on its own so
@@ -51,18 +95,18 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], tp: Communicator, bias: bool,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, quant: QuantizationConfig | None = None):
         super().__init__()
         self.tp = tp
         self.in_features = in_features
         self.output_sizes = output_sizes
         self.sizes_per_rank = [divide(n, tp.size, "output size") for n in output_sizes]
         out = sum(self.sizes_per_rank)
-        self.weight = _param((out, in_features), dtype, device)
+        self._make_weight(out, in_features, dtype, device, quant)
         self.bias = _param((out,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def _rows(self, index: int) -> tuple[int, int, int]:
         """(checkpoint start row, rows, offset in this rank's weight) of sub-matrix ``index``."""
@@ -71,6 +115,7 @@ class ColumnParallelLinear(nn.Module):
 
     def expected_shapes(self, names: list[str], bias_names: list[str] | None = None) -> dict:
         shapes = {name: (size, self.in_features) for name, size in zip(names, self.output_sizes)}
+        shapes.update(self._scale_shapes(names, shapes))
         if self.bias is not None and bias_names:
             shapes.update({b: (size,) for b, size in zip(bias_names, self.output_sizes)})
         return shapes
@@ -79,9 +124,15 @@ class ColumnParallelLinear(nn.Module):
     def load(self, reader: CheckpointReader, names: list[str], bias_names: list[str] | None = None) -> None:
         for i, name in enumerate(names):
             start, n, offset = self._rows(i)
-            self.weight[offset:offset + n].copy_(reader.read(name, 0, start, start + n))
+            if self.quant is None:
+                self.weight[offset:offset + n].copy_(reader.read(name, 0, start, start + n))
+            else:
+                weight, scale = read_fp8(reader, self.quant, name, 0, start, start + n)
+                self.weight[offset:offset + n].copy_(weight)
+                self.weight_scale[offset:offset + n].copy_(scale)
             if self.bias is not None and bias_names:
                 self.bias[offset:offset + n].copy_(reader.read(bias_names[i], 0, start, start + n))
+        self._load_input_scale(reader, names)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -92,7 +143,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 tp: Communicator, bias: bool, dtype: torch.dtype, device=None):
+                 tp: Communicator, bias: bool, dtype: torch.dtype, device=None,
+                 quant: QuantizationConfig | None = None):
         check_tp_for_heads(num_heads, num_kv_heads, tp.size)
         nn.Module.__init__(self)
         self.tp = tp
@@ -105,7 +157,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                                self.num_kv_heads_per_rank * head_dim,
                                self.num_kv_heads_per_rank * head_dim]
         out = sum(self.sizes_per_rank)
-        self.weight = _param((out, hidden_size), dtype, device)
+        self._make_weight(out, hidden_size, dtype, device, quant)
         self.bias = _param((out,), dtype, device) if bias else None
         self._replicas = max(1, tp.size // num_kv_heads)  # ranks sharing one KV head
 
@@ -118,25 +170,26 @@ class QKVParallelLinear(ColumnParallelLinear):
         return kv_shard * n, n, offset
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """``y = x W^T + b`` with W's input columns split; partial sums are all-reduced over TP."""
 
     def __init__(self, in_features: int, out_features: int, tp: Communicator, bias: bool,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, quant: QuantizationConfig | None = None):
         super().__init__()
         self.tp = tp
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = divide(in_features, tp.size, "input size")
-        self.weight = _param((out_features, self.in_per_rank), dtype, device)
+        self._make_weight(out_features, self.in_per_rank, dtype, device, quant)
         self.bias = _param((out_features,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x)
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def expected_shapes(self, name: str, bias_name: str | None = None) -> dict:
         shapes = {name: (self.out_features, self.in_features)}
+        shapes.update(self._scale_shapes([name], shapes))
         if self.bias is not None and bias_name:
             shapes[bias_name] = (self.out_features,)
         return shapes
@@ -144,7 +197,13 @@ class RowParallelLinear(nn.Module):
     @torch.no_grad()
     def load(self, reader: CheckpointReader, name: str, bias_name: str | None = None) -> None:
         start = self.tp.rank * self.in_per_rank
-        self.weight.copy_(reader.read(name, 1, start, start + self.in_per_rank))
+        if self.quant is None:
+            self.weight.copy_(reader.read(name, 1, start, start + self.in_per_rank))
+        else:  # the scales of whole rows: replicated on every rank of the group
+            weight, scale = read_fp8(reader, self.quant, name, 1, start, start + self.in_per_rank)
+            self.weight.copy_(weight)
+            self.weight_scale.copy_(scale)
+        self._load_input_scale(reader, [name])
         if self.bias is not None and bias_name:
             self.bias.copy_(reader.read(bias_name))
 

@@ -61,15 +61,19 @@ class CheckpointReader:
         index[dim] = slice(start, stop)
         return sl[tuple(index)]
 
-    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Fail before loading if a tensor is missing or has the wrong shape; name them all."""
+    def check(self, expected: dict[str, tuple[int, ...] | frozenset[tuple[int, ...]]]) -> None:
+        """Fail before loading if a tensor is missing or has the wrong shape; name them all.
+
+        A shape may be a frozenset of the shapes a tensor may have (scales of a quantized layer)."""
         problems = []
         for name, shape in expected.items():
+            accepted = sorted(shape) if isinstance(shape, frozenset) else [tuple(shape)]
+            said = " or ".join(str(list(s)) for s in accepted)
             if name not in self._file_of:
-                problems.append(f"missing tensor {name!r} (expected shape {list(shape)})")
-            elif self.shape(name) != tuple(shape):
+                problems.append(f"missing tensor {name!r} (expected shape {said})")
+            elif self.shape(name) not in accepted:
                 problems.append(f"tensor {name!r} has shape {list(self.shape(name))}, "
-                                f"the config implies {list(shape)}")
+                                f"the config implies {said}")
         if problems:
             raise CheckpointError(f"checkpoint {self.model_dir} does not match its config.json:\n  "
                                   + "\n  ".join(problems))

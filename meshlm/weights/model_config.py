@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshlm.weights.quantization import QuantizationConfig
+
 # rope_type values of config.json that meshlm rotates by (kernels/rope_scaling.py); "default" is none.
 SUPPORTED_ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 
@@ -52,6 +54,8 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert; 0: none
     decoder_sparse_step: int = 1  # layer i is an MoE layer when (i + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+    # FP8 linear layers: from config.json's quantization_config, or quantization="fp8" (EngineConfig)
+    quantization: QuantizationConfig | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -142,6 +146,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
             sliding_window=sliding,
+            quantization=QuantizationConfig.from_hf(hf["quantization_config"]) if hf.get("quantization_config") else None,
             **moe,
         )
 

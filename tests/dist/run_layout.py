@@ -5,9 +5,9 @@
 
 ``spec.json`` lists jobs ``{"name", "model", "prompts", "chat", "max_tokens", "logprobs",
 "ignore_eos"}``, and optionally the engine's ``num_kv_blocks``, ``block_size``, ``max_model_len``,
-``max_num_tokens``, ``async_scheduling``, ``kv_cache_dtype``, ``speculative_config`` and the sampling's
-``temperature`` and ``seed`` (greedy unless given), and ``structured_outputs`` (one dict per prompt): a prompt
-is a list of token ids, or a user message when ``chat`` is true. Each
+``max_num_tokens``, ``async_scheduling``, ``kv_cache_dtype``, ``quantization``, ``speculative_config`` and the
+sampling's ``temperature`` and ``seed`` (greedy unless given), and ``structured_outputs`` (one dict per prompt): a
+prompt is a list of token ids, or a user message when ``chat`` is true. Each
 job is one ``LLM(...)`` over the whole world. Every rank prints ``[run_layout] rank R of
 N pid P``; rank 0 writes ``{"world_size", "ranks", "results": {name: [{"token_ids",
 "logprobs"}]}}``, where ``ranks`` lists the ranks that answered a gather over the world, so the
@@ -87,7 +87,8 @@ def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | 
                   max_model_len=job.get("max_model_len", 512),
                   max_num_tokens=job.get("max_num_tokens", 8192),
                   async_scheduling=job.get("async_scheduling", True), block_size=job.get("block_size", 16),
-                  kv_cache_dtype=job.get("kv_cache_dtype", "auto"), speculative_config=job.get("speculative_config"))
+                  kv_cache_dtype=job.get("kv_cache_dtype", "auto"), speculative_config=job.get("speculative_config"),
+                  quantization=job.get("quantization"))
     except SystemExit as exc:
         # Ranks other than 0 serve steps inside LLM(...) and then sys.exit(0). Catching it here
         # lets one world run several jobs; MPI stays initialised until the process ends.

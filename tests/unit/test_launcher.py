@@ -241,7 +241,8 @@ NON_DEFAULT = EngineArgs(
     cpu_kv_cache_gb=0.25, enable_prefix_caching=False, max_num_tokens=1024, max_batch_size=8,
     max_model_len=2048, attention_backend="reference", load_format="random", skip_tokenizer_init=True,
     enable_cuda_graphs=False, enable_fused_kernels=True, async_scheduling=False, kv_cache_dtype="fp8",
-    speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2},
+    quantization="fp8")
 
 
 def test_non_default_covers_every_field():

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -22,6 +23,7 @@ from meshlm.kernels.attention import paged_attention_reference
 from meshlm.models import build_model
 from meshlm.parallel.mapping import Mapping
 from meshlm.weights.model_config import ModelConfig
+from meshlm.weights.quantization import QuantizationConfig
 
 # 9 heads over 3 KV heads as the default model: tp 3 splits the KV heads, tp 9 replicates them.
 # A vocabulary of 100 is not a multiple of 3 or 9, so the padded vocab shards are counted too.
@@ -38,6 +40,12 @@ CONFIGS = {
     "mixtral-tied": ModelConfig("MixtralForCausalLM", **{**_BASE, "intermediate_size": 24}, num_experts=6,
                                 num_experts_per_tok=2, moe_intermediate_size=24, tie_word_embeddings=True),
 }
+# FP8 linear layers: quantized at load, and a checkpoint with static input scales
+FP8 = QuantizationConfig.at_load()
+FP8_STATIC = QuantizationConfig("fp8", "tensor", None, True, ())
+CONFIGS.update({"llama-fp8": dataclasses.replace(CONFIGS["llama"], quantization=FP8),
+                "qwen2-bias-fp8-static": dataclasses.replace(CONFIGS["qwen2-bias"], quantization=FP8_STATIC),
+                "qwen2-moe-fp8-static": dataclasses.replace(CONFIGS["qwen2-moe"], quantization=FP8_STATIC)})
 DENSE_LAYOUTS = [(1, 1, 1), (3, 1, 1), (9, 1, 1), (1, 2, 1), (3, 2, 1)]  # (tp, pp, moe_ep)
 MOE_LAYOUTS = [(1, 1, 1), (3, 1, 1), (3, 1, 3), (1, 2, 1), (3, 2, 3)]
 

@@ -1,0 +1,126 @@
+"""FP8 (float8 e4m3) linear layers: quantization arithmetic and the scaled matrix product.
+
+A quantized weight is ``w_fp8`` [N, K] with one float32 scale per output row, ``w ~ w_fp8 * scale[:, None]``.
+Activations are quantized per row (per token) on the fly, or with one static scale when a checkpoint
+calibrated it. The product ``y = (x_fp8 * sx) @ (w_fp8 * sw)^T`` then runs as:
+
+- ``scaled``: on CUDA, ``torch._scaled_mm`` with rowwise scales (sx [M, 1], sw [1, N], bf16 out);
+  elsewhere (the CPU, or shapes it refuses) the same quantize -> dequantize arithmetic in float32,
+  so CPU tests run the quantization and the scales exactly as the GPU does.
+- ``weight_only``: activations stay in the model dtype; ``(x @ w_fp8^T) * sw``. For batches of at
+  most ``WEIGHT_ONLY_MAX_ROWS`` rows, where a measurement (benchmarks/fp8_gemm_bench.py) may find
+  the scaled product's activation quantization not worth it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+# The smallest scale: an all-zero row quantizes to zeros instead of dividing by zero.
+MIN_SCALE = 1e-12
+
+# Batches of at most this many rows take the weight-only path (activations not quantized); larger
+# ones the scaled product. 0: always scaled. Tune on the GPU with benchmarks/fp8_gemm_bench.py.
+WEIGHT_ONLY_MAX_ROWS = 0
+
+
+def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [..., K] -> (float8 [..., K], float32 scales [..., 1]) with ``x ~ q * scale``, each row's
+    largest magnitude mapped to ``FP8_MAX``."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return quantize_with_scale(x, scale), scale
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` rounded to float8, saturated at +-``FP8_MAX`` (``scale`` broadcasts against ``x``)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` in ``dtype`` (``scale`` broadcasts against ``q``)."""
+    return (q.float() * scale).to(dtype)
+
+
+def use_weight_only(num_rows: int) -> bool:
+    """The path for a batch of ``num_rows`` rows: weight-only at or below WEIGHT_ONLY_MAX_ROWS."""
+    return num_rows <= WEIGHT_ONLY_MAX_ROWS
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b``: F.linear for a weight in the model dtype (``weight_scale`` None), else fp8_linear."""
+    if weight_scale is None:
+        return F.linear(x, weight, bias)
+    return fp8_linear(x, weight, weight_scale, bias, input_scale)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` for a float8 ``weight`` [N, K] with float32 ``weight_scale`` [N]; ``x`` [..., K]
+    in the model dtype, the result [..., N] too. ``input_scale`` (one element): the checkpoint's static
+    activation scale; None quantizes each row with its own scale."""
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    if use_weight_only(rows.shape[0]):
+        y = weight_only_linear(rows, weight, weight_scale)
+    else:
+        y = scaled_linear(rows, weight, weight_scale, input_scale)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``x`` [M, K] in the model dtype times the float8 weight widened to it, scaled per output column."""
+    return F.linear(x, weight.to(x.dtype)) * weight_scale.to(x.dtype)
+
+
+def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [M, K] -> (float8 [M, K], float32 [M, 1]): per row, or with the static ``input_scale``."""
+    if input_scale is None:
+        return quantize_per_row(x)
+    scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    return quantize_with_scale(x, scale), scale
+
+
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantized activations times the float8 weight, both scales applied to the float32 sums."""
+    x_q, x_scale = quantize_activations(x, input_scale)  # [M, K], [M, 1]
+    if can_use_scaled_mm(x_q, weight):
+        y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
+                             out_dtype=torch.bfloat16)
+        return y.to(x.dtype)
+    return emulated_scaled_mm(x_q, x_scale, weight, weight_scale).to(x.dtype)
+
+
+def emulated_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                       weight_scale: torch.Tensor) -> torch.Tensor:
+    """What ``torch._scaled_mm`` computes with rowwise scales, in float32: ``(x_q @ w_q^T) * sx * sw``."""
+    return (x_q.float() @ weight.float().t()) * x_scale * weight_scale.float().view(1, -1)
+
+
+def can_use_scaled_mm(x_q: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``torch._scaled_mm`` on CUDA wants K and N multiples of 16 (M is free) and a card with FP8
+    tensor cores (compute capability 8.9 or newer)."""
+    if x_q.device.type != "cuda" or x_q.shape[1] % 16 or weight.shape[0] % 16:
+        return False
+    return torch.cuda.get_device_capability(x_q.device) >= (8, 9)
+
+
+# --- experts: one quantized weight per expert ---------------------------------------------------
+def bmm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[e] @ weight[e]^T`` for every e: ``x`` [E, M, K], ``weight`` [E, N, K] -> [E, M, N]."""
+    if weight_scale is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return fp8_bmm(x, weight, weight_scale)
+
+
+def fp8_bmm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Batched ``x[e] @ weight[e]^T``: ``x`` [E, M, K] in the model dtype, ``weight`` float8 [E, N, K],
+    ``weight_scale`` [E, N] -> [E, M, N]. Activations quantized per row, the product in the model
+    dtype with exact float8 values widened (no host synchronisation: fit for CUDA graphs)."""
+    x_q, x_scale = quantize_per_row(x)  # [E, M, K], [E, M, 1]
+    y = torch.bmm(x_q.to(x.dtype), weight.to(x.dtype).transpose(1, 2))  # [E, M, N]
+    return (y.float() * x_scale * weight_scale.float().unsqueeze(1)).to(x.dtype)

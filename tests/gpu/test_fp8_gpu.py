@@ -1,0 +1,79 @@
+"""FP8 weights on a CUDA GPU: ``torch._scaled_mm`` against the float32 emulation the CPU runs, the
+weight-only path, and FP8 models through the engine (eager and in decode CUDA graphs).
+
+    python -m pytest -q tests/gpu/test_fp8_gpu.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meshlm import LLM, SamplingParams
+from meshlm.kernels import fp8
+from tests.model_factory import make_random_model, make_random_moe_model, random_prompts
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+needs_fp8_cores = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 9),
+                                     reason="torch._scaled_mm needs compute capability 8.9 or newer")
+
+
+def quantized_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).cuda() * 0.05
+    q, scale = fp8.quantize_per_row(w)
+    return q, scale[:, 0]
+
+
+@needs_fp8_cores
+@pytest.mark.parametrize("rows", [1, 3, 17, 64, 300])
+@pytest.mark.parametrize("static", [False, True])
+def test_scaled_mm_matches_the_emulation(rows, static):
+    """The CUDA product (bf16 out) equals the float32 emulation up to the bf16 rounding of its output."""
+    w_q, w_scale = quantized_weight(384, 256)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).cuda().to(torch.bfloat16)
+    input_scale = torch.tensor([0.01], device="cuda") if static else None
+    assert fp8.can_use_scaled_mm(x.to(fp8.FP8_DTYPE), w_q)
+    got = fp8.scaled_linear(x, w_q, w_scale, input_scale)
+    x_q, x_scale = fp8.quantize_activations(x, input_scale)
+    expected = fp8.emulated_scaled_mm(x_q, x_scale, w_q, w_scale)  # float32
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 384)
+    torch.testing.assert_close(got.float(), expected, rtol=1.6e-2, atol=1e-3)
+
+
+@needs_fp8_cores
+def test_shapes_scaled_mm_refuses_fall_back_to_the_emulation():
+    w_q, w_scale = quantized_weight(40, 24)  # N and K not multiples of 16
+    x = torch.randn(5, 24, device="cuda", dtype=torch.bfloat16)
+    assert not fp8.can_use_scaled_mm(x.to(fp8.FP8_DTYPE), w_q)
+    x_q, x_scale = fp8.quantize_per_row(x)
+    torch.testing.assert_close(fp8.scaled_linear(x, w_q, w_scale).float(),
+                               fp8.emulated_scaled_mm(x_q, x_scale, w_q, w_scale), rtol=1.6e-2, atol=1e-3)
+
+
+def test_weight_only_path_is_close_to_the_scaled_product():
+    w_q, w_scale = quantized_weight(512, 512)
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(2)).cuda().to(torch.bfloat16)
+    weight_only = fp8.weight_only_linear(x, w_q, w_scale).float()
+    scaled = fp8.scaled_linear(x, w_q, w_scale).float()
+    assert (weight_only - scaled).abs().max() < 0.05 * scaled.abs().max()
+
+
+def _run(path, **kw):
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+    with LLM(str(path), num_kv_blocks=128, max_model_len=256, **kw) as llm:
+        return [o.outputs[0] for o in llm.generate(random_prompts(320, (5, 19, 37), seed=1), params)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_fp8_model_in_cuda_graphs_matches_eager_and_the_unquantized_model(family, tmp_path):
+    make = make_random_moe_model if family == "mixtral" else make_random_model
+    # hidden 128 and widths multiple of 16 so that the scaled product runs on the tensor cores
+    path = make(tmp_path / family, family, seed=5, weight_std=0.05, hidden_size=128, intermediate_size=256)
+    graphs = _run(path, quantization="fp8")
+    eager = _run(path, quantization="fp8", enable_cuda_graphs=False)
+    plain = _run(path)
+    for g, e, p in zip(graphs, eager, plain):
+        first = set(g.logprobs[0]) & set(e.logprobs[0])
+        assert max(abs(g.logprobs[0][t] - e.logprobs[0][t]) for t in first) < 0.05
+        common = set(g.logprobs[0]) & set(p.logprobs[0])
+        assert common and max(abs(g.logprobs[0][t] - p.logprobs[0][t]) for t in common) < 0.15
