@@ -31,6 +31,11 @@ tests)
   echo "exit $?"; grep -E "passed|failed|FAILED|SKIPPED|Error" "$OUT/pytest_gpu.log" | tail -30
   ;;
 kernels)
+  echo "== GPU tests of FP8 weights, speculative decoding, prompt logprobs and long contexts"
+  timeout 200 python3 -m pytest -q tests/gpu/test_fp8_gpu.py tests/gpu/test_spec_decode_gpu.py \
+      tests/gpu/test_prompt_logprobs_gpu.py tests/gpu/test_long_context_gpu.py -p no:cacheprovider \
+      > "$OUT/pytest_gpu_new.log" 2>&1
+  echo "exit $?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest_gpu_new.log" | tail -12
   echo "== attention, bf16 KV"
   timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
   echo "exit $?"; tail -14 "$OUT/attention.log"
