@@ -59,12 +59,19 @@ kernels)
   fi
   ;;
 bench)
+  echo "== FP8 GPU tests"
+  timeout 100 python3 -m pytest -q tests/gpu/test_fp8_gpu.py -p no:cacheprovider > "$OUT/pytest_fp8.log" 2>&1
+  echo "exit $?"; grep -E "passed|failed|FAILED" "$OUT/pytest_fp8.log" | tail -6
   echo "== profile of decode steps"
   timeout 120 python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --steps 20 > "$OUT/profile.log" 2>&1
   echo "exit $?"; tail -6 "$OUT/profile.log"
   bench 128x128 120 --num-prompts 2000 --input-len 128 --output-len 128
-  bench 1000x1000 200 --num-prompts 1000 --input-len 1000 --output-len 1000
-  bench 2048x128 170 --num-prompts 1000 --input-len 2048 --output-len 128
+  bench 2048x128 150 --num-prompts 1000 --input-len 2048 --output-len 128
+  echo "== profile of decode steps, FP8 weights and KV"
+  timeout 100 python3 benchmarks/profile_decode.py --batches 1,64,256 --steps 20 --quantization fp8 \
+      --kv-cache-dtype fp8 > "$OUT/profile_fp8.log" 2>&1
+  echo "exit $?"; tail -5 "$OUT/profile_fp8.log"
+  bench fp8_128x128 110 --num-prompts 2000 --input-len 128 --output-len 128 --quantization fp8 --kv-cache-dtype fp8
   ;;
 fp8)
   echo "== profile of decode steps, FP8 weights and KV"

@@ -13,6 +13,8 @@ calibrated it. The product ``y = (x_fp8 * sx) @ (w_fp8 * sw)^T`` then runs as:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +30,11 @@ WEIGHT_ONLY_MAX_ROWS = 0
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [..., K] -> (float8 [..., K], float32 scales [..., 1]) with ``x ~ q * scale``, each row's
-    largest magnitude mapped to ``FP8_MAX``."""
+    largest magnitude mapped to ``FP8_MAX``. On CUDA, a matrix goes through one Triton kernel of
+    the same arithmetic (kernels/fp8_quant_triton.py)."""
+    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
+        from meshlm.kernels.fp8_quant_triton import quantize_rows_triton
+        return quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE)
     scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
     return quantize_with_scale(x, scale), scale
 
@@ -80,7 +86,8 @@ def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None) -> t
     """``x`` [M, K] -> (float8 [M, K], float32 [M, 1]): per row, or with the static ``input_scale``."""
     if input_scale is None:
         return quantize_per_row(x)
-    scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    # _scaled_mm's rowwise form wants a contiguous [M, 1] scale
+    scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
     return quantize_with_scale(x, scale), scale
 
 
@@ -106,7 +113,12 @@ def can_use_scaled_mm(x_q: torch.Tensor, weight: torch.Tensor) -> bool:
     tensor cores (compute capability 8.9 or newer)."""
     if x_q.device.type != "cuda" or x_q.shape[1] % 16 or weight.shape[0] % 16:
         return False
-    return torch.cuda.get_device_capability(x_q.device) >= (8, 9)
+    return _has_fp8_tensor_cores(x_q.device.index or 0)
+
+
+@functools.cache
+def _has_fp8_tensor_cores(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 # --- experts: one quantized weight per expert ---------------------------------------------------
