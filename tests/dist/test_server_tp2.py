@@ -80,9 +80,39 @@ def test_serve_tp3_default_model_sigterm(default_model, tmp_path):
         assert text == ref_chat and usage.prompt_tokens == len(chat_ids)
         r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "hello " * 300}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        _check_api_extras(client, default_model.name)
         _stop_and_check(server, signal.SIGTERM, num_ranks=3)
     finally:
         server.kill()
+
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+
+
+def _check_api_extras(client, model: str) -> None:
+    """At tp=3: a named tool call and a JSON-schema answer that parse and follow their schemas, beam
+    search's n best beams, and the echoed prompt's logprobs."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+    out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                         tools=tools, max_tokens=40, temperature=0,
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = out.choices[0].message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and set(arguments) == {"city", "unit"}
+    assert arguments["city"] in ("Paris", "Rome") and arguments["unit"] in ("celsius", "fahrenheit")
+    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=40, temperature=0,
+                                         response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "w", "schema": WEATHER}})
+    assert set(json.loads(out.choices[0].message.content)) == {"city", "unit"}
+    out = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, n=2,
+                                    extra_body={"use_beam_search": True, "best_of": 3})
+    assert len(out.choices) == 2 and out.choices[0].text != out.choices[1].text
+    out = client.completions.create(model=model, prompt="The capital of France is", max_tokens=2, echo=True,
+                                    logprobs=1, temperature=0)
+    logprobs = out.choices[0].logprobs
+    assert out.choices[0].text.startswith("The capital of France is")
+    assert logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in logprobs.token_logprobs[1:])
 
 
 @pytest.fixture(scope="module")
