@@ -9,8 +9,6 @@ tolerance is one bf16 step wider.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -22,14 +20,9 @@ from meshlm.kernels.decode_attention import (  # noqa: E402
     DecodeTiles, choose_num_splits, decode_tiles, paged_decode_attention)
 from meshlm.kernels.triton_attention import paged_attention_triton  # noqa: E402
 
-IS_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA and not IS_INTERPRETED else "cpu"
+from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not HAS_CUDA and not IS_INTERPRETED,
-                                 reason="needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")]
-needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+pytestmark = KERNEL_MARKS
 
 BLOCK_SIZE = 16
 # (max abs error, mean abs error) against the reference's output in q's dtype

@@ -15,8 +15,6 @@ interpreter by the lost carry.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -29,14 +27,9 @@ from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
 from meshlm.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv  # noqa: E402
 from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
 
-IS_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA and not IS_INTERPRETED else "cpu"
+from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not HAS_CUDA and not IS_INTERPRETED,
-                                 reason="needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")]
-needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+pytestmark = KERNEL_MARKS
 
 BLOCK_SIZE = 16
 # (max abs error, mean abs error) against the reference, as for a cache in q's dtype: the kernels

@@ -10,8 +10,6 @@ tolerance is one bf16 step wider.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -20,14 +18,9 @@ pytest.importorskip("triton")
 from meshlm.kernels.attention import RotaryEmbedding  # noqa: E402
 from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
 
-IS_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA and not IS_INTERPRETED else "cpu"
+from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not HAS_CUDA and not IS_INTERPRETED,
-                                 reason="needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")]
-needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+pytestmark = KERNEL_MARKS
 
 TRITON_OPS = TritonOps()
 EPS = 1e-5

@@ -7,8 +7,6 @@ Runs on a CUDA GPU, and on the CPU in Triton's interpreter:
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -19,13 +17,9 @@ from meshlm.kernels.attention import AttentionMetadata, paged_attention_referenc
 from meshlm.kernels.attention_tiles import UnifiedTiles, unified_tiles  # noqa: E402
 from meshlm.kernels.triton_attention import unified_attention  # noqa: E402
 
-IS_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA and not IS_INTERPRETED else "cpu"
+from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS  # noqa: E402
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not HAS_CUDA and not IS_INTERPRETED,
-                                 reason="needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")]
+pytestmark = KERNEL_MARKS
 
 BLOCK_SIZE = 16
 TOLERANCES = {torch.float32: (2e-5 if DEVICE == "cpu" else 1e-4, 2e-6 if DEVICE == "cpu" else 1e-5),
