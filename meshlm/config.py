@@ -98,18 +98,22 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
-    """Speculative decoding, vLLM's ``speculative_config``. ``method="ngram"`` (prompt lookup): the
-    drafts continue the latest earlier occurrence of the sequence's last ``prompt_lookup_max`` down
-    to ``prompt_lookup_min`` tokens. Each verify step scores ``num_speculative_tokens`` drafts."""
+    """Speculative decoding, vLLM's ``speculative_config``: ``num_speculative_tokens`` drafts per verify
+    step, from prompt lookup (``ngram``: the latest earlier occurrence of the last ``prompt_lookup_max``
+    down to ``prompt_lookup_min`` tokens) or from a smaller ``model`` of the same vocabulary (``draft_model``)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
+    model: str | None = None  # draft_model: the draft's directory in Hugging Face layout
 
     def __post_init__(self) -> None:
-        if self.method != "ngram":
-            raise ValueError(f"speculative_config method={self.method!r}; this build supports 'ngram'")
+        if self.method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative_config method={self.method!r}; choose 'ngram' or 'draft_model'")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError(f"speculative_config method={self.method!r}, model={self.model!r}: "
+                             "'draft_model' needs a model directory, 'ngram' takes none")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 1")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
@@ -284,6 +288,7 @@ class EngineConfig:
     async_scheduling: bool
     # Speculative decoding (None: off). Verify steps run the plain loop: async_scheduling is off.
     speculative: SpeculativeConfig | None = None
+    draft_model: ModelConfig | None = None  # the draft's config, for method="draft_model"
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "EngineConfig":
@@ -294,10 +299,9 @@ class EngineConfig:
         check_layout(model, parallel)
         scheduler = args.scheduler_config()
         return cls(model_dir, model, parallel, args.cache_config(), scheduler,
-                   _resolve_max_model_len(scheduler, model), args.dtype, args.device,
-                   args.seed, args.load_format, args.attention_backend, args.skip_tokenizer_init,
-                   args.enable_cuda_graphs, args.enable_fused_kernels, _resolve_async_scheduling(args, parallel),
-                   SpeculativeConfig.from_dict(args.speculative_config))
+                   _resolve_max_model_len(scheduler, model), args.dtype, args.device, args.seed, args.load_format,
+                   args.attention_backend, args.skip_tokenizer_init, args.enable_cuda_graphs,
+                   args.enable_fused_kernels, _resolve_async_scheduling(args, parallel), *_resolve_speculative(args, model))
 
 
     @classmethod
@@ -312,8 +316,17 @@ class EngineConfig:
         return cls(None, model, parallel, args.cache_config(), scheduler,
                    _resolve_max_model_len(scheduler, model), args.dtype, args.device, args.seed,
                    args.load_format, args.attention_backend, args.skip_tokenizer_init, args.enable_cuda_graphs,
-                   args.enable_fused_kernels, _resolve_async_scheduling(args, parallel),
-                   SpeculativeConfig.from_dict(args.speculative_config))
+                   args.enable_fused_kernels, _resolve_async_scheduling(args, parallel), *_resolve_speculative(args, model))
+
+
+def _resolve_speculative(args: EngineArgs, target: ModelConfig) -> tuple:
+    """(SpeculativeConfig or None, the draft's config for draft_model: its vocabulary the target's)."""
+    spec = SpeculativeConfig.from_dict(args.speculative_config)
+    draft = None if spec is None or spec.model is None else ModelConfig.from_dir(spec.model)
+    if draft is not None and draft.vocab_size != target.vocab_size:
+        raise ValueError(f"draft model {spec.model} has vocab_size={draft.vocab_size}, the target "
+                         f"vocab_size={target.vocab_size}; a draft must share the target's vocabulary")
+    return spec, draft
 
 
 def _resolve_max_model_len(scheduler: SchedulerConfig, model: ModelConfig) -> int:

@@ -14,6 +14,7 @@ import torch
 from meshlm.config import EngineConfig, auto_max_batch_size
 from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.dispatch import StepDispatcher
+from meshlm.engine.proposers import make_proposer
 from meshlm.executor.memory import check_pool_holds_a_request
 from meshlm.engine.tokenizer import Tokenizer
 from meshlm.executor.model_runner import ModelRunner
@@ -66,6 +67,8 @@ class RankRuntime:
                 mapping, self.device)
         with self._phase("loading weights"):
             self.runner = ModelRunner(config, groups, self.device, self.eos_token_ids)
+            # Rank 0's draft model, if any, loads before the KV pool is sized from the free memory
+            self.proposer = make_proposer(config, self.device) if mapping.rank == 0 else None
         cache = config.cache
         with_graphs = config.enable_cuda_graphs and self.runner.can_capture_cuda_graphs()
         with self._phase("sizing the KV cache"):
@@ -106,7 +109,8 @@ class RankRuntime:
 
     def make_coordinator(self, dispatcher: StepDispatcher) -> Coordinator:
         assert self.mapping.rank == 0
-        return Coordinator(dispatcher, self.config, self.tokenizer, self.num_blocks, self.eos_token_ids)
+        return Coordinator(dispatcher, self.config, self.tokenizer, self.num_blocks, self.eos_token_ids,
+                           self.proposer)
 
 
 # Young objects that may pile up before the collector runs (Python's default: 700). The step loop

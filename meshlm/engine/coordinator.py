@@ -18,9 +18,9 @@ from meshlm.engine.dispatch import StepDispatcher
 from meshlm.engine.kv_cache import KVCacheManager
 from meshlm.engine.outputs import RequestOutput
 from meshlm.engine.plan_builder import build_step_plan
-from meshlm.engine.ngram_proposer import NgramProposer
 from meshlm.engine.request import Request
 from meshlm.engine.scheduler import Scheduler, SchedulerOutput, SpecDecodeStats
+from meshlm.engine.spec_scheduling import Proposer
 from meshlm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from meshlm.executor.async_output import AsyncStepResult
 from meshlm.protocol import NewRequest, StepPlan
@@ -71,7 +71,8 @@ class Coordinator:
     """Rank 0's engine core; implements ``meshlm.engine.interface.EngineCore``."""
 
     def __init__(self, dispatcher: StepDispatcher, config: EngineConfig, tokenizer: Tokenizer | None,
-                 num_blocks: int, eos_token_ids: Sequence[int]):
+                 num_blocks: int, eos_token_ids: Sequence[int], proposer: Proposer | None = None):
+        """``proposer``: the drafts of speculative decoding (``make_proposer``); None decodes without."""
         self.dispatcher = dispatcher
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len
@@ -80,9 +81,6 @@ class Coordinator:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_size = config.cache.block_size
         self.kv = KVCacheManager(num_blocks, self.block_size, config.cache.enable_prefix_caching)
-        spec = config.speculative
-        proposer = None if spec is None else NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
-                                                           spec.prompt_lookup_max)
         self.scheduler = Scheduler(config.scheduler, self.kv, proposer)
         self._groups: dict[str, _Group | BeamSearch] = {}
         self._group_of: dict[str, _Group | BeamSearch] = {}  # sequence id -> its group

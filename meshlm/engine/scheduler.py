@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from meshlm.config import SchedulerConfig
 from meshlm.engine.kv_cache import KVCacheManager, num_blocks_for
 from meshlm.engine.fork_scheduling import ForkScheduling
-from meshlm.engine.ngram_proposer import NgramProposer
 from meshlm.engine.request import Request, RequestStatus
-from meshlm.engine.spec_scheduling import SpecDecodeStats, SpeculativeScheduling
+from meshlm.engine.spec_scheduling import Proposer, SpecDecodeStats, SpeculativeScheduling
 from meshlm.protocol import StepResult
 
 __all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput", "SpecDecodeStats"]
@@ -90,7 +89,7 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
     request's computed tokens and blocks back past the rejected drafts.
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, proposer: NgramProposer | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, proposer: Proposer | None = None) -> None:
         self.config = config
         self.kv = kv
         self.proposer = proposer

@@ -3,11 +3,19 @@ verify step's tokens are appended (rejected drafts rolled back)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from meshlm.engine.request import Request, RequestStatus
 from meshlm.protocol import StepResult
 
-__all__ = ["SpecDecodeStats", "SpeculativeScheduling", "token_logprobs"]
+__all__ = ["Proposer", "SpecDecodeStats", "SpeculativeScheduling", "token_logprobs"]
+
+
+class Proposer(Protocol):
+    """Drafts for a sequence (NgramProposer, DraftModelProposer)."""
+
+    def propose(self, token_ids: list[int], max_drafts: int) -> list[int]:
+        """At most ``max_drafts`` tokens that may follow ``token_ids``; empty for none."""
 
 
 @dataclass(slots=True)
