@@ -1,6 +1,7 @@
-"""Speculative decoding (n-gram drafts) under mpiexec: at tp=3 and pp=2 the greedy tokens equal those
-of plain decoding on one rank, for a tiny random model (prompts that repeat spans) and for the
-default model (a chat prompt whose answer repeats a text)."""
+"""Speculative decoding under mpiexec: at tp=3 and pp=2 the greedy tokens with n-gram drafts equal
+those of plain decoding on one rank, for a tiny random model (prompts that repeat spans) and for the
+default model (a chat prompt whose answer repeats a text); so do the tiny model's with itself as the
+draft model (rank 0 runs the whole draft whatever the layout)."""
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ def spec_runs(tmp_path_factory, tiny_model_tp3, default_model) -> LayoutRuns:
             "num_kv_blocks": 64, "block_size": 4, "max_model_len": 128}
     default = {"model": str(default_model), "prompts": [REPEAT_PROMPT], "chat": True, "max_tokens": 24,
                "ignore_eos": False, "max_model_len": 512}
+    draft = {"method": "draft_model", "model": str(tiny_model_tp3), "num_speculative_tokens": 3}
     jobs = [{"name": "tiny-plain", **tiny}, {"name": "tiny-ngram", **tiny, "speculative_config": NGRAM},
+            {"name": "tiny-draft", **tiny, "speculative_config": draft},
             {"name": "default-plain", **default}, {"name": "default-ngram", **default, "speculative_config": NGRAM}]
     return LayoutRuns(tmp_path_factory.mktemp("spec-runs"), jobs)
 
@@ -48,6 +51,7 @@ def test_single_rank_ngram_equals_plain(spec_runs):
     results = spec_runs.get(1, 1)
     for model in ("tiny", "default"):
         assert token_ids(results, f"{model}-ngram") == token_ids(results, f"{model}-plain"), model
+    assert token_ids(results, "tiny-draft") == token_ids(results, "tiny-plain")
 
 
 @pytest.mark.parametrize("tp, pp", [(3, 1), (1, 2)], ids=["tp3", "pp2"])
@@ -56,3 +60,4 @@ def test_layout_ngram_equals_single_rank_plain(spec_runs, tp, pp):
     results = spec_runs.get(tp, pp)
     for model in ("tiny", "default"):
         assert token_ids(results, f"{model}-ngram") == token_ids(reference, f"{model}-plain"), f"{model} tp={tp} pp={pp}"
+    assert token_ids(results, "tiny-draft") == token_ids(reference, "tiny-plain"), f"draft model tp={tp} pp={pp}"
