@@ -35,3 +35,14 @@ def test_gpu_greedy_ngram_equals_plain(tmp_path):
     assert spec == plain
     assert stats.num_draft_tokens > 0
     print(f"acceptance {stats.acceptance_rate:.2f}, {replays} graph replays")
+
+
+def test_gpu_greedy_draft_model_equals_plain(tmp_path):
+    """The target as its own draft model: the draft's prefill and decodes over its own pool run the
+    same Triton attention; greedy tokens are plain decoding's, nearly every draft accepted."""
+    path = make_random_model(tmp_path / "llama", "llama", weight_std=0.2, hidden_size=256, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=512)
+    plain, _, _ = run(path, None)
+    spec, stats, _ = run(path, {"method": "draft_model", "model": str(path), "num_speculative_tokens": 4})
+    assert spec == plain
+    assert stats.acceptance_rate > 0.9, (stats.num_accepted_tokens, stats.num_draft_tokens)
