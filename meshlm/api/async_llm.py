@@ -29,7 +29,7 @@ from typing import AsyncIterator, Callable
 
 from meshlm.config import EngineArgs
 from meshlm.engine.interface import EngineCore
-from meshlm.engine.outputs import CompletionOutput, RequestOutput
+from meshlm.engine.outputs import CompletionOutput, OutputsOfKind, RequestOutput
 from meshlm.sampling_params import SamplingParams
 
 log = logging.getLogger("meshlm")
@@ -137,22 +137,13 @@ class AsyncLLM:
         is new since the previous one. A bad request raises ValueError (nothing is queued); a
         failed engine raises EngineDeadError.
         """
-        if output_kind not in ("cumulative", "delta"):
-            raise ValueError(f"output_kind={output_kind!r}; choose cumulative or delta")
+        outputs = OutputsOfKind(output_kind)
         params = sampling_params or SamplingParams()
         if params.bad_words:  # tokenizing is CPU work: off the event loop
             params = await asyncio.get_running_loop().run_in_executor(
                 None, params.with_bad_words_tokenized, self.tokenizer)
-        whole = None
         async for delta in self._deltas(prompt, params, request_id or f"req-{uuid.uuid4().hex}", prompt_text):
-            if output_kind == "delta":
-                yield delta
-                continue
-            if whole is None:
-                whole = RequestOutput.accumulate(delta)
-            else:
-                whole.add(delta)
-            yield RequestOutput.accumulate(whole)  # a copy: the caller may keep it
+            yield outputs.next(delta)
 
     async def _deltas(self, prompt, params: SamplingParams, request_id: str, prompt_text: str | None):
         stream = _Stream(asyncio.get_running_loop(), params.n)

@@ -13,7 +13,7 @@ from meshlm.config import EngineArgs
 from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.interface import EngineCore
 from meshlm.executor.model_runner import ModelRunner
-from meshlm.engine.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from meshlm.engine.outputs import BeamSearchOutput, BeamSearchSequence, OutputsOfKind, RequestOutput
 from meshlm.sampling_params import BeamSearchParams, SamplingParams
 
 Prompt = str | list[int]
@@ -100,20 +100,11 @@ class LLM:
         ``output_kind="cumulative"``: each output holds everything so far. ``"delta"``: only what
         is new since the previous one (vLLM's RequestOutputKind.DELTA).
         """
-        if output_kind not in ("cumulative", "delta"):
-            raise ValueError(f"output_kind={output_kind!r}; choose cumulative or delta")
+        outputs = OutputsOfKind(output_kind)
         (request_id,) = self._submit_all([prompt], [sampling_params or SamplingParams()])
-        whole = None
         try:
             for output in self._run({request_id}):
-                if output_kind == "delta":
-                    yield output
-                    continue
-                if whole is None:
-                    whole = RequestOutput.accumulate(output)
-                else:
-                    whole.add(output)
-                yield RequestOutput.accumulate(whole)  # a copy: the caller may keep it
+                yield outputs.next(output)
         finally:
             if self._coordinator.abort(request_id):  # the caller stopped early
                 self._drain()

@@ -71,6 +71,26 @@ class RequestOutput:
         return out
 
 
+class OutputsOfKind:
+    """One request's deltas as the caller asked for them: ``"delta"`` passes each through,
+    ``"cumulative"`` (vLLM's default) gives everything so far, a fresh copy each time."""
+
+    def __init__(self, output_kind: str):
+        if output_kind not in ("cumulative", "delta"):
+            raise ValueError(f"output_kind={output_kind!r}; choose cumulative or delta")
+        self.is_delta = output_kind == "delta"
+        self._whole: RequestOutput | None = None
+
+    def next(self, delta: RequestOutput) -> RequestOutput:
+        if self.is_delta:
+            return delta
+        if self._whole is None:
+            self._whole = RequestOutput.accumulate(delta)
+        else:
+            self._whole.add(delta)
+        return RequestOutput.accumulate(self._whole)  # a copy: the caller may keep it
+
+
 def _copy(c: CompletionOutput) -> CompletionOutput:
     return CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
                             None if c.logprobs is None else list(c.logprobs), c.cumulative_logprob)
