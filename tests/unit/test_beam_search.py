@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from meshlm import LLM, BeamSearchParams, SamplingParams
 from meshlm.engine.kv_cache import num_blocks_for
 from tests.model_factory import load_reference, make_random_model
+from tests.preemptions import record_preemptions
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -140,14 +141,7 @@ def test_tiny_pool_preempts_beams_and_gives_the_same_beams(model_path, llm, prom
     want = [[s.tokens for s in o.sequences] for o in llm.beam_search(prompts, params)]
     with LLM(model_path, **TINY_POOL) as small:
         core = small.engine_core
-        schedule, preempted = core.scheduler.schedule, []
-
-        def recording_schedule():
-            out = schedule()
-            preempted.extend(r.request_id for r in out.preempted)
-            return out
-
-        core.scheduler.schedule = recording_schedule
+        preempted = record_preemptions(core)
         got = [[s.tokens for s in o.sequences] for o in small.beam_search(prompts, params)]
         assert core.kv.num_free_blocks == core.num_kv_blocks
     assert preempted, "no beam was preempted"

@@ -16,6 +16,7 @@ from meshlm.engine.request import Request, RequestStatus
 from meshlm.engine.scheduler import Scheduler
 from meshlm.protocol import StepResult
 from tests.model_factory import make_random_model
+from tests.preemptions import record_preemptions
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -149,14 +150,7 @@ def test_preempted_forks_and_aborted_parents_leak_no_block(model_path):
         want = generate(llm, prompts, params)
     with LLM(model_path, **TINY_POOL) as llm:
         core = llm.engine_core
-        schedule, preempted = core.scheduler.schedule, []
-
-        def recording_schedule():
-            out = schedule()
-            preempted.extend(r.request_id for r in out.preempted)
-            return out
-
-        core.scheduler.schedule = recording_schedule
+        preempted = record_preemptions(core)
         assert generate(llm, prompts, params) == want
         assert any("#" in rid and not rid.endswith("#0") for rid in preempted), preempted
         ids = [core.submit(p, params) for p in prompts]
