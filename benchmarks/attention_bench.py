@@ -147,7 +147,7 @@ def decode_runs(batch: int, context: int, sweep: bool, with_flex: bool):
     if flex is not None:
         runs["flex (compiled)"] = flex
     if sweep:
-        split_counts = sorted({max(1, splits // 2), splits, min(64, 2 * splits), min(64, 4 * splits)})
+        split_counts = sorted({max(1, splits // 2), splits, 2 * splits, 4 * splits})
         for tiles, count in itertools.product(DECODE_SWEEP, split_counts):
             runs[f"sweep decode {_decode_name(tiles, count)}"] = (
                 lambda t=tiles, s=count: paged_decode_attention(q, k_cache, v_cache, meta, SCALE, None, t, s,

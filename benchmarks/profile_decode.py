@@ -68,7 +68,22 @@ def timed_steps(coordinator, num_steps: int) -> tuple[float, float]:
     return (time.perf_counter() - start) * 1e6, GC_CLOCK.seconds * 1e6
 
 
-def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = False) -> dict:
+def print_kernel_table(batch: int, kernels, num_steps: int) -> None:
+    """Every kernel of the profiled steps: launches and microseconds per step, heaviest first."""
+    count: dict[str, int] = defaultdict(int)
+    total: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        count[e.name] += 1
+        total[e.name] += e.time_range.end - e.time_range.start
+    print(f"batch {batch}: kernels per step ({sum(count.values()) / num_steps:.0f} launches, "
+          f"{sum(total.values()) / num_steps:.0f} us)")
+    print(f"{'us/step':>9} {'launches':>9} {'us each':>8}  kernel")
+    for name in sorted(total, key=lambda n: -total[n]):
+        print(f"{total[name] / num_steps:>9.1f} {count[name] / num_steps:>9.1f} {total[name] / count[name]:>8.2f}  {name[:110]}")
+
+
+def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = False,
+                  kernel_table: bool = False) -> dict:
     from meshlm import SamplingParams
     rng = np.random.default_rng(batch)
     params = SamplingParams(temperature=0.0, max_tokens=16 + 5 * num_steps + batch * 128 // 8192, ignore_eos=True)
@@ -90,6 +105,8 @@ def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = Fa
     if host_table:  # where the host's time goes: CUDA runtime calls (waits, copies) and Python-side ops
         print(f"batch {batch}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernel_table:
+        print_kernel_table(batch, kernels, num_steps)
     by_name: dict[str, float] = defaultdict(float)
     for e in kernels:
         by_name[e.name] += e.time_range.end - e.time_range.start
@@ -110,6 +127,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=None)
     parser.add_argument("--host-table", action="store_true", help="print the host-side ops of each batch")
+    parser.add_argument("--kernel-table", action="store_true", help="print every kernel of each batch's steps")
+    parser.add_argument("--max-model-len", type=int, default=4096,
+                        help="the engine's max_model_len (decode graphs split batch-1 attention by it)")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
@@ -117,9 +137,10 @@ def main() -> int:
     ns = parser.parse_args()
     from meshlm import LLM
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=4096, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
+              max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}))
-    rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table) for b in ns.batches.split(",")]
+    rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table, ns.kernel_table)
+            for b in ns.batches.split(",")]
     llm.shutdown()
     if ns.out:
         Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))

@@ -105,7 +105,8 @@ def test_matches_reference(num_splits, group, head_dim, dtype):
     ([16 * 9, 31], 4),  # splits that end on a block boundary, one sequence shorter than a split
     ([200], 7),  # splits of whole tiles, the last one short
     ([1, 64, 65, 129, 7, 48, 90, 33], 2),  # a batch of eight
-], ids=["empty_splits", "block_edges", "one_long", "batch8"])
+    ([2100, 40], 70),  # more splits than the merge loads in one tile: two chunks, the second partial
+], ids=["empty_splits", "block_edges", "one_long", "batch8", "merge_chunks"])
 def test_split_boundaries(seq_lens, num_splits, dtype):
     max_err, mean_err = errors(seq_lens, 2, 4, 64, dtype, num_splits, tiles=_small_tiles(dtype), seed=3)
     assert_close((seq_lens, num_splits), max_err, mean_err, dtype)
