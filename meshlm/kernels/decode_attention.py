@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
-from meshlm.kernels.kv_quant import is_fp8_kv, kernel_scales
+from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 
 _LOG2_E = 1.4426950408889634
 # Programs per SM that the splits aim for: enough to hide memory latency on every SM (on an H200,
@@ -68,7 +68,7 @@ def _decode_split_kernel(
         GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr,
         USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        KV_FP8: tl.constexpr):
+        KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -88,6 +88,8 @@ def _decode_split_kernel(
     head = kv_head * GROUP + rows  # [GROUP_ROWS]
     q_offsets = seq.to(tl.int64) * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=is_row[:, None], other=0.0)  # [GROUP_ROWS, HEAD_DIM]
+    if KV_FP8_AS_F16:  # float8 converts to fp16 in one instruction per pair, to bf16 in several
+        q = q.to(tl.float16)
     if KV_FP8:  # keys are stored / k_scale: the head's scale multiplies the scores instead
         qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head)
 
@@ -253,6 +255,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         meta.block_tables.stride(0),
         GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n,
         KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split, KV_FP8=is_fp8_kv(k_cache),
+        KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

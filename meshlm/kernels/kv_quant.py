@@ -36,6 +36,15 @@ def is_fp8_kv(cache: torch.Tensor) -> bool:
     return cache.dtype == FP8_KV_DTYPE
 
 
+def fp8_kv_as_f16(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether the attention kernels compute a bf16 model's products over an fp8 pool in fp16:
+    the GPU converts float8 to fp16 in one instruction per pair of values but to bf16 in several,
+    which bound the kernels. fp16 keeps three more mantissa bits than bf16; its range (65504) is
+    far above the rotated queries' and the probabilities'. Off the GPU (the interpreter computes
+    in fp32) and for other dtypes: False."""
+    return is_fp8_kv(cache) and q.dtype == torch.bfloat16 and q.is_cuda
+
+
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x`` [num_tokens, num_kv_heads, head_dim] -> float8 e4m3 of the same shape, divided by
     ``scale`` [num_kv_heads] and clamped to the format's range."""

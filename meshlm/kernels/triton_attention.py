@@ -30,7 +30,7 @@ import triton.language as tl
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.attention_tiles import UnifiedTiles, check_tiles, unified_tiles
 from meshlm.kernels.decode_attention import dot_precision, paged_decode_attention
-from meshlm.kernels.kv_quant import is_fp8_kv, kernel_scales
+from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 
 _LOG2_E = 1.4426950408889634
 
@@ -47,7 +47,8 @@ def _unified_attention_kernel(
         stride_table_seq,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PROGRAM_MAP: tl.constexpr,
-        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+        KV_FP8_AS_F16: tl.constexpr):
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
     if USE_PROGRAM_MAP:
@@ -74,6 +75,8 @@ def _unified_attention_kernel(
 
     q_offsets = token[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=is_row[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if KV_FP8_AS_F16:  # float8 converts to fp16 in one instruction per pair, to bf16 in several
+        q = q.to(tl.float16)
     if KV_FP8:  # keys are stored / k_scale: the head's scale multiplies the scores instead
         qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head)
 
@@ -222,6 +225,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, USE_PROGRAM_MAP=not is_decode_batch,
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), KV_FP8=is_fp8_kv(k_cache),
+        KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
