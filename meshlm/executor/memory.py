@@ -147,13 +147,15 @@ class RankPlan:
 
 
 def plan_rank(cfg: ModelConfig, mapping: Mapping, itemsize: int, total_bytes: int, cache: CacheConfig,
-              max_num_tokens: int, max_batch_size: int, with_graphs: bool = False) -> RankPlan:
-    """The memory of rank ``mapping.rank`` on a card of ``total_bytes``, before anything is loaded."""
+              max_num_tokens: int, max_batch_size: int, with_graphs: bool = False,
+              num_speculative_tokens: int = 0) -> RankPlan:
+    """The memory of rank ``mapping.rank`` on a card of ``total_bytes``, before anything is loaded
+    (``num_speculative_tokens``: the verify graphs of speculative decoding with the decode graphs)."""
     weights = weight_bytes(cfg, mapping, itemsize)
     per_token = kv_bytes_per_token(cfg, mapping, kv_cache_itemsize(cache.cache_dtype, itemsize))
     reserve = activation_reserve_bytes(cfg, mapping.tp, max_num_tokens, max_batch_size)
     if with_graphs:
-        reserve += graph_reserve_bytes(cfg, mapping, itemsize, max_batch_size)
+        reserve += graph_reserve_bytes(cfg, mapping, itemsize, max_batch_size, num_speculative_tokens)
     blocks = kv_blocks_that_fit(total_bytes, cache.gpu_memory_utilization, weights, reserve,
                                 per_token * cache.block_size)
     return RankPlan(mapping, weights, per_token, reserve, blocks, cache.block_size)

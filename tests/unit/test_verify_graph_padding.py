@@ -4,19 +4,22 @@
   sequences in the scratch block) gives, run eagerly, the real rows' logits of the unpadded step,
   for sequences of 0..k drafts, one at max_model_len; the padding writes no KV block but the scratch
   one; the real rows' positions are where the attention kernel puts them;
-- the bucket rule, the eligibility of plans, and the graphs' memory estimate;
+- the bucket rule, the eligibility of plans, and the graphs' memory estimate (also in ``meshlm plan``);
 - through LLM(...): a stand-in for the verify graphs that answers the plans they would take with the
   eager forward of their padded arrays gives the plain decoding's greedy tokens.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from meshlm import LLM, SamplingParams
+from meshlm.api.plan import plan_layout
+from meshlm.config import CacheConfig, EngineArgs
 from meshlm.executor import memory
 from meshlm.executor.cuda_graphs import default_buckets, graph_memory_bytes
 from meshlm.executor.verify_graphs import (MAX_VERIFY_GRAPH_TOKENS, fits_verify_graphs, pad_plan, verify_buckets,
@@ -171,3 +174,21 @@ def test_engine_with_padded_verify_steps_gives_plain_greedy_tokens(model_path):
         stats = llm.engine_core.spec_decode_stats
     assert outs == plain
     assert stand_in.num_replays > 0 and stats.num_accepted_tokens > 0
+
+
+def test_meshlm_plan_reserves_the_verify_graphs(tmp_path):
+    """``meshlm plan`` sizes the pool as the engine does: with speculative decoding the verify graphs'
+    reserve comes out of it too."""
+    hf = dict(architectures=["LlamaForCausalLM"], vocab_size=32768, hidden_size=2048, intermediate_size=6144,
+              num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
+              torch_dtype="bfloat16")
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg, total = ModelConfig.from_dir(tmp_path), 8 * 2**30
+    args = dict(model=str(tmp_path), max_batch_size=64)
+    plain = plan_layout(EngineArgs(**args), total).ranks[0]
+    spec = plan_layout(EngineArgs(**args, speculative_config={"method": "ngram", "num_speculative_tokens": 4}),
+                       total).ranks[0]
+    expected = memory.plan_rank(cfg, Mapping(world_size=1, rank=0), 2, total, CacheConfig(), 8192, 64,
+                                with_graphs=True, num_speculative_tokens=4)
+    assert spec.num_blocks == expected.num_blocks < plain.num_blocks
+    assert spec.reserve_bytes - plain.reserve_bytes == verify_graph_memory_bytes(64, 4, 2048, 6144, 32768, 2)
