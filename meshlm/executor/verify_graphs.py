@@ -13,8 +13,9 @@ How a plan is padded to a graph (``pad_plan``, pure numpy, checked on the CPU):
 - the attention kernel places query row ``j`` of a sequence at position ``seq_len - query_len + j``,
   so the sequence's length is raised by its padding rows: the real rows keep their causal
   positions, and the padding rows sit after them. They write their K/V into the scratch block (no
-  request's slot) and their rotary positions are clamped below ``max_model_len``; the keys they
-  read past the sequence's blocks come from block-table entries that point at the scratch block;
+  request's slot) and their rotary positions are clamped below ``max_model_len``. Only they read
+  keys past the sequence's own: from the plan's block-table entries, and past the plan's width
+  from entries that point at the scratch block, wide enough for ``max_model_len + k`` keys;
 - padding sequences (the bucket's rows past the plan's sequences) are ``1 + k`` tokens in the
   scratch block, as the decode graphs' padding rows are one;
 - the sampler's logits are the graph rows of ``plan.logits_token_index()``, in its order, so the
