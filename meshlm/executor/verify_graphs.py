@@ -31,8 +31,8 @@ import torch
 from meshlm.executor.cuda_graphs import DecodeGraphRunner, default_buckets, graph_row_bytes
 from meshlm.protocol import StepPlan
 
-__all__ = ["MAX_VERIFY_GRAPH_TOKENS", "PaddedBatch", "VerifyGraphRunner", "pad_plan", "verify_buckets",
-           "verify_graph_memory_bytes", "verify_table_width"]
+__all__ = ["MAX_VERIFY_GRAPH_TOKENS", "PaddedBatch", "VerifyGraphRunner", "fits_verify_graphs", "pad_plan",
+           "verify_buckets", "verify_graph_memory_bytes", "verify_table_width"]
 
 # The verify graphs cover batches of up to this many query tokens: speculation pays at small batches,
 # where a step reads all the weights for a few rows; larger verify steps run eagerly.
