@@ -60,9 +60,11 @@ def plan_layout(args: EngineArgs, total_bytes: int) -> LayoutPlan:
     mappings = [Mapping(parallel.world_size, rank, tp, pp, parallel.moe_expert_parallel_size or 1)
                 for rank in range(parallel.world_size)]
 
+    num_speculative_tokens = 0 if config.speculative is None else config.speculative.num_speculative_tokens
+
     def plan_ranks(max_batch_size: int, with_graphs: bool) -> list[RankPlan]:
         return [plan_rank(cfg, m, dtype.itemsize, total_bytes, config.cache, scheduler.max_num_tokens,
-                          max_batch_size, with_graphs) for m in mappings]
+                          max_batch_size, with_graphs, num_speculative_tokens) for m in mappings]
 
     max_batch_size = scheduler.max_batch_size
     if max_batch_size is None:  # as the engine resolves it: from the pool before the batch's reserve

@@ -1,6 +1,8 @@
 """CUDA graphs for decode steps: the whole forward (embedding to logits, TP all-reduces included)
 captured once per batch-size bucket and replayed with the step's arrays copied into static
 buffers. Padding rows of a bucket write their K/V into a scratch block that no request owns.
+A runner's graphs give every sequence ``query_len`` query tokens: 1 for decode steps, more for the
+verify steps of speculative decoding (executor/verify_graphs.py).
 With pipeline stages, each stage captures its own part: the hand-off to the next stage (NCCL send
 and recv on the stream) is inside the graph, so every stage replays its graph once per step.
 """
@@ -37,6 +39,13 @@ def default_buckets(max_batch_size: int) -> list[int]:
     return [b for b in sizes if b < max_batch_size] + [max_batch_size]
 
 
+def graph_row_bytes(hidden_size: int, intermediate_per_rank: int, vocab_per_rank: int, itemsize: int) -> int:
+    """An upper estimate of what one query row of a captured graph holds on the device: its share
+    of the widest activations of a layer in the graphs' pool, and of the logits (in the pool and in
+    the static buffer the graph writes them into)."""
+    return itemsize * (4 * intermediate_per_rank + 8 * hidden_size + 3 * vocab_per_rank)
+
+
 def graph_memory_bytes(max_batch_size: int, hidden_size: int, intermediate_per_rank: int,
                        vocab_per_rank: int, itemsize: int) -> int:
     """An upper estimate of what the decode graphs of buckets up to ``max_batch_size`` hold on the
@@ -44,30 +53,38 @@ def graph_memory_bytes(max_batch_size: int, hidden_size: int, intermediate_per_r
     the temporaries of the largest graph: the widest activations of a layer and its logits), the
     static logits buffer every graph writes into, the static inputs, and a fixed allowance for the
     graphs themselves and the capture stream's cuBLAS workspace."""
-    per_row = itemsize * (4 * intermediate_per_rank + 8 * hidden_size + 3 * vocab_per_rank)
-    return max_batch_size * per_row + 2**28
+    return max_batch_size * graph_row_bytes(hidden_size, intermediate_per_rank, vocab_per_rank, itemsize) + 2**28
 
 
 class DecodeGraphRunner:
+    """Decode graphs: one per batch bucket, each sequence ``query_len`` query tokens (1 here; the
+    verify graphs of speculative decoding subclass it with more)."""
+
+    kind = "decode"
+
     def __init__(self, model, groups, kv_caches, device: torch.device, buckets: list[int],
-                 max_blocks_per_seq: int, scratch_block: int, block_size: int, max_model_len: int):
+                 max_blocks_per_seq: int, scratch_block: int, block_size: int, max_model_len: int,
+                 query_len: int = 1):
         self.model, self.groups, self.kv_caches = model, groups, kv_caches
         self.device = device
         self.buckets = sorted(buckets)
         self.scratch_block, self.block_size = scratch_block, block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.max_model_len = max_model_len
+        self.query_len = query_len
         largest = self.buckets[-1]
+        num_rows = largest * query_len
         on = dict(device=device)
-        self.input_ids = torch.zeros(largest, dtype=torch.int64, **on)
-        self.positions = torch.zeros(largest, dtype=torch.int64, **on)
-        self.slot_mapping = torch.full((largest,), scratch_block * block_size, dtype=torch.int64, **on)
-        self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, **on)
-        self.seq_lens = torch.ones(largest, dtype=torch.int32, **on)
+        self.input_ids = torch.zeros(num_rows, dtype=torch.int64, **on)
+        self.positions = torch.zeros(num_rows, dtype=torch.int64, **on)
+        self.slot_mapping = torch.full((num_rows,), scratch_block * block_size, dtype=torch.int64, **on)
+        self.query_start_loc = torch.arange(0, num_rows + 1, query_len, dtype=torch.int32, **on)
+        self.seq_lens = torch.full((largest,), query_len, dtype=torch.int32, **on)
         self.block_tables = torch.full((largest, max_blocks_per_seq), scratch_block, dtype=torch.int32, **on)
         self.num_replays = 0
         self.replayed_batch = 0  # the bucket of the last replay (tests and logs)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None  # the graphs' memory pool, once captured (other runners may share it)
         # Every graph writes its logits into the first rows of this one buffer (allocated outside
         # the graphs' pool), so the pool holds no logits once a capture ends; None before the last stage.
         self.logits: torch.Tensor | None = None
@@ -84,29 +101,33 @@ class DecodeGraphRunner:
         return sorted(self._graphs)
 
     def _meta(self, batch: int) -> AttentionMetadata:
-        return AttentionMetadata(self.positions[:batch], self.slot_mapping[:batch], self.query_start_loc[:batch + 1],
-                                 self.seq_lens[:batch], self.block_tables[:batch], 1, self.max_model_len,
-                                 np.ones(batch, dtype=np.int32))
+        rows, q = batch * self.query_len, self.query_len
+        # A sequence's keys may reach query_len - 1 past max_model_len: the padding rows of a verify
+        # graph raise its length (executor/verify_graphs.py).
+        return AttentionMetadata(self.positions[:rows], self.slot_mapping[:rows], self.query_start_loc[:batch + 1],
+                                 self.seq_lens[:batch], self.block_tables[:batch], q, self.max_model_len + q - 1,
+                                 np.full(batch, q, dtype=np.int32))
 
     def _forward(self, batch: int) -> torch.Tensor | None:
         mapping, model = self.groups.mapping, self.model
+        rows = batch * self.query_len
         if mapping.is_first_pp_rank:
-            hidden = model.embed(self.input_ids[:batch])
+            hidden = model.embed(self.input_ids[:rows])
         else:
             weight = next(model.parameters())
-            hidden = self.groups.recv_from_prev_stage((batch, model.cfg.hidden_size), weight.dtype, self.device)
+            hidden = self.groups.recv_from_prev_stage((rows, model.cfg.hidden_size), weight.dtype, self.device)
         hidden = model(hidden, self._meta(batch), self.kv_caches)
         if not mapping.is_last_pp_rank:
             self.groups.send_to_next_stage(hidden)
             return None
-        return model.compute_logits(hidden)  # [batch, vocab_per_rank]
+        return model.compute_logits(hidden)  # [rows, vocab_per_rank]
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture one graph per bucket, largest first, all in one memory pool: a smaller graph's
-        temporaries reuse the blocks the larger ones freed, so the pool stays about the size of the
-        largest graph's temporaries."""
-        pool = torch.cuda.graph_pool_handle()
+    def capture(self, pool=None) -> None:
+        """Capture one graph per bucket, largest first, all in one memory pool (``pool``: one that
+        other graphs already use, else a new one): a smaller graph's temporaries reuse the blocks
+        the larger ones freed, so the pool stays about the size of the largest graph's temporaries."""
+        self.pool = torch.cuda.graph_pool_handle() if pool is None else pool
         side = torch.cuda.Stream(self.device)
         for batch in reversed(self.buckets):
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -114,29 +135,34 @@ class DecodeGraphRunner:
                 warm = self._forward(batch)
             torch.cuda.current_stream(self.device).wait_stream(side)
             if warm is not None and self.logits is None:
-                self.logits = torch.empty((self.buckets[-1], warm.shape[1]), dtype=warm.dtype, device=self.device)
+                self.logits = torch.empty((self.buckets[-1] * self.query_len, warm.shape[1]), dtype=warm.dtype,
+                                          device=self.device)
             del warm
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self.pool):
                 logits = self._forward(batch)
                 if logits is not None:
-                    self.logits[:batch].copy_(logits)
+                    self.logits[:batch * self.query_len].copy_(logits)
                 del logits
             self._graphs[batch] = graph
         torch.cuda.synchronize(self.device)
-        log.info("captured %d decode CUDA graphs, batch sizes 1 to %d", len(self.buckets), self.buckets[-1])
-        log.debug("decode graph batch sizes: %s", self.buckets)
+        log.info("captured %d %s CUDA graphs, batch sizes 1 to %d", len(self.buckets), self.kind, self.buckets[-1])
+        log.debug("%s graph batch sizes: %s", self.kind, self.buckets)
 
     def can_run(self, plan: StepPlan) -> bool:
         return (plan.num_seqs <= self.buckets[-1] and plan.num_tokens == plan.num_seqs
                 and plan.block_tables.shape[1] <= self.max_blocks_per_seq)
+
+    def bucket(self, num_seqs: int) -> int:
+        """The smallest captured batch size that holds ``num_seqs`` sequences."""
+        return self.buckets[bisect.bisect_left(self.buckets, num_seqs)]
 
     def run(self, plan: StepPlan, prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [num_seqs, vocab_per_rank] of a decode plan (a view valid until the next run);
         None on stages before the last. ``prev_tokens`` [num_prev] (on the device) fill the
         input ids at ``plan.prev_token_index``: the previous step's tokens (the overlapped loop)."""
         n = plan.num_seqs
-        batch = self.buckets[bisect.bisect_left(self.buckets, n)]
+        batch = self.bucket(n)
         host = self._host_sets[self.num_replays % 2]
         host["input_ids"][:n] = torch.from_numpy(plan.input_ids)
         host["positions"][:n] = torch.from_numpy(plan.positions)
@@ -150,13 +176,21 @@ class DecodeGraphRunner:
         host["slot_mapping"][n:batch] = self.scratch_block * self.block_size
         host["seq_lens"][n:batch] = 1
         host["block_tables"][n:batch, 0] = self.scratch_block
-        for name, staged in host.items():
-            getattr(self, name)[:batch].copy_(staged[:batch], non_blocking=True)
+        self._replay(host, batch, plan.prev_token_index, prev_tokens)
+        return None if self.logits is None else self.logits[:n]
+
+    def _replay(self, host: dict[str, torch.Tensor], batch: int, prev_token_rows: np.ndarray,
+                prev_tokens: torch.Tensor | None, table_width: int | None = None) -> None:
+        """Copy the first ``batch`` sequences of ``host`` (their first ``table_width`` block-table
+        columns, None: all) into the static inputs, put ``prev_tokens`` into the input ids at the
+        graph rows ``prev_token_rows``, and replay the graph of ``batch``."""
+        rows = batch * self.query_len
+        for name, size in (("input_ids", rows), ("positions", rows), ("slot_mapping", rows), ("seq_lens", batch)):
+            getattr(self, name)[:size].copy_(host[name][:size], non_blocking=True)
+        self.block_tables[:batch, :table_width].copy_(host["block_tables"][:batch, :table_width], non_blocking=True)
         if prev_tokens is not None:  # after the copy, on the same stream
-            index = torch.from_numpy(plan.prev_token_index).pin_memory().to(self.device, non_blocking=True)
-            self.input_ids.index_copy_(0, index, prev_tokens)  # [num_prev] into [largest]
+            index = torch.from_numpy(prev_token_rows).pin_memory().to(self.device, non_blocking=True)
+            self.input_ids.index_copy_(0, index, prev_tokens)  # [num_prev] into [largest rows]
         self._graphs[batch].replay()
         self.num_replays += 1
         self.replayed_batch = batch
-        return None if self.logits is None else self.logits[:n]
-

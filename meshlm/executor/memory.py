@@ -147,13 +147,15 @@ class RankPlan:
 
 
 def plan_rank(cfg: ModelConfig, mapping: Mapping, itemsize: int, total_bytes: int, cache: CacheConfig,
-              max_num_tokens: int, max_batch_size: int, with_graphs: bool = False) -> RankPlan:
-    """The memory of rank ``mapping.rank`` on a card of ``total_bytes``, before anything is loaded."""
+              max_num_tokens: int, max_batch_size: int, with_graphs: bool = False,
+              num_speculative_tokens: int = 0) -> RankPlan:
+    """The memory of rank ``mapping.rank`` on a card of ``total_bytes``, before anything is loaded
+    (``num_speculative_tokens``: the verify graphs of speculative decoding with the decode graphs)."""
     weights = weight_bytes(cfg, mapping, itemsize)
     per_token = kv_bytes_per_token(cfg, mapping, kv_cache_itemsize(cache.cache_dtype, itemsize))
     reserve = activation_reserve_bytes(cfg, mapping.tp, max_num_tokens, max_batch_size)
     if with_graphs:
-        reserve += graph_reserve_bytes(cfg, mapping, itemsize, max_batch_size)
+        reserve += graph_reserve_bytes(cfg, mapping, itemsize, max_batch_size, num_speculative_tokens)
     blocks = kv_blocks_that_fit(total_bytes, cache.gpu_memory_utilization, weights, reserve,
                                 per_token * cache.block_size)
     return RankPlan(mapping, weights, per_token, reserve, blocks, cache.block_size)
@@ -192,12 +194,18 @@ def check_pool_holds_a_request(num_blocks: int, block_size: int, max_model_len: 
         f"to at most {num_blocks * block_size}, or {grow}")
 
 
-def graph_reserve_bytes(cfg: ModelConfig, mapping: Mapping, itemsize: int, max_batch_size: int) -> int:
+def graph_reserve_bytes(cfg: ModelConfig, mapping: Mapping, itemsize: int, max_batch_size: int,
+                        num_speculative_tokens: int = 0) -> int:
     """What the decode graphs of every bucket up to ``max_batch_size`` hold on this rank (an upper
-    estimate: one shared pool of the largest graph's temporaries and its logits, see cuda_graphs)."""
+    estimate: one shared pool of the largest graph's temporaries and its logits, see cuda_graphs),
+    and with speculative decoding (``num_speculative_tokens`` > 0) the verify graphs (verify_graphs)."""
     from meshlm.executor.cuda_graphs import graph_memory_bytes
+    from meshlm.executor.verify_graphs import verify_graph_memory_bytes
     widest_mlp = max(cfg.intermediate_size, cfg.num_experts_per_tok * (cfg.moe_intermediate_size or 0)
                      + cfg.shared_expert_intermediate_size)
     vocab_per_rank = -(-cfg.vocab_size // mapping.tp) if mapping.is_last_pp_rank else 0
-    return graph_memory_bytes(max_batch_size, cfg.hidden_size, -(-widest_mlp // mapping.tp), vocab_per_rank,
-                              itemsize)
+    shape = (cfg.hidden_size, -(-widest_mlp // mapping.tp), vocab_per_rank, itemsize)
+    reserve = graph_memory_bytes(max_batch_size, *shape)
+    if num_speculative_tokens:
+        reserve += verify_graph_memory_bytes(max_batch_size, num_speculative_tokens, *shape)
+    return reserve

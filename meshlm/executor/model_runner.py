@@ -70,7 +70,10 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.graph_runner = None
-        self.graph_memory_bytes = 0  # measured when the decode graphs are captured
+        # Speculative decoding's verify steps replay graphs of 1 + num_speculative_tokens tokens a sequence
+        self.num_speculative_tokens = 0 if config.speculative is None else config.speculative.num_speculative_tokens
+        self.verify_graph_runner = None
+        self.graph_memory_bytes = 0  # measured when the decode (and verify) graphs are captured
         self.async_scheduling = config.async_scheduling
         # The last step's sampled token ids [num_samples] on the device (the overlapped loop only);
         # None after a step that sampled nothing.
@@ -129,8 +132,9 @@ class ModelRunner:
                 and getattr(self.attention_fn, "__name__", "") == "paged_attention_triton")
 
     def graph_memory_reserve_bytes(self, max_batch_size: int) -> int:
-        """The decode graphs' memory for batches up to ``max_batch_size`` (executor/memory.py)."""
-        return memory.graph_reserve_bytes(self.cfg, self.mapping, self.dtype.itemsize, max_batch_size)
+        """The decode (and verify) graphs' memory for batches up to ``max_batch_size`` (executor/memory.py)."""
+        return memory.graph_reserve_bytes(self.cfg, self.mapping, self.dtype.itemsize, max_batch_size,
+                                          self.num_speculative_tokens)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Blocks 0..num_blocks-1 belong to the scheduler; one more is scratch for padding rows."""
@@ -144,8 +148,10 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         """Capture decode graphs for every bucket up to ``max_batch_size`` when the path allows it
-        (can_capture_cuda_graphs); logs the device memory they took against the reserved estimate."""
+        (can_capture_cuda_graphs), then with speculative decoding the verify graphs in the same
+        pool; logs the device memory they took against the reserved estimate."""
         from meshlm.executor.cuda_graphs import DecodeGraphRunner, default_buckets
+        from meshlm.executor.verify_graphs import VerifyGraphRunner, verify_buckets
         if not self.can_capture_cuda_graphs():
             return
         max_blocks = -(-self.max_model_len // self.block_size)
@@ -156,13 +162,19 @@ class ModelRunner:
                                    default_buckets(max_batch_size),
                                    max_blocks, self.num_blocks, self.block_size, self.max_model_len)
         runner.capture()
+        if self.num_speculative_tokens:
+            self.verify_graph_runner = VerifyGraphRunner(
+                self.model, self.groups, self.kv_caches, self.device,
+                verify_buckets(max_batch_size, self.num_speculative_tokens), self.num_speculative_tokens,
+                self.num_blocks, self.block_size, self.max_model_len)
+            self.verify_graph_runner.capture(runner.pool)
         torch.cuda.empty_cache()  # the warm-up steps' cached blocks are the activations' share
         self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
         estimate = self.graph_memory_reserve_bytes(max_batch_size)
-        log.info("decode graphs up to batch %d take %.2f GiB (%.2f GiB reserved)", max_batch_size,
+        log.info("CUDA graphs up to batch %d take %.2f GiB (%.2f GiB reserved)", max_batch_size,
                  self.graph_memory_bytes / 2**30, estimate / 2**30)
         if self.graph_memory_bytes > estimate:
-            log.warning("decode graphs take %.2f GiB, more than the %.2f GiB reserved for them",
+            log.warning("CUDA graphs take %.2f GiB, more than the %.2f GiB reserved for them",
                         self.graph_memory_bytes / 2**30, estimate / 2**30)
         self.graph_runner = runner
 
@@ -261,6 +273,10 @@ class ModelRunner:
             if not samples_every_row_once(plan):
                 shard = shard[self._to_device(plan.sample_rows)]
             return self._sampler_logits(shard), None
+        verify_graphs = self.verify_graph_runner
+        if verify_graphs is not None and not wants_prompt_logprobs and verify_graphs.can_run(plan):
+            shard = verify_graphs.run(plan, self.previous_tokens(plan))  # the rows of logits_token_index()
+            return (None if shard is None else self._sampler_logits(shard)), None
         hidden = self._forward_eager(plan)  # [num_tokens, hidden_size] on the last stage, else None
         if hidden is None:
             return None, None
@@ -317,7 +333,8 @@ class ModelRunner:
         )
 
     def shutdown(self) -> None:
-        self.graph_runner = None  # graphs that captured NCCL calls go before the communicators
+        # Graphs that captured NCCL calls go before the communicators
+        self.graph_runner = self.verify_graph_runner = None
         self.kv_caches = []
         self.model = None
         if self.device.type == "cuda":
