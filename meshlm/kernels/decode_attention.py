@@ -256,7 +256,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n,
         KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split, KV_FP8=is_fp8_kv(k_cache),
         KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache), USE_WINDOW=sliding_window is not None,
-        DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if is_split:
         _decode_merge_kernel[(num_seqs, num_heads)](
             out, partial, lse, num_splits, out.stride(0), out.stride(1),
