@@ -91,6 +91,8 @@ def speculative_runs(ns, prompt: list[int], reference: list[int], k: int, plain_
             rows.append({"k": 0, **measure(llm, prompt, OracleProposer(prompt, reference, 0), ns.output_len)})
         first = measure(llm, prompt, OracleProposer(prompt, reference, k), ns.output_len)
         run = measure(llm, prompt, OracleProposer(prompt, first["tokens"], k), ns.output_len)
+        if ns.profile:
+            profile_steps(llm, prompt, OracleProposer(prompt, first["tokens"], k), k)
         run["first_run_acceptance_rate"] = first["acceptance_rate"]
         run["same_tokens_as_first_run"] = run["tokens"] == first["tokens"]
         rows.append({"k": k, **run})
@@ -98,6 +100,30 @@ def speculative_runs(ns, prompt: list[int], reference: list[int], k: int, plain_
         row["speed_up"] = plain_s / (ns.output_len / row["tok_s"])
         row["same_tokens_as_plain"] = row.pop("tokens") == reference
     return rows
+
+
+def profile_steps(llm, prompt: list[int], proposer, k: int) -> None:
+    """The kernels of 32 generated tokens' steps (after the prefill), and the GPU's busy share of them."""
+    import torch
+    from profile_decode import busy_us, print_kernel_table
+    coordinator = llm.engine_core
+    coordinator.scheduler.proposer = proposer
+    from meshlm import SamplingParams
+    coordinator.submit(prompt, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
+    coordinator.step()  # the prefill
+    torch.cuda.synchronize()
+    num_steps = 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        while coordinator.has_unfinished():
+            coordinator.step()
+            num_steps += 1
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print(f"k={k}: {num_steps} steps, {wall_us / num_steps / 1e3:.2f} ms a step (profiled), GPU busy "
+          f"{busy_us(kernels) / num_steps / 1e3:.2f} ms a step")
+    print_kernel_table(f"k={k}", kernels, num_steps)
 
 
 def print_table(result: dict) -> None:
@@ -127,6 +153,7 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--num-kv-blocks", type=int, default=1024)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="print the kernels of each k's verify steps")
     ns = parser.parse_args()
     from meshlm import LLM
     prompt = np.random.default_rng(0).integers(10, 30000, ns.input_len).tolist()

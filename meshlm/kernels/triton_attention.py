@@ -18,8 +18,8 @@ Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference
 CUDA graphs: with ``meta.max_query_len == 1`` (a decode batch) program ``i`` is sequence ``i``
 and nothing is computed on the side, so capture and replay need only the metadata tensors to
 be updated in place. Mixed batches map programs to (sequence, query block) with a few torch ops
-on the device, computed once per step and kept in ``meta.derived`` for the other layers; while a
-stream is being captured that map is recomputed in the graph instead of taken from there.
+on the device, computed once per step and kept in ``meta.derived`` for the other layers; a graph
+capture computes its own map in the graph (once, for all its layers) rather than take an eager one.
 """
 from __future__ import annotations
 
@@ -238,9 +238,11 @@ def _program_map(meta: AttentionMetadata, block_q: int, num_tokens: int,
     The grid is sized from shapes only (``num_tokens // block_q + num_seqs`` bounds the number
     of query blocks), so no value leaves the device; spare programs get sequence ``num_seqs``.
     """
+    # A map computed in a graph capture is the graph's own (its nodes recompute it at each replay):
+    # kept apart from an eager one, it serves every layer of that capture.
     is_capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = ("triton_program_map", block_q)
-    if not is_capturing and key in meta.derived:
+    key = ("triton_program_map", block_q, is_capturing)
+    if key in meta.derived:
         return meta.derived[key]
     num_seqs = meta.seq_lens.shape[0]
     num_programs = num_tokens // block_q + num_seqs
@@ -251,6 +253,5 @@ def _program_map(meta: AttentionMetadata, block_q: int, num_tokens: int,
     seq = torch.searchsorted(block_ends, program, right=True)  # [num_programs] in [0, num_seqs]
     first_block = (block_ends - blocks)[seq.clamp(max=num_seqs - 1)]  # [num_programs]
     program_map = torch.stack((seq, program - first_block), dim=1).to(torch.int32).contiguous()
-    if not is_capturing:
-        meta.derived[key] = program_map
+    meta.derived[key] = program_map
     return program_map

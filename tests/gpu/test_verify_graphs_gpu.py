@@ -129,5 +129,7 @@ def test_greedy_tokens_with_verify_graphs_equal_eager_and_plain(tmp_path, method
     graphed, stats, replays = _generate(path, spec)
     assert no_replays == 0 and replays > 0
     assert graphed == eager == plain
-    assert stats.num_accepted_tokens > 0
+    assert stats.num_draft_tokens > 0  # the prompts repeat, so n-gram drafts were proposed and verified
+    if method == "draft_model":  # the target as its own draft: nearly every draft holds (fp32)
+        assert stats.acceptance_rate > 0.9, (stats.num_accepted_tokens, stats.num_draft_tokens)
     print(f"{method}: acceptance {stats.acceptance_rate:.2f}, {replays} verify graph replays")
