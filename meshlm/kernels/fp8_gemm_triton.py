@@ -1,0 +1,206 @@
+"""The product of small batches with a float8 weight: ``out = x @ (w * scale)^T (+ bias)``.
+
+``x`` [M, K] stays in the model dtype (bf16, fp16 or fp32; not quantized), ``w`` [N, K] is float8
+e4m3 with a float32 scale per output channel [N] (or one for the whole tensor). A decode step's
+linear layers have a few rows and read megabytes of weight, so the product is bound by the weight
+bytes: the kernel streams each weight tile once, widens the float8 values in registers to ``x``'s
+dtype (exactly: e4m3 fits in bf16, fp16 and fp32) and multiplies on the tensor cores with
+``tl.dot``, the rows padded to ``BLOCK_M`` (at least 16). The sums are float32; the scale, then the
+bias, multiply and add in float32, and the result is rounded once to ``x``'s dtype, as
+:func:`meshlm.kernels.fp8.weight_only_linear` computes on the CPU.
+
+Grid: (column tile of ``BLOCK_N`` output channels, split of K, row tile). A program walks its
+split of K ``BLOCK_K`` columns at a time through a ``num_stages``-deep software pipeline. When the
+column tiles are too few to keep every SM streaming (a narrow weight, or a tensor-parallel shard of
+one), K is cut into ``split_k`` runs of whole tiles: each split writes its float32 sums to a buffer
+and a second small kernel adds the splits in a fixed order (deterministic, unlike atomics), then
+scales, adds the bias and rounds. The launch shape depends on (M, N, K, dtype, SM count) only, and
+nothing is read back to the host, so CUDA graphs capture the kernels.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["FP8GemmTiles", "choose_tiles", "fp8_weight_gemm"]
+
+# Column tiles below this many per SM leave SMs idle or short of loads in flight: K is split until
+# the programs reach it (each split at least _MIN_K_PER_SPLIT columns).
+_PROGRAMS_PER_SM = 2
+_MIN_K_PER_SPLIT = 1024
+_MAX_SPLIT_K = 16
+# Shared memory the pipelined tiles of a 16-bit x may take.
+_SHARED_BYTES = 96 * 1024
+# The SM count assumed off the GPU (the interpreter), so that CPU tests split too.
+_CPU_NUM_SMS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class FP8GemmTiles:
+    """Launch shape: output channels and K columns per tile, splits of K, warps, pipeline depth."""
+
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@triton.jit
+def _fp8_weight_gemm_kernel(
+        out_ptr, partial_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, M, N, K, k_per_split,
+        stride_xm, stride_wn, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+        EVEN_K: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Rows and channels past the end wrap to valid ones (loaded, never stored): the loads need no
+    # mask across rows, so each thread reads 16 consecutive float8 bytes in one instruction.
+    x_rows = (rows % M).to(tl.int64)
+    w_rows = (cols % N).to(tl.int64)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xm + (k_start + ks)[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + (k_start + ks)[None, :]  # [BLOCK_N, BLOCK_K]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(k_start, k_stop, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            is_k = (k + ks) < k_stop
+            x = tl.load(x_ptrs, mask=is_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
+        w = w.to(x.dtype)  # exact: every float8 e4m3 value is a bf16, fp16 and fp32 value
+        if DOT_IN_FP32:  # the CPU interpreter multiplies 16-bit bit patterns as integers
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    is_out = (rows < M)[:, None] & (cols < N)[None, :]
+    if IS_SPLIT:
+        # partial [split_k, M, N]
+        offsets = (pid_k * M + rows).to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(partial_ptr + offsets, acc, mask=is_out)
+    else:
+        y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL, HAS_BIAS)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
+
+
+@triton.jit
+def _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """float32 sums [rows, cols] times the weight's scale, plus the bias, in float32."""
+    if PER_CHANNEL:
+        acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+    else:
+        acc = acc * tl.load(scale_ptr)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _reduce_splits_kernel(out_ptr, partial_ptr, scale_ptr, bias_ptr, M, N, stride_om,
+                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                          HAS_BIAS: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    is_col = cols < N
+    acc = tl.zeros([1, BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):  # in order: the same sum every run
+        offsets = (s * M + row).to(tl.int64) * N + cols
+        acc += tl.load(partial_ptr + offsets, mask=is_col, other=0.0)[None, :]
+    y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL, HAS_BIAS)
+    tl.store(out_ptr + row.to(tl.int64) * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=is_col[None, :])
+
+
+def choose_tiles(num_rows: int, n: int, k: int, dtype: torch.dtype, num_sms: int) -> FP8GemmTiles:
+    """The launch shape for ``num_rows`` x ``k`` times ``n`` x ``k`` on ``num_sms`` SMs.
+
+    16-bit ``x``: 256-column K tiles (256 float8 bytes of each weight row, a 16-byte load per
+    thread) up to four stages deep; 32 channels per tile where that gives at least ``_PROGRAMS_PER_SM``
+    programs per SM, else 16. Fewer programs than that split K. fp32 ``x`` (tests): 64-column
+    tiles in two stages, which keep its twice larger tiles within shared memory."""
+    m_tiles = triton.cdiv(num_rows, _block_m(num_rows))
+    target = _PROGRAMS_PER_SM * num_sms
+    if dtype == torch.float32:
+        block_n, block_k, num_stages = 16, 64, 2
+    else:
+        block_n = 32 if triton.cdiv(n, 32) * m_tiles >= target else 16
+        block_k = 256
+        # 4 stages of x and weight tiles (64 KB at 16 rows); fewer for taller x tiles
+        stage_bytes = _block_m(num_rows) * block_k * 2 + block_n * block_k
+        num_stages = max(2, min(4, _SHARED_BYTES // stage_bytes))
+    programs = triton.cdiv(n, block_n) * m_tiles
+    split_k = 1
+    if programs < target:
+        split_k = max(1, min(triton.cdiv(target, programs), k // _MIN_K_PER_SPLIT, _MAX_SPLIT_K))
+    return FP8GemmTiles(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=num_stages)
+
+
+def _block_m(num_rows: int) -> int:
+    """Rows per tile: at least 16 (the tensor cores' smallest), at most 64."""
+    return min(64, max(16, triton.next_power_of_2(num_rows)))
+
+
+def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None, tiles: FP8GemmTiles | None = None) -> torch.Tensor:
+    """``x`` [M, K] (bf16, fp16 or fp32) times float8 ``weight`` [N, K] scaled by ``weight_scale``
+    (float32, [N] or one element), plus ``bias`` [N]: [M, N] in ``x``'s dtype. ``tiles`` defaults
+    to :func:`choose_tiles`."""
+    num_rows, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape == (n, k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
+    assert weight_scale.numel() in (1, n), (weight_scale.shape, n)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    scale = weight_scale.reshape(-1).float()
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out
+    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, _num_sms(x.device))
+    block_m = _block_m(num_rows)
+    k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
+    is_split = tiles.split_k > 1
+    partial = torch.empty((tiles.split_k, num_rows, n) if is_split else (1,), dtype=torch.float32,
+                          device=x.device)
+    flags = dict(PER_CHANNEL=scale.numel() == n and n > 1, HAS_BIAS=bias is not None)
+    bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
+    grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(num_rows, block_m))
+    _fp8_weight_gemm_kernel[grid](
+        out, partial, x, weight, scale, bias_arg, num_rows, n, k, k_per_split,
+        x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
+        EVEN_K=k % tiles.block_k == 0, DOT_PRECISION=_dot_precision(x), DOT_IN_FP32=not x.is_cuda,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
+    if is_split:
+        block = min(1024, triton.next_power_of_2(n))
+        _reduce_splits_kernel[(num_rows, triton.cdiv(n, block))](
+            out, partial, scale, bias_arg, num_rows, n, out.stride(0),
+            SPLIT_K=tiles.split_k, BLOCK=block, num_warps=4, **flags)
+    return out
+
+
+def _dot_precision(x: torch.Tensor) -> str:
+    """fp32 ``x``: three TF32 products on the GPU (fp32 accuracy), exact ones in the interpreter."""
+    if x.dtype != torch.float32:
+        return "tf32"  # not used for 16-bit inputs
+    return "tf32x3" if x.is_cuda else "ieee"
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
