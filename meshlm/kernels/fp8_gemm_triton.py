@@ -41,13 +41,16 @@ _CPU_NUM_SMS = 8
 
 @dataclass(frozen=True, slots=True)
 class FP8GemmTiles:
-    """Launch shape: output channels and K columns per tile, splits of K, warps, pipeline depth."""
+    """Launch shape: output channels and K columns per tile, splits of K, warps, pipeline depth;
+    ``swap_ab``: multiply ``w @ x^T`` (the weight tile as the MMA's A operand, its channels as the
+    MMA's rows) instead of ``x @ w^T``."""
 
     block_n: int
     block_k: int
     split_k: int
     num_warps: int = 4
     num_stages: int = 4
+    swap_ab: bool = False
 
 
 @triton.jit
@@ -55,7 +58,7 @@ def _fp8_weight_gemm_kernel(
         out_ptr, partial_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, M, N, K, k_per_split,
         stride_xm, stride_wn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
-        EVEN_K: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -63,31 +66,42 @@ def _fp8_weight_gemm_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    # Rows and channels past the end wrap to valid ones (loaded, never stored): the loads need no
-    # mask across rows, so each thread reads 16 consecutive float8 bytes in one instruction.
-    x_rows = (rows % M).to(tl.int64)
+    # Channels past the end wrap to valid ones (loaded, never stored): the weight needs no mask, so
+    # each thread reads 16 consecutive float8 bytes in one instruction. Rows past M are masked, which
+    # is uniform along K (the loads stay vectorized) and reads nothing for them: at M = 1, 15 of the
+    # 16 rows of the tile.
+    is_row = rows < M
+    x_rows = rows.to(tl.int64)
     w_rows = (cols % N).to(tl.int64)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + (k_start + ks)[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + (k_start + ks)[None, :]  # [BLOCK_N, BLOCK_K]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_start, k_stop, BLOCK_K):
         if EVEN_K:
-            x = tl.load(x_ptrs)
+            x = tl.load(x_ptrs, mask=is_row[:, None], other=0.0)
             w = tl.load(w_ptrs)
         else:
             is_k = (k + ks) < k_stop
-            x = tl.load(x_ptrs, mask=is_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=is_row[:, None] & is_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
         w = w.to(x.dtype)  # exact: every float8 e4m3 value is a bf16, fp16 and fp32 value
         if DOT_IN_FP32:  # the CPU interpreter multiplies 16-bit bit patterns as integers
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if SWAP_AB:  # the weight as the tensor cores' A operand (its channels as MMA rows)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    is_out = (rows < M)[:, None] & (cols < N)[None, :]
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    is_out = is_row[:, None] & (cols < N)[None, :]
     if IS_SPLIT:
         # partial [split_k, M, N]
         offsets = (pid_k * M + rows).to(tl.int64)[:, None] * N + cols[None, :]
@@ -182,7 +196,8 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         out, partial, x, weight, scale, bias_arg, num_rows, n, k, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
-        EVEN_K=k % tiles.block_k == 0, DOT_PRECISION=_dot_precision(x), DOT_IN_FP32=not x.is_cuda,
+        EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab,
+        DOT_PRECISION=_dot_precision(x), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
     if is_split:
         block = min(1024, triton.next_power_of_2(n))

@@ -59,11 +59,12 @@ def assert_matches_reference(got: torch.Tensor, x, w, scale, bias, what: str) ->
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_kernel_matches_the_reference(dtype, m, split_k):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_kernel_matches_the_reference(dtype, m, split_k, swap_ab):
     # N = 37 channels (three tiles, the last partly filled), K = 300 (four 64-column tiles and a tail)
     x, w, scale, bias = make_case(m, 37, 300, dtype, per_channel=True, has_bias=False, seed=m)
-    got = fp8_weight_gemm(x, w, scale, tiles=FP8GemmTiles(split_k=split_k, **SMALL))
-    assert_matches_reference(got, x, w, scale, bias, f"{dtype} M={m} split_k={split_k}")
+    got = fp8_weight_gemm(x, w, scale, tiles=FP8GemmTiles(split_k=split_k, swap_ab=swap_ab, **SMALL))
+    assert_matches_reference(got, x, w, scale, bias, f"{dtype} M={m} split_k={split_k} swap_ab={swap_ab}")
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
