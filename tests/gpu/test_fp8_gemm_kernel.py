@@ -67,6 +67,20 @@ def test_kernel_matches_the_reference(dtype, m, split_k, swap_ab):
     assert_matches_reference(got, x, w, scale, bias, f"{dtype} M={m} split_k={split_k} swap_ab={swap_ab}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("asm_widen", [True, False])
+def test_every_float8_value_widens_exactly(dtype, asm_widen):
+    """The weight holds each of the 254 float8 e4m3 values (subnormals, +-0, +-448; the two NaNs
+    replaced by zeros) and x is the identity: the product is the weight, transposed, exactly."""
+    codes = torch.arange(256, dtype=torch.int32)
+    codes[(codes & 0x7F) == 0x7F] &= 0x80  # NaN -> +-0
+    w = codes.to(torch.uint8).view(E4M3).reshape(16, 16).to(DEVICE)  # [N, K]
+    x = torch.eye(16, dtype=dtype, device=DEVICE)
+    tiles = FP8GemmTiles(block_n=16, block_k=16, split_k=1, num_stages=2, asm_widen=asm_widen)
+    got = fp8_weight_gemm(x, w, torch.ones(1, device=DEVICE), tiles=tiles)
+    assert torch.equal(got.float(), w.float().t()), (got.float() - w.float().t()).abs().max()
+
+
 @pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize("split_k", [1, 2])
