@@ -24,7 +24,7 @@ suggests ``meshlm.kernels.fp8.WEIGHT_ONLY_MAX_ROWS``: the largest M up to which 
 ``scaled`` on every shape.
 
 ``--sweep`` searches the kernel's launch shape (BLOCK_N, BLOCK_K, split-K, warps, stages, operand
-order) for each shape at each of ``--sweep-rows``: from the default (``choose_tiles``), one
+order, how the weight is widened) for each shape at each of ``--sweep-rows``: from the default (``choose_tiles``), one
 parameter at a time over its values, keeping the fastest, twice over; it prints the fastest per
 shape beside the default, to paste into ``choose_tiles``. Most of its time is Triton compiling the
 launch shapes (a few minutes at most).
@@ -49,8 +49,8 @@ ROWS = (1, 2, 4, 8, 16, 32, 64, 256, 4096)
 WEIGHT_ONLY_ROWS = 64  # the small-batch kernel is timed up to this M
 L2_BYTES = 256 * 2**20  # enough copies of a weight to read it from memory each call
 # The values the sweep tries for each launch parameter.
-SWEEP = {"block_n": (16, 32, 64), "block_k": (128, 256, 512), "split_k": (1, 2, 4, 8),
-         "num_warps": (2, 4, 8), "num_stages": (2, 3, 4, 6), "swap_ab": (False, True)}
+SWEEP = {"block_n": (16, 32, 64, 128), "block_k": (128, 256, 512), "split_k": (1, 2, 3, 4, 6, 8),
+         "num_warps": (2, 4, 8), "num_stages": (2, 3, 4, 5), "swap_ab": (False, True), "asm_widen": (True, False)}
 
 
 def time_us(fn, iters: int) -> float:
@@ -164,7 +164,7 @@ def sweep_shape(name: str, n: int, k: int, m: int, iters: int, num_sms: int) -> 
 
 def _describe(t: FP8GemmTiles) -> str:
     return (f"BLOCK_N={t.block_n} BLOCK_K={t.block_k} split_k={t.split_k} "
-            f"warps={t.num_warps} stages={t.num_stages} swap_ab={int(t.swap_ab)}")
+            f"warps={t.num_warps} stages={t.num_stages} swap_ab={int(t.swap_ab)} asm_widen={int(t.asm_widen)}")
 
 
 def main(argv=None) -> None:

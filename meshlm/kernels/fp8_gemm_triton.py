@@ -13,9 +13,12 @@ Grid: (column tile of ``BLOCK_N`` output channels, split of K, row tile). A prog
 split of K ``BLOCK_K`` columns at a time through a ``num_stages``-deep software pipeline. When the
 column tiles are too few to keep every SM streaming (a narrow weight, or a tensor-parallel shard of
 one), K is cut into ``split_k`` runs of whole tiles: each split writes its float32 sums to a buffer
-and a second small kernel adds the splits in a fixed order (deterministic, unlike atomics), then
-scales, adds the bias and rounds. The launch shape depends on (M, N, K, dtype, SM count) only, and
-nothing is read back to the host, so CUDA graphs capture the kernels.
+and counts itself done on an atomic counter of its output tile; the last one to finish adds the
+splits in a fixed order (deterministic, unlike atomic sums), scales, adds the bias, rounds, and
+zeroes the counter for the next launch. (A second small kernel does that instead during a CUDA
+graph capture that comes before any eager call, when the counters cannot be made.) The launch
+shape depends on (M, N, K, dtype, SM count) only, and nothing is read back to the host, so CUDA
+graphs capture the kernels.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ _MIN_K_PER_SPLIT = 1024
 _MAX_SPLIT_K = 16
 # Shared memory the pipelined tiles of a 16-bit x may take.
 _SHARED_BYTES = 96 * 1024
+# Output tiles one split-K launch may have (counters of the in-kernel reduction: 256 KB per device).
+_MAX_SPLIT_TILES = 65536
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 # The SM count assumed off the GPU (the interpreter), so that CPU tests split too.
 _CPU_NUM_SMS = 8
 
@@ -44,7 +50,9 @@ class FP8GemmTiles:
     """Launch shape: output channels and K columns per tile, splits of K, warps, pipeline depth;
     ``swap_ab``: multiply ``w @ x^T`` (the weight tile as the MMA's A operand, its channels as the
     MMA's rows) instead of ``x @ w^T``; ``asm_widen``: for bf16 ``x`` on the GPU, widen the float8
-    weight by moving bits (_E4M3_TO_BF16_X4) instead of the conversion unit's float8 -> fp16 -> bf16."""
+    weight by moving bits (_E4M3_TO_BF16_X4) instead of the conversion unit's float8 -> fp16 -> bf16;
+    ``serial_reduce``: the last split of a tile to finish adds up the splits (one launch) instead
+    of a second kernel."""
 
     block_n: int
     block_k: int
@@ -53,13 +61,15 @@ class FP8GemmTiles:
     num_stages: int = 4
     swap_ab: bool = False
     asm_widen: bool = True
+    serial_reduce: bool = True
 
 
 @triton.jit
 def _fp8_weight_gemm_kernel(
-        out_ptr, partial_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, M, N, K, k_per_split,
+        out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, M, N, K, k_per_split,
         stride_xm, stride_wn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+        SERIAL_REDUCE: tl.constexpr,
         EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, PER_CHANNEL: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -104,13 +114,27 @@ def _fp8_weight_gemm_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     is_out = is_row[:, None] & (cols < N)[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     if IS_SPLIT:
         # partial [split_k, M, N]
         offsets = (pid_k * M + rows).to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(partial_ptr + offsets, acc, mask=is_out)
+        if SERIAL_REDUCE:
+            # The last split of this tile to finish adds up all of them. The barrier orders every
+            # thread's stores before the release of the count; the acquire orders the loads after.
+            tl.debug_barrier()
+            tile = pid_m * tl.num_programs(0) + pid_n
+            done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in range(0, tl.num_programs(1)):  # in order: the same sum whichever split ends last
+                    split_offsets = (s * M + rows).to(tl.int64)[:, None] * N + cols[None, :]
+                    total += tl.load(partial_ptr + split_offsets, mask=is_out, other=0.0, cache_modifier=".cg")
+                y = _scale_and_bias(total, cols, N, scale_ptr, bias_ptr, PER_CHANNEL, HAS_BIAS)
+                tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
+                tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # zero for the next launch
     else:
         y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL, HAS_BIAS)
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
 
 
@@ -229,19 +253,35 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     flags = dict(PER_CHANNEL=scale.numel() == n and n > 1, HAS_BIAS=bias is not None)
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(num_rows, block_m))
+    counters = _split_counters(x.device, grid[0] * grid[2]) if is_split and tiles.serial_reduce else None
     _fp8_weight_gemm_kernel[grid](
-        out, partial, x, weight, scale, bias_arg, num_rows, n, k, k_per_split,
-        x.stride(0), weight.stride(0), out.stride(0),
+        out, partial, counters if counters is not None else partial, x, weight, scale, bias_arg,
+        num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
+        SERIAL_REDUCE=counters is not None,
         EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab, ASM_WIDEN=tiles.asm_widen and x.is_cuda,
         DOT_PRECISION=_dot_precision(x), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
-    if is_split:
+    if is_split and counters is None:
         block = min(1024, triton.next_power_of_2(n))
         _reduce_splits_kernel[(num_rows, triton.cdiv(n, block))](
             out, partial, scale, bias_arg, num_rows, n, out.stride(0),
             SPLIT_K=tiles.split_k, BLOCK=block, num_warps=4, **flags)
     return out
+
+
+def _split_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:
+    """The int32 count of finished splits of each output tile, zero between launches (the last
+    split of a tile zeroes it); one buffer per device, made by the first eager call. None (the
+    splits are then added by a second kernel) during a CUDA graph capture before any eager call,
+    whose allocation would belong to the graph, or for more tiles than the buffer counts. Launches
+    that use it run one after another on one stream, as a rank's model does."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _SPLIT_COUNTERS[device] = torch.zeros(_MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return counters if num_tiles <= counters.numel() else None
 
 
 def _dot_precision(x: torch.Tensor) -> str:

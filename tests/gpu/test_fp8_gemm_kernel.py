@@ -83,11 +83,22 @@ def test_every_float8_value_widens_exactly(dtype, asm_widen):
 
 @pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("has_bias", [True, False])
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_scales_and_bias(per_channel, has_bias, split_k):
+@pytest.mark.parametrize("split_k, serial_reduce", [(1, True), (2, True), (2, False)])
+def test_scales_and_bias(per_channel, has_bias, split_k, serial_reduce):
     x, w, scale, bias = make_case(3, 48, 256, torch.bfloat16, per_channel, has_bias, seed=7)
-    got = fp8_weight_gemm(x, w, scale, bias, tiles=FP8GemmTiles(split_k=split_k, **SMALL))
-    assert_matches_reference(got, x, w, scale, bias, f"per_channel={per_channel} bias={has_bias} split_k={split_k}")
+    tiles = FP8GemmTiles(split_k=split_k, serial_reduce=serial_reduce, **SMALL)
+    got = fp8_weight_gemm(x, w, scale, bias, tiles=tiles)
+    assert_matches_reference(got, x, w, scale, bias, f"per_channel={per_channel} bias={has_bias} {tiles}")
+
+
+@pytest.mark.parametrize("serial_reduce", [True, False])
+def test_split_k_launches_one_after_another(serial_reduce):
+    """Each launch's splits are added up once and in full: the in-kernel reduction leaves its
+    counts ready for the next launch (tiles of other shapes included)."""
+    for i, (m, n) in enumerate([(2, 40), (2, 40), (5, 70), (2, 40)]):
+        x, w, scale, bias = make_case(m, n, 640, torch.float32, per_channel=True, has_bias=True, seed=20 + i)
+        tiles = FP8GemmTiles(split_k=4, serial_reduce=serial_reduce, **SMALL)
+        assert_matches_reference(fp8_weight_gemm(x, w, scale, bias, tiles), x, w, scale, bias, f"launch {i}")
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 64, 2048), (7, 130, 520), (33, 20, 96)])
@@ -130,20 +141,21 @@ def test_launch_rule_splits_k_only_for_few_column_tiles():
 
 
 @needs_cuda
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_kernel_in_a_cuda_graph(split_k):
+@pytest.mark.parametrize("split_k, serial_reduce", [(1, True), (4, True), (4, False)])
+def test_kernel_in_a_cuda_graph(split_k, serial_reduce):
     x, w, scale, bias = make_case(4, 4096, 4096, torch.bfloat16, per_channel=True, has_bias=True)
-    tiles = FP8GemmTiles(block_n=32, block_k=256, split_k=split_k)
+    tiles = FP8GemmTiles(block_n=64, block_k=256, split_k=split_k, serial_reduce=serial_reduce)
     fp8_weight_gemm(x, w, scale, bias, tiles)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fp8_weight_gemm(x, w, scale, bias, tiles)
-    x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE, x.dtype))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, fp8_weight_gemm(x, w, scale, bias, tiles))
-    assert_matches_reference(out, x, w, scale, bias, f"graph split_k={split_k}")
+    for replay in range(3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(9 + replay)).to(DEVICE, x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fp8_weight_gemm(x, w, scale, bias, tiles)), replay  # and deterministic
+        assert_matches_reference(out, x, w, scale, bias, f"graph {tiles} replay {replay}")
 
 
 @needs_cuda
