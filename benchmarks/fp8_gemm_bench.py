@@ -5,7 +5,8 @@
     python benchmarks/fp8_gemm_bench.py --sweep               # and the small-batch kernel's launch shapes
 
 For each weight (QKV 6144 x 4096, o_proj 4096 x 4096, gate_up 28672 x 4096, down 4096 x 14336) and
-batch of M rows it times, with CUDA events over ``--iters`` calls after a warm-up:
+batch of M rows it times, in a CUDA graph of ``--iters`` calls after a warm-up (decode steps run in
+graphs, and a launch from Python takes longer than a small product):
 
 - ``bf16``: ``F.linear`` on the bf16 weight (the baseline);
 - ``scaled``: meshlm's FP8 path for large batches: per-token activation quantization, then
@@ -16,15 +17,15 @@ batch of M rows it times, with CUDA events over ``--iters`` calls after a warm-u
   kernel of kernels/fp8_gemm_triton.py, activations unquantized, the float8 weight widened in
   registers; timed up to M = 64.
 
-It prints the time, TFLOP/s (2 M N K / t) and the weight's bytes read per second (TB/s; compare with
-the card's copy bandwidth, benchmarks/RESULTS.md has the H200's: a batch-1 product can at best read
-its weight at that rate). Each weight is copied enough times to overflow L2, and the calls cycle
-through the copies, so a small batch reads its weight from memory as a decode step does. Then it
-suggests ``meshlm.kernels.fp8.WEIGHT_ONLY_MAX_ROWS``: the largest M up to which ``weight_only`` beat
+It prints the card's copy bandwidth, then per path the time, TFLOP/s (2 M N K / t) and the weight's
+bytes read per second (TB/s; a batch-1 product can at best read its weight at the copy rate). Each
+weight is copied enough times to overflow L2, and the calls cycle through the copies, so a small
+batch reads its weight from memory as a decode step does. Then it suggests
+``meshlm.kernels.fp8.WEIGHT_ONLY_MAX_ROWS``: the largest M up to which ``weight_only`` beat
 ``scaled`` on every shape.
 
 ``--sweep`` searches the kernel's launch shape (BLOCK_N, BLOCK_K, split-K, warps, stages, operand
-order, how the weight is widened) for each shape at each of ``--sweep-rows``: from the default (``choose_tiles``), one
+order, how the weight is widened and the splits added) for each shape at each of ``--sweep-rows``: from the default (``choose_tiles``), one
 parameter at a time over its values, keeping the fastest, twice over; it prints the fastest per
 shape beside the default, to paste into ``choose_tiles``. Most of its time is Triton compiling the
 launch shapes (a few minutes at most).
@@ -50,20 +51,38 @@ WEIGHT_ONLY_ROWS = 64  # the small-batch kernel is timed up to this M
 L2_BYTES = 256 * 2**20  # enough copies of a weight to read it from memory each call
 # The values the sweep tries for each launch parameter.
 SWEEP = {"block_n": (16, 32, 64, 128), "block_k": (128, 256, 512), "split_k": (1, 2, 3, 4, 6, 8),
-         "num_warps": (2, 4, 8), "num_stages": (2, 3, 4, 5), "swap_ab": (False, True), "asm_widen": (True, False)}
+         "num_warps": (2, 4, 8), "num_stages": (2, 3, 4, 5), "swap_ab": (False, True), "asm_widen": (True, False),
+         "serial_reduce": (True, False)}
 
 
 def time_us(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()
+    """Microseconds per call of ``fn``, replayed in a CUDA graph of ``iters`` calls (as decode steps
+    run: a launch from Python takes longer than a small product, so eager timing would measure it)."""
+    for _ in range(3):
+        fn()  # compile, and make what the first call makes (the split-K counters) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(iters):
-        fn()
+    graph.replay()
     stop.record()
     torch.cuda.synchronize()
+    del graph
     return start.elapsed_time(stop) * 1000 / iters
+
+
+def copy_tbps() -> float:
+    """The card's copy bandwidth (bytes read and written per second) on a 2 GiB buffer: the ceiling
+    of a product bound by its weight bytes."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_us(lambda: dst.copy_(src), 20)
+    return 2 * src.numel() / t / 1e6
 
 
 class Copies:
@@ -164,7 +183,8 @@ def sweep_shape(name: str, n: int, k: int, m: int, iters: int, num_sms: int) -> 
 
 def _describe(t: FP8GemmTiles) -> str:
     return (f"BLOCK_N={t.block_n} BLOCK_K={t.block_k} split_k={t.split_k} "
-            f"warps={t.num_warps} stages={t.num_stages} swap_ab={int(t.swap_ab)} asm_widen={int(t.asm_widen)}")
+            f"warps={t.num_warps} stages={t.num_stages} swap_ab={int(t.swap_ab)} asm_widen={int(t.asm_widen)} "
+            f"serial_reduce={int(t.serial_reduce)}")
 
 
 def main(argv=None) -> None:
@@ -179,7 +199,8 @@ def main(argv=None) -> None:
         sys.exit("fp8_gemm_bench.py needs a CUDA GPU")
     rows = [int(r) for r in args.rows.split(",")]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"{torch.cuda.get_device_name()} ({num_sms} SMs), torch {torch.__version__}", flush=True)
+    print(f"{torch.cuda.get_device_name()} ({num_sms} SMs), torch {torch.__version__}; "
+          f"copy {copy_tbps():.2f} TB/s", flush=True)
     results = []
     for name, (n, k) in SHAPES.items():
         results += bench_shape(name, n, k, rows, args.iters)
