@@ -25,10 +25,10 @@ batch reads its weight from memory as a decode step does. Then it suggests
 ``scaled`` on every shape.
 
 ``--sweep`` searches the kernel's launch shape (BLOCK_N, BLOCK_K, split-K, warps, stages, operand
-order, how the weight is widened and the splits added) for each shape at each of ``--sweep-rows``: from the default (``choose_tiles``), one
-parameter at a time over its values, keeping the fastest, twice over; it prints the fastest per
-shape beside the default, to paste into ``choose_tiles``. Most of its time is Triton compiling the
-launch shapes (a few minutes at most).
+order, how the weight is widened and the splits added) for each shape at each of ``--sweep-rows``:
+from the default (``choose_tiles``), one parameter at a time over its values, keeping the fastest,
+twice over; it prints the fastest per shape beside the default, to paste into ``choose_tiles``.
+Most of its time is Triton compiling the launch shapes (a few minutes at most).
 """
 from __future__ import annotations
 
