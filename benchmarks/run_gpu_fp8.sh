@@ -13,7 +13,7 @@ timeout 300 python3 -m pytest -q tests/gpu/test_fp8_gpu.py tests/gpu/test_fp8_ge
     > "$OUT/pytest_fp8.log" 2>&1
 grep -E "passed|failed|Error|error" "$OUT/pytest_fp8.log" | tail -15
 echo "== FP8 GEMMs, Llama-3-8B shapes (fp8_gemm_bench.py)"
-timeout 420 python3 benchmarks/fp8_gemm_bench.py --sweep --output-json "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1
+timeout 600 python3 benchmarks/fp8_gemm_bench.py --sweep --output-json "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1
 tail -100 "$OUT/fp8_gemm.log"
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 run() {  # name, prompts, input, output, extra flags
