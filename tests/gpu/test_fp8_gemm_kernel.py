@@ -12,6 +12,8 @@ tolerance is one bf16 step wider.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -156,6 +158,19 @@ def test_kernel_in_a_cuda_graph(split_k, serial_reduce):
         torch.cuda.synchronize()
         assert torch.equal(out, fp8_weight_gemm(x, w, scale, bias, tiles)), replay  # and deterministic
         assert_matches_reference(out, x, w, scale, bias, f"graph {tiles} replay {replay}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_llama_8b_shapes_with_the_default_launch_shape(n, k, m):
+    """Llama-3-8B's weights (split-K on all SMs for the narrow ones); both ways of widening the
+    weight give the same bits."""
+    x, w, scale, bias = make_case(m, n, k, torch.bfloat16, per_channel=True, has_bias=False, seed=n + m)
+    got = fp8_weight_gemm(x, w, scale)
+    assert_matches_reference(got, x, w, scale, None, f"{m}x{n}x{k}")
+    tiles = choose_tiles(m, n, k, x.dtype, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert torch.equal(got, fp8_weight_gemm(x, w, scale, tiles=dataclasses.replace(tiles, asm_widen=False)))
 
 
 @needs_cuda
