@@ -27,9 +27,9 @@ MIN_SCALE = 1e-12
 
 # Batches of at most this many rows take the weight-only path (activations not quantized); larger
 # ones the scaled product. A decode step's product is bound by the weight bytes, which the Triton
-# kernel streams near copy bandwidth while cuBLASLt's FP8 GEMM reads them at 1-2.5 TB/s (H200, M=1)
-# and the activations' quantization costs a kernel per layer; from some M on the tensor-core rate of
-# the scaled product wins. Tune on the GPU with benchmarks/fp8_gemm_bench.py.
+# kernel streams once with no activation quantization before it, while cuBLASLt's FP8 GEMM read them
+# at 1.1-2.5 TB/s at M = 1 on an H200 (benchmarks/RESULTS.md); from some M on, the FP8 tensor-core
+# rate of the scaled product wins. benchmarks/fp8_gemm_bench.py measures both and suggests the value.
 WEIGHT_ONLY_MAX_ROWS = 16
 
 
