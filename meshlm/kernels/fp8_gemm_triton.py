@@ -218,11 +218,21 @@ def choose_tiles(num_rows: int, n: int, k: int, dtype: torch.dtype, num_sms: int
         stage_bytes = _block_m(num_rows) * block_k * dtype.itemsize + block_n * block_k
         num_stages = max(2, min(4, _SHARED_BYTES // stage_bytes))
     programs = triton.cdiv(n, block_n) * m_tiles
-    target = _PROGRAMS_PER_SM * num_sms
-    split_k = 1
-    if programs < target:
-        split_k = max(1, min(triton.cdiv(target, programs), k // _MIN_K_PER_SPLIT, _MAX_SPLIT_K))
+    split_k = _split_k(programs, k, block_k, num_sms)
     return FP8GemmTiles(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=num_stages)
+
+
+def _split_k(programs: int, k: int, block_k: int, num_sms: int) -> int:
+    """Splits of K that bring ``programs`` up to ``_PROGRAMS_PER_SM`` per SM, each at least
+    ``_MIN_K_PER_SPLIT`` columns; rounded up to a count that cuts K's tiles evenly where one is
+    near (the programs of a launch run together, so the longest split sets its time)."""
+    target = _PROGRAMS_PER_SM * num_sms
+    if programs >= target:
+        return 1
+    wanted = max(1, min(triton.cdiv(target, programs), k // _MIN_K_PER_SPLIT, _MAX_SPLIT_K))
+    k_tiles = triton.cdiv(k, block_k)
+    even = [s for s in range(wanted, min(2 * wanted, _MAX_SPLIT_K, k_tiles) + 1) if k_tiles % s == 0]
+    return even[0] if even else wanted
 
 
 def _block_m(num_rows: int) -> int:

@@ -137,9 +137,10 @@ def test_launch_rule_splits_k_only_for_few_column_tiles():
     assert narrow.split_k > 1 and 4096 // narrow.split_k >= 1024
     assert choose_tiles(1, 768, 1024, torch.bfloat16, num_sms).split_k == 1  # too short a K to split
     for m in (1, 16, 64):
-        t = choose_tiles(m, 4096, 14336, torch.bfloat16, num_sms)
+        t = choose_tiles(m, 4096, 14336, torch.bfloat16, num_sms)  # down_proj: 64 column tiles
         stage = max(16, m) * t.block_k * 2 + t.block_n * t.block_k
         assert t.num_stages * stage <= 100 * 1024, (m, t)
+        assert t.split_k > 1 and (14336 // t.block_k) % t.split_k == 0, t  # K's tiles cut evenly
 
 
 @needs_cuda
