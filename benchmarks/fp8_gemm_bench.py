@@ -18,7 +18,8 @@ graphs, and a launch from Python takes longer than a small product):
   registers; timed up to M = 64.
 
 It prints the card's copy bandwidth, then per path the time, TFLOP/s (2 M N K / t) and the weight's
-bytes read per second (TB/s; a batch-1 product can at best read its weight at the copy rate). Each
+bytes read per second (TB/s; a batch-1 product can at best read its weight at the copy rate), and
+per M the sum over the 32 layers of the four products (a decode step's linear layers). Each
 weight is copied enough times to overflow L2, and the calls cycle through the copies, so a small
 batch reads its weight from memory as a decode step does. Then it suggests
 ``meshlm.kernels.fp8.WEIGHT_ONLY_MAX_ROWS``: the largest M up to which ``weight_only`` beat
@@ -47,6 +48,7 @@ from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weigh
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 256, 4096)
+NUM_LAYERS = 32
 WEIGHT_ONLY_ROWS = 64  # the small-batch kernel is timed up to this M
 L2_BYTES = 256 * 2**20  # enough copies of a weight to read it from memory each call
 # The values the sweep tries for each launch parameter.
@@ -137,6 +139,16 @@ def bench_shape(name: str, n: int, k: int, rows, iters: int) -> list[dict]:
     return results
 
 
+def print_layer_totals(results: list[dict], rows) -> None:
+    """The four products of Llama-3-8B's 32 layers per path: a decode step's linear layers."""
+    for m in rows:
+        totals = {}
+        for r in results:
+            if r["m"] == m:
+                totals[r["path"]] = totals.get(r["path"], 0.0) + NUM_LAYERS * r["us"] / 1000
+        print(f"M={m:<5d} {NUM_LAYERS} layers: " + ", ".join(f"{p} {t:.3f} ms" for p, t in totals.items()), flush=True)
+
+
 def suggest_threshold(results: list[dict], rows) -> int:
     """The largest M such that weight_only beat scaled on every shape at every M up to it."""
     best = 0
@@ -205,6 +217,7 @@ def main(argv=None) -> None:
     for name, (n, k) in SHAPES.items():
         results += bench_shape(name, n, k, rows, args.iters)
         torch.cuda.empty_cache()
+    print_layer_totals(results, rows)
     threshold = suggest_threshold(results, rows)
     print(f"suggested WEIGHT_ONLY_MAX_ROWS = {threshold} (now {fp8.WEIGHT_ONLY_MAX_ROWS})", flush=True)
     sweep = []
