@@ -8,11 +8,12 @@ set -uo pipefail
 OUT=${OUT:-out}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 nvidia-smi -L
-echo "== tests/gpu/test_fp8_gpu.py"
-timeout 300 python3 -m pytest -q tests/gpu/test_fp8_gpu.py -p no:cacheprovider > "$OUT/pytest_fp8.log" 2>&1
+echo "== tests/gpu/test_fp8_gpu.py tests/gpu/test_fp8_gemm_kernel.py"
+timeout 300 python3 -m pytest -q tests/gpu/test_fp8_gpu.py tests/gpu/test_fp8_gemm_kernel.py -p no:cacheprovider \
+    > "$OUT/pytest_fp8.log" 2>&1
 grep -E "passed|failed|Error|error" "$OUT/pytest_fp8.log" | tail -15
 echo "== FP8 GEMMs, Llama-3-8B shapes (fp8_gemm_bench.py)"
-timeout 240 python3 benchmarks/fp8_gemm_bench.py --output-json "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1
+timeout 600 python3 benchmarks/fp8_gemm_bench.py --sweep --output-json "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1
 tail -100 "$OUT/fp8_gemm.log"
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 run() {  # name, prompts, input, output, extra flags

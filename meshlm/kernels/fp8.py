@@ -7,9 +7,11 @@ calibrated it. The product ``y = (x_fp8 * sx) @ (w_fp8 * sw)^T`` then runs as:
 - ``scaled``: on CUDA, ``torch._scaled_mm`` with rowwise scales (sx [M, 1], sw [1, N], bf16 out);
   elsewhere (the CPU, or shapes it refuses) the same quantize -> dequantize arithmetic in float32,
   so CPU tests run the quantization and the scales exactly as the GPU does.
-- ``weight_only``: activations stay in the model dtype; ``(x @ w_fp8^T) * sw``. For batches of at
-  most ``WEIGHT_ONLY_MAX_ROWS`` rows, where a measurement (benchmarks/fp8_gemm_bench.py) may find
-  the scaled product's activation quantization not worth it.
+- ``weight_only``: activations stay in the model dtype; ``(x @ w_fp8^T) * sw + b`` with float32
+  sums, rounded once to the model dtype. For batches of at most ``WEIGHT_ONLY_MAX_ROWS`` rows (decode
+  steps): on CUDA one Triton kernel that streams the float8 weight and widens it in registers
+  (kernels/fp8_gemm_triton.py), elsewhere the same arithmetic in torch, so the CPU tests take the
+  path, and the numerics, that the GPU takes at each batch size.
 """
 from __future__ import annotations
 
@@ -24,8 +26,11 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 MIN_SCALE = 1e-12
 
 # Batches of at most this many rows take the weight-only path (activations not quantized); larger
-# ones the scaled product. 0: always scaled. Tune on the GPU with benchmarks/fp8_gemm_bench.py.
-WEIGHT_ONLY_MAX_ROWS = 0
+# ones the scaled product. A decode step's product is bound by the weight bytes, which the Triton
+# kernel streams once with no activation quantization before it, while cuBLASLt's FP8 GEMM read them
+# at 1.1-2.5 TB/s at M = 1 on an H200 (benchmarks/RESULTS.md); from some M on, the FP8 tensor-core
+# rate of the scaled product wins. benchmarks/fp8_gemm_bench.py measures both and suggests the value.
+WEIGHT_ONLY_MAX_ROWS = 16
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,17 +74,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     activation scale; None quantizes each row with its own scale."""
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     if use_weight_only(rows.shape[0]):
-        y = weight_only_linear(rows, weight, weight_scale)
+        y = weight_only_linear(rows, weight, weight_scale, bias)  # input_scale unused: x stays as it is
     else:
         y = scaled_linear(rows, weight, weight_scale, input_scale)
-    if bias is not None:
-        y = y + bias
+        if bias is not None:
+            y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``x`` [M, K] in the model dtype times the float8 weight widened to it, scaled per output column."""
-    return F.linear(x, weight.to(x.dtype)) * weight_scale.to(x.dtype)
+def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [M, K] in the model dtype (not quantized) times the float8 ``weight`` [N, K]: float32
+    sums of exact products, times ``weight_scale`` ([N] or one element), plus ``bias``, in float32,
+    rounded once to ``x``'s dtype. On a GPU with FP8 support one Triton kernel computes it."""
+    if x.is_cuda and _has_fp8_tensor_cores(x.device.index or 0):
+        from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
+        return fp8_weight_gemm(x, weight, weight_scale, bias)
+    y = (x.float() @ weight.float().t()) * weight_scale.float().reshape(-1)  # [M, N]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +133,15 @@ def can_use_scaled_mm(x_q: torch.Tensor, weight: torch.Tensor) -> bool:
 @functools.cache
 def _has_fp8_tensor_cores(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def per_token_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T`` with the activations quantized per token whatever the row count (F.linear for a weight
+    in the model dtype): one expert's rows, which must round as :func:`fp8_bmm` rounds them."""
+    if weight_scale is None:
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    return scaled_linear(rows, weight, weight_scale).view(*x.shape[:-1], weight.shape[0])
 
 
 # --- experts: one quantized weight per expert ---------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshlm.kernels.fp8 import FP8_DTYPE, bmm, linear, quantize_per_row
+from meshlm.kernels.fp8 import FP8_DTYPE, bmm, per_token_linear, quantize_per_row
 from meshlm.parallel.fp8_weights import check_fp8_support, read_fp8
 from meshlm.parallel.mapping import Mapping
 from meshlm.weights.quantization import QuantizationConfig
@@ -215,8 +215,9 @@ class FusedMoE(nn.Module):
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Local expert ``e`` on rows ``x`` [n, hidden] -> [n, hidden]."""
-        gate, up = linear(x, self.w13[e], self._scale(self.w13_scale, e)).chunk(2, dim=-1)  # [n, inter_per_rank] each
-        return linear(F.silu(gate) * up, self.w2[e], self._scale(self.w2_scale, e))
+        gate_up = per_token_linear(x, self.w13[e], self._scale(self.w13_scale, e))  # [n, 2 * inter_per_rank]
+        gate, up = gate_up.chunk(2, dim=-1)  # [n, inter_per_rank] each
+        return per_token_linear(F.silu(gate) * up, self.w2[e], self._scale(self.w2_scale, e))
 
     @staticmethod
     def _scale(scales: torch.Tensor | None, e: int) -> torch.Tensor | None:

@@ -3,7 +3,9 @@
 The reference is transformers on the same weights with every decoder linear layer replaced by the
 FP8 product as its definition says, written here from first principles: float8 weights with one
 scale per output row (the checkpoint's, else ``amax / 448`` of the row), activations quantized per
-token (or with the checkpoint's static scale), the float32 sums scaled by both. meshlm must give
+token (or with the checkpoint's static scale), the float32 sums scaled by both; in steps of at most
+``WEIGHT_ONLY_MAX_ROWS`` rows (meshlm's decode steps of these prompts) the activations are not
+quantized and the float32 sums take the weight's scale only. meshlm must give
 the reference's greedy tokens and logprobs to float32 precision, in every format. Beside it: the
 unquantized model stays close, scales that are missing or mis-shaped fail before loading, and the
 layers that must keep the model dtype keep it.
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from meshlm import LLM, SamplingParams
 from meshlm.config import EngineArgs, EngineConfig
 from meshlm.executor.model_runner import ModelRunner
+from meshlm.kernels.fp8 import WEIGHT_ONLY_MAX_ROWS
 from meshlm.parallel.experts import route
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.weights.checkpoint import CheckpointError
@@ -60,7 +63,10 @@ def _checkpoint_rows(tensors: dict, module: str) -> tuple[torch.Tensor, torch.Te
 
 def fp8_reference(base, checkpoint=None):
     """transformers on ``base``'s weights with every decoder linear layer computing the FP8 product of
-    ``checkpoint``'s float8 weights (None: ``base``'s quantized per row)."""
+    ``checkpoint``'s float8 weights (None: ``base``'s quantized per row). meshlm prefills the prompts
+    in one step of PREFILL_ROWS rows (activations quantized) and decodes them in steps of
+    len(PROMPTS) rows (not quantized); transformers runs one prompt at a time, so its forward over a
+    whole prompt stands for the first and its forward over one position for the second."""
     hf = load_reference(base)
     tensors = load_file(f"{checkpoint or base}/model.safetensors")
     for name, module in hf.named_modules():
@@ -70,8 +76,11 @@ def fp8_reference(base, checkpoint=None):
         static = tensors.get(f"{name}.input_scale")
 
         def forward(x, w_q=w_q, w_scale=w_scale.reshape(-1), static=static, bias=module.bias):
-            scale = static.float() if static is not None else x.abs().amax(-1, keepdim=True).float() / E4M3_MAX
-            y = (_fp8(x, scale) @ w_q.t()) * scale * w_scale  # [..., N]
+            if x.shape[-2] == 1:  # [1, 1, K]: a decode position, activations as they are
+                y = (x.float() @ w_q.t()) * w_scale
+            else:
+                scale = static.float() if static is not None else x.abs().amax(-1, keepdim=True).float() / E4M3_MAX
+                y = (_fp8(x, scale) @ w_q.t()) * scale * w_scale  # [..., N]
             return y if bias is None else y + bias
 
         module.forward = forward
@@ -96,6 +105,12 @@ def assert_matches_reference(outputs, hf, what: str, atol: float = ATOL):
 
 
 PROMPTS = random_prompts(320, PROMPT_LENGTHS, seed=1)
+PREFILL_ROWS = sum(PROMPT_LENGTHS)
+
+
+def test_prefill_quantizes_activations_and_decode_does_not():
+    """What fp8_reference assumes of the step sizes."""
+    assert len(PROMPTS) <= WEIGHT_ONLY_MAX_ROWS < PREFILL_ROWS
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,32 @@ def test_weight_only_keeps_activations_unquantized():
     torch.testing.assert_close(got[0], expected)
 
 
+def test_weight_only_adds_the_bias_and_takes_a_per_tensor_scale():
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    w_q = torch.tensor([[2.0, 1.0], [4.0, -8.0], [0.5, 0.0]]).to(E4M3)
+    got = fp8.weight_only_linear(x, w_q, torch.tensor([0.5]), torch.tensor([10.0, 20.0, 30.0]))
+    # x @ w^T = [[0, 20, 0.5], [1.25, 0, 0.25]], halved, plus the bias
+    assert got.tolist() == [[10.0, 30.0, 30.25], [10.625, 20.0, 30.125]]
+
+
+def test_decode_sized_batches_do_not_quantize_activations():
+    """At the default threshold a batch of WEIGHT_ONLY_MAX_ROWS rows multiplies x as it is, one more
+    row quantizes it per token: x's entries here are not float8 values, so the two differ."""
+    assert fp8.use_weight_only(1)  # batch-1 decode reads the weight through the small-batch kernel
+    torch.manual_seed(4)
+    w_q, w_scale = fp8.quantize_per_row(torch.randn(24, 64))
+    bias = torch.randn(24)
+    for rows in (1, fp8.WEIGHT_ONLY_MAX_ROWS, fp8.WEIGHT_ONLY_MAX_ROWS + 1):
+        x = torch.randn(rows, 64)
+        unquantized = (x.double() @ (w_q.double() * w_scale.double()).t() + bias.double()).float()
+        got = fp8.fp8_linear(x, w_q, w_scale[:, 0], bias)
+        if rows <= fp8.WEIGHT_ONLY_MAX_ROWS:
+            torch.testing.assert_close(got, unquantized, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got, fp8.scaled_linear(x, w_q, w_scale[:, 0]) + bias)
+            assert (got - unquantized).abs().max() > 1e-3
+
+
 def test_the_path_is_a_function_of_the_row_count(monkeypatch):
     torch.manual_seed(1)
     x, w = torch.randn(4, 32), torch.randn(16, 32)
