@@ -93,6 +93,13 @@ def speculative_runs(ns, prompt: list[int], reference: list[int], k: int, plain_
         run = measure(llm, prompt, OracleProposer(prompt, first["tokens"], k), ns.output_len)
         if ns.profile:
             profile_steps(llm, prompt, OracleProposer(prompt, first["tokens"], k), k)
+        if ns.host_profile:
+            import cProfile
+            import pstats
+            with cProfile.Profile() as host:
+                measure(llm, prompt, OracleProposer(prompt, first["tokens"], k), 64)
+            print(f"k={k}: the host's functions over 64 tokens, by own time")
+            pstats.Stats(host).sort_stats("tottime").print_stats(30)
         run["first_run_acceptance_rate"] = first["acceptance_rate"]
         run["same_tokens_as_first_run"] = run["tokens"] == first["tokens"]
         rows.append({"k": k, **run})
@@ -154,6 +161,7 @@ def main() -> int:
     parser.add_argument("--num-kv-blocks", type=int, default=1024)
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print the kernels of each k's verify steps")
+    parser.add_argument("--host-profile", action="store_true", help="print the host's hot functions (cProfile)")
     ns = parser.parse_args()
     from meshlm import LLM
     prompt = np.random.default_rng(0).integers(10, 30000, ns.input_len).tolist()
