@@ -1,10 +1,10 @@
 """Paged attention for decode steps (one query token per sequence), split over the context.
 
-Grid: (sequence, KV head, split). One program loads the query rows of every head of its KV
-head's GQA group as one small matrix (``GROUP_ROWS`` rows, padded to at least 16 for the
-tensor cores) and attends them together to each KV tile, so a group's KV is read once. The
-program covers one split of its sequence's context, ``BLOCK_N`` keys at a time through the
-block table, with an online softmax in fp32.
+Grid: (sequence, KV head, split), or (KV head, sequence, split). One program loads the query
+rows of every head of its KV head's GQA group as one small matrix (``GROUP_ROWS`` rows, padded
+to at least 16 for the tensor cores) and attends them together to each KV tile, so a group's KV
+is read once. The program covers one split of its sequence's context, ``BLOCK_N`` keys at a
+time through the block table, with an online softmax in fp32.
 
 Split-KV ("flash decoding"): when sequences x KV heads are too few to fill the GPU, each
 sequence's keys are cut into ``num_splits`` equal runs of whole tiles, computed from the
@@ -17,44 +17,29 @@ the KV heads, ``meta.max_seq_len``, which the graphs set to the model's length, 
 count), never from the step's sequence lengths, so a captured graph stays right when the
 lengths change between replays.
 
+The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`: the next tile's block
+ids loaded one tile ahead, keys loaded transposed, one block-table load per cache block, the grid
+ordered KV head first) change how the cache is read, never the result; the defaults are the
+measured fastest (``benchmarks/attention_bench.py --variants``).
+
 Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference` for rows
 whose query length is 1.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
+from meshlm.kernels.decode_tiles import CPU_NUM_SMS, DecodeTiles, choose_num_splits, decode_tiles
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 
 _LOG2_E = 1.4426950408889634
-# Programs per SM that the splits aim for: enough to hide memory latency on every SM (on an H200,
-# 64 sequences x 2k keys ran 10 % faster in 2 splits than in 1).
-_PROGRAMS_PER_SM = 4
-# Up to this many (sequence, KV head) programs per SM, 128-key tiles read faster; beyond it, 64-key
-# tiles (attention_bench.py --sweep on an H200: 1 x 32k, 8 x 8k and 64 x 2k against 256 x 1k, 1024 x 256).
-_LARGE_TILE_PROGRAMS_PER_SM = 4
-# A split covers at least this many keys: shorter splits cost more in merging than they give.
-_MIN_KEYS_PER_SPLIT = 256
-_MAX_SPLITS = 64
 # Splits the merge kernel loads per tile ([64, 128] fp32 is 32 KiB: 64 registers a thread at 4 warps).
 _MERGE_SPLITS_CHUNK = 64
-# The SM count assumed off the GPU (the interpreter), so that CPU tests split too.
-_CPU_NUM_SMS = 8
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeTiles:
-    """Launch shape of the split kernel: keys per tile, warps per program, pipeline depth."""
-
-    block_n: int
-    num_warps: int
-    num_stages: int
 
 
 @triton.jit(do_not_specialize=["num_splits", "sliding_window", "stride_table_seq"])
@@ -68,9 +53,16 @@ def _decode_split_kernel(
         GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr,
         USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+        KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
+        K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    if HEADS_FIRST:  # grid (KV head, sequence, split): a block's KV heads are read side by side
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+    else:  # grid (sequence, KV head, split)
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     key_lo = 0  # first key the query sees
@@ -103,22 +95,38 @@ def _decode_split_kernel(
     full_end = split_start
     if not USE_WINDOW:
         full_end = tl.maximum(tl.minimum(split_end, seq_len // BLOCK_N * BLOCK_N), split_start)
+    if PREFETCH_TABLE:  # the first tile's block ids; each tile then loads those of the next
+        blocks = _tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True)
     for tile_start in range(split_start, full_end, BLOCK_N):
+        if PREFETCH_TABLE:
+            next_blocks = _tile_blocks(table_row, tile_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+                                       PAGED_TILE, True)
+        else:
+            blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, False)
         acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims, qk_scale_log2,
+            acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, seq_len, dims, qk_scale_log2,
             stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8)
+            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8, K_TRANSPOSED, PAGED_TILE)
+        if PREFETCH_TABLE:
+            blocks = next_blocks
     for tile_start in range(full_end, split_end, BLOCK_N):
+        if PREFETCH_TABLE:
+            next_blocks = _tile_blocks(table_row, tile_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+                                       PAGED_TILE, True)
+        else:
+            blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True)
         acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims, qk_scale_log2,
+            acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, seq_len, dims, qk_scale_log2,
             stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8)
+            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8, K_TRANSPOSED, PAGED_TILE)
+        if PREFETCH_TABLE:
+            blocks = next_blocks
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
         acc = acc * tl.load(v_scale_ptr + kv_head)
     if IS_SPLIT:
-        num_heads = tl.num_programs(1) * GROUP
+        num_heads = num_kv_heads * GROUP
         part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_ROWS]
         tl.store(partial_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=is_row[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
@@ -129,31 +137,64 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims,
+def _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+                 PAGED_TILE: tl.constexpr, MASKED: tl.constexpr):
+    """Cache block ids of keys [tile_start, tile_start + BLOCK_N): one per key [BLOCK_N], or one per
+    cache block [BLOCK_N // KV_BLOCK_SIZE] (``PAGED_TILE``). Masked: 0 for blocks no query sees."""
+    if PAGED_TILE:
+        index = tile_start // KV_BLOCK_SIZE + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE)
+        is_seen = (index * KV_BLOCK_SIZE < seq_len) & ((index + 1) * KV_BLOCK_SIZE > key_lo)
+    else:
+        key_pos = tile_start + tl.arange(0, BLOCK_N)
+        index = key_pos // KV_BLOCK_SIZE
+        is_seen = (key_pos >= key_lo) & (key_pos < seq_len)
+    if MASKED:
+        blocks = tl.load(table_row + index, mask=is_seen, other=0)
+    else:
+        blocks = tl.load(table_row + index)
+    return blocks.to(tl.int64)
+
+
+@triton.jit
+def _key_rows(blocks, key_pos, stride_block, stride_offset, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+              PAGED_TILE: tl.constexpr):
+    """[BLOCK_N] offset of each key's row (head_dim elements along memory) in one KV head's cache."""
+    if PAGED_TILE:  # [BLOCK_N // KV_BLOCK_SIZE, KV_BLOCK_SIZE] -> [BLOCK_N], block-major as the keys
+        offset = tl.arange(0, KV_BLOCK_SIZE)
+        rows = tl.reshape(blocks[:, None] * stride_block + offset[None, :] * stride_offset, [BLOCK_N])
+    else:
+        rows = blocks * stride_block + (key_pos % KV_BLOCK_SIZE) * stride_offset
+    return rows
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, seq_len, dims,
                  qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
                  BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr):
-    """One online-softmax step of the group's rows over keys [tile_start, tile_start + BLOCK_N).
+                 DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
+                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr):
+    """One online-softmax step of the group's rows over keys [tile_start, tile_start + BLOCK_N),
+    whose cache blocks are ``blocks`` (:func:`_tile_blocks`).
     ``KV_FP8``: k and v are float8, converted exactly to q's dtype (the caller applies their scales)."""
     key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     is_key = (key_pos >= key_lo) & (key_pos < seq_len)
+    k_rows = _key_rows(blocks, key_pos, stride_k_block, stride_k_offset, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE)
+    v_rows = _key_rows(blocks, key_pos, stride_v_block, stride_v_offset, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE)
+    v_offsets = v_rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+    if K_TRANSPOSED:  # [HEAD_DIM, BLOCK_N] straight from memory
+        k_offsets = dims[:, None] + k_rows[None, :]
+        k_mask = is_key[None, :]
+    else:  # rows [BLOCK_N, HEAD_DIM] along memory, transposed in registers for the product
+        k_offsets = k_rows[:, None] + dims[None, :]
+        k_mask = is_key[:, None]
     if MASKED:
-        block = tl.load(table_row + key_pos // KV_BLOCK_SIZE, mask=is_key, other=0).to(tl.int64)
+        k = tl.load(k_head + k_offsets, mask=k_mask, other=0.0)
+        v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)
     else:
-        block = tl.load(table_row + key_pos // KV_BLOCK_SIZE).to(tl.int64)
-    offset = key_pos % KV_BLOCK_SIZE
-    v_offsets = block[:, None] * stride_v_block + offset[:, None] * stride_v_offset + dims[None, :]
-    # Keys load as rows [BLOCK_N, HEAD_DIM], along memory (5 % faster at 256 x 1k on an H200 than
-    # loading them transposed), and are transposed in registers for the product.
-    k_offsets = block[:, None] * stride_k_block + offset[:, None] * stride_k_offset + dims[None, :]
-    if MASKED:
-        k = tl.trans(tl.load(k_head + k_offsets, mask=is_key[:, None], other=0.0))  # [HEAD_DIM, BLOCK_N]
-    else:
-        k = tl.trans(tl.load(k_head + k_offsets))
-    if MASKED:
-        v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-    else:
+        k = tl.load(k_head + k_offsets)
         v = tl.load(v_head + v_offsets)
+    if not K_TRANSPOSED:
+        k = tl.trans(k)  # [HEAD_DIM, BLOCK_N]
     if KV_FP8:
         k = k.to(q.dtype)
         v = v.to(q.dtype)
@@ -225,17 +266,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     default to :func:`decode_tiles` and :func:`choose_num_splits`. A float8 cache is read with
     ``k_scale``, ``v_scale`` [num_kv_heads_per_rank] (kernels/kv_quant.py). No host synchronisation.
     """
+    _check_shapes(q, k_cache, v_cache, meta)
     num_seqs, num_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
-    assert num_seqs == meta.seq_lens.shape[0], (q.shape, meta.seq_lens.shape)
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
-    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_seqs == 0:
         return out
     tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, _num_sms(q.device))
+    tiles.check(kv_block_size)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
     group = num_heads // num_kv_heads
@@ -243,10 +281,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # [num_seqs, num_heads, num_splits, head_dim] partial outputs, [..., num_splits] their log2-sum-exp
     partial = torch.empty((num_seqs, num_heads, num_splits, head_dim) if is_split else (0,),
                           dtype=torch.float32, device=q.device)
-    lse = torch.empty((num_seqs, num_heads, num_splits) if is_split else (0,), dtype=torch.float32,
-                      device=q.device)
+    lse = torch.empty(partial.shape[:-1] if is_split else (0,), dtype=torch.float32, device=q.device)
     k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, num_seqs, num_splits) if tiles.heads_first else (num_seqs, num_kv_heads, num_splits)
+    _decode_split_kernel[grid](
         out, partial, lse, q, k_cache, v_cache, k_scale, v_scale, meta.block_tables, meta.seq_lens,
         num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -257,7 +295,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split, KV_FP8=is_fp8_kv(k_cache),
         KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
+        HEADS_FIRST=tiles.heads_first, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if is_split:
         _decode_merge_kernel[(num_seqs, num_heads)](
@@ -267,26 +306,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Splits per sequence: enough (sequence, KV head, split) programs for ``_PROGRAMS_PER_SM``
-    per SM, each split at least ``_MIN_KEYS_PER_SPLIT`` keys of ``max_seq_len``, at most
-    ``_MAX_SPLITS``. Depends on host sizes only, never on the step's sequence lengths."""
-    num_programs = num_seqs * num_kv_heads
-    wanted = -(-_PROGRAMS_PER_SM * num_sms // num_programs)
-    by_length = max(1, max_seq_len // _MIN_KEYS_PER_SPLIT)
-    return max(1, min(wanted, by_length, _MAX_SPLITS))
-
-
-def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = _CPU_NUM_SMS) -> DecodeTiles:
-    """Tiles of the split kernel for ``num_programs`` (sequence, KV head) pairs on ``num_sms`` SMs.
-    16-bit: 2 pipeline stages and 4 warps; 128-key tiles while the pairs are few (long contexts
-    in small batches), 64-key tiles when there are many. fp32 (tests): 32-key tiles, which keep
-    its twice larger tiles within shared memory and compile quickly."""
-    if dtype == torch.float32:
-        return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
-    if num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms:
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2)
-    return DecodeTiles(block_n=64, num_warps=4, num_stages=2)
+def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    assert num_seqs == meta.seq_lens.shape[0], (q.shape, meta.seq_lens.shape)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
 
 
 def dot_precision(q: torch.Tensor) -> str:
@@ -300,5 +327,5 @@ def dot_precision(q: torch.Tensor) -> str:
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return _CPU_NUM_SMS
+        return CPU_NUM_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count

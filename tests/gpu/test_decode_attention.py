@@ -120,6 +120,30 @@ def test_sliding_window(window, num_splits):
     assert_close((window, num_splits), max_err, mean_err, torch.float32)
 
 
+# Every switch of the kernel alone, and all of them together, on 32-key tiles (two cache blocks).
+VARIANTS = {"prefetch_table": dict(prefetch_table=True), "k_transposed": dict(k_transposed=True),
+            "paged_tile": dict(paged_tile=True), "heads_first": dict(heads_first=True),
+            "all": dict(prefetch_table=True, k_transposed=True, paged_tile=True, heads_first=True)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("num_splits,window", [(1, None), (4, None), (3, 24)], ids=["whole", "split", "split_window"])
+def test_variants_match_reference(num_splits, window, variant, dtype):
+    """Lengths that end inside a block, on a block and on a tile, splits that end past the
+    sequence, windows that start inside a block and inside a tile."""
+    tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **VARIANTS[variant])
+    max_err, mean_err = errors([1, 15, 16, 33, 64, 100, 145], 2, 4, 64, dtype, num_splits, window, tiles, seed=5)
+    assert_close((variant, num_splits, window), max_err, mean_err, dtype)
+
+
+def test_a_paged_tile_must_hold_whole_cache_blocks():
+    q, k_cache, v_cache, meta = make_decode([20], 1, 2, 64, torch.float32)  # blocks of 16 -> 32 below
+    with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
+        paged_decode_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), meta, 0.125,
+                               tiles=DecodeTiles(16, 4, 2, paged_tile=True))
+
+
 def test_the_entry_point_routes_decodes_to_the_decode_kernel():
     q, k_cache, v_cache, meta = make_decode([5, 40, 70], 2, 4, 64, torch.float32, seed=2)
     meta.max_seq_len = 4096  # as the decode graphs set it: splits as for a long context
