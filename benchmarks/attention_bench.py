@@ -56,8 +56,9 @@ SCALE = HEAD_DIM ** -0.5
 DECODE_SWEEP = [DecodeTiles(n, w, s) for n, w, s in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4))]
 PREFILL_SWEEP = [UnifiedTiles(m, n, w, s) for m, n, w, s in
                  itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
-# The decode kernel's switches (DecodeTiles fields), by their short names in the printout.
-SWITCHES = {"prefetch_table": "prefetch", "k_transposed": "ktrans", "paged_tile": "paged", "heads_first": "heads"}
+# The decode kernel's switches (DecodeTiles fields): their short names in the printout and the values timed.
+SWITCHES = {"prefetch_table": ("prefetch", (0, 1, 2)), "k_transposed": ("ktrans", (False, True)),
+            "paged_tile": ("paged", (False, True)), "heads_first": ("heads", (False, True))}
 # The fastest combination of switches is also timed at these tiles (keys, warps, stages).
 VARIANT_TILES = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
 
@@ -216,7 +217,7 @@ def default_decode_shape(batch: int, context: int) -> tuple[DecodeTiles, int]:
 
 def switch_combinations() -> list[dict]:
     """Every on/off combination of the decode kernel's switches, all off first."""
-    return [dict(zip(SWITCHES, values)) for values in itertools.product((False, True), repeat=len(SWITCHES))]
+    return [dict(zip(SWITCHES, values)) for values in itertools.product(*(values for _, values in SWITCHES.values()))]
 
 
 def variant_split_counts(splits: int) -> list[int]:
@@ -240,8 +241,13 @@ def prefill_runs(batch: int, length: int, opts: argparse.Namespace) -> Case:
 
 
 def _decode_name(tiles: DecodeTiles, splits: int) -> str:
-    switches = "".join(f"+{short}" for name, short in SWITCHES.items() if getattr(tiles, name))
-    return f"n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s x{splits}{switches}"
+    return f"n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s x{splits}{_switches_name(dataclasses.asdict(tiles))}"
+
+
+def _switches_name(fields: dict) -> str:
+    """'+prefetch2+heads' for the switches that are on among DecodeTiles ``fields``; '' if none."""
+    return "".join(f"+{short}{'' if fields[name] is True else fields[name]}"
+                   for name, (short, _) in SWITCHES.items() if fields[name])
 
 
 def _unified_name(tiles: UnifiedTiles) -> str:
@@ -324,13 +330,13 @@ def print_variants(rows: list[dict]) -> None:
     for shape, group in itertools.groupby(rows, key=lambda r: r["shape"]):
         best = {}
         for row in group:
-            switches = tuple(name for name in SWITCHES if row["launch"]["tiles"][name])
+            switches = _switches_name(row["launch"]["tiles"])
             if switches not in best or row["ms"] < best[switches]["ms"]:
                 best[switches] = row
         print(f"\nswitch combinations, decode {shape} ({KV_CACHE_DTYPE} KV; each at its best tiles and "
               "splits, fastest first):")
         for switches, row in sorted(best.items(), key=lambda item: item[1]["ms"]):
-            print(f"  {shape:<10} {'+'.join(SWITCHES[n] for n in switches) or 'none (the kernel as it is)':<28} "
+            print(f"  {shape:<10} {switches.removeprefix('+') or 'none (the kernel as it is)':<28} "
                   f"{row['kernel'].removeprefix('variant '):<44} {row['ms'] * 1e3:9.1f} us "
                   f"{row['of_peak']:6.1%} of peak")
         fastest.append(min(best.values(), key=lambda r: r["ms"]))

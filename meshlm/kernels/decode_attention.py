@@ -95,32 +95,23 @@ def _decode_split_kernel(
     full_end = split_start
     if not USE_WINDOW:
         full_end = tl.maximum(tl.minimum(split_end, seq_len // BLOCK_N * BLOCK_N), split_start)
-    if PREFETCH_TABLE:  # the first tile's block ids; each tile then loads those of the next
+    # PREFETCH_TABLE > 0: the block ids of the first tiles; each tile then loads those of the tile
+    # PREFETCH_TABLE ahead, so that its K and V loads never wait for the block table.
+    blocks = 0
+    blocks_next = 0
+    if PREFETCH_TABLE > 0:
         blocks = _tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True)
-    for tile_start in range(split_start, full_end, BLOCK_N):
-        if PREFETCH_TABLE:
-            next_blocks = _tile_blocks(table_row, tile_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
-                                       PAGED_TILE, True)
-        else:
-            blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, False)
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, seq_len, dims, qk_scale_log2,
-            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8, K_TRANSPOSED, PAGED_TILE)
-        if PREFETCH_TABLE:
-            blocks = next_blocks
-    for tile_start in range(full_end, split_end, BLOCK_N):
-        if PREFETCH_TABLE:
-            next_blocks = _tile_blocks(table_row, tile_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
-                                       PAGED_TILE, True)
-        else:
-            blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True)
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, seq_len, dims, qk_scale_log2,
-            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8, K_TRANSPOSED, PAGED_TILE)
-        if PREFETCH_TABLE:
-            blocks = next_blocks
+    if PREFETCH_TABLE > 1:
+        blocks_next = _tile_blocks(table_row, split_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+                                   PAGED_TILE, True)
+    acc, l_i, m_i, blocks, blocks_next = _walk_tiles(
+        acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
+        dims, qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
+        BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8, K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE)
+    acc, l_i, m_i, blocks, blocks_next = _walk_tiles(
+        acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
+        dims, qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
+        BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8, K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
@@ -134,6 +125,35 @@ def _decode_split_kernel(
     else:
         o_offsets = seq.to(tl.int64) * stride_o_token + head[:, None] * stride_o_head + dims[None, :]
         tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
+
+
+@triton.jit
+def _walk_tiles(acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, start, end, key_lo, seq_len,
+                dims, qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
+                BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr, K_TRANSPOSED: tl.constexpr,
+                PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr):
+    """The online softmax over the tiles in [start, end). With PREFETCH_TABLE > 0, ``blocks`` and
+    ``blocks_next`` hold the block ids of the next tiles (those of ``start`` first) and come back
+    holding those of the tiles after ``end``."""
+    for tile_start in range(start, end, BLOCK_N):
+        if PREFETCH_TABLE > 0:
+            ahead = _tile_blocks(table_row, tile_start + PREFETCH_TABLE * BLOCK_N, key_lo, seq_len, BLOCK_N,
+                                 KV_BLOCK_SIZE, PAGED_TILE, True)
+            tile_blocks = blocks
+        else:
+            tile_blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
+                                       MASKED)
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, q, k_head, v_head, tile_blocks, tile_start, key_lo, seq_len, dims, qk_scale_log2,
+            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
+            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED, PAGED_TILE)
+        if PREFETCH_TABLE > 1:
+            blocks = blocks_next
+            blocks_next = ahead
+        elif PREFETCH_TABLE > 0:
+            blocks = ahead
+    return acc, l_i, m_i, blocks, blocks_next
 
 
 @triton.jit

@@ -25,8 +25,9 @@ class DecodeTiles:
     """Launch shape of the split kernel: keys per tile, warps per program, pipeline depth, and how a
     tile reaches the cache (every switch gives the same result; they differ only in speed):
 
-    - ``prefetch_table``: the block ids of the next tile load one tile ahead, so that a tile's K
-      and V loads never wait for a block-table load issued in the same iteration;
+    - ``prefetch_table``: the block ids of each tile load this many tiles ahead (0, 1 or 2), so
+      that a tile's K and V loads never wait for a block-table load issued just before them
+      (Triton's pipeliner does not prefetch an indirect load at 2 stages);
     - ``k_transposed``: keys load directly as [head_dim, keys] instead of as rows along memory
       that are transposed in registers;
     - ``paged_tile``: a tile is a whole number of cache blocks, with one block-table load per
@@ -39,7 +40,7 @@ class DecodeTiles:
     block_n: int
     num_warps: int
     num_stages: int
-    prefetch_table: bool = False
+    prefetch_table: int = 0
     k_transposed: bool = False
     paged_tile: bool = False
     heads_first: bool = False
@@ -48,6 +49,8 @@ class DecodeTiles:
         """Refuse a shape the kernel cannot run, naming every size involved."""
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"{self}: block_n={self.block_n} must be a power of two >= 16")
+        if self.prefetch_table not in (0, 1, 2):
+            raise ValueError(f"{self}: prefetch_table={self.prefetch_table} must be 0, 1 or 2 (tiles ahead)")
         if self.paged_tile and self.block_n % kv_block_size:
             raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
                              f"the cache's block size {kv_block_size}")

@@ -120,10 +120,12 @@ def test_sliding_window(window, num_splits):
     assert_close((window, num_splits), max_err, mean_err, torch.float32)
 
 
-# Every switch of the kernel alone, and all of them together, on 32-key tiles (two cache blocks).
-VARIANTS = {"prefetch_table": dict(prefetch_table=True), "k_transposed": dict(k_transposed=True),
-            "paged_tile": dict(paged_tile=True), "heads_first": dict(heads_first=True),
-            "all": dict(prefetch_table=True, k_transposed=True, paged_tile=True, heads_first=True)}
+# Every switch of the kernel alone, and all of them together, on 32-key tiles (two cache blocks):
+# sequences of up to five tiles, so that prefetches cross from the unmasked tiles into the masked.
+VARIANTS = {"prefetch_table1": dict(prefetch_table=1), "prefetch_table2": dict(prefetch_table=2),
+            "k_transposed": dict(k_transposed=True), "paged_tile": dict(paged_tile=True),
+            "heads_first": dict(heads_first=True),
+            "all": dict(prefetch_table=2, k_transposed=True, paged_tile=True, heads_first=True)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -137,8 +139,10 @@ def test_variants_match_reference(num_splits, window, variant, dtype):
     assert_close((variant, num_splits, window), max_err, mean_err, dtype)
 
 
-def test_a_paged_tile_must_hold_whole_cache_blocks():
+def test_switches_out_of_range_are_refused():
     q, k_cache, v_cache, meta = make_decode([20], 1, 2, 64, torch.float32)  # blocks of 16 -> 32 below
+    with pytest.raises(ValueError, match="prefetch_table=3 must be 0, 1 or 2"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, prefetch_table=3))
     with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
         paged_decode_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), meta, 0.125,
                                tiles=DecodeTiles(16, 4, 2, paged_tile=True))
