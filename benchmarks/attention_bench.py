@@ -13,11 +13,11 @@ the two matrix products over the causal triangle (4 x heads x head_dim x L(L+1)/
 "of peak" their rate against a bf16 8192^3 matmul. Copy and matmul rates are measured in the same
 run. Each timing is the median of CUDA-event times after a warm-up. ``--sweep`` also times the
 decode kernel at other tiles and split counts and the unified kernel at other tiles, and prints
-the fastest of each per shape. ``--variants`` times every combination of the decode kernel's
-switches (``DecodeTiles``: prefetch_table, k_transposed, paged_tile, heads_first) at the shape's
-tiles and split counts around the shape's choice, then the fastest combination at other tiles, and
-prints per shape the best time of each combination and the fastest of all; the kernels compile
-first in parallel worker processes. ``--graph`` times every run as replays of a CUDA graph of it
+the fastest of each per shape. ``--variants`` times combinations of the decode kernel's switches
+(``DecodeTiles``: prefetch_table, k_transposed, paged_tile, heads_first, kv_heads_per_program) at
+the shape's tiles and split count, then the fastest combination at other split counts and tiles,
+and prints per shape the best time of each combination and the fastest of all; the kernels
+compile first in parallel worker processes. ``--graph`` times every run as replays of a CUDA graph of it
 (the GPU's time alone, as decode steps run in the engine; without it, host launch overhead shows
 in short runs such as 1 x 32k); the default decode kernel is then also timed without a graph.
 Prints one table last.
@@ -57,9 +57,11 @@ DECODE_SWEEP = [DecodeTiles(n, w, s) for n, w, s in itertools.product((32, 64, 1
 PREFILL_SWEEP = [UnifiedTiles(m, n, w, s) for m, n, w, s in
                  itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
 # The decode kernel's switches (DecodeTiles fields): their short names in the printout and the values timed.
-SWITCHES = {"prefetch_table": ("prefetch", (0, 1, 2)), "k_transposed": ("ktrans", (False, True)),
-            "paged_tile": ("paged", (False, True)), "heads_first": ("heads", (False, True))}
-# The fastest combination of switches is also timed at these tiles (keys, warps, stages).
+SWITCHES = {"prefetch_table": "prefetch", "k_transposed": "ktrans", "paged_tile": "paged", "heads_first": "heads",
+            "kv_heads_per_program": "kvheads"}
+SWITCHES_OFF = DecodeTiles(16, 4, 2)
+# The fastest combination of switches is also timed at these tiles (tile columns = KV heads per
+# program x keys, warps, stages) and at other split counts.
 VARIANT_TILES = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
 
 
@@ -199,10 +201,10 @@ def decode_runs(batch: int, context: int, opts: argparse.Namespace) -> Case:
             runs[f"sweep decode {_decode_name(sweep_tiles, count)}"] = call(sweep_tiles, count)
     launches = {}
     if opts.variants:
-        for switches, count in itertools.product(switch_combinations(), variant_split_counts(splits)):
-            variant = dataclasses.replace(tiles, **switches)
-            launches[f"variant {_decode_name(variant, count)}"] = (variant, count)
-            runs[f"variant {_decode_name(variant, count)}"] = call(variant, count)
+        for switches in switch_combinations():
+            variant = with_switches(tiles, switches)
+            launches[f"variant {_decode_name(variant, splits)}"] = (variant, splits)
+            runs[f"variant {_decode_name(variant, splits)}"] = call(variant, splits)
     baseline = runs["sdpa"]().transpose(1, 2).reshape(q.shape).float()
     work = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()  # K and V bytes
     return Case(runs, baseline, work, call, launches)
@@ -216,12 +218,21 @@ def default_decode_shape(batch: int, context: int) -> tuple[DecodeTiles, int]:
 
 
 def switch_combinations() -> list[dict]:
-    """Every on/off combination of the decode kernel's switches, all off first."""
-    return [dict(zip(SWITCHES, values)) for values in itertools.product(*(values for _, values in SWITCHES.values()))]
+    """The combinations of the decode kernel's switches that --variants times, all off first: every
+    one with a program per KV head; with 2 or 4 KV heads a program, those of prefetch_table 0 / 2,
+    paged_tile and heads_first."""
+    one_head = [dict(prefetch_table=prefetch, k_transposed=k_transposed, paged_tile=paged, heads_first=heads)
+                for prefetch, k_transposed, paged, heads in itertools.product((0, 1, 2), *[(False, True)] * 3)]
+    several = [dict(prefetch_table=prefetch, paged_tile=paged, heads_first=heads, kv_heads_per_program=kv_heads)
+               for kv_heads, prefetch, paged, heads in itertools.product((2, 4), (0, 2), *[(False, True)] * 2)]
+    return one_head + several
 
 
-def variant_split_counts(splits: int) -> list[int]:
-    return sorted({max(1, splits // 2), splits, 2 * splits})
+def with_switches(tiles: DecodeTiles, switches: dict) -> DecodeTiles:
+    """``tiles`` with ``switches`` on; several KV heads a program take as many fewer keys a tile,
+    so that a tile holds as many rows of the cache."""
+    kv_heads = switches.get("kv_heads_per_program", 1)
+    return dataclasses.replace(tiles, block_n=max(16, tiles.block_n // kv_heads), **switches)
 
 
 def prefill_runs(batch: int, length: int, opts: argparse.Namespace) -> Case:
@@ -245,9 +256,9 @@ def _decode_name(tiles: DecodeTiles, splits: int) -> str:
 
 
 def _switches_name(fields: dict) -> str:
-    """'+prefetch2+heads' for the switches that are on among DecodeTiles ``fields``; '' if none."""
+    """'+prefetch2+heads+kvheads2' for the switches that are on among DecodeTiles ``fields``; '' if none."""
     return "".join(f"+{short}{'' if fields[name] is True else fields[name]}"
-                   for name, (short, _) in SWITCHES.items() if fields[name])
+                   for name, short in SWITCHES.items() if fields[name] != getattr(SWITCHES_OFF, name))
 
 
 def _unified_name(tiles: UnifiedTiles) -> str:
@@ -264,14 +275,17 @@ def bench_shape(kind: str, batch: int, length: int, peak: float, opts: argparse.
         if opts.graph and name.startswith("decode "):  # the launch overhead a graph hides
             rows += time_run(shape, f"{name} (no graph)", fn, False)
     variants = [row for row in rows if "launch" in row]
-    if variants:  # the fastest combination of switches at other tiles, at its split count
+    if variants:  # the fastest combination of switches at other split counts, then at other tiles
         launch = min(variants, key=lambda r: r["ms"])["launch"]
         tiles, count = DecodeTiles(**launch["tiles"]), launch["num_splits"]
-        for block_n, num_warps, num_stages in VARIANT_TILES:
-            other = dataclasses.replace(tiles, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
-            if other != tiles:
-                rows += time_run(shape, f"variant {_decode_name(other, count)}", case.call(other, count),
-                                 opts.graph, (other, count))
+        others = [(tiles, other_count) for other_count in sorted({max(1, count // 2), 2 * count, 4 * count} - {count})]
+        for columns, num_warps, num_stages in VARIANT_TILES:
+            block_n = max(16, columns // tiles.kv_heads_per_program)
+            others.append((dataclasses.replace(tiles, block_n=block_n, num_warps=num_warps, num_stages=num_stages),
+                           count))
+        for other, other_count in dict.fromkeys(o for o in others if o != (tiles, count)):
+            rows += time_run(shape, f"variant {_decode_name(other, other_count)}", case.call(other, other_count),
+                             opts.graph, (other, other_count))
     return rows
 
 
@@ -350,17 +364,15 @@ def print_variants(rows: list[dict]) -> None:
 
 
 def precompile_variants(decode_shapes: list[tuple[int, int]], num_workers: int) -> None:
-    """Compile every launch of the decode kernel that ``--variants`` may time (each combination of
-    switches at the shapes' own tiles and at VARIANT_TILES, split or not) in worker processes, into
-    Triton's on-disk cache, which this process then reads instead of compiling one at a time."""
+    """Compile the launches of the decode kernel that ``--variants`` times first (each combination
+    of switches at the shapes' own tiles, split and, where the shape's split count is 1, not) in
+    worker processes, into Triton's on-disk cache, which this process then reads instead of
+    compiling them one at a time. The fastest combination's other tiles compile as they run."""
     jobs = set()
     for batch, context in decode_shapes:
         tiles, splits = default_decode_shape(batch, context)
-        tile_shapes = {(tiles.block_n, tiles.num_warps, tiles.num_stages), *VARIANT_TILES}
-        for switches, (block_n, num_warps, num_stages), count in itertools.product(
-                switch_combinations(), tile_shapes, variant_split_counts(splits)):
-            variant = DecodeTiles(block_n, num_warps, num_stages, **switches)
-            jobs.add((tuple(dataclasses.astuple(variant)), min(count, 2)))  # the kernel compiles split or not
+        for switches, count in itertools.product(switch_combinations(), {min(splits, 2), 2}):
+            jobs.add((dataclasses.astuple(with_switches(tiles, switches)), count))  # compiles split or not
     jobs = sorted(jobs)
     start = time.monotonic()
     with multiprocessing.get_context("spawn").Pool(num_workers) as pool:

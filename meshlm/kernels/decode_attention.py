@@ -36,10 +36,9 @@ import triton.language as tl
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.decode_tiles import CPU_NUM_SMS, DecodeTiles, choose_num_splits, decode_tiles
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
+from meshlm.kernels.split_merge import merge_splits
 
 _LOG2_E = 1.4426950408889634
-# Splits the merge kernel loads per tile ([64, 128] fp32 is 32 KiB: 64 registers a thread at 4 warps).
-_MERGE_SPLITS_CHUNK = 64
 
 
 @triton.jit(do_not_specialize=["num_splits", "sliding_window", "stride_table_seq"])
@@ -54,15 +53,17 @@ def _decode_split_kernel(
         KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr,
         USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
-        K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr):
-    if HEADS_FIRST:  # grid (KV head, sequence, split): a block's KV heads are read side by side
-        kv_head = tl.program_id(0)
+        K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr,
+        KV_HEADS: tl.constexpr):
+    # A program attends KV_HEADS KV heads from kv_head on.
+    if HEADS_FIRST:  # grid (KV heads, sequence, split): a block's KV heads are read side by side
+        kv_head = tl.program_id(0) * KV_HEADS
         seq = tl.program_id(1)
-        num_kv_heads = tl.num_programs(0)
-    else:  # grid (sequence, KV head, split)
+        num_kv_heads = tl.num_programs(0) * KV_HEADS
+    else:  # grid (sequence, KV heads, split)
         seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        num_kv_heads = tl.num_programs(1)
+        kv_head = tl.program_id(1) * KV_HEADS
+        num_kv_heads = tl.num_programs(1) * KV_HEADS
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     key_lo = 0  # first key the query sees
@@ -76,14 +77,15 @@ def _decode_split_kernel(
 
     rows = tl.arange(0, GROUP_ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    is_row = rows < GROUP
+    is_row = rows < KV_HEADS * GROUP
     head = kv_head * GROUP + rows  # [GROUP_ROWS]
+    row_kv_head = rows // GROUP  # [GROUP_ROWS], among the program's KV heads
     q_offsets = seq.to(tl.int64) * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=is_row[:, None], other=0.0)  # [GROUP_ROWS, HEAD_DIM]
     if KV_FP8_AS_F16:  # float8 converts to fp16 in one instruction per pair, to bf16 in several
         q = q.to(tl.float16)
     if KV_FP8:  # keys are stored / k_scale: the head's scale multiplies the scores instead
-        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head)
+        qk_scale_log2 = qk_scale_log2 * _row_scales(k_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
 
     m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
@@ -97,25 +99,28 @@ def _decode_split_kernel(
         full_end = tl.maximum(tl.minimum(split_end, seq_len // BLOCK_N * BLOCK_N), split_start)
     # PREFETCH_TABLE > 0: the block ids of the first tiles; each tile then loads those of the tile
     # PREFETCH_TABLE ahead, so that its K and V loads never wait for the block table.
-    blocks = 0
-    blocks_next = 0
+    blocks = tl.zeros([1], dtype=tl.int64)  # (unused without prefetches)
+    blocks_next = tl.zeros([1], dtype=tl.int64)
     if PREFETCH_TABLE > 0:
-        blocks = _tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True)
+        blocks = _tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True,
+                              KV_HEADS)
     if PREFETCH_TABLE > 1:
         blocks_next = _tile_blocks(table_row, split_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
-                                   PAGED_TILE, True)
+                                   PAGED_TILE, True, KV_HEADS)
     acc, l_i, m_i, blocks, blocks_next = _walk_tiles(
         acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
-        dims, qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-        BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8, K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE)
+        dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
+        stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8,
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
     acc, l_i, m_i, blocks, blocks_next = _walk_tiles(
         acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
-        dims, qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-        BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8, K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE)
+        dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
+        stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8,
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
-        acc = acc * tl.load(v_scale_ptr + kv_head)
+        acc = acc * _row_scales(v_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
     if IS_SPLIT:
         num_heads = num_kv_heads * GROUP
         part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_ROWS]
@@ -129,25 +134,27 @@ def _decode_split_kernel(
 
 @triton.jit
 def _walk_tiles(acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, start, end, key_lo, seq_len,
-                dims, qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-                BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr, K_TRANSPOSED: tl.constexpr,
-                PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr):
+                dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
+                stride_v_offset, stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
+                K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
+                KV_HEADS: tl.constexpr):
     """The online softmax over the tiles in [start, end). With PREFETCH_TABLE > 0, ``blocks`` and
     ``blocks_next`` hold the block ids of the next tiles (those of ``start`` first) and come back
     holding those of the tiles after ``end``."""
     for tile_start in range(start, end, BLOCK_N):
         if PREFETCH_TABLE > 0:
             ahead = _tile_blocks(table_row, tile_start + PREFETCH_TABLE * BLOCK_N, key_lo, seq_len, BLOCK_N,
-                                 KV_BLOCK_SIZE, PAGED_TILE, True)
+                                 KV_BLOCK_SIZE, PAGED_TILE, True, KV_HEADS)
             tile_blocks = blocks
         else:
             tile_blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
-                                       MASKED)
+                                       MASKED, KV_HEADS)
         acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, k_head, v_head, tile_blocks, tile_start, key_lo, seq_len, dims, qk_scale_log2,
-            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED, PAGED_TILE)
+            acc, l_i, m_i, q, k_head, v_head, tile_blocks, tile_start, key_lo, seq_len, dims, row_kv_head,
+            qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
+            stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED,
+            PAGED_TILE, KV_HEADS)
         if PREFETCH_TABLE > 1:
             blocks = blocks_next
             blocks_next = ahead
@@ -158,14 +165,18 @@ def _walk_tiles(acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row
 
 @triton.jit
 def _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-                 PAGED_TILE: tl.constexpr, MASKED: tl.constexpr):
-    """Cache block ids of keys [tile_start, tile_start + BLOCK_N): one per key [BLOCK_N], or one per
-    cache block [BLOCK_N // KV_BLOCK_SIZE] (``PAGED_TILE``). Masked: 0 for blocks no query sees."""
+                 PAGED_TILE: tl.constexpr, MASKED: tl.constexpr, KV_HEADS: tl.constexpr):
+    """Cache block ids of keys [tile_start, tile_start + BLOCK_N): one per tile column [KV_HEADS *
+    BLOCK_N] (:func:`_tile_columns`), or one per cache block [BLOCK_N // KV_BLOCK_SIZE]
+    (``PAGED_TILE``). Masked: 0 for blocks no query sees."""
     if PAGED_TILE:
         index = tile_start // KV_BLOCK_SIZE + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE)
         is_seen = (index * KV_BLOCK_SIZE < seq_len) & ((index + 1) * KV_BLOCK_SIZE > key_lo)
     else:
-        key_pos = tile_start + tl.arange(0, BLOCK_N)
+        if KV_HEADS > 1:
+            key_pos, _ = _tile_columns(tile_start, BLOCK_N, KV_HEADS)
+        else:
+            key_pos = tile_start + tl.arange(0, BLOCK_N)
         index = key_pos // KV_BLOCK_SIZE
         is_seen = (key_pos >= key_lo) & (key_pos < seq_len)
     if MASKED:
@@ -176,31 +187,60 @@ def _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _key_rows(blocks, key_pos, stride_block, stride_offset, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-              PAGED_TILE: tl.constexpr):
-    """[BLOCK_N] offset of each key's row (head_dim elements along memory) in one KV head's cache."""
-    if PAGED_TILE:  # [BLOCK_N // KV_BLOCK_SIZE, KV_BLOCK_SIZE] -> [BLOCK_N], block-major as the keys
-        offset = tl.arange(0, KV_BLOCK_SIZE)
-        rows = tl.reshape(blocks[:, None] * stride_block + offset[None, :] * stride_offset, [BLOCK_N])
+def _tile_columns(tile_start, BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr):
+    """The key of each of a tile's KV_HEADS * BLOCK_N columns, and its KV head among the program's:
+    key-major, so that a key's heads, side by side in the cache, are neighbours."""
+    columns = tl.arange(0, KV_HEADS * BLOCK_N)
+    return tile_start + columns // KV_HEADS, columns % KV_HEADS
+
+
+@triton.jit
+def _key_rows(blocks, key_pos, column_kv_head, stride_block, stride_offset, stride_head, BLOCK_N: tl.constexpr,
+              KV_BLOCK_SIZE: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr):
+    """[KV_HEADS * BLOCK_N] offset of each tile column's row (head_dim elements along memory) from
+    the program's first KV head."""
+    if PAGED_TILE:  # [blocks, KV_BLOCK_SIZE * KV_HEADS] -> the columns, block-major as the keys
+        within = tl.arange(0, KV_BLOCK_SIZE * KV_HEADS)  # (offset, KV head) in a block
+        within = (within // KV_HEADS) * stride_offset + (within % KV_HEADS) * stride_head
+        rows = tl.reshape(blocks[:, None] * stride_block + within[None, :], [KV_HEADS * BLOCK_N])
     else:
         rows = blocks * stride_block + (key_pos % KV_BLOCK_SIZE) * stride_offset
+        if KV_HEADS > 1:
+            rows += column_kv_head * stride_head
     return rows
 
 
 @triton.jit
-def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, seq_len, dims,
-                 qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-                 BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _row_scales(scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS: tl.constexpr):
+    """An fp8 cache's scale for every row: one value (one KV head), or [GROUP_ROWS, 1]."""
+    if KV_HEADS > 1:
+        scale = tl.load(scale_ptr + kv_head + row_kv_head, mask=is_row, other=1.0)[:, None]
+    else:
+        scale = tl.load(scale_ptr + kv_head)
+    return scale
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, seq_len, dims, row_kv_head,
+                 qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
+                 stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
-                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr):
-    """One online-softmax step of the group's rows over keys [tile_start, tile_start + BLOCK_N),
-    whose cache blocks are ``blocks`` (:func:`_tile_blocks`).
+                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr):
+    """One online-softmax step of the rows over keys [tile_start, tile_start + BLOCK_N), whose
+    cache blocks are ``blocks`` (:func:`_tile_blocks`). With KV_HEADS > 1 the tile holds each key
+    of every KV head of the program (:func:`_tile_columns`) and a row sees its own head's only.
     ``KV_FP8``: k and v are float8, converted exactly to q's dtype (the caller applies their scales)."""
-    key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    if KV_HEADS > 1:
+        key_pos, column_kv_head = _tile_columns(tile_start, BLOCK_N, KV_HEADS)  # [KV_HEADS * BLOCK_N]
+    else:
+        key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        column_kv_head = 0
     is_key = (key_pos >= key_lo) & (key_pos < seq_len)
-    k_rows = _key_rows(blocks, key_pos, stride_k_block, stride_k_offset, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE)
-    v_rows = _key_rows(blocks, key_pos, stride_v_block, stride_v_offset, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE)
-    v_offsets = v_rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+    k_rows = _key_rows(blocks, key_pos, column_kv_head, stride_k_block, stride_k_offset, stride_k_head, BLOCK_N,
+                       KV_BLOCK_SIZE, PAGED_TILE, KV_HEADS)
+    v_rows = _key_rows(blocks, key_pos, column_kv_head, stride_v_block, stride_v_offset, stride_v_head, BLOCK_N,
+                       KV_BLOCK_SIZE, PAGED_TILE, KV_HEADS)
+    v_offsets = v_rows[:, None] + dims[None, :]  # [KV_HEADS * BLOCK_N, HEAD_DIM]
     if K_TRANSPOSED:  # [HEAD_DIM, BLOCK_N] straight from memory
         k_offsets = dims[:, None] + k_rows[None, :]
         k_mask = is_key[None, :]
@@ -222,9 +262,11 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers
         q = q.to(tl.float32)
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, BLOCK_N]
+    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, KV_HEADS * BLOCK_N]
     if MASKED:
         scores = tl.where(is_key[None, :], scores, float("-inf"))
+    if KV_HEADS > 1:
+        scores = tl.where(row_kv_head[:, None] == column_kv_head[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -237,41 +279,6 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_merge_kernel(out_ptr, partial_ptr, lse_ptr, num_splits, stride_o_token, stride_o_head,
-                         HEAD_DIM: tl.constexpr, SPLITS_CHUNK: tl.constexpr):
-    """out[seq, head] = the splits' partial outputs weighted by exp2(lse - max lse).
-
-    The splits load ``SPLITS_CHUNK`` at a time as one [SPLITS_CHUNK, HEAD_DIM] tile: a loop of one
-    load per split waits out the memory latency once per split, which at batch 1 (few programs,
-    up to 64 splits) cost tens of microseconds per layer."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = seq.to(tl.int64) * tl.num_programs(1) + head
-    chunk = tl.arange(0, SPLITS_CHUNK)
-    dims = tl.arange(0, HEAD_DIM)
-    lse_max = tl.full([], float("-inf"), dtype=tl.float32)
-    for start in range(0, num_splits, SPLITS_CHUNK):
-        lse = tl.load(lse_ptr + row * num_splits + start + chunk, mask=start + chunk < num_splits,
-                      other=float("-inf"))
-        lse_max = tl.maximum(lse_max, tl.max(lse, 0))
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    denom = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start in range(0, num_splits, SPLITS_CHUNK):
-        split = start + chunk
-        is_split = split < num_splits
-        weight = tl.math.exp2(tl.load(lse_ptr + row * num_splits + split, mask=is_split,
-                                      other=float("-inf")) - lse_max)  # [SPLITS_CHUNK]
-        denom += tl.sum(weight, 0)
-        part = tl.load(partial_ptr + (row * num_splits + split)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=is_split[:, None], other=0.0)  # [SPLITS_CHUNK, HEAD_DIM]
-        acc += tl.sum(weight[:, None] * part, 0)
-    acc = acc / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + seq.to(tl.int64) * stride_o_token + head * stride_o_head + dims,
-             acc.to(out_ptr.dtype.element_ty))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -293,7 +300,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_seqs == 0:
         return out
     tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, _num_sms(q.device))
-    tiles.check(kv_block_size)
+    tiles.check(kv_block_size, num_kv_heads)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
     group = num_heads // num_kv_heads
@@ -303,7 +310,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                           dtype=torch.float32, device=q.device)
     lse = torch.empty(partial.shape[:-1] if is_split else (0,), dtype=torch.float32, device=q.device)
     k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale)
-    grid = (num_kv_heads, num_seqs, num_splits) if tiles.heads_first else (num_seqs, num_kv_heads, num_splits)
+    num_programs = num_kv_heads // tiles.kv_heads_per_program  # per sequence and split
+    grid = (num_programs, num_seqs, num_splits) if tiles.heads_first else (num_seqs, num_programs, num_splits)
     _decode_split_kernel[grid](
         out, partial, lse, q, k_cache, v_cache, k_scale, v_scale, meta.block_tables, meta.seq_lens,
         num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
@@ -311,18 +319,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         meta.block_tables.stride(0),
-        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n,
-        KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split, KV_FP8=is_fp8_kv(k_cache),
-        KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
+        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group * tiles.kv_heads_per_program)),
+        BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split,
+        KV_FP8=is_fp8_kv(k_cache), KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
         PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
-        HEADS_FIRST=tiles.heads_first, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if is_split:
-        _decode_merge_kernel[(num_seqs, num_heads)](
-            out, partial, lse, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_CHUNK=min(triton.next_power_of_2(num_splits), _MERGE_SPLITS_CHUNK),
-            num_warps=4)
+        merge_splits(out, partial, lse)
     return out
 
 

@@ -34,7 +34,11 @@ class DecodeTiles:
       block instead of one per key (``block_n`` a multiple of the cache's block size);
     - ``heads_first``: the grid runs (KV head, sequence, split), so that the programs of one
       sequence's KV heads start side by side and read each cache block (16 keys x every KV head,
-      contiguous) together, instead of one KV head of every sequence before the next head.
+      contiguous) together, instead of one KV head of every sequence before the next head;
+    - ``kv_heads_per_program``: a program attends this many neighbouring KV heads at once: a tile
+      holds each of its ``block_n`` keys for every one of them (rows of ``kv_heads_per_program`` x
+      256 bytes along memory), and the query rows of all their groups fill the 16 rows a GQA group
+      of 4 pads to; a row's scores outside its own head are masked.
     """
 
     block_n: int
@@ -44,13 +48,18 @@ class DecodeTiles:
     k_transposed: bool = False
     paged_tile: bool = False
     heads_first: bool = False
+    kv_heads_per_program: int = 1
 
-    def check(self, kv_block_size: int) -> None:
+    def check(self, kv_block_size: int, num_kv_heads: int) -> None:
         """Refuse a shape the kernel cannot run, naming every size involved."""
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"{self}: block_n={self.block_n} must be a power of two >= 16")
         if self.prefetch_table not in (0, 1, 2):
             raise ValueError(f"{self}: prefetch_table={self.prefetch_table} must be 0, 1 or 2 (tiles ahead)")
+        heads = self.kv_heads_per_program
+        if heads < 1 or heads & (heads - 1) or num_kv_heads % heads:
+            raise ValueError(f"{self}: kv_heads_per_program={heads} must be a power of two that divides "
+                             f"the {num_kv_heads} KV heads")
         if self.paged_tile and self.block_n % kv_block_size:
             raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
                              f"the cache's block size {kv_block_size}")

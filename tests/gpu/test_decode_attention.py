@@ -124,8 +124,9 @@ def test_sliding_window(window, num_splits):
 # sequences of up to five tiles, so that prefetches cross from the unmasked tiles into the masked.
 VARIANTS = {"prefetch_table1": dict(prefetch_table=1), "prefetch_table2": dict(prefetch_table=2),
             "k_transposed": dict(k_transposed=True), "paged_tile": dict(paged_tile=True),
-            "heads_first": dict(heads_first=True),
-            "all": dict(prefetch_table=2, k_transposed=True, paged_tile=True, heads_first=True)}
+            "heads_first": dict(heads_first=True), "kv_heads2": dict(kv_heads_per_program=2),
+            "all": dict(prefetch_table=2, k_transposed=True, paged_tile=True, heads_first=True,
+                        kv_heads_per_program=2)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -143,6 +144,8 @@ def test_switches_out_of_range_are_refused():
     q, k_cache, v_cache, meta = make_decode([20], 1, 2, 64, torch.float32)  # blocks of 16 -> 32 below
     with pytest.raises(ValueError, match="prefetch_table=3 must be 0, 1 or 2"):
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, prefetch_table=3))
+    with pytest.raises(ValueError, match="kv_heads_per_program=2 must be a power of two that divides the 1 KV"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, kv_heads_per_program=2))
     with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
         paged_decode_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), meta, 0.125,
                                tiles=DecodeTiles(16, 4, 2, paged_tile=True))

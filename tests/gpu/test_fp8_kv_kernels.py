@@ -103,8 +103,10 @@ def test_decode_kernel_reads_fp8(group, window, num_splits, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("num_splits,window", [(1, None), (3, 24)], ids=["whole", "split_window24"])
 @pytest.mark.parametrize("switches", [dict(prefetch_table=2), dict(k_transposed=True), dict(paged_tile=True),
-                                      dict(heads_first=True)],
-                         ids=["prefetch_table2", "k_transposed", "paged_tile", "heads_first"])
+                                      dict(heads_first=True), dict(kv_heads_per_program=2),
+                                      dict(kv_heads_per_program=2, paged_tile=True, k_transposed=True)],
+                         ids=["prefetch_table2", "k_transposed", "paged_tile", "heads_first", "kv_heads2",
+                              "kv_heads2_paged_ktrans"])
 def test_decode_kernel_variants_read_fp8(switches, num_splits, window, dtype):
     tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **switches)
     max_err, mean_err = errors(paged_decode_attention, DECODES, 2, 4, 64, dtype, window, num_splits=num_splits,
