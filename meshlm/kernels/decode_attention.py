@@ -97,23 +97,24 @@ def _decode_split_kernel(
     full_end = split_start
     if not USE_WINDOW:
         full_end = tl.maximum(tl.minimum(split_end, seq_len // BLOCK_N * BLOCK_N), split_start)
-    # PREFETCH_TABLE > 0: the block ids of the first tiles; each tile then loads those of the tile
-    # PREFETCH_TABLE ahead, so that its K and V loads never wait for the block table.
-    blocks = tl.zeros([1], dtype=tl.int64)  # (unused without prefetches)
-    blocks_next = tl.zeros([1], dtype=tl.int64)
-    if PREFETCH_TABLE > 0:
-        blocks = _tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True,
-                              KV_HEADS)
-    if PREFETCH_TABLE > 1:
-        blocks_next = _tile_blocks(table_row, split_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
-                                   PAGED_TILE, True, KV_HEADS)
-    acc, l_i, m_i, blocks, blocks_next = _walk_tiles(
-        acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
+    # PREFETCH_TABLE > 0: the block ids of the first tile(s) (:func:`_walk_tiles`); each tile then
+    # loads those of the tile PREFETCH_TABLE ahead, so that its K and V loads never wait for them.
+    ahead = tl.zeros([1], dtype=tl.int64)  # (unused without prefetches)
+    if PREFETCH_TABLE == 1:
+        ahead = _tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True,
+                             KV_HEADS)
+    if PREFETCH_TABLE == 2:
+        ahead = tl.join(_tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
+                                     True, KV_HEADS),
+                        _tile_blocks(table_row, split_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+                                     PAGED_TILE, True, KV_HEADS))
+    acc, l_i, m_i, ahead = _walk_tiles(
+        acc, l_i, m_i, ahead, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8,
         K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
-    acc, l_i, m_i, blocks, blocks_next = _walk_tiles(
-        acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
+    acc, l_i, m_i, ahead = _walk_tiles(
+        acc, l_i, m_i, ahead, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8,
         K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
@@ -133,20 +134,25 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _walk_tiles(acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row, start, end, key_lo, seq_len,
+def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, key_lo, seq_len,
                 dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
                 stride_v_offset, stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
                 KV_HEADS: tl.constexpr):
-    """The online softmax over the tiles in [start, end). With PREFETCH_TABLE > 0, ``blocks`` and
-    ``blocks_next`` hold the block ids of the next tiles (those of ``start`` first) and come back
-    holding those of the tiles after ``end``."""
+    """The online softmax over the tiles in [start, end). ``ahead`` holds the block ids of the next
+    PREFETCH_TABLE tiles (of ``start`` on; 2: joined as [ids, 2]) and comes back holding those of
+    the tiles from ``end`` on. Every value the loop carries is computed in it: Triton does not
+    pipeline a loop that passes a carried value on unchanged."""
     for tile_start in range(start, end, BLOCK_N):
-        if PREFETCH_TABLE > 0:
-            ahead = _tile_blocks(table_row, tile_start + PREFETCH_TABLE * BLOCK_N, key_lo, seq_len, BLOCK_N,
-                                 KV_BLOCK_SIZE, PAGED_TILE, True, KV_HEADS)
-            tile_blocks = blocks
+        if PREFETCH_TABLE == 2:
+            tile_blocks, next_blocks = tl.split(ahead)
+            ahead = tl.join(next_blocks, _tile_blocks(table_row, tile_start + 2 * BLOCK_N, key_lo, seq_len, BLOCK_N,
+                                                      KV_BLOCK_SIZE, PAGED_TILE, True, KV_HEADS))
+        elif PREFETCH_TABLE == 1:
+            tile_blocks = ahead
+            ahead = _tile_blocks(table_row, tile_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+                                 PAGED_TILE, True, KV_HEADS)
         else:
             tile_blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
                                        MASKED, KV_HEADS)
@@ -155,12 +161,7 @@ def _walk_tiles(acc, l_i, m_i, blocks, blocks_next, q, k_head, v_head, table_row
             qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
             stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED,
             PAGED_TILE, KV_HEADS)
-        if PREFETCH_TABLE > 1:
-            blocks = blocks_next
-            blocks_next = ahead
-        elif PREFETCH_TABLE > 0:
-            blocks = ahead
-    return acc, l_i, m_i, blocks, blocks_next
+    return acc, l_i, m_i, ahead
 
 
 @triton.jit
