@@ -408,7 +408,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="auto: bf16 keys and values; fp8: float8 e4m3 with per-head scales")
     parser.add_argument("--variants", action="store_true",
-                        help="also time every combination of the decode kernel's switches (DecodeTiles)")
+                        help="also time combinations of the decode kernel's switches (DecodeTiles; switch_combinations)")
     parser.add_argument("--graph", action="store_true", help="time every run as replays of a CUDA graph")
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
                         help="stop timing sweep and variant runs after this many seconds (the tables still print)")

@@ -33,8 +33,8 @@ if [ "$PART" = variants ]; then
   for kv in auto fp8; do
     echo "== decode attention, the kernel's switch combinations, $kv KV (attention_bench.py --variants --graph)"
     log="$OUT/attention_variants_$kv.log"
-    timeout 115 python3 benchmarks/attention_bench.py --variants --graph --skip-flex --prefill "" \
-        --decode 256x1024,1x32768,8x8192,1024x256 --kv-cache-dtype $kv --max-seconds 95 \
+    timeout 110 python3 benchmarks/attention_bench.py --variants --graph --skip-flex --prefill "" \
+        --decode 256x1024,1x32768,8x8192,1024x256 --kv-cache-dtype $kv --max-seconds 85 \
         --out "$OUT/attention_variants_$kv.json" > "$log" 2>&1
     echo "exit $?"; grep -E "device-to-device|compiled|failed|skipped" "$log" | head -6
     awk '/: copy .* TB\/s, bf16 matmul/ {on = 1} on && /^$/ {exit} on' "$log"   # the defaults, SDPA
