@@ -17,10 +17,10 @@ the KV heads, ``meta.max_seq_len``, which the graphs set to the model's length, 
 count), never from the step's sequence lengths, so a captured graph stays right when the
 lengths change between replays.
 
-The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`: the next tile's block
-ids loaded one tile ahead, keys loaded transposed, one block-table load per cache block, the grid
-ordered KV head first) change how the cache is read, never the result; the defaults are the
-measured fastest (``benchmarks/attention_bench.py --variants``).
+The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`: block ids loaded 1 or 2
+tiles ahead, keys loaded transposed, one block-table load per cache block, the grid ordered KV
+head first, several KV heads a program) change how the cache is read, never the result; all are
+off by default (``benchmarks/attention_bench.py --variants`` times them).
 
 Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference` for rows
 whose query length is 1.
