@@ -216,6 +216,16 @@ def test_forced_splits_on_a_long_context(num_splits):
 
 
 @needs_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_on_a_long_context(variant):
+    """Each switch compiled for the GPU, at the Llama-3-8B heads, split and not."""
+    tiles = DecodeTiles(block_n=64, num_warps=4, num_stages=2, **VARIANTS[variant])
+    for num_splits in (1, 9):
+        max_err, mean_err = errors([5000, 17, 1], 8, 4, 128, torch.bfloat16, num_splits, tiles=tiles, seed=4)
+        assert_close((variant, num_splits), max_err, mean_err, torch.bfloat16)
+
+
+@needs_cuda
 def test_cuda_graph_replay_follows_new_lengths():
     """Capture a decode batch as the graph runner does (max_seq_len = the model's length), then
     replay with other lengths (longer, shorter, one token) in the same buffers."""
