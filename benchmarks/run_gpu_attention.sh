@@ -4,7 +4,9 @@
 # meshlm/kernels/attention_tiles.py), then whole-model prefill of the Llama-3-8B shape against the
 # bf16 GEMM rate (gpu_bench.py --prefill). Each part fits one call of a few minutes: PART=decode,
 # PART=prefill or PART=model runs one of them. Logs and JSON under $OUT.
-# Usage: OUT=results [PART=decode|prefill|model] bash benchmarks/run_gpu_attention.sh
+# PART=variants (not part of all): every combination of the decode kernel's switches, bf16 KV then
+# fp8 KV, each timed as CUDA-graph replays at 256x1k, 1x32k, 8x8k and 1024x256 (about 3 minutes).
+# Usage: OUT=results [PART=decode|prefill|model|variants] bash benchmarks/run_gpu_attention.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-all}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -26,4 +28,17 @@ if [ "$PART" = all ] || [ "$PART" = model ]; then
   timeout 170 python3 benchmarks/gpu_bench.py --batches "" --prefill 1x8192,8x2048 --skip-hf \
       --out "$OUT/gpu_bench_prefill.json" > "$OUT/gpu_bench_prefill.log" 2>&1
   tail -6 "$OUT/gpu_bench_prefill.log"
+fi
+if [ "$PART" = variants ]; then
+  for kv in auto fp8; do
+    echo "== decode attention, the kernel's switch combinations, $kv KV (attention_bench.py --variants --graph)"
+    log="$OUT/attention_variants_$kv.log"
+    timeout 110 python3 benchmarks/attention_bench.py --variants --graph --skip-flex --prefill "" \
+        --decode 256x1024,1x32768,8x8192,1024x256 --kv-cache-dtype $kv --max-seconds 85 \
+        --out "$OUT/attention_variants_$kv.json" > "$log" 2>&1
+    echo "exit $?"; grep -E "device-to-device|compiled|failed|skipped" "$log" | head -6
+    awk '/: copy .* TB\/s, bf16 matmul/ {on = 1} on && /^$/ {exit} on' "$log"   # the defaults, SDPA
+    grep -A 4 "^switch combinations" "$log" | grep -v "^--"; grep "none (the kernel" "$log"
+    sed -n '/^fastest decode variant/,$p' "$log"
+  done
 fi

@@ -1,10 +1,10 @@
 """Paged attention for decode steps (one query token per sequence), split over the context.
 
-Grid: (sequence, KV head, split). One program loads the query rows of every head of its KV
-head's GQA group as one small matrix (``GROUP_ROWS`` rows, padded to at least 16 for the
-tensor cores) and attends them together to each KV tile, so a group's KV is read once. The
-program covers one split of its sequence's context, ``BLOCK_N`` keys at a time through the
-block table, with an online softmax in fp32.
+Grid: (sequence, KV head, split), or (KV head, sequence, split). One program loads the query
+rows of every head of its KV head's GQA group as one small matrix (``GROUP_ROWS`` rows, padded
+to at least 16 for the tensor cores) and attends them together to each KV tile, so a group's KV
+is read once. The program covers one split of its sequence's context, ``BLOCK_N`` keys at a
+time through the block table, with an online softmax in fp32.
 
 Split-KV ("flash decoding"): when sequences x KV heads are too few to fill the GPU, each
 sequence's keys are cut into ``num_splits`` equal runs of whole tiles, computed from the
@@ -17,44 +17,28 @@ the KV heads, ``meta.max_seq_len``, which the graphs set to the model's length, 
 count), never from the step's sequence lengths, so a captured graph stays right when the
 lengths change between replays.
 
+The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`: block ids loaded 1 or 2
+tiles ahead, keys loaded transposed, one block-table load per cache block, the grid ordered KV
+head first, several KV heads a program) change how the cache is read, never the result; all are
+off by default (``benchmarks/attention_bench.py --variants`` times them).
+
 Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference` for rows
 whose query length is 1.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
+from meshlm.kernels.decode_tiles import CPU_NUM_SMS, DecodeTiles, choose_num_splits, decode_tiles
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
+from meshlm.kernels.split_merge import merge_splits
 
 _LOG2_E = 1.4426950408889634
-# Programs per SM that the splits aim for: enough to hide memory latency on every SM (on an H200,
-# 64 sequences x 2k keys ran 10 % faster in 2 splits than in 1).
-_PROGRAMS_PER_SM = 4
-# Up to this many (sequence, KV head) programs per SM, 128-key tiles read faster; beyond it, 64-key
-# tiles (attention_bench.py --sweep on an H200: 1 x 32k, 8 x 8k and 64 x 2k against 256 x 1k, 1024 x 256).
-_LARGE_TILE_PROGRAMS_PER_SM = 4
-# A split covers at least this many keys: shorter splits cost more in merging than they give.
-_MIN_KEYS_PER_SPLIT = 256
-_MAX_SPLITS = 64
-# Splits the merge kernel loads per tile ([64, 128] fp32 is 32 KiB: 64 registers a thread at 4 warps).
-_MERGE_SPLITS_CHUNK = 64
-# The SM count assumed off the GPU (the interpreter), so that CPU tests split too.
-_CPU_NUM_SMS = 8
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeTiles:
-    """Launch shape of the split kernel: keys per tile, warps per program, pipeline depth."""
-
-    block_n: int
-    num_warps: int
-    num_stages: int
 
 
 @triton.jit(do_not_specialize=["num_splits", "sliding_window", "stride_table_seq"])
@@ -68,9 +52,18 @@ def _decode_split_kernel(
         GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr,
         USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+        KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
+        K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr,
+        KV_HEADS: tl.constexpr):
+    # A program attends KV_HEADS KV heads from kv_head on.
+    if HEADS_FIRST:  # grid (KV heads, sequence, split): a block's KV heads are read side by side
+        kv_head = tl.program_id(0) * KV_HEADS
+        seq = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0) * KV_HEADS
+    else:  # grid (sequence, KV heads, split)
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1) * KV_HEADS
+        num_kv_heads = tl.num_programs(1) * KV_HEADS
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     key_lo = 0  # first key the query sees
@@ -84,14 +77,15 @@ def _decode_split_kernel(
 
     rows = tl.arange(0, GROUP_ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    is_row = rows < GROUP
+    is_row = rows < KV_HEADS * GROUP
     head = kv_head * GROUP + rows  # [GROUP_ROWS]
+    row_kv_head = rows // GROUP  # [GROUP_ROWS], among the program's KV heads
     q_offsets = seq.to(tl.int64) * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=is_row[:, None], other=0.0)  # [GROUP_ROWS, HEAD_DIM]
     if KV_FP8_AS_F16:  # float8 converts to fp16 in one instruction per pair, to bf16 in several
         q = q.to(tl.float16)
     if KV_FP8:  # keys are stored / k_scale: the head's scale multiplies the scores instead
-        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head)
+        qk_scale_log2 = qk_scale_log2 * _row_scales(k_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
 
     m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
@@ -103,22 +97,33 @@ def _decode_split_kernel(
     full_end = split_start
     if not USE_WINDOW:
         full_end = tl.maximum(tl.minimum(split_end, seq_len // BLOCK_N * BLOCK_N), split_start)
-    for tile_start in range(split_start, full_end, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims, qk_scale_log2,
-            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8)
-    for tile_start in range(full_end, split_end, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims, qk_scale_log2,
-            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8)
+    # PREFETCH_TABLE > 0: the block ids of the first tile(s) (:func:`_walk_tiles`); each tile then
+    # loads those of the tile PREFETCH_TABLE ahead, so that its K and V loads never wait for them.
+    ahead = tl.zeros([1], dtype=tl.int64)  # (unused without prefetches)
+    if PREFETCH_TABLE == 1:
+        ahead = _tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True,
+                             KV_HEADS)
+    if PREFETCH_TABLE == 2:
+        ahead = tl.join(_tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
+                                     True, KV_HEADS),
+                        _tile_blocks(table_row, split_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+                                     PAGED_TILE, True, KV_HEADS))
+    acc, l_i, m_i, ahead = _walk_tiles(
+        acc, l_i, m_i, ahead, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
+        dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
+        stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8,
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
+    acc, l_i, m_i, ahead = _walk_tiles(
+        acc, l_i, m_i, ahead, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
+        dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
+        stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8,
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
-        acc = acc * tl.load(v_scale_ptr + kv_head)
+        acc = acc * _row_scales(v_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
     if IS_SPLIT:
-        num_heads = tl.num_programs(1) * GROUP
+        num_heads = num_kv_heads * GROUP
         part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_ROWS]
         tl.store(partial_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=is_row[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
@@ -129,31 +134,128 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo, seq_len, dims,
-                 qk_scale_log2, stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-                 BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr):
-    """One online-softmax step of the group's rows over keys [tile_start, tile_start + BLOCK_N).
+def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, key_lo, seq_len,
+                dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
+                stride_v_offset, stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
+                K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
+                KV_HEADS: tl.constexpr):
+    """The online softmax over the tiles in [start, end). ``ahead`` holds the block ids of the next
+    PREFETCH_TABLE tiles (of ``start`` on; 2: joined as [ids, 2]) and comes back holding those of
+    the tiles from ``end`` on. Every value the loop carries is computed in it: Triton does not
+    pipeline a loop that passes a carried value on unchanged."""
+    for tile_start in range(start, end, BLOCK_N):
+        if PREFETCH_TABLE == 2:
+            tile_blocks, next_blocks = tl.split(ahead)
+            ahead = tl.join(next_blocks, _tile_blocks(table_row, tile_start + 2 * BLOCK_N, key_lo, seq_len, BLOCK_N,
+                                                      KV_BLOCK_SIZE, PAGED_TILE, True, KV_HEADS))
+        elif PREFETCH_TABLE == 1:
+            tile_blocks = ahead
+            ahead = _tile_blocks(table_row, tile_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+                                 PAGED_TILE, True, KV_HEADS)
+        else:
+            tile_blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
+                                       MASKED, KV_HEADS)
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, q, k_head, v_head, tile_blocks, tile_start, key_lo, seq_len, dims, row_kv_head,
+            qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
+            stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED,
+            PAGED_TILE, KV_HEADS)
+    return acc, l_i, m_i, ahead
+
+
+@triton.jit
+def _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+                 PAGED_TILE: tl.constexpr, MASKED: tl.constexpr, KV_HEADS: tl.constexpr):
+    """Cache block ids of keys [tile_start, tile_start + BLOCK_N): one per tile column [KV_HEADS *
+    BLOCK_N] (:func:`_tile_columns`), or one per cache block [BLOCK_N // KV_BLOCK_SIZE]
+    (``PAGED_TILE``). Masked: 0 for blocks no query sees."""
+    if PAGED_TILE:
+        index = tile_start // KV_BLOCK_SIZE + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE)
+        is_seen = (index * KV_BLOCK_SIZE < seq_len) & ((index + 1) * KV_BLOCK_SIZE > key_lo)
+    else:
+        if KV_HEADS > 1:
+            key_pos, _ = _tile_columns(tile_start, BLOCK_N, KV_HEADS)
+        else:
+            key_pos = tile_start + tl.arange(0, BLOCK_N)
+        index = key_pos // KV_BLOCK_SIZE
+        is_seen = (key_pos >= key_lo) & (key_pos < seq_len)
+    if MASKED:
+        blocks = tl.load(table_row + index, mask=is_seen, other=0)
+    else:
+        blocks = tl.load(table_row + index)
+    return blocks.to(tl.int64)
+
+
+@triton.jit
+def _tile_columns(tile_start, BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr):
+    """The key of each of a tile's KV_HEADS * BLOCK_N columns, and its KV head among the program's:
+    key-major, so that a key's heads, side by side in the cache, are neighbours."""
+    columns = tl.arange(0, KV_HEADS * BLOCK_N)
+    return tile_start + columns // KV_HEADS, columns % KV_HEADS
+
+
+@triton.jit
+def _key_rows(blocks, key_pos, column_kv_head, stride_block, stride_offset, stride_head, BLOCK_N: tl.constexpr,
+              KV_BLOCK_SIZE: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr):
+    """[KV_HEADS * BLOCK_N] offset of each tile column's row (head_dim elements along memory) from
+    the program's first KV head."""
+    if PAGED_TILE:  # [blocks, KV_BLOCK_SIZE * KV_HEADS] -> the columns, block-major as the keys
+        within = tl.arange(0, KV_BLOCK_SIZE * KV_HEADS)  # (offset, KV head) in a block
+        within = (within // KV_HEADS) * stride_offset + (within % KV_HEADS) * stride_head
+        rows = tl.reshape(blocks[:, None] * stride_block + within[None, :], [KV_HEADS * BLOCK_N])
+    else:
+        rows = blocks * stride_block + (key_pos % KV_BLOCK_SIZE) * stride_offset
+        if KV_HEADS > 1:
+            rows += column_kv_head * stride_head
+    return rows
+
+
+@triton.jit
+def _row_scales(scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS: tl.constexpr):
+    """An fp8 cache's scale for every row: one value (one KV head), or [GROUP_ROWS, 1]."""
+    if KV_HEADS > 1:
+        scale = tl.load(scale_ptr + kv_head + row_kv_head, mask=is_row, other=1.0)[:, None]
+    else:
+        scale = tl.load(scale_ptr + kv_head)
+    return scale
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, seq_len, dims, row_kv_head,
+                 qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
+                 stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
+                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr):
+    """One online-softmax step of the rows over keys [tile_start, tile_start + BLOCK_N), whose
+    cache blocks are ``blocks`` (:func:`_tile_blocks`). With KV_HEADS > 1 the tile holds each key
+    of every KV head of the program (:func:`_tile_columns`) and a row sees its own head's only.
     ``KV_FP8``: k and v are float8, converted exactly to q's dtype (the caller applies their scales)."""
-    key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    if KV_HEADS > 1:
+        key_pos, column_kv_head = _tile_columns(tile_start, BLOCK_N, KV_HEADS)  # [KV_HEADS * BLOCK_N]
+    else:
+        key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        column_kv_head = 0
     is_key = (key_pos >= key_lo) & (key_pos < seq_len)
+    k_rows = _key_rows(blocks, key_pos, column_kv_head, stride_k_block, stride_k_offset, stride_k_head, BLOCK_N,
+                       KV_BLOCK_SIZE, PAGED_TILE, KV_HEADS)
+    v_rows = _key_rows(blocks, key_pos, column_kv_head, stride_v_block, stride_v_offset, stride_v_head, BLOCK_N,
+                       KV_BLOCK_SIZE, PAGED_TILE, KV_HEADS)
+    v_offsets = v_rows[:, None] + dims[None, :]  # [KV_HEADS * BLOCK_N, HEAD_DIM]
+    if K_TRANSPOSED:  # [HEAD_DIM, BLOCK_N] straight from memory
+        k_offsets = dims[:, None] + k_rows[None, :]
+        k_mask = is_key[None, :]
+    else:  # rows [BLOCK_N, HEAD_DIM] along memory, transposed in registers for the product
+        k_offsets = k_rows[:, None] + dims[None, :]
+        k_mask = is_key[:, None]
     if MASKED:
-        block = tl.load(table_row + key_pos // KV_BLOCK_SIZE, mask=is_key, other=0).to(tl.int64)
+        k = tl.load(k_head + k_offsets, mask=k_mask, other=0.0)
+        v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)
     else:
-        block = tl.load(table_row + key_pos // KV_BLOCK_SIZE).to(tl.int64)
-    offset = key_pos % KV_BLOCK_SIZE
-    v_offsets = block[:, None] * stride_v_block + offset[:, None] * stride_v_offset + dims[None, :]
-    # Keys load as rows [BLOCK_N, HEAD_DIM], along memory (5 % faster at 256 x 1k on an H200 than
-    # loading them transposed), and are transposed in registers for the product.
-    k_offsets = block[:, None] * stride_k_block + offset[:, None] * stride_k_offset + dims[None, :]
-    if MASKED:
-        k = tl.trans(tl.load(k_head + k_offsets, mask=is_key[:, None], other=0.0))  # [HEAD_DIM, BLOCK_N]
-    else:
-        k = tl.trans(tl.load(k_head + k_offsets))
-    if MASKED:
-        v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-    else:
+        k = tl.load(k_head + k_offsets)
         v = tl.load(v_head + v_offsets)
+    if not K_TRANSPOSED:
+        k = tl.trans(k)  # [HEAD_DIM, BLOCK_N]
     if KV_FP8:
         k = k.to(q.dtype)
         v = v.to(q.dtype)
@@ -161,9 +263,11 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo
     if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers
         q = q.to(tl.float32)
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, BLOCK_N]
+    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, KV_HEADS * BLOCK_N]
     if MASKED:
         scores = tl.where(is_key[None, :], scores, float("-inf"))
+    if KV_HEADS > 1:
+        scores = tl.where(row_kv_head[:, None] == column_kv_head[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -178,41 +282,6 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_lo
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_merge_kernel(out_ptr, partial_ptr, lse_ptr, num_splits, stride_o_token, stride_o_head,
-                         HEAD_DIM: tl.constexpr, SPLITS_CHUNK: tl.constexpr):
-    """out[seq, head] = the splits' partial outputs weighted by exp2(lse - max lse).
-
-    The splits load ``SPLITS_CHUNK`` at a time as one [SPLITS_CHUNK, HEAD_DIM] tile: a loop of one
-    load per split waits out the memory latency once per split, which at batch 1 (few programs,
-    up to 64 splits) cost tens of microseconds per layer."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = seq.to(tl.int64) * tl.num_programs(1) + head
-    chunk = tl.arange(0, SPLITS_CHUNK)
-    dims = tl.arange(0, HEAD_DIM)
-    lse_max = tl.full([], float("-inf"), dtype=tl.float32)
-    for start in range(0, num_splits, SPLITS_CHUNK):
-        lse = tl.load(lse_ptr + row * num_splits + start + chunk, mask=start + chunk < num_splits,
-                      other=float("-inf"))
-        lse_max = tl.maximum(lse_max, tl.max(lse, 0))
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    denom = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start in range(0, num_splits, SPLITS_CHUNK):
-        split = start + chunk
-        is_split = split < num_splits
-        weight = tl.math.exp2(tl.load(lse_ptr + row * num_splits + split, mask=is_split,
-                                      other=float("-inf")) - lse_max)  # [SPLITS_CHUNK]
-        denom += tl.sum(weight, 0)
-        part = tl.load(partial_ptr + (row * num_splits + split)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=is_split[:, None], other=0.0)  # [SPLITS_CHUNK, HEAD_DIM]
-        acc += tl.sum(weight[:, None] * part, 0)
-    acc = acc / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + seq.to(tl.int64) * stride_o_token + head * stride_o_head + dims,
-             acc.to(out_ptr.dtype.element_ty))
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                            tiles: DecodeTiles | None = None, num_splits: int | None = None,
@@ -225,17 +294,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     default to :func:`decode_tiles` and :func:`choose_num_splits`. A float8 cache is read with
     ``k_scale``, ``v_scale`` [num_kv_heads_per_rank] (kernels/kv_quant.py). No host synchronisation.
     """
+    _check_shapes(q, k_cache, v_cache, meta)
     num_seqs, num_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
-    assert num_seqs == meta.seq_lens.shape[0], (q.shape, meta.seq_lens.shape)
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
-    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_seqs == 0:
         return out
     tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, _num_sms(q.device))
+    tiles.check(kv_block_size, num_kv_heads)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
     group = num_heads // num_kv_heads
@@ -243,48 +309,38 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # [num_seqs, num_heads, num_splits, head_dim] partial outputs, [..., num_splits] their log2-sum-exp
     partial = torch.empty((num_seqs, num_heads, num_splits, head_dim) if is_split else (0,),
                           dtype=torch.float32, device=q.device)
-    lse = torch.empty((num_seqs, num_heads, num_splits) if is_split else (0,), dtype=torch.float32,
-                      device=q.device)
+    lse = torch.empty(partial.shape[:-1] if is_split else (0,), dtype=torch.float32, device=q.device)
     k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    num_programs = num_kv_heads // tiles.kv_heads_per_program  # per sequence and split
+    grid = (num_programs, num_seqs, num_splits) if tiles.heads_first else (num_seqs, num_programs, num_splits)
+    _decode_split_kernel[grid](
         out, partial, lse, q, k_cache, v_cache, k_scale, v_scale, meta.block_tables, meta.seq_lens,
         num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         meta.block_tables.stride(0),
-        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n,
-        KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split, KV_FP8=is_fp8_kv(k_cache),
-        KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache), USE_WINDOW=sliding_window is not None,
-        DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group * tiles.kv_heads_per_program)),
+        BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split,
+        KV_FP8=is_fp8_kv(k_cache), KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
+        PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
+        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
     if is_split:
-        _decode_merge_kernel[(num_seqs, num_heads)](
-            out, partial, lse, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_CHUNK=min(triton.next_power_of_2(num_splits), _MERGE_SPLITS_CHUNK), num_warps=4)
+        merge_splits(out, partial, lse)
     return out
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Splits per sequence: enough (sequence, KV head, split) programs for ``_PROGRAMS_PER_SM``
-    per SM, each split at least ``_MIN_KEYS_PER_SPLIT`` keys of ``max_seq_len``, at most
-    ``_MAX_SPLITS``. Depends on host sizes only, never on the step's sequence lengths."""
-    num_programs = num_seqs * num_kv_heads
-    wanted = -(-_PROGRAMS_PER_SM * num_sms // num_programs)
-    by_length = max(1, max_seq_len // _MIN_KEYS_PER_SPLIT)
-    return max(1, min(wanted, by_length, _MAX_SPLITS))
-
-
-def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = _CPU_NUM_SMS) -> DecodeTiles:
-    """Tiles of the split kernel for ``num_programs`` (sequence, KV head) pairs on ``num_sms`` SMs.
-    16-bit: 2 pipeline stages and 4 warps; 128-key tiles while the pairs are few (long contexts
-    in small batches), 64-key tiles when there are many. fp32 (tests): 32-key tiles, which keep
-    its twice larger tiles within shared memory and compile quickly."""
-    if dtype == torch.float32:
-        return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
-    if num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms:
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2)
-    return DecodeTiles(block_n=64, num_warps=4, num_stages=2)
+def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    assert num_seqs == meta.seq_lens.shape[0], (q.shape, meta.seq_lens.shape)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
 
 
 def dot_precision(q: torch.Tensor) -> str:
@@ -298,5 +354,5 @@ def dot_precision(q: torch.Tensor) -> str:
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return _CPU_NUM_SMS
+        return CPU_NUM_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -120,6 +120,37 @@ def test_sliding_window(window, num_splits):
     assert_close((window, num_splits), max_err, mean_err, torch.float32)
 
 
+# Every switch of the kernel alone, and all of them together, on 32-key tiles (two cache blocks):
+# sequences of up to five tiles, so that prefetches cross from the unmasked tiles into the masked.
+VARIANTS = {"prefetch_table1": dict(prefetch_table=1), "prefetch_table2": dict(prefetch_table=2),
+            "k_transposed": dict(k_transposed=True), "paged_tile": dict(paged_tile=True),
+            "heads_first": dict(heads_first=True), "kv_heads2": dict(kv_heads_per_program=2),
+            "all": dict(prefetch_table=2, k_transposed=True, paged_tile=True, heads_first=True,
+                        kv_heads_per_program=2)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("num_splits,window", [(1, None), (4, None), (3, 24)], ids=["whole", "split", "split_window"])
+def test_variants_match_reference(num_splits, window, variant, dtype):
+    """Lengths that end inside a block, on a block and on a tile, splits that end past the
+    sequence, windows that start inside a block and inside a tile."""
+    tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **VARIANTS[variant])
+    max_err, mean_err = errors([1, 15, 16, 33, 64, 100, 145], 2, 4, 64, dtype, num_splits, window, tiles, seed=5)
+    assert_close((variant, num_splits, window), max_err, mean_err, dtype)
+
+
+def test_switches_out_of_range_are_refused():
+    q, k_cache, v_cache, meta = make_decode([20], 1, 2, 64, torch.float32)  # blocks of 16 -> 32 below
+    with pytest.raises(ValueError, match="prefetch_table=3 must be 0, 1 or 2"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, prefetch_table=3))
+    with pytest.raises(ValueError, match="kv_heads_per_program=2 must be a power of two that divides the 1 KV"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, kv_heads_per_program=2))
+    with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
+        paged_decode_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), meta, 0.125,
+                               tiles=DecodeTiles(16, 4, 2, paged_tile=True))
+
+
 def test_the_entry_point_routes_decodes_to_the_decode_kernel():
     q, k_cache, v_cache, meta = make_decode([5, 40, 70], 2, 4, 64, torch.float32, seed=2)
     meta.max_seq_len = 4096  # as the decode graphs set it: splits as for a long context
@@ -182,6 +213,16 @@ def test_large_shapes_match_reference(name, dtype):
 def test_forced_splits_on_a_long_context(num_splits):
     max_err, mean_err = errors([5000, 17, 1], 8, 4, 128, torch.bfloat16, num_splits, seed=4)
     assert_close((num_splits,), max_err, mean_err, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_on_a_long_context(variant):
+    """Each switch compiled for the GPU, at the Llama-3-8B heads, split and not."""
+    tiles = DecodeTiles(block_n=64, num_warps=4, num_stages=2, **VARIANTS[variant])
+    for num_splits in (1, 9):
+        max_err, mean_err = errors([5000, 17, 1], 8, 4, 128, torch.bfloat16, num_splits, tiles=tiles, seed=4)
+        assert_close((variant, num_splits), max_err, mean_err, torch.bfloat16)
 
 
 @needs_cuda

@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("triton")
 
 from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_attention_reference  # noqa: E402
-from meshlm.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from meshlm.kernels.decode_attention import DecodeTiles, paged_decode_attention  # noqa: E402
 from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
 from meshlm.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv  # noqa: E402
 from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
@@ -96,6 +96,21 @@ MIXED = [(5, 1), (40, 1), (20, 13), (0, 37), (33, 20)]
 @pytest.mark.parametrize("group", [1, 3])
 def test_decode_kernel_reads_fp8(group, window, num_splits, dtype):
     max_err, mean_err = errors(paged_decode_attention, DECODES, 2, group, 64, dtype, window, num_splits=num_splits)
+    max_tol, mean_tol = TOLERANCES[dtype]
+    assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_splits,window", [(1, None), (3, 24)], ids=["whole", "split_window24"])
+@pytest.mark.parametrize("switches", [dict(prefetch_table=2), dict(k_transposed=True), dict(paged_tile=True),
+                                      dict(heads_first=True), dict(kv_heads_per_program=2),
+                                      dict(kv_heads_per_program=2, paged_tile=True, k_transposed=True)],
+                         ids=["prefetch_table2", "k_transposed", "paged_tile", "heads_first", "kv_heads2",
+                              "kv_heads2_paged_ktrans"])
+def test_decode_kernel_variants_read_fp8(switches, num_splits, window, dtype):
+    tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **switches)
+    max_err, mean_err = errors(paged_decode_attention, DECODES, 2, 4, 64, dtype, window, num_splits=num_splits,
+                               tiles=tiles)
     max_tol, mean_tol = TOLERANCES[dtype]
     assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
 

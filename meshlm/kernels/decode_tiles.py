@@ -1,0 +1,87 @@
+"""Launch shape of the split-KV decode kernel (:mod:`meshlm.kernels.decode_attention`): tiles, the
+kernel's variant switches and the split count, chosen from a batch's host sizes; plain Python, so
+that the choice is testable without Triton."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Programs per SM that the splits aim for: enough to hide memory latency on every SM (on an H200,
+# 64 sequences x 2k keys ran 10 % faster in 2 splits than in 1).
+_PROGRAMS_PER_SM = 4
+# Up to this many (sequence, KV head) programs per SM, 128-key tiles read faster; beyond it, 64-key
+# tiles (attention_bench.py --sweep on an H200: 1 x 32k, 8 x 8k and 64 x 2k against 256 x 1k, 1024 x 256).
+_LARGE_TILE_PROGRAMS_PER_SM = 4
+# A split covers at least this many keys: shorter splits cost more in merging than they give.
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 64
+# The SM count assumed off the GPU (the interpreter), so that CPU tests split too.
+CPU_NUM_SMS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeTiles:
+    """Launch shape of the split kernel: keys per tile, warps per program, pipeline depth, and how a
+    tile reaches the cache (every switch gives the same result; they differ only in speed):
+
+    - ``prefetch_table``: the block ids of each tile load this many tiles ahead (0, 1 or 2), so
+      that a tile's K and V loads never wait for a block-table load issued just before them
+      (Triton's pipeliner does not prefetch an indirect load at 2 stages);
+    - ``k_transposed``: keys load directly as [head_dim, keys] instead of as rows along memory
+      that are transposed in registers;
+    - ``paged_tile``: a tile is a whole number of cache blocks, with one block-table load per
+      block instead of one per key (``block_n`` a multiple of the cache's block size);
+    - ``heads_first``: the grid runs (KV head, sequence, split), so that the programs of one
+      sequence's KV heads start side by side and read each cache block (16 keys x every KV head,
+      contiguous) together, instead of one KV head of every sequence before the next head;
+    - ``kv_heads_per_program``: a program attends this many neighbouring KV heads at once: a tile
+      holds each of its ``block_n`` keys for every one of them (rows of ``kv_heads_per_program`` x
+      256 bytes along memory), and the query rows of all their groups fill the 16 rows a GQA group
+      of 4 pads to; a row's scores outside its own head are masked.
+    """
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    prefetch_table: int = 0
+    k_transposed: bool = False
+    paged_tile: bool = False
+    heads_first: bool = False
+    kv_heads_per_program: int = 1
+
+    def check(self, kv_block_size: int, num_kv_heads: int) -> None:
+        """Refuse a shape the kernel cannot run, naming every size involved."""
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"{self}: block_n={self.block_n} must be a power of two >= 16")
+        if self.prefetch_table not in (0, 1, 2):
+            raise ValueError(f"{self}: prefetch_table={self.prefetch_table} must be 0, 1 or 2 (tiles ahead)")
+        heads = self.kv_heads_per_program
+        if heads < 1 or heads & (heads - 1) or num_kv_heads % heads:
+            raise ValueError(f"{self}: kv_heads_per_program={heads} must be a power of two that divides "
+                             f"the {num_kv_heads} KV heads")
+        if self.paged_tile and self.block_n % kv_block_size:
+            raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
+                             f"the cache's block size {kv_block_size}")
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits per sequence: enough (sequence, KV head, split) programs for ``_PROGRAMS_PER_SM``
+    per SM, each split at least ``_MIN_KEYS_PER_SPLIT`` keys of ``max_seq_len``, at most
+    ``_MAX_SPLITS``. Depends on host sizes only, never on the step's sequence lengths."""
+    num_programs = num_seqs * num_kv_heads
+    wanted = -(-_PROGRAMS_PER_SM * num_sms // num_programs)
+    by_length = max(1, max_seq_len // _MIN_KEYS_PER_SPLIT)
+    return max(1, min(wanted, by_length, _MAX_SPLITS))
+
+
+def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_NUM_SMS) -> DecodeTiles:
+    """Tiles of the split kernel for ``num_programs`` (sequence, KV head) pairs on ``num_sms`` SMs.
+    16-bit: 2 pipeline stages and 4 warps; 128-key tiles while the pairs are few (long contexts
+    in small batches), 64-key tiles when there are many. fp32 (tests): 32-key tiles, which keep
+    its twice larger tiles within shared memory and compile quickly."""
+    if dtype == torch.float32:
+        return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
+    if num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms:
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2)
+    return DecodeTiles(block_n=64, num_warps=4, num_stages=2)
