@@ -210,10 +210,10 @@ def decode_runs(batch: int, context: int, opts: argparse.Namespace) -> Case:
     return Case(runs, baseline, work, call, launches)
 
 
-def default_decode_shape(batch: int, context: int) -> tuple[DecodeTiles, int]:
+def default_decode_shape(batch: int, context: int, kv_fp8: bool = False) -> tuple[DecodeTiles, int]:
     """The tiles and split count the decode kernel picks for a batch at full context (bf16 q)."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return (decode_tiles(torch.bfloat16, batch * NUM_KV_HEADS, num_sms),
+    return (decode_tiles(torch.bfloat16, batch * NUM_KV_HEADS, num_sms, kv_fp8, NUM_KV_HEADS),
             choose_num_splits(batch, NUM_KV_HEADS, context, num_sms))
 
 

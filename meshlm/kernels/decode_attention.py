@@ -300,7 +300,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_seqs == 0:
         return out
-    tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, _num_sms(q.device))
+    tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, _num_sms(q.device), is_fp8_kv(k_cache),
+                                  num_kv_heads)
     tiles.check(kv_block_size, num_kv_heads)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))

@@ -75,13 +75,32 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 
 
-def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_NUM_SMS) -> DecodeTiles:
-    """Tiles of the split kernel for ``num_programs`` (sequence, KV head) pairs on ``num_sms`` SMs.
-    16-bit: 2 pipeline stages and 4 warps; 128-key tiles while the pairs are few (long contexts
-    in small batches), 64-key tiles when there are many. fp32 (tests): 32-key tiles, which keep
-    its twice larger tiles within shared memory and compile quickly."""
+def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_NUM_SMS,
+                 kv_fp8: bool = False, num_kv_heads: int = 1) -> DecodeTiles:
+    """Tiles and switches of the split kernel for ``num_programs`` (sequence, KV head) pairs on
+    ``num_sms`` SMs, over a 16-bit or (``kv_fp8``) float8 pool of ``num_kv_heads`` KV heads a rank.
+
+    From ``attention_bench.py --variants --graph`` on an H200 (kernels replayed in CUDA graphs, as
+    the engine runs decode steps; per cent of copy bandwidth, the earlier default -> this one):
+    - 16-bit KV, few pairs (long contexts in small batches): 128-key tiles, block ids two tiles
+      ahead, keys loaded transposed: 8 x 8k 79 -> 90 %, 1 x 32k 70 % either way;
+    - 16-bit KV, many pairs: 64-key tiles, a sequence's KV heads side by side in the grid:
+      256 x 1k 99.6 -> 101.7 %, 1024 x 256 94.9 -> 97.4 % (against a read+write copy);
+    - fp8 KV, few pairs: 64-key tiles in 3 stages, block ids two ahead, two KV heads a program:
+      1 x 32k 44 -> 52 %, 8 x 8k 53 -> 59 %;
+    - fp8 KV, many pairs: 64-key tiles, block ids one tile ahead: 256 x 1k 55 -> 63 %,
+      1024 x 256 52 -> 57 %.
+    fp32 (tests): 32-key tiles, which keep its twice larger tiles within shared memory and compile
+    quickly."""
     if dtype == torch.float32:
         return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
-    if num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms:
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2)
-    return DecodeTiles(block_n=64, num_warps=4, num_stages=2)
+    is_few = num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms
+    if kv_fp8 and is_few:
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2,
+                           kv_heads_per_program=2 if num_kv_heads % 2 == 0 else 1)
+    if kv_fp8:
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=1)
+    if is_few:
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, k_transposed=True)
+    return DecodeTiles(block_n=64, num_warps=4, num_stages=2, heads_first=True)
+

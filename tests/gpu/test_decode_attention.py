@@ -187,6 +187,14 @@ def test_default_tiles_shrink_when_programs_are_many():
     assert decode_tiles(torch.bfloat16, 8 * 256, 132).block_n == 64
 
 
+def test_fp8_tiles_take_two_kv_heads_only_where_they_divide():
+    assert decode_tiles(torch.bfloat16, 8, 132, kv_fp8=True, num_kv_heads=8).kv_heads_per_program == 2
+    assert decode_tiles(torch.bfloat16, 3, 132, kv_fp8=True, num_kv_heads=3).kv_heads_per_program == 1
+    for num_kv_heads in (1, 2, 3, 8):  # every default the kernel can run
+        for num_programs in (num_kv_heads, 4096 * num_kv_heads):
+            decode_tiles(torch.bfloat16, num_programs, 132, True, num_kv_heads).check(16, num_kv_heads)
+
+
 def _small_tiles(dtype):
     """32-key tiles, so that tiny contexts cross tile and split boundaries."""
     return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
