@@ -46,8 +46,9 @@ def verify_drafts(probs: torch.Tensor, greedy_tokens: torch.Tensor, is_greedy: t
     p_draft = probs.gather(1, safe_drafts[:, None])[:, 0]  # [num_logits]
     accepted = torch.where(is_greedy, safe_drafts == greedy_tokens, uniforms < p_draft) & has_draft
     # The first rejected position of each sample row (its last row never accepts): the number accepted.
+    # (Accepted rows count as past the end: a boolean index would make the host wait for the device.)
     num_accepted = torch.full((num_samples,), len(row_of), dtype=torch.int64, device=device)
-    num_accepted.scatter_reduce_(0, row_of[~accepted], position[~accepted], reduce="amin")
+    num_accepted.scatter_reduce_(0, row_of, torch.where(accepted, len(row_of), position), reduce="amin")
     last_row = starts + num_accepted  # [num_samples]
 
     target = probs[last_row]  # [num_samples, vocab]
