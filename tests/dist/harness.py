@@ -117,41 +117,52 @@ def assert_world(result: Launch, num_ranks: int) -> None:
 
 # --- layout launches ---------------------------------------------------------------------------
 class LayoutRuns:
-    """Runs ``run_layout.py`` once per (job set, tp, pp) and keeps rank 0's JSON."""
+    """Runs ``run_layout.py`` once per (job set, tp, pp, ep) and keeps rank 0's JSON.
 
-    def __init__(self, root: Path, jobs: list[dict]):
+    ``env`` is the launches' environment (default ``rank_env()``: the CPU) and ``script_args`` are
+    added to every launch (the GPU tests pass ``--report-runners``).
+    """
+
+    def __init__(self, root: Path, jobs: list[dict], env: dict[str, str] | None = None,
+                 script_args: tuple[str, ...] = ()):
         self.root = root
         self.spec = root / "spec.json"
         self.spec.write_text(json.dumps({"jobs": jobs}))
-        self._cache: dict[tuple[int, int], dict | str] = {}
+        self.env, self.script_args = env, script_args
+        self._cache: dict[tuple[int, int, int | None], dict | str] = {}
 
-    def get(self, tp: int, pp: int) -> dict:
-        """``{job name: [{"token_ids", "logprobs"} per prompt]}`` of the tp x pp launch."""
-        key = (tp, pp)
+    def get(self, tp: int, pp: int, ep: int | None = None) -> dict:
+        """``{job name: [{"token_ids", "logprobs"} per prompt]}`` of the tp x pp (x moe_ep) launch."""
+        return self.launch(tp, pp, ep)["results"]
+
+    def launch(self, tp: int, pp: int, ep: int | None = None) -> dict:
+        """Rank 0's whole file for the launch: ``results``, ``world_size``, ``ranks`` (and ``runners``)."""
+        key = (tp, pp, ep)
         if key not in self._cache:
             try:
-                self._cache[key] = self._run(tp, pp)
+                self._cache[key] = self._run(tp, pp, ep)
             except BaseException as exc:  # later tests of this layout fail at once, without relaunching
                 self._cache[key] = str(exc)
                 raise
         cached = self._cache[key]
         if isinstance(cached, str):
-            pytest.fail(f"the tp={tp} pp={pp} launch failed in an earlier test:\n{cached}")
+            pytest.fail(f"the tp={tp} pp={pp} ep={ep} launch failed in an earlier test:\n{cached}")
         return cached
 
-    def _run(self, tp: int, pp: int) -> dict:
-        out = self.root / f"tp{tp}-pp{pp}.json"
-        args = ["--spec", str(self.spec), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
+    def _run(self, tp: int, pp: int, ep: int | None) -> dict:
+        out = self.root / f"tp{tp}-pp{pp}-ep{ep}.json"
+        args = ["--spec", str(self.spec), "--out", str(out), "--tp", str(tp), "--pp", str(pp),
+                *(["--ep", str(ep)] if ep is not None else []), *self.script_args]
         num_ranks = tp * pp
         if num_ranks == 1:  # the reference: a plain process, no mpiexec
-            result = launch([sys.executable, str(RUN_LAYOUT), *args], timeout_s=180)
+            result = launch([sys.executable, str(RUN_LAYOUT), *args], timeout_s=180, env=self.env)
         else:
-            result = mpiexec(num_ranks, args, timeout_s=240)
+            result = mpiexec(num_ranks, args, timeout_s=240, env=self.env)
         assert result.returncode == 0, result.describe()
         assert_world(result, num_ranks)
         data = json.loads(out.read_text())
         assert data["world_size"] == num_ranks and data["ranks"] == list(range(num_ranks)), data
-        return data["results"]
+        return data
 
 
 # --- comparisons -------------------------------------------------------------------------------

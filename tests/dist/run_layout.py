@@ -5,7 +5,8 @@
 
 ``spec.json`` lists jobs ``{"name", "model", "prompts", "chat", "max_tokens", "logprobs",
 "ignore_eos"}``, and optionally the engine's ``num_kv_blocks``, ``block_size``, ``max_model_len``,
-``max_num_tokens``, ``async_scheduling``, ``kv_cache_dtype``, ``quantization``, ``speculative_config`` and the
+``max_num_tokens``, ``async_scheduling``, ``kv_cache_dtype``, ``quantization``, ``speculative_config``,
+``device`` (cpu unless given), ``dtype`` and ``enable_cuda_graphs``, and the
 sampling's ``temperature`` and ``seed`` (greedy unless given), and ``structured_outputs`` (one dict per prompt): a
 prompt is a list of token ids, or a user message when ``chat`` is true. Each
 job is one ``LLM(...)`` over the whole world. Every rank prints ``[run_layout] rank R of
@@ -17,6 +18,10 @@ Fault injection (for the failure tests, never in meshlm): ``--fault kill|raise|s
 ``--fault-rank R``, ``--fault-step S`` make rank R SIGKILL itself, raise, sleep or SIGSTOP itself
 inside its S-th ``ModelRunner.execute``; ``--fault stall-loading`` makes rank R sleep while it
 builds its ModelRunner (weight loading).
+
+``--ep`` sets ``moe_expert_parallel_size``. ``--report-runners`` adds ``"runners"`` to the file:
+per rank, per job, the device its ModelRunner got, the class of its TP and PP communicators and
+the decode CUDA graph replays it ran (the GPU tests check NCCL, ``cuda:<local rank>`` and graphs).
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=None)
+    parser.add_argument("--report-runners", action="store_true")
     parser.add_argument("--fault", choices=("kill", "raise", "stall", "stop", "stall-loading"), default=None)
     parser.add_argument("--fault-rank", type=int, default=1)
     parser.add_argument("--fault-step", type=int, default=3)
@@ -75,6 +82,26 @@ def install_fault(kind: str, step: int) -> None:
     ModelRunner.execute = execute
 
 
+def record_runners(records: list[dict]) -> None:
+    """Append one entry per ModelRunner this rank builds: its device, communicators and, once it
+    shuts down, how many decode CUDA graph replays it ran."""
+    from meshlm.executor.model_runner import ModelRunner
+    building, shutting_down = ModelRunner.__init__, ModelRunner.shutdown
+
+    def init(self, config, groups, device, *args, **kwargs):
+        records.append({"device": str(device), "tp_comm": type(groups.tp).__name__,
+                        "pp_comm": type(groups.pp).__name__, "graph_replays": None})
+        building(self, config, groups, device, *args, **kwargs)
+
+    def shutdown(self):
+        if records and records[-1]["graph_replays"] is None:
+            graphs = self.graph_runner
+            records[-1]["graph_replays"] = 0 if graphs is None else graphs.num_replays
+        shutting_down(self)
+
+    ModelRunner.__init__, ModelRunner.shutdown = init, shutdown
+
+
 def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | None:
     """Generate for one job; rank 0 returns per-prompt results, other ranks None."""
     from meshlm import LLM, SamplingParams
@@ -83,7 +110,8 @@ def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | 
                             ignore_eos=job.get("ignore_eos", True))
     try:
         llm = LLM(model=job["model"], tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                  moe_expert_parallel_size=ep, device="cpu", num_kv_blocks=job.get("num_kv_blocks", 64),
+                  moe_expert_parallel_size=ep, device=job.get("device", "cpu"), dtype=job.get("dtype", "auto"),
+                  enable_cuda_graphs=job.get("enable_cuda_graphs", True), num_kv_blocks=job.get("num_kv_blocks", 64),
                   max_model_len=job.get("max_model_len", 512),
                   max_num_tokens=job.get("max_num_tokens", 8192),
                   async_scheduling=job.get("async_scheduling", True), block_size=job.get("block_size", 16),
@@ -117,14 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     ranks = world.gather(rank, root=0)
     if args.fault and rank == args.fault_rank:
         install_fault(args.fault, args.fault_step)
+    runners: list[dict] = []
+    if args.report_runners:
+        record_runners(runners)
     with open(args.spec) as f:
         spec = json.load(f)
     results = {}
     for job in spec["jobs"]:
-        results[job["name"]] = run_job(job, args.tp, args.pp)
+        results[job["name"]] = run_job(job, args.tp, args.pp, args.ep)
+    every_rank_runners = world.gather(runners, root=0) if args.report_runners else None
     if rank == 0:
+        out = {"world_size": size, "ranks": ranks, "results": results}
+        if args.report_runners:
+            out["runners"] = every_rank_runners
         with open(args.out, "w") as f:
-            json.dump({"world_size": size, "ranks": ranks, "results": results}, f)
+            json.dump(out, f)
     return 0
 
 
