@@ -9,6 +9,9 @@ the same Mapping, NCCL on its GPU and MPI on the CPU, runs the named collectives
 tensors through both, and measures the largest difference. The groups are destroyed before the
 end, so the process exits by itself. Rank 0 writes ``{"world_size", "ranks", "devices": [per
 rank], "checks": [every rank's checks]}`` (a check as agreement.collective_failures reads it).
+
+``--device cpu`` runs the same script with MPI on both sides (the CPU test of its bookkeeping:
+which results are paired, shapes, the None of non-sampler ranks, the pipeline chain).
 """
 from __future__ import annotations
 
@@ -48,10 +51,11 @@ def difference(nccl: torch.Tensor | None, mpi: torch.Tensor | None) -> dict:
 
 
 def device_report(world, device: torch.device) -> dict:
-    props = torch.cuda.get_device_properties(device)
-    return {"rank": world.rank, "local_rank": world.local_rank, "device": str(device),
-            "current_device": torch.cuda.current_device(), "uuid": str(props.uuid), "name": props.name,
-            "pid": os.getpid()}
+    report = {"rank": world.rank, "local_rank": world.local_rank, "device": str(device), "pid": os.getpid()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        report.update(current_device=torch.cuda.current_device(), uuid=str(props.uuid), name=props.name)
+    return report
 
 
 def tp_cases(groups, rank: int) -> list[tuple[str, str, object]]:
@@ -91,7 +95,8 @@ def pp_cases(groups, rank: int) -> list[tuple[str, str, object]]:
 
 
 def run_layout(tp: int, pp: int, device: torch.device) -> list[dict]:
-    """Both backends' groups for tp x pp, every case through both, the differences."""
+    """Both backends' groups for tp x pp (on a CPU ``device``, MPI twice), every case through both,
+    the differences."""
     from meshlm.parallel.groups import ParallelGroups
     from meshlm.parallel.mapping import Mapping
     world = MPI.COMM_WORLD
@@ -104,7 +109,8 @@ def run_layout(tp: int, pp: int, device: torch.device) -> list[dict]:
     mpi_cases = (tp_cases(mpi, mapping.rank) if tp > 1 else []) + (pp_cases(mpi, mapping.rank) if pp > 1 else [])
     for (name, dtype, run_nccl), (_, _, run_mpi) in zip(cases, mpi_cases):
         got = run_nccl(on_gpu)
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         want = run_mpi(sample)
         checks.append({"layout": f"tp{tp}-pp{pp}", "name": name, "rank": mapping.rank, "dtype": dtype,
                        **difference(got, want)})
@@ -123,13 +129,14 @@ def layouts(size: int) -> list[tuple[int, int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args(argv)
     from meshlm.api.build import pick_device
     from meshlm.launcher.world import init_world
     world = init_world()
     say(f"[run_layout] rank {world.rank} of {world.size} pid {os.getpid()}")
     ranks = world.comm.gather(world.rank, root=0)
-    device = pick_device("cuda", world.local_rank)
+    device = pick_device(args.device, world.local_rank)
     devices = world.comm.gather(device_report(world, device), root=0)
     checks = [c for tp, pp in layouts(world.size) for c in run_layout(tp, pp, device)]
     every_check = world.comm.gather(checks, root=0)
