@@ -21,7 +21,9 @@ from tests.dist.proc_tree import kill_tree
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
+# The mpiexec of the MPI library mpi4py uses: beside the interpreter (the mpich wheel's, a system
+# Python's), unless MESHLM_MPIEXEC names it (as meshlm's own relaunch reads it).
+MPIEXEC = Path(os.environ.get("MESHLM_MPIEXEC") or Path(sys.executable).parent / "mpiexec")
 RUN_LAYOUT = HERE / "run_layout.py"
 
 # The random-weight models every layout runs. "qwen2-kv1" has 4 query heads over one KV head, so
@@ -44,7 +46,7 @@ _LAUNCHER_VARS = re.compile(r"^(PMI_|PMIX_|OMPI_|MPI_LOCAL|HYDRA_|SLURM_)")
 
 def _require_mpiexec() -> None:
     if not MPIEXEC.exists():
-        pytest.skip(f"no mpiexec beside {sys.executable} (the mpich wheel provides one)")
+        pytest.skip(f"no mpiexec beside {sys.executable} (the mpich wheel provides one) and no MESHLM_MPIEXEC")
 
 
 def rank_env(**extra: str) -> dict[str, str]:
