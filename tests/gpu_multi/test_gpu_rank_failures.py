@@ -5,7 +5,7 @@ rank 1 SIGKILLs itself inside its 4th step (run_layout.py ``--fault kill``). Ran
 waiting on an NCCL all-reduce whose peer is gone, which never returns by itself: the job must
 still end, non-zero, within MAX_END_AFTER_KILL_S of the kill, with every rank gone and a message
 naming rank 1 (meshlm's, when the launcher leaves the ending to meshlm as under MPICH's hydra with
-its clean-up off; or Open MPI's mpirun's, which ends the job itself and names the rank and pid).
+its clean-up off; or Open MPI's mpirun's, which ends the job itself and names the rank).
 """
 from __future__ import annotations
 
@@ -42,5 +42,6 @@ def test_sigkill_of_a_rank_on_the_gpu_ends_the_job_naming_it(tmp_path, gpu_model
     pids = dict(re.findall(r"\[run_layout\] rank (\d+) of \d+ pid (\d+)", result.stdout))
     pid = int(pids["1"])
     named_by_meshlm = re.search(rf"\[meshlm rank 0\] rank 1 \(host [^,]+, pid {pid}\) died", result.stderr)
-    named_by_open_mpi = re.search(rf"process rank 1 with PID {pid}", result.output)
+    # Open MPI 4 may print the pid as 0 there; the rank number is what names it
+    named_by_open_mpi = re.search(r"process rank 1 with PID \d+", result.output)
     assert named_by_meshlm or named_by_open_mpi, result.describe()
