@@ -11,7 +11,8 @@ on the GPUs: the reference is one plain process on one GPU, each layout an ``mpi
 - Every rank's ModelRunner ran on ``cuda:<local rank>`` with NCCL communicators on its split axes.
 - At tp=2 decode steps replay CUDA graphs (which capture the NCCL calls) on every rank, give the
   tokens of the same run without graphs, and the job still exits 0 (the launch asserts it).
-- MoE (Mixtral, 8 experts) at tp x ep: tp=2 x ep=2, tp=4 x ep=2 (moe_tp=2), tp=4 x ep=4.
+- MoE (Mixtral, 8 experts; fp32 and bf16 as above) at tp x ep: tp=2 x ep=2, tp=4 x ep=2
+  (moe_tp=2), tp=4 x ep=4.
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def dense_runs(tmp_path_factory, gpu_models, gpu_prompts) -> LayoutRuns:
 
 @pytest.fixture(scope="module")
 def moe_runs(tmp_path_factory, gpu_models, gpu_prompts) -> LayoutRuns:
-    jobs = [_job("mixtral-fp32", gpu_models["mixtral"], "float32", True, gpu_prompts)]
+    # fp32 experts take the eager path on CUDA, bf16 ones the grouped GEMM
+    jobs = [_job("mixtral-fp32", gpu_models["mixtral"], "float32", True, gpu_prompts),
+            _job("mixtral-bf16", gpu_models["mixtral"], "bfloat16", True, gpu_prompts)]
     return LayoutRuns(tmp_path_factory.mktemp("gpu-moe"), jobs, env=gpu_env(), script_args=("--report-runners",))
 
 
@@ -103,4 +106,8 @@ def test_moe_layout_matches_single_gpu(moe_runs, layout):
     failures = runner_failures(data["runners"], list(range(tp)), tp, 1, "NcclComm")
     failures += greedy_failures(ref["mixtral-fp32"], data["results"]["mixtral-fp32"], FP32_LOGPROB_TOL,
                                 f"{layout} mixtral-fp32")
+    failures += first_token_failures(ref["mixtral-bf16"], data["results"]["mixtral-bf16"], BF16_LOGPROB_TOL,
+                                     f"{layout} mixtral-bf16")
+    # The reference is not degenerate: different prompts, different continuations
+    assert len({tuple(out["token_ids"]) for out in ref["mixtral-fp32"]}) == len(ref["mixtral-fp32"])
     assert not failures, "\n".join(failures)
