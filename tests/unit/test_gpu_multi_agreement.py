@@ -58,7 +58,18 @@ def test_first_token_check_ignores_later_tokens_only():
     later = [_out([5, 8], [{"5": -0.15, "7": -2.1}, {"8": -0.2}])]
     assert first_token_failures(REF, later, 0.2, "bf16") == []
     first = [_out([7, 6], [{"7": -0.1}, {"6": -0.3}])]
-    assert first_token_failures(REF, first, 0.2, "bf16") == ["bf16 prompt 0: first token 7, reference 5"]
+    assert first_token_failures(REF, first, 0.2, "bf16") == [
+        "bf16 prompt 0: first token 7, reference 5 (reference logprobs -0.1 and -2.0)"]
+    unknown = [_out([8, 6], [{"8": -0.1}, {"6": -0.3}])]
+    assert first_token_failures(REF, unknown, 0.2, "bf16") == [
+        "bf16 prompt 0: first token 8, reference 5 (reference logprobs -0.1 and None)"]
+
+
+def test_first_token_near_tie_may_flip():
+    ref = [_out([5, 6], [{"5": -0.70, "7": -0.75}, {"6": -0.3}])]
+    flipped = [_out([7, 9], [{"7": -0.69, "5": -0.74}, {"9": -0.2}])]
+    assert first_token_failures(ref, flipped, 0.2, "bf16") == []
+    assert len(first_token_failures(ref, flipped, 0.01, "bf16")) == 1
     assert len(first_token_failures(REF, [_out([5, 6], [{"5": -0.5}, {}])], 0.2, "bf16")) == 1
     assert first_token_failures(REF, [_out([], [])], 0.2, "bf16") == ["bf16 prompt 0: no tokens generated"]
 
