@@ -231,13 +231,13 @@ def _fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def least_error_row_scales(w: torch.Tensor, num_candidates: int = 16) -> torch.Tensor:
-    """One scale per row of ``w`` [..., K] -> [..., 1]: of ``amax / 448 * 2 ** (k / num_candidates)``,
+    """One scale per row of ``w`` [..., K] -> [..., 1]: of ``amax * (2 ** (k / num_candidates) / 448)``,
     k = 0 .. num_candidates - 1, the one whose float8 rounding of the row has the least squared error
     (the first such k on a tie): how meshlm scales weights it quantizes."""
     w = w.float()
     amax = w.abs().amax(dim=-1, keepdim=True)
-    candidates = torch.stack([(amax * 2.0 ** (k / num_candidates) / _FP8_MAX).clamp(min=1e-12)
-                              for k in range(num_candidates)])  # [C, ..., 1]
+    factors = torch.tensor([2.0 ** (k / num_candidates) / _FP8_MAX for k in range(num_candidates)])  # float32
+    candidates = torch.stack([(amax * f).clamp(min=1e-12) for f in factors.tolist()])  # [C, ..., 1]
     errors = torch.stack([((_fp8(w, s).float() * s - w).double() ** 2).sum(-1, keepdim=True)
                           for s in candidates])  # [C, ..., 1]
     return candidates.gather(0, errors.argmin(dim=0, keepdim=True))[0]

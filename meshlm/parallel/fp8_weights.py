@@ -37,8 +37,8 @@ def quantize_weight_rows(rows: torch.Tensor, device: torch.device | None = None)
     rows = rows.to(device=device, dtype=torch.float32)
     amax = rows.abs().amax(dim=-1, keepdim=True)  # [..., 1]
     best_scale = best_error = None
-    for k in range(SCALE_CANDIDATES):
-        scale = (amax * 2.0 ** (k / SCALE_CANDIDATES) / FP8_MAX).clamp(min=MIN_SCALE)
+    for factor in _candidate_factors():
+        scale = (amax * factor).clamp(min=MIN_SCALE)
         # float64 sums: the choice does not hang on the order a device adds in
         error = (dequantize(quantize_with_scale(rows, scale), scale) - rows).double().square().sum(-1, keepdim=True)
         if best_scale is None:
@@ -48,6 +48,13 @@ def quantize_weight_rows(rows: torch.Tensor, device: torch.device | None = None)
         best_scale = torch.where(is_better, scale, best_scale)
         best_error = torch.where(is_better, error, best_error)
     return quantize_with_scale(rows, best_scale), best_scale
+
+
+def _candidate_factors() -> list[float]:
+    """``2 ** (k / SCALE_CANDIDATES) / FP8_MAX`` rounded to float32: one float32 multiplication then
+    gives every device the same scale (CUDA divides by a number as a multiplication by its inverse,
+    the CPU does not)."""
+    return torch.tensor([2.0 ** (k / SCALE_CANDIDATES) / FP8_MAX for k in range(SCALE_CANDIDATES)]).tolist()
 
 
 def read_fp8(reader, quant: QuantizationConfig, name: str, dim: int | None = None, start: int = 0,

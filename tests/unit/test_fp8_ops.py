@@ -107,11 +107,11 @@ def test_weight_scales_of_least_error_beat_absmax_on_rows_with_outliers():
     q, scale = quantize_weight_rows(w)
     absmax_scale = w.abs().amax(dim=1, keepdim=True) / 448
     chosen, absmax = _row_errors(q, scale, w), _row_errors(fp8.quantize_with_scale(w, absmax_scale), absmax_scale, w)
-    assert (chosen <= absmax).all()
+    assert (chosen <= absmax * (1 + 1e-5)).all()  # the first candidate is amax * (1 / 448), within an ulp
     # rows without outliers: ~0.9 of absmax's error; with them, absmax (the outlier exactly on 448) mostly wins
     assert chosen[:32].sum() < 0.95 * absmax[:32].sum() and chosen.sum() < absmax.sum()
     # no candidate saturates: each scale lies in [absmax, 2 * absmax) / 448 and nothing is clipped
-    assert (scale >= absmax_scale).all() and (scale < 2 * absmax_scale).all()
+    assert (scale >= absmax_scale * (1 - 1e-6)).all() and (scale < 2 * absmax_scale).all()
     assert (q.float().abs() < 448).any(dim=1).all() and len(set(scale.view(-1).tolist())) > SCALE_CANDIDATES // 2
 
 
@@ -121,7 +121,7 @@ def test_each_row_keeps_the_best_of_the_candidate_scales():
     q, scale = quantize_weight_rows(w)
     amax = w.abs().amax(dim=1, keepdim=True)
     for k in range(SCALE_CANDIDATES):
-        s = amax * 2.0 ** (k / SCALE_CANDIDATES) / 448
+        s = amax * (2.0 ** (k / SCALE_CANDIDATES) / 448)
         assert (_row_errors(q, scale, w) <= _row_errors(fp8.quantize_with_scale(w, s), s, w) + 1e-12).all()
     zero_q, zero_scale = quantize_weight_rows(torch.zeros(2, 8))
     assert zero_q.float().abs().sum() == 0 and torch.isfinite(zero_scale).all()
