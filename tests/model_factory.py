@@ -151,13 +151,14 @@ def random_prompts(vocab_size: int, lengths, seed: int = 1) -> list[list[int]]:
     return [rng.integers(len(_SPECIAL_TOKENS), vocab_size, size=n).tolist() for n in lengths]
 
 
-def reference_greedy(hf_model, prompt: list[int], num_steps: int) -> tuple[list[int], torch.Tensor]:
+def reference_greedy(hf_model, prompt: list[int], num_steps: int,
+                     use_cache: bool = True) -> tuple[list[int], torch.Tensor]:
     """transformers' greedy ``generate``: its tokens, and log_softmax of its raw logits at each step.
 
     Returns (``num_steps`` token ids, float32 [num_steps, vocab]). It never stops at eos, as meshlm
-    with ``ignore_eos=True``.
+    with ``ignore_eos=True``. ``use_cache=False`` runs the whole sequence at every step.
     """
-    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=num_steps, do_sample=False,
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=num_steps, do_sample=False, use_cache=use_cache,
                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, len(prompt):].tolist()
     if len(tokens) != num_steps:
@@ -229,6 +230,19 @@ def _fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
 
 
+def least_error_row_scales(w: torch.Tensor, num_candidates: int = 16) -> torch.Tensor:
+    """One scale per row of ``w`` [..., K] -> [..., 1]: of ``amax * (2 ** (k / num_candidates) / 448)``,
+    k = 0 .. num_candidates - 1, the one whose float8 rounding of the row has the least squared error
+    (the first such k on a tie): how meshlm scales weights it quantizes."""
+    w = w.float()
+    amax = w.abs().amax(dim=-1, keepdim=True)
+    factors = torch.tensor([2.0 ** (k / num_candidates) / _FP8_MAX for k in range(num_candidates)])  # float32
+    candidates = torch.stack([(amax * f).clamp(min=1e-12) for f in factors.tolist()])  # [C, ..., 1]
+    errors = torch.stack([((_fp8(w, s).float() * s - w).double() ** 2).sum(-1, keepdim=True)
+                          for s in candidates])  # [C, ..., 1]
+    return candidates.gather(0, errors.argmin(dim=0, keepdim=True))[0]
+
+
 def _block_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     bn, bk = block
     rows, cols = w.shape
@@ -265,7 +279,7 @@ def _fp8_tensors(name: str, w: torch.Tensor, fmt: str, block, input_amax) -> dic
         q, scales = _block_quantize(w, block)
         return {name: q, f"{module}.weight_scale_inv": scales}
     if fmt == "ct-channel":
-        scale = (w.abs().amax(dim=1, keepdim=True).float() / _FP8_MAX)  # [N, 1]
+        scale = least_error_row_scales(w)  # [N, 1]
         return {name: _fp8(w, scale), f"{module}.weight_scale": scale}
     scale = w.abs().amax().float() / _FP8_MAX
     out = {name: _fp8(w, scale), f"{module}.weight_scale": scale.reshape(() if fmt.startswith("hf") else (1,))}

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshlm.kernels.fp8 import FP8_DTYPE, bmm, per_token_linear, quantize_per_row
-from meshlm.parallel.fp8_weights import check_fp8_support, read_fp8
+from meshlm.kernels.fp8 import FP8_DTYPE, bmm, per_token_linear
+from meshlm.parallel.fp8_weights import check_fp8_support, quantize_weight_rows, read_fp8
 from meshlm.parallel.mapping import Mapping
 from meshlm.weights.quantization import QuantizationConfig
 
@@ -295,10 +295,10 @@ class FusedMoE(nn.Module):
         n, lo = self.inter_per_rank, self.inter_start
         for i, e in enumerate(self.local_experts):
             for part, name in enumerate((names.gate.format(e=e), names.up.format(e=e))):
-                weight, scale = read_fp8(reader, self.quant, name, 0, lo, lo + n)
+                weight, scale = read_fp8(reader, self.quant, name, 0, lo, lo + n, self.w13.device)
                 self.w13[i, part * n:(part + 1) * n].copy_(weight)
                 self.w13_scale[i, part * n:(part + 1) * n].copy_(scale)
-            weight, scale = read_fp8(reader, self.quant, names.down.format(e=e), 1, lo, lo + n)
+            weight, scale = read_fp8(reader, self.quant, names.down.format(e=e), 1, lo, lo + n, self.w2.device)
             self.w2[i].copy_(weight)
             self.w2_scale[i].copy_(scale)
 
@@ -315,8 +315,8 @@ class FusedMoE(nn.Module):
             self.w2.copy_(down[:, :, lo:lo + n])
             return
         check_fp8_support(self.quant, names.fused_gate_up)
-        q13, s13 = quantize_per_row(rows13)  # scales [E_local, 2n, 1]
-        q2, s2 = quantize_per_row(down)  # down's whole rows: scales over the full expert width
+        q13, s13 = quantize_weight_rows(rows13, self.w13.device)  # scales [E_local, 2n, 1]
+        q2, s2 = quantize_weight_rows(down, self.w2.device)  # down's whole rows: scales over the full expert width
         self.w13.copy_(q13)
         self.w13_scale.copy_(s13[..., 0])
         self.w2.copy_(q2[:, :, lo:lo + n])

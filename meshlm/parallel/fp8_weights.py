@@ -10,33 +10,71 @@ same numbers:
 - per-tensor scales: broadcast to every row, exactly (merged Q/K/V or gate/up keep each part's own
   scale, so nothing is requantized);
 - block scales: the rows are read whole, dequantized by their blocks and requantized per row.
+
+Quantizing a row (at load, or requantizing blocks) picks its scale by search, not from its largest
+magnitude alone. The e4m3 grid repeats at every power of two, so the scales
+``amax / 448 * 2 ** (k / SCALE_CANDIDATES)``, k = 0 .. SCALE_CANDIDATES - 1, place the row on every
+alignment to the grid that an octave offers, none of them saturating; each row keeps the one whose
+rounding leaves the smallest squared error (k = 0, absmax scaling, on a tie). The search runs where
+the layer lives (the GPU of a GPU run), once, at load.
 """
 from __future__ import annotations
 
 import torch
 
-from meshlm.kernels.fp8 import FP8_DTYPE, dequantize, quantize_per_row
+from meshlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, dequantize, quantize_with_scale
 from meshlm.weights.checkpoint import CheckpointError
 from meshlm.weights.quantization import QuantizationConfig
 
 
+# Scales tried per row when quantizing weights; 1 would be plain absmax scaling.
+SCALE_CANDIDATES = 16
+
+
+def quantize_weight_rows(rows: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` [..., K] -> (float8 [..., K], float32 scales [..., 1]) on ``device`` (default: where
+    ``rows`` are), each row with the candidate scale of least squared rounding error."""
+    rows = rows.to(device=device, dtype=torch.float32)
+    amax = rows.abs().amax(dim=-1, keepdim=True)  # [..., 1]
+    best_scale = best_error = None
+    for factor in _candidate_factors():
+        scale = (amax * factor).clamp(min=MIN_SCALE)
+        # float64 sums: the choice does not hang on the order a device adds in
+        error = (dequantize(quantize_with_scale(rows, scale), scale) - rows).double().square().sum(-1, keepdim=True)
+        if best_scale is None:
+            best_scale, best_error = scale, error
+            continue
+        is_better = error < best_error
+        best_scale = torch.where(is_better, scale, best_scale)
+        best_error = torch.where(is_better, error, best_error)
+    return quantize_with_scale(rows, best_scale), best_scale
+
+
+def _candidate_factors() -> list[float]:
+    """``2 ** (k / SCALE_CANDIDATES) / FP8_MAX`` rounded to float32: one float32 multiplication then
+    gives every device the same scale (CUDA divides by a number as a multiplication by its inverse,
+    the CPU does not)."""
+    return torch.tensor([2.0 ** (k / SCALE_CANDIDATES) / FP8_MAX for k in range(SCALE_CANDIDATES)]).tolist()
+
+
 def read_fp8(reader, quant: QuantizationConfig, name: str, dim: int | None = None, start: int = 0,
-             stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             stop: int | None = None, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice ``[start:stop]`` along ``dim`` (0: rows, 1: columns, None: all) of the 2-D weight ``name``
-    -> (float8 [rows, columns], float32 [rows]), each row scaled over its full width."""
+    -> (float8 [rows, columns], float32 [rows]), each row scaled over its full width. Rows quantized
+    here are quantized on ``device`` (the layer's)."""
     rows = reader.read(name, 0, start, stop) if dim == 0 else reader.read(name)  # [n, K]: whole rows
     first_row = start if dim == 0 else 0
     if not quant.is_prequantized(name):
-        q, scale = quantize_per_row(rows)
+        q, scale = quantize_weight_rows(rows, device)
     else:
-        q, scale = _prequantized_rows(reader, quant, name, rows, first_row, first_row + rows.shape[0])
+        q, scale = _prequantized_rows(reader, quant, name, rows, first_row, first_row + rows.shape[0], device)
     if dim == 1:
         q = q[:, start:stop]
     return q.contiguous(), scale.view(-1)
 
 
 def _prequantized_rows(reader, quant: QuantizationConfig, name: str, rows: torch.Tensor, start: int,
-                       stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       stop: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[start, stop)`` of a float8 checkpoint weight -> (float8 rows, scales [n, 1])."""
     if rows.dtype != FP8_DTYPE:
         raise CheckpointError(f"tensor {name!r} has dtype {rows.dtype}; the checkpoint's quantization_config "
@@ -51,7 +89,7 @@ def _prequantized_rows(reader, quant: QuantizationConfig, name: str, rows: torch
     row_blocks = torch.arange(start, stop) // bn  # [n]
     col_blocks = torch.arange(rows.shape[1]) // bk  # [K]
     per_element = scales[row_blocks][:, col_blocks]  # [n, K]
-    return quantize_per_row(dequantize(rows, per_element))
+    return quantize_weight_rows(dequantize(rows, per_element), device)
 
 
 def read_input_scale(reader, quant: QuantizationConfig, names: list[str]) -> torch.Tensor | None:

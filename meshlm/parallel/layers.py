@@ -127,7 +127,7 @@ class ColumnParallelLinear(QuantizableLinear):
             if self.quant is None:
                 self.weight[offset:offset + n].copy_(reader.read(name, 0, start, start + n))
             else:
-                weight, scale = read_fp8(reader, self.quant, name, 0, start, start + n)
+                weight, scale = read_fp8(reader, self.quant, name, 0, start, start + n, self.weight.device)
                 self.weight[offset:offset + n].copy_(weight)
                 self.weight_scale[offset:offset + n].copy_(scale)
             if self.bias is not None and bias_names:
@@ -200,7 +200,8 @@ class RowParallelLinear(QuantizableLinear):
         if self.quant is None:
             self.weight.copy_(reader.read(name, 1, start, start + self.in_per_rank))
         else:  # the scales of whole rows: replicated on every rank of the group
-            weight, scale = read_fp8(reader, self.quant, name, 1, start, start + self.in_per_rank)
+            weight, scale = read_fp8(reader, self.quant, name, 1, start, start + self.in_per_rank,
+                                     self.weight.device)
             self.weight.copy_(weight)
             self.weight_scale.copy_(scale)
         self._load_input_scale(reader, [name])
