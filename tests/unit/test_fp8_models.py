@@ -78,15 +78,26 @@ def fp8_reference(base, checkpoint=None):
         static = tensors.get(f"{name}.input_scale")
 
         def forward(x, w_q=w_q, w_scale=w_scale.reshape(-1), static=static, bias=module.bias):
-            if x.shape[-2] == 1:  # [1, 1, K]: a decode position, activations as they are
-                y = (x.float() @ w_q.t()) * w_scale
-            else:
-                scale = static.float() if static is not None else x.abs().amax(-1, keepdim=True).float() / E4M3_MAX
-                y = (_fp8(x, scale) @ w_q.t()) * scale * w_scale  # [..., N]
+            scale = static.float() if static is not None else x.abs().amax(-1, keepdim=True).float() / E4M3_MAX
+            quantized = (_fp8(x, scale) @ w_q.t()) * scale * w_scale  # [1, T, N]
+            plain = (x.float() @ w_q.t()) * w_scale  # decode positions: activations as they are
+            y = torch.where(_decode_positions(hf, x.shape[-2])[:, None], plain, quantized)
             return y if bias is None else y + bias
 
         module.forward = forward
+    hf.fp8_decode_from = None  # set to a prompt's length when the reference reruns whole sequences
     return hf
+
+
+def _decode_positions(hf, num_positions: int) -> torch.Tensor:
+    """[num_positions] bool: the positions meshlm computes in decode steps. With transformers'
+    cache a forward of one position is a decode; without it (whole sequences), the positions from
+    ``hf.fp8_decode_from`` on. Activations are quantized per position, so a row's product does not
+    depend on the other rows."""
+    first = hf.fp8_decode_from
+    if first is None:
+        first = 0 if num_positions == 1 else num_positions
+    return torch.arange(num_positions) >= first
 
 
 def generate(path, **kw):
@@ -107,7 +118,9 @@ def assert_matches_reference(outputs, hf, what: str, atol: float = ATOL):
     model. Past the prompt, the paths may part there, as vLLM's logprob comparisons allow (the
     reference runs without transformers' KV cache, whose decode attention parts earlier still)."""
     for prompt, out in zip(PROMPTS, outputs):
+        hf.fp8_decode_from = len(prompt)
         ref_tokens, ref_logprobs = reference_greedy(hf, prompt, NUM_STEPS, use_cache=False)
+        hf.fp8_decode_from = None
         where = f"{what}, prompt of {len(prompt)} tokens"
         for step, entry in enumerate(out.logprobs):
             ids, values = torch.tensor(list(entry)), torch.tensor(list(entry.values()))
