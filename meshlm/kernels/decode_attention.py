@@ -27,14 +27,13 @@ whose query length is 1.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
-from meshlm.kernels.decode_tiles import CPU_NUM_SMS, DecodeTiles, choose_num_splits, decode_tiles
+from meshlm.kernels.decode_tiles import DecodeTiles, choose_num_splits, decode_tiles
+from meshlm.kernels.triton_launch import dot_precision, num_sms
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 from meshlm.kernels.split_merge import merge_splits
 
@@ -300,11 +299,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_seqs == 0:
         return out
-    tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, _num_sms(q.device), is_fp8_kv(k_cache),
+    tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, num_sms(q.device), is_fp8_kv(k_cache),
                                   num_kv_heads)
     tiles.check(kv_block_size, num_kv_heads)
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, num_sms(q.device))
     group = num_heads // num_kv_heads
     is_split = num_splits > 1
     # [num_seqs, num_heads, num_splits, head_dim] partial outputs, [..., num_splits] their log2-sum-exp
@@ -342,18 +341,3 @@ def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-
-
-def dot_precision(q: torch.Tensor) -> str:
-    """fp32 inputs: three TF32 products on the GPU (fp32 accuracy on tensor cores; plain TF32
-    would lose about three decimal digits), exact products in the CPU interpreter."""
-    if q.dtype != torch.float32:
-        return "tf32"  # not used for 16-bit inputs
-    return "tf32x3" if q.is_cuda else "ieee"
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return CPU_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count

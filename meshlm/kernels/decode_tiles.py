@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from meshlm.kernels.triton_launch import CPU_NUM_SMS
+
 # Programs per SM that the splits aim for: enough to hide memory latency on every SM (on an H200,
 # 64 sequences x 2k keys ran 10 % faster in 2 splits than in 1).
 _PROGRAMS_PER_SM = 4
@@ -16,8 +18,6 @@ _LARGE_TILE_PROGRAMS_PER_SM = 4
 # A split covers at least this many keys: shorter splits cost more in merging than they give.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
-# The SM count assumed off the GPU (the interpreter), so that CPU tests split too.
-CPU_NUM_SMS = 8
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,12 +22,13 @@ graphs capture the kernels.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from meshlm.kernels.triton_launch import dot_precision, num_sms
 
 __all__ = ["FP8GemmTiles", "choose_tiles", "fp8_weight_gemm"]
 
@@ -41,8 +42,6 @@ _SHARED_BYTES = 96 * 1024
 # Output tiles one split-K launch may have (counters of the in-kernel reduction: 256 KB per device).
 _MAX_SPLIT_TILES = 65536
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-# The SM count assumed off the GPU (the interpreter), so that CPU tests split too.
-_CPU_NUM_SMS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +253,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, _num_sms(x.device))
+    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, num_sms(x.device))
     block_m = _block_m(num_rows)
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
     is_split = tiles.split_k > 1
@@ -270,7 +269,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None,
         EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab, ASM_WIDEN=tiles.asm_widen and x.is_cuda,
-        DOT_PRECISION=_dot_precision(x), DOT_IN_FP32=not x.is_cuda,
+        DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
     if is_split and counters is None:
         block = min(1024, triton.next_power_of_2(n))
@@ -292,17 +291,3 @@ def _split_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None
             return None
         counters = _SPLIT_COUNTERS[device] = torch.zeros(_MAX_SPLIT_TILES, dtype=torch.int32, device=device)
     return counters if num_tiles <= counters.numel() else None
-
-
-def _dot_precision(x: torch.Tensor) -> str:
-    """fp32 ``x``: three TF32 products on the GPU (fp32 accuracy), exact ones in the interpreter."""
-    if x.dtype != torch.float32:
-        return "tf32"  # not used for 16-bit inputs
-    return "tf32x3" if x.is_cuda else "ieee"
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _CPU_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.attention_tiles import UnifiedTiles, check_tiles, unified_tiles
-from meshlm.kernels.decode_attention import dot_precision, paged_decode_attention
+from meshlm.kernels.decode_attention import paged_decode_attention
+from meshlm.kernels.triton_launch import dot_precision
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 
 _LOG2_E = 1.4426950408889634
