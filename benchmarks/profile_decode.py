@@ -83,12 +83,13 @@ def print_kernel_table(batch: int, kernels, num_steps: int) -> None:
 
 
 def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = False,
-                  kernel_table: bool = False) -> dict:
+                  kernel_table: bool = False, prompt_len: int = 128) -> dict:
     from meshlm import SamplingParams
     rng = np.random.default_rng(batch)
-    params = SamplingParams(temperature=0.0, max_tokens=16 + 5 * num_steps + batch * 128 // 8192, ignore_eos=True)
-    ids = [coordinator.submit(rng.integers(0, 32000, 128).tolist(), params) for _ in range(batch)]
-    for _ in range(4 + batch * 128 // 8192 + num_steps):  # the prompts' prefill, then some decode steps
+    prefill_steps = -(-batch * prompt_len // 8192)
+    params = SamplingParams(temperature=0.0, max_tokens=16 + 5 * num_steps + prefill_steps, ignore_eos=True)
+    ids = [coordinator.submit(rng.integers(0, 32000, prompt_len).tolist(), params) for _ in range(batch)]
+    for _ in range(4 + prefill_steps + num_steps):  # the prompts' prefill, then some decode steps
         coordinator.step()
     plain_us, gc_us = timed_steps(coordinator, num_steps)
     # Kernels only, unless the host's ops are asked for: tracing every CPU op slows the host.
@@ -130,6 +131,7 @@ def main() -> int:
     parser.add_argument("--kernel-table", action="store_true", help="print every kernel of each batch's steps")
     parser.add_argument("--max-model-len", type=int, default=4096,
                         help="the engine's max_model_len (decode graphs split batch-1 attention by it)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="tokens of each prompt (the decode context)")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
@@ -139,13 +141,13 @@ def main() -> int:
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}))
-    rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table, ns.kernel_table)
+    rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table, ns.kernel_table, ns.prompt_len)
             for b in ns.batches.split(",")]
     llm.shutdown()
     if ns.out:
         Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}  "
-          f"quantization={ns.quantization}  kv_cache_dtype={ns.kv_cache_dtype}")
+          f"quantization={ns.quantization}  kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")
