@@ -28,7 +28,9 @@ batch reads its weight from memory as a decode step does. Then it suggests
 ``--sweep`` searches the kernel's launch shape (BLOCK_N, BLOCK_K, split-K, warps, stages, operand
 order, how the weight is widened and the splits added) for each shape at each of ``--sweep-rows``:
 from the default (``choose_tiles``), one parameter at a time over its values, keeping the fastest,
-twice over; it prints the fastest per shape beside the default, to paste into ``choose_tiles``.
+twice over; it prints the fastest per shape beside the default, and ``--write-config`` records them
+for this card in ``meshlm/kernels/configs/`` (kernels/tuned_configs.py), where ``choose_tiles``
+looks first.
 Most of its time is Triton compiling the launch shapes (a few minutes at most).
 """
 from __future__ import annotations
@@ -44,7 +46,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meshlm.kernels import fp8  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import TUNED_KERNEL, FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels.tuned_configs import config_path  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 256, 4096)
@@ -52,7 +55,7 @@ NUM_LAYERS = 32
 WEIGHT_ONLY_ROWS = 64  # the small-batch kernel is timed up to this M
 L2_BYTES = 256 * 2**20  # enough copies of a weight to read it from memory each call
 # The values the sweep tries for each launch parameter.
-SWEEP = {"block_n": (16, 32, 64, 128), "block_k": (128, 256, 512), "split_k": (1, 2, 3, 4, 6, 8),
+SWEEP = {"block_n": (16, 32, 64, 128), "block_k": (128, 256, 512), "split_k": (1, 2, 3, 4, 6, 8, 12, 16),
          "num_warps": (2, 4, 8), "num_stages": (2, 3, 4, 5), "swap_ab": (False, True), "asm_widen": (True, False),
          "serial_reduce": (True, False)}
 
@@ -175,7 +178,7 @@ def sweep_shape(name: str, n: int, k: int, m: int, iters: int, num_sms: int) -> 
     """Coordinate search from the default launch shape: each parameter over its values, twice."""
     copies = Copies(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    default = choose_tiles(m, n, k, x.dtype, num_sms)
+    default = choose_tiles(m, n, k, x.dtype, num_sms, torch.cuda.get_device_name())
     times = {default: time_tiles(x, copies, default, iters)}
     best = default
     for _ in range(2):
@@ -193,6 +196,17 @@ def sweep_shape(name: str, n: int, k: int, m: int, iters: int, num_sms: int) -> 
     return row
 
 
+def write_config(sweep: list[dict]) -> Path:
+    """The sweep's fastest launch shape per (weight, rows) as the card's tuned-config file, which
+    ``choose_tiles`` reads (an entry serves batches of up to its rows)."""
+    name = torch.cuda.get_device_name()
+    entries = [{"n": r["n"], "k": r["k"], "max_rows": r["m"], "tiles": r["best"], "us": round(r["best_us"], 2),
+                "default_us": round(r["default_us"], 2)} for r in sweep]
+    path = config_path(TUNED_KERNEL, name)
+    path.write_text(json.dumps({"kernel": TUNED_KERNEL, "device": name, "entries": entries}, indent=1) + "\n")
+    return path
+
+
 def _describe(t: FP8GemmTiles) -> str:
     return (f"BLOCK_N={t.block_n} BLOCK_K={t.block_k} split_k={t.split_k} "
             f"warps={t.num_warps} stages={t.num_stages} swap_ab={int(t.swap_ab)} asm_widen={int(t.asm_widen)} "
@@ -206,6 +220,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", action="store_true", help="search the small-batch kernel's launch shapes")
     parser.add_argument("--sweep-rows", default="1,16", help="batch rows M of the sweep, comma separated")
     parser.add_argument("--output-json", default=None)
+    parser.add_argument("--write-config", action="store_true",
+                        help="record the sweep's fastest launch shapes for this card in meshlm/kernels/configs/")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("fp8_gemm_bench.py needs a CUDA GPU")
@@ -227,6 +243,9 @@ def main(argv=None) -> None:
             for name, (n, k) in SHAPES.items():
                 sweep.append(sweep_shape(name, n, k, m, max(20, args.iters // 2), num_sms))
                 torch.cuda.empty_cache()
+    if args.write_config and sweep:
+        path = write_config(sweep)
+        print(f"wrote {path}", flush=True)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results,
                                                       "weight_only_max_rows": threshold, "sweep": sweep}, indent=2))

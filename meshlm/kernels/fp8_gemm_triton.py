@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.triton_launch import dot_precision, num_sms
+from meshlm.kernels.tuned_configs import device_name, tuned_entry
 
 __all__ = ["FP8GemmTiles", "choose_tiles", "fp8_weight_gemm"]
 
@@ -42,6 +43,8 @@ _SHARED_BYTES = 96 * 1024
 # Output tiles one split-K launch may have (counters of the in-kernel reduction: 256 KB per device).
 _MAX_SPLIT_TILES = 65536
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# The kernel's name in sweep-written launch-shape files (kernels/configs/).
+TUNED_KERNEL = "fp8_weight_gemm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +202,11 @@ def _reduce_splits_kernel(out_ptr, partial_ptr, scale_ptr, bias_ptr, M, N, strid
              mask=is_col[None, :])
 
 
-def choose_tiles(num_rows: int, n: int, k: int, dtype: torch.dtype, num_sms: int) -> FP8GemmTiles:
-    """The launch shape for ``num_rows`` x ``k`` times ``n`` x ``k`` on ``num_sms`` SMs.
+def choose_tiles(num_rows: int, n: int, k: int, dtype: torch.dtype, num_sms: int,
+                 device: str = "") -> FP8GemmTiles:
+    """The launch shape for ``num_rows`` x ``k`` times ``n`` x ``k`` on ``num_sms`` SMs: the one
+    measured fastest on ``device`` (a card's name) for this shape if a sweep recorded it
+    (:mod:`meshlm.kernels.tuned_configs`, 16-bit ``x``), else the rule below.
 
     16-bit ``x``: tiles of 64 channels x 256 columns (each thread loads 16 float8 bytes at a time)
     in up to 4 pipeline stages (96 KB of shared memory, fewer stages for taller x tiles), 4 warps.
@@ -209,6 +215,9 @@ def choose_tiles(num_rows: int, n: int, k: int, dtype: torch.dtype, num_sms: int
     (sm_90 code: 0.12 warp instructions per weight byte at 64 channels, 0.16 at 32, 0.31 at 16
     with 4 warps). Fewer than ``_PROGRAMS_PER_SM`` programs per SM split K. fp32 ``x`` (tests):
     16 x 64 tiles in two stages, which keep its twice larger tiles within shared memory."""
+    tuned = tuned_entry(TUNED_KERNEL, device, n, k, num_rows) if dtype != torch.float32 else None
+    if tuned is not None:
+        return FP8GemmTiles(**tuned)
     m_tiles = triton.cdiv(num_rows, _block_m(num_rows))
     if dtype == torch.float32:
         block_n, block_k, num_stages = 16, 64, 2
@@ -253,7 +262,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, num_sms(x.device))
+    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, num_sms(x.device), device_name(x.device))
     block_m = _block_m(num_rows)
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
     is_split = tiles.split_k > 1

@@ -13,6 +13,7 @@ tolerance is one bf16 step wider.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ import torch
 pytest.importorskip("triton")
 
 from meshlm.kernels import fp8  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels import tuned_configs  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import TUNED_KERNEL, FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
@@ -141,6 +143,22 @@ def test_launch_rule_splits_k_only_for_few_column_tiles():
         stage = max(16, m) * t.block_k * 2 + t.block_n * t.block_k
         assert t.num_stages * stage <= 100 * 1024, (m, t)
         assert t.split_k > 1 and (14336 // t.block_k) % t.split_k == 0, t  # K's tiles cut evenly
+
+
+def test_recorded_launch_shape_wins_over_the_rule(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuned_configs, "CONFIG_DIR", tmp_path)
+    tuned_configs._entries.cache_clear()
+    recorded = FP8GemmTiles(block_n=32, block_k=128, split_k=8, num_warps=2, swap_ab=True)
+    tuned_configs.config_path(TUNED_KERNEL, "Card X-1").write_text(json.dumps({"entries": [
+        {"n": 4096, "k": 14336, "max_rows": 4, "tiles": dataclasses.asdict(recorded)}]}))
+    try:
+        assert choose_tiles(2, 4096, 14336, torch.bfloat16, 132, "Card X-1") == recorded
+        rule = choose_tiles(2, 4096, 14336, torch.bfloat16, 132)
+        assert rule != recorded
+        assert choose_tiles(8, 4096, 14336, torch.bfloat16, 132, "Card X-1") == choose_tiles(8, 4096, 14336, torch.bfloat16, 132)
+        assert choose_tiles(2, 4096, 14336, torch.float32, 132, "Card X-1").block_n == 16  # fp32 keeps its rule
+    finally:
+        tuned_configs._entries.cache_clear()
 
 
 @needs_cuda
