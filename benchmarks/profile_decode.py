@@ -136,8 +136,12 @@ def main() -> int:
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="the overlapped step loop (default) or the plain one")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                        help="programmatic dependent launch of the Triton kernels (where the GPU has it)")
     ns = parser.parse_args()
     from meshlm import LLM
+    from meshlm.kernels.triton_launch import set_programmatic_launch
+    set_programmatic_launch(ns.pdl)
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}))
@@ -147,7 +151,7 @@ def main() -> int:
     if ns.out:
         Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}  "
-          f"quantization={ns.quantization}  kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}")
+          f"quantization={ns.quantization}  kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from meshlm.kernels.triton_launch import dot_precision, num_sms
+from meshlm.kernels.triton_launch import dot_precision, num_sms, programmatic_launch
+from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
 
 __all__ = ["FP8GemmTiles", "choose_tiles", "fp8_weight_gemm"]
@@ -73,7 +74,8 @@ def _fp8_weight_gemm_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         SERIAL_REDUCE: tl.constexpr,
         EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, PER_CHANNEL: tl.constexpr,
-        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -189,7 +191,8 @@ def _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL: tl.constexpr
 @triton.jit
 def _reduce_splits_kernel(out_ptr, partial_ptr, scale_ptr, bias_ptr, M, N, stride_om,
                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                          HAS_BIAS: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     is_col = cols < N
@@ -268,7 +271,8 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     is_split = tiles.split_k > 1
     partial = torch.empty((tiles.split_k, num_rows, n) if is_split else (1,), dtype=torch.float32,
                           device=x.device)
-    flags = dict(PER_CHANNEL=scale.numel() == n and n > 1, HAS_BIAS=bias is not None)
+    pdl = programmatic_launch(x.device)
+    flags = dict(PER_CHANNEL=scale.numel() == n and n > 1, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(num_rows, block_m))
     counters = _split_counters(x.device, grid[0] * grid[2]) if is_split and tiles.serial_reduce else None

@@ -8,6 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from meshlm.kernels.triton_launch import programmatic_launch
+from meshlm.kernels.triton_pdl import wait_for_previous_kernel
+
 __all__ = ["quantize_rows_triton"]
 
 _BLOCK = 1024
@@ -15,7 +18,9 @@ _BLOCK = 1024
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, num_cols, stride_x, stride_q,
-                          FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                          FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     x_row = x_ptr + row.to(tl.int64) * stride_x
@@ -40,7 +45,9 @@ def quantize_rows_triton(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float
     num_rows, num_cols = x.shape
     q = torch.empty((num_rows, num_cols), dtype=fp8_dtype, device=x.device)
     scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
+    pdl = programmatic_launch(x.device)
     if num_rows:
         _quantize_rows_kernel[(num_rows,)](x, q, scale, num_cols, x.stride(0), q.stride(0),
-                                           FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK=_BLOCK, num_warps=4)
+                                           FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK=_BLOCK, num_warps=4,
+                                           PDL=pdl, launch_pdl=pdl)
     return q, scale

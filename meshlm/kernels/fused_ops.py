@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from meshlm.kernels.kv_quant import FP8_KV_MAX, is_fp8_kv, quantize_kv
+from meshlm.kernels.triton_launch import programmatic_launch
 
 try:
     import triton
@@ -146,7 +147,7 @@ class TritonOps(TorchOps):
         _add_rms_norm_kernel[(rows.shape[0],)](
             out, residual_out, rows, residual_rows, weight,
             out.stride(0), residual_out.stride(0), rows.stride(0), residual_rows.stride(0), width, eps,
-            HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=_num_warps(block))
+            HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=_num_warps(block), **_pdl(x.device))
         return out.view(x.shape), residual_out.view(x.shape) if has_residual else x
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,7 @@ class TritonOps(TorchOps):
         # fills more than one SM.
         block = min(1024, triton.next_power_of_2(width))
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, block))](
-            out, rows, out.stride(0), rows.stride(0), width, BLOCK=block, num_warps=4)
+            out, rows, out.stride(0), rows.stride(0), width, BLOCK=block, num_warps=4, **_pdl(rows.device))
         return out.view(*gate_up.shape[:-1], width)
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -179,7 +180,8 @@ class TritonOps(TorchOps):
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
             num_heads, num_kv_heads,
             HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
-            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), num_warps=_num_warps(heads_block * half_block))
+            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), num_warps=_num_warps(heads_block * half_block),
+            **_pdl(q.device))
         return q_out, k_out
 
 
@@ -213,7 +215,7 @@ class TritonOps(TorchOps):
             num_heads, num_kv_heads, k_cache.shape[1],
             HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
             KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), IS_FP8=is_fp8,
-            num_warps=_num_warps(heads_block * half_block))
+            num_warps=_num_warps(heads_block * half_block), **_pdl(q.device))
         return q_out
 
 
@@ -230,20 +232,29 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _pdl(device: torch.device) -> dict:
+    """The launch arguments of programmatic dependent launch (kernels/triton_launch.py)."""
+    enabled = programmatic_launch(device)
+    return {"PDL": enabled, "launch_pdl": enabled}
+
+
 def _num_warps(block: int) -> int:
     """About 8 elements of a row per thread, from 1 to 16 warps."""
     return max(1, min(16, block // 256))
 
 
 if triton is not None:
+    from meshlm.kernels.triton_pdl import wait_for_previous_kernel
+
     FP8_MAX = tl.constexpr(FP8_KV_MAX)
 
     @triton.jit
     def _add_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
                              stride_out, stride_residual_out, stride_x, stride_residual, width, eps,
-                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One row: ``s = x + residual`` (stored, rounded to the input dtype), then
         ``weight * (s * rsqrt(mean(s^2) + eps)).to(dtype)``."""
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
@@ -260,8 +271,10 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + cols, (weight * normed).to(dtype), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(out_ptr, gate_up_ptr, stride_out, stride_gate_up, width, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(out_ptr, gate_up_ptr, stride_out, stride_gate_up, width, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
         """``BLOCK`` columns of one row: ``silu(gate).to(dtype) * up``, gate and up the row's two halves."""
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
@@ -304,8 +317,9 @@ if triton is not None:
                        stride_q_out_token, stride_q_out_head, stride_k_out_token, stride_k_out_head,
                        stride_cos, num_heads, num_kv_heads,
                        HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                       HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr):
+                       HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One token: look up cos/sin at its position, rotate its query heads and its key heads."""
+        wait_for_previous_kernel(PDL)
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token).to(tl.int64)
         cols = tl.arange(0, HALF_BLOCK)
@@ -347,10 +361,12 @@ if triton is not None:
                              stride_vc_block, stride_vc_offset, stride_vc_head,
                              stride_cos, num_heads, num_kv_heads, block_size,
                              HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                             HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr, IS_FP8: tl.constexpr):
+                             HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr, IS_FP8: tl.constexpr,
+                             PDL: tl.constexpr):
         """One token: rotate its query heads into ``q_out``; rotate its key heads into the key cache
         and copy its value heads into the value cache, both at the token's slot (``IS_FP8``:
         quantized by ``k_scale_ptr``, ``v_scale_ptr`` [num_kv_heads])."""
+        wait_for_previous_kernel(PDL)
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token).to(tl.int64)
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
