@@ -203,6 +203,7 @@ def write_config(sweep: list[dict]) -> Path:
     entries = [{"n": r["n"], "k": r["k"], "max_rows": r["m"], "tiles": r["best"], "us": round(r["best_us"], 2),
                 "default_us": round(r["default_us"], 2)} for r in sweep]
     path = config_path(TUNED_KERNEL, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"kernel": TUNED_KERNEL, "device": name, "entries": entries}, indent=1) + "\n")
     return path
 
