@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meshlm.kernels import fp8  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import TUNED_KERNEL, FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm, tuned_kernel  # noqa: E402
 from meshlm.kernels.tuned_configs import config_path  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -57,7 +57,7 @@ L2_BYTES = 256 * 2**20  # enough copies of a weight to read it from memory each 
 # The values the sweep tries for each launch parameter.
 SWEEP = {"block_n": (16, 32, 64, 128), "block_k": (128, 256, 512), "split_k": (1, 2, 3, 4, 6, 8, 12, 16),
          "num_warps": (2, 4, 8), "num_stages": (2, 3, 4, 5), "swap_ab": (False, True), "asm_widen": (True, False),
-         "serial_reduce": (True, False)}
+         "serial_reduce": (True, False), "l2_prefetch": (False, True)}
 
 
 def time_us(fn, iters: int) -> float:
@@ -120,11 +120,21 @@ def paths(x: torch.Tensor, copies: Copies) -> dict:
     }
     if x.shape[0] <= WEIGHT_ONLY_ROWS:
         out["weight_only"] = lambda: fp8_weight_gemm(x, *copies.next()[1:])
+        one = torch.ones(1, device=x.device)
+        out["bf16_triton"] = lambda: fp8_weight_gemm(x, copies.next()[0], one)
+        l2 = dataclasses.replace(_bf16_tiles(x, copies), l2_prefetch=True)
+        out["bf16_triton_l2"] = lambda: fp8_weight_gemm(x, copies.next()[0], one, tiles=l2)
     return out
 
 
+def _bf16_tiles(x: torch.Tensor, copies: Copies) -> FP8GemmTiles:
+    n, k = copies.weights[0][0].shape
+    return choose_tiles(x.shape[0], n, k, x.dtype, torch.cuda.get_device_properties(0).multi_processor_count,
+                        torch.cuda.get_device_name(), torch.bfloat16)
+
+
 def weight_tbps(path: str, n: int, k: int, t_us: float) -> float:
-    return n * k * (2 if path == "bf16" else 1) / t_us / 1e6
+    return n * k * (2 if path.startswith("bf16") else 1) / t_us / 1e6
 
 
 def bench_shape(name: str, n: int, k: int, rows, iters: int) -> list[dict]:
@@ -165,34 +175,41 @@ def suggest_threshold(results: list[dict], rows) -> int:
     return best
 
 
-def time_tiles(x: torch.Tensor, copies: Copies, tiles: FP8GemmTiles, iters: int) -> float | None:
+def _weight(copies: Copies, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next copy's float8 weight and its scales, or its bf16 weight and a scale of one."""
+    w, w_q, w_scale = copies.next()
+    return (w_q, w_scale) if weight == "fp8" else (w, torch.ones(1, device=w.device))
+
+
+def time_tiles(x: torch.Tensor, copies: Copies, tiles: FP8GemmTiles, iters: int, weight: str) -> float | None:
     """Microseconds per call with ``tiles``; None where the launch shape does not compile or fit."""
     try:
-        return time_us(lambda: fp8_weight_gemm(x, *copies.next()[1:], tiles=tiles), iters)
+        return time_us(lambda: fp8_weight_gemm(x, *_weight(copies, weight), tiles=tiles), iters)
     except Exception as exc:  # triton's OutOfResources and compile errors
         print(f"    skipped {tiles}: {type(exc).__name__}", flush=True)
         return None
 
 
-def sweep_shape(name: str, n: int, k: int, m: int, iters: int, num_sms: int) -> dict:
+def sweep_shape(name: str, n: int, k: int, m: int, iters: int, num_sms: int, weight: str) -> dict:
     """Coordinate search from the default launch shape: each parameter over its values, twice."""
     copies = Copies(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    default = choose_tiles(m, n, k, x.dtype, num_sms, torch.cuda.get_device_name())
-    times = {default: time_tiles(x, copies, default, iters)}
+    weight_dtype = torch.bfloat16 if weight == "bf16" else torch.float8_e4m3fn
+    default = choose_tiles(m, n, k, x.dtype, num_sms, torch.cuda.get_device_name(), weight_dtype)
+    times = {default: time_tiles(x, copies, default, iters, weight)}
     best = default
     for _ in range(2):
         for field, values in SWEEP.items():
             for value in values:
                 tiles = dataclasses.replace(best, **{field: value})
                 if tiles not in times:
-                    times[tiles] = time_tiles(x, copies, tiles, iters)
+                    times[tiles] = time_tiles(x, copies, tiles, iters, weight)
             best = min((t for t in times if times[t] is not None), key=times.get)
-    row = {"shape": name, "n": n, "k": k, "m": m, "default": dataclasses.asdict(default),
+    row = {"shape": name, "n": n, "k": k, "m": m, "weight": weight, "default": dataclasses.asdict(default),
            "default_us": times[default], "best": dataclasses.asdict(best), "best_us": times[best]}
     print(f"{name:8s} M={m:<3d} default {_describe(default)} {times[default]:7.1f} us "
-          f"({weight_tbps('fp8', n, k, times[default]):.2f} TB/s) | fastest {_describe(best)} "
-          f"{times[best]:7.1f} us ({weight_tbps('fp8', n, k, times[best]):.2f} TB/s)", flush=True)
+          f"({weight_tbps(weight, n, k, times[default]):.2f} TB/s) | fastest {_describe(best)} "
+          f"{times[best]:7.1f} us ({weight_tbps(weight, n, k, times[best]):.2f} TB/s)", flush=True)
     return row
 
 
@@ -202,9 +219,10 @@ def write_config(sweep: list[dict]) -> Path:
     name = torch.cuda.get_device_name()
     entries = [{"n": r["n"], "k": r["k"], "max_rows": r["m"], "tiles": r["best"], "us": round(r["best_us"], 2),
                 "default_us": round(r["default_us"], 2)} for r in sweep]
-    path = config_path(TUNED_KERNEL, name)
+    kernel = tuned_kernel(torch.bfloat16 if sweep[0]["weight"] == "bf16" else torch.float8_e4m3fn)
+    path = config_path(kernel, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"kernel": TUNED_KERNEL, "device": name, "entries": entries}, indent=1) + "\n")
+    path.write_text(json.dumps({"kernel": kernel, "device": name, "entries": entries}, indent=1) + "\n")
     return path
 
 
@@ -220,6 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--sweep", action="store_true", help="search the small-batch kernel's launch shapes")
     parser.add_argument("--sweep-rows", default="1,16", help="batch rows M of the sweep, comma separated")
+    parser.add_argument("--sweep-weight", choices=("fp8", "bf16"), default="fp8",
+                        help="the weight the sweep's kernel reads (bf16: the same kernel with nothing to widen)")
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--write-config", action="store_true",
                         help="record the sweep's fastest launch shapes for this card in meshlm/kernels/configs/")
@@ -242,7 +262,7 @@ def main(argv=None) -> None:
         print("== launch shapes of the small-batch kernel (weight_only)", flush=True)
         for m in (int(r) for r in args.sweep_rows.split(",")):
             for name, (n, k) in SHAPES.items():
-                sweep.append(sweep_shape(name, n, k, m, max(20, args.iters // 2), num_sms))
+                sweep.append(sweep_shape(name, n, k, m, max(20, args.iters // 2), num_sms, args.sweep_weight))
                 torch.cuda.empty_cache()
     if args.write_config and sweep:
         path = write_config(sweep)

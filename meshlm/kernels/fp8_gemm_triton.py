@@ -44,8 +44,11 @@ _SHARED_BYTES = 96 * 1024
 # Output tiles one split-K launch may have (counters of the in-kernel reduction: 256 KB per device).
 _MAX_SPLIT_TILES = 65536
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-# The kernel's name in sweep-written launch-shape files (kernels/configs/).
-TUNED_KERNEL = "fp8_weight_gemm"
+
+
+def tuned_kernel(weight_dtype: torch.dtype) -> str:
+    """The kernel's name in sweep-written launch-shape files (kernels/configs/), by weight type."""
+    return "fp8_weight_gemm" if weight_dtype.itemsize == 1 else "bf16_weight_gemm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,9 @@ class FP8GemmTiles:
     MMA's rows) instead of ``x @ w^T``; ``asm_widen``: for bf16 ``x`` on the GPU, widen the float8
     weight by moving bits (_E4M3_TO_BF16_X4) instead of the conversion unit's float8 -> fp16 -> bf16;
     ``serial_reduce``: the last split of a tile to finish adds up the splits (one launch) instead
-    of a second kernel."""
+    of a second kernel; ``l2_prefetch``: before waiting for the kernel ahead (programmatic
+    dependent launch), ask L2 for the program's weight rows, so the weight streams in while that
+    kernel ends."""
 
     block_n: int
     block_k: int
@@ -65,6 +70,7 @@ class FP8GemmTiles:
     swap_ab: bool = False
     asm_widen: bool = True
     serial_reduce: bool = True
+    l2_prefetch: bool = False
 
 
 @triton.jit
@@ -74,8 +80,8 @@ def _fp8_weight_gemm_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         SERIAL_REDUCE: tl.constexpr,
         EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, PER_CHANNEL: tl.constexpr,
-        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
+        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr,
+        L2_PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -91,6 +97,10 @@ def _fp8_weight_gemm_kernel(
     w_rows = (cols % N).to(tl.int64)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
+    if L2_PREFETCH:  # the weight does not depend on the kernel before: fetch it while that one ends
+        row_bytes = (k_stop - k_start) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        _prefetch_rows_to_l2(w_ptr + w_rows * stride_wn + k_start, row_bytes)
+    wait_for_previous_kernel(PDL)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + (k_start + ks)[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + (k_start + ks)[None, :]  # [BLOCK_N, BLOCK_K]
     if SWAP_AB:
@@ -167,9 +177,21 @@ fma.rn.bf16x2 $1, hi, two120, neg0;
 
 
 @triton.jit
+def _prefetch_rows_to_l2(row_ptrs, num_bytes):
+    """Ask L2 for ``num_bytes`` (a multiple of 16) from each of ``row_ptrs`` on: one bulk prefetch a row,
+    nothing waits for it."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                              [row_ptrs.to(tl.int64, bitcast=True), tl.full(row_ptrs.shape, num_bytes, tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _widen_fp8(w, dtype: tl.constexpr, IN_ASM: tl.constexpr):
     """float8 e4m3 ``w`` -> ``dtype``, exactly (every e4m3 value is a bf16, fp16 and fp32 value). On
-    the GPU, to bf16 by moving bits (_E4M3_TO_BF16_X4); the interpreter runs no assembly."""
+    the GPU, to bf16 by moving bits (_E4M3_TO_BF16_X4); the interpreter runs no assembly. A weight
+    already in ``dtype`` passes as it is."""
+    if w.dtype == dtype:
+        return w
     if IN_ASM and dtype == tl.bfloat16:
         return tl.inline_asm_elementwise(_E4M3_TO_BF16_X4, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
                                          dtype=tl.bfloat16, is_pure=True, pack=4)
@@ -206,7 +228,7 @@ def _reduce_splits_kernel(out_ptr, partial_ptr, scale_ptr, bias_ptr, M, N, strid
 
 
 def choose_tiles(num_rows: int, n: int, k: int, dtype: torch.dtype, num_sms: int,
-                 device: str = "") -> FP8GemmTiles:
+                 device: str = "", weight_dtype: torch.dtype = torch.float8_e4m3fn) -> FP8GemmTiles:
     """The launch shape for ``num_rows`` x ``k`` times ``n`` x ``k`` on ``num_sms`` SMs: the one
     measured fastest on ``device`` (a card's name) for this shape if a sweep recorded it
     (:mod:`meshlm.kernels.tuned_configs`, 16-bit ``x``), else the rule below.
@@ -218,7 +240,7 @@ def choose_tiles(num_rows: int, n: int, k: int, dtype: torch.dtype, num_sms: int
     (sm_90 code: 0.12 warp instructions per weight byte at 64 channels, 0.16 at 32, 0.31 at 16
     with 4 warps). Fewer than ``_PROGRAMS_PER_SM`` programs per SM split K. fp32 ``x`` (tests):
     16 x 64 tiles in two stages, which keep its twice larger tiles within shared memory."""
-    tuned = tuned_entry(TUNED_KERNEL, device, n, k, num_rows) if dtype != torch.float32 else None
+    tuned = tuned_entry(tuned_kernel(weight_dtype), device, n, k, num_rows) if dtype != torch.float32 else None
     if tuned is not None:
         return FP8GemmTiles(**tuned)
     m_tiles = triton.cdiv(num_rows, _block_m(num_rows))
@@ -265,7 +287,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, num_sms(x.device), device_name(x.device))
+    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, num_sms(x.device), device_name(x.device), weight.dtype)
     block_m = _block_m(num_rows)
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
     is_split = tiles.split_k > 1
@@ -280,7 +302,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         out, partial, counters if counters is not None else partial, x, weight, scale, bias_arg,
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
-        SERIAL_REDUCE=counters is not None,
+        SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
         EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab, ASM_WIDEN=tiles.asm_widen and x.is_cuda,
         DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from meshlm.kernels import fp8  # noqa: E402
 from meshlm.kernels import tuned_configs  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import TUNED_KERNEL, FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm, tuned_kernel  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
@@ -145,11 +145,23 @@ def test_launch_rule_splits_k_only_for_few_column_tiles():
         assert t.split_k > 1 and (14336 // t.block_k) % t.split_k == 0, t  # K's tiles cut evenly
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_weight_in_the_activations_dtype_is_used_as_it_is(split_k):
+    """A bf16 weight (nothing to widen) with a scale of one: the float32 sums of x @ w^T, rounded once."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 384, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(80, 384, generator=gen) * 0.05).to(torch.bfloat16)
+    out = fp8_weight_gemm(x.to(DEVICE), w.to(DEVICE), torch.ones(1, device=DEVICE),
+                          tiles=FP8GemmTiles(split_k=split_k, **SMALL))
+    expected = (x.float() @ w.float().t()).to(torch.bfloat16)
+    torch.testing.assert_close(out.cpu(), expected, rtol=RTOL[torch.bfloat16], atol=1e-3)
+
+
 def test_recorded_launch_shape_wins_over_the_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(tuned_configs, "CONFIG_DIR", tmp_path)
     tuned_configs._entries.cache_clear()
     recorded = FP8GemmTiles(block_n=32, block_k=128, split_k=8, num_warps=2, swap_ab=True)
-    tuned_configs.config_path(TUNED_KERNEL, "Card X-1").write_text(json.dumps({"entries": [
+    tuned_configs.config_path(tuned_kernel(torch.float8_e4m3fn), "Card X-1").write_text(json.dumps({"entries": [
         {"n": 4096, "k": 14336, "max_rows": 4, "tiles": dataclasses.asdict(recorded)}]}))
     try:
         assert choose_tiles(2, 4096, 14336, torch.bfloat16, 132, "Card X-1") == recorded
@@ -157,6 +169,7 @@ def test_recorded_launch_shape_wins_over_the_rule(tmp_path, monkeypatch):
         assert rule != recorded
         assert choose_tiles(8, 4096, 14336, torch.bfloat16, 132, "Card X-1") == choose_tiles(8, 4096, 14336, torch.bfloat16, 132)
         assert choose_tiles(2, 4096, 14336, torch.float32, 132, "Card X-1").block_n == 16  # fp32 keeps its rule
+        assert choose_tiles(2, 4096, 14336, torch.bfloat16, 132, "Card X-1", torch.bfloat16) == rule  # a bf16 weight
     finally:
         tuned_configs._entries.cache_clear()
 
