@@ -189,9 +189,7 @@ def _prefetch_rows_to_l2(row_ptrs, num_bytes):
 def _widen_fp8(w, dtype: tl.constexpr, IN_ASM: tl.constexpr):
     """float8 e4m3 ``w`` -> ``dtype``, exactly (every e4m3 value is a bf16, fp16 and fp32 value). On
     the GPU, to bf16 by moving bits (_E4M3_TO_BF16_X4); the interpreter runs no assembly. A weight
-    already in ``dtype`` passes as it is."""
-    if w.dtype == dtype:
-        return w
+    already in ``dtype`` (IN_ASM False) passes as it is."""
     if IN_ASM and dtype == tl.bfloat16:
         return tl.inline_asm_elementwise(_E4M3_TO_BF16_X4, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
                                          dtype=tl.bfloat16, is_pure=True, pack=4)
@@ -303,7 +301,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
-        EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab, ASM_WIDEN=tiles.asm_widen and x.is_cuda,
+        EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab, ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1,
         DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
     if is_split and counters is None:
