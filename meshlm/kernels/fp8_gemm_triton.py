@@ -301,7 +301,8 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
-        EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab, ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1,
+        EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab,
+        ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1,
         DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
     if is_split and counters is None:

@@ -167,7 +167,8 @@ def test_recorded_launch_shape_wins_over_the_rule(tmp_path, monkeypatch):
         assert choose_tiles(2, 4096, 14336, torch.bfloat16, 132, "Card X-1") == recorded
         rule = choose_tiles(2, 4096, 14336, torch.bfloat16, 132)
         assert rule != recorded
-        assert choose_tiles(8, 4096, 14336, torch.bfloat16, 132, "Card X-1") == choose_tiles(8, 4096, 14336, torch.bfloat16, 132)
+        assert choose_tiles(8, 4096, 14336, torch.bfloat16, 132, "Card X-1") == choose_tiles(
+            8, 4096, 14336, torch.bfloat16, 132)  # past the entry's rows: the rule
         assert choose_tiles(2, 4096, 14336, torch.float32, 132, "Card X-1").block_n == 16  # fp32 keeps its rule
         assert choose_tiles(2, 4096, 14336, torch.bfloat16, 132, "Card X-1", torch.bfloat16) == rule  # a bf16 weight
     finally:
