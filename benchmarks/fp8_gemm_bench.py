@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meshlm.kernels import fp8  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm, tuned_kernel  # noqa: E402
-from meshlm.kernels.tuned_configs import config_path  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels.tuned_configs import config_path, small_batch_gemm_config  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 256, 4096)
@@ -120,10 +120,9 @@ def paths(x: torch.Tensor, copies: Copies) -> dict:
     }
     if x.shape[0] <= WEIGHT_ONLY_ROWS:
         out["weight_only"] = lambda: fp8_weight_gemm(x, *copies.next()[1:])
-        one = torch.ones(1, device=x.device)
-        out["bf16_triton"] = lambda: fp8_weight_gemm(x, copies.next()[0], one)
+        out["bf16_triton"] = lambda: fp8_weight_gemm(x, copies.next()[0], None)
         l2 = dataclasses.replace(_bf16_tiles(x, copies), l2_prefetch=True)
-        out["bf16_triton_l2"] = lambda: fp8_weight_gemm(x, copies.next()[0], one, tiles=l2)
+        out["bf16_triton_l2"] = lambda: fp8_weight_gemm(x, copies.next()[0], None, tiles=l2)
     return out
 
 
@@ -176,9 +175,9 @@ def suggest_threshold(results: list[dict], rows) -> int:
 
 
 def _weight(copies: Copies, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next copy's float8 weight and its scales, or its bf16 weight and a scale of one."""
+    """The next copy's float8 weight and its scales, or its bf16 weight (no scale)."""
     w, w_q, w_scale = copies.next()
-    return (w_q, w_scale) if weight == "fp8" else (w, torch.ones(1, device=w.device))
+    return (w_q, w_scale) if weight == "fp8" else (w, None)
 
 
 def time_tiles(x: torch.Tensor, copies: Copies, tiles: FP8GemmTiles, iters: int, weight: str) -> float | None:
@@ -207,6 +206,9 @@ def sweep_shape(name: str, n: int, k: int, m: int, iters: int, num_sms: int, wei
             best = min((t for t in times if times[t] is not None), key=times.get)
     row = {"shape": name, "n": n, "k": k, "m": m, "weight": weight, "default": dataclasses.asdict(default),
            "default_us": times[default], "best": dataclasses.asdict(best), "best_us": times[best]}
+    if weight == "bf16":  # the kernel serves 16-bit weights only where it beats cuBLAS
+        row["cublas_us"] = time_us(lambda: F.linear(x, copies.next()[0]), iters)
+        print(f"{name:8s} M={m:<3d} cuBLAS {row['cublas_us']:7.1f} us", flush=True)
     print(f"{name:8s} M={m:<3d} default {_describe(default)} {times[default]:7.1f} us "
           f"({weight_tbps(weight, n, k, times[default]):.2f} TB/s) | fastest {_describe(best)} "
           f"{times[best]:7.1f} us ({weight_tbps(weight, n, k, times[best]):.2f} TB/s)", flush=True)
@@ -215,11 +217,12 @@ def sweep_shape(name: str, n: int, k: int, m: int, iters: int, num_sms: int, wei
 
 def write_config(sweep: list[dict]) -> Path:
     """The sweep's fastest launch shape per (weight, rows) as the card's tuned-config file, which
-    ``choose_tiles`` reads (an entry serves batches of up to its rows)."""
+    ``choose_tiles`` reads (an entry serves batches of up to its rows). For a bf16 weight only the
+    shapes where the kernel beat cuBLAS: ``fp8.linear`` sends a 16-bit weight to it exactly there."""
     name = torch.cuda.get_device_name()
     entries = [{"n": r["n"], "k": r["k"], "max_rows": r["m"], "tiles": r["best"], "us": round(r["best_us"], 2),
-                "default_us": round(r["default_us"], 2)} for r in sweep]
-    kernel = tuned_kernel(torch.bfloat16 if sweep[0]["weight"] == "bf16" else torch.float8_e4m3fn)
+                "default_us": round(r["default_us"], 2)} for r in sweep if r["best_us"] < r.get("cublas_us", float("inf"))]
+    kernel = small_batch_gemm_config(torch.bfloat16 if sweep[0]["weight"] == "bf16" else torch.float8_e4m3fn)
     path = config_path(kernel, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"kernel": kernel, "device": name, "entries": entries}, indent=1) + "\n")

@@ -20,6 +20,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 # The smallest scale: an all-zero row quantizes to zeros instead of dividing by zero.
@@ -61,10 +63,28 @@ def use_weight_only(num_rows: int) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T + b``: F.linear for a weight in the model dtype (``weight_scale`` None), else fp8_linear."""
+    """``x W^T + b``: for a weight in the model dtype (``weight_scale`` None) F.linear, or the
+    small-batch kernel where a sweep on this card measured it faster than cuBLAS; else fp8_linear."""
     if weight_scale is None:
-        return F.linear(x, weight, bias)
+        if not _small_batch_kernel_wins(x, weight):
+            return F.linear(x, weight, bias)
+        from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        return fp8_weight_gemm(rows, weight, None, bias).view(*x.shape[:-1], weight.shape[0])
     return fp8_linear(x, weight, weight_scale, bias, input_scale)
+
+
+def _small_batch_kernel_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A batch of at most WEIGHT_ONLY_MAX_ROWS rows times a weight of x's 16-bit dtype, on a GPU
+    whose recorded launch shapes (kernels/configs/, written by ``fp8_gemm_bench.py --sweep
+    --sweep-weight bf16 --write-config`` only where the kernel beat cuBLAS) name this shape."""
+    if not x.is_cuda or weight.dtype != x.dtype or x.element_size() != 2:
+        return False
+    num_rows = x.numel() // x.shape[-1]
+    if num_rows > WEIGHT_ONLY_MAX_ROWS:
+        return False
+    config = small_batch_gemm_config(weight.dtype)
+    return tuned_entry(config, device_name(x.device), weight.shape[0], weight.shape[1], num_rows) is not None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

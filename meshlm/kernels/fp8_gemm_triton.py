@@ -30,7 +30,7 @@ import triton.language as tl
 
 from meshlm.kernels.triton_launch import dot_precision, num_sms, programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
-from meshlm.kernels.tuned_configs import device_name, tuned_entry
+from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
 
 __all__ = ["FP8GemmTiles", "choose_tiles", "fp8_weight_gemm"]
 
@@ -44,11 +44,6 @@ _SHARED_BYTES = 96 * 1024
 # Output tiles one split-K launch may have (counters of the in-kernel reduction: 256 KB per device).
 _MAX_SPLIT_TILES = 65536
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def tuned_kernel(weight_dtype: torch.dtype) -> str:
-    """The kernel's name in sweep-written launch-shape files (kernels/configs/), by weight type."""
-    return "fp8_weight_gemm" if weight_dtype.itemsize == 1 else "bf16_weight_gemm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +74,7 @@ def _fp8_weight_gemm_kernel(
         stride_xm, stride_wn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         SERIAL_REDUCE: tl.constexpr,
-        EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr,
         L2_PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -144,11 +139,11 @@ def _fp8_weight_gemm_kernel(
                 for s in range(0, tl.num_programs(1)):  # in order: the same sum whichever split ends last
                     split_offsets = (s * M + rows).to(tl.int64)[:, None] * N + cols[None, :]
                     total += tl.load(partial_ptr + split_offsets, mask=is_out, other=0.0, cache_modifier=".cg")
-                y = _scale_and_bias(total, cols, N, scale_ptr, bias_ptr, PER_CHANNEL, HAS_BIAS)
+                y = _scale_and_bias(total, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
                 tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
                 tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # zero for the next launch
     else:
-        y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL, HAS_BIAS)
+        y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
 
 
@@ -197,11 +192,12 @@ def _widen_fp8(w, dtype: tl.constexpr, IN_ASM: tl.constexpr):
 
 
 @triton.jit
-def _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """float32 sums [rows, cols] times the weight's scale, plus the bias, in float32."""
-    if PER_CHANNEL:
+def _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """float32 sums [rows, cols] times the weight's scale (SCALE: 2 one per channel, 1 one for all,
+    0 none), plus the bias, in float32."""
+    if SCALE == 2:
         acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
-    else:
+    elif SCALE == 1:
         acc = acc * tl.load(scale_ptr)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -210,7 +206,7 @@ def _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL: tl.constexpr
 
 @triton.jit
 def _reduce_splits_kernel(out_ptr, partial_ptr, scale_ptr, bias_ptr, M, N, stride_om,
-                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, SCALE: tl.constexpr,
                           HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0)
@@ -220,7 +216,7 @@ def _reduce_splits_kernel(out_ptr, partial_ptr, scale_ptr, bias_ptr, M, N, strid
     for s in tl.static_range(SPLIT_K):  # in order: the same sum every run
         offsets = (s * M + row).to(tl.int64) * N + cols
         acc += tl.load(partial_ptr + offsets, mask=is_col, other=0.0)[None, :]
-    y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, PER_CHANNEL, HAS_BIAS)
+    y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
     tl.store(out_ptr + row.to(tl.int64) * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
              mask=is_col[None, :])
 
@@ -238,7 +234,8 @@ def choose_tiles(num_rows: int, n: int, k: int, dtype: torch.dtype, num_sms: int
     (sm_90 code: 0.12 warp instructions per weight byte at 64 channels, 0.16 at 32, 0.31 at 16
     with 4 warps). Fewer than ``_PROGRAMS_PER_SM`` programs per SM split K. fp32 ``x`` (tests):
     16 x 64 tiles in two stages, which keep its twice larger tiles within shared memory."""
-    tuned = tuned_entry(tuned_kernel(weight_dtype), device, n, k, num_rows) if dtype != torch.float32 else None
+    config = small_batch_gemm_config(weight_dtype)
+    tuned = tuned_entry(config, device, n, k, num_rows) if dtype != torch.float32 else None
     if tuned is not None:
         return FP8GemmTiles(**tuned)
     m_tiles = triton.cdiv(num_rows, _block_m(num_rows))
@@ -271,17 +268,17 @@ def _block_m(num_rows: int) -> int:
     return min(64, max(16, triton.next_power_of_2(num_rows)))
 
 
-def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                     bias: torch.Tensor | None = None, tiles: FP8GemmTiles | None = None) -> torch.Tensor:
     """``x`` [M, K] (bf16, fp16 or fp32) times float8 ``weight`` [N, K] scaled by ``weight_scale``
-    (float32, [N] or one element), plus ``bias`` [N]: [M, N] in ``x``'s dtype. ``tiles`` defaults
-    to :func:`choose_tiles`."""
+    (float32, [N] or one element), plus ``bias`` [N]: [M, N] in ``x``'s dtype. A weight in ``x``'s
+    dtype is multiplied as it is (``weight_scale`` None). ``tiles`` defaults to :func:`choose_tiles`."""
     num_rows, k = x.shape
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
-    assert weight_scale.numel() in (1, n), (weight_scale.shape, n)
+    assert weight_scale is None or weight_scale.numel() in (1, n), (weight_scale.shape, n)
     x = x if x.stride(1) == 1 else x.contiguous()
-    scale = weight_scale.reshape(-1).float()
+    scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
@@ -292,12 +289,14 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     partial = torch.empty((tiles.split_k, num_rows, n) if is_split else (1,), dtype=torch.float32,
                           device=x.device)
     pdl = programmatic_launch(x.device)
-    flags = dict(PER_CHANNEL=scale.numel() == n and n > 1, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
-    bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
+    flags = dict(SCALE=0 if weight_scale is None else 2 if scale.numel() == n and n > 1 else 1,
+                 HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
+    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(num_rows, block_m))
     counters = _split_counters(x.device, grid[0] * grid[2]) if is_split and tiles.serial_reduce else None
     _fp8_weight_gemm_kernel[grid](
-        out, partial, counters if counters is not None else partial, x, weight, scale, bias_arg,
+        out, partial, counters if counters is not None else partial, x, weight, scale if scale.numel() else out,
+        bias_arg,
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
@@ -308,7 +307,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     if is_split and counters is None:
         block = min(1024, triton.next_power_of_2(n))
         _reduce_splits_kernel[(num_rows, triton.cdiv(n, block))](
-            out, partial, scale, bias_arg, num_rows, n, out.stride(0),
+            out, partial, scale if scale.numel() else out, bias_arg, num_rows, n, out.stride(0),
             SPLIT_K=tiles.split_k, BLOCK=block, num_warps=4, **flags)
     return out
 

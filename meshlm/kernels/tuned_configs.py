@@ -52,6 +52,12 @@ def tuned_entry(kernel: str, device_name: str, n: int, k: int, num_rows: int) ->
     return None
 
 
+def small_batch_gemm_config(weight_dtype: torch.dtype) -> str:
+    """The name under which the small-batch GEMM kernel (kernels/fp8_gemm_triton.py) keeps its
+    launch shapes, by weight type: float8 weights and 16-bit ones are measured apart."""
+    return "fp8_weight_gemm" if weight_dtype.itemsize == 1 else "bf16_weight_gemm"
+
+
 @functools.cache
 def device_name(device: torch.device) -> str:
     """The card's name as torch reports it ("NVIDIA H200"); "cpu" off the GPU."""

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from meshlm.kernels import fp8  # noqa: E402
 from meshlm.kernels import tuned_configs  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm, tuned_kernel  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
@@ -147,12 +147,11 @@ def test_launch_rule_splits_k_only_for_few_column_tiles():
 
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_weight_in_the_activations_dtype_is_used_as_it_is(split_k):
-    """A bf16 weight (nothing to widen) with a scale of one: the float32 sums of x @ w^T, rounded once."""
+    """A bf16 weight (nothing to widen, no scale): the float32 sums of x @ w^T, rounded once."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 384, generator=gen).to(torch.bfloat16)
     w = (torch.randn(80, 384, generator=gen) * 0.05).to(torch.bfloat16)
-    out = fp8_weight_gemm(x.to(DEVICE), w.to(DEVICE), torch.ones(1, device=DEVICE),
-                          tiles=FP8GemmTiles(split_k=split_k, **SMALL))
+    out = fp8_weight_gemm(x.to(DEVICE), w.to(DEVICE), None, tiles=FP8GemmTiles(split_k=split_k, **SMALL))
     expected = (x.float() @ w.float().t()).to(torch.bfloat16)
     torch.testing.assert_close(out.cpu(), expected, rtol=RTOL[torch.bfloat16], atol=1e-3)
 
@@ -161,8 +160,9 @@ def test_recorded_launch_shape_wins_over_the_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(tuned_configs, "CONFIG_DIR", tmp_path)
     tuned_configs._entries.cache_clear()
     recorded = FP8GemmTiles(block_n=32, block_k=128, split_k=8, num_warps=2, swap_ab=True)
-    tuned_configs.config_path(tuned_kernel(torch.float8_e4m3fn), "Card X-1").write_text(json.dumps({"entries": [
-        {"n": 4096, "k": 14336, "max_rows": 4, "tiles": dataclasses.asdict(recorded)}]}))
+    path = tuned_configs.config_path(tuned_configs.small_batch_gemm_config(torch.float8_e4m3fn), "Card X-1")
+    path.write_text(json.dumps({"entries": [{"n": 4096, "k": 14336, "max_rows": 4,
+                                             "tiles": dataclasses.asdict(recorded)}]}))
     try:
         assert choose_tiles(2, 4096, 14336, torch.bfloat16, 132, "Card X-1") == recorded
         rule = choose_tiles(2, 4096, 14336, torch.bfloat16, 132)
@@ -212,3 +212,25 @@ def test_small_batches_take_the_kernel_on_the_gpu():
     x, w, scale, bias = make_case(fp8.WEIGHT_ONLY_MAX_ROWS, 512, 1024, torch.bfloat16, per_channel=True, has_bias=True)
     got = fp8.fp8_linear(x, w, scale, bias)
     assert torch.equal(got, fp8_weight_gemm(x, w, scale, bias))
+
+
+@needs_cuda
+def test_16_bit_linear_takes_the_kernel_only_where_a_sweep_recorded_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuned_configs, "CONFIG_DIR", tmp_path)
+    tuned_configs._entries.cache_clear()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4096, generator=gen).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(512, 4096, generator=gen) * 0.02).to(DEVICE, torch.bfloat16)
+    try:
+        assert torch.equal(fp8.linear(x, w), torch.nn.functional.linear(x, w))  # nothing recorded: cuBLAS
+        tiles = FP8GemmTiles(block_n=32, block_k=256, split_k=2)
+        name = tuned_configs.small_batch_gemm_config(torch.bfloat16)
+        tuned_configs.config_path(name, tuned_configs.device_name(x.device)).write_text(json.dumps(
+            {"entries": [{"n": 512, "k": 4096, "max_rows": 4, "tiles": dataclasses.asdict(tiles)}]}))
+        tuned_configs._entries.cache_clear()
+        kernel = fp8_weight_gemm(x, w, None, tiles=tiles)
+        assert not torch.equal(kernel, torch.nn.functional.linear(x, w))  # the two sum in other orders
+        assert torch.equal(fp8.linear(x, w), kernel)
+        assert torch.equal(fp8.linear(x.repeat(3, 1), w), torch.nn.functional.linear(x.repeat(3, 1), w))  # 6 rows
+    finally:
+        tuned_configs._entries.cache_clear()
