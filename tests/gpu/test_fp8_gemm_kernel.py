@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("triton")
 
 from meshlm.kernels import fp8  # noqa: E402
-from meshlm.kernels import tuned_configs  # noqa: E402
+from meshlm.kernels import fp8_gemm_triton, tuned_configs  # noqa: E402
 from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
@@ -218,19 +218,21 @@ def test_small_batches_take_the_kernel_on_the_gpu():
 def test_16_bit_linear_takes_the_kernel_only_where_a_sweep_recorded_it(tmp_path, monkeypatch):
     monkeypatch.setattr(tuned_configs, "CONFIG_DIR", tmp_path)
     tuned_configs._entries.cache_clear()
+    calls = []
+    monkeypatch.setattr(fp8_gemm_triton, "fp8_weight_gemm", lambda *args, **kw: calls.append(args[0].shape)
+                        or fp8_weight_gemm(*args, **kw))
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, 4096, generator=gen).to(DEVICE, torch.bfloat16)
     w = (torch.randn(512, 4096, generator=gen) * 0.02).to(DEVICE, torch.bfloat16)
     try:
-        assert torch.equal(fp8.linear(x, w), torch.nn.functional.linear(x, w))  # nothing recorded: cuBLAS
+        assert torch.equal(fp8.linear(x, w), torch.nn.functional.linear(x, w)) and not calls  # nothing recorded
         tiles = FP8GemmTiles(block_n=32, block_k=256, split_k=2)
         name = tuned_configs.small_batch_gemm_config(torch.bfloat16)
         tuned_configs.config_path(name, tuned_configs.device_name(x.device)).write_text(json.dumps(
             {"entries": [{"n": 512, "k": 4096, "max_rows": 4, "tiles": dataclasses.asdict(tiles)}]}))
         tuned_configs._entries.cache_clear()
-        kernel = fp8_weight_gemm(x, w, None, tiles=tiles)
-        assert not torch.equal(kernel, torch.nn.functional.linear(x, w))  # the two sum in other orders
-        assert torch.equal(fp8.linear(x, w), kernel)
-        assert torch.equal(fp8.linear(x.repeat(3, 1), w), torch.nn.functional.linear(x.repeat(3, 1), w))  # 6 rows
+        assert torch.equal(fp8.linear(x, w), fp8_weight_gemm(x, w, None, tiles=tiles)) and calls == [(2, 4096)]
+        fp8.linear(x.repeat(3, 1), w)  # 6 rows: past the entry's 4
+        assert calls == [(2, 4096)]
     finally:
         tuned_configs._entries.cache_clear()
