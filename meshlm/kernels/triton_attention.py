@@ -1,6 +1,8 @@
 """Paged attention for the GPU: the entry point, and one Triton kernel for prefill chunks and
 decodes together. Batches of decodes only go to the split-KV decode kernel
-(:mod:`meshlm.kernels.decode_attention`); the unified kernel runs every other batch.
+(:mod:`meshlm.kernels.decode_attention`), long prefills to the prefill kernel
+(:mod:`meshlm.kernels.prefill_attention`, by the rule of
+:func:`meshlm.kernels.prefill_tiles.uses_prefill_kernel`); the unified kernel runs every other batch.
 
 The kernel follows the layout of vLLM's "unified attention": the grid is (query blocks across
 all sequences, KV heads). One program takes ``block_q = BLOCK_M // group`` consecutive query
@@ -30,6 +32,8 @@ import triton.language as tl
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.attention_tiles import UnifiedTiles, check_tiles, unified_tiles
 from meshlm.kernels.decode_attention import paged_decode_attention
+from meshlm.kernels.prefill_attention import prefill_attention
+from meshlm.kernels.prefill_tiles import prefill_tiles, uses_prefill_kernel
 from meshlm.kernels.triton_launch import dot_precision
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 
@@ -175,13 +179,17 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q: [num_tokens, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
     num_kv_heads_per_rank, head_dim], already holding this step's keys and values. Returns
     [num_tokens, num_heads_per_rank, head_dim] in q's dtype. Makes no host synchronisation.
-    Decode batches (one query token per sequence) take the split-KV decode kernel, every other
-    batch the unified kernel. A float8 cache is read with ``k_scale``, ``v_scale``
+    Decode batches (one query token per sequence) take the split-KV decode kernel, long prefills
+    the prefill kernel, every other batch the unified kernel. A float8 cache is read with ``k_scale``, ``v_scale``
     [num_kv_heads_per_rank] (kernels/kv_quant.py).
     """
     if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
         return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
                                       v_scale=v_scale)
+    head_dim, group = q.shape[2], q.shape[1] // k_cache.shape[2]
+    tiles = prefill_tiles(head_dim, group, q.dtype)
+    if uses_prefill_kernel(meta.query_lens_host, q.dtype, k_cache.dtype, head_dim, group, sliding_window, tiles):
+        return prefill_attention(q, k_cache, v_cache, meta, scale, tiles)
     return unified_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
 
 

@@ -1,0 +1,143 @@
+"""The prefill kernel (kernels/prefill_attention.py) against the plain-torch reference: batches of
+prefill chunks after cached context, GQA packed and not, every switch; and the entry point's
+choice of kernel. On a GPU also Llama-3-8B's heads at 8k tokens in bf16 and fp32.
+
+Runs on a CUDA GPU, and on the CPU in Triton's interpreter (small shapes, fp32):
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_prefill_kernel.py
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from meshlm.kernels import triton_attention  # noqa: E402
+from meshlm.kernels.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
+from meshlm.kernels.prefill_attention import prefill_attention  # noqa: E402
+from meshlm.kernels.prefill_tiles import PREFILL_MIN_QUERY_LEN, PrefillTiles  # noqa: E402
+
+from tests.gpu.kernel_device import DEVICE, KERNEL_MARKS, needs_cuda  # noqa: E402
+
+pytestmark = KERNEL_MARKS
+
+BLOCK_SIZE = 16
+
+
+def make_batch(seqs: list[tuple[int, int]], num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
+               seed: int = 0):
+    """(cached tokens, query tokens) per sequence: random q, a cache whose slots outside every
+    sequence hold NaN (a kernel must never let them reach a result), block tables drawn at random
+    from a shuffled pool with a spare column, and metadata."""
+    gen = torch.Generator().manual_seed(seed)
+    query_lens = np.array([n for _, n in seqs], dtype=np.int64)
+    seq_lens = np.array([c + n for c, n in seqs], dtype=np.int64)
+    blocks_per_seq = -(-seq_lens // BLOCK_SIZE)
+    num_blocks = int(blocks_per_seq.sum()) + 3
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(seqs), int(blocks_per_seq.max()) + 1), num_blocks - 1)  # a spare block
+    ends = np.cumsum(blocks_per_seq)
+    for row, count in enumerate(blocks_per_seq):
+        tables[row, :count] = order[ends[row] - count:ends[row]]
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"))
+    v_cache = torch.full(shape, float("nan"))
+    for row, length in enumerate(seq_lens):  # [blocks, BLOCK_SIZE] slots of the sequence, its tokens first
+        slots = (tables[row, :blocks_per_seq[row], None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten()[:length]
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(int(length), num_kv_heads, head_dim, generator=gen)
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(int(length), num_kv_heads, head_dim, generator=gen)
+    q = torch.randn(int(query_lens.sum()), num_kv_heads * group, head_dim, generator=gen)
+    positions = np.concatenate([np.arange(c, c + n) for c, n in seqs])
+    rows = np.repeat(np.arange(len(seqs)), query_lens)
+    slot_mapping = tables[rows, positions // BLOCK_SIZE].numpy() * BLOCK_SIZE + positions % BLOCK_SIZE
+    meta = AttentionMetadata(
+        positions=torch.from_numpy(positions).to(DEVICE), slot_mapping=torch.from_numpy(slot_mapping).to(DEVICE),
+        query_start_loc=torch.from_numpy(np.concatenate([[0], np.cumsum(query_lens)])).int().to(DEVICE),
+        seq_lens=torch.from_numpy(seq_lens).int().to(DEVICE), block_tables=tables.int().to(DEVICE),
+        max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()), query_lens_host=query_lens)
+    return q.to(DEVICE, dtype), k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype), meta
+
+
+def errors(seqs, group, dtype, tiles=None, head_dim=32, num_kv_heads=2, seed=0) -> tuple[float, float]:
+    """(max abs error, relative error: norm of the difference / norm of the reference)."""
+    q, k_cache, v_cache, meta = make_batch(seqs, num_kv_heads, group, head_dim, dtype, seed)
+    scale = head_dim ** -0.5
+    # the reference reads whole blocks: give it zeros where the kernel's cache holds NaN
+    expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, scale).float()
+    got = prefill_attention(q, k_cache, v_cache, meta, scale, tiles)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    diff = got.float() - expected
+    return diff.abs().max().item(), (diff.norm() / expected.norm()).item()
+
+
+# Several sequences: a fresh prompt, chunks after context that start mid-block (37, 5) and on a
+# block edge (64), decodes mixed in; lengths no multiple of any tile.
+BATCH = [(0, 45), (37, 70), (20, 1), (64, 33), (5, 1)]
+FP32_MAX_ERROR = 2e-5 if DEVICE == "cpu" else 1e-4
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_default_tiles_match_reference(group):
+    max_err, _ = errors(BATCH, group, torch.float32)
+    assert max_err < FP32_MAX_ERROR, (group, max_err)
+
+
+SWITCHES = [PrefillTiles(16, 16, 4, 2), PrefillTiles(32, 16, 4, 2, pack_gqa=False),
+            PrefillTiles(16, 32, 4, 2, k_transposed=True), PrefillTiles(32, 16, 4, 3, prefetch_table=True),
+            PrefillTiles(16, 16, 4, 2, pack_gqa=False, k_transposed=True, prefetch_table=True)]
+
+
+@pytest.mark.parametrize("tiles", SWITCHES, ids=lambda t: (
+    f"m{t.block_m}n{t.block_n}s{t.num_stages}{'-pack' * t.pack_gqa}{'-ktrans' * t.k_transposed}"
+    f"{'-prefetch' * t.prefetch_table}"))
+def test_switches_match_reference(tiles):
+    max_err, _ = errors(BATCH, 4, torch.float32, tiles)
+    assert max_err < FP32_MAX_ERROR, (tiles, max_err)
+
+
+def test_heads_64_wide():
+    max_err, _ = errors([(21, 40), (0, 1)], 2, torch.float32, head_dim=64, num_kv_heads=1)
+    assert max_err < FP32_MAX_ERROR, max_err
+
+
+def test_entry_point_sends_long_prefills_to_the_prefill_kernel(monkeypatch):
+    """paged_attention_triton picks the prefill kernel from PREFILL_MIN_QUERY_LEN query tokens on,
+    the unified kernel below it and with a sliding window, the decode kernel for decodes."""
+    calls = []
+    for name in ("prefill_attention", "unified_attention", "paged_decode_attention"):
+        monkeypatch.setattr(triton_attention, name, lambda q, *args, name=name, **kwargs: calls.append(name) or q)
+    for seqs, window, kernel in [([(0, PREFILL_MIN_QUERY_LEN)], None, "prefill_attention"),
+                                 ([(100, PREFILL_MIN_QUERY_LEN), (50, 1), (9, 1)], None, "prefill_attention"),
+                                 ([(0, PREFILL_MIN_QUERY_LEN - 1)], None, "unified_attention"),
+                                 ([(0, PREFILL_MIN_QUERY_LEN)], 256, "unified_attention"),
+                                 ([(30, 1), (7, 1)], None, "paged_decode_attention")]:
+        q, k_cache, v_cache, meta = make_batch(seqs, 1, 4, 64, torch.float32)
+        triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125, window)
+        assert calls.pop() == kernel, (seqs, window)
+
+
+# Llama-3-8B's heads (32 query heads, 8 KV heads, head_dim 128) at 8k tokens on a GPU: a fresh
+# prompt, and a batch of chunks after context (one mid-block) with decodes.
+LONG = {"1x8k": [(0, 8192)], "chunks": [(3000, 2100), (0, 4096), (4117, 1500), (6000, 1), (100, 1)]}
+RELATIVE_TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", LONG)
+def test_8b_heads_at_8k_match_reference(name, dtype):
+    max_err, relative = errors(LONG[name], 4, dtype, head_dim=128, num_kv_heads=8, seed=1)
+    assert relative < RELATIVE_TOLERANCE[dtype], (name, dtype, max_err, relative)
+
+
+@needs_cuda
+@pytest.mark.parametrize("tiles", [PrefillTiles(128, 64, 8, 3, pack_gqa=False), PrefillTiles(128, 128, 8, 3),
+                                   PrefillTiles(128, 64, 8, 3, k_transposed=True),
+                                   PrefillTiles(128, 64, 8, 2, prefetch_table=True), PrefillTiles(64, 64, 4, 4)],
+                         ids=str)
+def test_bf16_switches_at_2k(tiles):
+    max_err, relative = errors([(500, 2000), (0, 1)], 4, torch.bfloat16, tiles, head_dim=128, num_kv_heads=8)
+    assert relative < RELATIVE_TOLERANCE[torch.bfloat16], (tiles, max_err, relative)
+
