@@ -153,7 +153,7 @@ def _attend_tile(acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, q
     p = tl.math.exp2(scores * qk_scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulates in place
     return acc, l_i, m_new
 
 
