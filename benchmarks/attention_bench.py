@@ -50,7 +50,7 @@ from meshlm.kernels.prefill_tiles import PrefillTiles, prefill_tiles, uses_prefi
 from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
 
 DECODE_SHAPES = "1x32768,8x8192,64x2048,256x1024,1024x256"
-PREFILL_SHAPES = "1x2048,4x8192,1x32768"
+PREFILL_SHAPES = "1x2048,1x8192,4x8192,1x32768"
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 GROUP = NUM_HEADS // NUM_KV_HEADS
 SCALE = HEAD_DIM ** -0.5
