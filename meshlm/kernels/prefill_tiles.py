@@ -46,9 +46,9 @@ class PrefillTiles:
             raise ValueError(f"{self}: block_m={self.block_m} rows cannot hold a GQA group of {group} heads")
 
 
-# bf16 / fp16 tiles for heads up to 128 wide (H200): 128 rows (32 query tokens x a GQA group of 4),
-# 64 keys, 8 warps (two warpgroups of 64 rows), 3 stages. benchmarks/prefill_sweep.py times the
-# alternatives at 1 x 8k and 4 x 8k and prints the fastest.
+# bf16 / fp16 tiles for heads up to 128 wide, Hopper's usual flash-attention shape: 128 rows (32
+# query tokens x a GQA group of 4), 64 keys, 8 warps (two warpgroups of 64 rows each), 3 stages.
+# benchmarks/prefill_sweep.py times the alternatives at 1 x 8k and 4 x 8k and prints the fastest.
 _BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=True)
 # fp32 (tests, reference runs) takes small tiles: twice larger elements, and quick to compile.
 _FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
