@@ -158,14 +158,15 @@ def _attend_tile(acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, q
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                      scale: float, tiles: PrefillTiles | None = None) -> torch.Tensor:
+                      scale: float, tiles: PrefillTiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of this step's queries over each sequence's cached keys, by the prefill kernel.
 
     q: [num_tokens, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
     num_kv_heads_per_rank, head_dim] in q's dtype, already holding this step's keys and values.
     Returns [num_tokens, num_heads_per_rank, head_dim] in q's dtype, with no host synchronisation.
     Any batch gives the reference's result (decodes included); ``tiles`` default to
-    :func:`prefill_tiles` of the model's heads.
+    :func:`prefill_tiles` of the model's heads. ``out``: where to write the result (q's shape,
+    last dimension contiguous), e.g. rows of a larger batch's output.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
@@ -175,7 +176,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape)
     assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, (out.shape, out.dtype, q.shape)
     if num_tokens == 0 or num_seqs == 0:
         return out
 

@@ -89,3 +89,11 @@ def uses_prefill_kernel(query_lens: np.ndarray, dtype: torch.dtype, kv_dtype: to
     block_q = tiles.query_tokens(group)
     padded = (-query_lens) % block_q  # [num_seqs] empty rows of each sequence's last program
     return int(padded.sum()) <= _MAX_PADDING_FRACTION * int(query_lens.sum())
+
+
+def num_leading_decodes(query_lens: np.ndarray) -> int:
+    """How many decodes (one query token) open a batch whose other sequences are all prefill chunks,
+    the scheduler's order; 0 for a batch in any other order. Such a batch can run its decodes and
+    its chunks by two kernels, each over a contiguous range of its sequences and tokens."""
+    num_decodes = int((query_lens == 1).sum())
+    return num_decodes if bool((query_lens[:num_decodes] == 1).all()) else 0

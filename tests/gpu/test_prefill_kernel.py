@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from meshlm.kernels import triton_attention  # noqa: E402
+from meshlm.kernels import prefill_tiles, triton_attention  # noqa: E402
 from meshlm.kernels.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
 from meshlm.kernels.prefill_attention import prefill_attention  # noqa: E402
 from meshlm.kernels.prefill_tiles import PREFILL_MIN_QUERY_LEN, PrefillTiles  # noqa: E402
@@ -105,18 +105,37 @@ def test_heads_64_wide():
 
 def test_entry_point_sends_long_prefills_to_the_prefill_kernel(monkeypatch):
     """paged_attention_triton picks the prefill kernel from PREFILL_MIN_QUERY_LEN query tokens on,
-    the unified kernel below it and with a sliding window, the decode kernel for decodes."""
+    the unified kernel below it and with a sliding window, the decode kernel for decodes; decodes
+    ahead of long chunks (the scheduler's order) go to the decode kernel, the chunks to the prefill
+    kernel."""
     calls = []
     for name in ("prefill_attention", "unified_attention", "paged_decode_attention"):
         monkeypatch.setattr(triton_attention, name, lambda q, *args, name=name, **kwargs: calls.append(name) or q)
-    for seqs, window, kernel in [([(0, PREFILL_MIN_QUERY_LEN)], None, "prefill_attention"),
-                                 ([(100, PREFILL_MIN_QUERY_LEN), (50, 1), (9, 1)], None, "prefill_attention"),
-                                 ([(0, PREFILL_MIN_QUERY_LEN - 1)], None, "unified_attention"),
-                                 ([(0, PREFILL_MIN_QUERY_LEN)], 256, "unified_attention"),
-                                 ([(30, 1), (7, 1)], None, "paged_decode_attention")]:
+    for seqs, window, kernels in [
+            ([(0, PREFILL_MIN_QUERY_LEN)], None, ["prefill_attention"]),
+            ([(100, PREFILL_MIN_QUERY_LEN), (50, 1), (9, 1)], None, ["prefill_attention"]),
+            ([(50, 1), (9, 1), (100, PREFILL_MIN_QUERY_LEN), (0, 40)], None, ["paged_decode_attention", "prefill_attention"]),
+            ([(0, PREFILL_MIN_QUERY_LEN - 1)], None, ["unified_attention"]),
+            ([(0, PREFILL_MIN_QUERY_LEN)], 256, ["unified_attention"]),
+            ([(30, 1), (7, 1)], None, ["paged_decode_attention"])]:
         q, k_cache, v_cache, meta = make_batch(seqs, 1, 4, 64, torch.float32)
         triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125, window)
-        assert calls.pop() == kernel, (seqs, window)
+        assert calls == kernels, (seqs, window)
+        calls.clear()
+
+
+def test_decodes_then_chunks_by_two_kernels_match_reference(monkeypatch):
+    """The entry point on decodes followed by prefill chunks (the threshold lowered so that short
+    chunks count as long): the decode kernel's rows and the prefill kernel's rows of one output."""
+    monkeypatch.setattr(prefill_tiles, "PREFILL_MIN_QUERY_LEN", 32)
+    seqs = [(30, 1), (17, 1), (37, 70), (0, 45)]
+    q, k_cache, v_cache, meta = make_batch(seqs, 1, 4, 64, torch.float32)
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # the decode kernel reads whole blocks
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    for _ in range(2):  # a second layer of the step reuses the split metadata
+        got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125)
+        assert (got - expected).abs().max().item() < FP32_MAX_ERROR
+    assert any(key[0] == "decodes_then_prefill" for key in meta.derived)
 
 
 # Llama-3-8B's heads (32 query heads, 8 KV heads, head_dim 128) at 8k tokens on a GPU: a fresh

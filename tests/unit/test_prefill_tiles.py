@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshlm.kernels.prefill_tiles import PREFILL_MIN_QUERY_LEN, PrefillTiles, prefill_tiles, uses_prefill_kernel
+from meshlm.kernels.prefill_tiles import (
+    PREFILL_MIN_QUERY_LEN, PrefillTiles, num_leading_decodes, prefill_tiles, uses_prefill_kernel)
 
 LONG = PREFILL_MIN_QUERY_LEN
 
@@ -54,3 +55,10 @@ def test_tiles_hold_a_group_and_halve_keys_for_wide_heads():
 def test_tiles_the_kernel_cannot_run_are_refused(tiles, group):
     with pytest.raises(ValueError, match="block_"):
         tiles.check(group)
+
+
+def test_leading_decodes_are_counted_only_in_the_schedulers_order():
+    assert num_leading_decodes(np.array([1, 1, 1, 2048, 700])) == 3
+    assert num_leading_decodes(np.array([2048, 700])) == 0
+    assert num_leading_decodes(np.array([1, 2048, 1])) == 0  # a decode after a chunk: one kernel for all
+    assert num_leading_decodes(np.array([1, 1])) == 2
