@@ -2,7 +2,8 @@
 decodes together. Batches of decodes only go to the split-KV decode kernel
 (:mod:`meshlm.kernels.decode_attention`), long prefills to the prefill kernel
 (:mod:`meshlm.kernels.prefill_attention`, by the rule of
-:func:`meshlm.kernels.prefill_tiles.uses_prefill_kernel`); the unified kernel runs every other batch.
+:func:`meshlm.kernels.prefill_tiles.uses_prefill_kernel`; decodes ahead of them to the decode
+kernel); the unified kernel runs every other batch.
 
 The kernel follows the layout of vLLM's "unified attention": the grid is (query blocks across
 all sequences, KV heads). One program takes ``block_q = BLOCK_M // group`` consecutive query
@@ -180,8 +181,9 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_kv_heads_per_rank, head_dim], already holding this step's keys and values. Returns
     [num_tokens, num_heads_per_rank, head_dim] in q's dtype. Makes no host synchronisation.
     Decode batches (one query token per sequence) take the split-KV decode kernel, long prefills
-    the prefill kernel, every other batch the unified kernel. A float8 cache is read with ``k_scale``, ``v_scale``
-    [num_kv_heads_per_rank] (kernels/kv_quant.py).
+    the prefill kernel (decodes ahead of them the decode kernel), every other batch the unified
+    kernel. A float8 cache is read with ``k_scale``, ``v_scale`` [num_kv_heads_per_rank]
+    (kernels/kv_quant.py).
     """
     if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
         return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
