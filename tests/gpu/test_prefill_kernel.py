@@ -161,3 +161,16 @@ def test_bf16_switches_at_2k(tiles):
     max_err, relative = errors([(500, 2000), (0, 1)], 4, torch.bfloat16, tiles, head_dim=128, num_kv_heads=8)
     assert relative < RELATIVE_TOLERANCE[torch.bfloat16], (tiles, max_err, relative)
 
+
+
+@needs_cuda
+def test_entry_point_on_decodes_then_long_chunks_in_bf16():
+    """The engine's path at the 8B shape: 16 decodes at 3k context, then chunks of 2k and 1.5k."""
+    seqs = [(3000 + 37 * i, 1) for i in range(16)] + [(0, 2048), (1000, 1500)]
+    q, k_cache, v_cache, meta = make_batch(seqs, 8, 4, 128, torch.bfloat16, seed=2)
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # the decode kernel reads whole blocks
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, 128 ** -0.5).float()
+    got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 128 ** -0.5).float()
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert relative < RELATIVE_TOLERANCE[torch.bfloat16], relative
+    assert any(key[0] == "decodes_then_prefill" for key in meta.derived)
