@@ -130,8 +130,7 @@ def test_decodes_then_chunks_by_two_kernels_match_reference(monkeypatch):
     monkeypatch.setattr(prefill_tiles, "PREFILL_MIN_QUERY_LEN", 32)
     seqs = [(30, 1), (17, 1), (37, 70), (0, 45)]
     q, k_cache, v_cache, meta = make_batch(seqs, 1, 4, 64, torch.float32)
-    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # the decode kernel reads whole blocks
-    expected = paged_attention_reference(q, k_cache, v_cache, meta, 0.125)
+    expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, 0.125)
     for _ in range(2):  # a second layer of the step reuses the split metadata
         got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125)
         assert (got - expected).abs().max().item() < FP32_MAX_ERROR
@@ -168,8 +167,7 @@ def test_entry_point_on_decodes_then_long_chunks_in_bf16():
     """The engine's path at the 8B shape: 16 decodes at 3k context, then chunks of 2k and 1.5k."""
     seqs = [(3000 + 37 * i, 1) for i in range(16)] + [(0, 2048), (1000, 1500)]
     q, k_cache, v_cache, meta = make_batch(seqs, 8, 4, 128, torch.bfloat16, seed=2)
-    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # the decode kernel reads whole blocks
-    expected = paged_attention_reference(q, k_cache, v_cache, meta, 128 ** -0.5).float()
+    expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, 128 ** -0.5).float()
     got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 128 ** -0.5).float()
     relative = ((got - expected).norm() / expected.norm()).item()
     assert relative < RELATIVE_TOLERANCE[torch.bfloat16], relative
