@@ -84,6 +84,16 @@ def test_default_tiles_match_reference(group):
     assert max_err < FP32_MAX_ERROR, (group, max_err)
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_batches_match_reference(seed):
+    """Random context and chunk lengths (decodes among them), GQA group and block tables."""
+    rng = np.random.default_rng(seed)
+    seqs = [(int(rng.integers(0, 90)), int(rng.choice([1, rng.integers(2, 60)]))) for _ in range(rng.integers(2, 6))]
+    group = int(rng.choice([1, 2, 4]))
+    max_err, _ = errors(seqs, group, torch.float32, seed=seed)
+    assert max_err < FP32_MAX_ERROR, (seqs, group, max_err)
+
+
 # (tiles, GQA group): every switch, each combined with others; a group of 3 unpacked.
 SWITCHES = [(PrefillTiles(16, 16, 4, 2), 4), (PrefillTiles(32, 16, 4, 2, pack_gqa=False), 3),
             (PrefillTiles(16, 32, 4, 2, k_transposed=True), 4), (PrefillTiles(32, 16, 4, 3, prefetch_table=True), 4),
