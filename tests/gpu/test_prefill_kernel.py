@@ -164,7 +164,7 @@ def test_8b_heads_at_8k_match_reference(name, dtype):
 @needs_cuda
 @pytest.mark.parametrize("tiles", [PrefillTiles(128, 64, 8, 3, pack_gqa=False), PrefillTiles(128, 128, 8, 3),
                                    PrefillTiles(128, 64, 8, 3, k_transposed=True),
-                                   PrefillTiles(128, 64, 8, 2, prefetch_table=True), PrefillTiles(64, 64, 4, 4)],
+                                   PrefillTiles(128, 64, 8, 3), PrefillTiles(64, 64, 4, 4, prefetch_table=True)],
                          ids=str)
 def test_bf16_switches_at_2k(tiles):
     max_err, relative = errors([(500, 2000), (0, 1)], 4, torch.bfloat16, tiles, head_dim=128, num_kv_heads=8)
