@@ -35,8 +35,7 @@ def _prefill_attention_kernel(
         out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
         program_map_ptr, num_seqs, num_head_slots, group, block_q, qk_scale_log2,
         stride_q_token, stride_q_head, stride_o_token, stride_o_head,
-        stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset, stride_v_head,
-        stride_table_seq,
+        stride_kv_block, stride_kv_offset, stride_kv_head, stride_table_seq,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         PACK_GQA: tl.constexpr, K_TRANSPOSED: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
@@ -80,8 +79,8 @@ def _prefill_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
-    k_head = k_cache_ptr + kv_head * stride_k_head
-    v_head = v_cache_ptr + kv_head * stride_v_head
+    k_head = k_cache_ptr + kv_head * stride_kv_head
+    v_head = v_cache_ptr + kv_head * stride_kv_head
     blocks = _tile_blocks(table_row, 0, key_end, BLOCK_N, KV_BLOCK_SIZE)  # read ahead (PREFETCH_TABLE)
     for tile_start in range(0, full_end, BLOCK_N):
         if PREFETCH_TABLE:
@@ -91,8 +90,7 @@ def _prefill_attention_kernel(
             block = _tile_blocks(table_row, tile_start, key_end, BLOCK_N, KV_BLOCK_SIZE)
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, query_pos, dims, qk_scale_log2,
-            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, False, DOT_PRECISION)
+            stride_kv_block, stride_kv_offset, BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, False, DOT_PRECISION)
     for tile_start in range(full_end, key_end, BLOCK_N):
         if PREFETCH_TABLE:
             block = blocks
@@ -101,8 +99,7 @@ def _prefill_attention_kernel(
             block = _tile_blocks(table_row, tile_start, key_end, BLOCK_N, KV_BLOCK_SIZE)
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, query_pos, dims, qk_scale_log2,
-            stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-            BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, True, DOT_PRECISION)
+            stride_kv_block, stride_kv_offset, BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, True, DOT_PRECISION)
 
     # Every row saw at least one key (key 0 is visible to all), so l_i > 0.
     acc = acc / l_i[:, None]
@@ -114,27 +111,31 @@ def _prefill_attention_kernel(
 def _tile_blocks(table_row, tile_start, key_end, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr):
     """[BLOCK_N] int64 cache block of each key of the tile at ``tile_start``; block 0 past key_end
     (a tile past the sequence's last table column reads none of it)."""
-    key_pos = tile_start + tl.arange(0, BLOCK_N)
-    return tl.load(table_row + key_pos // KV_BLOCK_SIZE, mask=key_pos < key_end, other=0).to(tl.int64)
+    keys = tl.arange(0, BLOCK_N)
+    # tile_start is a multiple of BLOCK_N and both sizes are powers of two: the scalar part is
+    # divided once, the per-key part is a constant of each thread's keys
+    column = tile_start // KV_BLOCK_SIZE + keys // KV_BLOCK_SIZE
+    return tl.load(table_row + column, mask=tile_start + keys < key_end, other=0).to(tl.int64)
 
 
 @triton.jit
 def _attend_tile(acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, query_pos, dims, qk_scale_log2,
-                 stride_k_block, stride_k_offset, stride_v_block, stride_v_offset,
-                 BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, K_TRANSPOSED: tl.constexpr,
+                 stride_kv_block, stride_kv_offset, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, K_TRANSPOSED: tl.constexpr,
                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over keys [tile_start, tile_start + BLOCK_N) held in cache blocks
-    ``block``; MASKED=False only for tiles that every row sees whole."""
-    key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offset = key_pos % KV_BLOCK_SIZE
+    ``block``; MASKED=False only for tiles that every row sees whole. K and V share their strides."""
+    keys = tl.arange(0, BLOCK_N)
+    key_pos = tile_start + keys  # [BLOCK_N]
     is_key = key_pos < key_end
+    offset = tile_start % KV_BLOCK_SIZE + keys % KV_BLOCK_SIZE  # as in _tile_blocks
+    key_rows = block * stride_kv_block + offset * stride_kv_offset  # [BLOCK_N] int64, K's and V's
+    v_offsets = key_rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
     if K_TRANSPOSED:  # [HEAD_DIM, BLOCK_N]
-        k_offsets = block[None, :] * stride_k_block + offset[None, :] * stride_k_offset + dims[:, None]
+        k_offsets = key_rows[None, :] + dims[:, None]
         k_mask = is_key[None, :]
-    else:  # [BLOCK_N, HEAD_DIM]
-        k_offsets = block[:, None] * stride_k_block + offset[:, None] * stride_k_offset + dims[None, :]
+    else:
+        k_offsets = v_offsets
         k_mask = is_key[:, None]
-    v_offsets = block[:, None] * stride_v_block + offset[:, None] * stride_v_offset + dims[None, :]
     if MASKED:  # keys past the sequence hold anything, NaN included: read as zeros
         k = tl.load(k_head + k_offsets, mask=k_mask, other=0.0)
         v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
@@ -175,7 +176,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape)
     assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(), \
+        (q.stride(), k_cache.stride(), v_cache.stride())
+    assert kv_block_size & (kv_block_size - 1) == 0, f"KV block size {kv_block_size}: not a power of two"
     if out is None:
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, (out.shape, out.dtype, q.shape)
@@ -192,9 +195,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, program_map,
         num_seqs, num_head_slots, group, block_q, scale * _LOG2_E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        meta.block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim,
         PACK_GQA=tiles.pack_gqa, K_TRANSPOSED=tiles.k_transposed, PREFETCH_TABLE=tiles.prefetch_table,
         DOT_PRECISION=dot_precision(q), num_warps=tiles.num_warps, num_stages=tiles.num_stages,

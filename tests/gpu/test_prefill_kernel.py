@@ -27,31 +27,31 @@ BLOCK_SIZE = 16
 
 
 def make_batch(seqs: list[tuple[int, int]], num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
-               seed: int = 0):
+               seed: int = 0, block_size: int = BLOCK_SIZE):
     """(cached tokens, query tokens) per sequence: random q, a cache whose slots outside every
     sequence hold NaN (a kernel must never let them reach a result), block tables drawn at random
     from a shuffled pool with a spare column, and metadata."""
     gen = torch.Generator().manual_seed(seed)
     query_lens = np.array([n for _, n in seqs], dtype=np.int64)
     seq_lens = np.array([c + n for c, n in seqs], dtype=np.int64)
-    blocks_per_seq = -(-seq_lens // BLOCK_SIZE)
+    blocks_per_seq = -(-seq_lens // block_size)
     num_blocks = int(blocks_per_seq.sum()) + 3
     order = torch.randperm(num_blocks, generator=gen)
     tables = torch.full((len(seqs), int(blocks_per_seq.max()) + 1), num_blocks - 1)  # a spare block
     ends = np.cumsum(blocks_per_seq)
     for row, count in enumerate(blocks_per_seq):
         tables[row, :count] = order[ends[row] - count:ends[row]]
-    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, float("nan"))
     v_cache = torch.full(shape, float("nan"))
-    for row, length in enumerate(seq_lens):  # [blocks, BLOCK_SIZE] slots of the sequence, its tokens first
-        slots = (tables[row, :blocks_per_seq[row], None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten()[:length]
+    for row, length in enumerate(seq_lens):  # [blocks, block_size] slots of the sequence, its tokens first
+        slots = (tables[row, :blocks_per_seq[row], None] * block_size + torch.arange(block_size)).flatten()[:length]
         k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(int(length), num_kv_heads, head_dim, generator=gen)
         v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(int(length), num_kv_heads, head_dim, generator=gen)
     q = torch.randn(int(query_lens.sum()), num_kv_heads * group, head_dim, generator=gen)
     positions = np.concatenate([np.arange(c, c + n) for c, n in seqs])
     rows = np.repeat(np.arange(len(seqs)), query_lens)
-    slot_mapping = tables[rows, positions // BLOCK_SIZE].numpy() * BLOCK_SIZE + positions % BLOCK_SIZE
+    slot_mapping = tables[rows, positions // block_size].numpy() * block_size + positions % block_size
     meta = AttentionMetadata(
         positions=torch.from_numpy(positions).to(DEVICE), slot_mapping=torch.from_numpy(slot_mapping).to(DEVICE),
         query_start_loc=torch.from_numpy(np.concatenate([[0], np.cumsum(query_lens)])).int().to(DEVICE),
@@ -60,9 +60,9 @@ def make_batch(seqs: list[tuple[int, int]], num_kv_heads: int, group: int, head_
     return q.to(DEVICE, dtype), k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype), meta
 
 
-def errors(seqs, group, dtype, tiles=None, head_dim=32, num_kv_heads=2, seed=0) -> tuple[float, float]:
+def errors(seqs, group, dtype, tiles=None, head_dim=32, num_kv_heads=2, seed=0, block_size=BLOCK_SIZE):
     """(max abs error, relative error: norm of the difference / norm of the reference)."""
-    q, k_cache, v_cache, meta = make_batch(seqs, num_kv_heads, group, head_dim, dtype, seed)
+    q, k_cache, v_cache, meta = make_batch(seqs, num_kv_heads, group, head_dim, dtype, seed, block_size)
     scale = head_dim ** -0.5
     # the reference reads whole blocks: give it zeros where the kernel's cache holds NaN
     expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, scale).float()
@@ -106,6 +106,14 @@ SWITCHES = [(PrefillTiles(16, 16, 4, 2), 4), (PrefillTiles(32, 16, 4, 2, pack_gq
 def test_switches_match_reference(tiles, group):
     max_err, _ = errors(BATCH, group, torch.float32, tiles)
     assert max_err < FP32_MAX_ERROR, (tiles, group, max_err)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_cache_blocks_smaller_and_larger_than_a_tile(block_size):
+    """16-key tiles over cache blocks of 8 keys (two blocks a tile) and of 32 (two tiles a block)."""
+    max_err, _ = errors([(37, 70), (0, 29), (5, 1)], 4, torch.float32, PrefillTiles(16, 16, 4, 2, prefetch_table=True),
+                        block_size=block_size)
+    assert max_err < FP32_MAX_ERROR, (block_size, max_err)
 
 
 def test_heads_64_wide():
