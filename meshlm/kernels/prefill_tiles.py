@@ -50,7 +50,7 @@ class PrefillTiles:
 # query tokens x a GQA group of 4), 64 keys, 8 warps (two warpgroups of 64 rows each), 3 stages,
 # block ids a tile ahead: compiled for sm_90 without it, Triton's pipeliner spends a stage on the
 # block-table load and waits for every copy at each tile (one K/V tile in flight); with it, two
-# K/V tiles are in flight (128 KiB of shared memory, 198 registers, no spills).
+# K/V tiles are in flight (128 KiB of shared memory, under 200 registers a thread, no spills).
 # benchmarks/prefill_sweep.py times the alternatives at 1 x 8k and 4 x 8k and prints the fastest.
 _BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=True, prefetch_table=True)
 # fp32 (tests, reference runs) takes small tiles: twice larger elements, and quick to compile.
