@@ -106,9 +106,8 @@ def time_all(shapes: list[Shape], launches: list[PrefillTiles], peak: float, dea
         for shape, (ms, err) in zip(shapes, timings):
             row["ms"][shape.label], row["max_diff"][shape.label] = ms, err
             row["of_peak"][shape.label] = shape.flops / (ms * 1e-3) / 1e12 / peak
-        print(f"{name(tiles):<48} " + "  ".join(f"{s}: {row['ms'][s] * 1e3:8.1f} us {row['of_peak'][s]:6.1%}"
-                                                 for s in row["ms"]) + f"  max|diff| {max(row['max_diff'].values()):.1e}",
-              flush=True)
+        timings = "  ".join(f"{s}: {row['ms'][s] * 1e3:8.1f} us {row['of_peak'][s]:6.1%}" for s in row["ms"])
+        print(f"{name(tiles):<48} {timings}  max|diff| {max(row['max_diff'].values()):.1e}", flush=True)
         rows.append(row)
     return rows
 
@@ -126,8 +125,8 @@ def print_table(card: str, peak: float, shapes: list[Shape], sdpa: dict, default
     flops = {shape.label: shape.flops for shape in shapes}
 
     def line(title: str, ms: dict):
-        print(f"{title:<48} " + " ".join(f"{ms[label] * 1e3:11.1f} {flops[label] / (ms[label] * 1e-3) / 1e12 / peak:8.1%}"
-                                         for label in labels))
+        rates = [flops[label] / (ms[label] * 1e-3) / 1e12 / peak for label in labels]
+        print(f"{title:<48} " + " ".join(f"{ms[label] * 1e3:11.1f} {rate:8.1%}" for label, rate in zip(labels, rates)))
 
     line("sdpa (contiguous KV)", sdpa)
     by_name = {row["name"]: row for row in rows}

@@ -120,8 +120,8 @@ def _tile_blocks(table_row, tile_start, key_end, BLOCK_N: tl.constexpr, KV_BLOCK
 
 @triton.jit
 def _attend_tile(acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, query_pos, dims, qk_scale_log2,
-                 stride_kv_block, stride_kv_offset, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, K_TRANSPOSED: tl.constexpr,
-                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 stride_kv_block, stride_kv_offset, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+                 K_TRANSPOSED: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over keys [tile_start, tile_start + BLOCK_N) held in cache blocks
     ``block``; MASKED=False only for tiles that every row sees whole. K and V share their strides."""
     keys = tl.arange(0, BLOCK_N)

@@ -44,10 +44,11 @@ def make_batch(seqs: list[tuple[int, int]], num_kv_heads: int, group: int, head_
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, float("nan"))
     v_cache = torch.full(shape, float("nan"))
-    for row, length in enumerate(seq_lens):  # [blocks, block_size] slots of the sequence, its tokens first
+    for row, length in enumerate(seq_lens.tolist()):
+        # [length] slots of the sequence's tokens: its blocks' slots in order
         slots = (tables[row, :blocks_per_seq[row], None] * block_size + torch.arange(block_size)).flatten()[:length]
-        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(int(length), num_kv_heads, head_dim, generator=gen)
-        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(int(length), num_kv_heads, head_dim, generator=gen)
+        for cache in (k_cache, v_cache):
+            cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(length, num_kv_heads, head_dim, generator=gen)
     q = torch.randn(int(query_lens.sum()), num_kv_heads * group, head_dim, generator=gen)
     positions = np.concatenate([np.arange(c, c + n) for c, n in seqs])
     rows = np.repeat(np.arange(len(seqs)), query_lens)
@@ -132,7 +133,8 @@ def test_entry_point_sends_long_prefills_to_the_prefill_kernel(monkeypatch):
     for seqs, window, kernels in [
             ([(0, PREFILL_MIN_QUERY_LEN)], None, ["prefill_attention"]),
             ([(100, PREFILL_MIN_QUERY_LEN), (50, 1), (9, 1)], None, ["prefill_attention"]),
-            ([(50, 1), (9, 1), (100, PREFILL_MIN_QUERY_LEN), (0, 40)], None, ["paged_decode_attention", "prefill_attention"]),
+            ([(50, 1), (9, 1), (100, PREFILL_MIN_QUERY_LEN), (0, 40)], None,
+             ["paged_decode_attention", "prefill_attention"]),
             ([(0, PREFILL_MIN_QUERY_LEN - 1)], None, ["unified_attention"]),
             ([(0, PREFILL_MIN_QUERY_LEN)], 256, ["unified_attention"]),
             ([(30, 1), (7, 1)], None, ["paged_decode_attention"])]:
