@@ -95,19 +95,19 @@ def time_all(shapes: list[Shape], launches: list[PrefillTiles], peak: float, dea
     rows = []
     for tiles in launches:
         if time.monotonic() > deadline:
-            print(f"{name(tiles):<48} skipped: --max-seconds spent", flush=True)
+            print(f"{name(tiles):<36} skipped: --max-seconds spent", flush=True)
             continue
         try:
             timings = [shape.time(tiles) for shape in shapes]
         except Exception as error:  # a shape that does not fit skips the launch
-            print(f"{name(tiles):<48} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
+            print(f"{name(tiles):<36} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
             continue
         row = dict(tiles=dataclasses.asdict(tiles), name=name(tiles), ms={}, of_peak={}, max_diff={})
         for shape, (ms, err) in zip(shapes, timings):
             row["ms"][shape.label], row["max_diff"][shape.label] = ms, err
             row["of_peak"][shape.label] = shape.flops / (ms * 1e-3) / 1e12 / peak
         timings = "  ".join(f"{s}: {row['ms'][s] * 1e3:8.1f} us {row['of_peak'][s]:6.1%}" for s in row["ms"])
-        print(f"{name(tiles):<48} {timings}  max|diff| {max(row['max_diff'].values()):.1e}", flush=True)
+        print(f"{name(tiles):<36} {timings}  max|diff| {max(row['max_diff'].values()):.1e}", flush=True)
         rows.append(row)
     return rows
 
@@ -120,13 +120,13 @@ def mean_of_peak(row: dict) -> float:
 def print_table(card: str, peak: float, shapes: list[Shape], sdpa: dict, default: PrefillTiles, rows: list[dict]):
     labels = [shape.label for shape in shapes]
     print(f"\n{card}: bf16 matmul {peak:.0f} TFLOP/s; 32 heads / 8 KV heads, head_dim 128, bf16, KV block 16")
-    print(f"{'launch':<48} " + " ".join(f"{label + ' us':>11} {'of peak':>8}" for label in labels))
+    print(f"{'launch':<36} " + " ".join(f"{label + ' us':>11} {'of peak':>8}" for label in labels))
 
     flops = {shape.label: shape.flops for shape in shapes}
 
     def line(title: str, ms: dict):
         rates = [flops[label] / (ms[label] * 1e-3) / 1e12 / peak for label in labels]
-        print(f"{title:<48} " + " ".join(f"{ms[label] * 1e3:11.1f} {rate:8.1%}" for label, rate in zip(labels, rates)))
+        print(f"{title:<36} " + " ".join(f"{ms[label] * 1e3:11.1f} {rate:8.1%}" for label, rate in zip(labels, rates)))
 
     line("sdpa (contiguous KV)", sdpa)
     by_name = {row["name"]: row for row in rows}
