@@ -1,6 +1,7 @@
 """Paged attention on one GPU against the card's limits: decode (the split-KV decode kernel, the
-unified kernel) against the copy bandwidth, prefill (the unified kernel) against the bf16 matrix
-rate; PyTorch SDPA and compiled flex attention on the same keys and values, laid out
+unified kernel) against the copy bandwidth, prefill (the kernel the engine dispatches to, the
+prefill kernel for long prompts, and the unified kernel; below the engine's threshold for the
+prefill kernel it is timed too, "(direct)", to place that threshold) against the bf16 matrix rate; PyTorch SDPA and compiled flex attention on the same keys and values, laid out
 contiguously, as baselines.
 
     python3 benchmarks/attention_bench.py [--decode 1x32768,8x8192] [--prefill 1x2048] [--sweep] [--out a.json]
@@ -46,10 +47,12 @@ from meshlm.kernels.attention_tiles import UnifiedTiles, unified_tiles  # noqa: 
 from meshlm.kernels.decode_attention import (  # noqa: E402
     DecodeTiles, choose_num_splits, decode_tiles, paged_decode_attention)
 from meshlm.kernels.kv_quant import FP8_KV_MAX, dequantize_kv, quantize_kv  # noqa: E402
-from meshlm.kernels.triton_attention import unified_attention  # noqa: E402
+from meshlm.kernels.prefill_attention import prefill_attention  # noqa: E402
+from meshlm.kernels.prefill_tiles import PrefillTiles, prefill_tiles, uses_prefill_kernel  # noqa: E402
+from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
 
 DECODE_SHAPES = "1x32768,8x8192,64x2048,256x1024,1024x256"
-PREFILL_SHAPES = "1x2048,4x8192,1x32768"
+PREFILL_SHAPES = "1x2048,1x8192,4x8192,1x32768"
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 GROUP = NUM_HEADS // NUM_KV_HEADS
 SCALE = HEAD_DIM ** -0.5
@@ -237,9 +240,16 @@ def with_switches(tiles: DecodeTiles, switches: dict) -> DecodeTiles:
 
 def prefill_runs(batch: int, length: int, opts: argparse.Namespace) -> Case:
     q, k_cache, v_cache, meta, (q4, k, v), scales = make_batch(batch, length, length)
-    runs = {f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, length, q.dtype))}": lambda: unified_attention(
+    tiles = prefill_tiles(HEAD_DIM, GROUP, q.dtype)
+    is_prefill_kernel = uses_prefill_kernel(meta.query_lens_host, q.dtype, k_cache.dtype, HEAD_DIM, GROUP, None, tiles)
+    runs = {f"prefill {prefill_name(tiles)}" if is_prefill_kernel else "engine (unified)": lambda: (
+                paged_attention_triton(q, k_cache, v_cache, meta, SCALE, **scales)),
+            f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, length, q.dtype))}": lambda: unified_attention(
                 q, k_cache, v_cache, meta, SCALE, **scales),
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, is_causal=True, enable_gqa=True)}
+    if not is_prefill_kernel and not scales:  # below the engine's threshold: the prefill kernel beside it
+        runs[f"prefill {prefill_name(tiles)} (direct)"] = lambda: prefill_attention(
+            q, k_cache, v_cache, meta, SCALE, tiles)
     flex = flex_fn(q4, k, v, is_causal=True) if not opts.skip_flex else None
     if flex is not None:
         runs["flex (compiled)"] = flex
@@ -263,6 +273,14 @@ def _switches_name(fields: dict) -> str:
 
 def _unified_name(tiles: UnifiedTiles) -> str:
     return f"m{tiles.block_m}/n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s"
+
+
+def prefill_name(tiles: PrefillTiles) -> str:
+    """'m128/n64/8w/3s+pack+prefetch': the tiles and the switches that are on (pack_gqa,
+    k_transposed, prefetch_table)."""
+    switches = "".join(f"+{short}" for flag, short in (("pack_gqa", "pack"), ("k_transposed", "ktrans"),
+                                                       ("prefetch_table", "prefetch")) if getattr(tiles, flag))
+    return f"m{tiles.block_m}/n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s{switches}"
 
 
 def bench_shape(kind: str, batch: int, length: int, peak: float, opts: argparse.Namespace) -> list[dict]:

@@ -6,7 +6,9 @@
 # PART=prefill or PART=model runs one of them. Logs and JSON under $OUT.
 # PART=variants (not part of all): every combination of the decode kernel's switches, bf16 KV then
 # fp8 KV, each timed as CUDA-graph replays at 256x1k, 1x32k, 8x8k and 1024x256 (about 3 minutes).
-# Usage: OUT=results [PART=decode|prefill|model|variants] bash benchmarks/run_gpu_attention.sh
+# PART=prefill_sweep (not part of all): the prefill kernel's launch shapes and switches at 1x8k and
+# 4x8k (prefill_sweep.py, about 3 minutes).
+# Usage: OUT=results [PART=decode|prefill|model|variants|prefill_sweep] bash benchmarks/run_gpu_attention.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-all}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -41,4 +43,11 @@ if [ "$PART" = variants ]; then
     grep -A 4 "^switch combinations" "$log" | grep -v "^--"; grep "none (the kernel" "$log"
     sed -n '/^fastest decode variant/,$p' "$log"
   done
+fi
+if [ "$PART" = prefill_sweep ]; then
+  echo "== prefill kernel, launch shapes and switches (prefill_sweep.py)"
+  timeout 230 python3 benchmarks/prefill_sweep.py --max-seconds 180 --out "$OUT/prefill_sweep.json" \
+      > "$OUT/prefill_sweep.log" 2>&1
+  echo "exit $?"; grep -E "compiled|failed" "$OUT/prefill_sweep.log" | head -8
+  sed -n '/bf16 matmul .* TFLOP\/s; 32 heads/,$p' "$OUT/prefill_sweep.log"
 fi

@@ -1,6 +1,9 @@
 """Paged attention for the GPU: the entry point, and one Triton kernel for prefill chunks and
 decodes together. Batches of decodes only go to the split-KV decode kernel
-(:mod:`meshlm.kernels.decode_attention`); the unified kernel runs every other batch.
+(:mod:`meshlm.kernels.decode_attention`), long prefills to the prefill kernel
+(:mod:`meshlm.kernels.prefill_attention`, by the rule of
+:func:`meshlm.kernels.prefill_tiles.uses_prefill_kernel`; decodes ahead of them to the decode
+kernel); the unified kernel runs every other batch.
 
 The kernel follows the layout of vLLM's "unified attention": the grid is (query blocks across
 all sequences, KV heads). One program takes ``block_q = BLOCK_M // group`` consecutive query
@@ -30,6 +33,8 @@ import triton.language as tl
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.attention_tiles import UnifiedTiles, check_tiles, unified_tiles
 from meshlm.kernels.decode_attention import paged_decode_attention
+from meshlm.kernels.prefill_attention import prefill_attention
+from meshlm.kernels.prefill_tiles import PrefillTiles, num_leading_decodes, prefill_tiles, uses_prefill_kernel
 from meshlm.kernels.triton_launch import dot_precision
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 
@@ -175,14 +180,51 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q: [num_tokens, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
     num_kv_heads_per_rank, head_dim], already holding this step's keys and values. Returns
     [num_tokens, num_heads_per_rank, head_dim] in q's dtype. Makes no host synchronisation.
-    Decode batches (one query token per sequence) take the split-KV decode kernel, every other
-    batch the unified kernel. A float8 cache is read with ``k_scale``, ``v_scale``
-    [num_kv_heads_per_rank] (kernels/kv_quant.py).
+    Decode batches (one query token per sequence) take the split-KV decode kernel, long prefills
+    the prefill kernel (decodes ahead of them the decode kernel), every other batch the unified
+    kernel. A float8 cache is read with ``k_scale``, ``v_scale`` [num_kv_heads_per_rank]
+    (kernels/kv_quant.py).
     """
     if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
         return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
                                       v_scale=v_scale)
+    head_dim, group = q.shape[2], q.shape[1] // k_cache.shape[2]
+    tiles = prefill_tiles(head_dim, group, q.dtype)
+    num_decodes = num_leading_decodes(meta.query_lens_host)
+    chunk_lens = meta.query_lens_host[num_decodes:]
+    if uses_prefill_kernel(chunk_lens, q.dtype, k_cache.dtype, head_dim, group, sliding_window, tiles):
+        if num_decodes == 0:
+            return prefill_attention(q, k_cache, v_cache, meta, scale, tiles)
+        return _decodes_then_prefill(q, k_cache, v_cache, meta, scale, num_decodes, tiles)
     return unified_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
+
+
+def _decodes_then_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                          scale: float, num_decodes: int, tiles: PrefillTiles) -> torch.Tensor:
+    """A batch of ``num_decodes`` decodes, then long prefill chunks: the decodes by the decode
+    kernel, the chunks by the prefill kernel, into one output."""
+    key = ("decodes_then_prefill", num_decodes)  # the two parts' metadata, shared by the step's layers
+    if key not in meta.derived:
+        meta.derived[key] = (_rows_metadata(meta, 0, num_decodes), _rows_metadata(meta, num_decodes, None))
+    decodes, chunks = meta.derived[key]
+    num_decode_tokens = num_decodes  # one token each, first in the batch
+    out = torch.empty_like(q)
+    out[:num_decode_tokens] = paged_decode_attention(q[:num_decode_tokens], k_cache, v_cache, decodes, scale)
+    prefill_attention(q[num_decode_tokens:], k_cache, v_cache, chunks, scale, tiles, out=out[num_decode_tokens:])
+    return out
+
+
+def _rows_metadata(meta: AttentionMetadata, first: int, end: int | None) -> AttentionMetadata:
+    """The metadata of sequences [first, end) of the batch, their tokens renumbered from 0."""
+    query_start_loc = meta.query_start_loc[first:None if end is None else end + 1]  # [num_seqs + 1]
+    token_start = int(meta.query_lens_host[:first].sum())  # from the host: no synchronisation
+    token_end = None if end is None else int(meta.query_lens_host[:end].sum())
+    query_lens = meta.query_lens_host[first:end]
+    return AttentionMetadata(
+        positions=meta.positions[token_start:token_end], slot_mapping=meta.slot_mapping[token_start:token_end],
+        query_start_loc=query_start_loc - token_start, seq_lens=meta.seq_lens[first:end],
+        block_tables=meta.block_tables[first:end], max_query_len=int(query_lens.max()),
+        max_seq_len=meta.max_seq_len, query_lens_host=query_lens)
 
 
 def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

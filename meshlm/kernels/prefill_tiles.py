@@ -1,0 +1,102 @@
+"""Launch shape of the prefill attention kernel (:mod:`meshlm.kernels.prefill_attention`) and the
+rule that sends a batch to it; plain Python, so that both are testable without Triton."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillTiles:
+    """Launch shape of the prefill kernel and its switches (every switch gives the same result):
+
+    - ``block_m`` tile rows: query tokens of one query head, or with ``pack_gqa`` query tokens x
+      the heads of one GQA group (row ``m`` is token ``m // group``, head ``m % group``), so
+      that each K/V tile is read once for the whole group;
+    - ``block_n`` keys a tile, ``num_warps`` warps a program, ``num_stages`` pipeline depth;
+    - ``k_transposed``: keys load directly as [head_dim, keys] instead of as rows along memory
+      that the product transposes;
+    - ``prefetch_table``: each tile's block ids load one tile ahead, so that its K and V loads
+      never wait for a block-table load issued just before them.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    pack_gqa: bool = True
+    k_transposed: bool = False
+    prefetch_table: bool = False
+
+    def rows_per_token(self, group: int) -> int:
+        return group if self.pack_gqa else 1
+
+    def query_tokens(self, group: int) -> int:
+        """Query tokens a program takes (``block_q``)."""
+        return self.block_m // self.rows_per_token(group)
+
+    def check(self, group: int) -> None:
+        """Refuse a shape the kernel cannot run, naming every size involved."""
+        for name, value in (("block_m", self.block_m), ("block_n", self.block_n)):
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{self}: {name}={value} must be a power of two >= 16 (tensor-core tiles)")
+        if self.query_tokens(group) < 1:
+            raise ValueError(f"{self}: block_m={self.block_m} rows cannot hold a GQA group of {group} heads")
+
+
+# bf16 / fp16 tiles for heads up to 128 wide, Hopper's usual flash-attention shape: 128 rows (32
+# query tokens x a GQA group of 4), 64 keys, 8 warps (two warpgroups of 64 rows each), 3 stages,
+# block ids a tile ahead: compiled for sm_90 without it, Triton's pipeliner spends a stage on the
+# block-table load and waits for every copy at each tile (one K/V tile in flight); with it, two
+# K/V tiles are in flight (128 KiB of shared memory, under 200 registers a thread, no spills).
+# benchmarks/prefill_sweep.py times the alternatives at 1 x 8k and 4 x 8k and prints the fastest.
+_BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=True, prefetch_table=True)
+# fp32 (tests, reference runs) takes small tiles: twice larger elements, and quick to compile.
+_FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
+
+# A batch goes to the prefill kernel when its longest query has at least this many tokens: there a
+# program's 128 rows are full and the causal triangle has many whole tiles below the diagonal, so
+# the kernel's large tiles pay; shorter chunks (and decodes) keep the unified kernel's 64-row tiles,
+# which give more programs to the SMs on few tokens.
+PREFILL_MIN_QUERY_LEN = 1024
+# ... and when the rows its tiles leave empty (short queries padded to a program's query tokens:
+# decodes mixed into the step) are at most this fraction of the batch's query tokens.
+_MAX_PADDING_FRACTION = 0.25
+PREFILL_HEAD_DIMS = (64, 128)
+
+
+def prefill_tiles(head_dim: int, group: int, dtype: torch.dtype) -> PrefillTiles:
+    """The prefill kernel's launch shape for a model's heads; rows hold at least a whole GQA group."""
+    tiles = _FP32 if dtype == torch.float32 else _BF16
+    group_rows = 1 << (group - 1).bit_length() if tiles.pack_gqa else 1
+    block_n = tiles.block_n if head_dim <= 128 else max(16, tiles.block_n // 2)  # K, V within shared memory
+    return replace(tiles, block_m=max(tiles.block_m, group_rows), block_n=block_n)
+
+
+def uses_prefill_kernel(query_lens: np.ndarray, dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int,
+                        group: int, sliding_window: int | None, tiles: PrefillTiles) -> bool:
+    """Whether the batch with host query lengths ``query_lens`` [num_seqs] runs the prefill kernel.
+
+    Only long prefills do (the longest query at least ``PREFILL_MIN_QUERY_LEN`` tokens), and only
+    when the short queries mixed in (decodes: one token in a program of ``block_q``) leave at most
+    a quarter of the batch's size in empty rows. Sliding windows, caches in another dtype than q
+    (float8) and heads other than 64 or 128 wide stay on the unified kernel, which handles them.
+    """
+    if (len(query_lens) == 0 or sliding_window is not None or kv_dtype != dtype
+            or head_dim not in PREFILL_HEAD_DIMS or dtype not in (torch.bfloat16, torch.float16, torch.float32)):
+        return False
+    if int(query_lens.max()) < PREFILL_MIN_QUERY_LEN:
+        return False
+    block_q = tiles.query_tokens(group)
+    padded = (-query_lens) % block_q  # [num_seqs] empty rows of each sequence's last program
+    return int(padded.sum()) <= _MAX_PADDING_FRACTION * int(query_lens.sum())
+
+
+def num_leading_decodes(query_lens: np.ndarray) -> int:
+    """How many decodes (one query token) open a batch whose other sequences are all prefill chunks,
+    the scheduler's order; 0 for a batch in any other order. Such a batch can run its decodes and
+    its chunks by two kernels, each over a contiguous range of its sequences and tokens."""
+    num_decodes = int((query_lens == 1).sum())
+    return num_decodes if bool((query_lens[:num_decodes] == 1).all()) else 0

@@ -1,0 +1,64 @@
+"""Which batches the prefill attention kernel takes, and its launch shape (plain Python)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from meshlm.kernels.prefill_tiles import (
+    PREFILL_MIN_QUERY_LEN, PrefillTiles, num_leading_decodes, prefill_tiles, uses_prefill_kernel)
+
+LONG = PREFILL_MIN_QUERY_LEN
+
+
+def takes(query_lens, dtype=torch.bfloat16, kv_dtype=None, head_dim=128, group=4, window=None) -> bool:
+    tiles = prefill_tiles(head_dim, group, dtype)
+    return uses_prefill_kernel(np.array(query_lens), dtype, kv_dtype or dtype, head_dim, group, window, tiles)
+
+
+def test_long_prefills_take_the_prefill_kernel():
+    assert takes([LONG])
+    assert takes([8192, 8192, 8192, 8192])
+    assert takes([LONG, 300, 17], dtype=torch.float32, head_dim=64)
+    assert not takes([LONG - 1])
+    assert not takes([LONG - 1, LONG - 1, LONG - 1])
+    assert not takes([])
+
+
+def test_what_the_kernel_does_not_handle_stays_on_the_unified_kernel():
+    assert not takes([8192], window=4096)
+    assert not takes([8192], kv_dtype=torch.float8_e4m3fn)
+    for head_dim in (32, 96, 256):
+        assert not takes([8192], head_dim=head_dim)
+
+
+def test_decodes_mixed_in_leave_at_most_a_quarter_of_the_rows_empty():
+    block_q = prefill_tiles(128, 4, torch.bfloat16).query_tokens(4)
+    tokens = 4096
+    allowed = tokens // 4 // (block_q - 1)  # decodes whose empty rows fit in a quarter of the batch
+    assert takes([tokens] + [1] * allowed)
+    assert not takes([tokens] + [1] * (allowed + 8))
+
+
+def test_tiles_hold_a_group_and_halve_keys_for_wide_heads():
+    for group in (1, 4, 8, 32, 64):
+        tiles = prefill_tiles(128, group, torch.bfloat16)
+        tiles.check(group)
+        assert tiles.query_tokens(group) >= 1
+    assert prefill_tiles(256, 4, torch.bfloat16).block_n * 2 == prefill_tiles(128, 4, torch.bfloat16).block_n
+    packed = PrefillTiles(128, 64, 8, 3, pack_gqa=True)
+    assert packed.query_tokens(4) * 4 == 128 and PrefillTiles(128, 64, 8, 3, pack_gqa=False).query_tokens(4) == 128
+
+
+@pytest.mark.parametrize("tiles,group", [(PrefillTiles(96, 64, 8, 3), 4), (PrefillTiles(128, 8, 8, 3), 4),
+                                         (PrefillTiles(16, 64, 4, 2), 32)])
+def test_tiles_the_kernel_cannot_run_are_refused(tiles, group):
+    with pytest.raises(ValueError, match="block_"):
+        tiles.check(group)
+
+
+def test_leading_decodes_are_counted_only_in_the_schedulers_order():
+    assert num_leading_decodes(np.array([1, 1, 1, 2048, 700])) == 3
+    assert num_leading_decodes(np.array([2048, 700])) == 0
+    assert num_leading_decodes(np.array([1, 2048, 1])) == 0  # a decode after a chunk: one kernel for all
+    assert num_leading_decodes(np.array([1, 1])) == 2
