@@ -56,11 +56,11 @@ _BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=True, prefetch_table=True)
 # fp32 (tests, reference runs) takes small tiles: twice larger elements, and quick to compile.
 _FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
 
-# A batch goes to the prefill kernel when its longest query has at least this many tokens: there a
-# program's 128 rows are full and the causal triangle has many whole tiles below the diagonal, so
-# the kernel's large tiles pay; shorter chunks (and decodes) keep the unified kernel's 64-row tiles,
-# which give more programs to the SMs on few tokens.
-PREFILL_MIN_QUERY_LEN = 1024
+# A batch goes to the prefill kernel when its longest query has at least this many tokens. On an
+# H200 (attention_bench.py, the 8B shape) the prefill kernel took 1330 us at 1 x 8k against the
+# unified kernel's 1792 and 5406 against 6811 at 4 x 8k, but 265 us against 212 at 1 x 2k: with a
+# few thousand tokens the unified kernel's smaller tiles give the SMs more programs.
+PREFILL_MIN_QUERY_LEN = 4096
 # ... and when the rows its tiles leave empty (short queries padded to a program's query tokens:
 # decodes mixed into the step) are at most this fraction of the batch's query tokens.
 _MAX_PADDING_FRACTION = 0.25
