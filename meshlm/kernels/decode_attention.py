@@ -25,7 +25,7 @@ The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`: block i
 tiles ahead, keys loaded transposed, one block-table load per cache block, the grid ordered KV
 head or split first, several KV heads a program, the merge inside the split kernel) change how the
 cache is read and the splits merged, not the result beyond rounding; ``decode_tiles`` picks them
-per batch shape (``benchmarks/attention_bench.py --variants`` times them).
+per batch shape (``benchmarks/decode_variants.py`` times them).
 
 Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference` for rows
 whose query length is 1.

@@ -16,7 +16,7 @@ _PROGRAMS_PER_SM = 4
 # tiles (attention_bench.py --sweep on an H200: 1 x 32k, 8 x 8k and 64 x 2k against 256 x 1k, 1024 x 256).
 _LARGE_TILE_PROGRAMS_PER_SM = 4
 # Up to one (sequence, KV head) pair per this many SMs (a sequence or two of 8 KV heads on an
-# H200), 16-bit KV reads fastest in small tiles of two KV heads (attention_bench.py --variants).
+# H200), 16-bit KV read fastest in small tiles of two KV heads (the variant sweep at 1 x 32k).
 _SMS_PER_PAIR = 8
 # A split covers at least this many keys: shorter splits cost more in merging than they give.
 _MIN_KEYS_PER_SPLIT = 256
@@ -91,8 +91,9 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
     """Tiles and switches of the split kernel for ``num_programs`` (sequence, KV head) pairs on
     ``num_sms`` SMs, over a 16-bit or (``kv_fp8``) float8 pool of ``num_kv_heads`` KV heads a rank.
 
-    From ``attention_bench.py --variants --graph`` on an H200 (kernels replayed in CUDA graphs, as
-    the engine runs decode steps; per cent of copy bandwidth, the earlier default -> this one):
+    From the variant sweeps (``benchmarks/decode_variants.py``) on an H200 (kernels replayed in
+    CUDA graphs, as the engine runs decode steps; per cent of copy bandwidth, the earlier default
+    -> this one):
     - 16-bit KV, a sequence or two (``_SMS_PER_PAIR``): 32-key tiles in 3 stages, block ids two
       tiles ahead, two KV heads a program: 1 x 32k 71.6 -> 76.5 % (it lost at 8 x 8k);
     - 16-bit KV, few pairs (long contexts in small batches): 128-key tiles, block ids two tiles
