@@ -52,7 +52,8 @@ PREFILL_SWEEP = [UnifiedTiles(m, n, w, s) for m, n, w, s in
                  itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
 # The decode kernel's switches (DecodeTiles fields) and their short names in the printout.
 SWITCHES = {"prefetch_table": "prefetch", "k_transposed": "ktrans", "paged_tile": "paged", "heads_first": "heads",
-            "kv_heads_per_program": "kvheads", "splits_first": "splitsfirst", "fused_merge": "fused"}
+            "kv_heads_per_program": "kvheads", "splits_first": "splitsfirst", "fused_merge": "fused",
+            "max_registers": "maxreg"}
 SWITCHES_OFF = DecodeTiles(16, 4, 2)
 
 

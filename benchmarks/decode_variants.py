@@ -11,16 +11,17 @@ by a second kernel, and SDPA on contiguous keys and values; then
 
 1. every combination of the switches that set how the cache is read (:func:`switch_combinations`)
    at the default's tile size and split count;
-2. the fastest of them with the merge and the grid order switched, at the tile shapes of
-   ``VARIANT_TILES`` (keys x KV heads a program, warps, stages: loads in flight per SM), and at
-   other split counts: half, twice and four times the default's, the count for the context
+2. the fastest of them with the merge and the grid order switched, with its registers capped
+   (more programs an SM), at the tile shapes of ``VARIANT_TILES`` (keys x KV heads a program,
+   warps, stages: loads in flight per SM), and at other split counts: half, twice and four times the default's, the count for the context
    itself, and those that make whole waves of 1 to 4 programs per SM (the tail of the last wave).
 
 Stage 1's kernels, then each shape's stage 2, compile first in worker processes.
 ``--graph-max-seq-len`` is the metadata's ``max_seq_len`` where the context is shorter, as the
 decode graphs set it (the model's length): at 1 x 512 the default then cuts 32 splits of which
 few hold keys, as a batch-1 decode step with a short context does. ``--max-seconds`` stops the
-timing of stages 1 and 2 (the tables still print). Prints per shape the combinations fastest
+timing of stages 1 and 2 (the tables still print): shapes are timed in the order given, each
+over both pools. Prints per shape the combinations fastest
 first, then one table: per pool and shape the default and the fastest launch, in microseconds and
 per cent of the device-to-device copy rate (read + write bytes) measured in the same run.
 """
@@ -54,13 +55,15 @@ MAX_DIFF = 0.1
 def switch_combinations() -> list[dict]:
     """Stage 1: with a program per KV head, block ids 0, 1 or 2 tiles ahead x keys transposed or not
     x heads first or not; with 2 or 4 KV heads a program, block ids 0 or 2 ahead x heads first or
-    not. (One block-table load per cache block, ``paged_tile``, spills registers at every tile of
-    64 or more columns on sm_90: timed once, in stage 2.)"""
+    not; with all 8 (a program reads whole cache blocks, 32 KiB each), block ids 0 or 2 ahead.
+    (One block-table load per cache block, ``paged_tile``, takes the most registers, up to 255 and
+    spills at tiles of 128 columns on sm_90: timed once, in stage 2.)"""
     one_head = [dict(prefetch_table=prefetch, k_transposed=k_transposed, heads_first=heads)
                 for prefetch, k_transposed, heads in itertools.product((0, 1, 2), (False, True), (False, True))]
     several = [dict(prefetch_table=prefetch, heads_first=heads, kv_heads_per_program=kv_heads)
                for kv_heads, prefetch, heads in itertools.product((2, 4), (0, 2), (False, True))]
-    return one_head + several
+    every = [dict(prefetch_table=prefetch, kv_heads_per_program=bench.NUM_KV_HEADS) for prefetch in (0, 2)]
+    return one_head + several + every
 
 
 def with_switches(tiles: DecodeTiles, switches: dict) -> DecodeTiles:
@@ -127,6 +130,9 @@ def split_counts(shape: Shape, tiles: DecodeTiles, count: int, num_sms: int) -> 
 def stage_two(shape: Shape, tiles: DecodeTiles, count: int, num_sms: int) -> list[tuple[DecodeTiles, int]]:
     """Stage 2's launches around the fastest of stage 1, (tiles, count)."""
     launches = [(dataclasses.replace(tiles, paged_tile=True), count)]
+    # registers capped so that 4 or 3 programs of 4 warps (2 of 8) fit an SM
+    launches += [(dataclasses.replace(tiles, max_registers=cap), count)
+                 for cap in ((128, 168) if tiles.num_warps == 4 else (128,))]
     if count > 1:  # the merge and the order of the splits
         launches += [(dataclasses.replace(tiles, fused_merge=not tiles.fused_merge), count),
                      (dataclasses.replace(tiles, splits_first=not tiles.splits_first), count)]
@@ -145,7 +151,7 @@ def time_launch(shape: Shape, label: str, fn, peak: float, deadline: float) -> d
         out = fn()
         out = out.transpose(1, 2) if out.dim() == 4 else out  # SDPA: [batch, heads, 1, dim]
         diff = (out.reshape(shape.baseline.shape).float() - shape.baseline).abs().max().item()
-        ms = bench.graph_ms(fn)
+        ms = bench.graph_ms(fn, calls=8, replays=8)
     except Exception as error:  # a tile that does not fit (shared memory, registers)
         print(f"{name} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
         return None
@@ -247,8 +253,8 @@ def main() -> None:
     bench.copy_tb_s()  # the first timed work of a process runs slow (clocks, lazy set-up): not measured
     copy_rate = bench.copy_tb_s()
     print(f"{card}: device-to-device copy {copy_rate:.2f} TB/s (read + write)", flush=True)
-    cases = [(kv, *bench.batch_x_length(shape)) for kv in args.kv_cache_dtypes.split(",")
-             for shape in args.decode.split(",")]
+    cases = [(kv, *bench.batch_x_length(shape)) for shape in args.decode.split(",")  # the first shapes first
+             for kv in args.kv_cache_dtypes.split(",")]
     jobs = []
     for kv, batch, context in cases:  # stage 1 of every shape, and the defaults, compile first
         tiles = decode_tiles(torch.bfloat16, batch * bench.NUM_KV_HEADS, num_sms, kv == "fp8", bench.NUM_KV_HEADS)

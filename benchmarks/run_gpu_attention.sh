@@ -33,7 +33,8 @@ fi
 if [ "$PART" = variants ]; then
   echo "== decode attention: switches, tiles and split counts, bf16 and fp8 KV (decode_variants.py)"
   log="$OUT/decode_variants.log"
-  timeout 200 python3 benchmarks/decode_variants.py --max-seconds 140 --out "$OUT/decode_variants.json" > "$log" 2>&1
+  timeout 220 python3 benchmarks/decode_variants.py --decode 1x32768,1x512,8x8192,256x1024 --max-seconds 160 \
+      --out "$OUT/decode_variants.json" > "$log" 2>&1
   echo "exit $?"; grep -E "device-to-device|compiled|failed|skipped|WRONG" "$log" | head -12
   sed -n '/^[a-z]* KV, decode/,/^$/p' "$log" | head -60
   sed -n '/TB\/s (read + write); bf16 q/,$p' "$log"

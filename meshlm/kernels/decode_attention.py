@@ -363,6 +363,7 @@ def _launch(out, partial, lse, counters, q, k_cache, v_cache, scales, meta, scal
     grid = (num_programs, num_seqs) if tiles.heads_first else (num_seqs, num_programs)
     grid = (num_splits, *grid) if tiles.splits_first else (*grid, num_splits)
     merge_rows = triton.next_power_of_2(group * kv_heads)
+    options = {"maxnreg": tiles.max_registers} if tiles.max_registers is not None and q.is_cuda else {}
     _decode_split_kernel[grid](
         out, partial, lse, lse if counters is None else counters, q, k_cache, v_cache, *scales,
         meta.block_tables, meta.seq_lens, num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
@@ -378,7 +379,7 @@ def _launch(out, partial, lse, counters, q, k_cache, v_cache, scales, meta, scal
         HEADS_FIRST=tiles.heads_first, KV_HEADS=kv_heads, SPLITS_FIRST=tiles.splits_first,
         FUSED_MERGE=counters is not None, MERGE_ROWS=merge_rows,
         MERGE_CHUNK=merge_chunk(merge_rows, num_splits, head_dim),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **options,
     )
 
 

@@ -47,7 +47,10 @@ class DecodeTiles:
     - ``fused_merge``: the splits are merged inside the split kernel, by the last split of each
       pair to finish (:func:`meshlm.kernels.split_merge.merge_if_last`), instead of by a second
       kernel; splits past a sequence's keys then end at once, storing nothing, and a sequence
-      whose keys fit one split writes its output directly.
+      whose keys fit one split writes its output directly;
+    - ``max_registers``: a cap on each thread's registers (None: the compiler's choice), so that
+      more programs fit on an SM (on sm_90 the kernel's registers, not its shared memory, limit
+      it to 2 or 3 programs of 4 warps an SM), at the cost of spilling what does not fit.
     """
 
     block_n: int
@@ -60,6 +63,7 @@ class DecodeTiles:
     kv_heads_per_program: int = 1
     splits_first: bool = False
     fused_merge: bool = False
+    max_registers: int | None = None
 
     def check(self, kv_block_size: int, num_kv_heads: int) -> None:
         """Refuse a shape the kernel cannot run, naming every size involved."""
@@ -71,6 +75,8 @@ class DecodeTiles:
         if heads < 1 or heads & (heads - 1) or num_kv_heads % heads:
             raise ValueError(f"{self}: kv_heads_per_program={heads} must be a power of two that divides "
                              f"the {num_kv_heads} KV heads")
+        if self.max_registers is not None and not 32 <= self.max_registers <= 255:
+            raise ValueError(f"{self}: max_registers={self.max_registers} must lie in [32, 255] (or be None)")
         if self.paged_tile and self.block_n % kv_block_size:
             raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
                              f"the cache's block size {kv_block_size}")

@@ -152,6 +152,7 @@ VARIANTS = {"prefetch_table1": dict(prefetch_table=1), "prefetch_table2": dict(p
             "k_transposed": dict(k_transposed=True), "paged_tile": dict(paged_tile=True),
             "heads_first": dict(heads_first=True), "kv_heads2": dict(kv_heads_per_program=2),
             "splits_first": dict(splits_first=True), "fused_merge": dict(fused_merge=True),
+            "max_registers": dict(max_registers=128),
             "all": dict(prefetch_table=2, k_transposed=True, paged_tile=True, heads_first=True,
                         kv_heads_per_program=2, splits_first=True, fused_merge=True)}
 
@@ -173,6 +174,8 @@ def test_switches_out_of_range_are_refused():
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, prefetch_table=3))
     with pytest.raises(ValueError, match="kv_heads_per_program=2 must be a power of two that divides the 1 KV"):
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, kv_heads_per_program=2))
+    with pytest.raises(ValueError, match="max_registers=16 must lie in"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, max_registers=16))
     with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
         paged_decode_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), meta, 0.125,
                                tiles=DecodeTiles(16, 4, 2, paged_tile=True))
