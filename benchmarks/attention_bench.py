@@ -53,7 +53,7 @@ PREFILL_SWEEP = [UnifiedTiles(m, n, w, s) for m, n, w, s in
 # The decode kernel's switches (DecodeTiles fields) and their short names in the printout.
 SWITCHES = {"prefetch_table": "prefetch", "k_transposed": "ktrans", "paged_tile": "paged", "heads_first": "heads",
             "kv_heads_per_program": "kvheads", "splits_first": "splitsfirst", "fused_merge": "fused",
-            "max_registers": "maxreg"}
+            "min_split_tiles": "minsplit", "max_registers": "maxreg"}
 SWITCHES_OFF = DecodeTiles(16, 4, 2)
 
 

@@ -12,18 +12,20 @@ by a second kernel, and SDPA on contiguous keys and values; then
 1. every combination of the switches that set how the cache is read (:func:`switch_combinations`)
    at the default's tile size and split count;
 2. the fastest of them with the merge and the grid order switched, with its registers capped
-   (more programs an SM), at the tile shapes of ``VARIANT_TILES`` (keys x KV heads a program,
-   warps, stages: loads in flight per SM), and at other split counts: half, twice and four times the default's, the count for the context
-   itself, and those that make whole waves of 1 to 4 programs per SM (the tail of the last wave).
+   (more programs an SM), with longer splits where a split holds fewer than 4 or 16 tiles, at
+   the tile shapes of ``VARIANT_TILES`` (keys x KV heads a program, warps, stages: loads in
+   flight per SM), and at other split counts: half, twice and four times the default's, the
+   count for the context itself, and those that make whole waves of 1 to 4 programs per SM (the
+   tail of the last wave).
 
 Stage 1's kernels, then each shape's stage 2, compile first in worker processes.
 ``--graph-max-seq-len`` is the metadata's ``max_seq_len`` where the context is shorter, as the
 decode graphs set it (the model's length): at 1 x 512 the default then cuts 32 splits of which
 few hold keys, as a batch-1 decode step with a short context does. ``--max-seconds`` stops the
 timing of stages 1 and 2 (the tables still print): shapes are timed in the order given, each
-over both pools. Prints per shape the combinations fastest
-first, then one table: per pool and shape the default and the fastest launch, in microseconds and
-per cent of the device-to-device copy rate (read + write bytes) measured in the same run.
+over both pools. Prints per shape the launches fastest first, then one table: per pool and shape
+the default, the merge kernel, SDPA and the fastest launch, in microseconds and per cent of the
+device-to-device copy rate (read + write bytes) measured in the same run.
 """
 from __future__ import annotations
 
@@ -136,6 +138,8 @@ def stage_two(shape: Shape, tiles: DecodeTiles, count: int, num_sms: int) -> lis
     if count > 1:  # the merge and the order of the splits
         launches += [(dataclasses.replace(tiles, fused_merge=not tiles.fused_merge), count),
                      (dataclasses.replace(tiles, splits_first=not tiles.splits_first), count)]
+    split_tiles = -(-shape.context // (count * tiles.block_n))  # tiles a split covers
+    launches += [(dataclasses.replace(tiles, min_split_tiles=least), count) for least in (4, 16) if least > split_tiles]
     launches += [(with_columns(tiles, *shape_), count) for shape_ in VARIANT_TILES]
     launches += [(tiles, other) for other in split_counts(shape, tiles, count, num_sms)]
     return list(dict.fromkeys(launch for launch in launches if launch != (tiles, count)))

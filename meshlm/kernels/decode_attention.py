@@ -1,11 +1,10 @@
 """Paged attention for decode steps (one query token per sequence), split over the context.
 
 Grid: (sequence, KV head, split), the first two swapped or the split first by switches. One
-program loads the query
-rows of every head of its KV head's GQA group as one small matrix (``GROUP_ROWS`` rows, padded
-to at least 16 for the tensor cores) and attends them together to each KV tile, so a group's KV
-is read once. The program covers one split of its sequence's context, ``BLOCK_N`` keys at a
-time through the block table, with an online softmax in fp32.
+program loads the query rows of every head of its KV head's GQA group as one small matrix
+(``GROUP_ROWS`` rows, padded to at least 16 for the tensor cores) and attends them together to
+each KV tile, so a group's KV is read once. The program covers one split of its sequence's
+context, ``BLOCK_N`` keys at a time through the block table, with an online softmax in fp32.
 
 Split-KV ("flash decoding"): when sequences x KV heads are too few to fill the GPU, each
 sequence's keys are cut into ``num_splits`` equal runs of whole tiles, computed from the
@@ -23,9 +22,9 @@ lengths change between replays.
 
 The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`: block ids loaded 1 or 2
 tiles ahead, keys loaded transposed, one block-table load per cache block, the grid ordered KV
-head or split first, several KV heads a program, the merge inside the split kernel) change how the
-cache is read and the splits merged, not the result beyond rounding; ``decode_tiles`` picks them
-per batch shape (``benchmarks/decode_variants.py`` times them).
+head or split first, several KV heads a program, the merge inside the split kernel, a cap on the
+registers) change how the cache is read and the splits merged, not the result beyond rounding;
+``decode_tiles`` picks them per batch shape (``benchmarks/decode_variants.py`` times them).
 
 Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference` for rows
 whose query length is 1.
@@ -59,7 +58,7 @@ def _decode_split_kernel(
         KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
         K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr,
         KV_HEADS: tl.constexpr, SPLITS_FIRST: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr,
-        MERGE_CHUNK: tl.constexpr):
+        MERGE_CHUNK: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr):
     # A program attends KV_HEADS KV heads from kv_head on (its "pair": the sequence and those heads).
     seq, kv_program, num_kv_programs, split = _program_ids(HEADS_FIRST, SPLITS_FIRST)
     kv_head = kv_program * KV_HEADS
@@ -69,13 +68,14 @@ def _decode_split_kernel(
     if USE_WINDOW:
         key_lo = tl.maximum(seq_len - sliding_window, 0)
     first_tile = key_lo // BLOCK_N * BLOCK_N
-    # Whole tiles per split, from this sequence's length: splits share its keys evenly.
+    # Whole tiles per split, at least MIN_SPLIT_TILES, from this sequence's length: splits share
+    # its keys evenly, and a short sequence takes fewer (the later ones hold no key).
     split_keys = tl.cdiv(tl.cdiv(seq_len - first_tile, num_splits), BLOCK_N) * BLOCK_N
+    split_keys = tl.maximum(split_keys, MIN_SPLIT_TILES * BLOCK_N)
     num_active = 1  # splits that write a partial output (FUSED_MERGE: those that hold keys, and the first)
     if IS_SPLIT:
         num_active = num_splits
     if FUSED_MERGE:  # a split past the sequence's keys stores nothing and is not merged
-        split_keys = tl.maximum(split_keys, BLOCK_N)
         num_active = tl.maximum(tl.cdiv(seq_len - first_tile, split_keys), 1)
         if split >= num_active:
             return
@@ -378,7 +378,7 @@ def _launch(out, partial, lse, counters, q, k_cache, v_cache, scales, meta, scal
         PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
         HEADS_FIRST=tiles.heads_first, KV_HEADS=kv_heads, SPLITS_FIRST=tiles.splits_first,
         FUSED_MERGE=counters is not None, MERGE_ROWS=merge_rows,
-        MERGE_CHUNK=merge_chunk(merge_rows, num_splits, head_dim),
+        MERGE_CHUNK=merge_chunk(merge_rows, num_splits, head_dim), MIN_SPLIT_TILES=tiles.min_split_tiles,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **options,
     )
 

@@ -48,6 +48,9 @@ class DecodeTiles:
       pair to finish (:func:`meshlm.kernels.split_merge.merge_if_last`), instead of by a second
       kernel; splits past a sequence's keys then end at once, storing nothing, and a sequence
       whose keys fit one split writes its output directly;
+    - ``min_split_tiles``: a split covers at least this many tiles, so that a sequence much
+      shorter than the split count assumes (the decode graphs split for the model's length)
+      takes fewer splits, down to one, which (``fused_merge``) then needs no merge;
     - ``max_registers``: a cap on each thread's registers (None: the compiler's choice), so that
       more programs fit on an SM (on sm_90 the kernel's registers, not its shared memory, limit
       it to 2 or 3 programs of 4 warps an SM), at the cost of spilling what does not fit.
@@ -63,6 +66,7 @@ class DecodeTiles:
     kv_heads_per_program: int = 1
     splits_first: bool = False
     fused_merge: bool = False
+    min_split_tiles: int = 1
     max_registers: int | None = None
 
     def check(self, kv_block_size: int, num_kv_heads: int) -> None:
@@ -75,6 +79,8 @@ class DecodeTiles:
         if heads < 1 or heads & (heads - 1) or num_kv_heads % heads:
             raise ValueError(f"{self}: kv_heads_per_program={heads} must be a power of two that divides "
                              f"the {num_kv_heads} KV heads")
+        if self.min_split_tiles < 1:
+            raise ValueError(f"{self}: min_split_tiles={self.min_split_tiles} must be at least 1")
         if self.max_registers is not None and not 32 <= self.max_registers <= 255:
             raise ValueError(f"{self}: max_registers={self.max_registers} must lie in [32, 255] (or be None)")
         if self.paged_tile and self.block_n % kv_block_size:

@@ -117,7 +117,8 @@ def test_split_boundaries(fused_merge, seq_lens, num_splits, dtype):
 FUSED_CASES = {"many_splits": ([1100], 40, None), "uneven": ([200, 95], 3, None),
                "empty_splits": ([1, 2, 33], 9, None), "one_split": ([20, 31], 4, None),
                "window": ([300, 17], 6, 40)}
-FUSED_TILES = {"one_head": dict(), "two_heads_splits_first": dict(kv_heads_per_program=2, splits_first=True)}
+FUSED_TILES = {"one_head": dict(), "two_heads_splits_first": dict(kv_heads_per_program=2, splits_first=True),
+               "min_split_tiles3": dict(min_split_tiles=3)}
 
 
 @pytest.mark.parametrize("switches", FUSED_TILES)
@@ -152,7 +153,7 @@ VARIANTS = {"prefetch_table1": dict(prefetch_table=1), "prefetch_table2": dict(p
             "k_transposed": dict(k_transposed=True), "paged_tile": dict(paged_tile=True),
             "heads_first": dict(heads_first=True), "kv_heads2": dict(kv_heads_per_program=2),
             "splits_first": dict(splits_first=True), "fused_merge": dict(fused_merge=True),
-            "max_registers": dict(max_registers=128),
+            "max_registers": dict(max_registers=128), "min_split_tiles2": dict(min_split_tiles=2),
             "all": dict(prefetch_table=2, k_transposed=True, paged_tile=True, heads_first=True,
                         kv_heads_per_program=2, splits_first=True, fused_merge=True)}
 
@@ -174,6 +175,8 @@ def test_switches_out_of_range_are_refused():
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, prefetch_table=3))
     with pytest.raises(ValueError, match="kv_heads_per_program=2 must be a power of two that divides the 1 KV"):
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, kv_heads_per_program=2))
+    with pytest.raises(ValueError, match="min_split_tiles=0 must be at least 1"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, min_split_tiles=0))
     with pytest.raises(ValueError, match="max_registers=16 must lie in"):
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, max_registers=16))
     with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
