@@ -198,7 +198,7 @@ def compile_launches(pool, jobs: list[tuple[str, tuple[DecodeTiles, int]]]) -> N
     if pool is None or not jobs:
         return
     start = time.monotonic()
-    jobs = sorted({(kv, dataclasses.astuple(tiles), count) for kv, (tiles, count) in jobs})
+    jobs = list(dict.fromkeys((kv, dataclasses.astuple(tiles), count) for kv, (tiles, count) in jobs))
     failed = sum(pool.starmap(_compile, jobs, chunksize=1))
     print(f"compiled {len(jobs)} launches in {time.monotonic() - start:.0f} s ({failed} failed; they fail again, "
           "with the error, when timed)", flush=True)
@@ -207,8 +207,8 @@ def compile_launches(pool, jobs: list[tuple[str, tuple[DecodeTiles, int]]]) -> N
 def _compile(kv: str, fields: tuple, num_splits: int) -> int:
     """1 if the launch fails on a small batch, else 0 (a worker process)."""
     bench.KV_CACHE_DTYPE = kv
-    q, k_cache, v_cache, meta, _, scales = bench.make_batch(2, 256, 1)
     try:
+        q, k_cache, v_cache, meta, _, scales = bench.make_batch(2, 256, 1)
         paged_decode_attention(q, k_cache, v_cache, meta, bench.SCALE, None, DecodeTiles(*fields), num_splits,
                                **scales)
         torch.cuda.synchronize()
