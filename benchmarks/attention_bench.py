@@ -14,14 +14,10 @@ the two matrix products over the causal triangle (4 x heads x head_dim x L(L+1)/
 "of peak" their rate against a bf16 8192^3 matmul. Copy and matmul rates are measured in the same
 run. Each timing is the median of CUDA-event times after a warm-up. ``--sweep`` also times the
 decode kernel at other tiles and split counts and the unified kernel at other tiles, and prints
-the fastest of each per shape. ``--variants`` times combinations of the decode kernel's switches
-(``DecodeTiles``: prefetch_table, k_transposed, paged_tile, heads_first, kv_heads_per_program) at
-the shape's tiles and split count, then the fastest combination at other split counts and tiles,
-and prints per shape the best time of each combination and the fastest of all; the kernels
-compile first in parallel worker processes. ``--graph`` times every run as replays of a CUDA graph of it
-(the GPU's time alone, as decode steps run in the engine; without it, host launch overhead shows
-in short runs such as 1 x 32k); the default decode kernel is then also timed without a graph.
-Prints one table last.
+the fastest of each per shape. ``--graph`` times every run as replays of a CUDA graph of it (the
+GPU's time alone, as decode steps run in the engine; without it, host launch overhead shows in
+short runs such as 1 x 32k); the default decode kernel is then also timed without a graph.
+``decode_variants.py`` times the decode kernel's switches. Prints one table last.
 """
 from __future__ import annotations
 
@@ -29,12 +25,10 @@ import argparse
 import dataclasses
 import itertools
 import json
-import multiprocessing
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -59,13 +53,11 @@ SCALE = HEAD_DIM ** -0.5
 DECODE_SWEEP = [DecodeTiles(n, w, s) for n, w, s in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4))]
 PREFILL_SWEEP = [UnifiedTiles(m, n, w, s) for m, n, w, s in
                  itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
-# The decode kernel's switches (DecodeTiles fields): their short names in the printout and the values timed.
+# The decode kernel's switches (DecodeTiles fields) and their short names in the printout.
 SWITCHES = {"prefetch_table": "prefetch", "k_transposed": "ktrans", "paged_tile": "paged", "heads_first": "heads",
-            "kv_heads_per_program": "kvheads"}
+            "kv_heads_per_program": "kvheads", "splits_first": "splitsfirst", "fused_merge": "fused",
+            "min_split_tiles": "minsplit", "max_registers": "maxreg"}
 SWITCHES_OFF = DecodeTiles(16, 4, 2)
-# The fastest combination of switches is also timed at these tiles (tile columns = KV heads per
-# program x keys, warps, stages) and at other split counts.
-VARIANT_TILES = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
 
 
 def median_ms(fn, warmup: int = 5, iters: int = 25) -> float:
@@ -116,7 +108,7 @@ def matmul_tflop_s(n: int = 8192) -> float:
 # "fp8": the caches in float8 e4m3 with per-head scales (each head's largest value maps to 448);
 # SDPA and flex then read the dequantized bf16 keys and values. Set by --kv-cache-dtype.
 KV_CACHE_DTYPE = "auto"
-# When sweep and variant runs stop being timed (time.monotonic()); set by --max-seconds.
+# When sweep runs stop being timed (time.monotonic()); set by --max-seconds.
 DEADLINE = float("inf")
 
 
@@ -174,24 +166,21 @@ def flex_fn(q4, k, v, is_causal: bool):
 @dataclasses.dataclass
 class Case:
     """One shape's runs (name -> a function of no arguments), SDPA's output they are checked against,
-    and its work (decode: bytes of K and V; prefill: FLOPs). Decode also has ``call(tiles,
-    num_splits)``, which makes a run of the decode kernel, and the launch of each variant run."""
+    and its work (decode: bytes of K and V; prefill: FLOPs)."""
 
     runs: dict
     baseline: torch.Tensor
     work: int
-    call: Callable | None = None
-    launches: dict = dataclasses.field(default_factory=dict)  # name -> (DecodeTiles, num_splits)
 
 
 def decode_runs(batch: int, context: int, opts: argparse.Namespace) -> Case:
     q, k_cache, v_cache, meta, (q4, k, v), scales = make_batch(batch, context, 1)
-    tiles, splits = default_decode_shape(batch, context)
+    tiles, splits = default_decode_shape(batch, context, KV_CACHE_DTYPE == "fp8")
 
     def call(tiles: DecodeTiles | None = None, num_splits: int | None = None):
         return lambda: paged_decode_attention(q, k_cache, v_cache, meta, SCALE, None, tiles, num_splits, **scales)
 
-    runs = {f"decode {_decode_name(tiles, splits)}": call(),
+    runs = {f"decode {decode_name(tiles, splits)}": call(),
             f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, 1, q.dtype))}": lambda: unified_attention(
                 q, k_cache, v_cache, meta, SCALE, **scales),
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, enable_gqa=True)}
@@ -201,16 +190,14 @@ def decode_runs(batch: int, context: int, opts: argparse.Namespace) -> Case:
     if opts.sweep:
         split_counts = sorted({max(1, splits // 2), splits, 2 * splits, 4 * splits})
         for sweep_tiles, count in itertools.product(DECODE_SWEEP, split_counts):
-            runs[f"sweep decode {_decode_name(sweep_tiles, count)}"] = call(sweep_tiles, count)
-    launches = {}
-    if opts.variants:
-        for switches in switch_combinations():
-            variant = with_switches(tiles, switches)
-            launches[f"variant {_decode_name(variant, splits)}"] = (variant, splits)
-            runs[f"variant {_decode_name(variant, splits)}"] = call(variant, splits)
+            runs[f"sweep decode {decode_name(sweep_tiles, count)}"] = call(sweep_tiles, count)
     baseline = runs["sdpa"]().transpose(1, 2).reshape(q.shape).float()
-    work = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()  # K and V bytes
-    return Case(runs, baseline, work, call, launches)
+    return Case(runs, baseline, decode_bytes(batch, context, k_cache))
+
+
+def decode_bytes(batch: int, context: int, k_cache: torch.Tensor) -> int:
+    """The bytes of K and V a decode step of ``batch`` sequences at ``context`` keys reads."""
+    return 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
 
 
 def default_decode_shape(batch: int, context: int, kv_fp8: bool = False) -> tuple[DecodeTiles, int]:
@@ -218,24 +205,6 @@ def default_decode_shape(batch: int, context: int, kv_fp8: bool = False) -> tupl
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     return (decode_tiles(torch.bfloat16, batch * NUM_KV_HEADS, num_sms, kv_fp8, NUM_KV_HEADS),
             choose_num_splits(batch, NUM_KV_HEADS, context, num_sms))
-
-
-def switch_combinations() -> list[dict]:
-    """The combinations of the decode kernel's switches that --variants times, all off first: every
-    one with a program per KV head; with 2 or 4 KV heads a program, those of prefetch_table 0 / 2,
-    paged_tile and heads_first."""
-    one_head = [dict(prefetch_table=prefetch, k_transposed=k_transposed, paged_tile=paged, heads_first=heads)
-                for prefetch, k_transposed, paged, heads in itertools.product((0, 1, 2), *[(False, True)] * 3)]
-    several = [dict(prefetch_table=prefetch, paged_tile=paged, heads_first=heads, kv_heads_per_program=kv_heads)
-               for kv_heads, prefetch, paged, heads in itertools.product((2, 4), (0, 2), *[(False, True)] * 2)]
-    return one_head + several
-
-
-def with_switches(tiles: DecodeTiles, switches: dict) -> DecodeTiles:
-    """``tiles`` with ``switches`` on; several KV heads a program take as many fewer keys a tile,
-    so that a tile holds as many rows of the cache."""
-    kv_heads = switches.get("kv_heads_per_program", 1)
-    return dataclasses.replace(tiles, block_n=max(16, tiles.block_n // kv_heads), **switches)
 
 
 def prefill_runs(batch: int, length: int, opts: argparse.Namespace) -> Case:
@@ -261,7 +230,8 @@ def prefill_runs(batch: int, length: int, opts: argparse.Namespace) -> Case:
     return Case(runs, baseline, batch * 4 * NUM_HEADS * HEAD_DIM * length * (length + 1) // 2)  # FLOPs
 
 
-def _decode_name(tiles: DecodeTiles, splits: int) -> str:
+def decode_name(tiles: DecodeTiles, splits: int) -> str:
+    """'n64/4w/2s x9+prefetch2+heads': keys a tile, warps, stages, splits and the switches that are on."""
     return f"n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s x{splits}{_switches_name(dataclasses.asdict(tiles))}"
 
 
@@ -289,29 +259,16 @@ def bench_shape(kind: str, batch: int, length: int, peak: float, opts: argparse.
     shape = dict(kind=kind, shape=f"{batch}x{length}", work=case.work, peak=peak, baseline=case.baseline)
     rows = []
     for name, fn in case.runs.items():
-        rows += time_run(shape, name, fn, opts.graph and name != "flex (compiled)", case.launches.get(name))
+        rows += time_run(shape, name, fn, opts.graph and name != "flex (compiled)")
         if opts.graph and name.startswith("decode "):  # the launch overhead a graph hides
             rows += time_run(shape, f"{name} (no graph)", fn, False)
-    variants = [row for row in rows if "launch" in row]
-    if variants:  # the fastest combination of switches at other split counts, then at other tiles
-        launch = min(variants, key=lambda r: r["ms"])["launch"]
-        tiles, count = DecodeTiles(**launch["tiles"]), launch["num_splits"]
-        others = [(tiles, other_count) for other_count in sorted({max(1, count // 2), 2 * count, 4 * count} - {count})]
-        for columns, num_warps, num_stages in VARIANT_TILES:
-            block_n = max(16, columns // tiles.kv_heads_per_program)
-            others.append((dataclasses.replace(tiles, block_n=block_n, num_warps=num_warps, num_stages=num_stages),
-                           count))
-        for other, other_count in dict.fromkeys(o for o in others if o != (tiles, count)):
-            rows += time_run(shape, f"variant {_decode_name(other, other_count)}", case.call(other, other_count),
-                             opts.graph, (other, other_count))
     return rows
 
 
-def time_run(shape: dict, name: str, fn, graph: bool, launch: tuple | None = None) -> list[dict]:
-    """[one row] for the run ``fn`` of ``shape``, or [] when it fails or the time budget is spent;
-    a variant's row keeps its ``launch`` (tiles, split count)."""
+def time_run(shape: dict, name: str, fn, graph: bool) -> list[dict]:
+    """[one row] for the run ``fn`` of ``shape``, or [] when it fails or the time budget is spent."""
     kind, batch_x_length, work, peak = shape["kind"], shape["shape"], shape["work"], shape["peak"]
-    is_swept = name.startswith(("sweep", "variant"))
+    is_swept = name.startswith("sweep")
     if is_swept and time.monotonic() > DEADLINE:
         print(f"{kind} {batch_x_length:<11} {name:<44} skipped: --max-seconds spent", flush=True)
         return []
@@ -330,8 +287,6 @@ def time_run(shape: dict, name: str, fn, graph: bool, launch: tuple | None = Non
           f"{rate / peak:6.1%} of peak  max |diff| vs sdpa {err:.2e}", flush=True)
     row = dict(kind=kind, shape=batch_x_length, kernel=name, ms=ms, work=work / 1e9, rate=rate, unit=unit,
                of_peak=rate / peak, max_diff_vs_sdpa=err, timing="graph" if graph else "eager")
-    if launch is not None:
-        row["launch"] = dict(tiles=dataclasses.asdict(launch[0]), num_splits=launch[1])
     return [row]
 
 
@@ -341,7 +296,7 @@ def print_table(card: str, copy_rate: float, matmul_rate: float, rows: list[dict
           + ("; timed as CUDA-graph replays unless '(no graph)'" if any(r["timing"] == "graph" for r in rows) else ""))
     print(f"{'kind':<8} {'shape':<10} {'kernel':<36} {'us':>10} {'GB|TFLOP':>9} {'rate':>8} {'unit':<7} {'of peak':>8}")
     for row in rows:
-        if not row["kernel"].startswith(("sweep", "variant")):
+        if not row["kernel"].startswith("sweep"):
             print(f"{row['kind']:<8} {row['shape']:<10} {row['kernel']:<36} {row['ms'] * 1e3:10.1f} "
                   f"{row['work']:9.3f} {row['rate']:8.2f} {row['unit']:<7} {row['of_peak']:8.1%}")
     swept = [row for row in rows if row["kernel"].startswith("sweep")]
@@ -352,68 +307,6 @@ def print_table(card: str, copy_rate: float, matmul_rate: float, rows: list[dict
             best = min(group, key=lambda r: r["ms"])
             print(f"{kind:<8} {shape:<10} {best['kernel'].removeprefix('sweep '):<36} {best['ms'] * 1e3:10.1f} us "
                   f"{best['of_peak']:6.1%} of peak")
-    print_variants([row for row in rows if "launch" in row])
-
-
-def print_variants(rows: list[dict]) -> None:
-    """Per decode shape: each combination of switches at its best tiles and split count, fastest
-    first, then the fastest of all."""
-    fastest = []
-    for shape, group in itertools.groupby(rows, key=lambda r: r["shape"]):
-        best = {}
-        for row in group:
-            switches = _switches_name(row["launch"]["tiles"])
-            if switches not in best or row["ms"] < best[switches]["ms"]:
-                best[switches] = row
-        print(f"\nswitch combinations, decode {shape} ({KV_CACHE_DTYPE} KV; each at its best tiles and "
-              "splits, fastest first):")
-        for switches, row in sorted(best.items(), key=lambda item: item[1]["ms"]):
-            print(f"  {shape:<10} {switches.removeprefix('+') or 'none (the kernel as it is)':<28} "
-                  f"{row['kernel'].removeprefix('variant '):<44} {row['ms'] * 1e3:9.1f} us "
-                  f"{row['of_peak']:6.1%} of peak")
-        fastest.append(min(best.values(), key=lambda r: r["ms"]))
-    if fastest:
-        print(f"\nfastest decode variant per shape ({KV_CACHE_DTYPE} KV; DecodeTiles fields to paste as "
-              "defaults into decode_tiles / choose_num_splits):")
-        for row in fastest:
-            launch = row["launch"]
-            print(f"decode   {row['shape']:<10} {row['ms'] * 1e3:9.1f} us {row['of_peak']:6.1%} of peak  "
-                  f"num_splits={launch['num_splits']} {DecodeTiles(**launch['tiles'])}")
-
-
-def precompile_variants(decode_shapes: list[tuple[int, int]], num_workers: int) -> None:
-    """Compile the launches of the decode kernel that ``--variants`` times first (each combination
-    of switches at the shapes' own tiles, split and, where the shape's split count is 1, not) in
-    worker processes, into Triton's on-disk cache, which this process then reads instead of
-    compiling them one at a time. The fastest combination's other tiles compile as they run."""
-    jobs = set()
-    for batch, context in decode_shapes:
-        tiles, splits = default_decode_shape(batch, context)
-        for switches, count in itertools.product(switch_combinations(), {min(splits, 2), 2}):
-            jobs.add((dataclasses.astuple(with_switches(tiles, switches)), count))  # compiles split or not
-    jobs = sorted(jobs)
-    start = time.monotonic()
-    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-        failed = sum(pool.starmap(_compile_worker, [(KV_CACHE_DTYPE, jobs[i::num_workers])
-                                                    for i in range(num_workers)]))
-    print(f"compiled {len(jobs)} decode launches in {num_workers} processes in {time.monotonic() - start:.0f} s "
-          f"({failed} failed; they fail again, with the error, when timed)", flush=True)
-
-
-def _compile_worker(kv_cache_dtype: str, jobs: list[tuple[tuple, int]]) -> int:
-    """Run each (DecodeTiles fields, split count) once on a small batch; returns how many failed."""
-    global KV_CACHE_DTYPE
-    KV_CACHE_DTYPE = kv_cache_dtype
-    q, k_cache, v_cache, meta, _, scales = make_batch(2, 256, 1)
-    failed = 0
-    for fields, num_splits in jobs:
-        try:
-            paged_decode_attention(q, k_cache, v_cache, meta, SCALE, None, DecodeTiles(*fields), num_splits,
-                                   **scales)
-        except Exception:  # shared memory, registers: the timing run reports it
-            failed += 1
-    torch.cuda.synchronize()
-    return failed
 
 
 def main() -> None:
@@ -425,13 +318,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="auto: bf16 keys and values; fp8: float8 e4m3 with per-head scales")
-    parser.add_argument("--variants", action="store_true",
-                        help="also time combinations of the decode kernel's switches (DecodeTiles; switch_combinations)")
     parser.add_argument("--graph", action="store_true", help="time every run as replays of a CUDA graph")
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
-                        help="stop timing sweep and variant runs after this many seconds (the tables still print)")
-    parser.add_argument("--compile-workers", type=int, default=12,
-                        help="processes that compile the --variants launches first (0: compile as they run)")
+                        help="stop timing sweep runs after this many seconds (the tables still print)")
     args = parser.parse_args()
     global KV_CACHE_DTYPE, DEADLINE
     KV_CACHE_DTYPE = args.kv_cache_dtype
@@ -443,13 +332,10 @@ def main() -> None:
     copy_rate, matmul_rate = copy_tb_s(), matmul_tflop_s()
     print(f"{card}: device-to-device copy {copy_rate:.2f} TB/s (read + write), bf16 matmul "
           f"{matmul_rate:.0f} TFLOP/s", flush=True)
-    if args.variants and args.compile_workers > 0:
-        precompile_variants([_batch_x_length(shape) for shape in filter(None, args.decode.split(","))],
-                            args.compile_workers)
     rows = []
     for kind, shapes, peak in (("decode", args.decode, copy_rate), ("prefill", args.prefill, matmul_rate)):
         for shape in filter(None, shapes.split(",")):
-            rows += bench_shape(kind, *_batch_x_length(shape), peak, args)
+            rows += bench_shape(kind, *batch_x_length(shape), peak, args)
             torch.cuda.empty_cache()  # the shape's tensors are gone: give their memory back
     if args.out:
         args.out.write_text(json.dumps(dict(card=card, copy_tb_s=copy_rate, matmul_tflop_s=matmul_rate,
@@ -457,7 +343,7 @@ def main() -> None:
     print_table(card, copy_rate, matmul_rate, rows)
 
 
-def _batch_x_length(shape: str) -> tuple[int, int]:
+def batch_x_length(shape: str) -> tuple[int, int]:
     batch, length = (int(x) for x in shape.split("x"))
     return batch, length
 

@@ -4,8 +4,9 @@
 # meshlm/kernels/attention_tiles.py), then whole-model prefill of the Llama-3-8B shape against the
 # bf16 GEMM rate (gpu_bench.py --prefill). Each part fits one call of a few minutes: PART=decode,
 # PART=prefill or PART=model runs one of them. Logs and JSON under $OUT.
-# PART=variants (not part of all): every combination of the decode kernel's switches, bf16 KV then
-# fp8 KV, each timed as CUDA-graph replays at 256x1k, 1x32k, 8x8k and 1024x256 (about 3 minutes).
+# PART=variants (not part of all): the decode kernel's switches, tiles and split counts, bf16 KV
+# and fp8 KV, timed as CUDA-graph replays at 1x32k, 8x8k, 256x1k and 1x512 (decode_variants.py,
+# about 3 minutes).
 # PART=prefill_sweep (not part of all): the prefill kernel's launch shapes and switches at 1x8k and
 # 4x8k (prefill_sweep.py, about 3 minutes).
 # Usage: OUT=results [PART=decode|prefill|model|variants|prefill_sweep] bash benchmarks/run_gpu_attention.sh
@@ -32,17 +33,13 @@ if [ "$PART" = all ] || [ "$PART" = model ]; then
   tail -6 "$OUT/gpu_bench_prefill.log"
 fi
 if [ "$PART" = variants ]; then
-  for kv in auto fp8; do
-    echo "== decode attention, the kernel's switch combinations, $kv KV (attention_bench.py --variants --graph)"
-    log="$OUT/attention_variants_$kv.log"
-    timeout 110 python3 benchmarks/attention_bench.py --variants --graph --skip-flex --prefill "" \
-        --decode 256x1024,1x32768,8x8192,1024x256 --kv-cache-dtype $kv --max-seconds 85 \
-        --out "$OUT/attention_variants_$kv.json" > "$log" 2>&1
-    echo "exit $?"; grep -E "device-to-device|compiled|failed|skipped" "$log" | head -6
-    awk '/: copy .* TB\/s, bf16 matmul/ {on = 1} on && /^$/ {exit} on' "$log"   # the defaults, SDPA
-    grep -A 4 "^switch combinations" "$log" | grep -v "^--"; grep "none (the kernel" "$log"
-    sed -n '/^fastest decode variant/,$p' "$log"
-  done
+  echo "== decode attention: switches, tiles and split counts, bf16 and fp8 KV (decode_variants.py)"
+  log="$OUT/decode_variants.log"
+  timeout 220 python3 benchmarks/decode_variants.py --decode 1x32768,1x512,8x8192,256x1024 --max-seconds 160 \
+      --out "$OUT/decode_variants.json" > "$log" 2>&1
+  echo "exit $?"; grep -E "device-to-device|compiled|failed|skipped|WRONG" "$log" | head -12
+  sed -n '/^[a-z]* KV, decode/,/^$/p' "$log" | head -60
+  sed -n '/TB\/s (read + write); bf16 q/,$p' "$log"
 fi
 if [ "$PART" = prefill_sweep ]; then
   echo "== prefill kernel, launch shapes and switches (prefill_sweep.py)"

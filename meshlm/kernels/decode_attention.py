@@ -1,16 +1,19 @@
 """Paged attention for decode steps (one query token per sequence), split over the context.
 
-Grid: (sequence, KV head, split), or (KV head, sequence, split). One program loads the query
-rows of every head of its KV head's GQA group as one small matrix (``GROUP_ROWS`` rows, padded
-to at least 16 for the tensor cores) and attends them together to each KV tile, so a group's KV
-is read once. The program covers one split of its sequence's context, ``BLOCK_N`` keys at a
-time through the block table, with an online softmax in fp32.
+Grid: (sequence, KV head, split), the first two swapped or the split first by switches. One
+program loads the query rows of every head of its KV head's GQA group as one small matrix
+(``GROUP_ROWS`` rows, padded to at least 16 for the tensor cores) and attends them together to
+each KV tile, so a group's KV is read once. The program covers one split of its sequence's
+context, ``BLOCK_N`` keys at a time through the block table, with an online softmax in fp32.
 
 Split-KV ("flash decoding"): when sequences x KV heads are too few to fill the GPU, each
 sequence's keys are cut into ``num_splits`` equal runs of whole tiles, computed from the
 sequence's own length on the device; each split writes its normalised partial output and the
 log-sum-exp of its scores, and a second kernel merges the splits. A split that falls past its
-sequence's end writes an empty partial (log-sum-exp -inf) that the merge ignores.
+sequence's end writes an empty partial (log-sum-exp -inf) that the merge ignores. Or
+(``DecodeTiles.fused_merge``) the last split of each (sequence, KV heads) pair to finish merges
+the pair's splits in the same launch (:mod:`meshlm.kernels.split_merge`); the splits past the
+sequence's keys then end at once, and a sequence whose keys fit one split writes its output itself.
 
 ``num_splits`` comes from host values that stay fixed for a decode CUDA graph (the batch size,
 the KV heads, ``meta.max_seq_len``, which the graphs set to the model's length, and the SM
@@ -19,8 +22,9 @@ lengths change between replays.
 
 The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`: block ids loaded 1 or 2
 tiles ahead, keys loaded transposed, one block-table load per cache block, the grid ordered KV
-head first, several KV heads a program) change how the cache is read, never the result; all are
-off by default (``benchmarks/attention_bench.py --variants`` times them).
+head or split first, several KV heads a program, the merge inside the split kernel, a cap on the
+registers) change how the cache is read and the splits merged, not the result beyond rounding;
+``decode_tiles`` picks them per batch shape (``benchmarks/decode_variants.py`` times them).
 
 Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference` for rows
 whose query length is 1.
@@ -35,14 +39,14 @@ from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.decode_tiles import DecodeTiles, choose_num_splits, decode_tiles
 from meshlm.kernels.triton_launch import dot_precision, num_sms
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
-from meshlm.kernels.split_merge import merge_splits
+from meshlm.kernels.split_merge import merge_chunk, merge_if_last, merge_splits, split_counters
 
 _LOG2_E = 1.4426950408889634
 
 
 @triton.jit(do_not_specialize=["num_splits", "sliding_window", "stride_table_seq"])
 def _decode_split_kernel(
-        out_ptr, partial_ptr, lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+        out_ptr, partial_ptr, lse_ptr, counter_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
         block_tables_ptr, seq_lens_ptr, num_splits, qk_scale_log2, sliding_window,
         stride_q_token, stride_q_head, stride_o_token, stride_o_head,
         stride_k_block, stride_k_offset, stride_k_head,
@@ -53,24 +57,28 @@ def _decode_split_kernel(
         USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
         K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr,
-        KV_HEADS: tl.constexpr):
-    # A program attends KV_HEADS KV heads from kv_head on.
-    if HEADS_FIRST:  # grid (KV heads, sequence, split): a block's KV heads are read side by side
-        kv_head = tl.program_id(0) * KV_HEADS
-        seq = tl.program_id(1)
-        num_kv_heads = tl.num_programs(0) * KV_HEADS
-    else:  # grid (sequence, KV heads, split)
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1) * KV_HEADS
-        num_kv_heads = tl.num_programs(1) * KV_HEADS
-    split = tl.program_id(2)
+        KV_HEADS: tl.constexpr, SPLITS_FIRST: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr,
+        MERGE_CHUNK: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr):
+    # A program attends KV_HEADS KV heads from kv_head on (its "pair": the sequence and those heads).
+    seq, kv_program, num_kv_programs, split = _program_ids(HEADS_FIRST, SPLITS_FIRST)
+    kv_head = kv_program * KV_HEADS
+    num_kv_heads = num_kv_programs * KV_HEADS
     seq_len = tl.load(seq_lens_ptr + seq)
     key_lo = 0  # first key the query sees
     if USE_WINDOW:
         key_lo = tl.maximum(seq_len - sliding_window, 0)
     first_tile = key_lo // BLOCK_N * BLOCK_N
-    # Whole tiles per split, from this sequence's length: splits share its keys evenly.
+    # Whole tiles per split, at least MIN_SPLIT_TILES, from this sequence's length: splits share
+    # its keys evenly, and a short sequence takes fewer (the later ones hold no key).
     split_keys = tl.cdiv(tl.cdiv(seq_len - first_tile, num_splits), BLOCK_N) * BLOCK_N
+    split_keys = tl.maximum(split_keys, MIN_SPLIT_TILES * BLOCK_N)
+    num_active = 1  # splits that write a partial output (FUSED_MERGE: those that hold keys, and the first)
+    if IS_SPLIT:
+        num_active = num_splits
+    if FUSED_MERGE:  # a split past the sequence's keys stores nothing and is not merged
+        num_active = tl.maximum(tl.cdiv(seq_len - first_tile, split_keys), 1)
+        if split >= num_active:
+            return
     split_start = first_tile + split * split_keys
     split_end = tl.minimum(split_start + split_keys, seq_len)
 
@@ -121,15 +129,40 @@ def _decode_split_kernel(
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
         acc = acc * _row_scales(v_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
-    if IS_SPLIT:
+    o_offsets = seq.to(tl.int64) * stride_o_token + head[:, None] * stride_o_head + dims[None, :]
+    if num_active > 1:
         num_heads = num_kv_heads * GROUP
         part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_ROWS]
         tl.store(partial_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=is_row[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + part, lse, mask=is_row)
-    else:
-        o_offsets = seq.to(tl.int64) * stride_o_token + head[:, None] * stride_o_head + dims[None, :]
+        if FUSED_MERGE:
+            merge_if_last(out_ptr, partial_ptr, lse_ptr, counter_ptr, seq * num_kv_programs + kv_program, seq,
+                          kv_head * GROUP, num_heads, num_splits, num_active, stride_o_token, stride_o_head,
+                          KV_HEADS * GROUP, MERGE_ROWS, HEAD_DIM, MERGE_CHUNK)
+    else:  # one split, or the only one of this sequence that holds keys (FUSED_MERGE): the output
         tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
+
+
+@triton.jit
+def _program_ids(HEADS_FIRST: tl.constexpr, SPLITS_FIRST: tl.constexpr):
+    """(sequence, KV-heads program, KV-heads programs a sequence, split) of this program. The grid
+    is (sequence, KV heads, split); HEADS_FIRST swaps the first two (a block's KV heads are then
+    read side by side); SPLITS_FIRST puts the split first (a pair's splits then run side by side,
+    and a pair is merged as soon as its splits end, not all pairs at the end)."""
+    if SPLITS_FIRST:
+        split = tl.program_id(0)
+        first, second = tl.program_id(1), tl.program_id(2)
+        num_first, num_second = tl.num_programs(1), tl.num_programs(2)
+    else:
+        first, second = tl.program_id(0), tl.program_id(1)
+        num_first, num_second = tl.num_programs(0), tl.num_programs(1)
+        split = tl.program_id(2)
+    if HEADS_FIRST:
+        seq, kv_program, num_kv_programs = second, first, num_first
+    else:
+        seq, kv_program, num_kv_programs = first, second, num_second
+    return seq, kv_program, num_kv_programs, split
 
 
 @triton.jit
@@ -295,42 +328,59 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     _check_shapes(q, k_cache, v_cache, meta)
     num_seqs, num_heads, head_dim = q.shape
-    _, kv_block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_seqs == 0:
         return out
     tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, num_sms(q.device), is_fp8_kv(k_cache),
                                   num_kv_heads)
-    tiles.check(kv_block_size, num_kv_heads)
+    tiles.check(k_cache.shape[1], num_kv_heads)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, num_sms(q.device))
-    group = num_heads // num_kv_heads
     is_split = num_splits > 1
     # [num_seqs, num_heads, num_splits, head_dim] partial outputs, [..., num_splits] their log2-sum-exp
     partial = torch.empty((num_seqs, num_heads, num_splits, head_dim) if is_split else (0,),
                           dtype=torch.float32, device=q.device)
     lse = torch.empty(partial.shape[:-1] if is_split else (0,), dtype=torch.float32, device=q.device)
-    k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale)
     num_programs = num_kv_heads // tiles.kv_heads_per_program  # per sequence and split
-    grid = (num_programs, num_seqs, num_splits) if tiles.heads_first else (num_seqs, num_programs, num_splits)
+    counters = None  # the merge inside the split kernel, where it has its counters
+    if is_split and tiles.fused_merge:
+        counters = split_counters(q.device, num_seqs * num_programs)
+    _launch(out, partial, lse, counters, q, k_cache, v_cache, kernel_scales(k_cache, k_scale, v_scale), meta, scale,
+            sliding_window, tiles, num_splits)
+    if is_split and counters is None:
+        merge_splits(out, partial, lse)
+    return out
+
+
+def _launch(out, partial, lse, counters, q, k_cache, v_cache, scales, meta, scale, sliding_window, tiles,
+            num_splits) -> None:
+    num_seqs, num_heads, head_dim = q.shape
+    _, kv_block_size, num_kv_heads, _ = k_cache.shape
+    kv_heads = tiles.kv_heads_per_program
+    group = num_heads // num_kv_heads
+    num_programs = num_kv_heads // kv_heads  # per sequence and split
+    grid = (num_programs, num_seqs) if tiles.heads_first else (num_seqs, num_programs)
+    grid = (num_splits, *grid) if tiles.splits_first else (*grid, num_splits)
+    merge_rows = triton.next_power_of_2(group * kv_heads)
+    options = {"maxnreg": tiles.max_registers} if tiles.max_registers is not None and q.is_cuda else {}
     _decode_split_kernel[grid](
-        out, partial, lse, q, k_cache, v_cache, k_scale, v_scale, meta.block_tables, meta.seq_lens,
-        num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
+        out, partial, lse, lse if counters is None else counters, q, k_cache, v_cache, *scales,
+        meta.block_tables, meta.seq_lens, num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         meta.block_tables.stride(0),
-        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group * tiles.kv_heads_per_program)),
-        BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split,
+        GROUP=group, GROUP_ROWS=max(16, merge_rows), BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=kv_block_size,
+        HEAD_DIM=head_dim, IS_SPLIT=num_splits > 1,
         KV_FP8=is_fp8_kv(k_cache), KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
         PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
-        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        HEADS_FIRST=tiles.heads_first, KV_HEADS=kv_heads, SPLITS_FIRST=tiles.splits_first,
+        FUSED_MERGE=counters is not None, MERGE_ROWS=merge_rows,
+        MERGE_CHUNK=merge_chunk(merge_rows, num_splits, head_dim), MIN_SPLIT_TILES=tiles.min_split_tiles,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **options,
     )
-    if is_split:
-        merge_splits(out, partial, lse)
-    return out
 
 
 def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:

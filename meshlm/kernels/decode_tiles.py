@@ -15,6 +15,9 @@ _PROGRAMS_PER_SM = 4
 # Up to this many (sequence, KV head) programs per SM, 128-key tiles read faster; beyond it, 64-key
 # tiles (attention_bench.py --sweep on an H200: 1 x 32k, 8 x 8k and 64 x 2k against 256 x 1k, 1024 x 256).
 _LARGE_TILE_PROGRAMS_PER_SM = 4
+# Up to one (sequence, KV head) pair per this many SMs (a sequence or two of 8 KV heads on an
+# H200), 16-bit KV read fastest in small tiles of two KV heads (the variant sweep at 1 x 32k).
+_SMS_PER_PAIR = 8
 # A split covers at least this many keys: shorter splits cost more in merging than they give.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
@@ -38,7 +41,19 @@ class DecodeTiles:
     - ``kv_heads_per_program``: a program attends this many neighbouring KV heads at once: a tile
       holds each of its ``block_n`` keys for every one of them (rows of ``kv_heads_per_program`` x
       256 bytes along memory), and the query rows of all their groups fill the 16 rows a GQA group
-      of 4 pads to; a row's scores outside its own head are masked.
+      of 4 pads to; a row's scores outside its own head are masked;
+    - ``splits_first``: the grid runs (split, ...), so that the splits of one (sequence, KV heads)
+      pair start side by side instead of every pair's first split before any second split;
+    - ``fused_merge``: the splits are merged inside the split kernel, by the last split of each
+      pair to finish (:func:`meshlm.kernels.split_merge.merge_if_last`), instead of by a second
+      kernel; splits past a sequence's keys then end at once, storing nothing, and a sequence
+      whose keys fit one split writes its output directly;
+    - ``min_split_tiles``: a split covers at least this many tiles, so that a sequence much
+      shorter than the split count assumes (the decode graphs split for the model's length)
+      takes fewer splits, down to one, which (``fused_merge``) then needs no merge;
+    - ``max_registers``: a cap on each thread's registers (None: the compiler's choice), so that
+      more programs fit on an SM (on sm_90 the kernel's registers, not its shared memory, limit
+      it to 2 or 3 programs of 4 warps an SM), at the cost of spilling what does not fit.
     """
 
     block_n: int
@@ -49,6 +64,10 @@ class DecodeTiles:
     paged_tile: bool = False
     heads_first: bool = False
     kv_heads_per_program: int = 1
+    splits_first: bool = False
+    fused_merge: bool = False
+    min_split_tiles: int = 1
+    max_registers: int | None = None
 
     def check(self, kv_block_size: int, num_kv_heads: int) -> None:
         """Refuse a shape the kernel cannot run, naming every size involved."""
@@ -60,6 +79,10 @@ class DecodeTiles:
         if heads < 1 or heads & (heads - 1) or num_kv_heads % heads:
             raise ValueError(f"{self}: kv_heads_per_program={heads} must be a power of two that divides "
                              f"the {num_kv_heads} KV heads")
+        if self.min_split_tiles < 1:
+            raise ValueError(f"{self}: min_split_tiles={self.min_split_tiles} must be at least 1")
+        if self.max_registers is not None and not 32 <= self.max_registers <= 255:
+            raise ValueError(f"{self}: max_registers={self.max_registers} must lie in [32, 255] (or be None)")
         if self.paged_tile and self.block_n % kv_block_size:
             raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
                              f"the cache's block size {kv_block_size}")
@@ -80,27 +103,36 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
     """Tiles and switches of the split kernel for ``num_programs`` (sequence, KV head) pairs on
     ``num_sms`` SMs, over a 16-bit or (``kv_fp8``) float8 pool of ``num_kv_heads`` KV heads a rank.
 
-    From ``attention_bench.py --variants --graph`` on an H200 (kernels replayed in CUDA graphs, as
-    the engine runs decode steps; per cent of copy bandwidth, the earlier default -> this one):
+    From the variant sweeps (``benchmarks/decode_variants.py``) on an H200 (kernels replayed in
+    CUDA graphs, as the engine runs decode steps; per cent of copy bandwidth, the earlier default
+    -> this one):
+    - 16-bit KV, a sequence or two (``_SMS_PER_PAIR``): 32-key tiles in 3 stages, block ids two
+      tiles ahead, two KV heads a program: 1 x 32k 71.6 -> 76.5 % (it lost at 8 x 8k);
     - 16-bit KV, few pairs (long contexts in small batches): 128-key tiles, block ids two tiles
-      ahead, keys loaded transposed: 8 x 8k 79 -> 90 %, 1 x 32k 70 % either way;
+      ahead, keys loaded transposed: 8 x 8k 79 -> 90 %;
     - 16-bit KV, many pairs: 64-key tiles, a sequence's KV heads side by side in the grid:
       256 x 1k 99.6 -> 101.7 %, 1024 x 256 94.9 -> 97.4 % (against a read+write copy);
     - fp8 KV, few pairs: 64-key tiles in 3 stages, block ids two ahead, two KV heads a program:
       1 x 32k 44 -> 52 %, 8 x 8k 53 -> 59 %;
     - fp8 KV, many pairs: 64-key tiles, block ids one tile ahead: 256 x 1k 55 -> 63 %,
       1024 x 256 52 -> 57 %.
-    fp32 (tests): 32-key tiles, which keep its twice larger tiles within shared memory and compile
-    quickly."""
+    Split launches merge inside the split kernel (``fused_merge``): one launch instead of two, and
+    at batch 1 with a short context (the decode graphs split for the model's whole length) the
+    splits past the sequence's keys end at once. fp32 (tests): 32-key tiles, which keep its twice
+    larger tiles within shared memory and compile quickly."""
     if dtype == torch.float32:
-        return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
+        return DecodeTiles(block_n=32, num_warps=4, num_stages=2, fused_merge=True)
     is_few = num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms
+    two_heads = 2 if num_kv_heads % 2 == 0 else 1
     if kv_fp8 and is_few:
-        return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2,
-                           kv_heads_per_program=2 if num_kv_heads % 2 == 0 else 1)
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads,
+                           fused_merge=True)
     if kv_fp8:
-        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=1)
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=1, fused_merge=True)
+    if num_programs * _SMS_PER_PAIR <= num_sms:
+        return DecodeTiles(block_n=32, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads,
+                           fused_merge=True)
     if is_few:
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, k_transposed=True)
-    return DecodeTiles(block_n=64, num_warps=4, num_stages=2, heads_first=True)
-
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, k_transposed=True,
+                           fused_merge=True)
+    return DecodeTiles(block_n=64, num_warps=4, num_stages=2, heads_first=True, fused_merge=True)

@@ -15,3 +15,16 @@ KERNEL_MARKS = [pytest.mark.gpu,
                 pytest.mark.skipif(not HAS_CUDA and not IS_INTERPRETED,
                                    reason="needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")]
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+
+
+def random_block_tables(blocks_per_seq, num_blocks: int, max_blocks: int, gen: torch.Generator) -> torch.Tensor:
+    """[num_seqs, max_blocks] int64 block tables on the CPU: sequence i's first ``blocks_per_seq[i]``
+    entries are blocks of one random permutation (no block in two sequences), the other entries
+    random valid block ids, whose keys no query may see."""
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.randint(0, num_blocks, (len(blocks_per_seq), max_blocks), generator=gen)
+    first = 0
+    for row, count in enumerate(blocks_per_seq):
+        tables[row, :count] = order[first:first + count]
+        first += count
+    return tables

@@ -9,6 +9,8 @@ tolerance is one bf16 step wider.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ from meshlm.kernels.decode_attention import (  # noqa: E402
     DecodeTiles, choose_num_splits, decode_tiles, paged_decode_attention)
 from meshlm.kernels.triton_attention import paged_attention_triton  # noqa: E402
 
-from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
+from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda, random_block_tables  # noqa: E402
 
 pytestmark = KERNEL_MARKS
 
@@ -43,12 +45,7 @@ def make_decode(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: in
     max_blocks = int(blocks_per_seq.max()) + 1 if max_blocks is None else max_blocks
     num_blocks = int(blocks_per_seq.sum()) + 3 if num_blocks is None else num_blocks
     assert num_blocks >= blocks_per_seq.sum() and max_blocks >= blocks_per_seq.max()
-    order = torch.randperm(num_blocks, generator=gen)
-    tables = torch.randint(0, num_blocks, (len(lens), max_blocks), generator=gen)
-    first = 0
-    for row, count in enumerate(blocks_per_seq):
-        tables[row, :count] = order[first:first + count]
-        first += count
+    tables = random_block_tables(blocks_per_seq, num_blocks, max_blocks, gen)
     values = torch.Generator(DEVICE).manual_seed(seed)
     shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
     q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=values, device=DEVICE)
@@ -107,9 +104,39 @@ def test_matches_reference(num_splits, group, head_dim, dtype):
     ([1, 64, 65, 129, 7, 48, 90, 33], 2),  # a batch of eight
     ([2100, 40], 70),  # more splits than the merge loads in one tile: two chunks, the second partial
 ], ids=["empty_splits", "block_edges", "one_long", "batch8", "merge_chunks"])
-def test_split_boundaries(seq_lens, num_splits, dtype):
-    max_err, mean_err = errors(seq_lens, 2, 4, 64, dtype, num_splits, tiles=_small_tiles(dtype), seed=3)
+@pytest.mark.parametrize("fused_merge", [False, True], ids=["merge_kernel", "fused_merge"])
+def test_split_boundaries(fused_merge, seq_lens, num_splits, dtype):
+    tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, fused_merge=fused_merge)
+    max_err, mean_err = errors(seq_lens, 2, 4, 64, dtype, num_splits, tiles=tiles, seed=3)
     assert_close((seq_lens, num_splits), max_err, mean_err, dtype)
+
+
+# (lengths, splits, window): more active splits than the fused merge loads at once (32 at 4 rows of
+# 64), uneven splits (whole tiles: the last one short), sequences whose later splits hold no key,
+# keys that fit one split, a window.
+FUSED_CASES = {"many_splits": ([1100], 40, None), "uneven": ([200, 95], 3, None),
+               "empty_splits": ([1, 2, 33], 9, None), "one_split": ([20, 31], 4, None),
+               "window": ([300, 17], 6, 40)}
+FUSED_TILES = {"one_head": dict(), "two_heads_splits_first": dict(kv_heads_per_program=2, splits_first=True),
+               "min_split_tiles3": dict(min_split_tiles=3)}
+
+
+@pytest.mark.parametrize("switches", FUSED_TILES)
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_merge_equals_the_merge_kernel(case, switches):
+    """The merge inside the split kernel against the merge kernel (fp32: equal to rounding) and the
+    reference; launched twice, so that the first launch must leave every counter at zero."""
+    seq_lens, num_splits, window = FUSED_CASES[case]
+    q, k_cache, v_cache, meta = make_decode(seq_lens, 2, 4, 64, torch.float32, seed=7)
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, 0.125, window)
+    tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **FUSED_TILES[switches])
+    two_kernels = paged_decode_attention(q, k_cache, v_cache, meta, 0.125, window, tiles, num_splits)
+    fused = dataclasses.replace(tiles, fused_merge=True)
+    for launch in range(2):
+        got = paged_decode_attention(q, k_cache, v_cache, meta, 0.125, window, fused, num_splits)
+        assert (got - two_kernels).abs().max().item() < 1e-6, (case, switches, launch)
+        assert_close((case, switches, launch), (got - expected).abs().max().item(),
+                     (got - expected).abs().mean().item(), torch.float32)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -125,8 +152,10 @@ def test_sliding_window(window, num_splits):
 VARIANTS = {"prefetch_table1": dict(prefetch_table=1), "prefetch_table2": dict(prefetch_table=2),
             "k_transposed": dict(k_transposed=True), "paged_tile": dict(paged_tile=True),
             "heads_first": dict(heads_first=True), "kv_heads2": dict(kv_heads_per_program=2),
+            "splits_first": dict(splits_first=True), "fused_merge": dict(fused_merge=True),
+            "max_registers": dict(max_registers=128), "min_split_tiles2": dict(min_split_tiles=2),
             "all": dict(prefetch_table=2, k_transposed=True, paged_tile=True, heads_first=True,
-                        kv_heads_per_program=2)}
+                        kv_heads_per_program=2, splits_first=True, fused_merge=True)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -146,6 +175,10 @@ def test_switches_out_of_range_are_refused():
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, prefetch_table=3))
     with pytest.raises(ValueError, match="kv_heads_per_program=2 must be a power of two that divides the 1 KV"):
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, kv_heads_per_program=2))
+    with pytest.raises(ValueError, match="min_split_tiles=0 must be at least 1"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, min_split_tiles=0))
+    with pytest.raises(ValueError, match="max_registers=16 must lie in"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, max_registers=16))
     with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
         paged_decode_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), meta, 0.125,
                                tiles=DecodeTiles(16, 4, 2, paged_tile=True))
@@ -187,12 +220,23 @@ def test_default_tiles_shrink_when_programs_are_many():
     assert decode_tiles(torch.bfloat16, 8 * 256, 132).block_n == 64
 
 
-def test_fp8_tiles_take_two_kv_heads_only_where_they_divide():
-    assert decode_tiles(torch.bfloat16, 8, 132, kv_fp8=True, num_kv_heads=8).kv_heads_per_program == 2
-    assert decode_tiles(torch.bfloat16, 3, 132, kv_fp8=True, num_kv_heads=3).kv_heads_per_program == 1
-    for num_kv_heads in (1, 2, 3, 8):  # every default the kernel can run
-        for num_programs in (num_kv_heads, 4096 * num_kv_heads):
-            decode_tiles(torch.bfloat16, num_programs, 132, True, num_kv_heads).check(16, num_kv_heads)
+def test_small_batches_take_two_kv_heads_only_where_they_divide():
+    for kv_fp8 in (False, True):
+        assert decode_tiles(torch.bfloat16, 8, 132, kv_fp8, num_kv_heads=8).kv_heads_per_program == 2
+        assert decode_tiles(torch.bfloat16, 3, 132, kv_fp8, num_kv_heads=3).kv_heads_per_program == 1
+        for num_kv_heads in (1, 2, 3, 8):  # every default the kernel can run
+            for num_programs in (num_kv_heads, 4096 * num_kv_heads):
+                decode_tiles(torch.bfloat16, num_programs, 132, kv_fp8, num_kv_heads).check(16, num_kv_heads)
+
+
+def test_one_sequence_reads_small_tiles_and_every_default_merges_in_the_split_kernel():
+    one = decode_tiles(torch.bfloat16, 8, 132, num_kv_heads=8)  # 1 x 32k
+    assert (one.block_n, one.num_stages, one.prefetch_table, one.kv_heads_per_program) == (32, 3, 2, 2)
+    assert decode_tiles(torch.bfloat16, 8 * 8, 132, num_kv_heads=8).block_n == 128  # 8 x 8k
+    for dtype in (torch.float32, torch.bfloat16):
+        for kv_fp8 in (False, True):
+            for num_programs in (8, 512, 8192):
+                assert decode_tiles(dtype, num_programs, 132, kv_fp8, 8).fused_merge
 
 
 def _small_tiles(dtype):
@@ -234,9 +278,12 @@ def test_variants_on_a_long_context(variant):
 
 
 @needs_cuda
-def test_cuda_graph_replay_follows_new_lengths():
+@pytest.mark.parametrize("merge", ["default", "merge_kernel", "fused_merge"])
+def test_cuda_graph_replay_follows_new_lengths(merge):
     """Capture a decode batch as the graph runner does (max_seq_len = the model's length), then
-    replay with other lengths (longer, shorter, one token) in the same buffers."""
+    replay with other lengths (longer, shorter, one token) in the same buffers: through the entry
+    point with the default tiles, and with the splits merged by a second kernel or inside the split
+    kernel (whose counters must be back at zero after each replay)."""
     first = [300, 17, 1, 2000]
     second = [4000, 1, 640, 33]
     scale = 128 ** -0.5
@@ -246,14 +293,21 @@ def test_cuda_graph_replay_follows_new_lengths():
     meta.max_seq_len = 4096
     assert choose_num_splits(4, 8, 4096, torch.cuda.get_device_properties(DEVICE).multi_processor_count) > 1
 
+    tiles = dataclasses.replace(decode_tiles(torch.bfloat16, 4 * 8, 132), fused_merge=merge == "fused_merge")
+
+    def attend():
+        if merge == "default":
+            return paged_attention_triton(q, k_cache, v_cache, meta, scale)
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, tiles=tiles)
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and warm up outside the capture
-        paged_attention_triton(q, k_cache, v_cache, meta, scale)
+        attend()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = paged_attention_triton(q, k_cache, v_cache, meta, scale)
+        out = attend()
     graph.replay()
     torch.cuda.synchronize()
     expected = paged_attention_reference(q, k_cache, v_cache, meta, scale).float()
@@ -269,3 +323,7 @@ def test_cuda_graph_replay_follows_new_lengths():
     expected2 = paged_attention_reference(q, k_cache, v_cache, meta, scale).float()
     assert (expected2 - expected).abs().max().item() > 0.5  # the second batch really differs
     assert (out.float() - expected2).abs().max().item() < 3e-2
+    first_out = out.clone()
+    graph.replay()  # the same inputs again: the same bits (the merge's order is fixed)
+    torch.cuda.synchronize()
+    assert torch.equal(out, first_out)

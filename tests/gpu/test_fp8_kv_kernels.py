@@ -27,7 +27,7 @@ from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
 from meshlm.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv  # noqa: E402
 from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
 
-from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
+from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda, random_block_tables  # noqa: E402
 
 pytestmark = KERNEL_MARKS
 
@@ -51,12 +51,7 @@ def make_fp8_case(seqs: list[tuple[int, int]], num_kv_heads: int, group: int, he
     seq_lens = cached + query_lens
     blocks_per_seq = -(-seq_lens // BLOCK_SIZE)
     num_blocks, max_blocks = int(blocks_per_seq.sum()) + 3, int(blocks_per_seq.max()) + 1
-    order = torch.randperm(num_blocks, generator=gen)
-    tables = torch.randint(0, num_blocks, (len(seqs), max_blocks), generator=gen)
-    first = 0
-    for row, count in enumerate(blocks_per_seq):
-        tables[row, :count] = order[first:first + count]
-        first += count
+    tables = random_block_tables(blocks_per_seq, num_blocks, max_blocks, gen)
     shape = (num_blocks * BLOCK_SIZE, num_kv_heads, head_dim)
     k_scale = torch.rand(num_kv_heads, generator=gen) * 0.02 + 0.01  # keys up to 4.5-13 in range
     v_scale = torch.rand(num_kv_heads, generator=gen) * 0.02 + 0.01
@@ -104,9 +99,11 @@ def test_decode_kernel_reads_fp8(group, window, num_splits, dtype):
 @pytest.mark.parametrize("num_splits,window", [(1, None), (3, 24)], ids=["whole", "split_window24"])
 @pytest.mark.parametrize("switches", [dict(prefetch_table=2), dict(k_transposed=True), dict(paged_tile=True),
                                       dict(heads_first=True), dict(kv_heads_per_program=2),
-                                      dict(kv_heads_per_program=2, paged_tile=True, k_transposed=True)],
+                                      dict(kv_heads_per_program=2, paged_tile=True, k_transposed=True),
+                                      dict(fused_merge=True), dict(fused_merge=True, kv_heads_per_program=2,
+                                                                   splits_first=True)],
                          ids=["prefetch_table2", "k_transposed", "paged_tile", "heads_first", "kv_heads2",
-                              "kv_heads2_paged_ktrans"])
+                              "kv_heads2_paged_ktrans", "fused_merge", "fused_merge_kv_heads2_splits_first"])
 def test_decode_kernel_variants_read_fp8(switches, num_splits, window, dtype):
     tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **switches)
     max_err, mean_err = errors(paged_decode_attention, DECODES, 2, 4, 64, dtype, window, num_splits=num_splits,

@@ -10,6 +10,8 @@ pytest.importorskip("triton")
 from meshlm.kernels.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
 from meshlm.kernels.triton_attention import paged_attention_triton  # noqa: E402
 
+from tests.gpu.kernel_device import random_block_tables  # noqa: E402
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -38,12 +40,7 @@ def make_case(seqs: list[tuple[int, int]], num_kv_heads: int, group: int, head_d
     max_blocks = int(blocks_per_seq.max()) + 1 if max_blocks is None else max_blocks
     num_blocks = int(blocks_per_seq.sum()) + 3 if num_blocks is None else num_blocks
     assert num_blocks >= blocks_per_seq.sum() and max_blocks >= blocks_per_seq.max()
-    order = torch.randperm(num_blocks, generator=gen)
-    tables = torch.randint(0, num_blocks, (len(seqs), max_blocks), generator=gen)
-    first = 0
-    for row, count in enumerate(blocks_per_seq):
-        tables[row, :count] = order[first:first + count]
-        first += count
+    tables = random_block_tables(blocks_per_seq, num_blocks, max_blocks, gen)
 
     num_tokens = int(query_lens.sum())
     values = torch.Generator(device).manual_seed(seed)
