@@ -33,6 +33,7 @@ import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.decode_tiles import DecodeTiles, choose_num_splits, decode_tiles
+from meshlm.kernels.fp8_widen import F16_WIDEN_FACTOR, widen_fp8
 from meshlm.kernels.triton_launch import dot_precision, num_sms
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 from meshlm.kernels.split_merge import merge_splits
@@ -53,7 +54,7 @@ def _decode_split_kernel(
         USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
         K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr,
-        KV_HEADS: tl.constexpr):
+        KV_HEADS: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr):
     # A program attends KV_HEADS KV heads from kv_head on.
     if HEADS_FIRST:  # grid (KV heads, sequence, split): a block's KV heads are read side by side
         kv_head = tl.program_id(0) * KV_HEADS
@@ -111,12 +112,12 @@ def _decode_split_kernel(
         acc, l_i, m_i, ahead, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8,
-        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V)
     acc, l_i, m_i, ahead = _walk_tiles(
         acc, l_i, m_i, ahead, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8,
-        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
@@ -138,11 +139,16 @@ def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, 
                 stride_v_offset, stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
-                KV_HEADS: tl.constexpr):
+                KV_HEADS: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr):
     """The online softmax over the tiles in [start, end). ``ahead`` holds the block ids of the next
     PREFETCH_TABLE tiles (of ``start`` on; 2: joined as [ids, 2]) and comes back holding those of
     the tiles from ``end`` on. Every value the loop carries is computed in it: Triton does not
-    pipeline a loop that passes a carried value on unchanged."""
+    pipeline a loop that passes a carried value on unchanged. ``SWAP_AB``: the loop runs on q^T,
+    acc^T and the scale as a row [1, GROUP_ROWS] (:func:`_decode_tile`)."""
+    if SWAP_AB:
+        q = tl.trans(q)  # [HEAD_DIM, GROUP_ROWS]
+        acc = tl.trans(acc)  # [HEAD_DIM, GROUP_ROWS]
+        qk_scale_log2 = tl.trans(qk_scale_log2 + tl.zeros([q.shape[1], 1], dtype=tl.float32))  # [1, GROUP_ROWS]
     for tile_start in range(start, end, BLOCK_N):
         if PREFETCH_TABLE == 2:
             tile_blocks, next_blocks = tl.split(ahead)
@@ -159,7 +165,9 @@ def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, 
             acc, l_i, m_i, q, k_head, v_head, tile_blocks, tile_start, key_lo, seq_len, dims, row_kv_head,
             qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
             stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED,
-            PAGED_TILE, KV_HEADS)
+            PAGED_TILE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V)
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [GROUP_ROWS, HEAD_DIM]
     return acc, l_i, m_i, ahead
 
 
@@ -225,11 +233,15 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
                  qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
                  stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
-                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr):
+                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr,
+                 SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr):
     """One online-softmax step of the rows over keys [tile_start, tile_start + BLOCK_N), whose
     cache blocks are ``blocks`` (:func:`_tile_blocks`). With KV_HEADS > 1 the tile holds each key
     of every KV head of the program (:func:`_tile_columns`) and a row sees its own head's only.
-    ``KV_FP8``: k and v are float8, converted exactly to q's dtype (the caller applies their scales)."""
+    ``KV_FP8``: k and v are float8, widened to q's dtype (:func:`meshlm.kernels.fp8_widen.widen_fp8`;
+    the caller applies their scales, this tile the factor that bit moves leave). ``SWAP_AB``: q,
+    acc and qk_scale_log2 come transposed ([HEAD_DIM, GROUP_ROWS], [1, GROUP_ROWS]) and the
+    products run with the tile first, scores^T = K q^T and acc^T += V^T p^T."""
     if KV_HEADS > 1:
         key_pos, column_kv_head = _tile_columns(tile_start, BLOCK_N, KV_HEADS)  # [KV_HEADS * BLOCK_N]
     else:
@@ -253,32 +265,55 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     else:
         k = tl.load(k_head + k_offsets)
         v = tl.load(v_head + v_offsets)
-    if not K_TRANSPOSED:
+    if not K_TRANSPOSED and not SWAP_AB:
         k = tl.trans(k)  # [HEAD_DIM, BLOCK_N]
-    if KV_FP8:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-
+    if KV_FP8:  # bit moves leave k (v) times 2^-8: the scores (probabilities) take the 2^8 back
+        k = widen_fp8(k, q.dtype, WIDEN_K)
+        v = widen_fp8(v, q.dtype, WIDEN_V)
+        if WIDEN_K > 0:
+            qk_scale_log2 = qk_scale_log2 * F16_WIDEN_FACTOR
     if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers
         q = q.to(tl.float32)
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, KV_HEADS * BLOCK_N]
-    if MASKED:
-        scores = tl.where(is_key[None, :], scores, float("-inf"))
-    if KV_HEADS > 1:
-        scores = tl.where(row_kv_head[:, None] == column_kv_head[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(scores - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if SWAP_AB:
+        scores = tl.dot(k, q, input_precision=DOT_PRECISION) * qk_scale_log2  # [KV_HEADS * BLOCK_N, GROUP_ROWS]
+        is_seen = is_key[:, None]
+        if KV_HEADS > 1:
+            is_seen = is_seen & (column_kv_head[:, None] == row_kv_head[None, :])
+    else:
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, KV_HEADS * BLOCK_N]
+        is_seen = is_key[None, :]
+        if KV_HEADS > 1:
+            is_seen = is_seen & (row_kv_head[:, None] == column_kv_head[None, :])
+    if MASKED or KV_HEADS > 1:
+        scores = tl.where(is_seen, scores, float("-inf"))
+    if SWAP_AB:  # keys along axis 0
+        p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 0)
+    else:
+        p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 1)
+    if KV_FP8 and WIDEN_V > 0:
+        p = p * F16_WIDEN_FACTOR
     p = p.to(v.dtype)
     if DOT_IN_FP32:
         p = p.to(tl.float32)
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p, input_precision=DOT_PRECISION)  # [HEAD_DIM, GROUP_ROWS]
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_step(scores, m_i, l_i, KEY_AXIS: tl.constexpr):
+    """The probabilities of a tile's ``scores`` (keys along ``KEY_AXIS``) against the rows' new
+    running maximum, the factor that rescales what the rows summed before, the new sum and maximum."""
+    m_new = tl.maximum(m_i, tl.max(scores, KEY_AXIS))
+    # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - tl.expand_dims(m_shift, KEY_AXIS))
+    alpha = tl.math.exp2(m_i - m_shift)
+    return p, alpha, l_i * alpha + tl.sum(p, KEY_AXIS), m_new
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -312,6 +347,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lse = torch.empty(partial.shape[:-1] if is_split else (0,), dtype=torch.float32, device=q.device)
     k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale)
     num_programs = num_kv_heads // tiles.kv_heads_per_program  # per sequence and split
+    widen_k, widen_v = tiles.widen_codes(q.is_cuda)
     grid = (num_programs, num_seqs, num_splits) if tiles.heads_first else (num_seqs, num_programs, num_splits)
     _decode_split_kernel[grid](
         out, partial, lse, q, k_cache, v_cache, k_scale, v_scale, meta.block_tables, meta.seq_lens,
@@ -320,12 +356,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         meta.block_tables.stride(0),
-        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group * tiles.kv_heads_per_program)),
+        GROUP=group, GROUP_ROWS=max(tiles.min_group_rows, triton.next_power_of_2(group * tiles.kv_heads_per_program)),
         BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=is_split,
         KV_FP8=is_fp8_kv(k_cache), KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
         PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
-        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program,
+        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program, SWAP_AB=tiles.swap_ab,
+        WIDEN_K=widen_k, WIDEN_V=widen_v,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if is_split:

@@ -18,6 +18,9 @@ _LARGE_TILE_PROGRAMS_PER_SM = 4
 # A split covers at least this many keys: shorter splits cost more in merging than they give.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
+# DecodeTiles.fp8_widen -> how the kernel widens (keys, values): 0 conversion unit, 1 bit moves in
+# Triton ops, 2 bit moves in PTX (kernels/fp8_widen.py).
+FP8_WIDEN = {"cvt": (0, 0), "bits": (1, 1), "asm": (2, 2), "asm_k": (2, 0)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +41,18 @@ class DecodeTiles:
     - ``kv_heads_per_program``: a program attends this many neighbouring KV heads at once: a tile
       holds each of its ``block_n`` keys for every one of them (rows of ``kv_heads_per_program`` x
       256 bytes along memory), and the query rows of all their groups fill the 16 rows a GQA group
-      of 4 pads to; a row's scores outside its own head are masked.
+      of 4 pads to; a row's scores outside its own head are masked;
+    - ``swap_ab``: the cache tiles are the products' first operand: scores^T = K q^T and
+      out^T = V^T p^T, so that a tile's keys (and head_dim) are the matrix unit's rows instead of
+      the query group's padded rows: at 64 keys or more Hopper's warpgroup MMA runs, with the
+      widened keys taken from registers rather than written back to shared memory;
+    - ``min_group_rows``: the query group's rows pad to at least this many (16: the smallest
+      MMA's rows; 8 is the smallest MMA column count, enough with ``swap_ab``);
+    - ``fp8_widen``: how a float8 tile becomes 16-bit for the product (fp8 pools only): "cvt"
+      the conversion unit, "asm" moving bits four values at a time in PTX (:mod:`meshlm.kernels.
+      fp8_widen`; the factor 2^8 it leaves folds into the scores and probabilities), "asm_k" keys
+      that way and values by the conversion unit (the two run on different units), "bits" the
+      same bit moves in plain Triton ops. Off the GPU "asm" runs as "bits".
     """
 
     block_n: int
@@ -49,6 +63,9 @@ class DecodeTiles:
     paged_tile: bool = False
     heads_first: bool = False
     kv_heads_per_program: int = 1
+    swap_ab: bool = False
+    min_group_rows: int = 16
+    fp8_widen: str = "cvt"
 
     def check(self, kv_block_size: int, num_kv_heads: int) -> None:
         """Refuse a shape the kernel cannot run, naming every size involved."""
@@ -60,9 +77,19 @@ class DecodeTiles:
         if heads < 1 or heads & (heads - 1) or num_kv_heads % heads:
             raise ValueError(f"{self}: kv_heads_per_program={heads} must be a power of two that divides "
                              f"the {num_kv_heads} KV heads")
+        if self.k_transposed and self.swap_ab:
+            raise ValueError(f"{self}: swap_ab multiplies keys as loaded, rows along memory: no k_transposed")
+        if self.min_group_rows < 1 or self.min_group_rows & (self.min_group_rows - 1):
+            raise ValueError(f"{self}: min_group_rows={self.min_group_rows} must be a power of two")
+        if self.fp8_widen not in FP8_WIDEN:
+            raise ValueError(f"{self}: fp8_widen={self.fp8_widen!r}; choose one of {', '.join(FP8_WIDEN)}")
         if self.paged_tile and self.block_n % kv_block_size:
             raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
                              f"the cache's block size {kv_block_size}")
+
+    def widen_codes(self, on_gpu: bool) -> tuple[int, int]:
+        """(keys, values) codes of ``fp8_widen`` for the kernel; off the GPU PTX runs as Triton ops."""
+        return tuple(min(code, 2 if on_gpu else 1) for code in FP8_WIDEN[self.fp8_widen])
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:

@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_attention_reference  # noqa: E402
 from meshlm.kernels.decode_attention import DecodeTiles, paged_decode_attention  # noqa: E402
+from meshlm.kernels.fp8_widen import F16_WIDEN_FACTOR, widen_fp8  # noqa: E402
 from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
 from meshlm.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv  # noqa: E402
 from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
@@ -104,15 +106,42 @@ def test_decode_kernel_reads_fp8(group, window, num_splits, dtype):
 @pytest.mark.parametrize("num_splits,window", [(1, None), (3, 24)], ids=["whole", "split_window24"])
 @pytest.mark.parametrize("switches", [dict(prefetch_table=2), dict(k_transposed=True), dict(paged_tile=True),
                                       dict(heads_first=True), dict(kv_heads_per_program=2),
-                                      dict(kv_heads_per_program=2, paged_tile=True, k_transposed=True)],
+                                      dict(kv_heads_per_program=2, paged_tile=True, k_transposed=True),
+                                      dict(swap_ab=True), dict(fp8_widen="bits"), dict(fp8_widen="asm"),
+                                      dict(fp8_widen="asm_k", k_transposed=True),
+                                      dict(swap_ab=True, min_group_rows=8, fp8_widen="asm"),
+                                      dict(swap_ab=True, kv_heads_per_program=2, paged_tile=True, prefetch_table=2,
+                                           fp8_widen="asm_k")],
                          ids=["prefetch_table2", "k_transposed", "paged_tile", "heads_first", "kv_heads2",
-                              "kv_heads2_paged_ktrans"])
+                              "kv_heads2_paged_ktrans", "swap_ab", "widen_bits", "widen_asm", "widen_asm_k_ktrans",
+                              "swap_rows8_widen_asm", "swap_kv_heads2_paged_prefetch2_widen_asm_k"])
 def test_decode_kernel_variants_read_fp8(switches, num_splits, window, dtype):
     tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **switches)
     max_err, mean_err = errors(paged_decode_attention, DECODES, 2, 4, 64, dtype, window, num_splits=num_splits,
                                tiles=tiles)
     max_tol, mean_tol = TOLERANCES[dtype]
     assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
+@triton.jit
+def _widen_kernel(src_ptr, dst_ptr, HOW: tl.constexpr):
+    offsets = tl.arange(0, 256)
+    tl.store(dst_ptr + offsets, widen_fp8(tl.load(src_ptr + offsets), tl.float16, HOW))
+
+
+@pytest.mark.parametrize("how", [0, 1, pytest.param(2, marks=needs_cuda)], ids=["cvt", "bits", "asm"])
+def test_widening_reads_every_float8_value(how):
+    """Every e4m3 byte but the two NaNs (never stored): the conversion unit gives the value, the
+    bit moves the value times 2^-8, exactly."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[0x7F], codes[0xFF] = 0x7E, 0xFE  # NaN -> 448, -448
+    src = codes.view(FP8_KV_DTYPE).to(DEVICE)
+    dst = torch.empty(256, dtype=torch.float16, device=DEVICE)
+    _widen_kernel[(1,)](src, dst, HOW=how)
+    factor = 1.0 if how == 0 else F16_WIDEN_FACTOR.value
+    expected = codes.view(FP8_KV_DTYPE).float() / factor
+    assert torch.equal(dst.cpu().float(), expected)
+    assert torch.equal(dst.cpu().float().signbit(), expected.signbit())  # -0.0 keeps its sign bit
 
 
 @pytest.mark.parametrize("dtype", UNIFIED_DTYPES, ids=[str(d).removeprefix("torch.") for d in UNIFIED_DTYPES])
