@@ -347,7 +347,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lse = torch.empty(partial.shape[:-1] if is_split else (0,), dtype=torch.float32, device=q.device)
     k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale)
     num_programs = num_kv_heads // tiles.kv_heads_per_program  # per sequence and split
-    widen_k, widen_v = tiles.widen_codes(q.is_cuda)
     grid = (num_programs, num_seqs, num_splits) if tiles.heads_first else (num_seqs, num_programs, num_splits)
     _decode_split_kernel[grid](
         out, partial, lse, q, k_cache, v_cache, k_scale, v_scale, meta.block_tables, meta.seq_lens,
@@ -361,8 +360,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         KV_FP8=is_fp8_kv(k_cache), KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
         PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
-        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program, SWAP_AB=tiles.swap_ab,
-        WIDEN_K=widen_k, WIDEN_V=widen_v,
+        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program, **tiles.tile_switches(q.is_cuda),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if is_split:

@@ -87,9 +87,10 @@ class DecodeTiles:
             raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
                              f"the cache's block size {kv_block_size}")
 
-    def widen_codes(self, on_gpu: bool) -> tuple[int, int]:
-        """(keys, values) codes of ``fp8_widen`` for the kernel; off the GPU PTX runs as Triton ops."""
-        return tuple(min(code, 2 if on_gpu else 1) for code in FP8_WIDEN[self.fp8_widen])
+    def tile_switches(self, on_gpu: bool) -> dict:
+        """The kernel's constexprs for ``swap_ab`` and ``fp8_widen`` (off the GPU, PTX runs as Triton ops)."""
+        widen_k, widen_v = (min(code, 2 if on_gpu else 1) for code in FP8_WIDEN[self.fp8_widen])
+        return dict(SWAP_AB=self.swap_ab, WIDEN_K=widen_k, WIDEN_V=widen_v)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
