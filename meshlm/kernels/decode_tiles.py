@@ -118,6 +118,10 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
       1 x 32k 44 -> 52 %, 8 x 8k 53 -> 59 %;
     - fp8 KV, many pairs: 64-key tiles, block ids one tile ahead: 256 x 1k 55 -> 63 %,
       1024 x 256 52 -> 57 %.
+    - fp8 KV, both: the tile as the products' first operand and keys widened by bit moves, values by
+      the conversion unit (``swap_ab``, ``fp8_widen="asm_k"``): the widened keys reach the tensor
+      cores from registers, and the widening splits between the integer and conversion units
+      (untimed: ``--variants --kv-cache-dtype fp8`` compares them with the tiles above).
     fp32 (tests): 32-key tiles, which keep its twice larger tiles within shared memory and compile
     quickly."""
     if dtype == torch.float32:
@@ -125,9 +129,9 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
     is_few = num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms
     if kv_fp8 and is_few:
         return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2,
-                           kv_heads_per_program=2 if num_kv_heads % 2 == 0 else 1)
+                           kv_heads_per_program=2 if num_kv_heads % 2 == 0 else 1, swap_ab=True, fp8_widen="asm_k")
     if kv_fp8:
-        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=1)
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=1, swap_ab=True, fp8_widen="asm_k")
     if is_few:
         return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, k_transposed=True)
     return DecodeTiles(block_n=64, num_warps=4, num_stages=2, heads_first=True)
