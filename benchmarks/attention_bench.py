@@ -15,7 +15,7 @@ run. Each timing is the median of CUDA-event times after a warm-up. ``--sweep`` 
 decode kernel at other tiles and split counts and the unified kernel at other tiles, and prints
 the fastest of each per shape. ``--variants`` times combinations of the decode kernel's switches
 (``DecodeTiles``: prefetch_table, k_transposed, paged_tile, heads_first, kv_heads_per_program,
-swap_ab, min_group_rows, fp8_widen) at
+swap_ab, min_group_rows, fp8_widen, fp8_qk) at
 the shape's tiles and split count, then the fastest combination at other split counts and tiles,
 and prints per shape the best time of each combination and the fastest of all; the kernels
 compile first in parallel worker processes. ``--graph`` times every run as replays of a CUDA graph of it
@@ -59,7 +59,8 @@ PREFILL_SWEEP = [UnifiedTiles(m, n, w, s) for m, n, w, s in
                  itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
 # The decode kernel's switches (DecodeTiles fields): their short names in the printout and the values timed.
 SWITCHES = {"prefetch_table": "prefetch", "k_transposed": "ktrans", "paged_tile": "paged", "heads_first": "heads",
-            "kv_heads_per_program": "kvheads", "swap_ab": "swap", "min_group_rows": "rows", "fp8_widen": "widen"}
+            "kv_heads_per_program": "kvheads", "swap_ab": "swap", "min_group_rows": "rows", "fp8_widen": "widen",
+            "fp8_qk": "fp8qk"}
 SWITCHES_OFF = DecodeTiles(16, 4, 2)
 # The fastest combination of switches is also timed at these tiles (tile columns = KV heads per
 # program x keys, warps, stages) and at other split counts.
@@ -222,7 +223,8 @@ def switch_combinations() -> list[dict]:
     """The combinations of the decode kernel's switches that --variants times, all off first: every
     one with a program per KV head; with 2 or 4 KV heads a program, those of prefetch_table 0 / 2,
     paged_tile and heads_first; swap_ab with prefetch_table 0 / 2, 1 or 2 KV heads and 16 or 8 rows;
-    over an fp8 pool also the float8 widenings by bit moves (fp8_widen) on a few of them."""
+    over an fp8 pool also the float8 widenings by bit moves (fp8_widen) on a few of them, and q in
+    float8 (fp8_qk, which changes the result: see max |diff| vs sdpa) on swap_ab."""
     one_head = [dict(prefetch_table=prefetch, k_transposed=k_transposed, paged_tile=paged, heads_first=heads)
                 for prefetch, k_transposed, paged, heads in itertools.product((0, 1, 2), *[(False, True)] * 3)]
     several = [dict(prefetch_table=prefetch, paged_tile=paged, heads_first=heads, kv_heads_per_program=kv_heads)
@@ -233,9 +235,11 @@ def switch_combinations() -> list[dict]:
         return one_head + several + swapped
     bases = [dict(prefetch_table=prefetch, k_transposed=k_transposed) for prefetch, k_transposed in
              ((0, False), (1, False), (2, False), (2, True))] + [dict(prefetch_table=2, kv_heads_per_program=2)]
-    widened = [dict(base, fp8_widen=widen) for base in bases + swapped for widen in ("asm", "asm_k")]
+    widened = ([dict(base, fp8_widen=widen) for base in bases for widen in ("asm", "asm_k")]
+               + [dict(combo, fp8_widen="asm_k") for combo in swapped if combo["min_group_rows"] == 8])
     in_triton_ops = [dict(prefetch_table=0, k_transposed=False, fp8_widen="bits"), dict(swapped[4], fp8_widen="bits")]
-    return one_head + several + swapped + widened + in_triton_ops
+    fp8_queries = [dict(swapped[i], fp8_qk=True) for i in (4, 5, 6)]  # prefetch 2; 16 or 8 rows; 1 or 2 KV heads
+    return one_head + several + swapped + widened + in_triton_ops + fp8_queries
 
 
 def with_switches(tiles: DecodeTiles, switches: dict) -> DecodeTiles:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.decode_tiles import DecodeTiles, choose_num_splits, decode_tiles
-from meshlm.kernels.fp8_widen import F16_WIDEN_FACTOR, widen_fp8
+from meshlm.kernels.fp8_convert_triton import F16_WIDEN_FACTOR, quantize_rows_e4m3, widen_fp8
 from meshlm.kernels.triton_launch import dot_precision, num_sms
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 from meshlm.kernels.split_merge import merge_splits
@@ -54,7 +54,8 @@ def _decode_split_kernel(
         USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
         K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr,
-        KV_HEADS: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr):
+        KV_HEADS: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr,
+        FP8_QK: tl.constexpr):
     # A program attends KV_HEADS KV heads from kv_head on.
     if HEADS_FIRST:  # grid (KV heads, sequence, split): a block's KV heads are read side by side
         kv_head = tl.program_id(0) * KV_HEADS
@@ -112,12 +113,12 @@ def _decode_split_kernel(
         acc, l_i, m_i, ahead, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8,
-        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V)
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
     acc, l_i, m_i, ahead = _walk_tiles(
         acc, l_i, m_i, ahead, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8,
-        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V)
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
@@ -139,12 +140,17 @@ def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, 
                 stride_v_offset, stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
-                KV_HEADS: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr):
+                KV_HEADS: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr,
+                FP8_QK: tl.constexpr):
     """The online softmax over the tiles in [start, end). ``ahead`` holds the block ids of the next
     PREFETCH_TABLE tiles (of ``start`` on; 2: joined as [ids, 2]) and comes back holding those of
     the tiles from ``end`` on. Every value the loop carries is computed in it: Triton does not
     pipeline a loop that passes a carried value on unchanged. ``SWAP_AB``: the loop runs on q^T,
-    acc^T and the scale as a row [1, GROUP_ROWS] (:func:`_decode_tile`)."""
+    acc^T and the scale as a row [1, GROUP_ROWS] (:func:`_decode_tile`). ``FP8_QK``: q is
+    quantized to float8 e4m3 with a scale per row, which joins the scores' scale."""
+    if FP8_QK and KV_FP8:
+        q, q_scale = quantize_rows_e4m3(q, DOT_IN_FP32)
+        qk_scale_log2 = qk_scale_log2 * q_scale  # [GROUP_ROWS, 1]
     if SWAP_AB:
         q = tl.trans(q)  # [HEAD_DIM, GROUP_ROWS]
         acc = tl.trans(acc)  # [HEAD_DIM, GROUP_ROWS]
@@ -165,7 +171,7 @@ def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, 
             acc, l_i, m_i, q, k_head, v_head, tile_blocks, tile_start, key_lo, seq_len, dims, row_kv_head,
             qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
             stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED,
-            PAGED_TILE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V)
+            PAGED_TILE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
     if SWAP_AB:
         acc = tl.trans(acc)  # [GROUP_ROWS, HEAD_DIM]
     return acc, l_i, m_i, ahead
@@ -234,14 +240,15 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
                  stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
                  K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr,
-                 SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr):
+                 SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr, FP8_QK: tl.constexpr):
     """One online-softmax step of the rows over keys [tile_start, tile_start + BLOCK_N), whose
     cache blocks are ``blocks`` (:func:`_tile_blocks`). With KV_HEADS > 1 the tile holds each key
     of every KV head of the program (:func:`_tile_columns`) and a row sees its own head's only.
-    ``KV_FP8``: k and v are float8, widened to q's dtype (:func:`meshlm.kernels.fp8_widen.widen_fp8`;
+    ``KV_FP8``: k and v are float8, widened to q's dtype (:func:`meshlm.kernels.fp8_convert_triton.widen_fp8`;
     the caller applies their scales, this tile the factor that bit moves leave). ``SWAP_AB``: q,
     acc and qk_scale_log2 come transposed ([HEAD_DIM, GROUP_ROWS], [1, GROUP_ROWS]) and the
-    products run with the tile first, scores^T = K q^T and acc^T += V^T p^T."""
+    products run with the tile first, scores^T = K q^T and acc^T += V^T p^T. ``FP8_QK``: q is
+    float8 (:func:`meshlm.kernels.fp8_convert_triton.quantize_rows_e4m3`) and the keys multiply it as stored, on float8 tensor cores."""
     if KV_HEADS > 1:
         key_pos, column_kv_head = _tile_columns(tile_start, BLOCK_N, KV_HEADS)  # [KV_HEADS * BLOCK_N]
     else:
@@ -268,10 +275,13 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     if not K_TRANSPOSED and not SWAP_AB:
         k = tl.trans(k)  # [HEAD_DIM, BLOCK_N]
     if KV_FP8:  # bit moves leave k (v) times 2^-8: the scores (probabilities) take the 2^8 back
-        k = widen_fp8(k, q.dtype, WIDEN_K)
-        v = widen_fp8(v, q.dtype, WIDEN_V)
-        if WIDEN_K > 0:
-            qk_scale_log2 = qk_scale_log2 * F16_WIDEN_FACTOR
+        if FP8_QK:  # keys as stored; values to the 16-bit type of the model's q (fp16 on the GPU)
+            v = widen_fp8(v, tl.float16, WIDEN_V)
+        else:
+            k = widen_fp8(k, q.dtype, WIDEN_K)
+            v = widen_fp8(v, q.dtype, WIDEN_V)
+            if WIDEN_K > 0:
+                qk_scale_log2 = qk_scale_log2 * F16_WIDEN_FACTOR
     if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers
         q = q.to(tl.float32)
         k = k.to(tl.float32)

@@ -19,14 +19,14 @@ _LARGE_TILE_PROGRAMS_PER_SM = 4
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
 # DecodeTiles.fp8_widen -> how the kernel widens (keys, values): 0 conversion unit, 1 bit moves in
-# Triton ops, 2 bit moves in PTX (kernels/fp8_widen.py).
+# Triton ops, 2 bit moves in PTX (kernels/fp8_convert_triton.py).
 FP8_WIDEN = {"cvt": (0, 0), "bits": (1, 1), "asm": (2, 2), "asm_k": (2, 0)}
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeTiles:
     """Launch shape of the split kernel: keys per tile, warps per program, pipeline depth, and how a
-    tile reaches the cache (every switch gives the same result; they differ only in speed):
+    tile reaches the cache (every switch but ``fp8_qk`` gives the same result; they differ in speed):
 
     - ``prefetch_table``: the block ids of each tile load this many tiles ahead (0, 1 or 2), so
       that a tile's K and V loads never wait for a block-table load issued just before them
@@ -50,9 +50,12 @@ class DecodeTiles:
       MMA's rows; 8 is the smallest MMA column count, enough with ``swap_ab``);
     - ``fp8_widen``: how a float8 tile becomes 16-bit for the product (fp8 pools only): "cvt"
       the conversion unit, "asm" moving bits four values at a time in PTX (:mod:`meshlm.kernels.
-      fp8_widen`; the factor 2^8 it leaves folds into the scores and probabilities), "asm_k" keys
+      fp8_convert_triton`; the factor 2^8 it leaves folds into the scores and probabilities), "asm_k" keys
       that way and values by the conversion unit (the two run on different units), "bits" the
-      same bit moves in plain Triton ops. Off the GPU "asm" runs as "bits".
+      same bit moves in plain Triton ops. Off the GPU "asm" runs as "bits";
+    - ``fp8_qk`` (fp8 pools only; changes the result): q is quantized per row to float8 e4m3 and
+      multiplies the stored keys on float8 tensor cores, so that keys need no widening; it adds
+      q's own e4m3 rounding to the scores.
     """
 
     block_n: int
@@ -66,6 +69,7 @@ class DecodeTiles:
     swap_ab: bool = False
     min_group_rows: int = 16
     fp8_widen: str = "cvt"
+    fp8_qk: bool = False
 
     def check(self, kv_block_size: int, num_kv_heads: int) -> None:
         """Refuse a shape the kernel cannot run, naming every size involved."""
@@ -88,9 +92,10 @@ class DecodeTiles:
                              f"the cache's block size {kv_block_size}")
 
     def tile_switches(self, on_gpu: bool) -> dict:
-        """The kernel's constexprs for ``swap_ab`` and ``fp8_widen`` (off the GPU, PTX runs as Triton ops)."""
+        """The kernel's constexprs for ``swap_ab``, ``fp8_widen`` (off the GPU, PTX runs as Triton
+        ops) and ``fp8_qk``."""
         widen_k, widen_v = (min(code, 2 if on_gpu else 1) for code in FP8_WIDEN[self.fp8_widen])
-        return dict(SWAP_AB=self.swap_ab, WIDEN_K=widen_k, WIDEN_V=widen_v)
+        return dict(SWAP_AB=self.swap_ab, WIDEN_K=widen_k, WIDEN_V=widen_v, FP8_QK=self.fp8_qk)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -117,11 +122,12 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
     - fp8 KV, few pairs: 64-key tiles in 3 stages, block ids two ahead, two KV heads a program:
       1 x 32k 44 -> 52 %, 8 x 8k 53 -> 59 %;
     - fp8 KV, many pairs: 64-key tiles, block ids one tile ahead: 256 x 1k 55 -> 63 %,
-      1024 x 256 52 -> 57 %.
-    - fp8 KV, both: the tile as the products' first operand and keys widened by bit moves, values by
-      the conversion unit (``swap_ab``, ``fp8_widen="asm_k"``): the widened keys reach the tensor
-      cores from registers, and the widening splits between the integer and conversion units
-      (untimed: ``--variants --kv-cache-dtype fp8`` compares them with the tiles above).
+      1024 x 256 52 -> 57 %. Over an fp8 pool the kernel is bound by instruction issue, not by
+      bytes: the default takes 128-key tiles as the products' first operand with the group padded
+      to 8 rows and block ids two tiles ahead (``swap_ab``, ``min_group_rows=8``), whose sm_90 code
+      issues 1,738 warp instructions per 64 keys against the tiles above's 2,820 (the keys widen
+      from shared memory straight into the MMA's registers; ``benchmarks/decode_sass.py``); its
+      time is not yet measured (``--variants --kv-cache-dtype fp8`` times both).
     fp32 (tests): 32-key tiles, which keep its twice larger tiles within shared memory and compile
     quickly."""
     if dtype == torch.float32:
@@ -129,9 +135,9 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
     is_few = num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms
     if kv_fp8 and is_few:
         return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2,
-                           kv_heads_per_program=2 if num_kv_heads % 2 == 0 else 1, swap_ab=True, fp8_widen="asm_k")
+                           kv_heads_per_program=2 if num_kv_heads % 2 == 0 else 1)
     if kv_fp8:
-        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=1, swap_ab=True, fp8_widen="asm_k")
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, swap_ab=True, min_group_rows=8)
     if is_few:
         return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, k_transposed=True)
     return DecodeTiles(block_n=64, num_warps=4, num_stages=2, heads_first=True)

@@ -24,9 +24,9 @@ import triton.language as tl  # noqa: E402
 
 from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_attention_reference  # noqa: E402
 from meshlm.kernels.decode_attention import DecodeTiles, paged_decode_attention  # noqa: E402
-from meshlm.kernels.fp8_widen import F16_WIDEN_FACTOR, widen_fp8  # noqa: E402
+from meshlm.kernels.fp8_convert_triton import F16_WIDEN_FACTOR, widen_fp8  # noqa: E402
 from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
-from meshlm.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv  # noqa: E402
+from meshlm.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX, quantize_kv  # noqa: E402
 from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
@@ -121,6 +121,27 @@ def test_decode_kernel_variants_read_fp8(switches, num_splits, window, dtype):
                                tiles=tiles)
     max_tol, mean_tol = TOLERANCES[dtype]
     assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("switches", [dict(), dict(swap_ab=True, min_group_rows=8),
+                                      dict(swap_ab=True, kv_heads_per_program=2, prefetch_table=2)],
+                         ids=["plain", "swap_rows8", "swap_kv_heads2_prefetch2"])
+def test_decode_kernel_fp8_qk_multiplies_queries_rounded_to_e4m3(switches, dtype):
+    """fp8_qk equals the reference on q rounded per row to e4m3 (each row's largest magnitude at
+    448), up to fp16 probabilities; that rounding itself moves the result (it is not exact)."""
+    q, (k_cache, v_cache), (k_scale, v_scale), meta = make_fp8_case(DECODES, 2, 4, 64, dtype)
+    row_scale = q.float().abs().amax(-1, keepdim=True) / FP8_KV_MAX  # [tokens, heads, 1]
+    q_e4m3 = (q.float() / row_scale).to(FP8_KV_DTYPE).float() * row_scale
+    expected = paged_attention_reference(q_e4m3, k_cache, v_cache, meta, 0.125, 24, k_scale, v_scale)
+    exact_q = paged_attention_reference(q.float(), k_cache, v_cache, meta, 0.125, 24, k_scale, v_scale)
+    assert (expected - exact_q).abs().mean().item() > 5e-3
+    tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, fp8_qk=True, **switches)
+    got = paged_decode_attention(q, k_cache, v_cache, meta, 0.125, 24, tiles=tiles, num_splits=3,
+                                 k_scale=k_scale, v_scale=v_scale)
+    diff = (got.float() - expected).abs()
+    max_tol, mean_tol = (4e-3, 4e-4) if dtype == torch.float32 else TOLERANCES[dtype]
+    assert diff.max().item() < max_tol and diff.mean().item() < mean_tol, (diff.max().item(), diff.mean().item())
 
 
 @triton.jit

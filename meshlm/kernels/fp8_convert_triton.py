@@ -1,5 +1,6 @@
-"""float8 e4m3 -> fp16 by moving bits, for Triton kernels that multiply float8 tiles on 16-bit
-tensor cores (the split-KV decode kernel over an fp8 KV pool).
+"""float8 e4m3 conversions inside Triton kernels (the split-KV decode kernel over an fp8 KV pool):
+float8 tiles widened to fp16 by moving bits, for 16-bit tensor cores, and a tile's rows quantized
+to float8 with a scale each, for float8 tensor cores.
 
 An e4m3 byte ``s eeee mmm`` placed in an fp16 as ``s 0eeee mmm0000000`` (sign, then the 4
 exponent bits as the low bits of fp16's 5, then the 3 mantissa bits as fp16's top ones) is the
@@ -70,3 +71,19 @@ def widen_fp8(x, dtype: tl.constexpr, HOW: tl.constexpr):
     else:
         wide = x.to(dtype)
     return wide.to(dtype)
+
+
+@triton.jit
+def quantize_rows_e4m3(q, PRE_ROUND: tl.constexpr):
+    """[rows, HEAD_DIM] q -> (float8 e4m3 q / scale, the fp32 scale [rows, 1]): each row's largest
+    magnitude maps to e4m3's largest, 448 (an all-zero row keeps scale 1). ``PRE_ROUND`` (the CPU
+    interpreter, whose float8 conversion halves a value that rounds up to a power of two): round
+    to e4m3's 4 significant bits in fp32 first (Veltkamp's split), so that the conversion is exact."""
+    q = q.to(tl.float32)
+    amax = tl.max(tl.abs(q), 1)[:, None]
+    scale = tl.where(amax > 0.0, amax / 448.0, 1.0)
+    q = q / scale
+    if PRE_ROUND:
+        split = q * 1048577.0  # 2^20 + 1: keeps 24 - 20 bits
+        q = split - (split - q)
+    return q.to(tl.float8e4nv), scale
