@@ -24,6 +24,7 @@ import triton.language as tl  # noqa: E402
 
 from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_attention_reference  # noqa: E402
 from meshlm.kernels.decode_attention import DecodeTiles, paged_decode_attention  # noqa: E402
+from meshlm.kernels.decode_tiles import decode_tiles  # noqa: E402
 from meshlm.kernels.fp8_convert_triton import F16_WIDEN_FACTOR, widen_fp8  # noqa: E402
 from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
 from meshlm.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX, quantize_kv  # noqa: E402
@@ -99,6 +100,32 @@ MIXED = [(5, 1), (40, 1), (20, 13), (0, 37), (33, 20)]
 def test_decode_kernel_reads_fp8(group, window, num_splits, dtype):
     max_err, mean_err = errors(paged_decode_attention, DECODES, 2, group, 64, dtype, window, num_splits=num_splits)
     max_tol, mean_tol = TOLERANCES[dtype]
+    assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
+# Enough sequences for the defaults of many (sequence, KV head) programs (over 4 a SM: 32 off the GPU).
+MANY_DECODES = [(7 * n + n // 3, 1) for n in range(24)]
+
+
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "window24"])
+def test_decode_kernel_default_for_many_programs_reads_fp8(window):
+    num_sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if DEVICE == "cuda" else 8
+    seqs = MANY_DECODES * (-(-4 * num_sms // (2 * len(MANY_DECODES))) + 1)  # past 4 programs a SM
+    assert decode_tiles(torch.bfloat16, 2 * len(seqs), num_sms, True, 2) != decode_tiles(torch.bfloat16, 2, num_sms,
+                                                                                          True, 2)
+    max_err, mean_err = errors(paged_decode_attention, seqs, 2, 4, 64, torch.bfloat16, window)
+    max_tol, mean_tol = TOLERANCES[torch.bfloat16]
+    assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch,context", [(256, 1024), (8, 8192), (1, 32768)], ids=["256x1k", "8x8k", "1x32k"])
+def test_decode_kernel_defaults_read_fp8_at_llama_shapes(batch, context):
+    """Llama-3-8B's heads (32 query, 8 KV, head_dim 128) at the benchmark's shapes, lengths up to
+    100 keys short of the context, each shape with its default tiles and split count."""
+    seqs = [(context - 1 - (37 * i) % 101, 1) for i in range(batch)]
+    max_err, mean_err = errors(paged_decode_attention, seqs, 8, 4, 128, torch.bfloat16)
+    max_tol, mean_tol = TOLERANCES[torch.bfloat16]
     assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
 
 
