@@ -223,8 +223,8 @@ def switch_combinations() -> list[dict]:
     """The combinations of the decode kernel's switches that --variants times, all off first: every
     one with a program per KV head; with 2 or 4 KV heads a program, those of prefetch_table 0 / 2,
     paged_tile and heads_first; swap_ab with prefetch_table 0 / 2, 1 or 2 KV heads and 16 or 8 rows;
-    over an fp8 pool also the float8 widenings by bit moves (fp8_widen) on a few of them, and q in
-    float8 (fp8_qk, which changes the result: see max |diff| vs sdpa) on swap_ab."""
+    over an fp8 pool also float8 widenings (fp8_widen: keys by bit moves, values as words) on a
+    few of them, and q in float8 (fp8_qk, which changes the result: see max |diff| vs sdpa)."""
     one_head = [dict(prefetch_table=prefetch, k_transposed=k_transposed, paged_tile=paged, heads_first=heads)
                 for prefetch, k_transposed, paged, heads in itertools.product((0, 1, 2), *[(False, True)] * 3)]
     several = [dict(prefetch_table=prefetch, paged_tile=paged, heads_first=heads, kv_heads_per_program=kv_heads)
@@ -235,11 +235,11 @@ def switch_combinations() -> list[dict]:
         return one_head + several + swapped
     bases = [dict(prefetch_table=prefetch, k_transposed=k_transposed) for prefetch, k_transposed in
              ((0, False), (1, False), (2, False), (2, True))] + [dict(prefetch_table=2, kv_heads_per_program=2)]
-    widened = ([dict(base, fp8_widen=widen) for base in bases for widen in ("asm", "asm_k")]
-               + [dict(combo, fp8_widen="asm_k") for combo in swapped if combo["min_group_rows"] == 8])
-    in_triton_ops = [dict(prefetch_table=0, k_transposed=False, fp8_widen="bits"), dict(swapped[4], fp8_widen="bits")]
-    fp8_queries = [dict(swapped[i], fp8_qk=True) for i in (4, 5, 6)]  # prefetch 2; 16 or 8 rows; 1 or 2 KV heads
-    return one_head + several + swapped + widened + in_triton_ops + fp8_queries
+    widened = ([dict(base, fp8_widen=widen) for base in bases for widen in ("asm_k", "words_v")]
+               + [dict(combo, fp8_widen=widen) for combo in swapped for widen in ("asm_k", "words_v")
+                  if combo["min_group_rows"] == 8 or widen == "words_v"])
+    fp8_queries = [dict(swapped[i], fp8_qk=True, fp8_widen="words_v") for i in (4, 5, 6)]  # prefetch 2
+    return one_head + several + swapped + widened + fp8_queries
 
 
 def with_switches(tiles: DecodeTiles, switches: dict) -> DecodeTiles:

@@ -135,10 +135,12 @@ def default_variants(kv_fp8: bool) -> dict[str, DecodeTiles]:
                                                                       kv_heads_per_program=2, **swapped),
                 "256 keys, 8 warps, swap_ab, 8 rows": DecodeTiles(256, 8, 2, prefetch_table=2, **swapped)}
     if kv_fp8:
-        for widen in ("asm", "asm_k", "bits"):
+        for widen in ("asm", "asm_k", "bits", "words_v"):
             variants[f"64 keys, prefetch 1, widen {widen}"] = dataclasses.replace(plain, fp8_widen=widen)
         variants["128 keys, swap_ab, 8 rows, widen asm_k"] = DecodeTiles(128, 4, 2, prefetch_table=2,
                                                                          fp8_widen="asm_k", **swapped)
+        variants["128 keys, swap_ab, 8 rows, words_v"] = DecodeTiles(128, 4, 2, prefetch_table=2,
+                                                                     fp8_widen="words_v", **swapped)
         variants["128 keys, swap_ab, 8 rows, fp8_qk"] = DecodeTiles(128, 4, 2, prefetch_table=2, fp8_qk=True,
                                                                     **swapped)
     return variants

@@ -248,7 +248,8 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     the caller applies their scales, this tile the factor that bit moves leave). ``SWAP_AB``: q,
     acc and qk_scale_log2 come transposed ([HEAD_DIM, GROUP_ROWS], [1, GROUP_ROWS]) and the
     products run with the tile first, scores^T = K q^T and acc^T += V^T p^T. ``FP8_QK``: q is
-    float8 (:func:`meshlm.kernels.fp8_convert_triton.quantize_rows_e4m3`) and the keys multiply it as stored, on float8 tensor cores."""
+    float8 (:func:`meshlm.kernels.fp8_convert_triton.quantize_rows_e4m3`) and the keys multiply it
+    as stored, on float8 tensor cores. ``WIDEN_V`` 3 or 4: values load as int32 words."""
     if KV_HEADS > 1:
         key_pos, column_kv_head = _tile_columns(tile_start, BLOCK_N, KV_HEADS)  # [KV_HEADS * BLOCK_N]
     else:
@@ -266,6 +267,9 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     else:  # rows [BLOCK_N, HEAD_DIM] along memory, transposed in registers for the product
         k_offsets = k_rows[:, None] + dims[None, :]
         k_mask = is_key[:, None]
+    if KV_FP8 and WIDEN_V >= 3:  # values as int32 words of four float8 (row offsets are multiples of 4)
+        v_head = v_head.to(tl.pointer_type(tl.int32))
+        v_offsets = (v_rows // 4)[:, None] + tl.arange(0, dims.shape[0] // 4)[None, :]
     if MASKED:
         k = tl.load(k_head + k_offsets, mask=k_mask, other=0.0)
         v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)
@@ -280,7 +284,7 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
         else:
             k = widen_fp8(k, q.dtype, WIDEN_K)
             v = widen_fp8(v, q.dtype, WIDEN_V)
-            if WIDEN_K > 0:
+            if WIDEN_K == 1 or WIDEN_K == 2:
                 qk_scale_log2 = qk_scale_log2 * F16_WIDEN_FACTOR
     if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers
         q = q.to(tl.float32)
@@ -301,7 +305,7 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
         p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 0)
     else:
         p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 1)
-    if KV_FP8 and WIDEN_V > 0:
+    if KV_FP8 and (WIDEN_V == 1 or WIDEN_V == 2):
         p = p * F16_WIDEN_FACTOR
     p = p.to(v.dtype)
     if DOT_IN_FP32:

@@ -19,8 +19,10 @@ _LARGE_TILE_PROGRAMS_PER_SM = 4
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
 # DecodeTiles.fp8_widen -> how the kernel widens (keys, values): 0 conversion unit, 1 bit moves in
-# Triton ops, 2 bit moves in PTX (kernels/fp8_convert_triton.py).
-FP8_WIDEN = {"cvt": (0, 0), "bits": (1, 1), "asm": (2, 2), "asm_k": (2, 0)}
+# Triton ops, 2 bit moves in PTX, 3 loaded as 32-bit words, widened in PTX (off the GPU: 4, in
+# Triton ops) (kernels/fp8_convert_triton.py).
+FP8_WIDEN = {"cvt": (0, 0), "bits": (1, 1), "asm": (2, 2), "asm_k": (2, 0), "words_v": (0, 3)}
+_OFF_GPU = {2: 1, 3: 4}  # what runs in the interpreter for a code that needs PTX
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,10 @@ class DecodeTiles:
       the conversion unit, "asm" moving bits four values at a time in PTX (:mod:`meshlm.kernels.
       fp8_convert_triton`; the factor 2^8 it leaves folds into the scores and probabilities), "asm_k" keys
       that way and values by the conversion unit (the two run on different units), "bits" the
-      same bit moves in plain Triton ops. Off the GPU "asm" runs as "bits";
+      same bit moves in plain Triton ops; "words_v" loads values as 32-bit words of four float8
+      and widens each word by the conversion unit in PTX, so that a loaded tile stays four values a
+      register (a float8 tile that crosses the software pipeline's loop may take a byte a register,
+      repacked in pairs for the conversion). Off the GPU "asm" runs as "bits", "words_v" in Triton ops;
     - ``fp8_qk`` (fp8 pools only; changes the result): q is quantized per row to float8 e4m3 and
       multiplies the stored keys on float8 tensor cores, so that keys need no widening; it adds
       q's own e4m3 rounding to the scores.
@@ -94,7 +99,7 @@ class DecodeTiles:
     def tile_switches(self, on_gpu: bool) -> dict:
         """The kernel's constexprs for ``swap_ab``, ``fp8_widen`` (off the GPU, PTX runs as Triton
         ops) and ``fp8_qk``."""
-        widen_k, widen_v = (min(code, 2 if on_gpu else 1) for code in FP8_WIDEN[self.fp8_widen])
+        widen_k, widen_v = (code if on_gpu else _OFF_GPU.get(code, code) for code in FP8_WIDEN[self.fp8_widen])
         return dict(SWAP_AB=self.swap_ab, WIDEN_K=widen_k, WIDEN_V=widen_v, FP8_QK=self.fp8_qk)
 
 
@@ -122,22 +127,25 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
     - fp8 KV, few pairs: 64-key tiles in 3 stages, block ids two ahead, two KV heads a program:
       1 x 32k 44 -> 52 %, 8 x 8k 53 -> 59 %;
     - fp8 KV, many pairs: 64-key tiles, block ids one tile ahead: 256 x 1k 55 -> 63 %,
-      1024 x 256 52 -> 57 %. Over an fp8 pool the kernel is bound by instruction issue, not by
-      bytes: the default takes 128-key tiles as the products' first operand with the group padded
-      to 8 rows and block ids two tiles ahead (``swap_ab``, ``min_group_rows=8``), whose sm_90 code
-      issues 1,738 warp instructions per 64 keys against the tiles above's 2,820 (the keys widen
-      from shared memory straight into the MMA's registers; ``benchmarks/decode_sass.py``); its
-      time is not yet measured (``--variants --kv-cache-dtype fp8`` times both).
+      1024 x 256 52 -> 57 %.
+    Over an fp8 pool the kernel is bound by instruction issue, not by bytes. The fp8 defaults
+    below keep those tiles (128 keys for many pairs) and add the tile as the products' first
+    operand with the group padded to 8 rows and values loaded as words (``swap_ab``,
+    ``min_group_rows=8``, ``fp8_widen="words_v"``): Triton's sm_90 code then issues 1,186 (many)
+    and 1,222 (few) warp instructions per 64 keys against 2,820 and 1,850 for the tiles above
+    (``benchmarks/decode_sass.py``; a bf16 pool's default issues 1,636 for twice the bytes). Their
+    times are not yet measured: ``--variants --kv-cache-dtype fp8`` times both.
     fp32 (tests): 32-key tiles, which keep its twice larger tiles within shared memory and compile
     quickly."""
     if dtype == torch.float32:
         return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
     is_few = num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms
+    fp8 = dict(swap_ab=True, min_group_rows=8, fp8_widen="words_v")
     if kv_fp8 and is_few:
         return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2,
-                           kv_heads_per_program=2 if num_kv_heads % 2 == 0 else 1)
+                           kv_heads_per_program=2 if num_kv_heads % 2 == 0 else 1, **fp8)
     if kv_fp8:
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, swap_ab=True, min_group_rows=8)
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, **fp8)
     if is_few:
         return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, k_transposed=True)
     return DecodeTiles(block_n=64, num_warps=4, num_stages=2, heads_first=True)

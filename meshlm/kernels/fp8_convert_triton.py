@@ -45,6 +45,44 @@ lop3.b32 $1, shi, mhi, magnitude, 0xF8;
 }""")
 
 
+# One 32-bit word of four float8 e4m3 bytes (lowest first) -> four fp16, exact: the conversion
+# unit's instruction on each 16-bit half in place.
+_E4M3_WORD_TO_F16 = tl.constexpr("""{
+.reg .b16 lo, hi;
+.reg .b32 a, b;
+mov.b32 {lo, hi}, $4;
+cvt.rn.f16x2.e4m3x2 a, lo;
+cvt.rn.f16x2.e4m3x2 b, hi;
+mov.b32 {$0, $1}, a;
+mov.b32 {$2, $3}, b;
+}""")
+
+
+@triton.jit
+def e4m3_words_to_f16(words, IN_ASM: tl.constexpr):
+    """[rows, cols] int32 words of four float8 e4m3 bytes each (lowest byte first, as in memory)
+    -> [rows, 4 * cols] fp16, exact. A tile loaded as words stays four values a register until
+    this widening, where a float8 tile may hold a byte a register. ``IN_ASM``: the conversion in
+    PTX (the GPU only), else shifts and Triton's conversion."""
+    if IN_ASM:
+        e0, e1, e2, e3 = tl.inline_asm_elementwise(_E4M3_WORD_TO_F16, "=h,=h,=h,=h,r", [words],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=1)
+    else:
+        e0 = _word_byte_to_f16(words, 0)
+        e1 = _word_byte_to_f16(words, 8)
+        e2 = _word_byte_to_f16(words, 16)
+        e3 = _word_byte_to_f16(words, 24)
+    wide = tl.join(tl.join(e0, e2), tl.join(e1, e3))  # [rows, cols, 2, 2]: byte 2 * i + j at [..., i, j]
+    return tl.reshape(wide, [words.shape[0], 4 * words.shape[1]])
+
+
+@triton.jit
+def _word_byte_to_f16(words, SHIFT: tl.constexpr):
+    byte = ((words >> SHIFT) & 0xFF).to(tl.uint8)
+    return byte.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+
+
 @triton.jit
 def e4m3_bits_to_f16(x):
     """float8 e4m3 tensor ``x`` -> fp16 of the same shape, each value times 2^-8 (exact)."""
@@ -63,8 +101,11 @@ def e4m3_asm_to_f16(x):
 @triton.jit
 def widen_fp8(x, dtype: tl.constexpr, HOW: tl.constexpr):
     """float8 e4m3 tile ``x`` -> ``dtype``: ``HOW`` 0 exactly, by the conversion unit; 1 (Triton
-    integer ops) or 2 (PTX) by moving bits, times 2^-8 (``F16_WIDEN_FACTOR`` restores it)."""
-    if HOW == 2:
+    integer ops) or 2 (PTX) by moving bits, times 2^-8 (``F16_WIDEN_FACTOR`` restores it); 3 (PTX)
+    or 4 (Triton ops): ``x`` is int32 words of four float8 (:func:`e4m3_words_to_f16`), exactly."""
+    if HOW >= 3:
+        wide = e4m3_words_to_f16(x, HOW == 3)
+    elif HOW == 2:
         wide = e4m3_asm_to_f16(x)
     elif HOW == 1:
         wide = e4m3_bits_to_f16(x)
