@@ -390,3 +390,6 @@ def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    # over an fp8 pool, fp8_widen="words_v" reads a value row as 32-bit words
+    assert not is_fp8_kv(v_cache) or (v_cache.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in v_cache.stride()[:3])), \
+        (v_cache.data_ptr() % 4, v_cache.stride())
