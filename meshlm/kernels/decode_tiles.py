@@ -131,7 +131,7 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
     Over an fp8 pool the kernel is bound by instruction issue, not by bytes. The fp8 defaults
     below keep those tiles (128 keys for many pairs) and add the tile as the products' first
     operand with the group padded to 8 rows and values loaded as words (``swap_ab``,
-    ``min_group_rows=8``, ``fp8_widen="words_v"``): Triton's sm_90 code then issues 1,186 (many)
+    ``min_group_rows=8``, ``fp8_widen="words_v"``): Triton's sm_90 code then issues 1,170 (many)
     and 1,222 (few) warp instructions per 64 keys against 2,820 and 1,850 for the tiles above
     (``benchmarks/decode_sass.py``; a bf16 pool's default issues 1,636 for twice the bytes). Their
     times are not yet measured: ``--variants --kv-cache-dtype fp8`` times both.
