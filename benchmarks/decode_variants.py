@@ -49,15 +49,19 @@ DECODE_SHAPES = "1x32768,8x8192,256x1024,1x512"
 VARIANT_TILES = [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
 # Stage 2's split counts include those giving these many programs per SM (whole waves).
 PROGRAMS_PER_SM = (1, 2, 3, 4)
-READING_OFF = dict(prefetch_table=0, k_transposed=False, paged_tile=False, heads_first=False, kv_heads_per_program=1)
+READING_OFF = dict(prefetch_table=0, k_transposed=False, paged_tile=False, heads_first=False, kv_heads_per_program=1,
+                   swap_ab=False, min_group_rows=16, fp8_widen="cvt")
 # A launch whose output differs more from SDPA's is reported as wrong.
 MAX_DIFF = 0.1
 
 
-def switch_combinations() -> list[dict]:
+def switch_combinations(kv: str) -> list[dict]:
     """Stage 1: with a program per KV head, block ids 0, 1 or 2 tiles ahead x keys transposed or not
     x heads first or not; with 2 or 4 KV heads a program, block ids 0 or 2 ahead x heads first or
-    not; with all 8 (a program reads whole cache blocks, 32 KiB each), block ids 0 or 2 ahead.
+    not; with all 8 (a program reads whole cache blocks, 32 KiB each), block ids 0 or 2 ahead; the
+    cache tiles as the products' first operand (``swap_ab``) with block ids 0 or 2 ahead x 1 or 2
+    KV heads x the group padded to 16 or 8 rows; over an fp8 pool (``kv`` "fp8") also those of 8
+    rows with values loaded as words or keys widened by bit moves (``fp8_widen``).
     (One block-table load per cache block, ``paged_tile``, takes the most registers, up to 255 and
     spills at tiles of 128 columns on sm_90: timed once, in stage 2.)"""
     one_head = [dict(prefetch_table=prefetch, k_transposed=k_transposed, heads_first=heads)
@@ -65,7 +69,11 @@ def switch_combinations() -> list[dict]:
     several = [dict(prefetch_table=prefetch, heads_first=heads, kv_heads_per_program=kv_heads)
                for kv_heads, prefetch, heads in itertools.product((2, 4), (0, 2), (False, True))]
     every = [dict(prefetch_table=prefetch, kv_heads_per_program=bench.NUM_KV_HEADS) for prefetch in (0, 2)]
-    return one_head + several + every
+    swapped = [dict(prefetch_table=prefetch, kv_heads_per_program=kv_heads, swap_ab=True, min_group_rows=rows)
+               for prefetch, kv_heads, rows in itertools.product((0, 2), (1, 2), (16, 8))]
+    widened = [dict(combo, fp8_widen=widen) for combo in swapped if combo["min_group_rows"] == 8
+               for widen in ("words_v", "asm_k")] if kv == "fp8" else []
+    return one_head + several + every + swapped + widened
 
 
 def with_switches(tiles: DecodeTiles, switches: dict) -> DecodeTiles:
@@ -181,7 +189,7 @@ def bench_shape(shape: Shape, pool, peak: float, num_sms: int, deadline: float) 
                                         peak, float("inf"), "default, merge kernel"),
              "sdpa": time_launch(shape, "sdpa (contiguous KV)", shape.sdpa, peak, float("inf"))}
     variants = [launch_row(shape, with_switches(shape.tiles, switches), shape.num_splits, peak, deadline)
-                for switches in switch_combinations()]
+                for switches in switch_combinations(shape.kv)]
     variants = [row for row in variants if row is not None and not row["is_wrong"]]
     if variants and time.monotonic() < deadline:
         best = min(variants, key=lambda row: row["us"])
@@ -264,7 +272,7 @@ def main() -> None:
         tiles = decode_tiles(torch.bfloat16, batch * bench.NUM_KV_HEADS, num_sms, kv == "fp8", bench.NUM_KV_HEADS)
         count = choose_num_splits(batch, bench.NUM_KV_HEADS, max(context, args.graph_max_seq_len), num_sms)
         jobs += [(kv, (tiles, count)), (kv, (dataclasses.replace(tiles, fused_merge=False), count))]
-        jobs += [(kv, (with_switches(tiles, switches), count)) for switches in switch_combinations()]
+        jobs += [(kv, (with_switches(tiles, switches), count)) for switches in switch_combinations(kv)]
     compile_launches(pool, jobs)
     results = []
     for kv, batch, context in cases:

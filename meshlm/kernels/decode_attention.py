@@ -36,8 +36,11 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
+from meshlm.kernels.decode_paging import key_rows, row_scales, tile_block_ids, tile_columns
 from meshlm.kernels.decode_tiles import DecodeTiles, choose_num_splits, decode_tiles
-from meshlm.kernels.triton_launch import dot_precision, num_sms
+from meshlm.kernels.fp8_convert_triton import F16_WIDEN_FACTOR, quantize_rows_e4m3, widen_fp8
+from meshlm.kernels.triton_launch import dot_precision, num_sms, programmatic_launch
+from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 from meshlm.kernels.split_merge import merge_chunk, merge_if_last, merge_splits, split_counters
 
@@ -58,7 +61,9 @@ def _decode_split_kernel(
         KV_FP8: tl.constexpr, KV_FP8_AS_F16: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
         K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr,
         KV_HEADS: tl.constexpr, SPLITS_FIRST: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr,
-        MERGE_CHUNK: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr):
+        MERGE_CHUNK: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr,
+        WIDEN_V: tl.constexpr, FP8_QK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     # A program attends KV_HEADS KV heads from kv_head on (its "pair": the sequence and those heads).
     seq, kv_program, num_kv_programs, split = _program_ids(HEADS_FIRST, SPLITS_FIRST)
     kv_head = kv_program * KV_HEADS
@@ -92,7 +97,7 @@ def _decode_split_kernel(
     if KV_FP8_AS_F16:  # float8 converts to fp16 in one instruction per pair, to bf16 in several
         q = q.to(tl.float16)
     if KV_FP8:  # keys are stored / k_scale: the head's scale multiplies the scores instead
-        qk_scale_log2 = qk_scale_log2 * _row_scales(k_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
+        qk_scale_log2 = qk_scale_log2 * row_scales(k_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
 
     m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
@@ -108,27 +113,27 @@ def _decode_split_kernel(
     # loads those of the tile PREFETCH_TABLE ahead, so that its K and V loads never wait for them.
     ahead = tl.zeros([1], dtype=tl.int64)  # (unused without prefetches)
     if PREFETCH_TABLE == 1:
-        ahead = _tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True,
+        ahead = tile_block_ids(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE, True,
                              KV_HEADS)
     if PREFETCH_TABLE == 2:
-        ahead = tl.join(_tile_blocks(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
+        ahead = tl.join(tile_block_ids(table_row, split_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
                                      True, KV_HEADS),
-                        _tile_blocks(table_row, split_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+                        tile_block_ids(table_row, split_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
                                      PAGED_TILE, True, KV_HEADS))
     acc, l_i, m_i, ahead = _walk_tiles(
         acc, l_i, m_i, ahead, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8,
-        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
     acc, l_i, m_i, ahead = _walk_tiles(
         acc, l_i, m_i, ahead, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8,
-        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS)
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
-        acc = acc * _row_scales(v_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
+        acc = acc * row_scales(v_scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS)
     o_offsets = seq.to(tl.int64) * stride_o_token + head[:, None] * stride_o_head + dims[None, :]
     if num_active > 1:
         num_heads = num_kv_heads * GROUP
@@ -171,86 +176,41 @@ def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, 
                 stride_v_offset, stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
-                KV_HEADS: tl.constexpr):
+                KV_HEADS: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr,
+                FP8_QK: tl.constexpr):
     """The online softmax over the tiles in [start, end). ``ahead`` holds the block ids of the next
     PREFETCH_TABLE tiles (of ``start`` on; 2: joined as [ids, 2]) and comes back holding those of
     the tiles from ``end`` on. Every value the loop carries is computed in it: Triton does not
-    pipeline a loop that passes a carried value on unchanged."""
+    pipeline a loop that passes a carried value on unchanged. ``SWAP_AB``: the loop runs on q^T,
+    acc^T and the scale as a row [1, GROUP_ROWS] (:func:`_decode_tile`). ``FP8_QK``: q is
+    quantized to float8 e4m3 with a scale per row, which joins the scores' scale."""
+    if FP8_QK and KV_FP8:
+        q, q_scale = quantize_rows_e4m3(q, DOT_IN_FP32)
+        qk_scale_log2 = qk_scale_log2 * q_scale  # [GROUP_ROWS, 1]
+    if SWAP_AB:
+        q = tl.trans(q)  # [HEAD_DIM, GROUP_ROWS]
+        acc = tl.trans(acc)  # [HEAD_DIM, GROUP_ROWS]
+        qk_scale_log2 = tl.trans(qk_scale_log2 + tl.zeros([q.shape[1], 1], dtype=tl.float32))  # [1, GROUP_ROWS]
     for tile_start in range(start, end, BLOCK_N):
         if PREFETCH_TABLE == 2:
             tile_blocks, next_blocks = tl.split(ahead)
-            ahead = tl.join(next_blocks, _tile_blocks(table_row, tile_start + 2 * BLOCK_N, key_lo, seq_len, BLOCK_N,
+            ahead = tl.join(next_blocks, tile_block_ids(table_row, tile_start + 2 * BLOCK_N, key_lo, seq_len, BLOCK_N,
                                                       KV_BLOCK_SIZE, PAGED_TILE, True, KV_HEADS))
         elif PREFETCH_TABLE == 1:
             tile_blocks = ahead
-            ahead = _tile_blocks(table_row, tile_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
+            ahead = tile_block_ids(table_row, tile_start + BLOCK_N, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE,
                                  PAGED_TILE, True, KV_HEADS)
         else:
-            tile_blocks = _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
+            tile_blocks = tile_block_ids(table_row, tile_start, key_lo, seq_len, BLOCK_N, KV_BLOCK_SIZE, PAGED_TILE,
                                        MASKED, KV_HEADS)
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, k_head, v_head, tile_blocks, tile_start, key_lo, seq_len, dims, row_kv_head,
             qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
             stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED,
-            PAGED_TILE, KV_HEADS)
+            PAGED_TILE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [GROUP_ROWS, HEAD_DIM]
     return acc, l_i, m_i, ahead
-
-
-@triton.jit
-def _tile_blocks(table_row, tile_start, key_lo, seq_len, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-                 PAGED_TILE: tl.constexpr, MASKED: tl.constexpr, KV_HEADS: tl.constexpr):
-    """Cache block ids of keys [tile_start, tile_start + BLOCK_N): one per tile column [KV_HEADS *
-    BLOCK_N] (:func:`_tile_columns`), or one per cache block [BLOCK_N // KV_BLOCK_SIZE]
-    (``PAGED_TILE``). Masked: 0 for blocks no query sees."""
-    if PAGED_TILE:
-        index = tile_start // KV_BLOCK_SIZE + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE)
-        is_seen = (index * KV_BLOCK_SIZE < seq_len) & ((index + 1) * KV_BLOCK_SIZE > key_lo)
-    else:
-        if KV_HEADS > 1:
-            key_pos, _ = _tile_columns(tile_start, BLOCK_N, KV_HEADS)
-        else:
-            key_pos = tile_start + tl.arange(0, BLOCK_N)
-        index = key_pos // KV_BLOCK_SIZE
-        is_seen = (key_pos >= key_lo) & (key_pos < seq_len)
-    if MASKED:
-        blocks = tl.load(table_row + index, mask=is_seen, other=0)
-    else:
-        blocks = tl.load(table_row + index)
-    return blocks.to(tl.int64)
-
-
-@triton.jit
-def _tile_columns(tile_start, BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr):
-    """The key of each of a tile's KV_HEADS * BLOCK_N columns, and its KV head among the program's:
-    key-major, so that a key's heads, side by side in the cache, are neighbours."""
-    columns = tl.arange(0, KV_HEADS * BLOCK_N)
-    return tile_start + columns // KV_HEADS, columns % KV_HEADS
-
-
-@triton.jit
-def _key_rows(blocks, key_pos, column_kv_head, stride_block, stride_offset, stride_head, BLOCK_N: tl.constexpr,
-              KV_BLOCK_SIZE: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr):
-    """[KV_HEADS * BLOCK_N] offset of each tile column's row (head_dim elements along memory) from
-    the program's first KV head."""
-    if PAGED_TILE:  # [blocks, KV_BLOCK_SIZE * KV_HEADS] -> the columns, block-major as the keys
-        within = tl.arange(0, KV_BLOCK_SIZE * KV_HEADS)  # (offset, KV head) in a block
-        within = (within // KV_HEADS) * stride_offset + (within % KV_HEADS) * stride_head
-        rows = tl.reshape(blocks[:, None] * stride_block + within[None, :], [KV_HEADS * BLOCK_N])
-    else:
-        rows = blocks * stride_block + (key_pos % KV_BLOCK_SIZE) * stride_offset
-        if KV_HEADS > 1:
-            rows += column_kv_head * stride_head
-    return rows
-
-
-@triton.jit
-def _row_scales(scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS: tl.constexpr):
-    """An fp8 cache's scale for every row: one value (one KV head), or [GROUP_ROWS, 1]."""
-    if KV_HEADS > 1:
-        scale = tl.load(scale_ptr + kv_head + row_kv_head, mask=is_row, other=1.0)[:, None]
-    else:
-        scale = tl.load(scale_ptr + kv_head)
-    return scale
 
 
 @triton.jit
@@ -258,20 +218,26 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
                  qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
                  stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
-                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr):
+                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr,
+                 SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr, FP8_QK: tl.constexpr):
     """One online-softmax step of the rows over keys [tile_start, tile_start + BLOCK_N), whose
-    cache blocks are ``blocks`` (:func:`_tile_blocks`). With KV_HEADS > 1 the tile holds each key
-    of every KV head of the program (:func:`_tile_columns`) and a row sees its own head's only.
-    ``KV_FP8``: k and v are float8, converted exactly to q's dtype (the caller applies their scales)."""
+    cache blocks are ``blocks`` (:func:`tile_block_ids`). With KV_HEADS > 1 the tile holds each key
+    of every KV head of the program (:func:`tile_columns`) and a row sees its own head's only.
+    ``KV_FP8``: k and v are float8, widened to q's dtype (:func:`meshlm.kernels.fp8_convert_triton.widen_fp8`;
+    the caller applies their scales, this tile the factor that bit moves leave). ``SWAP_AB``: q,
+    acc and qk_scale_log2 come transposed ([HEAD_DIM, GROUP_ROWS], [1, GROUP_ROWS]) and the
+    products run with the tile first, scores^T = K q^T and acc^T += V^T p^T. ``FP8_QK``: q is
+    float8 (:func:`meshlm.kernels.fp8_convert_triton.quantize_rows_e4m3`) and the keys multiply it
+    as stored, on float8 tensor cores. ``WIDEN_V`` 3 or 4: values load as int32 words."""
     if KV_HEADS > 1:
-        key_pos, column_kv_head = _tile_columns(tile_start, BLOCK_N, KV_HEADS)  # [KV_HEADS * BLOCK_N]
+        key_pos, column_kv_head = tile_columns(tile_start, BLOCK_N, KV_HEADS)  # [KV_HEADS * BLOCK_N]
     else:
         key_pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         column_kv_head = 0
     is_key = (key_pos >= key_lo) & (key_pos < seq_len)
-    k_rows = _key_rows(blocks, key_pos, column_kv_head, stride_k_block, stride_k_offset, stride_k_head, BLOCK_N,
+    k_rows = key_rows(blocks, key_pos, column_kv_head, stride_k_block, stride_k_offset, stride_k_head, BLOCK_N,
                        KV_BLOCK_SIZE, PAGED_TILE, KV_HEADS)
-    v_rows = _key_rows(blocks, key_pos, column_kv_head, stride_v_block, stride_v_offset, stride_v_head, BLOCK_N,
+    v_rows = key_rows(blocks, key_pos, column_kv_head, stride_v_block, stride_v_offset, stride_v_head, BLOCK_N,
                        KV_BLOCK_SIZE, PAGED_TILE, KV_HEADS)
     v_offsets = v_rows[:, None] + dims[None, :]  # [KV_HEADS * BLOCK_N, HEAD_DIM]
     if K_TRANSPOSED:  # [HEAD_DIM, BLOCK_N] straight from memory
@@ -280,38 +246,67 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     else:  # rows [BLOCK_N, HEAD_DIM] along memory, transposed in registers for the product
         k_offsets = k_rows[:, None] + dims[None, :]
         k_mask = is_key[:, None]
+    if KV_FP8 and WIDEN_V >= 3:  # values as int32 words of four float8 (row offsets are multiples of 4)
+        v_head = v_head.to(tl.pointer_type(tl.int32))
+        v_offsets = (v_rows // 4)[:, None] + tl.arange(0, dims.shape[0] // 4)[None, :]
     if MASKED:
         k = tl.load(k_head + k_offsets, mask=k_mask, other=0.0)
         v = tl.load(v_head + v_offsets, mask=is_key[:, None], other=0.0)
     else:
         k = tl.load(k_head + k_offsets)
         v = tl.load(v_head + v_offsets)
-    if not K_TRANSPOSED:
+    if not K_TRANSPOSED and not SWAP_AB:
         k = tl.trans(k)  # [HEAD_DIM, BLOCK_N]
-    if KV_FP8:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-
+    if KV_FP8:  # bit moves leave k (v) times 2^-8: the scores (probabilities) take the 2^8 back
+        if FP8_QK:  # keys as stored; values to the 16-bit type of the model's q (fp16 on the GPU)
+            v = widen_fp8(v, tl.float16, WIDEN_V)
+        else:
+            k = widen_fp8(k, q.dtype, WIDEN_K)
+            v = widen_fp8(v, q.dtype, WIDEN_V)
+            if WIDEN_K == 1 or WIDEN_K == 2:
+                qk_scale_log2 = qk_scale_log2 * F16_WIDEN_FACTOR
     if DOT_IN_FP32:  # the CPU interpreter multiplies bf16 bit patterns as integers
         q = q.to(tl.float32)
         k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, KV_HEADS * BLOCK_N]
-    if MASKED:
-        scores = tl.where(is_key[None, :], scores, float("-inf"))
-    if KV_HEADS > 1:
-        scores = tl.where(row_kv_head[:, None] == column_kv_head[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(scores - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if SWAP_AB:
+        scores = tl.dot(k, q, input_precision=DOT_PRECISION) * qk_scale_log2  # [KV_HEADS * BLOCK_N, GROUP_ROWS]
+        is_seen = is_key[:, None]
+        if KV_HEADS > 1:
+            is_seen = is_seen & (column_kv_head[:, None] == row_kv_head[None, :])
+    else:
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_ROWS, KV_HEADS * BLOCK_N]
+        is_seen = is_key[None, :]
+        if KV_HEADS > 1:
+            is_seen = is_seen & (row_kv_head[:, None] == column_kv_head[None, :])
+    if MASKED or KV_HEADS > 1:
+        scores = tl.where(is_seen, scores, float("-inf"))
+    if SWAP_AB:  # keys along axis 0
+        p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 0)
+    else:
+        p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 1)
+    if KV_FP8 and (WIDEN_V == 1 or WIDEN_V == 2):
+        p = p * F16_WIDEN_FACTOR
     p = p.to(v.dtype)
     if DOT_IN_FP32:
         p = p.to(tl.float32)
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p, input_precision=DOT_PRECISION)  # [HEAD_DIM, GROUP_ROWS]
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_step(scores, m_i, l_i, KEY_AXIS: tl.constexpr):
+    """The probabilities of a tile's ``scores`` (keys along ``KEY_AXIS``) against the rows' new
+    running maximum, the factor that rescales what the rows summed before, the new sum and maximum."""
+    m_new = tl.maximum(m_i, tl.max(scores, KEY_AXIS))
+    # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - tl.expand_dims(m_shift, KEY_AXIS))
+    alpha = tl.math.exp2(m_i - m_shift)
+    return p, alpha, l_i * alpha + tl.sum(p, KEY_AXIS), m_new
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -364,6 +359,7 @@ def _launch(out, partial, lse, counters, q, k_cache, v_cache, scales, meta, scal
     grid = (num_splits, *grid) if tiles.splits_first else (*grid, num_splits)
     merge_rows = triton.next_power_of_2(group * kv_heads)
     options = {"maxnreg": tiles.max_registers} if tiles.max_registers is not None and q.is_cuda else {}
+    pdl = programmatic_launch(q.device)
     _decode_split_kernel[grid](
         out, partial, lse, lse if counters is None else counters, q, k_cache, v_cache, *scales,
         meta.block_tables, meta.seq_lens, num_splits, scale * _LOG2_E, 0 if sliding_window is None else sliding_window,
@@ -371,15 +367,16 @@ def _launch(out, partial, lse, counters, q, k_cache, v_cache, scales, meta, scal
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         meta.block_tables.stride(0),
-        GROUP=group, GROUP_ROWS=max(16, merge_rows), BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=kv_block_size,
-        HEAD_DIM=head_dim, IS_SPLIT=num_splits > 1,
+        GROUP=group, GROUP_ROWS=max(tiles.min_group_rows, merge_rows), BLOCK_N=tiles.block_n,
+        KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, IS_SPLIT=num_splits > 1,
         KV_FP8=is_fp8_kv(k_cache), KV_FP8_AS_F16=fp8_kv_as_f16(q, k_cache),
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=dot_precision(q), DOT_IN_FP32=not q.is_cuda,
         PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
         HEADS_FIRST=tiles.heads_first, KV_HEADS=kv_heads, SPLITS_FIRST=tiles.splits_first,
         FUSED_MERGE=counters is not None, MERGE_ROWS=merge_rows,
         MERGE_CHUNK=merge_chunk(merge_rows, num_splits, head_dim), MIN_SPLIT_TILES=tiles.min_split_tiles,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **options,
+        **tiles.tile_switches(q.is_cuda),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, PDL=pdl, launch_pdl=pdl, **options,
     )
 
 
@@ -391,3 +388,6 @@ def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    # over an fp8 pool, fp8_widen="words_v" reads a value row as 32-bit words
+    assert not is_fp8_kv(v_cache) or (v_cache.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in v_cache.stride()[:3])), \
+        (v_cache.data_ptr() % 4, v_cache.stride())

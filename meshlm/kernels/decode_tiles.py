@@ -21,12 +21,17 @@ _SMS_PER_PAIR = 8
 # A split covers at least this many keys: shorter splits cost more in merging than they give.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
+# DecodeTiles.fp8_widen -> how the kernel widens (keys, values): 0 conversion unit, 1 bit moves in
+# Triton ops, 2 bit moves in PTX, 3 loaded as 32-bit words, widened in PTX (off the GPU: 4, in
+# Triton ops) (kernels/fp8_convert_triton.py).
+FP8_WIDEN = {"cvt": (0, 0), "bits": (1, 1), "asm": (2, 2), "asm_k": (2, 0), "words_v": (0, 3)}
+_OFF_GPU = {2: 1, 3: 4}  # what runs in the interpreter for a code that needs PTX
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeTiles:
     """Launch shape of the split kernel: keys per tile, warps per program, pipeline depth, and how a
-    tile reaches the cache (every switch gives the same result; they differ only in speed):
+    tile reaches the cache (every switch but ``fp8_qk`` gives the same result; they differ in speed):
 
     - ``prefetch_table``: the block ids of each tile load this many tiles ahead (0, 1 or 2), so
       that a tile's K and V loads never wait for a block-table load issued just before them
@@ -54,6 +59,23 @@ class DecodeTiles:
     - ``max_registers``: a cap on each thread's registers (None: the compiler's choice), so that
       more programs fit on an SM (on sm_90 the kernel's registers, not its shared memory, limit
       it to 2 or 3 programs of 4 warps an SM), at the cost of spilling what does not fit.
+    - ``swap_ab``: the cache tiles are the products' first operand: scores^T = K q^T and
+      out^T = V^T p^T, so that a tile's keys (and head_dim) are the matrix unit's rows instead of
+      the query group's padded rows: at 64 keys or more Hopper's warpgroup MMA runs, with the
+      widened keys taken from registers rather than written back to shared memory;
+    - ``min_group_rows``: the query group's rows pad to at least this many (16: the smallest
+      MMA's rows; 8 is the smallest MMA column count, enough with ``swap_ab``);
+    - ``fp8_widen``: how a float8 tile becomes 16-bit for the product (fp8 pools only): "cvt"
+      the conversion unit, "asm" moving bits four values at a time in PTX (:mod:`meshlm.kernels.
+      fp8_convert_triton`; the factor 2^8 it leaves folds into the scores and probabilities), "asm_k" keys
+      that way and values by the conversion unit (the two run on different units), "bits" the
+      same bit moves in plain Triton ops; "words_v" loads values as 32-bit words of four float8
+      and widens each word by the conversion unit in PTX, so that a loaded tile stays four values a
+      register (a float8 tile that crosses the software pipeline's loop may take a byte a register,
+      repacked in pairs for the conversion). Off the GPU "asm" runs as "bits", "words_v" in Triton ops;
+    - ``fp8_qk`` (fp8 pools only; changes the result): q is quantized per row to float8 e4m3 and
+      multiplies the stored keys on float8 tensor cores, so that keys need no widening; it adds
+      q's own e4m3 rounding to the scores.
     """
 
     block_n: int
@@ -68,6 +90,10 @@ class DecodeTiles:
     fused_merge: bool = False
     min_split_tiles: int = 1
     max_registers: int | None = None
+    swap_ab: bool = False
+    min_group_rows: int = 16
+    fp8_widen: str = "cvt"
+    fp8_qk: bool = False
 
     def check(self, kv_block_size: int, num_kv_heads: int) -> None:
         """Refuse a shape the kernel cannot run, naming every size involved."""
@@ -83,9 +109,21 @@ class DecodeTiles:
             raise ValueError(f"{self}: min_split_tiles={self.min_split_tiles} must be at least 1")
         if self.max_registers is not None and not 32 <= self.max_registers <= 255:
             raise ValueError(f"{self}: max_registers={self.max_registers} must lie in [32, 255] (or be None)")
+        if self.k_transposed and self.swap_ab:
+            raise ValueError(f"{self}: swap_ab multiplies keys as loaded, rows along memory: no k_transposed")
+        if self.min_group_rows < 1 or self.min_group_rows & (self.min_group_rows - 1):
+            raise ValueError(f"{self}: min_group_rows={self.min_group_rows} must be a power of two")
+        if self.fp8_widen not in FP8_WIDEN:
+            raise ValueError(f"{self}: fp8_widen={self.fp8_widen!r}; choose one of {', '.join(FP8_WIDEN)}")
         if self.paged_tile and self.block_n % kv_block_size:
             raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
                              f"the cache's block size {kv_block_size}")
+
+    def tile_switches(self, on_gpu: bool) -> dict:
+        """The kernel's constexprs for ``swap_ab``, ``fp8_widen`` (off the GPU, PTX runs as Triton
+        ops) and ``fp8_qk``."""
+        widen_k, widen_v = (code if on_gpu else _OFF_GPU.get(code, code) for code in FP8_WIDEN[self.fp8_widen])
+        return dict(SWAP_AB=self.swap_ab, WIDEN_K=widen_k, WIDEN_V=widen_v, FP8_QK=self.fp8_qk)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -118,17 +156,26 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
       1024 x 256 52 -> 57 %.
     Split launches merge inside the split kernel (``fused_merge``): one launch instead of two, and
     at batch 1 with a short context (the decode graphs split for the model's whole length) the
-    splits past the sequence's keys end at once. fp32 (tests): 32-key tiles, which keep its twice
-    larger tiles within shared memory and compile quickly."""
+    splits past the sequence's keys end at once.
+    Over an fp8 pool the kernel is bound by instruction issue, not by bytes. The fp8 defaults
+    below keep those tiles (128 keys for many pairs) and add the tile as the products' first
+    operand with the group padded to 8 rows and values loaded as words (``swap_ab``,
+    ``min_group_rows=8``, ``fp8_widen="words_v"``): Triton's sm_90 code then issues 1,170 (many)
+    and 1,222 (few) warp instructions per 64 keys against 2,820 and 1,850 for the tiles above
+    (``benchmarks/decode_sass.py``; a bf16 pool's default issues 1,636 for twice the bytes). Their
+    times are not yet measured: ``--variants --kv-cache-dtype fp8`` times both.
+    fp32 (tests): 32-key tiles, which keep its twice larger tiles within shared memory and compile
+    quickly."""
     if dtype == torch.float32:
         return DecodeTiles(block_n=32, num_warps=4, num_stages=2, fused_merge=True)
     is_few = num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms
     two_heads = 2 if num_kv_heads % 2 == 0 else 1
+    fp8 = dict(swap_ab=True, min_group_rows=8, fp8_widen="words_v", fused_merge=True)
     if kv_fp8 and is_few:
         return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads,
-                           fused_merge=True)
+                           **fp8)
     if kv_fp8:
-        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=1, fused_merge=True)
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, **fp8)
     if num_programs * _SMS_PER_PAIR <= num_sms:
         return DecodeTiles(block_n=32, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads,
                            fused_merge=True)

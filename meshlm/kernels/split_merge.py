@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from meshlm.kernels.triton_launch import programmatic_launch
+from meshlm.kernels.triton_pdl import wait_for_previous_kernel
+
 # Elements of [rows, splits, head_dim] fp32 partial outputs loaded at once (32 KiB, 64 registers a
 # thread at 4 warps), and at most so many splits. A loop of one load per split waits out the memory
 # latency once per split, which at batch 1 (few programs, up to 64 splits) cost tens of
@@ -79,8 +82,9 @@ def merge_if_last(out_ptr, partial_ptr, lse_ptr, counter_ptr, pair, seq, first_h
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(out_ptr, partial_ptr, lse_ptr, num_splits, stride_o_token, stride_o_head,
-                         HEAD_DIM: tl.constexpr, SPLITS_CHUNK: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, SPLITS_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """out[seq, head] from all the splits of the row."""
+    wait_for_previous_kernel(PDL)
     merge_rows(out_ptr, partial_ptr, lse_ptr, tl.program_id(0), tl.program_id(1), tl.num_programs(1), num_splits,
                num_splits, stride_o_token, stride_o_head, 1, 1, HEAD_DIM, SPLITS_CHUNK)
 
@@ -88,9 +92,10 @@ def _decode_merge_kernel(out_ptr, partial_ptr, lse_ptr, num_splits, stride_o_tok
 def merge_splits(out: torch.Tensor, partial: torch.Tensor, lse: torch.Tensor) -> None:
     """out [num_seqs, num_heads, head_dim] from the splits' partial outputs and log2-sum-exps."""
     num_seqs, num_heads, num_splits, head_dim = partial.shape
+    pdl = programmatic_launch(out.device)
     _decode_merge_kernel[(num_seqs, num_heads)](
         out, partial, lse, num_splits, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, SPLITS_CHUNK=merge_chunk(1, num_splits, head_dim), num_warps=4)
+        HEAD_DIM=head_dim, SPLITS_CHUNK=merge_chunk(1, num_splits, head_dim), num_warps=4, PDL=pdl, launch_pdl=pdl)
 
 
 def merge_chunk(num_rows: int, num_splits: int, head_dim: int) -> int:

@@ -155,7 +155,10 @@ VARIANTS = {"prefetch_table1": dict(prefetch_table=1), "prefetch_table2": dict(p
             "splits_first": dict(splits_first=True), "fused_merge": dict(fused_merge=True),
             "max_registers": dict(max_registers=128), "min_split_tiles2": dict(min_split_tiles=2),
             "all": dict(prefetch_table=2, k_transposed=True, paged_tile=True, heads_first=True,
-                        kv_heads_per_program=2, splits_first=True, fused_merge=True)}
+                        kv_heads_per_program=2, splits_first=True, fused_merge=True),
+            "swap_ab": dict(swap_ab=True),
+            "swap_all": dict(swap_ab=True, min_group_rows=8, prefetch_table=2, paged_tile=True, heads_first=True,
+                             kv_heads_per_program=2, fused_merge=True)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -179,6 +182,13 @@ def test_switches_out_of_range_are_refused():
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, min_split_tiles=0))
     with pytest.raises(ValueError, match="max_registers=16 must lie in"):
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, max_registers=16))
+    with pytest.raises(ValueError, match="swap_ab multiplies keys as loaded"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, k_transposed=True,
+                                                                                    swap_ab=True))
+    with pytest.raises(ValueError, match="min_group_rows=12 must be a power of two"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, min_group_rows=12))
+    with pytest.raises(ValueError, match="fp8_widen='ptx'; choose one of cvt, bits, asm, asm_k"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, fp8_widen="ptx"))
     with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
         paged_decode_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), meta, 0.125,
                                tiles=DecodeTiles(16, 4, 2, paged_tile=True))

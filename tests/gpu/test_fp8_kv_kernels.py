@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_attention_reference  # noqa: E402
 from meshlm.kernels.decode_attention import DecodeTiles, paged_decode_attention  # noqa: E402
+from meshlm.kernels.decode_tiles import decode_tiles  # noqa: E402
+from meshlm.kernels.fp8_convert_triton import F16_WIDEN_FACTOR, widen_fp8  # noqa: E402
 from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
-from meshlm.kernels.kv_quant import FP8_KV_DTYPE, quantize_kv  # noqa: E402
+from meshlm.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX, quantize_kv  # noqa: E402
 from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda, random_block_tables  # noqa: E402
@@ -95,21 +98,101 @@ def test_decode_kernel_reads_fp8(group, window, num_splits, dtype):
     assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
 
 
+# Enough sequences for the defaults of many (sequence, KV head) programs (over 4 a SM: 32 off the GPU).
+MANY_DECODES = [(7 * n + n // 3, 1) for n in range(24)]
+
+
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "window24"])
+def test_decode_kernel_default_for_many_programs_reads_fp8(window):
+    num_sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if DEVICE == "cuda" else 8
+    seqs = MANY_DECODES * (-(-4 * num_sms // (2 * len(MANY_DECODES))) + 1)  # past 4 programs a SM
+    assert decode_tiles(torch.bfloat16, 2 * len(seqs), num_sms, True, 2) != decode_tiles(torch.bfloat16, 2, num_sms,
+                                                                                          True, 2)
+    max_err, mean_err = errors(paged_decode_attention, seqs, 2, 4, 64, torch.bfloat16, window)
+    max_tol, mean_tol = TOLERANCES[torch.bfloat16]
+    assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch,context", [(256, 1024), (8, 8192), (1, 32768)], ids=["256x1k", "8x8k", "1x32k"])
+def test_decode_kernel_defaults_read_fp8_at_llama_shapes(batch, context):
+    """Llama-3-8B's heads (32 query, 8 KV, head_dim 128) at the benchmark's shapes, lengths up to
+    100 keys short of the context, each shape with its default tiles and split count."""
+    seqs = [(context - 1 - (37 * i) % 101, 1) for i in range(batch)]
+    max_err, mean_err = errors(paged_decode_attention, seqs, 8, 4, 128, torch.bfloat16)
+    max_tol, mean_tol = TOLERANCES[torch.bfloat16]
+    assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("num_splits,window", [(1, None), (3, 24)], ids=["whole", "split_window24"])
 @pytest.mark.parametrize("switches", [dict(prefetch_table=2), dict(k_transposed=True), dict(paged_tile=True),
                                       dict(heads_first=True), dict(kv_heads_per_program=2),
                                       dict(kv_heads_per_program=2, paged_tile=True, k_transposed=True),
                                       dict(fused_merge=True), dict(fused_merge=True, kv_heads_per_program=2,
-                                                                   splits_first=True)],
+                                                                   splits_first=True),
+                                      dict(swap_ab=True), dict(fp8_widen="bits"), dict(fp8_widen="asm"),
+                                      dict(fp8_widen="asm_k", k_transposed=True),
+                                      dict(swap_ab=True, min_group_rows=8, fp8_widen="asm"),
+                                      dict(swap_ab=True, kv_heads_per_program=2, paged_tile=True, prefetch_table=2,
+                                           fp8_widen="asm_k"),
+                                      dict(fp8_widen="words_v"),
+                                      dict(swap_ab=True, min_group_rows=8, prefetch_table=2, fp8_widen="words_v",
+                                           fused_merge=True),
+                                      dict(swap_ab=True, kv_heads_per_program=2, paged_tile=True, fp8_widen="words_v")],
                          ids=["prefetch_table2", "k_transposed", "paged_tile", "heads_first", "kv_heads2",
-                              "kv_heads2_paged_ktrans", "fused_merge", "fused_merge_kv_heads2_splits_first"])
+                              "kv_heads2_paged_ktrans", "fused_merge", "fused_merge_kv_heads2_splits_first",
+                              "swap_ab", "widen_bits", "widen_asm", "widen_asm_k_ktrans",
+                              "swap_rows8_widen_asm", "swap_kv_heads2_paged_prefetch2_widen_asm_k", "words_v",
+                              "swap_rows8_prefetch2_words_v_fused", "swap_kv_heads2_paged_words_v"])
 def test_decode_kernel_variants_read_fp8(switches, num_splits, window, dtype):
     tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **switches)
     max_err, mean_err = errors(paged_decode_attention, DECODES, 2, 4, 64, dtype, window, num_splits=num_splits,
                                tiles=tiles)
     max_tol, mean_tol = TOLERANCES[dtype]
     assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("switches", [dict(), dict(swap_ab=True, min_group_rows=8),
+                                      dict(swap_ab=True, kv_heads_per_program=2, prefetch_table=2)],
+                         ids=["plain", "swap_rows8", "swap_kv_heads2_prefetch2"])
+def test_decode_kernel_fp8_qk_multiplies_queries_rounded_to_e4m3(switches, dtype):
+    """fp8_qk equals the reference on q rounded per row to e4m3 (each row's largest magnitude at
+    448), up to fp16 probabilities; that rounding itself moves the result (it is not exact)."""
+    q, (k_cache, v_cache), (k_scale, v_scale), meta = make_fp8_case(DECODES, 2, 4, 64, dtype)
+    row_scale = q.float().abs().amax(-1, keepdim=True) / FP8_KV_MAX  # [tokens, heads, 1]
+    q_e4m3 = (q.float() / row_scale).to(FP8_KV_DTYPE).float() * row_scale
+    expected = paged_attention_reference(q_e4m3, k_cache, v_cache, meta, 0.125, 24, k_scale, v_scale)
+    exact_q = paged_attention_reference(q.float(), k_cache, v_cache, meta, 0.125, 24, k_scale, v_scale)
+    assert (expected - exact_q).abs().mean().item() > 5e-3
+    tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, fp8_qk=True, **switches)
+    got = paged_decode_attention(q, k_cache, v_cache, meta, 0.125, 24, tiles=tiles, num_splits=3,
+                                 k_scale=k_scale, v_scale=v_scale)
+    diff = (got.float() - expected).abs()
+    max_tol, mean_tol = (4e-3, 4e-4) if dtype == torch.float32 else TOLERANCES[dtype]
+    assert diff.max().item() < max_tol and diff.mean().item() < mean_tol, (diff.max().item(), diff.mean().item())
+
+
+@triton.jit
+def _widen_kernel(src_ptr, dst_ptr, HOW: tl.constexpr):
+    offsets = tl.arange(0, 256)
+    tl.store(dst_ptr + offsets, widen_fp8(tl.load(src_ptr + offsets), tl.float16, HOW))
+
+
+@pytest.mark.parametrize("how", [0, 1, pytest.param(2, marks=needs_cuda)], ids=["cvt", "bits", "asm"])
+def test_widening_reads_every_float8_value(how):
+    """Every e4m3 byte but the two NaNs (never stored): the conversion unit gives the value, the
+    bit moves the value times 2^-8, exactly."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[0x7F], codes[0xFF] = 0x7E, 0xFE  # NaN -> 448, -448
+    src = codes.view(FP8_KV_DTYPE).to(DEVICE)
+    dst = torch.empty(256, dtype=torch.float16, device=DEVICE)
+    _widen_kernel[(1,)](src, dst, HOW=how)
+    factor = 1.0 if how == 0 else F16_WIDEN_FACTOR.value
+    expected = codes.view(FP8_KV_DTYPE).float() / factor
+    assert torch.equal(dst.cpu().float(), expected)
+    assert torch.equal(dst.cpu().float().signbit(), expected.signbit())  # -0.0 keeps its sign bit
 
 
 @pytest.mark.parametrize("dtype", UNIFIED_DTYPES, ids=[str(d).removeprefix("torch.") for d in UNIFIED_DTYPES])
