@@ -10,9 +10,10 @@ OUT=${OUT:-out}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 nvidia-smi -L
 echo "== GPU tests of the decode and GEMM kernels"
-timeout 90 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_decode_attention.py tests/gpu/test_fp8_kv_kernels.py \
-    tests/gpu/test_fp8_gemm_kernel.py -k "fused or cuda_graph_replay or entry_point or llama_shapes or widening \
-or many_programs or 16_bit or weight_in or default_launch" > "$OUT/pytest_kernels.log" 2>&1
+timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_decode_attention.py tests/gpu/test_fp8_kv_kernels.py \
+    tests/gpu/test_fp8_gemm_kernel.py -k "cuda_graph_replay or fused_merge or large_shapes or forced or entry_point \
+or llama_shapes or many_programs or widening or engine_with_graphs or 16_bit or weight_in or default_launch" \
+    > "$OUT/pytest_kernels.log" 2>&1
 grep -E "passed|failed|FAILED" "$OUT/pytest_kernels.log" | tail -8
 for kv in auto fp8; do
   echo "== decode attention at the defaults, $kv KV (attention_bench.py --graph)"
