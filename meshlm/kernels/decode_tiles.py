@@ -154,32 +154,31 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
       1 x 32k 44 -> 52 %, 8 x 8k 53 -> 59 %;
     - fp8 KV, many pairs: 64-key tiles, block ids one tile ahead: 256 x 1k 55 -> 63 %,
       1024 x 256 52 -> 57 %.
-    Split launches merge inside the split kernel (``fused_merge``): one launch instead of two, and
-    at batch 1 with a short context (the decode graphs split for the model's whole length) the
-    splits past the sequence's keys end at once.
-    Over an fp8 pool the kernel is bound by instruction issue, not by bytes. The fp8 defaults
-    below keep those tiles (128 keys for many pairs) and add the tile as the products' first
-    operand with the group padded to 8 rows and values loaded as words (``swap_ab``,
-    ``min_group_rows=8``, ``fp8_widen="words_v"``): Triton's sm_90 code then issues 1,170 (many)
-    and 1,222 (few) warp instructions per 64 keys against 2,820 and 1,850 for the tiles above
-    (``benchmarks/decode_sass.py``; a bf16 pool's default issues 1,636 for twice the bytes). Their
-    times are not yet measured: ``--variants --kv-cache-dtype fp8`` times both.
+    Over an fp8 pool the kernel is bound by instruction issue, not by bytes: with many pairs the
+    tile is the products' first operand, the group padded to 8 rows and values loaded as words
+    (``swap_ab``, ``min_group_rows=8``, ``fp8_widen="words_v"``: 1,170 warp instructions per 64
+    keys against 2,820, ``benchmarks/decode_sass.py``), measured on an H200 (graph replays,
+    ``attention_bench.py --graph``): 256 x 1k 63 -> 66.3 %, 1024 x 1k 71.1 % of copy (2.4 TB/s
+    in a decode step before, 3.0 now).
+    Splits merge in a second kernel where a step has them (few pairs). With the merge folded into
+    the split kernel (``fused_merge``) 1 x 32k measured slower on the H200: bf16 54.5 us (58 %;
+    these tiles with the merge kernel 76.5 % in the sweep, the earlier 128-key default 45.1 us,
+    72 %), fp8 with ``swap_ab``, 8 rows and words 40.3 us (39 %, against 52 % for the tiles
+    below); the two changes were not timed apart, so both stay switches for the few-pair
+    defaults. Many pairs run one split, where the merge does not arise.
     fp32 (tests): 32-key tiles, which keep its twice larger tiles within shared memory and compile
     quickly."""
     if dtype == torch.float32:
-        return DecodeTiles(block_n=32, num_warps=4, num_stages=2, fused_merge=True)
+        return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
     is_few = num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms
     two_heads = 2 if num_kv_heads % 2 == 0 else 1
-    fp8 = dict(swap_ab=True, min_group_rows=8, fp8_widen="words_v", fused_merge=True)
     if kv_fp8 and is_few:
-        return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads,
-                           **fp8)
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads)
     if kv_fp8:
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, **fp8)
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, swap_ab=True, min_group_rows=8,
+                           fp8_widen="words_v")
     if num_programs * _SMS_PER_PAIR <= num_sms:
-        return DecodeTiles(block_n=32, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads,
-                           fused_merge=True)
+        return DecodeTiles(block_n=32, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads)
     if is_few:
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, k_transposed=True,
-                           fused_merge=True)
-    return DecodeTiles(block_n=64, num_warps=4, num_stages=2, heads_first=True, fused_merge=True)
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, k_transposed=True)
+    return DecodeTiles(block_n=64, num_warps=4, num_stages=2, heads_first=True)
