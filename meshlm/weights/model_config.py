@@ -104,9 +104,10 @@ class ModelConfig:
         if quantization == "compressed-tensors" and self.quantization is None and load_format != "random":
             raise ValueError("quantization='compressed-tensors' reads a compressed-tensors checkpoint, and this "
                              "model's config.json has no quantization_config; quantization='fp8' quantizes at load")
-        if load_format == "random" or self.quantization is None:
-            ignore = () if self.quantization is None else self.quantization.ignore
-            return replace(self, quantization=QuantizationConfig.at_load(ignore))
+        if self.quantization is None:
+            return replace(self, quantization=QuantizationConfig.at_load())
+        if load_format == "random":
+            return replace(self, quantization=self.quantization.as_at_load())
         return self
 
     @property
@@ -172,14 +173,14 @@ class ModelConfig:
     def from_dir(cls, path: str | Path, hf_overrides: dict[str, Any] | None = None) -> "ModelConfig":
         """config.json of the model directory ``path``, with ``hf_overrides`` merged into it (vLLM's
         ``hf_overrides``). A ``quantization_config`` that only the overrides give describes quantizing
-        the checkpoint's high-precision weights at load (QuantizationConfig.to_at_load)."""
+        the checkpoint's high-precision weights at load (QuantizationConfig.for_unquantized_checkpoint)."""
         cfg_path = Path(path) / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{path}: no config.json; a model directory in Hugging Face layout is expected")
         hf = json.loads(cfg_path.read_text())
         cfg = cls.from_hf_dict(merge_hf_overrides(hf, hf_overrides or {}))
         if cfg.quantization is not None and "quantization_config" not in hf:
-            cfg.quantization = cfg.quantization.to_at_load()
+            cfg.quantization = cfg.quantization.for_unquantized_checkpoint()
         return cfg
 
 

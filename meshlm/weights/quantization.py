@@ -41,6 +41,9 @@ class QuantizationConfig:
     weight_block_size: tuple[int, int] | None = None  # [rows, columns] of one block
     is_static_input: bool = False  # the checkpoint holds one input_scale per layer
     ignore: tuple[str, ...] = ()
+    # compressed-tensors' config_groups targets: "Linear" (every linear layer), names or re: patterns;
+    # a module no target names is not quantized
+    targets: tuple[str, ...] = ("Linear",)
 
     def __post_init__(self) -> None:
         if self.weight_strategy not in STRATEGIES:
@@ -56,9 +59,13 @@ class QuantizationConfig:
         ``ignore`` names keep the model dtype."""
         return cls(ignore=tuple(ignore))
 
-    def to_at_load(self) -> "QuantizationConfig":
-        """This config (from ``hf_overrides``, for a checkpoint of high-precision weights) as quantizing
-        at load: its ignored modules stay unquantized; what needs float8 files fails by name."""
+    def as_at_load(self) -> "QuantizationConfig":
+        """The same layers quantized (``ignore``, ``targets``), from high-precision weights at load."""
+        return QuantizationConfig(ignore=self.ignore, targets=self.targets)
+
+    def for_unquantized_checkpoint(self) -> "QuantizationConfig":
+        """This config, given by ``hf_overrides`` to a checkpoint of high-precision weights: quantizing
+        at load (as_at_load); what needs float8 files fails by name."""
         if self.is_static_input:
             raise ValueError("hf_overrides quantization_config: static input activations need the calibrated "
                              "input_scale tensors of an FP8 checkpoint, and this checkpoint's config.json has no "
@@ -69,7 +76,7 @@ class QuantizationConfig:
                              f"describes block scales stored in an FP8 checkpoint, and this checkpoint's "
                              f"config.json has no quantization_config; weights quantized at load take one "
                              f"scale per output channel: leave weight_block_size out")
-        return QuantizationConfig.at_load(self.ignore)
+        return self.as_at_load()
 
     def for_layer(self, modules: list[str]) -> "QuantizationConfig | None":
         """The quantization of one layer that merges the checkpoint modules ``modules`` (Q, K and V;
@@ -128,13 +135,17 @@ class QuantizationConfig:
         return shapes
 
     def _is_ignored(self, module: str) -> bool:
-        for entry in self.ignore:
-            if entry.startswith("re:"):
-                if re.match(entry[3:], module):
-                    return True
-            elif f".{entry}." in f".{module}.":  # whole dotted parts: layers.1 is not layers.10
-                return True
-        return False
+        if not any(t == "Linear" or _matches(t, module) for t in self.targets):
+            return True
+        return any(_matches(entry, module) for entry in self.ignore)
+
+
+def _matches(entry: str, module: str) -> bool:
+    """Whether an ignore or targets entry names ``module``: a ``re:`` pattern matched from the start,
+    else whole dotted parts of the name (``model.layers.1`` is not ``model.layers.10``)."""
+    if entry.startswith("re:"):
+        return re.match(entry[3:], module) is not None
+    return f".{entry}." in f".{module}."
 
 
 def _module(weight_name: str) -> str:
@@ -176,5 +187,6 @@ def _from_compressed_tensors(hf: dict[str, Any]) -> QuantizationConfig:
     if is_static and act.get("strategy") != "tensor":
         raise ValueError(f"config.json: compressed-tensors static input activations of strategy "
                          f"{act.get('strategy')!r}; meshlm reads per-tensor input scales")
+    targets = tuple(t for g in groups for t in g.get("targets") or ("Linear",))
     return QuantizationConfig("compressed-tensors", strategy, tuple(block) if block else None, is_static,
-                              tuple(hf.get("ignore") or ()))
+                              tuple(hf.get("ignore") or ()), targets)

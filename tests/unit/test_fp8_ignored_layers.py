@@ -58,6 +58,17 @@ def test_matching_names_dotted_parts_and_patterns():
     assert f"lists {qkv[:1]} as not quantized but not {qkv[1:]}" in str(err.value), str(err.value)
 
 
+def test_compressed_tensors_targets_decide_what_is_quantized():
+    weights = {"num_bits": 8, "type": "float", "strategy": "channel"}
+    quant = QuantizationConfig.from_hf({"quant_method": "compressed-tensors", "config_groups": {
+        "attention": {"targets": ["re:.*self_attn\\.(q|k|v|o)_proj$"], "weights": weights},
+        "layer_3": {"targets": ["model.layers.3"], "weights": weights}}})
+    assert quant.for_layer(["model.layers.0.self_attn.o_proj"]) is quant
+    assert quant.for_layer(["model.layers.0.mlp.down_proj"]) is None
+    assert quant.for_layer(["model.layers.3.mlp.down_proj"]) is quant
+    assert quant.as_at_load().for_layer(["model.layers.0.mlp.down_proj"]) is None  # random weights alike
+
+
 def test_ignored_layers_of_a_published_checkpoint_keep_the_model_dtype(llama, tmp_path):
     path = write_fp8_checkpoint(llama, tmp_path / "ct", "ct-channel", ignore=IGNORED)
     model = build(path)
