@@ -3,13 +3,22 @@
     PYTHONPATH=. python benchmarks/fp8_quality.py                          # the default model, fp32
     PYTHONPATH=. python benchmarks/fp8_quality.py --kv-cache-dtype fp8     # with an FP8 KV cache as well
     PYTHONPATH=. python benchmarks/fp8_quality.py --model DIR --checkpoint-format ct-channel --output-json q.json
+    PYTHONPATH=. python benchmarks/fp8_quality.py --ignored-layers first,last --runs fp8,published
+    PYTHONPATH=. python benchmarks/fp8_quality.py --runs bfloat16                # bf16 against fp32
 
-Three runs of the same model (default: SmolLM2-135M-Instruct, ``--dtype float32``):
+Runs of the same model (default: SmolLM2-135M-Instruct, ``--dtype float32``), chosen by ``--runs``
+(default ``fp8,published``), after the reference:
 
-- ``unquantized``: the checkpoint as it is;
+- ``unquantized`` (always, first): the checkpoint as it is, the reference of the others;
+- ``bfloat16``: the checkpoint as it is in bfloat16, unquantized;
 - ``fp8``: ``quantization="fp8"``, weights quantized at load;
 - ``published``: an FP8 checkpoint in a published format (``--checkpoint-format``, written by
   tests/model_factory.py's writer into a temporary folder), loaded as it is.
+
+``--ignored-layers`` keeps modules out of FP8 in both FP8 runs: the ``fp8`` run lists them through
+``hf_overrides``' ``quantization_config.ignored_layers``, the published checkpoint stores them
+unquantized and lists them. Comma-separated entries: ``first`` and ``last`` (decoder layers), layer
+numbers, or module names and name parts as quantization_config takes them (``model.layers.5.mlp``).
 
 Each reports the perplexity of benchmarks/data/pride_and_prejudice_ch1-2.txt (Jane Austen, 1813,
 chapters 1 and 2 of Project Gutenberg's text; public domain) in windows of ``--window`` tokens, each
@@ -90,6 +99,31 @@ def greedy(model_dir: str, engine_kw: dict) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
+RUNS = ("bfloat16", "fp8", "published")
+
+
+def ignored_modules(spec: str | None, num_layers: int) -> list[str]:
+    """``--ignored-layers``' entries as module names: ``first``, ``last`` and numbers name decoder layers."""
+    layers = {"first": 0, "last": num_layers - 1}
+    entries = [e.strip() for e in (spec or "").split(",") if e.strip()]
+    return [f"model.layers.{layers[e] if e in layers else e}" if e in layers or e.isdigit() else e for e in entries]
+
+
+def run_settings(names: list[str], model_dir: str, published: str, args, ignored: list[str]) -> dict:
+    """{run name: (model directory, engine arguments beyond the common ones)}, the reference first."""
+    fp8_kw = {"quantization": "fp8"}
+    if ignored:
+        fp8_kw["hf_overrides"] = {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                                          "ignored_layers": ignored}}
+    every = {"bfloat16": (model_dir, {"dtype": "bfloat16"}), "fp8": (model_dir, fp8_kw),
+             f"published ({args.checkpoint_format})": (published, {})}
+    chosen = {"unquantized": (model_dir, {})}
+    for name in names:
+        key = next(k for k in every if k.split(" ")[0] == name)
+        chosen[key] = every[key]
+    return chosen
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the built-in default model)")
@@ -98,21 +132,30 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint-format", default="hf-fp8",
                         help="published format of the third run (tests/model_factory.py FP8_FORMATS)")
     parser.add_argument("--window", type=int, default=256, help="tokens per perplexity window")
+    parser.add_argument("--runs", default="fp8,published", help=f"comma-separated, of {', '.join(RUNS)}")
+    parser.add_argument("--ignored-layers", default=None,
+                        help="kept unquantized in the FP8 runs: first, last, layer numbers or module names")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    if not set(names) <= set(RUNS):
+        parser.error(f"--runs {args.runs!r}: choose among {', '.join(RUNS)}")
+    from meshlm.weights.model_config import ModelConfig
     from meshlm.weights.resolve import resolve_model_on_ranks
     from tests.model_factory import write_fp8_checkpoint
     model_dir = str(resolve_model_on_ranks(args.model, None, None))
     base_kw = {"dtype": args.dtype, "device": "cpu"}
     if args.kv_cache_dtype:
         base_kw["kv_cache_dtype"] = args.kv_cache_dtype
+    ignored = ignored_modules(args.ignored_layers, ModelConfig.from_dir(model_dir).num_layers)
     report = {"model": args.model or Path(model_dir).name, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
-              "text": TEXT.name, "window": args.window, "runs": {}}
+              "text": TEXT.name, "window": args.window, "ignored_layers": ignored, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        published = str(write_fp8_checkpoint(model_dir, Path(tmp) / "fp8", args.checkpoint_format,
-                                             calibration_prompts=[[1, 2, 3]]))
-        runs = {"unquantized": (model_dir, {}), "fp8": (model_dir, {"quantization": "fp8"}),
-                f"published ({args.checkpoint_format})": (published, {})}
+        published = ""
+        if "published" in names:
+            published = str(write_fp8_checkpoint(model_dir, Path(tmp) / "fp8", args.checkpoint_format,
+                                                 calibration_prompts=[[1, 2, 3]], ignore=ignored))
+        runs = run_settings(names, model_dir, published, args, ignored)
         reference = None
         for name, (path, kw) in runs.items():
             ppl = perplexity(path, {**base_kw, **kw}, args.window)

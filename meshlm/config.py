@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from meshlm.sampling_params import SamplingParams
 from meshlm.weights.resolve import resolve_model_on_ranks
-from meshlm.weights.model_config import ModelConfig
-from meshlm.weights.quantization import METHODS as QUANTIZATION_METHODS, QuantizationConfig
+from meshlm.weights.model_config import ModelConfig, merge_hf_overrides
+from meshlm.weights.quantization import METHODS as QUANTIZATION_METHODS
 
 __all__ = ["ModelConfig", "ParallelConfig", "CacheConfig", "SchedulerConfig", "SamplingParams",
            "SpeculativeConfig", "EngineArgs", "EngineConfig", "auto_max_batch_size"]
@@ -192,10 +192,16 @@ class EngineArgs:
     # "fp8": float8 weights of every linear layer (quantized at load unless the checkpoint is FP8);
     # None: as the checkpoint's quantization_config says
     quantization: str | None = None
+    # Merged into the model's config.json, as vLLM's: {"quantization_config": {"quant_method": "fp8",
+    # "ignored_layers": [...]}} keeps those layers unquantized when quantizing at load
+    hf_overrides: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, str):  # the CLI's JSON
             self.speculative_config = _parse_json_dict("speculative_config", self.speculative_config)
+        if isinstance(self.hf_overrides, str):
+            self.hf_overrides = _parse_json_dict("hf_overrides", self.hf_overrides)
+        merge_hf_overrides({}, self.hf_overrides or {})  # a dict of string keys, else a clear error
         SpeculativeConfig.from_dict(self.speculative_config)
         if self.load_format not in ("auto", "random"):
             raise ValueError(f"load_format={self.load_format!r}; choose auto or random")
@@ -294,7 +300,8 @@ class EngineConfig:
     def from_args(cls, args: EngineArgs) -> "EngineConfig":
         """Resolve the model (fetching the default one if needed) and check the layout against it."""
         model_dir = resolve_model_on_ranks(args.model, args.revision, args.download_dir)
-        model = resolve_quantization(ModelConfig.from_dir(model_dir), args.quantization, args.load_format)
+        model = ModelConfig.from_dir(model_dir, args.hf_overrides).with_quantization(args.quantization,
+                                                                                     args.load_format)
         parallel = args.parallel_config()
         check_layout(model, parallel)
         scheduler = args.scheduler_config()
@@ -309,7 +316,7 @@ class EngineConfig:
         """A configuration of random weights of ``model``'s shape, no checkpoint on disk (benchmarks,
         checks); ``engine_args`` are EngineArgs fields."""
         args = EngineArgs(load_format="random", skip_tokenizer_init=True, **engine_args)
-        model = resolve_quantization(model, args.quantization, args.load_format)
+        model = model.with_quantization(args.quantization, args.load_format)
         parallel = args.parallel_config()
         check_layout(model, parallel)
         scheduler = args.scheduler_config()
@@ -341,20 +348,6 @@ def _resolve_max_model_len(scheduler: SchedulerConfig, model: ModelConfig) -> in
                          f"tokens (max_position_embeddings={model.max_position_embeddings}, {rope}); "
                          f"lower max_model_len to at most {longest}")
     return scheduler.max_model_len
-
-
-def resolve_quantization(model: ModelConfig, quantization: str | None, load_format: str) -> ModelConfig:
-    """The model with the quantization it runs with: the checkpoint's own (FP8 checkpoints are read as
-    they are), else FP8 quantized at load when ``quantization`` asks; random weights are always drawn
-    in high precision and quantized at load."""
-    if model.quantization is None and quantization is None:
-        return model
-    if quantization == "compressed-tensors" and model.quantization is None and load_format != "random":
-        raise ValueError("quantization='compressed-tensors' reads a compressed-tensors checkpoint, and this "
-                         "model's config.json has no quantization_config; quantization='fp8' quantizes at load")
-    if load_format == "random" or model.quantization is None:
-        return replace(model, quantization=QuantizationConfig.at_load())
-    return model
 
 
 def _resolve_async_scheduling(args: EngineArgs, parallel: ParallelConfig) -> bool:

@@ -289,26 +289,27 @@ def _fp8_tensors(name: str, w: torch.Tensor, fmt: str, block, input_amax) -> dic
     return out
 
 
-def _fp8_quantization_config(fmt: str, block) -> dict[str, Any]:
+def _fp8_quantization_config(fmt: str, block, ignore: list[str]) -> dict[str, Any]:
     if fmt.startswith("hf"):
         cfg = {"quant_method": "fp8", "activation_scheme": "static" if fmt.endswith("static") else "dynamic",
-               "ignored_layers": ["lm_head"]}
+               "ignored_layers": ["lm_head", *ignore]}
         if fmt == "hf-fp8-block":
             cfg["weight_block_size"] = list(block)
         return cfg
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
     scheme = preset_name_to_scheme("FP8_DYNAMIC" if fmt == "ct-channel" else "FP8", ["Linear"])
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head", "re:.*mlp.gate$"],
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head", "re:.*mlp.gate$", *ignore],
                                 format="float-quantized", quantization_status="compressed")
     return json.loads(config.model_dump_json(exclude_none=False))
 
 
 def write_fp8_checkpoint(src: str | Path, dst: str | Path, fmt: str, block: tuple[int, int] = (16, 16),
-                         calibration_prompts: list[list[int]] | None = None) -> Path:
+                         calibration_prompts: list[list[int]] | None = None, ignore: list[str] = ()) -> Path:
     """Copy the model in ``src`` to ``dst`` with its decoder's linear weights in a published FP8
     format (see FP8_FORMATS): Hugging Face ``quant_method: fp8`` per tensor (``-static``: with input
     scales calibrated on ``calibration_prompts``) or in ``block`` blocks, compressed-tensors per
-    channel, or per tensor with static input scales."""
+    channel, or per tensor with static input scales. Modules named by ``ignore`` or inside one
+    (``model.layers.0``) keep their weights as they are, and the config lists them as not quantized."""
     import shutil
     from safetensors.torch import load_file, save_file
     if fmt not in FP8_FORMATS:
@@ -319,11 +320,12 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, fmt: str, block: tupl
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(src.glob("*.safetensors")):
         for name, w in load_file(file).items():
-            tensors.update(_fp8_tensors(name, w, fmt, block, input_amax) if is_fp8_linear_weight(name)
-                           else {name: w})
+            is_kept = any(name.startswith(module + ".") for module in ignore)
+            tensors.update(_fp8_tensors(name, w, fmt, block, input_amax)
+                           if is_fp8_linear_weight(name) and not is_kept else {name: w})
     save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model.safetensors")
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = _fp8_quantization_config(fmt, block)
+    config["quantization_config"] = _fp8_quantization_config(fmt, block, list(ignore))
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src / extra).is_file():

@@ -13,7 +13,8 @@ runner when it sizes its KV pool on a real card. Counts follow how the parallel 
   wide slice of their width; the router is replicated;
 - decoder layers: the contiguous range of this pipeline stage (Mapping.layer_range);
 - FP8 (``quantization``): each linear weight one byte an element, a float32 scale per row and, for
-  a checkpoint with static activation scales, one float32 input scale per layer (not per expert).
+  a checkpoint with static activation scales, one float32 input scale per layer (not per expert);
+  the layers its ``ignore`` list names keep the model dtype.
 """
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from dataclasses import dataclass
 
 from meshlm.config import CacheConfig
 from meshlm.kernels.kv_quant import kv_cache_itemsize
+from meshlm.models.llama import attention_modules, mlp_modules
+from meshlm.models.moe import expert_modules, expert_names
 from meshlm.parallel.mapping import Mapping
 from meshlm.weights.model_config import ModelConfig
+from meshlm.weights.quantization import QuantizationConfig
 
 GiB = 2**30
 # Fixed part of the reserve: captured CUDA graphs, the allocator's fragmentation, NCCL buffers.
@@ -54,28 +58,31 @@ def weight_bytes(cfg: ModelConfig, mapping: Mapping, itemsize: int) -> int:
     if mapping.is_last_pp_rank:
         num += hidden + (0 if cfg.tie_word_embeddings else vocab_shard)  # final norm, LM head
     for layer in mapping.layer_range(cfg.num_layers):
+        prefix = f"model.layers.{layer}"
         num += 2 * hidden + _attention_extras(cfg, tp)  # two norms, biases and qk-norms
-        linears += _attention_linears(cfg, tp)
+        linears += _attention_linears(cfg, tp, prefix)
         if cfg.is_moe_layer(layer):
             num += cfg.num_experts * hidden  # the router, replicated
-            linears += _moe_linears(cfg, mapping)
+            linears += _moe_linears(cfg, mapping, prefix)
             if cfg.shared_expert_intermediate_size:
                 num += hidden  # the shared expert's gate
         else:
-            linears += _mlp_linears(hidden, cfg.intermediate_size, tp)
-    return num * itemsize + sum(linear.num_bytes(itemsize, cfg) for linear in linears)
+            linears += _mlp_linears(cfg, cfg.intermediate_size, tp, f"{prefix}.mlp")
+    return num * itemsize + sum(linear.num_bytes(itemsize) for linear in linears)
 
 
 @dataclass(frozen=True, slots=True)
 class Linear:
-    """One linear weight of a rank: ``rows`` x ``columns``; ``is_expert``: no input scale of its own."""
+    """One linear weight of a rank: ``rows`` x ``columns``, quantized by ``quant`` (None: the model
+    dtype); ``is_expert``: no input scale of its own."""
 
     rows: int
     columns: int
+    quant: QuantizationConfig | None
     is_expert: bool = False
 
-    def num_bytes(self, itemsize: int, cfg: ModelConfig) -> int:
-        quant = cfg.quantization
+    def num_bytes(self, itemsize: int) -> int:
+        quant = self.quant
         if quant is None:
             return self.rows * self.columns * itemsize
         # float8 weight, a float32 scale per row, and a static input scale where the checkpoint has them
@@ -92,22 +99,30 @@ def _attention_extras(cfg: ModelConfig, tp: int) -> int:
     return num
 
 
-def _attention_linears(cfg: ModelConfig, tp: int) -> list[Linear]:
+def _attention_linears(cfg: ModelConfig, tp: int, prefix: str) -> list[Linear]:
     q_width = cfg.num_heads // tp * cfg.head_dim
     kv_width = num_kv_heads_per_rank(cfg, tp) * cfg.head_dim
-    return [Linear(q_width + 2 * kv_width, cfg.hidden_size), Linear(cfg.hidden_size, q_width)]  # qkv, o
+    qkv, o = attention_modules(prefix)
+    return [Linear(q_width + 2 * kv_width, cfg.hidden_size, cfg.layer_quantization(qkv)),
+            Linear(cfg.hidden_size, q_width, cfg.layer_quantization([o]))]
 
 
-def _mlp_linears(hidden: int, intermediate: int, tp: int) -> list[Linear]:
-    return [Linear(2 * (intermediate // tp), hidden), Linear(hidden, intermediate // tp)]  # gate/up, down
+def _mlp_linears(cfg: ModelConfig, intermediate: int, tp: int, prefix: str) -> list[Linear]:
+    gate_up, down = mlp_modules(prefix)
+    hidden = cfg.hidden_size
+    return [Linear(2 * (intermediate // tp), hidden, cfg.layer_quantization(gate_up)),
+            Linear(hidden, intermediate // tp, cfg.layer_quantization([down]))]
 
 
-def _moe_linears(cfg: ModelConfig, mapping: Mapping) -> list[Linear]:
+def _moe_linears(cfg: ModelConfig, mapping: Mapping, prefix: str) -> list[Linear]:
     hidden, width = cfg.hidden_size, cfg.moe_intermediate_size // mapping.moe_tp
     num_local_experts = cfg.num_experts // mapping.moe_ep
-    linears = [Linear(num_local_experts * 2 * width, hidden, True), Linear(num_local_experts * hidden, width, True)]
+    block, names = expert_names(cfg, prefix)
+    quant = cfg.layer_quantization(expert_modules(cfg, names))
+    linears = [Linear(num_local_experts * 2 * width, hidden, quant, True),
+               Linear(num_local_experts * hidden, width, quant, True)]
     if cfg.shared_expert_intermediate_size:
-        linears += _mlp_linears(hidden, cfg.shared_expert_intermediate_size, mapping.tp)
+        linears += _mlp_linears(cfg, cfg.shared_expert_intermediate_size, mapping.tp, f"{block}.shared_expert")
     return linears
 
 

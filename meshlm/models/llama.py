@@ -22,15 +22,30 @@ from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps
 AttentionFn = type(paged_attention_reference)
 
 
+def attention_modules(prefix: str) -> tuple[list[str], str]:
+    """Checkpoint modules of decoder layer ``prefix``'s attention: ([Q, K, V], output projection)."""
+    p = f"{prefix}.self_attn"
+    return [f"{p}.{x}_proj" for x in "qkv"], f"{p}.o_proj"
+
+
+def mlp_modules(prefix: str) -> tuple[list[str], str]:
+    """Checkpoint modules of an MLP block ``prefix`` (``model.layers.N.mlp``): ([gate, up], down)."""
+    return [f"{prefix}.gate_proj", f"{prefix}.up_proj"], f"{prefix}.down_proj"
+
+
 class LlamaAttention(NamedWeights, nn.Module):
+    """``prefix``: the decoder layer's checkpoint name (``model.layers.N``), which decides what the
+    quantization_config quantizes."""
+
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rotary: RotaryEmbedding,
-                 attention_fn, dtype: torch.dtype, device):
+                 attention_fn, dtype: torch.dtype, device, prefix: str):
         super().__init__()
         tp = groups.tp
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          tp, cfg.attention_bias, dtype, device, quant=cfg.quantization)
+        qkv, o = attention_modules(prefix)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, tp,
+                                          cfg.attention_bias, dtype, device, quant=cfg.layer_quantization(qkv))
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp, False, dtype, device,
-                                        quant=cfg.quantization)
+                                        quant=cfg.layer_quantization([o]))
         self.num_heads_per_rank = self.qkv_proj.num_heads_per_rank
         self.num_kv_heads_per_rank = self.qkv_proj.num_kv_heads_per_rank
         self.head_dim = cfg.head_dim
@@ -59,9 +74,10 @@ class LlamaAttention(NamedWeights, nn.Module):
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         p = f"{prefix}.self_attn"
-        weights = [f"{p}.{x}_proj.weight" for x in "qkv"]
-        biases = [f"{p}.{x}_proj.bias" for x in "qkv"] if self.qkv_proj.bias is not None else None
-        names = [(self.qkv_proj, (weights, biases)), (self.o_proj, (f"{p}.o_proj.weight",)),
+        qkv, o = attention_modules(prefix)
+        weights = [f"{m}.weight" for m in qkv]
+        biases = [f"{m}.bias" for m in qkv] if self.qkv_proj.bias is not None else None
+        names = [(self.qkv_proj, (weights, biases)), (self.o_proj, (f"{o}.weight",)),
                  (self.kv_scales, (prefix,))]
         if self.q_norm is not None:
             names += [(self.q_norm, (f"{p}.q_norm.weight",)), (self.k_norm, (f"{p}.k_norm.weight",))]
@@ -69,13 +85,16 @@ class LlamaAttention(NamedWeights, nn.Module):
 
 
 class LlamaMLP(NamedWeights, nn.Module):
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device):
+    """``prefix``: the decoder layer's checkpoint name (``model.layers.N``)."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device, prefix: str):
         super().__init__()
         inter = cfg.intermediate_size
-        quant = cfg.quantization
+        gate_up, down = mlp_modules(f"{prefix}.mlp")
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], groups.tp, False, dtype, device,
-                                                 quant=quant)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, groups.tp, False, dtype, device, quant=quant)
+                                                 quant=cfg.layer_quantization(gate_up))
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, groups.tp, False, dtype, device,
+                                           quant=cfg.layer_quantization([down]))
         self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,9 +102,8 @@ class LlamaMLP(NamedWeights, nn.Module):
         return self.down_proj(self.ops.silu_and_mul(gate_up))
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
-        p = f"{prefix}.mlp"
-        return [(self.gate_up_proj, ([f"{p}.gate_proj.weight", f"{p}.up_proj.weight"],)),
-                (self.down_proj, (f"{p}.down_proj.weight",))]
+        gate_up, down = mlp_modules(f"{prefix}.mlp")
+        return [(self.gate_up_proj, ([f"{m}.weight" for m in gate_up],)), (self.down_proj, (f"{down}.weight",))]
 
 
 class LlamaDecoderLayer(NamedWeights, nn.Module):
@@ -95,10 +113,10 @@ class LlamaDecoderLayer(NamedWeights, nn.Module):
     add before it (one fused kernel with TritonOps); the sums are those of ``h = h + block(norm(h))``.
     """
 
-    def __init__(self, cfg, groups, rotary, attention_fn, dtype, device, mlp: nn.Module):
+    def __init__(self, cfg, groups, rotary, attention_fn, dtype, device, mlp: nn.Module, prefix: str):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(cfg, groups, rotary, attention_fn, dtype, device)
+        self.self_attn = LlamaAttention(cfg, groups, rotary, attention_fn, dtype, device, prefix)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = mlp
 
@@ -133,7 +151,7 @@ class LlamaForCausalLM(NamedWeights, nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device) if needs_embed else None
         self.layers = nn.ModuleDict({
             str(i): LlamaDecoderLayer(cfg, groups, self.rotary, attention_fn, dtype, device,
-                                      self.make_mlp(cfg, i, groups, dtype, device))
+                                      self.make_mlp(cfg, i, groups, dtype, device), f"model.layers.{i}")
             for i in self.layer_ids})
         self.norm = self.lm_head = None
         if mapping.is_last_pp_rank:
@@ -143,7 +161,7 @@ class LlamaForCausalLM(NamedWeights, nn.Module):
 
     def make_mlp(self, cfg: ModelConfig, layer: int, groups: ParallelGroups, dtype, device) -> nn.Module:
         """The feed-forward block of decoder layer ``layer``; families with other blocks override it."""
-        return LlamaMLP(cfg, groups, dtype, device)
+        return LlamaMLP(cfg, groups, dtype, device, f"model.layers.{layer}")
 
     def use_ops(self, ops: TorchOps) -> None:
         """Run the norms, rotary embeddings and Llama MLPs' SiLU-and-mul through ``ops``

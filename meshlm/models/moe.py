@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshlm.models.llama import LlamaForCausalLM, LlamaMLP
+from meshlm.models.llama import LlamaForCausalLM, LlamaMLP, mlp_modules
 from meshlm.models.named_weights import NamedWeights
 from meshlm.parallel.experts import ExpertNames, FusedMoE, Router
 from meshlm.parallel.groups import ParallelGroups
@@ -45,6 +45,12 @@ def expert_names(cfg: ModelConfig, prefix: str, is_fused: bool = False) -> tuple
                           f"{prefix}.mlp.experts.down_proj")
 
 
+def expert_modules(cfg: ModelConfig, names: ExpertNames) -> list[str]:
+    """Every expert's gate, up and down module of one layer: quantized all or none."""
+    return [template.format(e=e).removesuffix(".weight") for e in range(cfg.num_experts)
+            for template in (names.gate, names.up, names.down)]
+
+
 class SharedExpert(NamedWeights, nn.Module):
     """Qwen2-MoE's always-on expert, split over the TP group like a dense MLP.
 
@@ -52,13 +58,14 @@ class SharedExpert(NamedWeights, nn.Module):
     ``combine_from_experts``, so ``down_proj`` gives its unreduced ``matmul``, not its forward.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, groups: ParallelGroups, dtype, device,
-                 quant=None):
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype, device, prefix: str):
         super().__init__()
-        tp = groups.tp
+        tp, hidden_size, intermediate_size = groups.tp, cfg.hidden_size, cfg.shared_expert_intermediate_size
+        gate_up, down = mlp_modules(f"{prefix}.shared_expert")  # prefix: the MoE block's
         self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, tp, False, dtype, device,
-                                                 quant=quant)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp, False, dtype, device, quant=quant)
+                                                 quant=cfg.layer_quantization(gate_up))
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp, False, dtype, device,
+                                           quant=cfg.layer_quantization([down]))
         self.gate = Router(hidden_size, 1, 1, False, dtype, device)  # shared_expert_gate: [1, hidden]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,25 +74,26 @@ class SharedExpert(NamedWeights, nn.Module):
         return torch.sigmoid(F.linear(x, self.gate.weight)) * partial
 
     def weight_names(self, p: str) -> list[tuple[object, tuple]]:
-        return [(self.gate_up_proj, ([f"{p}.shared_expert.gate_proj.weight", f"{p}.shared_expert.up_proj.weight"],)),
-                (self.down_proj, (f"{p}.shared_expert.down_proj.weight",)),
+        gate_up, down = mlp_modules(f"{p}.shared_expert")
+        return [(self.gate_up_proj, ([f"{m}.weight" for m in gate_up],)), (self.down_proj, (f"{down}.weight",)),
                 (self.gate, (f"{p}.shared_expert_gate.weight",))]
 
 
 class SparseMoeBlock(NamedWeights, nn.Module):
-    """Router, this rank's experts, the optional shared expert; one all-reduce combines them."""
+    """Router, this rank's experts, the optional shared expert; one all-reduce combines them.
+    ``prefix``: the decoder layer's checkpoint name (``model.layers.N``)."""
 
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, dtype: torch.dtype, device, prefix: str):
         super().__init__()
         self.cfg, self.groups = cfg, groups
         self.gate = Router(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
                            dtype, device)
-        self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
-                                cfg.moe_intermediate_size, groups.mapping, dtype, device, quant=cfg.quantization)
+        block, names = expert_names(cfg, prefix)
+        self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size,
+                                groups.mapping, dtype, device, quant=cfg.layer_quantization(expert_modules(cfg, names)))
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size, groups,
-                                              dtype, device, quant=cfg.quantization)
+            self.shared_expert = SharedExpert(cfg, groups, dtype, device, block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every TP rank holds every token ([num_tokens, hidden]) after the attention all-reduce,
@@ -116,8 +124,8 @@ class MoeForCausalLM(LlamaForCausalLM):
     def make_mlp(self, cfg: ModelConfig, layer: int, groups: ParallelGroups, dtype, device) -> nn.Module:
         """A sparse MoE block, or Llama's MLP on a dense layer of Qwen-MoE."""
         if cfg.is_moe_layer(layer):
-            return SparseMoeBlock(cfg, groups, dtype, device)
-        return LlamaMLP(cfg, groups, dtype, device)
+            return SparseMoeBlock(cfg, groups, dtype, device, f"model.layers.{layer}")
+        return LlamaMLP(cfg, groups, dtype, device, f"model.layers.{layer}")
 
     @property
     def moe_blocks(self) -> dict[int, SparseMoeBlock]:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.kernels.fp8 import FP8_DTYPE, bmm, per_token_linear
-from meshlm.parallel.fp8_weights import check_fp8_support, quantize_weight_rows, read_fp8
+from meshlm.parallel.fp8_weights import check_fp8_support, quantize_weight_rows, read_fp8, read_unquantized
 from meshlm.parallel.mapping import Mapping
 from meshlm.weights.quantization import QuantizationConfig
 
@@ -286,9 +286,9 @@ class FusedMoE(nn.Module):
             self._load_fp8(reader, names)
             return
         for i, e in enumerate(self.local_experts):
-            self.w13[i, :n].copy_(reader.read(names.gate.format(e=e), 0, lo, lo + n))
-            self.w13[i, n:].copy_(reader.read(names.up.format(e=e), 0, lo, lo + n))
-            self.w2[i].copy_(reader.read(names.down.format(e=e), 1, lo, lo + n))
+            self.w13[i, :n].copy_(read_unquantized(reader, names.gate.format(e=e), 0, lo, lo + n))
+            self.w13[i, n:].copy_(read_unquantized(reader, names.up.format(e=e), 0, lo, lo + n))
+            self.w2[i].copy_(read_unquantized(reader, names.down.format(e=e), 1, lo, lo + n))
 
     def _load_fp8(self, reader, names: ExpertNames) -> None:
         """Float8 rows and their scales; down's rows are scaled over the full expert width."""

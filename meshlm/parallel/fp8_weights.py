@@ -95,9 +95,21 @@ def _prequantized_rows(reader, quant: QuantizationConfig, name: str, rows: torch
 def read_input_scale(reader, quant: QuantizationConfig, names: list[str]) -> torch.Tensor | None:
     """The static activation scale of a layer merged from ``names`` (the largest of theirs, so no
     part's activations saturate), or None: quantize each token's row on the fly."""
-    if not quant.is_static_input or not all(quant.is_prequantized(n) for n in names):
+    if not quant.is_static_input:
         return None
     return torch.stack([reader.read(quant.input_scale_name(n)).float().reshape(()) for n in names]).amax().reshape(1)
+
+
+def read_unquantized(reader, name: str, dim: int | None = None, start: int = 0,
+                     stop: int | None = None) -> torch.Tensor:
+    """``reader.read`` for the weight of a layer that keeps the model dtype; a float8 tensor there (a
+    layer the quantization_config lists as not quantized, stored quantized all the same) fails by name."""
+    weight = reader.read(name) if dim is None else reader.read(name, dim, start, stop)
+    if weight.dtype == FP8_DTYPE:
+        raise CheckpointError(f"tensor {name!r} is float8 e4m3 in the checkpoint, and its layer is not quantized "
+                              f"(the model's quantization_config lists it as not quantized, or there is none); "
+                              f"a float8 weight needs its layer quantized")
+    return weight
 
 
 def check_fp8_support(quant: QuantizationConfig, name: str) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.parallel.comm import Communicator
-from meshlm.parallel.fp8_weights import read_fp8, read_input_scale
+from meshlm.parallel.fp8_weights import read_fp8, read_input_scale, read_unquantized
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.quantization import QuantizationConfig
 from meshlm.kernels.fp8 import FP8_DTYPE, linear
@@ -80,11 +80,7 @@ class QuantizableLinear(nn.Module):
     def _load_input_scale(self, reader, names: list[str]) -> None:
         if self.input_scale is None:
             return
-        scale = read_input_scale(reader, self.quant, names)
-        if scale is None:  # parts stored unquantized: their activations are quantized per token
-            self.input_scale = None
-        else:
-            self.input_scale.copy_(scale)
+        self.input_scale.copy_(read_input_scale(reader, self.quant, names))
 
 
 class ColumnParallelLinear(QuantizableLinear):
@@ -125,7 +121,7 @@ class ColumnParallelLinear(QuantizableLinear):
         for i, name in enumerate(names):
             start, n, offset = self._rows(i)
             if self.quant is None:
-                self.weight[offset:offset + n].copy_(reader.read(name, 0, start, start + n))
+                self.weight[offset:offset + n].copy_(read_unquantized(reader, name, 0, start, start + n))
             else:
                 weight, scale = read_fp8(reader, self.quant, name, 0, start, start + n, self.weight.device)
                 self.weight[offset:offset + n].copy_(weight)
@@ -198,7 +194,7 @@ class RowParallelLinear(QuantizableLinear):
     def load(self, reader: CheckpointReader, name: str, bias_name: str | None = None) -> None:
         start = self.tp.rank * self.in_per_rank
         if self.quant is None:
-            self.weight.copy_(reader.read(name, 1, start, start + self.in_per_rank))
+            self.weight.copy_(read_unquantized(reader, name, 1, start, start + self.in_per_rank))
         else:  # the scales of whole rows: replicated on every rank of the group
             weight, scale = read_fp8(reader, self.quant, name, 1, start, start + self.in_per_rank,
                                      self.weight.device)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,25 @@ class ModelConfig:
         return (self.is_moe and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
+    def layer_quantization(self, modules: list[str]) -> QuantizationConfig | None:
+        """How the layer merging the checkpoint modules ``modules`` is quantized (None: not at all)."""
+        return None if self.quantization is None else self.quantization.for_layer(modules)
+
+    def with_quantization(self, quantization: str | None, load_format: str) -> "ModelConfig":
+        """This model with the quantization it runs with: the checkpoint's own (FP8 checkpoints are read
+        as they are), else FP8 quantized at load when ``quantization`` asks; random weights are always
+        drawn in high precision and quantized at load. Ignored modules stay ignored."""
+        if self.quantization is None and quantization is None:
+            return self
+        if quantization == "compressed-tensors" and self.quantization is None and load_format != "random":
+            raise ValueError("quantization='compressed-tensors' reads a compressed-tensors checkpoint, and this "
+                             "model's config.json has no quantization_config; quantization='fp8' quantizes at load")
+        if self.quantization is None:
+            return replace(self, quantization=QuantizationConfig.at_load())
+        if load_format == "random":
+            return replace(self, quantization=self.quantization.as_at_load())
+        return self
+
     @property
     def has_dense_layers(self) -> bool:
         return not all(self.is_moe_layer(i) for i in range(self.num_layers))
@@ -151,11 +170,34 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path, hf_overrides: dict[str, Any] | None = None) -> "ModelConfig":
+        """config.json of the model directory ``path``, with ``hf_overrides`` merged into it (vLLM's
+        ``hf_overrides``). A ``quantization_config`` that only the overrides give describes quantizing
+        the checkpoint's high-precision weights at load (QuantizationConfig.for_unquantized_checkpoint)."""
         cfg_path = Path(path) / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{path}: no config.json; a model directory in Hugging Face layout is expected")
-        return cls.from_hf_dict(json.loads(cfg_path.read_text()))
+        hf = json.loads(cfg_path.read_text())
+        cfg = cls.from_hf_dict(merge_hf_overrides(hf, hf_overrides or {}))
+        if cfg.quantization is not None and "quantization_config" not in hf:
+            cfg.quantization = cfg.quantization.for_unquantized_checkpoint()
+        return cfg
+
+
+def merge_hf_overrides(hf: dict[str, Any], overrides: dict[str, Any], where: str = "hf_overrides") -> dict[str, Any]:
+    """``hf`` with ``overrides`` merged in: a key's value replaces the config's, except that a JSON
+    object merges into an object key by key."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where} must be a dict (a JSON object) of config.json keys, got "
+                         f"{type(overrides).__name__} {overrides!r}")
+    merged = dict(hf)
+    for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{where}: key {key!r} is not a string; config.json keys are strings")
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = merge_hf_overrides(merged[key], value, f"{where}.{key}")
+        merged[key] = value
+    return merged
 
 
 def _rope_fields(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

@@ -11,8 +11,13 @@ weight and the shapes they may have:
   ``<layer>.weight_scale`` [N, 1] (strategy ``channel``), [1] (``tensor``) or blocks (``block``);
   ``<layer>.input_scale`` [1] when its input activations are static per-tensor.
 
-Layers listed as not quantized (``ignore``, ``ignored_layers``, ``modules_to_not_convert``; entries
-are module names, name suffixes or ``re:`` patterns) hold high-precision weights in the checkpoint.
+Layers listed as not quantized (``ignore``, ``ignored_layers``, ``modules_to_not_convert``) keep the
+model dtype, as vLLM keeps them: their checkpoint weights are high precision, and quantizing at load
+leaves them so too. An entry names a module (``model.layers.0.mlp.down_proj``), any run of whole
+dotted parts of its name (``lm_head``, ``model.layers.0``: every module of layer 0, not of layer 10;
+``self_attn``) or, after ``re:``, a regular expression matched from the start of the name
+(compressed-tensors' form). meshlm merges Q, K and V, gate and up, and a layer's experts into one
+product: their parts are quantized all or none, and a list that names some of them is an error.
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ class QuantizationConfig:
     weight_block_size: tuple[int, int] | None = None  # [rows, columns] of one block
     is_static_input: bool = False  # the checkpoint holds one input_scale per layer
     ignore: tuple[str, ...] = ()
+    # compressed-tensors' config_groups targets: "Linear" (every linear layer), names or re: patterns;
+    # a module no target names is not quantized
+    targets: tuple[str, ...] = ("Linear",)
 
     def __post_init__(self) -> None:
         if self.weight_strategy not in STRATEGIES:
@@ -46,9 +54,43 @@ class QuantizationConfig:
                              f"{self.weight_block_size}; a block size goes with the block strategy only")
 
     @classmethod
-    def at_load(cls) -> "QuantizationConfig":
-        """FP8 weights quantized from a high-precision checkpoint while loading."""
-        return cls()
+    def at_load(cls, ignore: tuple[str, ...] = ()) -> "QuantizationConfig":
+        """FP8 weights quantized from a high-precision checkpoint while loading; the modules
+        ``ignore`` names keep the model dtype."""
+        return cls(ignore=tuple(ignore))
+
+    def as_at_load(self) -> "QuantizationConfig":
+        """The same layers quantized (``ignore``, ``targets``), from high-precision weights at load."""
+        return QuantizationConfig(ignore=self.ignore, targets=self.targets)
+
+    def for_unquantized_checkpoint(self) -> "QuantizationConfig":
+        """This config, given by ``hf_overrides`` to a checkpoint of high-precision weights: quantizing
+        at load (as_at_load); what needs float8 files fails by name."""
+        if self.is_static_input:
+            raise ValueError("hf_overrides quantization_config: static input activations need the calibrated "
+                             "input_scale tensors of an FP8 checkpoint, and this checkpoint's config.json has no "
+                             "quantization_config; weights quantized at load scale activations per token: "
+                             "use activation_scheme 'dynamic'")
+        if self.weight_block_size is not None:
+            raise ValueError(f"hf_overrides quantization_config: weight_block_size={list(self.weight_block_size)} "
+                             f"describes block scales stored in an FP8 checkpoint, and this checkpoint's "
+                             f"config.json has no quantization_config; weights quantized at load take one "
+                             f"scale per output channel: leave weight_block_size out")
+        return self.as_at_load()
+
+    def for_layer(self, modules: list[str]) -> "QuantizationConfig | None":
+        """The quantization of one layer that merges the checkpoint modules ``modules`` (Q, K and V;
+        gate and up; a layer's experts; or one module): None when ``ignore`` lists every one of
+        them, this config when it lists none. A merged layer is quantized whole or not at all."""
+        ignored = [m for m in modules if self._is_ignored(m)]
+        if not ignored:
+            return self
+        if len(ignored) == len(modules):
+            return None
+        quantized = [m for m in modules if m not in ignored]
+        raise ValueError(f"quantization_config lists {ignored} as not quantized but not {quantized}; meshlm "
+                         f"computes them as one layer, whose parts are quantized all or none: list every "
+                         f"one of them or none (ignore entries: {list(self.ignore)})")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "QuantizationConfig":
@@ -93,13 +135,17 @@ class QuantizationConfig:
         return shapes
 
     def _is_ignored(self, module: str) -> bool:
-        for entry in self.ignore:
-            if entry.startswith("re:"):
-                if re.match(entry[3:], module):
-                    return True
-            elif module == entry or module.endswith("." + entry):
-                return True
-        return False
+        if not any(t == "Linear" or _matches(t, module) for t in self.targets):
+            return True
+        return any(_matches(entry, module) for entry in self.ignore)
+
+
+def _matches(entry: str, module: str) -> bool:
+    """Whether an ignore or targets entry names ``module``: a ``re:`` pattern matched from the start,
+    else whole dotted parts of the name (``model.layers.1`` is not ``model.layers.10``)."""
+    if entry.startswith("re:"):
+        return re.match(entry[3:], module) is not None
+    return f".{entry}." in f".{module}."
 
 
 def _module(weight_name: str) -> str:
@@ -141,5 +187,6 @@ def _from_compressed_tensors(hf: dict[str, Any]) -> QuantizationConfig:
     if is_static and act.get("strategy") != "tensor":
         raise ValueError(f"config.json: compressed-tensors static input activations of strategy "
                          f"{act.get('strategy')!r}; meshlm reads per-tensor input scales")
+    targets = tuple(t for g in groups for t in g.get("targets") or ("Linear",))
     return QuantizationConfig("compressed-tensors", strategy, tuple(block) if block else None, is_static,
-                              tuple(hf.get("ignore") or ()))
+                              tuple(hf.get("ignore") or ()), targets)

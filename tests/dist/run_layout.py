@@ -116,7 +116,7 @@ def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | 
                   max_num_tokens=job.get("max_num_tokens", 8192),
                   async_scheduling=job.get("async_scheduling", True), block_size=job.get("block_size", 16),
                   kv_cache_dtype=job.get("kv_cache_dtype", "auto"), speculative_config=job.get("speculative_config"),
-                  quantization=job.get("quantization"))
+                  quantization=job.get("quantization"), hf_overrides=job.get("hf_overrides"))
     except SystemExit as exc:
         # Ranks other than 0 serve steps inside LLM(...) and then sys.exit(0). Catching it here
         # lets one world run several jobs; MPI stays initialised until the process ends.

@@ -274,7 +274,7 @@ def test_fp8_experts_follow_the_per_token_definition(tmp_path):
             total = torch.zeros_like(hidden)
             for rank in range(tp):
                 block = SparseMoeBlock(cfg, rank_groups(Mapping(world_size=tp, rank=rank, tp=tp, moe_ep=moe_ep)),
-                                       torch.float32, "cpu")
+                                       torch.float32, "cpu", "model.layers.0")
                 reader = CheckpointReader(path)
                 reader.check(block.expected_shapes("model.layers.0"))
                 block.load(reader, "model.layers.0")

@@ -242,7 +242,7 @@ NON_DEFAULT = EngineArgs(
     max_model_len=2048, attention_backend="reference", load_format="random", skip_tokenizer_init=True,
     enable_cuda_graphs=False, enable_fused_kernels=True, async_scheduling=False, kv_cache_dtype="fp8",
     speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2},
-    quantization="fp8")
+    quantization="fp8", hf_overrides={"quantization_config": {"quant_method": "fp8", "ignored_layers": ["lm_head"]}})
 
 
 def test_non_default_covers_every_field():

@@ -43,7 +43,13 @@ CONFIGS = {
 # FP8 linear layers: quantized at load, and a checkpoint with static input scales
 FP8 = QuantizationConfig.at_load()
 FP8_STATIC = QuantizationConfig("fp8", "tensor", None, True, ())
+# Layers a config lists as not quantized keep the model dtype: all of layer 0, one expert block
+FP8_IGNORING = QuantizationConfig.at_load(("model.layers.0", "model.layers.2.self_attn.o_proj"))
+MOE_FP8_IGNORING = QuantizationConfig("fp8", "tensor", None, True, ("model.layers.0.mlp.experts",
+                                                                    "model.layers.2.mlp.shared_expert"))
 CONFIGS.update({"llama-fp8": dataclasses.replace(CONFIGS["llama"], quantization=FP8),
+                "llama-fp8-ignoring": dataclasses.replace(CONFIGS["llama"], quantization=FP8_IGNORING),
+                "qwen2-moe-fp8-ignoring": dataclasses.replace(CONFIGS["qwen2-moe"], quantization=MOE_FP8_IGNORING),
                 "qwen2-bias-fp8-static": dataclasses.replace(CONFIGS["qwen2-bias"], quantization=FP8_STATIC),
                 "qwen2-moe-fp8-static": dataclasses.replace(CONFIGS["qwen2-moe"], quantization=FP8_STATIC)})
 DENSE_LAYOUTS = [(1, 1, 1), (3, 1, 1), (9, 1, 1), (1, 2, 1), (3, 2, 1)]  # (tp, pp, moe_ep)

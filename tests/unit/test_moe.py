@@ -102,7 +102,7 @@ class RecordingReader(CheckpointReader):
 
 
 def load_block(path, cfg, groups, layer=0) -> tuple[SparseMoeBlock, RecordingReader]:
-    block = SparseMoeBlock(cfg, groups, torch.float32, "cpu")
+    block = SparseMoeBlock(cfg, groups, torch.float32, "cpu", f"model.layers.{layer}")
     reader = RecordingReader(path)
     block.detect_layout(reader, f"model.layers.{layer}")
     reader.check(block.expected_shapes(f"model.layers.{layer}"))
