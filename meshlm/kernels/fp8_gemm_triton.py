@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshlm.kernels.triton_launch import dot_precision, num_sms, programmatic_launch
+from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms, programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
 
@@ -313,14 +313,6 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 
 def _split_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:
-    """The int32 count of finished splits of each output tile, zero between launches (the last
-    split of a tile zeroes it); one buffer per device, made by the first eager call. None (the
-    splits are then added by a second kernel) during a CUDA graph capture before any eager call,
-    whose allocation would belong to the graph, or for more tiles than the buffer counts. Launches
-    that use it run one after another on one stream, as a rank's model does."""
-    counters = _SPLIT_COUNTERS.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _SPLIT_COUNTERS[device] = torch.zeros(_MAX_SPLIT_TILES, dtype=torch.int32, device=device)
-    return counters if num_tiles <= counters.numel() else None
+    """The count of finished splits of each output tile (:func:`launch_counters`; None: the splits
+    are added by a second kernel)."""
+    return launch_counters(_SPLIT_COUNTERS, device, _MAX_SPLIT_TILES, num_tiles)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshlm.kernels.triton_launch import programmatic_launch
+from meshlm.kernels.triton_launch import launch_counters, programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 
 # Elements of [rows, splits, head_dim] fp32 partial outputs loaded at once (32 KiB, 64 registers a
@@ -105,14 +105,6 @@ def merge_chunk(num_rows: int, num_splits: int, head_dim: int) -> int:
 
 
 def split_counters(device: torch.device, num_pairs: int) -> torch.Tensor | None:
-    """The int32 count of finished splits of each (sequence, KV heads) pair, zero between launches
-    (the last split of a pair zeroes it); one buffer per device, made by the first eager call. None
-    (the splits are then merged by :func:`merge_splits`) during a CUDA graph capture before any
-    eager call, whose allocation would belong to the graph, or for more pairs than the buffer
-    counts. Launches that use it run one after another on one stream, as a rank's model does."""
-    counters = _COUNTERS.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[device] = torch.zeros(_MAX_COUNTED_PAIRS, dtype=torch.int32, device=device)
-    return counters if num_pairs <= counters.numel() else None
+    """The count of finished splits of each (sequence, KV heads) pair (:func:`launch_counters`;
+    None: the splits are merged by :func:`merge_splits`)."""
+    return launch_counters(_COUNTERS, device, _MAX_COUNTED_PAIRS, num_pairs)

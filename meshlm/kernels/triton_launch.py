@@ -25,6 +25,21 @@ def dot_precision(x: torch.Tensor) -> str:
     return "tf32x3" if x.is_cuda else "ieee"
 
 
+def launch_counters(buffers: dict, device: torch.device, size: int, needed: int) -> torch.Tensor | None:
+    """A device's int32 counters for kernels whose last program of a group counts itself done and
+    zeroes the count again (split-K reductions, split-KV merges): one buffer of ``size`` per device
+    in ``buffers``, made by the first eager call. None during a CUDA graph capture before any eager
+    call (its allocation would belong to the graph), or when ``needed`` exceeds ``size``: the caller
+    then takes its two-kernel path. Launches that use a buffer run one after another on one stream,
+    as a rank's model does."""
+    counters = buffers.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = buffers[device] = torch.zeros(size, dtype=torch.int32, device=device)
+    return counters if needed <= counters.numel() else None
+
+
 # Programmatic dependent launch (sm_90+): a kernel launched with it may start while the kernel
 # before it on the stream finishes; it waits (griddepcontrol.wait) before its first memory access,
 # so only the launch and the scheduling of its programs overlap the previous kernel's tail. On by
