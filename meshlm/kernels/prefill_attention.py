@@ -82,29 +82,38 @@ def _prefill_attention_kernel(
     k_head = k_cache_ptr + kv_head * stride_kv_head
     v_head = v_cache_ptr + kv_head * stride_kv_head
     blocks = _tile_blocks(table_row, 0, key_end, BLOCK_N, KV_BLOCK_SIZE)  # read ahead (PREFETCH_TABLE)
-    for tile_start in range(0, full_end, BLOCK_N):
-        if PREFETCH_TABLE:
-            block = blocks
-            blocks = _tile_blocks(table_row, tile_start + BLOCK_N, key_end, BLOCK_N, KV_BLOCK_SIZE)
-        else:
-            block = _tile_blocks(table_row, tile_start, key_end, BLOCK_N, KV_BLOCK_SIZE)
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, query_pos, dims, qk_scale_log2,
-            stride_kv_block, stride_kv_offset, BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, False, DOT_PRECISION)
-    for tile_start in range(full_end, key_end, BLOCK_N):
-        if PREFETCH_TABLE:
-            block = blocks
-            blocks = _tile_blocks(table_row, tile_start + BLOCK_N, key_end, BLOCK_N, KV_BLOCK_SIZE)
-        else:
-            block = _tile_blocks(table_row, tile_start, key_end, BLOCK_N, KV_BLOCK_SIZE)
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, query_pos, dims, qk_scale_log2,
-            stride_kv_block, stride_kv_offset, BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, True, DOT_PRECISION)
+    acc, l_i, m_i, blocks = _walk_keys(
+        acc, l_i, m_i, blocks, q, table_row, k_head, v_head, 0, full_end, key_end, query_pos, dims, qk_scale_log2,
+        stride_kv_block, stride_kv_offset, BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, False, PREFETCH_TABLE, DOT_PRECISION)
+    acc, l_i, m_i, blocks = _walk_keys(
+        acc, l_i, m_i, blocks, q, table_row, k_head, v_head, full_end, key_end, key_end, query_pos, dims,
+        qk_scale_log2, stride_kv_block, stride_kv_offset, BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, True,
+        PREFETCH_TABLE, DOT_PRECISION)
 
     # Every row saw at least one key (key 0 is visible to all), so l_i > 0.
     acc = acc / l_i[:, None]
     o_offsets = token[:, None] * stride_o_token + head[:, None] * stride_o_head + dims[None, :]
     tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
+
+
+@triton.jit
+def _walk_keys(acc, l_i, m_i, blocks, q, table_row, k_head, v_head, start, end, key_end, query_pos, dims,
+               qk_scale_log2, stride_kv_block, stride_kv_offset, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+               K_TRANSPOSED: tl.constexpr, MASKED: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """The online softmax over key tiles [start, end), causally masked or not (``MASKED``);
+    ``blocks`` holds the block ids of the tile at ``start`` (PREFETCH_TABLE) and comes back holding
+    those of the tile at ``end``."""
+    for tile_start in range(start, end, BLOCK_N):
+        if PREFETCH_TABLE:
+            block = blocks
+            blocks = _tile_blocks(table_row, tile_start + BLOCK_N, key_end, BLOCK_N, KV_BLOCK_SIZE)
+        else:
+            block = _tile_blocks(table_row, tile_start, key_end, BLOCK_N, KV_BLOCK_SIZE)
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, block, k_head, v_head, tile_start, key_end, query_pos, dims, qk_scale_log2,
+            stride_kv_block, stride_kv_offset, BLOCK_N, KV_BLOCK_SIZE, K_TRANSPOSED, MASKED, DOT_PRECISION)
+    return acc, l_i, m_i, blocks
 
 
 @triton.jit
