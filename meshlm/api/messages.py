@@ -61,6 +61,7 @@ class EngineState:
     kv_cache_usage: float = 0.0
     # Speculative decoding's counts (SpecDecodeStats' fields in order); None when it is off
     spec_decode: list[int] | None = None
+    scheduler: list[int] = field(default_factory=list)  # SchedulerStats' fields in order
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from meshlm.api.messages import (AbortCall, Call, EngineState, Hello, ResetPrefi
                                  StepCall, SubmitCall, decode_hello, decode_reply, encode_call)
 from meshlm.config import EngineArgs, EngineConfig
 from meshlm.engine.outputs import RequestOutput
-from meshlm.engine.scheduler import SpecDecodeStats
+from meshlm.engine.scheduler import SchedulerStats, SpecDecodeStats
 from meshlm.engine.tokenizer import Tokenizer
 from meshlm.sampling_params import SamplingParams
 
@@ -107,6 +107,10 @@ class RemoteCoordinator:
     def spec_decode_stats(self) -> SpecDecodeStats | None:
         counts = self._state.spec_decode
         return None if counts is None else SpecDecodeStats(*counts)
+
+    @property
+    def scheduler_stats(self) -> SchedulerStats:
+        return SchedulerStats(*self._state.scheduler)
 
     def shutdown(self) -> None:
         if self._proc is None:

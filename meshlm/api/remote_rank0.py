@@ -58,7 +58,8 @@ def _answer(coordinator: Coordinator, data: bytes) -> tuple[Reply, bool]:
     spec = coordinator.spec_decode_stats
     reply.state = EngineState(coordinator.has_unfinished(), coordinator.has_pending_notices(),
                               coordinator.num_running, coordinator.num_waiting, coordinator.kv_cache_usage,
-                              None if spec is None else list(astuple(spec)))
+                              None if spec is None else list(astuple(spec)),
+                              list(astuple(coordinator.scheduler_stats)))
     return reply, isinstance(call, ShutdownCall)
 
 

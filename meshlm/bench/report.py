@@ -60,6 +60,14 @@ def format_table(result: dict, title: str) -> str:
     lines += _throughput_lines(result)
     if result.get("peak_kv_cache_usage") is not None:
         lines.append(f"{'Peak KV cache usage':<34}{100 * result['peak_kv_cache_usage']:>11.1f}%")
+    steps = result.get("steps")
+    if steps is not None:
+        lines.append(f"{'Steps / preemptions':<34}{steps['num_steps']:>6} / {steps['num_preemptions']}")
+        lines.append(f"{'Time in prefill / decode steps (s)':<34}{_num(steps['prefill_step_time_s']):>12}"
+                     f" / {_num(steps['decode_step_time_s'])}   ({_num(steps['unrecorded_time_s'])} in calls"
+                     " that recorded no step)")
+        lines.append(f"{'Decode-only steps: batch, ms':<34}{_num(steps['mean_decode_batch']):>12}"
+                     f" / {_num(steps['mean_decode_step_ms'])}")
     spec = result.get("spec_decode")
     if spec is not None:
         lines.append(f"{'Spec decode acceptance rate':<34}{_num(spec['acceptance_rate']):>12}")

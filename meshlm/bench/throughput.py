@@ -6,6 +6,7 @@ Under ``mpiexec -n N`` (or after the CLI relaunched itself there) every rank cal
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import sys
 import time
@@ -16,6 +17,7 @@ from meshlm.bench.dataset import BenchRequest, Workload
 from meshlm.bench.metrics import RequestRecord, latency_samples_ms, summarize
 from meshlm.config import EngineArgs
 from meshlm.engine.interface import EngineCore
+from meshlm.engine.scheduler import SchedulerStats
 from meshlm.sampling_params import SamplingParams
 
 
@@ -42,9 +44,50 @@ class ThroughputOptions:
 
 
 @dataclass(slots=True)
+class StepTimes:
+    """Where a run's wall time went, step by step: each interval between two returns of ``step()``
+    is charged to the steps whose tokens came back in it (the overlapped loop records a step one
+    call after launching it, and the call waits for it), as prefill when they ran prompt tokens
+    (decodes mixed in) and as decode otherwise. That matches the device's work where launches
+    return at once (CUDA); where the launch itself computes the step (the CPU), the overlapped
+    loop's intervals are charged one step late."""
+
+    start: SchedulerStats  # the engine's counts when the run began
+    end: SchedulerStats  # ... after its last step
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    unrecorded_s: float = 0.0  # calls that recorded no step (the first one launches, records nothing)
+    num_decode_steps: int = 0
+    num_decode_tokens_alone: int = 0  # decode tokens of the decode-only steps
+
+    def add(self, seconds: float, counts: SchedulerStats) -> None:
+        before, self.end = self.end, counts
+        if counts.num_prefill_tokens > before.num_prefill_tokens:
+            self.prefill_s += seconds
+        elif counts.num_steps > before.num_steps:
+            self.decode_s += seconds
+            self.num_decode_steps += counts.num_steps - before.num_steps
+            self.num_decode_tokens_alone += counts.num_decode_tokens - before.num_decode_tokens
+        else:
+            self.unrecorded_s += seconds
+
+    def summary(self) -> dict:
+        n = self.num_decode_steps
+        return {"num_steps": self.end.num_steps - self.start.num_steps,
+                "num_prefill_tokens": self.end.num_prefill_tokens - self.start.num_prefill_tokens,
+                "num_decode_tokens": self.end.num_decode_tokens - self.start.num_decode_tokens,
+                "num_preemptions": self.end.num_preemptions - self.start.num_preemptions,
+                "prefill_step_time_s": self.prefill_s, "decode_step_time_s": self.decode_s,
+                "unrecorded_time_s": self.unrecorded_s,
+                "num_decode_only_steps": n, "mean_decode_batch": self.num_decode_tokens_alone / n if n else None,
+                "mean_decode_step_ms": 1e3 * self.decode_s / n if n else None}
+
+
+@dataclass(slots=True)
 class OfflineRun:
     records: list[RequestRecord]
     peak_kv_cache_usage: float  # the largest fraction of the KV pool in use after a step
+    steps: StepTimes
 
 
 def greedy_params(output_len: int) -> SamplingParams:
@@ -72,9 +115,14 @@ def run_offline(coordinator: EngineCore, requests: list[BenchRequest], max_concu
             records[i] = RequestRecord(start, num_input_tokens=len(req.prompt))
 
     admit()
+    counts = copy.copy(coordinator.scheduler_stats)  # the engine's own object goes on counting
+    steps = StepTimes(counts, counts)
+    last = time.perf_counter()
     while inflight:
         outputs = coordinator.step()
         now = time.perf_counter()
+        steps.add(now - last, copy.copy(coordinator.scheduler_stats))
+        last = now
         peak = max(peak, coordinator.kv_cache_usage)
         for out in outputs:  # deltas: each carries the tokens of this step
             i = inflight.get(out.request_id)
@@ -91,7 +139,7 @@ def run_offline(coordinator: EngineCore, requests: list[BenchRequest], max_concu
             raise RuntimeError(f"{len(inflight)} requests were dropped by the coordinator unfinished")
         admit()
     bar.close()
-    return OfflineRun(records, peak)
+    return OfflineRun(records, peak, steps)
 
 
 def vocab_size_for_prompts(coordinator) -> int:
@@ -168,7 +216,7 @@ def benchmark(coordinator: EngineCore, args: EngineArgs, opts: ThroughputOptions
         run = run_offline(coordinator, requests, c, desc, opts.show_progress)
         spec_decode = _spec_decode_summary(spec_before, _spec_counts(coordinator))
         points.append({"max_concurrency": c, **summarize(run.records, num_gpus),
-                       "peak_kv_cache_usage": run.peak_kv_cache_usage,
+                       "peak_kv_cache_usage": run.peak_kv_cache_usage, "steps": run.steps.summary(),
                        **({} if spec_decode is None else {"spec_decode": spec_decode})})
         samples = latency_samples_ms(run.records)
     last = {k: v for k, v in points[-1].items() if k != "max_concurrency"}

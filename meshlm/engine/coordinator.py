@@ -19,7 +19,7 @@ from meshlm.engine.kv_cache import KVCacheManager
 from meshlm.engine.outputs import RequestOutput
 from meshlm.engine.plan_builder import build_step_plan
 from meshlm.engine.request import Request
-from meshlm.engine.scheduler import Scheduler, SchedulerOutput, SpecDecodeStats
+from meshlm.engine.scheduler import Scheduler, SchedulerOutput, SchedulerStats, SpecDecodeStats
 from meshlm.engine.spec_scheduling import Proposer
 from meshlm.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from meshlm.executor.async_output import AsyncStepResult
@@ -230,6 +230,11 @@ class Coordinator:
     def spec_decode_stats(self) -> SpecDecodeStats | None:
         """Speculative decoding's counts since the start (None when it is off)."""
         return None if self.scheduler.proposer is None else self.scheduler.spec_stats
+
+    @property
+    def scheduler_stats(self) -> SchedulerStats:
+        """Steps run since the start, their prefill and decode tokens, preemptions."""
+        return self.scheduler.stats
 
     def reset_prefix_cache(self) -> None:
         """Forget the cached prefixes (a benchmark's warm-up should not help its measurement)."""

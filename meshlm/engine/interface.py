@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from meshlm.engine.outputs import RequestOutput
-from meshlm.engine.scheduler import SpecDecodeStats
+from meshlm.engine.scheduler import SchedulerStats, SpecDecodeStats
 from meshlm.engine.tokenizer import Tokenizer
 from meshlm.sampling_params import SamplingParams
 
@@ -46,6 +46,10 @@ class EngineCore(Protocol):
     @property
     def spec_decode_stats(self) -> SpecDecodeStats | None:
         """Speculative decoding's counts so far; None when it is off."""
+
+    @property
+    def scheduler_stats(self) -> SchedulerStats:
+        """Steps run so far, their prefill and decode tokens, preemptions."""
 
     def reset_prefix_cache(self) -> None:
         """Forget the cached prefixes (a benchmark's warm-up should not help its measurement)."""

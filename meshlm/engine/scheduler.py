@@ -41,7 +41,7 @@ from meshlm.engine.request import Request, RequestStatus
 from meshlm.engine.spec_scheduling import Proposer, SpecDecodeStats, SpeculativeScheduling
 from meshlm.protocol import StepResult
 
-__all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput", "SpecDecodeStats"]
+__all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput", "SchedulerStats", "SpecDecodeStats"]
 
 
 @dataclass(slots=True)
@@ -80,6 +80,28 @@ class SchedulerOutput:
         return not self.chunks
 
 
+@dataclass(slots=True)
+class SchedulerStats:
+    """Steps run so far and what they held: a benchmark's account of where its time went.
+
+    A decode is a chunk of one new token (plus its drafts) after the request's prompt; every other
+    chunk counts as prefill (prompt chunks, and recomputes after a preemption).
+    """
+
+    num_steps: int = 0  # steps recorded (their tokens came back)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0  # one a decoding sequence a step, drafts included
+    num_preemptions: int = 0
+
+    def record(self, output: SchedulerOutput) -> None:
+        self.num_steps += 1
+        for chunk in output.chunks:
+            if chunk.start >= chunk.request.num_prompt_tokens and chunk.num_new_tokens == 1 + len(chunk.draft_token_ids):
+                self.num_decode_tokens += chunk.num_new_tokens
+            else:
+                self.num_prefill_tokens += chunk.num_new_tokens
+
+
 class Scheduler(SpeculativeScheduling, ForkScheduling):
     """Owns the waiting queue and the running set; decides each step's chunks.
 
@@ -94,6 +116,7 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
         self.kv = kv
         self.proposer = proposer
         self.spec_stats = SpecDecodeStats()
+        self.stats = SchedulerStats()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # arrival order; finished ones removed at the next step
         self._num_finished_running = 0
@@ -192,6 +215,7 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
                 at = self._running.index(chunk.request) + 1
                 self._running[at:at] = chunk.forked
         out.block_copies = self.kv.take_block_copies()
+        self.stats.num_preemptions += len(out.preempted)
         return out
 
     def update_from_output(self, output: SchedulerOutput, result: StepResult | None) -> list[Request]:
@@ -203,6 +227,7 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
         preempted since keeps it (it was sampled from the whole sequence, which the recompute
         rebuilds).
         """
+        self.stats.record(output)
         sampled = []
         row = 0  # the chunk's row in ``result``: sampling chunks in order
         prompt_row = 0  # its first row of prompt scores

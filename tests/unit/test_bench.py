@@ -68,12 +68,29 @@ def offline(tmp_path_factory):
     return proc, json.loads((out / "r.json").read_text()), out / "r.png"
 
 
+def test_throughput_step_account(offline):
+    """The run's steps: every prompt token prefilled once and every later token decoded once when
+    nothing was preempted (recomputes add prefill tokens), and the wall time charged to them."""
+    _, r, _ = offline
+    steps = r["steps"]
+    if steps["num_preemptions"] == 0:
+        assert steps["num_prefill_tokens"] == NUM_PROMPTS * INPUT_LEN
+        assert steps["num_decode_tokens"] == NUM_PROMPTS * (OUTPUT_LEN - 1)
+    else:
+        assert steps["num_prefill_tokens"] > NUM_PROMPTS * INPUT_LEN
+    assert steps["num_steps"] >= OUTPUT_LEN and steps["num_decode_only_steps"] < steps["num_steps"]
+    charged = steps["prefill_step_time_s"] + steps["decode_step_time_s"] + steps["unrecorded_time_s"]
+    assert steps["prefill_step_time_s"] > 0 and steps["decode_step_time_s"] > 0
+    assert 0.5 * r["duration_s"] < charged <= r["duration_s"]
+    assert 1 <= steps["mean_decode_batch"] <= NUM_PROMPTS
+
+
 def test_throughput_json_fields(offline):
     _, r, _ = offline
     expected_keys = {"config", "num_requests", "completed", "failed", "duration_s", "total_input_tokens",
                      "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
                      "request_throughput_per_gpu", "output_throughput_per_gpu", "total_token_throughput_per_gpu",
-                     "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "peak_kv_cache_usage", "sweep"}
+                     "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "peak_kv_cache_usage", "steps", "sweep"}
     assert set(r) == expected_keys
     check_summary(r, NUM_PROMPTS, NUM_PROMPTS, num_gpus=1)
     # ignore_eos and greedy: exactly the asked lengths

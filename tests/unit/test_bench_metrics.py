@@ -14,6 +14,7 @@ from meshlm.bench.cli_args import parse_concurrency_list
 from meshlm.bench.dataset import Workload, load_jsonl, synthetic_requests, token_norm_lengths
 from meshlm.bench.metrics import RequestRecord, distribution, summarize
 from meshlm.bench.throughput import ThroughputOptions, run_offline
+from meshlm.engine.scheduler import SchedulerStats
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -175,19 +176,21 @@ def test_workload_and_option_errors():
 # --- the offline loop ----------------------------------------------------------------------------
 
 class FakeCoordinator:
-    """Each step gives every running request one token; KV usage is running / 10."""
+    """Each step gives every running request one token (its first after prefilling its prompt);
+    KV usage is running / 10."""
 
     def __init__(self):
         self.tokenizer = None
         self.running: dict[str, list] = {}
         self.max_running = 0
         self.kv_cache_usage = 0.0
+        self.scheduler_stats = SchedulerStats()
         self._n = 0
 
     def submit(self, prompt, params):
         self._n += 1
         rid = f"r{self._n}"
-        self.running[rid] = [params.max_tokens, []]
+        self.running[rid] = [params.max_tokens, [], len(prompt)]
         assert params.ignore_eos and params.temperature == 0.0
         return rid
 
@@ -198,7 +201,13 @@ class FakeCoordinator:
         self.max_running = max(self.max_running, len(self.running))
         self.kv_cache_usage = len(self.running) / 10
         outs = []
-        for rid, (limit, tokens) in list(self.running.items()):
+        stats = self.scheduler_stats
+        stats.num_steps += 1
+        for rid, (limit, tokens, prompt_len) in list(self.running.items()):
+            if tokens:
+                stats.num_decode_tokens += 1
+            else:
+                stats.num_prefill_tokens += prompt_len
             tokens.append(7)
             done = len(tokens) == limit
             outs.append(SimpleNamespace(request_id=rid, finished=done,  # a delta: this step's token
@@ -218,6 +227,13 @@ def test_run_offline_respects_concurrency_and_counts_tokens():
     assert all(r.num_input_tokens == 4 for r in run.records)
     # 5 requests, 2 at a time, 3 steps each: the last one starts after 2 waves.
     assert min(r.start for r in run.records[4:]) >= max(r.end for r in run.records[:2])
+    steps = run.steps.summary()
+    assert (steps["num_prefill_tokens"], steps["num_decode_tokens"]) == (5 * 4, 5 * 2)
+    assert steps["num_steps"] == coordinator.scheduler_stats.num_steps
+    # a step admitting a request is a prefill step; two waves of 2 and the last request alone
+    assert steps["num_steps"] - steps["num_decode_only_steps"] in (3, 4, 5)
     unbounded = FakeCoordinator()
-    run_offline(unbounded, reqs, max_concurrency=None, show_progress=False)
+    unbounded_run = run_offline(unbounded, reqs, max_concurrency=None, show_progress=False)
     assert unbounded.max_running == 5
+    assert unbounded_run.steps.summary()["num_decode_only_steps"] == 2
+    assert unbounded_run.steps.summary()["mean_decode_batch"] == 5
