@@ -150,16 +150,16 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
       ahead, keys loaded transposed: 8 x 8k 79 -> 90 %;
     - 16-bit KV, many pairs: 64-key tiles, a sequence's KV heads side by side in the grid:
       256 x 1k 99.6 -> 101.7 %, 1024 x 256 94.9 -> 97.4 % (against a read+write copy);
-    - fp8 KV, few pairs: 64-key tiles in 3 stages, block ids two ahead, two KV heads a program:
-      1 x 32k 44 -> 52 %, 8 x 8k 53 -> 59 %;
-    - fp8 KV, many pairs: 64-key tiles, block ids one tile ahead: 256 x 1k 55 -> 63 %,
-      1024 x 256 52 -> 57 %.
-    Over an fp8 pool the kernel is bound by instruction issue, not by bytes: with many pairs the
-    tile is the products' first operand, the group padded to 8 rows and values loaded as words
-    (``swap_ab``, ``min_group_rows=8``, ``fp8_widen="words_v"``: 1,170 warp instructions per 64
-    keys against 2,820, ``benchmarks/decode_sass.py``), measured on an H200 (graph replays,
-    ``attention_bench.py --graph``): 256 x 1k 63 -> 66.3 %, 1024 x 1k 71.1 % of copy (2.4 TB/s
-    in a decode step before, 3.0 now).
+    - fp8 KV, a sequence or two: 64-key tiles in 2 stages, block ids two ahead, two KV heads a
+      program: 1 x 32k 50.2 -> 51.4 %;
+    - fp8 KV, few pairs: 128-key tiles in 3 stages, block ids two ahead: 8 x 8k 49.3 -> 59.9 %;
+    - fp8 KV, many pairs: 64-key tiles, block ids two ahead, two KV heads a program, at most 128
+      registers a thread (``max_registers``: more programs resident on an SM): 256 x 1k 66.3 ->
+      82.1 %. The earlier default (the cache tile as the products' first operand, the group padded
+      to 8 rows, values loaded as words: ``swap_ab``, ``min_group_rows=8``, ``fp8_widen="words_v"``)
+      issues fewer instructions (1,170 warp instructions per 64 keys against 2,820,
+      ``benchmarks/decode_sass.py``) but ran slower than these tiles: over an fp8 pool the kernel
+      wanted resident warps to hide its conversions, more than fewer instructions.
     Splits merge in a second kernel where a step has them (few pairs). With the merge folded into
     the split kernel (``fused_merge``) 1 x 32k measured slower on the H200: bf16 54.5 us (58 %;
     these tiles with the merge kernel 76.5 % in the sweep, the earlier 128-key default 45.1 us,
@@ -172,11 +172,14 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
         return DecodeTiles(block_n=32, num_warps=4, num_stages=2)
     is_few = num_programs <= _LARGE_TILE_PROGRAMS_PER_SM * num_sms
     two_heads = 2 if num_kv_heads % 2 == 0 else 1
+    if kv_fp8 and num_programs * _SMS_PER_PAIR <= num_sms:
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=2, heads_first=True,
+                           kv_heads_per_program=two_heads)
     if kv_fp8 and is_few:
-        return DecodeTiles(block_n=64, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads)
+        return DecodeTiles(block_n=128, num_warps=4, num_stages=3, prefetch_table=2, heads_first=True)
     if kv_fp8:
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, prefetch_table=2, swap_ab=True, min_group_rows=8,
-                           fp8_widen="words_v")
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, prefetch_table=2, heads_first=True,
+                           kv_heads_per_program=two_heads, max_registers=128)
     if num_programs * _SMS_PER_PAIR <= num_sms:
         return DecodeTiles(block_n=32, num_warps=4, num_stages=3, prefetch_table=2, kv_heads_per_program=two_heads)
     if is_few:

@@ -46,13 +46,15 @@ class PrefillTiles:
             raise ValueError(f"{self}: block_m={self.block_m} rows cannot hold a GQA group of {group} heads")
 
 
-# bf16 / fp16 tiles for heads up to 128 wide, Hopper's usual flash-attention shape: 128 rows (32
-# query tokens x a GQA group of 4), 64 keys, 8 warps (two warpgroups of 64 rows each), 3 stages,
-# block ids a tile ahead: compiled for sm_90 without it, Triton's pipeliner spends a stage on the
-# block-table load and waits for every copy at each tile (one K/V tile in flight); with it, two
-# K/V tiles are in flight (128 KiB of shared memory, under 200 registers a thread, no spills).
-# benchmarks/prefill_sweep.py times the alternatives at 1 x 8k and 4 x 8k and prints the fastest.
-_BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=True, prefetch_table=True)
+# bf16 / fp16 tiles for heads up to 128 wide, Hopper's usual flash-attention shape: 128 rows (128
+# query tokens of one head), 64 keys, 8 warps (two warpgroups of 64 rows each), 3 stages, block ids
+# a tile ahead: compiled for sm_90 without it, Triton's pipeliner spends a stage on the block-table
+# load and waits for every copy at each tile (one K/V tile in flight); with it, two K/V tiles are
+# in flight (128 KiB of shared memory, under 200 registers a thread, no spills). Rows of one head
+# ran faster than 32 tokens x a GQA group of 4 (``pack_gqa``, which reads each K/V tile once for
+# the group) on an H200: 1 x 8k 55.9 -> 57.4 %, 4 x 8k 55.6 -> 57.8 % of the bf16 GEMM rate
+# (benchmarks/prefill_sweep.py, which times the alternatives at 1 x 8k and 4 x 8k).
+_BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=False, prefetch_table=True)
 # fp32 (tests, reference runs) takes small tiles: twice larger elements, and quick to compile.
 _FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
 
