@@ -1,8 +1,11 @@
 """Paged attention on one GPU against the card's limits: decode (the split-KV decode kernel, the
-unified kernel) against the copy bandwidth, prefill (the kernel the engine dispatches to, the
-prefill kernel for long prompts, and the unified kernel; below the engine's threshold for the
-prefill kernel it is timed too, "(direct)", to place that threshold) against the bf16 matrix rate; PyTorch SDPA and compiled flex attention on the same keys and values, laid out
-contiguously, as baselines.
+unified kernel) against the copy bandwidth, prefill (the kernel the engine dispatches to, given the
+step's own keys and values as the engine's attention layer gives them; the prefill kernel for long
+prompts, and the unified kernel; below the engine's threshold for the prefill kernel it is timed
+too, "(direct)", to place that threshold, and so are its ways of reading the step's own keys apart
+from the pool, contiguous_kv and tma_kv, where the default leaves them off) against the bf16 matrix
+rate; PyTorch SDPA and compiled flex attention on the same keys and values, laid out contiguously,
+as baselines.
 
     python3 benchmarks/attention_bench.py [--decode 1x32768,8x8192] [--prefill 1x2048] [--sweep] [--out a.json]
 
@@ -59,6 +62,9 @@ SWITCHES = {"prefetch_table": "prefetch", "k_transposed": "ktrans", "paged_tile"
             "min_split_tiles": "minsplit", "max_registers": "maxreg", "swap_ab": "swap", "min_group_rows": "rows",
             "fp8_widen": "widen", "fp8_qk": "fp8qk"}
 SWITCHES_OFF = DecodeTiles(16, 4, 2)
+# The prefill kernel's ways to read the step's own keys apart from the pool (PrefillTiles fields):
+# pointer loads, and tensor-descriptor (TMA) loads.
+CONTIGUOUS_SWITCHES = (dict(contiguous_kv=True, tma_kv=False), dict(contiguous_kv=True, tma_kv=True))
 
 
 def median_ms(fn, warmup: int = 5, iters: int = 25) -> float:
@@ -147,6 +153,22 @@ def make_batch(batch: int, context: int, query_len: int):
     return q, k_cache, v_cache, meta, (q4, contiguous(k_cache, "k_scale"), contiguous(v_cache, "v_scale")), scales
 
 
+def step_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> tuple:
+    """The step's own keys and values [num_tokens, kv_heads, dim] (read back from the cache at the
+    queries' positions) as the engine's attention layer passes them: the rotated keys in a tensor
+    of their own, the values a view of the QKV projection's output [num_tokens, (heads + 2 x
+    kv_heads) x dim]."""
+    query_lens = torch.from_numpy(meta.query_lens_host).to(meta.positions.device)
+    seq = torch.repeat_interleave(torch.arange(len(query_lens), device=query_lens.device), query_lens)  # [num_tokens]
+    slots = (meta.block_tables[seq, meta.positions // BLOCK_SIZE].long() * BLOCK_SIZE
+             + meta.positions % BLOCK_SIZE)  # [num_tokens]
+    k = k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots]  # [num_tokens, kv_heads, dim]
+    qkv = torch.empty(len(slots), (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, dtype=k.dtype, device=k.device)
+    v = qkv[:, (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM:].view(len(slots), NUM_KV_HEADS, HEAD_DIM)
+    v.copy_(v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots])
+    return k, v
+
+
 def flex_fn(q4, k, v, is_causal: bool):
     """Compiled flex attention on the contiguous layout, or None (printed) where it does not run."""
     try:
@@ -212,14 +234,20 @@ def prefill_runs(batch: int, length: int, opts: argparse.Namespace) -> Case:
     q, k_cache, v_cache, meta, (q4, k, v), scales = make_batch(batch, length, length)
     tiles = prefill_tiles(HEAD_DIM, GROUP, q.dtype)
     is_prefill_kernel = uses_prefill_kernel(meta.query_lens_host, q.dtype, k_cache.dtype, HEAD_DIM, GROUP, None, tiles)
+    new_kv = step_kv(k_cache, v_cache, meta) if not scales else None  # a float8 cache never takes the prefill kernel
     runs = {f"prefill {prefill_name(tiles)}" if is_prefill_kernel else "engine (unified)": lambda: (
-                paged_attention_triton(q, k_cache, v_cache, meta, SCALE, **scales)),
+                paged_attention_triton(q, k_cache, v_cache, meta, SCALE, **scales, new_kv=new_kv)),
             f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, length, q.dtype))}": lambda: unified_attention(
                 q, k_cache, v_cache, meta, SCALE, **scales),
             "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, is_causal=True, enable_gqa=True)}
     if not is_prefill_kernel and not scales:  # below the engine's threshold: the prefill kernel beside it
         runs[f"prefill {prefill_name(tiles)} (direct)"] = lambda: prefill_attention(
-            q, k_cache, v_cache, meta, SCALE, tiles)
+            q, k_cache, v_cache, meta, SCALE, tiles, new_kv=new_kv)
+    for switches in ({} if scales else CONTIGUOUS_SWITCHES):  # the step's keys read apart, if not the default
+        switched = dataclasses.replace(tiles, **switches)
+        if switched != tiles:
+            runs[f"prefill {prefill_name(switched)} (direct)"] = lambda t=switched: prefill_attention(
+                q, k_cache, v_cache, meta, SCALE, t, new_kv=new_kv)
     flex = flex_fn(q4, k, v, is_causal=True) if not opts.skip_flex else None
     if flex is not None:
         runs["flex (compiled)"] = flex
@@ -248,9 +276,11 @@ def _unified_name(tiles: UnifiedTiles) -> str:
 
 def prefill_name(tiles: PrefillTiles) -> str:
     """'m128/n64/8w/3s+pack+prefetch': the tiles and the switches that are on (pack_gqa,
-    k_transposed, prefetch_table)."""
-    switches = "".join(f"+{short}" for flag, short in (("pack_gqa", "pack"), ("k_transposed", "ktrans"),
-                                                       ("prefetch_table", "prefetch")) if getattr(tiles, flag))
+    k_transposed, prefetch_table, contiguous_kv, tma_kv)."""
+    fields = dataclasses.asdict(tiles)
+    switches = "".join(f"+{short}" for flag, short in (
+        ("pack_gqa", "pack"), ("k_transposed", "ktrans"), ("prefetch_table", "prefetch"), ("contiguous_kv", "contig"),
+        ("tma_kv", "tma")) if fields[flag])
     return f"m{tiles.block_m}/n{tiles.block_n}/{tiles.num_warps}w/{tiles.num_stages}s{switches}"
 
 

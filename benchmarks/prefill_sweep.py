@@ -4,8 +4,11 @@ KV block size 16, shuffled block tables), fresh causal prompts at 1 x 8k and 4 x
 
     python3 benchmarks/prefill_sweep.py [--shapes 1x8192,4x8192] [--max-seconds 200] [--out s.json]
 
-First a grid of (BLOCK_M, BLOCK_N, warps, stages, GQA packing, block ids a tile ahead), then
-k_transposed on the fastest few of it. The launches compile first,
+First the default tiles reading the step's own keys and values apart from the pool
+(contiguous_kv: pointer loads; tma_kv: tensor-descriptor loads), also at 128-key tiles of 2
+stages, then a grid of (BLOCK_M, BLOCK_N, warps, stages, GQA packing, block ids a tile ahead), then
+k_transposed and the two ways of reading the step's keys on the fastest few of it. Every launch
+gets the step's keys and values as the engine passes them. The launches compile first,
 in parallel worker processes, into Triton's on-disk cache. Each launch is timed at every shape
 (median of CUDA-event times after a warm-up) and checked against PyTorch SDPA on the same keys
 and values laid out contiguously; FLOPs count the two products over the causal triangle
@@ -31,7 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention_bench import (  # noqa: E402
-    GROUP, HEAD_DIM, NUM_HEADS, SCALE, copy_tb_s, make_batch, matmul_tflop_s, median_ms, prefill_name as name)
+    GROUP, HEAD_DIM, NUM_HEADS, SCALE, copy_tb_s, make_batch, matmul_tflop_s, median_ms, prefill_name as name,
+    step_kv)
 
 from meshlm.kernels.prefill_attention import prefill_attention  # noqa: E402
 from meshlm.kernels.prefill_tiles import PrefillTiles, prefill_tiles  # noqa: E402
@@ -42,7 +46,12 @@ SHAPES = "1x8192,4x8192"
 # launches over the shared memory (e.g. 128 keys at 4 stages) fail and are skipped.
 GRID = [PrefillTiles(m, n, w, s, pack, prefetch_table=prefetch) for pack, m, n, w, s, prefetch in
         itertools.product((True, False), (128, 64), (64, 128), (8, 4), (3, 2, 4), (True, False))]
-SWITCHES = [dict(k_transposed=True)]
+SWITCHES = [dict(k_transposed=True), dict(contiguous_kv=True), dict(contiguous_kv=True, tma_kv=True)]
+# Timed right after the default, so that a spent --max-seconds never leaves them out: the step's
+# own keys by pointer loads and by descriptors at the default tiles and at 128-key tiles of 2
+# stages (fewer, longer bulk copies; two stages of 128 keys fill as much shared memory as three of 64).
+CONTIGUOUS = [dict(contiguous_kv=True), dict(contiguous_kv=True, tma_kv=True)]
+LONG_KEYS = dict(block_n=128, num_stages=2)
 NUM_FINALISTS = 3
 
 
@@ -65,7 +74,8 @@ def _compile_one(fields: tuple) -> bool:
     """Run one launch on a small batch of the same heads, so that it compiles; False if it fails."""
     q, k_cache, v_cache, meta, _, _ = make_batch(1, 512, 512)
     try:
-        prefill_attention(q, k_cache, v_cache, meta, SCALE, PrefillTiles(*fields))
+        new_kv = step_kv(k_cache, v_cache, meta)
+        prefill_attention(q, k_cache, v_cache, meta, SCALE, PrefillTiles(*fields), new_kv=new_kv)
         torch.cuda.synchronize()
         return True
     except Exception:  # shared memory, registers: the timing run reports it
@@ -78,6 +88,7 @@ class Shape:
     def __init__(self, batch: int, length: int):
         self.label = f"{batch}x{length}"
         self.q, self.k_cache, self.v_cache, self.meta, (q4, k, v), _ = make_batch(batch, length, length)
+        self.new_kv = step_kv(self.k_cache, self.v_cache, self.meta)
         self.sdpa = lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, is_causal=True, enable_gqa=True)
         self.baseline = self.sdpa().transpose(1, 2).reshape(self.q.shape).float()
         self.flops = batch * 4 * NUM_HEADS * HEAD_DIM * length * (length + 1) // 2
@@ -86,7 +97,8 @@ class Shape:
         """(median ms, max |diff| vs SDPA) of the kernel at ``tiles``; SDPA itself for None."""
         if tiles is None:
             return median_ms(self.sdpa), 0.0
-        fn = lambda: prefill_attention(self.q, self.k_cache, self.v_cache, self.meta, SCALE, tiles)  # noqa: E731
+        fn = lambda: prefill_attention(self.q, self.k_cache, self.v_cache, self.meta, SCALE, tiles,  # noqa: E731
+                                       new_kv=self.new_kv)
         err = (fn().float() - self.baseline).abs().max().item()
         return median_ms(fn, 2, 10), err
 
@@ -150,7 +162,9 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.monotonic() + args.max_seconds
     default = prefill_tiles(HEAD_DIM, GROUP, torch.bfloat16)
-    grid = [default] + [tiles for tiles in GRID if tiles != default]
+    first = [default] + [dataclasses.replace(default, **extra, **switches)
+                         for extra in ({}, LONG_KEYS) for switches in CONTIGUOUS]
+    grid = first + [tiles for tiles in GRID if tiles not in first]
     if args.compile_workers > 0:
         precompile(grid, args.compile_workers, deadline - 0.4 * args.max_seconds)
     torch.manual_seed(0)
@@ -163,6 +177,7 @@ def main() -> None:
     finalists = sorted(rows, key=mean_of_peak, reverse=True)[:NUM_FINALISTS]
     switched = [dataclasses.replace(PrefillTiles(**row["tiles"]), **switches)
                 for row in finalists for switches in SWITCHES]
+    switched = list(dict.fromkeys(tiles for tiles in switched if tiles not in grid))  # each launch once
     if args.compile_workers > 0 and switched:
         precompile(switched, args.compile_workers, deadline)
     rows += time_all(shapes, switched, peak, deadline)

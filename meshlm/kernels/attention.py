@@ -58,23 +58,27 @@ class RotaryEmbedding:
 
     def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          kv_cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor,
-                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                         k_out: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate q and k, store the rotated k and v in ``kv_cache`` at ``slot_mapping`` (an fp8
-        cache quantized by ``k_scale``, ``v_scale``); returns the rotated q. With TritonOps this is
-        one kernel per layer."""
+        cache quantized by ``k_scale``, ``v_scale``) and the rotated k in ``k_out`` if given
+        (k's shape and dtype); returns the rotated q. With TritonOps this is one kernel per layer."""
         k_cache, v_cache = kv_cache
         return self.ops.rotary_and_cache(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping,
-                                         k_scale, v_scale)
+                                         k_scale, v_scale, k_out)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                              new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of this step's queries over each sequence's cached keys.
 
     q: [num_tokens, num_heads_per_rank, head_dim]; returns the same shape. The cache must
     already hold this step's keys and values; a float8 cache is read back in fp32 times
-    ``k_scale``, ``v_scale`` [num_kv_heads_per_rank] (kernels/kv_quant.py).
+    ``k_scale``, ``v_scale`` [num_kv_heads_per_rank] (kernels/kv_quant.py). ``new_kv``: this
+    step's rotated keys and values [num_tokens, num_kv_heads_per_rank, head_dim], which a GPU
+    kernel may read instead of the cache's copy; the reference reads every key from the cache.
     """
     out = torch.empty_like(q)
     is_decode = meta.query_lens_host == 1

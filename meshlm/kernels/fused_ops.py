@@ -75,13 +75,15 @@ class TorchOps:
     def rotary_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                         v_scale: torch.Tensor | None = None, k_out: torch.Tensor | None = None) -> torch.Tensor:
         """``rotary`` on q and k, then the rotated k and v ``[num_tokens, num_kv_heads, head_dim]``
         stored into the paged cache ``[num_blocks, block_size, num_kv_heads, head_dim]`` at
         ``slot_mapping`` ``[num_tokens]`` (quantized by ``k_scale``/``v_scale`` into an fp8 cache);
-        returns the rotated q."""
+        returns the rotated q. ``k_out`` (k's shape and dtype): where the rotated k is also stored."""
         q, k = self.rotary(positions, q, k, cos, sin)
         write_kv_cache(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
+        if k_out is not None:
+            k_out.copy_(k)
         return q
 
 
@@ -188,33 +190,34 @@ class TritonOps(TorchOps):
     def rotary_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                         v_scale: torch.Tensor | None = None, k_out: torch.Tensor | None = None) -> torch.Tensor:
         """One kernel: rotate q into a new tensor, rotate k and store it and v straight into the
-        cache at their slots (no rotated k tensor, no separate cache writes); an fp8 cache gets
-        them divided by their head's scale and clamped to its range."""
+        cache at their slots (no rotated k tensor unless ``k_out`` asks for one, no separate cache
+        writes); an fp8 cache gets them divided by their head's scale and clamped to its range."""
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
         is_fp8 = is_fp8_kv(k_cache)
         takes_kv = v_cache.dtype == k_cache.dtype and (is_fp8 or (k_cache.dtype == k.dtype and v.dtype == k.dtype))
         if (num_tokens == 0 or head_dim % 2 or cos.stride(1) != 1 or sin.stride() != cos.stride()
                 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or not takes_kv
-                or k_cache.shape != v_cache.shape):
+                or k_cache.shape != v_cache.shape or (k_out is not None and k_out.stride(2) != 1)):
             return super().rotary_and_cache(positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
-                                            k_scale, v_scale)
+                                            k_scale, v_scale, k_out)
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         half = head_dim // 2
         half_block, heads_block = triton.next_power_of_2(half), triton.next_power_of_2(num_heads)
         if not is_fp8:
             k_scale = v_scale = k_cache  # pointers the kernel never reads
+        k_rows = q_out if k_out is None else k_out  # never written through without k_out
         _rotary_cache_kernel[(num_tokens,)](
-            q_out, k_cache, v_cache, q, k, v, cos, sin, positions, slot_mapping, k_scale, v_scale,
+            q_out, k_cache, v_cache, k_rows, q, k, v, cos, sin, positions, slot_mapping, k_scale, v_scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_rows.stride(0), k_rows.stride(1), cos.stride(0),
             num_heads, num_kv_heads, k_cache.shape[1],
             HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
-            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), IS_FP8=is_fp8,
+            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), IS_FP8=is_fp8, STORE_K=k_out is not None,
             num_warps=_num_warps(heads_block * half_block), **_pdl(q.device))
         return q_out
 
@@ -353,19 +356,20 @@ if triton is not None:
         tl.store(out + HALF, second_half.to(dtype), mask=mask)
 
     @triton.jit
-    def _rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
+    def _rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, k_out_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
                              positions_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
                              stride_q_token, stride_q_head, stride_k_token, stride_k_head,
                              stride_v_token, stride_v_head, stride_q_out_token, stride_q_out_head,
                              stride_kc_block, stride_kc_offset, stride_kc_head,
-                             stride_vc_block, stride_vc_offset, stride_vc_head,
-                             stride_cos, num_heads, num_kv_heads, block_size,
-                             HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                             HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr, IS_FP8: tl.constexpr,
+                             stride_vc_block, stride_vc_offset, stride_vc_head, stride_k_out_token,
+                             stride_k_out_head, stride_cos, num_heads, num_kv_heads, block_size,
+                             HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr,
+                             KV_HEADS_BLOCK: tl.constexpr, IS_FP8: tl.constexpr, STORE_K: tl.constexpr,
                              PDL: tl.constexpr):
         """One token: rotate its query heads into ``q_out``; rotate its key heads into the key cache
         and copy its value heads into the value cache, both at the token's slot (``IS_FP8``:
-        quantized by ``k_scale_ptr``, ``v_scale_ptr`` [num_kv_heads])."""
+        quantized by ``k_scale_ptr``, ``v_scale_ptr`` [num_kv_heads]); ``STORE_K``: its rotated key
+        heads into ``k_out`` too, in k's dtype."""
         wait_for_previous_kernel(PDL)
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token).to(tl.int64)
@@ -381,6 +385,9 @@ if triton is not None:
         _rotate_heads(k_cache_ptr + block * stride_kc_block + offset * stride_kc_offset,
                       k_ptr + token * stride_k_token, stride_k_head, stride_kc_head, num_kv_heads, cos, sin,
                       k_scale_ptr, HALF, HALF_BLOCK, KV_HEADS_BLOCK, IS_FP8)
+        if STORE_K:
+            _rotate_heads(k_out_ptr + token * stride_k_out_token, k_ptr + token * stride_k_token, stride_k_head,
+                          stride_k_out_head, num_kv_heads, cos, sin, k_ptr, HALF, HALF_BLOCK, KV_HEADS_BLOCK, False)
         _copy_heads(v_cache_ptr + block * stride_vc_block + offset * stride_vc_offset,
                     v_ptr + token * stride_v_token, stride_v_head, stride_vc_head, num_kv_heads, v_scale_ptr,
                     HALF, HALF_BLOCK, KV_HEADS_BLOCK, IS_FP8)

@@ -19,7 +19,12 @@ class PrefillTiles:
     - ``k_transposed``: keys load directly as [head_dim, keys] instead of as rows along memory
       that the product transposes;
     - ``prefetch_table``: each tile's block ids load one tile ahead, so that its K and V loads
-      never wait for a block-table load issued just before them.
+      never wait for a block-table load issued just before them;
+    - ``contiguous_kv``: the keys and values of the step's own tokens are read from the step's K
+      and V tensors (rows of consecutive tokens, no block table), only those of a cached prefix
+      from the paged pool; the caller passes them (``prefill_attention``'s ``new_kv``);
+    - ``tma_kv`` (with ``contiguous_kv``): those rows load by tensor descriptors, bulk copies of a
+      whole [block_n, head_dim] tile (TMA on Hopper) instead of one address per element.
     """
 
     block_m: int
@@ -29,6 +34,8 @@ class PrefillTiles:
     pack_gqa: bool = True
     k_transposed: bool = False
     prefetch_table: bool = False
+    contiguous_kv: bool = False
+    tma_kv: bool = False
 
     def rows_per_token(self, group: int) -> int:
         return group if self.pack_gqa else 1
@@ -44,6 +51,8 @@ class PrefillTiles:
                 raise ValueError(f"{self}: {name}={value} must be a power of two >= 16 (tensor-core tiles)")
         if self.query_tokens(group) < 1:
             raise ValueError(f"{self}: block_m={self.block_m} rows cannot hold a GQA group of {group} heads")
+        if self.tma_kv and not self.contiguous_kv:
+            raise ValueError(f"{self}: tma_kv loads the step's own keys, which only contiguous_kv reads apart")
 
 
 # bf16 / fp16 tiles for heads up to 128 wide, Hopper's usual flash-attention shape: 128 rows (128

@@ -26,6 +26,8 @@ capture computes its own map in the graph (once, for all its layers) rather than
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -174,7 +176,8 @@ def _attend_tile(acc, l_i, m_i, q, k_head, v_head, table_row, tile_start, key_en
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of this step's queries over each sequence's cached keys.
 
     q: [num_tokens, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
@@ -183,26 +186,31 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Decode batches (one query token per sequence) take the split-KV decode kernel, long prefills
     the prefill kernel (decodes ahead of them the decode kernel), every other batch the unified
     kernel. A float8 cache is read with ``k_scale``, ``v_scale`` [num_kv_heads_per_rank]
-    (kernels/kv_quant.py).
+    (kernels/kv_quant.py). ``new_kv``: this step's rotated keys and values [num_tokens,
+    num_kv_heads_per_rank, head_dim] (unit stride along head_dim), which the prefill kernel reads
+    instead of the cache's copy when its tiles have ``contiguous_kv``.
     """
     if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
         return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
                                       v_scale=v_scale)
     head_dim, group = q.shape[2], q.shape[1] // k_cache.shape[2]
     tiles = prefill_tiles(head_dim, group, q.dtype)
+    if new_kv is None:  # the step's own keys are then only in the cache
+        tiles = replace(tiles, contiguous_kv=False, tma_kv=False)
     num_decodes = num_leading_decodes(meta.query_lens_host)
     chunk_lens = meta.query_lens_host[num_decodes:]
     if uses_prefill_kernel(chunk_lens, q.dtype, k_cache.dtype, head_dim, group, sliding_window, tiles):
         if num_decodes == 0:
-            return prefill_attention(q, k_cache, v_cache, meta, scale, tiles)
-        return _decodes_then_prefill(q, k_cache, v_cache, meta, scale, num_decodes, tiles)
+            return prefill_attention(q, k_cache, v_cache, meta, scale, tiles, new_kv=new_kv)
+        return _decodes_then_prefill(q, k_cache, v_cache, meta, scale, num_decodes, tiles, new_kv)
     return unified_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
 
 
 def _decodes_then_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                          scale: float, num_decodes: int, tiles: PrefillTiles) -> torch.Tensor:
+                          scale: float, num_decodes: int, tiles: PrefillTiles,
+                          new_kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """A batch of ``num_decodes`` decodes, then long prefill chunks: the decodes by the decode
-    kernel, the chunks by the prefill kernel, into one output."""
+    kernel, the chunks by the prefill kernel (with the chunks' rows of ``new_kv``), into one output."""
     key = ("decodes_then_prefill", num_decodes)  # the two parts' metadata, shared by the step's layers
     if key not in meta.derived:
         meta.derived[key] = (_rows_metadata(meta, 0, num_decodes), _rows_metadata(meta, num_decodes, None))
@@ -210,7 +218,9 @@ def _decodes_then_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     num_decode_tokens = num_decodes  # one token each, first in the batch
     out = torch.empty_like(q)
     out[:num_decode_tokens] = paged_decode_attention(q[:num_decode_tokens], k_cache, v_cache, decodes, scale)
-    prefill_attention(q[num_decode_tokens:], k_cache, v_cache, chunks, scale, tiles, out=out[num_decode_tokens:])
+    chunk_kv = None if new_kv is None else tuple(x[num_decode_tokens:] for x in new_kv)
+    prefill_attention(q[num_decode_tokens:], k_cache, v_cache, chunks, scale, tiles, out=out[num_decode_tokens:],
+                      new_kv=chunk_kv)
     return out
 
 

@@ -67,9 +67,15 @@ class LlamaAttention(NamedWeights, nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         k_scale, v_scale = self.kv_scales.k_scale, self.kv_scales.v_scale
-        q = self.rotary.rotate_and_cache(meta.positions, q, k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
+        # A step with prompt tokens also keeps its rotated keys apart, so that the prefill kernel can
+        # read the step's own keys and values from them rather than gather them back from the cache.
+        # [num_tokens, num_kv_heads_per_rank, head_dim]; v stays the QKV output's view.
+        k_rotated = torch.empty(k.shape, dtype=k.dtype, device=k.device) if meta.max_query_len > 1 else None
+        q = self.rotary.rotate_and_cache(meta.positions, q, k, v, kv_cache, meta.slot_mapping, k_scale, v_scale,
+                                         k_rotated)
+        new_kv = None if k_rotated is None else (k_rotated, v)
         k_cache, v_cache = kv_cache
-        out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k_scale, v_scale)
+        out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k_scale, v_scale, new_kv)
         return self.o_proj(out.view(num_tokens, self.num_heads_per_rank * self.head_dim))
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:

@@ -138,6 +138,26 @@ def test_rotary_and_cache(dtype, num_tokens, num_heads, num_kv_heads, head_dim):
                        cache[0].view(-1, num_kv_heads, head_dim)[untouched])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_and_cache_keeps_the_rotated_keys_when_asked(dtype):
+    """With ``k_out`` the fused kernel also stores the rotated keys there (the prefill kernel reads a
+    step's own keys from them): against the plain torch rotary, and the cache as without k_out."""
+    num_tokens, num_heads, num_kv_heads, head_dim = 7, 9, 3, 64
+    rotary = RotaryEmbedding(head_dim, 4096, 500000.0, None, torch.device(DEVICE))
+    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    q, k, v = randn(num_tokens, sum(sizes), dtype=dtype, scale=2.0).split(sizes, dim=-1)
+    q, k, v = (x.view(num_tokens, -1, head_dim) for x in (q, k, v))  # views of the merged qkv row
+    positions = torch.tensor([0, 3, 70, 71, 900, 2048, 4095], device=DEVICE)
+    slots = torch.tensor([5, 17, 16, 40, 2, 63, 30], device=DEVICE)
+    got = randn(2, 4, 16, num_kv_heads, head_dim, dtype=dtype, seed=3)  # [k and v, blocks, block size, heads, dim]
+    expected = got.clone()
+    k_out = torch.full((num_tokens, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    TRITON_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, got[0], got[1], slots, k_out=k_out)
+    TORCH_OPS.rotary_and_cache(positions, q, k, v, rotary.cos, rotary.sin, expected[0], expected[1], slots)
+    assert_close(k_out, TORCH_OPS.rotary(positions, q, k, rotary.cos, rotary.sin)[1], f"k_out {dtype}")
+    assert_close(got, expected, f"caches {dtype}")
+
+
 def test_rotary_and_cache_catches_a_misplaced_slot():
     """The cache comparison can fail: one token stored one slot off is seen."""
     rotary = RotaryEmbedding(64, 128, 10000.0, None, torch.device(DEVICE))

@@ -1,12 +1,15 @@
 """The prefill kernel (kernels/prefill_attention.py) against the plain-torch reference: batches of
-prefill chunks after cached context, GQA packed and not, every switch; and the entry point's
-choice of kernel. On a GPU also Llama-3-8B's heads at 8k tokens in bf16 and fp32.
+prefill chunks after cached context, GQA packed and not, every switch (the step's own keys and
+values read apart from the pool among them, with NaN left in the cache in their place); and the
+entry point's choice of kernel. On a GPU also Llama-3-8B's heads at 8k tokens in bf16 and fp32.
 
 Runs on a CUDA GPU, and on the CPU in Triton's interpreter (small shapes, fp32):
 
     TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_prefill_kernel.py
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -61,13 +64,31 @@ def make_batch(seqs: list[tuple[int, int]], num_kv_heads: int, group: int, head_
     return q.to(DEVICE, dtype), k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype), meta
 
 
+def take_step_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, group: int) -> tuple:
+    """The step's own keys and values as the attention layer passes them, taken out of the cache:
+    the keys [num_tokens, num_kv_heads, head_dim] in a tensor of their own, the values a view of a
+    merged QKV row whose other columns hold NaN. The cache keeps NaN at the step's slots, so a
+    kernel that read the step's keys there (or outside those views) gives NaN."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    slots = meta.slot_mapping.long()
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots]  # [num_tokens, num_kv_heads, head_dim]
+    qkv = torch.full((len(slots), (group + 2) * num_kv_heads * head_dim), float("nan"), dtype=k.dtype, device=k.device)
+    v = qkv[:, (group + 1) * num_kv_heads * head_dim:].view(len(slots), num_kv_heads, head_dim)
+    v.copy_(v_cache.view(-1, num_kv_heads, head_dim)[slots])
+    for cache in (k_cache, v_cache):
+        cache.view(-1, num_kv_heads, head_dim)[slots] = float("nan")
+    return k, v
+
+
 def errors(seqs, group, dtype, tiles=None, head_dim=32, num_kv_heads=2, seed=0, block_size=BLOCK_SIZE):
-    """(max abs error, relative error: norm of the difference / norm of the reference)."""
+    """(max abs error, relative error: norm of the difference / norm of the reference). Tiles with
+    ``contiguous_kv`` get the step's keys and values apart, and NaN in the cache in their place."""
     q, k_cache, v_cache, meta = make_batch(seqs, num_kv_heads, group, head_dim, dtype, seed, block_size)
     scale = head_dim ** -0.5
     # the reference reads whole blocks: give it zeros where the kernel's cache holds NaN
     expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, scale).float()
-    got = prefill_attention(q, k_cache, v_cache, meta, scale, tiles)
+    new_kv = take_step_kv(k_cache, v_cache, meta, group) if tiles is not None and tiles.contiguous_kv else None
+    got = prefill_attention(q, k_cache, v_cache, meta, scale, tiles, new_kv=new_kv)
     assert got.shape == q.shape and got.dtype == q.dtype
     diff = got.float() - expected
     return diff.abs().max().item(), (diff.norm() / expected.norm()).item()
@@ -109,6 +130,54 @@ def test_switches_match_reference(tiles, group):
     assert max_err < FP32_MAX_ERROR, (tiles, group, max_err)
 
 
+# The step's own keys and values read apart from the pool: by pointer loads and by tensor descriptors.
+CONTIGUOUS = {"pointers": dict(contiguous_kv=True), "descriptors": dict(contiguous_kv=True, tma_kv=True)}
+
+
+@pytest.mark.parametrize("kind", CONTIGUOUS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_step_keys_read_apart_match_reference(kind, group):
+    """A fresh prompt, chunks after a cached prefix (keys split between the pool and the step's
+    tensors, the split mid-block and on a block edge) and decodes in one batch."""
+    tiles = PrefillTiles(max(16, 4 * group), 16, 4, 2, prefetch_table=True, **CONTIGUOUS[kind])
+    max_err, _ = errors(BATCH, group, torch.float32, tiles)
+    assert max_err < FP32_MAX_ERROR, (tiles, group, max_err)
+
+
+@pytest.mark.parametrize("kind", CONTIGUOUS)
+@pytest.mark.parametrize("head_dim,seqs", [(64, [(21, 40), (0, 1), (0, 19)]), (128, [(37, 50)])])
+def test_step_keys_read_apart_for_heads_64_and_128_wide(kind, head_dim, seqs):
+    tiles = PrefillTiles(16, 32, 4, 2, **CONTIGUOUS[kind])
+    max_err, _ = errors(seqs, 4, torch.float32, tiles, head_dim=head_dim, num_kv_heads=1)
+    assert max_err < FP32_MAX_ERROR, (tiles, head_dim, max_err)
+
+
+def test_step_keys_read_apart_with_every_other_switch():
+    """Unpacked rows, keys loaded transposed (pool and step alike), a group of 3, 8-key blocks."""
+    tiles = PrefillTiles(32, 16, 4, 2, pack_gqa=False, k_transposed=True, contiguous_kv=True)
+    max_err, _ = errors(BATCH, 3, torch.float32, tiles, block_size=8)
+    assert max_err < FP32_MAX_ERROR, max_err
+
+
+def test_step_keys_read_from_the_pool_give_nan():
+    """The check above can fail: the same batch, NaN in the cache at the step's slots, read
+    through the pool (contiguous_kv off) is wrong."""
+    q, k_cache, v_cache, meta = make_batch([(37, 30)], 1, 4, 32, torch.float32)
+    new_kv = take_step_kv(k_cache, v_cache, meta, 4)
+    got = prefill_attention(q, k_cache, v_cache, meta, 32 ** -0.5, PrefillTiles(16, 16, 4, 2), new_kv=new_kv)
+    assert got.isnan().any()
+
+
+def test_step_keys_apart_need_them():
+    q, k_cache, v_cache, meta = make_batch([(0, 20)], 1, 4, 32, torch.float32)
+    with pytest.raises(ValueError, match="new_kv"):
+        prefill_attention(q, k_cache, v_cache, meta, 0.125, PrefillTiles(16, 16, 4, 2, contiguous_kv=True))
+    k, v = take_step_kv(k_cache, v_cache, meta, 4)
+    with pytest.raises(ValueError, match=r"new_kv's k: shape \(19, 1, 32\)"):
+        prefill_attention(q, k_cache, v_cache, meta, 0.125, PrefillTiles(16, 16, 4, 2, contiguous_kv=True),
+                          new_kv=(k[1:], v))
+
+
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_cache_blocks_smaller_and_larger_than_a_tile(block_size):
     """16-key tiles over cache blocks of 8 keys (two blocks a tile) and of 32 (two tiles a block)."""
@@ -144,17 +213,39 @@ def test_entry_point_sends_long_prefills_to_the_prefill_kernel(monkeypatch):
         calls.clear()
 
 
-def test_decodes_then_chunks_by_two_kernels_match_reference(monkeypatch):
+@pytest.mark.parametrize("kind", [None, *CONTIGUOUS])
+def test_decodes_then_chunks_by_two_kernels_match_reference(monkeypatch, kind):
     """The entry point on decodes followed by prefill chunks (the threshold lowered so that short
-    chunks count as long): the decode kernel's rows and the prefill kernel's rows of one output."""
+    chunks count as long): the decode kernel's rows and the prefill kernel's rows of one output;
+    with the step's keys read apart (the chunks' rows of the step's keys and values), as the
+    attention layer passes them."""
     monkeypatch.setattr(prefill_tiles, "PREFILL_MIN_QUERY_LEN", 32)
+    if kind is not None:
+        tiles = PrefillTiles(16, 32, 4, 2, **CONTIGUOUS[kind])
+        monkeypatch.setattr(triton_attention, "prefill_tiles", lambda *args: tiles)
     seqs = [(30, 1), (17, 1), (37, 70), (0, 45)]
     q, k_cache, v_cache, meta = make_batch(seqs, 1, 4, 64, torch.float32)
     expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, 0.125)
+    new_kv = None
+    if kind is not None:
+        new_kv = take_step_kv(k_cache, v_cache, meta, 4)
+        for cache, x in zip((k_cache, v_cache), new_kv):  # the decode kernel reads a decode's own key in the cache
+            cache.view(-1, 1, 64)[meta.slot_mapping[:2]] = x[:2]
     for _ in range(2):  # a second layer of the step reuses the split metadata
-        got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125)
+        got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125, new_kv=new_kv)
         assert (got - expected).abs().max().item() < FP32_MAX_ERROR
     assert any(key[0] == "decodes_then_prefill" for key in meta.derived)
+
+
+def test_entry_point_without_the_step_keys_reads_the_pool(monkeypatch):
+    """Tiles with contiguous_kv and no new_kv (a caller that keeps no rotated keys): the entry
+    point reads every key from the pool, and gets the reference's result."""
+    monkeypatch.setattr(prefill_tiles, "PREFILL_MIN_QUERY_LEN", 32)
+    monkeypatch.setattr(triton_attention, "prefill_tiles", lambda *args: PrefillTiles(16, 32, 4, 2, contiguous_kv=True))
+    q, k_cache, v_cache, meta = make_batch([(37, 70)], 1, 4, 64, torch.float32)
+    expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, 0.125)
+    got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125)
+    assert (got - expected).abs().max().item() < FP32_MAX_ERROR
 
 
 # Llama-3-8B's heads (32 query heads, 8 KV heads, head_dim 128) at 8k tokens on a GPU: a fresh
@@ -172,9 +263,23 @@ def test_8b_heads_at_8k_match_reference(name, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("kind", CONTIGUOUS)
+@pytest.mark.parametrize("name", LONG)
+def test_8b_heads_at_8k_with_step_keys_apart_match_reference(name, kind):
+    """The default bf16 tiles reading the step's keys apart: the chunks' keys split between the
+    pool (their cached prefix) and the step's tensors."""
+    tiles = replace(prefill_tiles.prefill_tiles(128, 4, torch.bfloat16), **CONTIGUOUS[kind])
+    max_err, relative = errors(LONG[name], 4, torch.bfloat16, tiles, head_dim=128, num_kv_heads=8, seed=1)
+    assert relative < RELATIVE_TOLERANCE[torch.bfloat16], (name, kind, max_err, relative)
+
+
+@needs_cuda
 @pytest.mark.parametrize("tiles", [PrefillTiles(128, 64, 8, 3, pack_gqa=False), PrefillTiles(128, 128, 8, 3),
                                    PrefillTiles(128, 64, 8, 3, k_transposed=True),
-                                   PrefillTiles(128, 64, 8, 3), PrefillTiles(64, 64, 4, 4, prefetch_table=True)],
+                                   PrefillTiles(128, 64, 8, 3), PrefillTiles(64, 64, 4, 4, prefetch_table=True),
+                                   PrefillTiles(128, 64, 8, 3, prefetch_table=True, contiguous_kv=True),
+                                   PrefillTiles(128, 128, 8, 2, prefetch_table=True, contiguous_kv=True, tma_kv=True),
+                                   PrefillTiles(128, 64, 8, 3, k_transposed=True, contiguous_kv=True)],
                          ids=str)
 def test_bf16_switches_at_2k(tiles):
     max_err, relative = errors([(500, 2000), (0, 1)], 4, torch.bfloat16, tiles, head_dim=128, num_kv_heads=8)

@@ -62,3 +62,9 @@ def test_leading_decodes_are_counted_only_in_the_schedulers_order():
     assert num_leading_decodes(np.array([2048, 700])) == 0
     assert num_leading_decodes(np.array([1, 2048, 1])) == 0  # a decode after a chunk: one kernel for all
     assert num_leading_decodes(np.array([1, 1])) == 2
+
+
+def test_descriptor_loads_need_the_step_keys_read_apart():
+    with pytest.raises(ValueError, match="tma_kv"):
+        PrefillTiles(128, 64, 8, 3, tma_kv=True).check(4)
+    PrefillTiles(128, 64, 8, 3, contiguous_kv=True, tma_kv=True).check(4)
