@@ -46,16 +46,20 @@ KINDS = {"IMAD": ("IMAD",), "LDS": ("LDS", "LDSM"), "STS": ("STS", "STSM"), "F2F
 
 def compile_variant(tiles: DecodeTiles, kv_fp8: bool, capability: int):
     """The kernel compiled for ``tiles`` as :func:`paged_decode_attention` launches it for a bf16
-    model (q in fp16 over an fp8 pool), one split, no window."""
+    model (q in fp16 over an fp8 pool), one split, no window, with programmatic dependent launch
+    (as on sm_90)."""
     kv = "fp8e4nv" if kv_fp8 else "bf16"
     q = "fp16" if kv_fp8 else "bf16"
     pointers = dict(out_ptr=q, q_ptr=q, k_cache_ptr=kv, v_cache_ptr=kv, block_tables_ptr="i32", seq_lens_ptr="i32")
+    merge_rows = triton.next_power_of_2(GROUP * tiles.kv_heads_per_program)
     constexprs = dict(
-        GROUP=GROUP, GROUP_ROWS=max(tiles.min_group_rows, triton.next_power_of_2(GROUP * tiles.kv_heads_per_program)),
+        GROUP=GROUP, GROUP_ROWS=max(tiles.min_group_rows, merge_rows),
         BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=KV_BLOCK_SIZE, HEAD_DIM=HEAD_DIM, IS_SPLIT=False, USE_WINDOW=False,
         DOT_PRECISION="tf32", DOT_IN_FP32=False, KV_FP8=kv_fp8, KV_FP8_AS_F16=kv_fp8,
         PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
-        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program, **tiles.tile_switches(True))
+        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program, SPLITS_FIRST=tiles.splits_first,
+        FUSED_MERGE=False, MERGE_ROWS=merge_rows, MERGE_CHUNK=1, MIN_SPLIT_TILES=tiles.min_split_tiles, PDL=True,
+        **tiles.tile_switches(True))
     signature, attrs = {}, {}
     for index, param in enumerate(_decode_split_kernel.params):
         name = param.name
