@@ -130,7 +130,10 @@ def default_variants(kv_fp8: bool) -> dict[str, DecodeTiles]:
     few = decode_tiles(sys.modules["torch"].bfloat16, 64, 132, kv_fp8, NUM_KV_HEADS)
     plain = DecodeTiles(64, 4, 2, prefetch_table=1)
     swapped = dict(swap_ab=True, min_group_rows=8)
-    variants = {"default, many programs": many, "default, few programs": few, "64 keys, prefetch 1": plain,
+    variants = {"default, many programs": many, "default, few programs": few,
+                "default, many programs, sum_at_end switched": dataclasses.replace(many, sum_at_end=not many.sum_at_end),
+                "default, few programs, sum_at_end switched": dataclasses.replace(few, sum_at_end=not few.sum_at_end),
+                "64 keys, prefetch 1": plain,
                 "128 keys, prefetch 1": dataclasses.replace(plain, block_n=128),
                 "64 keys, swap_ab": dataclasses.replace(plain, swap_ab=True),
                 "64 keys, swap_ab, 8 rows": dataclasses.replace(plain, **swapped),
@@ -145,6 +148,9 @@ def default_variants(kv_fp8: bool) -> dict[str, DecodeTiles]:
                                                                          fp8_widen="asm_k", **swapped)
         variants["128 keys, swap_ab, 8 rows, words_v"] = DecodeTiles(128, 4, 2, prefetch_table=2,
                                                                      fp8_widen="words_v", **swapped)
+        variants["128 keys, swap_ab, 8 rows, words, sum_at_end"] = DecodeTiles(128, 4, 2, prefetch_table=2,
+                                                                               fp8_widen="words", sum_at_end=True,
+                                                                               **swapped)
         variants["128 keys, swap_ab, 8 rows, fp8_qk"] = DecodeTiles(128, 4, 2, prefetch_table=2, fp8_qk=True,
                                                                     **swapped)
     return variants
