@@ -46,16 +46,20 @@ KINDS = {"IMAD": ("IMAD",), "LDS": ("LDS", "LDSM"), "STS": ("STS", "STSM"), "F2F
 
 def compile_variant(tiles: DecodeTiles, kv_fp8: bool, capability: int):
     """The kernel compiled for ``tiles`` as :func:`paged_decode_attention` launches it for a bf16
-    model (q in fp16 over an fp8 pool), one split, no window."""
+    model (q in fp16 over an fp8 pool), one split, no window, with programmatic dependent launch
+    (as on sm_90)."""
     kv = "fp8e4nv" if kv_fp8 else "bf16"
     q = "fp16" if kv_fp8 else "bf16"
     pointers = dict(out_ptr=q, q_ptr=q, k_cache_ptr=kv, v_cache_ptr=kv, block_tables_ptr="i32", seq_lens_ptr="i32")
+    merge_rows = triton.next_power_of_2(GROUP * tiles.kv_heads_per_program)
     constexprs = dict(
-        GROUP=GROUP, GROUP_ROWS=max(tiles.min_group_rows, triton.next_power_of_2(GROUP * tiles.kv_heads_per_program)),
+        GROUP=GROUP, GROUP_ROWS=max(tiles.min_group_rows, merge_rows),
         BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=KV_BLOCK_SIZE, HEAD_DIM=HEAD_DIM, IS_SPLIT=False, USE_WINDOW=False,
         DOT_PRECISION="tf32", DOT_IN_FP32=False, KV_FP8=kv_fp8, KV_FP8_AS_F16=kv_fp8,
         PREFETCH_TABLE=tiles.prefetch_table, K_TRANSPOSED=tiles.k_transposed, PAGED_TILE=tiles.paged_tile,
-        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program, **tiles.tile_switches(True))
+        HEADS_FIRST=tiles.heads_first, KV_HEADS=tiles.kv_heads_per_program, SPLITS_FIRST=tiles.splits_first,
+        FUSED_MERGE=False, MERGE_ROWS=merge_rows, MERGE_CHUNK=1, MIN_SPLIT_TILES=tiles.min_split_tiles, PDL=True,
+        **tiles.tile_switches(True))
     signature, attrs = {}, {}
     for index, param in enumerate(_decode_split_kernel.params):
         name = param.name
@@ -126,7 +130,10 @@ def default_variants(kv_fp8: bool) -> dict[str, DecodeTiles]:
     few = decode_tiles(sys.modules["torch"].bfloat16, 64, 132, kv_fp8, NUM_KV_HEADS)
     plain = DecodeTiles(64, 4, 2, prefetch_table=1)
     swapped = dict(swap_ab=True, min_group_rows=8)
-    variants = {"default, many programs": many, "default, few programs": few, "64 keys, prefetch 1": plain,
+    variants = {"default, many programs": many, "default, few programs": few,
+                "default, many programs, sum_at_end switched": dataclasses.replace(many, sum_at_end=not many.sum_at_end),
+                "default, few programs, sum_at_end switched": dataclasses.replace(few, sum_at_end=not few.sum_at_end),
+                "64 keys, prefetch 1": plain,
                 "128 keys, prefetch 1": dataclasses.replace(plain, block_n=128),
                 "64 keys, swap_ab": dataclasses.replace(plain, swap_ab=True),
                 "64 keys, swap_ab, 8 rows": dataclasses.replace(plain, **swapped),
@@ -141,6 +148,9 @@ def default_variants(kv_fp8: bool) -> dict[str, DecodeTiles]:
                                                                          fp8_widen="asm_k", **swapped)
         variants["128 keys, swap_ab, 8 rows, words_v"] = DecodeTiles(128, 4, 2, prefetch_table=2,
                                                                      fp8_widen="words_v", **swapped)
+        variants["128 keys, swap_ab, 8 rows, words, sum_at_end"] = DecodeTiles(128, 4, 2, prefetch_table=2,
+                                                                               fp8_widen="words", sum_at_end=True,
+                                                                               **swapped)
         variants["128 keys, swap_ab, 8 rows, fp8_qk"] = DecodeTiles(128, 4, 2, prefetch_table=2, fp8_qk=True,
                                                                     **swapped)
     return variants

@@ -7,11 +7,12 @@ replays (as decode steps run in the engine), over bf16 and fp8 KV pools.
 Llama-3-8B's attention as in attention_bench.py (32 query heads, 8 KV heads, head_dim 128, bf16 q,
 KV block size 16, shuffled block tables, every sequence at the full context). Per pool and shape:
 the default launch (``decode_tiles``, ``choose_num_splits``), the same tiles with the splits merged
-by a second kernel, and SDPA on contiguous keys and values; then
+by a second kernel, the default with its rows' sums added per tile instead of after the last
+tile (or the reverse: ``sum_at_end`` switched), and SDPA on contiguous keys and values; then
 
 1. every combination of the switches that set how the cache is read (:func:`switch_combinations`)
    at the default's tile size and split count;
-2. the fastest of them with the merge and the grid order switched, with its registers capped
+2. the fastest of them with the merge, the grid order and ``sum_at_end`` switched, with its registers capped
    (more programs an SM), with longer splits where a split holds fewer than 4 or 16 tiles, at
    the tile shapes of ``VARIANT_TILES`` (keys x KV heads a program, warps, stages: loads in
    flight per SM), and at other split counts: half, twice and four times the default's, the
@@ -24,7 +25,7 @@ decode graphs set it (the model's length): at 1 x 512 the default then cuts 32 s
 few hold keys, as a batch-1 decode step with a short context does. ``--max-seconds`` stops the
 timing of stages 1 and 2 (the tables still print): shapes are timed in the order given, each
 over both pools. Prints per shape the launches fastest first, then one table: per pool and shape
-the default, the merge kernel, SDPA and the fastest launch, in microseconds and per cent of the
+the default, the merge kernel, the default with ``sum_at_end`` switched, SDPA and the fastest launch, in microseconds and per cent of the
 device-to-device copy rate (read + write bytes) measured in the same run.
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ from meshlm.kernels.decode_attention import DecodeTiles, choose_num_splits, deco
 
 DECODE_SHAPES = "1x32768,8x8192,256x1024,1x512"
 # Stage 2's tile shapes: (columns = keys x KV heads a program, warps, stages).
-VARIANT_TILES = [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
+VARIANT_TILES = [(32, 4, 3), (32, 4, 4), (64, 2, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 2, 2), (128, 4, 2),
+                 (128, 4, 3), (128, 8, 2)]
 # Stage 2's split counts include those giving these many programs per SM (whole waves).
 PROGRAMS_PER_SM = (1, 2, 3, 4)
 READING_OFF = dict(prefetch_table=0, k_transposed=False, paged_tile=False, heads_first=False, kv_heads_per_program=1,
@@ -61,7 +63,7 @@ def switch_combinations(kv: str) -> list[dict]:
     not; with all 8 (a program reads whole cache blocks, 32 KiB each), block ids 0 or 2 ahead; the
     cache tiles as the products' first operand (``swap_ab``) with block ids 0 or 2 ahead x 1 or 2
     KV heads x the group padded to 16 or 8 rows; over an fp8 pool (``kv`` "fp8") also those of 8
-    rows with values loaded as words or keys widened by bit moves (``fp8_widen``).
+    rows with values, or keys and values, loaded as words or keys widened by bit moves (``fp8_widen``).
     (One block-table load per cache block, ``paged_tile``, takes the most registers, up to 255 and
     spills at tiles of 128 columns on sm_90: timed once, in stage 2.)"""
     one_head = [dict(prefetch_table=prefetch, k_transposed=k_transposed, heads_first=heads)
@@ -72,7 +74,7 @@ def switch_combinations(kv: str) -> list[dict]:
     swapped = [dict(prefetch_table=prefetch, kv_heads_per_program=kv_heads, swap_ab=True, min_group_rows=rows)
                for prefetch, kv_heads, rows in itertools.product((0, 2), (1, 2), (16, 8))]
     widened = [dict(combo, fp8_widen=widen) for combo in swapped if combo["min_group_rows"] == 8
-               for widen in ("words_v", "asm_k")] if kv == "fp8" else []
+               for widen in ("words_v", "words", "asm_k")] if kv == "fp8" else []
     return one_head + several + every + swapped + widened
 
 
@@ -139,7 +141,8 @@ def split_counts(shape: Shape, tiles: DecodeTiles, count: int, num_sms: int) -> 
 
 def stage_two(shape: Shape, tiles: DecodeTiles, count: int, num_sms: int) -> list[tuple[DecodeTiles, int]]:
     """Stage 2's launches around the fastest of stage 1, (tiles, count)."""
-    launches = [(dataclasses.replace(tiles, paged_tile=True), count)]
+    launches = [(dataclasses.replace(tiles, paged_tile=True), count),
+                (dataclasses.replace(tiles, sum_at_end=not tiles.sum_at_end), count)]
     # registers capped so that 4 or 3 programs of 4 warps (2 of 8) fit an SM
     launches += [(dataclasses.replace(tiles, max_registers=cap), count)
                  for cap in ((128, 168) if tiles.num_warps == 4 else (128,))]
@@ -187,6 +190,9 @@ def bench_shape(shape: Shape, pool, peak: float, num_sms: int, deadline: float) 
                                     shape.call(), peak, float("inf")),
              "merge kernel": launch_row(shape, dataclasses.replace(shape.tiles, fused_merge=False), shape.num_splits,
                                         peak, float("inf"), "default, merge kernel"),
+             "sum switched": launch_row(shape, dataclasses.replace(shape.tiles, sum_at_end=not shape.tiles.sum_at_end),
+                                        shape.num_splits, peak, float("inf"),
+                                        f"default, sum_at_end={not shape.tiles.sum_at_end}"),
              "sdpa": time_launch(shape, "sdpa (contiguous KV)", shape.sdpa, peak, float("inf"))}
     variants = [launch_row(shape, with_switches(shape.tiles, switches), shape.num_splits, peak, deadline)
                 for switches in switch_combinations(shape.kv)]
@@ -235,9 +241,10 @@ def print_shape(shape: Shape, result: dict) -> None:
 def print_table(card: str, copy_rate: float, results: list[tuple[Shape, dict]]) -> None:
     print(f"\n{card}: copy {copy_rate:.2f} TB/s (read + write); bf16 q, 32 heads / 8 KV heads, head_dim 128, "
           "block 16; CUDA-graph replays; % of copy")
-    print(f"{'pool':<5} {'shape':<9} {'default':>17} {'merge kernel':>17} {'sdpa':>17} {'fastest':>17}  launch")
+    print(f"{'pool':<5} {'shape':<9} {'default':>17} {'merge kernel':>17} {'sum_at_end flip':>17} "
+          f"{'sdpa':>17} {'fastest':>17}  launch")
     for shape, result in results:
-        cells = [result["fixed"][name] for name in ("default", "merge kernel", "sdpa")]
+        cells = [result["fixed"][name] for name in ("default", "merge kernel", "sum switched", "sdpa")]
         best = min(result["variants"], key=lambda row: row["us"], default=None)
         text = " ".join(f"{row['us']:7.1f} us {row['of_copy']:6.1%}" if row else f"{'-':>17}" for row in
                         [*cells, best])
@@ -271,7 +278,8 @@ def main() -> None:
     for kv, batch, context in cases:  # stage 1 of every shape, and the defaults, compile first
         tiles = decode_tiles(torch.bfloat16, batch * bench.NUM_KV_HEADS, num_sms, kv == "fp8", bench.NUM_KV_HEADS)
         count = choose_num_splits(batch, bench.NUM_KV_HEADS, max(context, args.graph_max_seq_len), num_sms)
-        jobs += [(kv, (tiles, count)), (kv, (dataclasses.replace(tiles, fused_merge=False), count))]
+        jobs += [(kv, (tiles, count)), (kv, (dataclasses.replace(tiles, fused_merge=False), count)),
+                 (kv, (dataclasses.replace(tiles, sum_at_end=not tiles.sum_at_end), count))]
         jobs += [(kv, (with_switches(tiles, switches), count)) for switches in switch_combinations(kv)]
     compile_launches(pool, jobs)
     results = []

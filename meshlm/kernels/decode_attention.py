@@ -62,7 +62,7 @@ def _decode_split_kernel(
         K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, HEADS_FIRST: tl.constexpr,
         KV_HEADS: tl.constexpr, SPLITS_FIRST: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr,
         MERGE_CHUNK: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr,
-        WIDEN_V: tl.constexpr, FP8_QK: tl.constexpr, PDL: tl.constexpr):
+        WIDEN_V: tl.constexpr, FP8_QK: tl.constexpr, SUM_AT_END: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     # A program attends KV_HEADS KV heads from kv_head on (its "pair": the sequence and those heads).
     seq, kv_program, num_kv_programs, split = _program_ids(HEADS_FIRST, SPLITS_FIRST)
@@ -124,12 +124,12 @@ def _decode_split_kernel(
         acc, l_i, m_i, ahead, q, k_head, v_head, table_row, split_start, full_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, False, KV_FP8,
-        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK, SUM_AT_END)
     acc, l_i, m_i, ahead = _walk_tiles(
         acc, l_i, m_i, ahead, q, k_head, v_head, table_row, full_end, split_end, key_lo, seq_len,
         dims, row_kv_head, qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block,
         stride_v_offset, stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, True, KV_FP8,
-        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
+        K_TRANSPOSED, PAGED_TILE, PREFETCH_TABLE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK, SUM_AT_END)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if KV_FP8:  # values are stored / v_scale: each split's weighted sum is scaled back (the merge is linear)
@@ -177,13 +177,14 @@ def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, 
                 DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
                 K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, PREFETCH_TABLE: tl.constexpr,
                 KV_HEADS: tl.constexpr, SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr,
-                FP8_QK: tl.constexpr):
+                FP8_QK: tl.constexpr, SUM_AT_END: tl.constexpr):
     """The online softmax over the tiles in [start, end). ``ahead`` holds the block ids of the next
     PREFETCH_TABLE tiles (of ``start`` on; 2: joined as [ids, 2]) and comes back holding those of
     the tiles from ``end`` on. Every value the loop carries is computed in it: Triton does not
     pipeline a loop that passes a carried value on unchanged. ``SWAP_AB``: the loop runs on q^T,
     acc^T and the scale as a row [1, GROUP_ROWS] (:func:`_decode_tile`). ``FP8_QK``: q is
-    quantized to float8 e4m3 with a scale per row, which joins the scores' scale."""
+    quantized to float8 e4m3 with a scale per row, which joins the scores' scale. ``SUM_AT_END``:
+    the loop carries the rows' sum per tile column (:func:`_spread_sum`), added up after the last tile."""
     if FP8_QK and KV_FP8:
         q, q_scale = quantize_rows_e4m3(q, DOT_IN_FP32)
         qk_scale_log2 = qk_scale_log2 * q_scale  # [GROUP_ROWS, 1]
@@ -191,6 +192,8 @@ def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, 
         q = tl.trans(q)  # [HEAD_DIM, GROUP_ROWS]
         acc = tl.trans(acc)  # [HEAD_DIM, GROUP_ROWS]
         qk_scale_log2 = tl.trans(qk_scale_log2 + tl.zeros([q.shape[1], 1], dtype=tl.float32))  # [1, GROUP_ROWS]
+    if SUM_AT_END:
+        l_i = _spread_sum(l_i, KV_HEADS * BLOCK_N, SWAP_AB)
     for tile_start in range(start, end, BLOCK_N):
         if PREFETCH_TABLE == 2:
             tile_blocks, next_blocks = tl.split(ahead)
@@ -207,10 +210,26 @@ def _walk_tiles(acc, l_i, m_i, ahead, q, k_head, v_head, table_row, start, end, 
             acc, l_i, m_i, q, k_head, v_head, tile_blocks, tile_start, key_lo, seq_len, dims, row_kv_head,
             qk_scale_log2, stride_k_block, stride_k_offset, stride_k_head, stride_v_block, stride_v_offset,
             stride_v_head, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION, DOT_IN_FP32, MASKED, KV_FP8, K_TRANSPOSED,
-            PAGED_TILE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK)
+            PAGED_TILE, KV_HEADS, SWAP_AB, WIDEN_K, WIDEN_V, FP8_QK, SUM_AT_END)
+    if SUM_AT_END:  # [GROUP_ROWS]
+        l_i = tl.sum(l_i, 0 if SWAP_AB else 1)
     if SWAP_AB:
         acc = tl.trans(acc)  # [GROUP_ROWS, HEAD_DIM]
     return acc, l_i, m_i, ahead
+
+
+@triton.jit
+def _spread_sum(l_i, NUM_COLUMNS: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The rows' sum so far [GROUP_ROWS] -> one sum per (tile column, row) that the tiles add
+    their own columns' probabilities to, the rows' sum in column 0: a tile then sums no
+    probabilities across its keys, which lie in every warp (a reduction through shared memory,
+    with barriers, each tile). [NUM_COLUMNS, GROUP_ROWS], or transposed without ``SWAP_AB``."""
+    columns = tl.arange(0, NUM_COLUMNS)
+    if SWAP_AB:
+        spread = tl.where(columns[:, None] == 0, l_i[None, :], 0.0)
+    else:
+        spread = tl.where(columns[None, :] == 0, l_i[:, None], 0.0)
+    return spread
 
 
 @triton.jit
@@ -219,7 +238,8 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
                  stride_v_head, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr,
                  K_TRANSPOSED: tl.constexpr, PAGED_TILE: tl.constexpr, KV_HEADS: tl.constexpr,
-                 SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr, FP8_QK: tl.constexpr):
+                 SWAP_AB: tl.constexpr, WIDEN_K: tl.constexpr, WIDEN_V: tl.constexpr, FP8_QK: tl.constexpr,
+                 SUM_AT_END: tl.constexpr):
     """One online-softmax step of the rows over keys [tile_start, tile_start + BLOCK_N), whose
     cache blocks are ``blocks`` (:func:`tile_block_ids`). With KV_HEADS > 1 the tile holds each key
     of every KV head of the program (:func:`tile_columns`) and a row sees its own head's only.
@@ -228,7 +248,7 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     acc and qk_scale_log2 come transposed ([HEAD_DIM, GROUP_ROWS], [1, GROUP_ROWS]) and the
     products run with the tile first, scores^T = K q^T and acc^T += V^T p^T. ``FP8_QK``: q is
     float8 (:func:`meshlm.kernels.fp8_convert_triton.quantize_rows_e4m3`) and the keys multiply it
-    as stored, on float8 tensor cores. ``WIDEN_V`` 3 or 4: values load as int32 words."""
+    as stored, on float8 tensor cores. ``WIDEN_K`` (``WIDEN_V``) 3 or 4: keys (values) load as int32 words."""
     if KV_HEADS > 1:
         key_pos, column_kv_head = tile_columns(tile_start, BLOCK_N, KV_HEADS)  # [KV_HEADS * BLOCK_N]
     else:
@@ -246,6 +266,9 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     else:  # rows [BLOCK_N, HEAD_DIM] along memory, transposed in registers for the product
         k_offsets = k_rows[:, None] + dims[None, :]
         k_mask = is_key[:, None]
+    if KV_FP8 and WIDEN_K >= 3:  # keys as int32 words of four float8 (rows along memory: no K_TRANSPOSED)
+        k_head = k_head.to(tl.pointer_type(tl.int32))
+        k_offsets = (k_rows // 4)[:, None] + tl.arange(0, dims.shape[0] // 4)[None, :]
     if KV_FP8 and WIDEN_V >= 3:  # values as int32 words of four float8 (row offsets are multiples of 4)
         v_head = v_head.to(tl.pointer_type(tl.int32))
         v_offsets = (v_rows // 4)[:, None] + tl.arange(0, dims.shape[0] // 4)[None, :]
@@ -281,9 +304,9 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
     if MASKED or KV_HEADS > 1:
         scores = tl.where(is_seen, scores, float("-inf"))
     if SWAP_AB:  # keys along axis 0
-        p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 0)
+        p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 0, SUM_AT_END)
     else:
-        p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 1)
+        p, alpha, l_i, m_new = _softmax_step(scores, m_i, l_i, 1, SUM_AT_END)
     if KV_FP8 and (WIDEN_V == 1 or WIDEN_V == 2):
         p = p * F16_WIDEN_FACTOR
     p = p.to(v.dtype)
@@ -298,15 +321,20 @@ def _decode_tile(acc, l_i, m_i, q, k_head, v_head, blocks, tile_start, key_lo, s
 
 
 @triton.jit
-def _softmax_step(scores, m_i, l_i, KEY_AXIS: tl.constexpr):
+def _softmax_step(scores, m_i, l_i, KEY_AXIS: tl.constexpr, SUM_AT_END: tl.constexpr):
     """The probabilities of a tile's ``scores`` (keys along ``KEY_AXIS``) against the rows' new
-    running maximum, the factor that rescales what the rows summed before, the new sum and maximum."""
+    running maximum, the factor that rescales what the rows summed before, the new sum and maximum.
+    ``SUM_AT_END``: ``l_i`` holds a sum per tile column (:func:`_spread_sum`), each column adds its own."""
     m_new = tl.maximum(m_i, tl.max(scores, KEY_AXIS))
     # A row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(scores - tl.expand_dims(m_shift, KEY_AXIS))
     alpha = tl.math.exp2(m_i - m_shift)
-    return p, alpha, l_i * alpha + tl.sum(p, KEY_AXIS), m_new
+    if SUM_AT_END:
+        l_new = l_i * tl.expand_dims(alpha, KEY_AXIS) + p
+    else:
+        l_new = l_i * alpha + tl.sum(p, KEY_AXIS)
+    return p, alpha, l_new, m_new
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -388,6 +416,7 @@ def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim={head_dim}: not a power of two >= 16"
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape, v_cache.shape)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    # over an fp8 pool, fp8_widen="words_v" reads a value row as 32-bit words
-    assert not is_fp8_kv(v_cache) or (v_cache.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in v_cache.stride()[:3])), \
-        (v_cache.data_ptr() % 4, v_cache.stride())
+    # over an fp8 pool, fp8_widen="words_v" ("words") reads a value (and key) row as 32-bit words
+    for cache in (k_cache, v_cache):
+        assert not is_fp8_kv(cache) or (cache.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in cache.stride()[:3])), \
+            (cache.data_ptr() % 4, cache.stride())

@@ -24,7 +24,7 @@ _MAX_SPLITS = 64
 # DecodeTiles.fp8_widen -> how the kernel widens (keys, values): 0 conversion unit, 1 bit moves in
 # Triton ops, 2 bit moves in PTX, 3 loaded as 32-bit words, widened in PTX (off the GPU: 4, in
 # Triton ops) (kernels/fp8_convert_triton.py).
-FP8_WIDEN = {"cvt": (0, 0), "bits": (1, 1), "asm": (2, 2), "asm_k": (2, 0), "words_v": (0, 3)}
+FP8_WIDEN = {"cvt": (0, 0), "bits": (1, 1), "asm": (2, 2), "asm_k": (2, 0), "words_v": (0, 3), "words": (3, 3)}
 _OFF_GPU = {2: 1, 3: 4}  # what runs in the interpreter for a code that needs PTX
 
 
@@ -72,10 +72,14 @@ class DecodeTiles:
       same bit moves in plain Triton ops; "words_v" loads values as 32-bit words of four float8
       and widens each word by the conversion unit in PTX, so that a loaded tile stays four values a
       register (a float8 tile that crosses the software pipeline's loop may take a byte a register,
-      repacked in pairs for the conversion). Off the GPU "asm" runs as "bits", "words_v" in Triton ops;
+      repacked in pairs for the conversion); "words" loads keys that way too (keys as rows, no
+      ``k_transposed``). Off the GPU "asm" runs as "bits", "words_v" and "words" in Triton ops;
     - ``fp8_qk`` (fp8 pools only; changes the result): q is quantized per row to float8 e4m3 and
       multiplies the stored keys on float8 tensor cores, so that keys need no widening; it adds
-      q's own e4m3 rounding to the scores.
+      q's own e4m3 rounding to the scores;
+    - ``sum_at_end``: the rows' running sum of probabilities is kept per tile column and added up
+      once after the last tile, instead of summed over each tile's keys: with ``swap_ab`` those
+      lie in every warp, and the sum crossed warps through shared memory, with barriers, each tile.
     """
 
     block_n: int
@@ -94,6 +98,7 @@ class DecodeTiles:
     min_group_rows: int = 16
     fp8_widen: str = "cvt"
     fp8_qk: bool = False
+    sum_at_end: bool = False
 
     def check(self, kv_block_size: int, num_kv_heads: int) -> None:
         """Refuse a shape the kernel cannot run, naming every size involved."""
@@ -115,15 +120,19 @@ class DecodeTiles:
             raise ValueError(f"{self}: min_group_rows={self.min_group_rows} must be a power of two")
         if self.fp8_widen not in FP8_WIDEN:
             raise ValueError(f"{self}: fp8_widen={self.fp8_widen!r}; choose one of {', '.join(FP8_WIDEN)}")
+        if (self.k_transposed or self.fp8_qk) and FP8_WIDEN[self.fp8_widen][0] >= 3:
+            raise ValueError(f"{self}: fp8_widen={self.fp8_widen!r} loads keys as words of a row, to widen: no "
+                             f"k_transposed={self.k_transposed}, no fp8_qk={self.fp8_qk}")
         if self.paged_tile and self.block_n % kv_block_size:
             raise ValueError(f"{self}: paged_tile needs block_n={self.block_n} to be a multiple of "
                              f"the cache's block size {kv_block_size}")
 
     def tile_switches(self, on_gpu: bool) -> dict:
         """The kernel's constexprs for ``swap_ab``, ``fp8_widen`` (off the GPU, PTX runs as Triton
-        ops) and ``fp8_qk``."""
+        ops), ``fp8_qk`` and ``sum_at_end``."""
         widen_k, widen_v = (code if on_gpu else _OFF_GPU.get(code, code) for code in FP8_WIDEN[self.fp8_widen])
-        return dict(SWAP_AB=self.swap_ab, WIDEN_K=widen_k, WIDEN_V=widen_v, FP8_QK=self.fp8_qk)
+        return dict(SWAP_AB=self.swap_ab, WIDEN_K=widen_k, WIDEN_V=widen_v, FP8_QK=self.fp8_qk,
+                    SUM_AT_END=self.sum_at_end)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -159,7 +168,9 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
       to 8 rows, values loaded as words: ``swap_ab``, ``min_group_rows=8``, ``fp8_widen="words_v"``)
       issues fewer instructions (1,170 warp instructions per 64 keys against 2,820,
       ``benchmarks/decode_sass.py``) but ran slower than these tiles: over an fp8 pool the kernel
-      wanted resident warps to hide its conversions, more than fewer instructions.
+      wanted resident warps to hide its conversions, more than fewer instructions. ``sum_at_end``
+      (a row's sums added up after the last tile) takes the earlier default from 1,170 to 1,112
+      instructions; it is a switch, not timed.
     Splits merge in a second kernel where a step has them (few pairs). With the merge folded into
     the split kernel (``fused_merge``) 1 x 32k measured slower on the H200: bf16 54.5 us (58 %;
     these tiles with the merge kernel 76.5 % in the sweep, the earlier 128-key default 45.1 us,

@@ -158,7 +158,12 @@ VARIANTS = {"prefetch_table1": dict(prefetch_table=1), "prefetch_table2": dict(p
                         kv_heads_per_program=2, splits_first=True, fused_merge=True),
             "swap_ab": dict(swap_ab=True),
             "swap_all": dict(swap_ab=True, min_group_rows=8, prefetch_table=2, paged_tile=True, heads_first=True,
-                             kv_heads_per_program=2, fused_merge=True)}
+                             kv_heads_per_program=2, fused_merge=True),
+            "sum_at_end": dict(sum_at_end=True),
+            "sum_at_end_kv_heads2_prefetch2": dict(sum_at_end=True, kv_heads_per_program=2, prefetch_table=2),
+            "sum_at_end_swap_rows8": dict(sum_at_end=True, swap_ab=True, min_group_rows=8, prefetch_table=2),
+            "sum_at_end_swap_kv_heads2_paged_fused": dict(sum_at_end=True, swap_ab=True, kv_heads_per_program=2,
+                                                          paged_tile=True, fused_merge=True)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -187,8 +192,15 @@ def test_switches_out_of_range_are_refused():
                                                                                     swap_ab=True))
     with pytest.raises(ValueError, match="min_group_rows=12 must be a power of two"):
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, min_group_rows=12))
-    with pytest.raises(ValueError, match="fp8_widen='ptx'; choose one of cvt, bits, asm, asm_k"):
+    with pytest.raises(ValueError, match="fp8_widen='ptx'; choose one of cvt, bits, asm, asm_k, words_v, words"):
         paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, fp8_widen="ptx"))
+    with pytest.raises(ValueError, match="fp8_widen='words' loads keys as words of a row, to widen: no "
+                                         "k_transposed=True, no fp8_qk=False"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, k_transposed=True,
+                                                                                    fp8_widen="words"))
+    with pytest.raises(ValueError, match="no k_transposed=False, no fp8_qk=True"):
+        paged_decode_attention(q, k_cache, v_cache, meta, 0.125, tiles=DecodeTiles(32, 4, 2, fp8_qk=True,
+                                                                                    fp8_widen="words"))
     with pytest.raises(ValueError, match="multiple of the cache's block size 32"):
         paged_decode_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), meta, 0.125,
                                tiles=DecodeTiles(16, 4, 2, paged_tile=True))
@@ -244,7 +256,8 @@ def test_one_sequence_reads_small_tiles_and_the_defaults_merge_in_a_second_kerne
     assert (one.block_n, one.num_stages, one.prefetch_table, one.kv_heads_per_program) == (32, 3, 2, 2)
     assert decode_tiles(torch.bfloat16, 8 * 8, 132, num_kv_heads=8).block_n == 128  # 8 x 8k
     many_fp8 = decode_tiles(torch.bfloat16, 8192, 132, True, 8)
-    assert (many_fp8.swap_ab, many_fp8.min_group_rows, many_fp8.fp8_widen) == (True, 8, "words_v")
+    # over an fp8 pool, many programs: two KV heads a program, capped registers (more programs an SM)
+    assert (many_fp8.kv_heads_per_program, many_fp8.max_registers, many_fp8.swap_ab) == (2, 128, False)
     for dtype in (torch.float32, torch.bfloat16):  # the fused merge measured slower at 1 x 32k on an H200
         for kv_fp8 in (False, True):
             for num_programs in (8, 512, 8192):

@@ -139,12 +139,20 @@ def test_decode_kernel_defaults_read_fp8_at_llama_shapes(batch, context):
                                       dict(fp8_widen="words_v"),
                                       dict(swap_ab=True, min_group_rows=8, prefetch_table=2, fp8_widen="words_v",
                                            fused_merge=True),
-                                      dict(swap_ab=True, kv_heads_per_program=2, paged_tile=True, fp8_widen="words_v")],
+                                      dict(swap_ab=True, kv_heads_per_program=2, paged_tile=True, fp8_widen="words_v"),
+                                      dict(swap_ab=True, min_group_rows=8, prefetch_table=2, fp8_widen="words_v",
+                                           sum_at_end=True),
+                                      dict(swap_ab=True, min_group_rows=8, prefetch_table=2, fp8_widen="words",
+                                           sum_at_end=True, fused_merge=True),
+                                      dict(swap_ab=True, kv_heads_per_program=2, paged_tile=True, fp8_widen="words"),
+                                      dict(kv_heads_per_program=2, prefetch_table=2, sum_at_end=True)],
                          ids=["prefetch_table2", "k_transposed", "paged_tile", "heads_first", "kv_heads2",
                               "kv_heads2_paged_ktrans", "fused_merge", "fused_merge_kv_heads2_splits_first",
                               "swap_ab", "widen_bits", "widen_asm", "widen_asm_k_ktrans",
                               "swap_rows8_widen_asm", "swap_kv_heads2_paged_prefetch2_widen_asm_k", "words_v",
-                              "swap_rows8_prefetch2_words_v_fused", "swap_kv_heads2_paged_words_v"])
+                              "swap_rows8_prefetch2_words_v_fused", "swap_kv_heads2_paged_words_v",
+                              "swap_rows8_prefetch2_words_v_sum_at_end", "swap_rows8_prefetch2_words_sum_at_end_fused",
+                              "swap_kv_heads2_paged_words", "kv_heads2_prefetch2_sum_at_end"])
 def test_decode_kernel_variants_read_fp8(switches, num_splits, window, dtype):
     tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, **switches)
     max_err, mean_err = errors(paged_decode_attention, DECODES, 2, 4, 64, dtype, window, num_splits=num_splits,
