@@ -69,6 +69,9 @@ class CacheConfig:
             raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
 
 
+CAPACITY_SCHEDULER_POLICIES = ("max_utilization", "guaranteed_no_evict")
+
+
 @dataclass(slots=True)
 class SchedulerConfig:
     """In-flight batching limits.
@@ -79,21 +82,21 @@ class SchedulerConfig:
     [16, 2048]; on the CPU, 256. The pool counted is the one before the batch's own reserve (its
     decode graphs and sampling rows), which it then gives up. An 8B bf16 model gets about 1700
     sequences on a 141 GB H200 and about 830 on an 80 GB H100 (vLLM's default on such cards is
-    1024); a small model gets 2048. Decode CUDA graphs are captured for every batch size up to the
-    resolved value.
+    1024); a small model gets 2048. Decode graphs are captured for every batch size up to it.
     """
 
     max_num_tokens: int = 8192  # tokens processed in one step (prefill chunks + decodes)
     max_batch_size: int | None = None  # sequences in one step; None: auto_max_batch_size
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    capacity_scheduler_policy: str = "max_utilization"  # when to admit (TensorRT-LLM's; see Scheduler)
 
     def __post_init__(self) -> None:
-        if self.max_num_tokens < 1:
-            raise ValueError(f"max_num_tokens={self.max_num_tokens} must be >= 1")
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
+        if self.capacity_scheduler_policy not in CAPACITY_SCHEDULER_POLICIES:
+            raise ValueError(f"capacity_scheduler_policy={self.capacity_scheduler_policy!r}; choose one of "
+                             f"{CAPACITY_SCHEDULER_POLICIES}")
+        for name in ("max_num_tokens", "max_batch_size", "max_model_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,7 @@ class EngineArgs:
     max_num_tokens: int = _SCHED["max_num_tokens"]
     max_batch_size: int | None = _SCHED["max_batch_size"]
     max_model_len: int | None = _SCHED["max_model_len"]
+    capacity_scheduler_policy: str = _SCHED["capacity_scheduler_policy"]
     attention_backend: str | None = None  # None: triton on CUDA, reference on the CPU
     load_format: str = "auto"  # "auto": the checkpoint; "random": random weights of its shape
     skip_tokenizer_init: bool = False  # prompts are token ids and outputs carry no text
@@ -225,7 +229,8 @@ class EngineArgs:
                            self.cpu_kv_cache_gb, self.enable_prefix_caching, self.kv_cache_dtype)
 
     def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_tokens, self.max_batch_size, self.max_model_len)
+        return SchedulerConfig(self.max_num_tokens, self.max_batch_size, self.max_model_len,
+                               self.capacity_scheduler_policy)
 
     # --- CLI -----------------------------------------------------------------------------------
     # Flags that differ from the field name ("--seed" is the per-request seed on the CLI).

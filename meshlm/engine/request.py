@@ -92,6 +92,16 @@ class Request:
         return self.num_tokens + self.num_output_placeholders
 
     @property
+    def max_num_tokens(self) -> int | None:
+        """The most tokens this sequence can reach: its prompt and ``max_tokens``, within the
+        context length; None when neither bounds it."""
+        limits = [self.max_model_len]
+        if self.params.max_tokens is not None:
+            limits.append(self.num_prompt_tokens + self.params.max_tokens)
+        limits = [n for n in limits if n is not None]
+        return min(limits) if limits else None
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 

@@ -10,8 +10,13 @@ Each step has a budget of ``max_num_tokens`` tokens and ``max_batch_size`` seque
 2. Then, if nothing was preempted in this step, waiting requests in FIFO order: the prefix cache
    is applied (not to a request with prompt positions still to score for ``prompt_logprobs``:
    a cached position has no logits), the request gets ``min(uncomputed tokens, budget left)`` tokens (a long prompt is
-   prefilled in chunks over several steps) and is admitted only if its blocks can be allocated.
-   Admission stops at the first request that does not fit: nobody skips ahead.
+   prefilled in chunks over several steps) and is admitted only if its blocks can be allocated
+   (capacity policy ``max_utilization``, the default, as vLLM). Admission stops at the first
+   request that does not fit: nobody skips ahead. Under the ``guaranteed_no_evict`` policy a request also waits until the pool holds, beyond what
+   the running requests may still need to reach their ``max_tokens`` (or the context length),
+   everything it may need itself (prefix-cache hits not counted): then no request is preempted
+   while the running ones grow, at the price of fewer admitted while the pool is full of
+   reservations. A request is admitted whatever it needs when nothing else runs.
 
 Forks: the ``n`` samples of one prompt are one request in the queue, whose ``forks`` are the
 other samples. The chunk that samples its first token forks them (``ScheduledChunk.forked``):
@@ -38,6 +43,7 @@ from meshlm.config import SchedulerConfig
 from meshlm.engine.kv_cache import KVCacheManager, num_blocks_for
 from meshlm.engine.fork_scheduling import ForkScheduling
 from meshlm.engine.request import Request, RequestStatus
+from meshlm.engine.scheduler_stats import SchedulerStats
 from meshlm.engine.spec_scheduling import Proposer, SpecDecodeStats, SpeculativeScheduling
 from meshlm.protocol import StepResult
 
@@ -78,28 +84,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    """Steps run so far and what they held: a benchmark's account of where its time went.
-
-    A decode is a chunk of one new token (plus its drafts) after the request's prompt; every other
-    chunk counts as prefill (prompt chunks, and recomputes after a preemption).
-    """
-
-    num_steps: int = 0  # steps recorded (their tokens came back)
-    num_prefill_tokens: int = 0
-    num_decode_tokens: int = 0  # one a decoding sequence a step, drafts included
-    num_preemptions: int = 0
-
-    def record(self, output: SchedulerOutput) -> None:
-        self.num_steps += 1
-        for chunk in output.chunks:
-            if chunk.start >= chunk.request.num_prompt_tokens and chunk.num_new_tokens == 1 + len(chunk.draft_token_ids):
-                self.num_decode_tokens += chunk.num_new_tokens
-            else:
-                self.num_prefill_tokens += chunk.num_new_tokens
 
 
 class Scheduler(SpeculativeScheduling, ForkScheduling):
@@ -302,6 +286,8 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
         # (or nothing runs), so no step samples more rows than max_batch_size allows.
         num_seqs = len(self._running) + (
             sum(len(r.forks) for r in self._running) + sum(len(c.forked) for c in out.chunks) if waiting else 0)
+        no_evict = self.config.capacity_scheduler_policy == "guaranteed_no_evict"
+        reserved = self._blocks_to_finish_running() if no_evict and waiting else 0
         while (waiting and budget > 0 and len(out.chunks) + num_drafts < max_batch_size
                and num_seqs < max_batch_size):
             request = waiting[0]
@@ -311,6 +297,10 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
                 continue
             if num_seqs and num_seqs + 1 + len(request.forks) > max_batch_size:
                 break
+            if no_evict:
+                reserved += self._blocks_to_finish(request)
+                if num_seqs and reserved > self.kv.num_free_blocks:
+                    break
             # A request preempted with a token in flight waits at least one step, which lands it.
             assert not request.num_output_placeholders, f"{request.request_id} admitted with tokens in flight"
             if not request.needs_prompt_logprobs:  # scoring the prompt needs every position run
@@ -352,6 +342,16 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
         request.num_preemptions += 1
         self._waiting.appendleft(request)
         out.preempted.append(request)
+
+    def _blocks_to_finish(self, request: Request) -> int:
+        """Blocks the request and its forks still to come may need beyond those they hold, to
+        reach their most tokens (the whole pool when nothing bounds them)."""
+        most = request.max_num_tokens
+        full = self.kv.num_blocks if most is None else num_blocks_for(most, self.kv.block_size)
+        return max(0, full - len(request.block_ids)) + full * len(request.forks)
+
+    def _blocks_to_finish_running(self) -> int:
+        return sum(self._blocks_to_finish(r) for r in self._running if not r.status.is_finished)
 
     def _outgrew_pool(self, request: Request) -> bool:
         """True when the request's known tokens cannot all be in the KV pool at once."""

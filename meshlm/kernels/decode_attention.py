@@ -26,8 +26,7 @@ head or split first, several KV heads a program, the merge inside the split kern
 registers) change how the cache is read and the splits merged, not the result beyond rounding;
 ``decode_tiles`` picks them per batch shape (``benchmarks/decode_variants.py`` times them).
 
-Semantics are those of :func:`meshlm.kernels.attention.paged_attention_reference` for rows
-whose query length is 1.
+Semantics: :func:`meshlm.kernels.attention.paged_attention_reference` for query length 1.
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.attention import AttentionMetadata
-from meshlm.kernels.decode_paging import key_rows, row_scales, tile_block_ids, tile_columns
+from meshlm.kernels.decode_paging import key_rows, program_ids, row_scales, tile_block_ids, tile_columns
 from meshlm.kernels.decode_tiles import DecodeTiles, choose_num_splits, decode_tiles
 from meshlm.kernels.fp8_convert_triton import F16_WIDEN_FACTOR, quantize_rows_e4m3, widen_fp8
 from meshlm.kernels.triton_launch import dot_precision, num_sms, programmatic_launch
@@ -65,7 +64,7 @@ def _decode_split_kernel(
         WIDEN_V: tl.constexpr, FP8_QK: tl.constexpr, SUM_AT_END: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     # A program attends KV_HEADS KV heads from kv_head on (its "pair": the sequence and those heads).
-    seq, kv_program, num_kv_programs, split = _program_ids(HEADS_FIRST, SPLITS_FIRST)
+    seq, kv_program, num_kv_programs, split = program_ids(HEADS_FIRST, SPLITS_FIRST)
     kv_head = kv_program * KV_HEADS
     num_kv_heads = num_kv_programs * KV_HEADS
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -147,27 +146,6 @@ def _decode_split_kernel(
                           KV_HEADS * GROUP, MERGE_ROWS, HEAD_DIM, MERGE_CHUNK)
     else:  # one split, or the only one of this sequence that holds keys (FUSED_MERGE): the output
         tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
-
-
-@triton.jit
-def _program_ids(HEADS_FIRST: tl.constexpr, SPLITS_FIRST: tl.constexpr):
-    """(sequence, KV-heads program, KV-heads programs a sequence, split) of this program. The grid
-    is (sequence, KV heads, split); HEADS_FIRST swaps the first two (a block's KV heads are then
-    read side by side); SPLITS_FIRST puts the split first (a pair's splits then run side by side,
-    and a pair is merged as soon as its splits end, not all pairs at the end)."""
-    if SPLITS_FIRST:
-        split = tl.program_id(0)
-        first, second = tl.program_id(1), tl.program_id(2)
-        num_first, num_second = tl.num_programs(1), tl.num_programs(2)
-    else:
-        first, second = tl.program_id(0), tl.program_id(1)
-        num_first, num_second = tl.num_programs(0), tl.num_programs(1)
-        split = tl.program_id(2)
-    if HEADS_FIRST:
-        seq, kv_program, num_kv_programs = second, first, num_first
-    else:
-        seq, kv_program, num_kv_programs = first, second, num_second
-    return seq, kv_program, num_kv_programs, split
 
 
 @triton.jit

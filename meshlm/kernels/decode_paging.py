@@ -1,5 +1,6 @@
-"""Where a decode tile's keys and values live in the paged KV cache, and an fp8 cache's scales for
-the tile's rows: the addressing half of the split-KV decode kernel (:mod:`meshlm.kernels.decode_attention`)."""
+"""Which (sequence, KV heads, split) a decode program takes, where its tile's keys and values live
+in the paged KV cache, and an fp8 cache's scales for the tile's rows: the addressing half of the
+split-KV decode kernel (:mod:`meshlm.kernels.decode_attention`)."""
 from __future__ import annotations
 
 import triton
@@ -61,3 +62,24 @@ def row_scales(scale_ptr, kv_head, row_kv_head, is_row, KV_HEADS: tl.constexpr):
     else:
         scale = tl.load(scale_ptr + kv_head)
     return scale
+
+
+@triton.jit
+def program_ids(HEADS_FIRST: tl.constexpr, SPLITS_FIRST: tl.constexpr):
+    """(sequence, KV-heads program, KV-heads programs a sequence, split) of this program. The grid
+    is (sequence, KV heads, split); HEADS_FIRST swaps the first two (a block's KV heads are then
+    read side by side); SPLITS_FIRST puts the split first (a pair's splits then run side by side,
+    and a pair is merged as soon as its splits end, not all pairs at the end)."""
+    if SPLITS_FIRST:
+        split = tl.program_id(0)
+        first, second = tl.program_id(1), tl.program_id(2)
+        num_first, num_second = tl.num_programs(1), tl.num_programs(2)
+    else:
+        first, second = tl.program_id(0), tl.program_id(1)
+        num_first, num_second = tl.num_programs(0), tl.num_programs(1)
+        split = tl.program_id(2)
+    if HEADS_FIRST:
+        seq, kv_program, num_kv_programs = second, first, num_first
+    else:
+        seq, kv_program, num_kv_programs = first, second, num_second
+    return seq, kv_program, num_kv_programs, split

@@ -168,9 +168,8 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
       to 8 rows, values loaded as words: ``swap_ab``, ``min_group_rows=8``, ``fp8_widen="words_v"``)
       issues fewer instructions (1,170 warp instructions per 64 keys against 2,820,
       ``benchmarks/decode_sass.py``) but ran slower than these tiles: over an fp8 pool the kernel
-      wanted resident warps to hide its conversions, more than fewer instructions. ``sum_at_end``
-      (a row's sums added up after the last tile) takes the earlier default from 1,170 to 1,112
-      instructions; it is a switch, not timed.
+      wanted resident warps to hide its conversions, more than fewer instructions (``sum_at_end``,
+      untimed, takes those tiles to 1,112).
     Splits merge in a second kernel where a step has them (few pairs). With the merge folded into
     the split kernel (``fused_merge``) 1 x 32k measured slower on the H200: bf16 54.5 us (58 %;
     these tiles with the merge kernel 76.5 % in the sweep, the earlier 128-key default 45.1 us,

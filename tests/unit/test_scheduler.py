@@ -15,9 +15,12 @@ from meshlm.protocol import StepResult
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_tokens: int = 64,
-                   max_batch_size: int = 8, prefix_caching: bool = True) -> Scheduler:
+                   max_batch_size: int = 8, prefix_caching: bool = True,
+                   policy: str = "max_utilization") -> Scheduler:
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-    return Scheduler(SchedulerConfig(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size), kv)
+    config = SchedulerConfig(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
+                             capacity_scheduler_policy=policy)
+    return Scheduler(config, kv)
 
 
 def make_request(request_id: str, num_prompt: int, max_tokens: int | None = 4, first: int = 0) -> Request:
@@ -191,6 +194,56 @@ def test_repeated_preemption_keeps_arrival_order():
 
 # ---- requests in and out -----------------------------------------------------------------------
 
+# ---- capacity policy ---------------------------------------------------------------------------
+
+def _run_to_end(sched: Scheduler, max_steps: int = 500) -> tuple[int, int]:
+    """Steps until every request ends; (most sequences running at once, preemptions)."""
+    most = preemptions = 0
+    for _ in range(max_steps):
+        if not sched.has_unfinished:
+            return most, preemptions
+        out = step(sched)
+        most, preemptions = max(most, sched.num_running), preemptions + len(out.preempted)
+    raise AssertionError(f"{max_steps} steps and requests are still unfinished")
+
+
+def test_guaranteed_no_evict_admits_only_what_can_finish():
+    # 6 requests of 4 prompt + 12 output tokens: 4 blocks of 4 each at the end, 16 blocks in all.
+    def run(policy):
+        sched = make_scheduler(num_blocks=16, block_size=4, max_num_tokens=64, policy=policy)
+        reqs = [make_request(f"r{i}", 4, max_tokens=12, first=10 * i) for i in range(6)]
+        for r in reqs:
+            sched.add(r)
+        return _run_to_end(sched), reqs
+    (most, preemptions), reqs = run("max_utilization")
+    assert preemptions > 0 and most == 6  # all admitted at once (one block each), then they collide
+    (most, preemptions), reqs = run("guaranteed_no_evict")
+    assert preemptions == 0 and most == 4  # 4 x 4 blocks reserved: the other two wait
+    assert all(len(r.output_token_ids) == 12 and r.status == RequestStatus.FINISHED_LENGTH for r in reqs)
+
+
+def test_guaranteed_no_evict_reserves_what_running_requests_still_need():
+    sched = make_scheduler(num_blocks=10, block_size=4, policy="guaranteed_no_evict")
+    sched.add(make_request("long", 4, max_tokens=28))  # 8 blocks at the end
+    step(sched)
+    sched.add(make_request("short", 4, max_tokens=4))  # 2 blocks at the end
+    sched.add(make_request("next", 4, max_tokens=4))
+    step(sched)
+    # 7 blocks still to come for "long" + 2 for "short" fill the 9 free; "next" waits
+    assert [r.request_id for r in sched.waiting] == ["next"] and sched.num_running == 2
+
+
+def test_guaranteed_no_evict_admits_a_request_alone_whatever_it_needs():
+    sched = make_scheduler(num_blocks=4, block_size=4, policy="guaranteed_no_evict")
+    sched.add(make_request("huge", 4, max_tokens=None))  # bounded by nothing: the whole pool and more
+    assert plan(step(sched)) == [("huge", 4, True)]
+
+
+def test_capacity_policy_is_validated():
+    with pytest.raises(ValueError, match="capacity_scheduler_policy='no_evict'"):
+        SchedulerConfig(capacity_scheduler_policy="no_evict")
+
+
 def test_abort_frees_blocks():
     sched = make_scheduler(num_blocks=8, block_size=4)
     sched.add(make_request("a", 9, max_tokens=10))
@@ -330,19 +383,21 @@ def make_random_requests(rng: random.Random, num_requests: int, max_total: int) 
     return requests
 
 
-@pytest.mark.parametrize("seed, num_blocks, block_size, max_num_tokens, max_batch_size, prefix_caching", [
-    (0, 12, 4, 16, 4, True),
-    (1, 24, 2, 8, 16, True),
-    (2, 10, 8, 48, 3, True),
-    (3, 12, 4, 16, 4, False),
-    (4, 64, 4, 32, 8, True),
+@pytest.mark.parametrize("seed, num_blocks, block_size, max_num_tokens, max_batch_size, prefix_caching, policy", [
+    (0, 12, 4, 16, 4, True, "max_utilization"),
+    (1, 24, 2, 8, 16, True, "max_utilization"),
+    (2, 10, 8, 48, 3, True, "max_utilization"),
+    (3, 12, 4, 16, 4, False, "max_utilization"),
+    (4, 64, 4, 32, 8, True, "max_utilization"),
+    (5, 12, 4, 16, 4, True, "guaranteed_no_evict"),
+    (6, 24, 2, 8, 16, False, "guaranteed_no_evict"),
 ])
 def test_random_run_terminates_and_frees_everything(seed, num_blocks, block_size, max_num_tokens,
-                                                    max_batch_size, prefix_caching):
+                                                    max_batch_size, prefix_caching, policy):
     rng = random.Random(seed)
     cfg = {"num_blocks": num_blocks, "block_size": block_size, "max_num_tokens": max_num_tokens,
            "max_batch_size": max_batch_size}
-    sched = make_scheduler(prefix_caching=prefix_caching, **cfg)
+    sched = make_scheduler(prefix_caching=prefix_caching, policy=policy, **cfg)
     requests = make_random_requests(rng, 80, max_total=min(48, num_blocks * block_size))
     pending, live = list(requests), []
     kv_store: dict[int, list] = {}
@@ -376,6 +431,8 @@ def test_random_run_terminates_and_frees_everything(seed, num_blocks, block_size
         if req.status == RequestStatus.FINISHED_LENGTH:
             assert len(req.output_token_ids) == req.params.max_tokens
     num_hit_tokens = sum(r.num_cached_prompt_tokens for r in requests)
-    if num_blocks <= 24:  # the tight pools must have exercised preemption
+    if policy == "guaranteed_no_evict":  # every admitted request had its whole length reserved
+        assert num_preempted == 0
+    elif num_blocks <= 24:  # the tight pools must have exercised preemption
         assert num_preempted > 0
     assert (num_hit_tokens > 0) == prefix_caching
