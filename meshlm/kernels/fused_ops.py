@@ -15,6 +15,11 @@ the weight multiplies it, as transformers does; SiLU is cast before it multiplie
 two paths differ only in the order of fp32 operations (reductions, fused multiply-adds). They make
 no host decision from device values, so CUDA graphs capture them. ``select_ops`` picks one at
 build time (TritonOps by default on CUDA) and the model holds it (``LlamaForCausalLM.use_ops``).
+
+Before an FP8 product that quantizes its input per token (kernels/fp8.py), the norm and SiLU-and-mul
+come in a ``*_quantized`` form that returns float8 rows and their scales (``fp8.QuantizedRows``):
+TorchOps quantizes its result as the product would, TritonOps quantizes the row before storing it,
+so the model-dtype row is neither written nor read back.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from meshlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, QuantizedRows, quantize_rows
 from meshlm.kernels.kv_quant import is_fp8_kv, quantize_kv
 from meshlm.kernels.triton_launch import programmatic_launch
 
@@ -58,10 +64,21 @@ class TorchOps:
             x = x + residual
         return self.rms_norm(x, weight, eps), x
 
+    def add_rms_norm_quantized(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                               eps: float) -> tuple[QuantizedRows, torch.Tensor]:
+        """``add_rms_norm`` with the normed rows quantized per row to float8, as the FP8 product
+        after it would quantize them (``fp8.quantize_rows``)."""
+        normed, residual = self.add_rms_norm(x, residual, weight, eps)
+        return quantize_rows(normed), residual
+
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a merged ``[num_tokens, 2 * inter]`` projection -> ``[num_tokens, inter]``."""
         gate, up = gate_up.chunk(2, dim=-1)  # [num_tokens, inter] each
         return F.silu(gate) * up
+
+    def silu_and_mul_quantized(self, gate_up: torch.Tensor) -> QuantizedRows:
+        """``silu_and_mul`` quantized per row to float8, as ``add_rms_norm_quantized``."""
+        return quantize_rows(self.silu_and_mul(gate_up))
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,22 +150,23 @@ class TritonOps(TorchOps):
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        width = x.shape[-1]
-        if (width > MAX_FUSED_WIDTH or x.numel() == 0 or weight.dtype != x.dtype or weight.stride(0) != 1
-                or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))):
+        if not _norm_takes(x, residual, weight):
             return super().add_rms_norm(x, residual, weight, eps)
-        has_residual = residual is not None
         rows = _as_rows(x)  # [num_rows, width]
         out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-        residual_rows = _as_rows(residual) if has_residual else rows
-        # Without a residual the kernel neither reads nor writes through the residual pointers.
-        residual_out = torch.empty_like(out) if has_residual else out
-        block = triton.next_power_of_2(width)
-        _add_rms_norm_kernel[(rows.shape[0],)](
-            out, residual_out, rows, residual_rows, weight,
-            out.stride(0), residual_out.stride(0), rows.stride(0), residual_rows.stride(0), width, eps,
-            HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=_num_warps(block), **_pdl(x.device))
-        return out.view(x.shape), residual_out.view(x.shape) if has_residual else x
+        summed = _launch_add_rms_norm(out, None, rows, residual, weight, eps)
+        return out.view(x.shape), x if summed is None else summed.view(x.shape)
+
+    def add_rms_norm_quantized(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                               eps: float) -> tuple[QuantizedRows, torch.Tensor]:
+        """One kernel: the normed row is quantized in registers, never stored in the model dtype."""
+        if not _norm_takes(x, residual, weight):
+            return super().add_rms_norm_quantized(x, residual, weight, eps)
+        rows = _as_rows(x)  # [num_rows, width]
+        out = torch.empty(rows.shape, dtype=FP8_DTYPE, device=x.device)
+        scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=x.device)
+        summed = _launch_add_rms_norm(out, scale, rows, residual, weight, eps)
+        return QuantizedRows(out, scale, x.dtype), x if summed is None else summed.view(x.shape)
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         width = gate_up.shape[-1] // 2
@@ -162,6 +180,20 @@ class TritonOps(TorchOps):
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, block))](
             out, rows, out.stride(0), rows.stride(0), width, BLOCK=block, num_warps=4, **_pdl(rows.device))
         return out.view(*gate_up.shape[:-1], width)
+
+    def silu_and_mul_quantized(self, gate_up: torch.Tensor) -> QuantizedRows:
+        """One program per row, which holds the whole row to find its largest magnitude."""
+        width = gate_up.shape[-1] // 2
+        if gate_up.numel() == 0 or width > MAX_FUSED_WIDTH:
+            return super().silu_and_mul_quantized(gate_up)
+        rows = _as_rows(gate_up)  # [num_rows, 2 * inter]
+        out = torch.empty((rows.shape[0], width), dtype=FP8_DTYPE, device=gate_up.device)
+        scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=gate_up.device)
+        block = triton.next_power_of_2(width)
+        _silu_and_mul_quantized_kernel[(rows.shape[0],)](
+            out, scale, rows, out.stride(0), rows.stride(0), width, BLOCK=block, FP8_MAX=FP8_MAX,
+            MIN_SCALE=MIN_SCALE, num_warps=_num_warps(block), **_pdl(rows.device))
+        return QuantizedRows(out, scale, gate_up.dtype)
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,6 +251,30 @@ class TritonOps(TorchOps):
         return q_out
 
 
+def _norm_takes(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether the norm kernel takes these operands: rows of at most MAX_FUSED_WIDTH, one dtype."""
+    return (0 < x.numel() and x.shape[-1] <= MAX_FUSED_WIDTH and weight.dtype == x.dtype and weight.stride(0) == 1
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)))
+
+
+def _launch_add_rms_norm(out: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor,
+                         residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The norm of ``rows`` (+ ``residual``) [num_rows, width] into ``out``: in the model dtype, or,
+    given ``scale`` [num_rows, 1], quantized to float8 per row. Returns the sum (None without residual)."""
+    has_residual, is_quantized = residual is not None, scale is not None
+    residual_rows = _as_rows(residual) if has_residual else rows
+    # Without a residual the kernel neither reads nor writes through the residual pointers, and
+    # unquantized it never writes a scale.
+    summed = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if has_residual else rows
+    block = triton.next_power_of_2(rows.shape[1])
+    _add_rms_norm_kernel[(rows.shape[0],)](
+        out, summed, scale if is_quantized else weight, rows, residual_rows, weight,
+        out.stride(0), summed.stride(0), rows.stride(0), residual_rows.stride(0), rows.shape[1], eps,
+        HAS_RESIDUAL=has_residual, QUANTIZE=is_quantized, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block,
+        num_warps=_num_warps(block), **_pdl(rows.device))
+    return summed if has_residual else None
+
+
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -244,20 +300,23 @@ def _num_warps(block: int) -> int:
 
 
 if triton is not None:
+    from meshlm.kernels.fp8_quant_triton import store_quantized_row
     from meshlm.kernels.rotary_triton import rotary_cache_kernel, rotary_kernel
     from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 
     @triton.jit
-    def _add_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
+    def _add_rms_norm_kernel(out_ptr, residual_out_ptr, scale_ptr, x_ptr, residual_ptr, weight_ptr,
                              stride_out, stride_residual_out, stride_x, stride_residual, width, eps,
-                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr,
+                             MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One row: ``s = x + residual`` (stored, rounded to the input dtype), then
-        ``weight * (s * rsqrt(mean(s^2) + eps)).to(dtype)``."""
+        ``weight * (s * rsqrt(mean(s^2) + eps)).to(dtype)``, rounded to the input dtype; ``QUANTIZE``:
+        that row quantized into the float8 ``out``, its scale at ``scale_ptr`` [num_rows]."""
         wait_for_previous_kernel(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
-        dtype = out_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
@@ -267,7 +326,22 @@ if triton is not None:
         mean_square = tl.sum(x * x, axis=0) / width
         normed = (x * tl.rsqrt(mean_square + eps)).to(dtype).to(tl.float32)
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (weight * normed).to(dtype), mask=mask)
+        out = (weight * normed).to(dtype)
+        if QUANTIZE:  # the model-dtype row, as the unfused quantization would read it back
+            store_quantized_row(out.to(tl.float32), out_ptr + row * stride_out, cols, mask, scale_ptr + row,
+                                FP8_MAX, MIN_SCALE)
+        else:
+            tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
+
+    @triton.jit
+    def _silu_mul(gate_up_row_ptr, cols, mask, width):
+        """``silu(gate).to(dtype) * up`` rounded to the input dtype at ``cols`` of one row whose halves
+        are gate and up (zeros where ``mask`` is off)."""
+        dtype = gate_up_row_ptr.dtype.element_ty
+        gate = tl.load(gate_up_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_row_ptr + width + cols, mask=mask, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        return (silu * up).to(dtype)
 
     @triton.jit
     def _silu_and_mul_kernel(out_ptr, gate_up_ptr, stride_out, stride_gate_up, width, BLOCK: tl.constexpr,
@@ -277,8 +351,18 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
-        dtype = out_ptr.dtype.element_ty
-        gate = tl.load(gate_up_ptr + row * stride_gate_up + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gate_up_ptr + row * stride_gate_up + width + cols, mask=mask, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (silu * up).to(dtype), mask=mask)
+        tl.store(out_ptr + row * stride_out + cols, _silu_mul(gate_up_ptr + row * stride_gate_up, cols, mask, width),
+                 mask=mask)
+
+    @triton.jit
+    def _silu_and_mul_quantized_kernel(out_ptr, scale_ptr, gate_up_ptr, stride_out, stride_gate_up, width,
+                                       BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                                       PDL: tl.constexpr):
+        """One whole row of ``silu(gate).to(dtype) * up``, quantized into the float8 ``out``, its
+        scale at ``scale_ptr`` [num_rows]."""
+        wait_for_previous_kernel(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        values = _silu_mul(gate_up_ptr + row * stride_gate_up, cols, mask, width).to(tl.float32)
+        store_quantized_row(values, out_ptr + row * stride_out, cols, mask, scale_ptr + row, FP8_MAX, MIN_SCALE)
