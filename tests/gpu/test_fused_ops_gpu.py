@@ -12,6 +12,7 @@ the float8 references convert their fp32 values as the kernel's device does (``t
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,6 +272,43 @@ def test_float8_comparisons_catch_a_wrong_answer():
         assert_same_float8(got, quantize_reference(normed), "bitwise")
     with pytest.raises(AssertionError):
         assert_float8_near(got, quantize_reference(normed), TOLERANCES[torch.float32][0], "near")
+
+
+@pytest.mark.skipif(not IS_INTERPRETED, reason="on the GPU the engine runs it: tests/gpu/test_fp8_gpu.py")
+def test_fp8_model_with_fused_quantization_is_bitwise_the_unfused_model(tmp_path, monkeypatch):
+    """A bf16 FP8 Qwen2 (a bias after the qkv product) with TritonOps, one forward of 23 tokens (past the
+    weight-only path): the norms and SiLU-and-mul quantizing for the products give the logits of the
+    fusion off, bitwise, once the unfused quantization converts to float8 as the interpreter does."""
+    from meshlm.config import EngineArgs, EngineConfig
+    from meshlm.executor.model_runner import ModelRunner
+    from meshlm.kernels import fp8
+    from meshlm.kernels.attention import AttentionMetadata
+    from meshlm.parallel.groups import ParallelGroups
+    from tests.model_factory import make_random_model
+    monkeypatch.setattr(fp8, "quantize_with_scale",
+                        lambda x, scale: to_float8((x.float() / scale).clamp(-FP8_MAX, FP8_MAX)))
+    path = make_random_model(tmp_path / "qwen2", "qwen2", seed=5, weight_std=0.05, hidden_size=128,
+                             intermediate_size=256)
+    config = EngineConfig.from_args(EngineArgs(str(path), dtype="bfloat16", max_model_len=64, quantization="fp8"))
+    runner = ModelRunner(config, ParallelGroups.single(), torch.device(DEVICE))
+    runner.allocate_kv_cache(8, 4)
+    runner.model.use_ops(TRITON_OPS)
+    n = 23
+    meta = AttentionMetadata(positions=torch.arange(n), slot_mapping=torch.arange(n),
+                             query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+                             seq_lens=torch.tensor([n], dtype=torch.int32),
+                             block_tables=torch.arange(8, dtype=torch.int32)[None], max_query_len=n,
+                             max_seq_len=n, query_lens_host=np.array([n]))
+    logits = {}
+    try:
+        for fused in (True, False):
+            fp8.set_fused_quantization(fused)
+            with torch.inference_mode():
+                hidden = runner.model(runner.model.embed(torch.arange(3, 3 + n)), meta, runner.kv_caches)
+                logits[fused] = runner.model.compute_logits(hidden)
+    finally:
+        fp8.set_fused_quantization(True)
+    assert torch.equal(logits[True], logits[False])
 
 
 # --- CUDA graphs ----------------------------------------------------------------------------------
