@@ -4,6 +4,9 @@ kernel intervals from torch.profiler) and the top kernels.
 
     python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --out profile.json
 
+With ``--quantization fp8``, ``--no-fused-quantization`` has the norms and SiLU-and-mul write their
+rows in bf16 for the FP8 products to quantize (the A/B of the fused quantization, kernels/fp8.py).
+
 Prints one table last: the busy fraction is busy time / wall time of the profiled steps.
 """
 from __future__ import annotations
@@ -134,14 +137,19 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens of each prompt (the decode context)")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    parser.add_argument("--fused-quantization", action=argparse.BooleanOptionalAction, default=True,
+                        help="FP8 products take rows the norm / SiLU-and-mul kernel quantized (default), "
+                             "or quantize bf16 rows themselves")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="the overlapped step loop (default) or the plain one")
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="programmatic dependent launch of the Triton kernels (where the GPU has it)")
     ns = parser.parse_args()
     from meshlm import LLM
+    from meshlm.kernels.fp8 import set_fused_quantization
     from meshlm.kernels.triton_launch import set_programmatic_launch
     set_programmatic_launch(ns.pdl)
+    set_fused_quantization(ns.fused_quantization)
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}))
@@ -149,9 +157,11 @@ def main() -> int:
             for b in ns.batches.split(",")]
     llm.shutdown()
     if ns.out:
-        Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
+        Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "fused_quantization":
+                                            ns.fused_quantization, "rows": rows}, indent=1))
     print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}  "
-          f"quantization={ns.quantization}  kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}")
+          f"quantization={ns.quantization}  fused_quantization={ns.fused_quantization}  "
+          f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

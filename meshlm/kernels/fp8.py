@@ -7,6 +7,9 @@ calibrated it. The product ``y = (x_fp8 * sx) @ (w_fp8 * sw)^T`` then runs as:
 - ``scaled``: on CUDA, ``torch._scaled_mm`` with rowwise scales (sx [M, 1], sw [1, N], bf16 out);
   elsewhere (the CPU, or shapes it refuses) the same quantize -> dequantize arithmetic in float32,
   so CPU tests run the quantization and the scales exactly as the GPU does.
+  Where the kernel before the product (RMSNorm, SiLU-and-mul: kernels/fused_ops.py) can write its
+  output quantized, the model asks ``takes_quantized_rows`` and hands over :class:`QuantizedRows`,
+  and the product skips its own quantization (the same arithmetic, one pass over the rows fewer).
 - ``weight_only``: activations stay in the model dtype; ``(x @ w_fp8^T) * sw + b`` with float32
   sums, rounded once to the model dtype. For batches of at most ``WEIGHT_ONLY_MAX_ROWS`` rows (decode
   steps): on CUDA one Triton kernel that streams the float8 weight and widens it in registers
@@ -16,6 +19,7 @@ calibrated it. The product ``y = (x_fp8 * sx) @ (w_fp8 * sw)^T`` then runs as:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,39 @@ MIN_SCALE = 1e-12
 # rate of the scaled product wins. benchmarks/fp8_gemm_bench.py measures both and suggests the value.
 WEIGHT_ONLY_MAX_ROWS = 16
 
+# Whether layers take activations quantized by the kernel before them (takes_quantized_rows): that
+# kernel then writes float8 rows and their scales, instead of model-dtype rows that a quantization
+# kernel reads back. On by default; set_fused_quantization(False) turns it off (benchmarks compare).
+_FUSED_QUANTIZATION = {"enabled": True}
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedRows:
+    """Activations quantized per row (per token), ``x ~ values * scale``: ``values`` float8 [M, K],
+    ``scale`` float32 [M, 1]; ``dtype`` is the model dtype the rows had, the product's output dtype."""
+    values: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def set_fused_quantization(enabled: bool) -> None:
+    """Whether forward passes run (and CUDA graphs captured) from now on hand quantized rows to
+    their FP8 products."""
+    _FUSED_QUANTIZATION["enabled"] = enabled
+
+
+def takes_quantized_rows(num_rows: int, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None) -> bool:
+    """Whether ``linear`` may be given ``num_rows`` rows as QuantizedRows: where it would quantize
+    them per row itself, with the fusion on. The row count is the step's, known on the host, so
+    CUDA graphs (one per batch size) capture the choice."""
+    return _FUSED_QUANTIZATION["enabled"] and quantizes_per_row(num_rows, weight_scale, input_scale)
+
+
+def quantizes_per_row(num_rows: int, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None) -> bool:
+    """Whether ``linear`` quantizes ``num_rows`` rows each with its own scale: a float8 weight, no
+    static input scale, more rows than the weight-only path takes."""
+    return weight_scale is not None and input_scale is None and not use_weight_only(num_rows)
+
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [..., K] -> (float8 [..., K], float32 scales [..., 1]) with ``x ~ q * scale``, each row's
@@ -44,6 +81,12 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE)
     scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
     return quantize_with_scale(x, scale), scale
+
+
+def quantize_rows(x: torch.Tensor) -> QuantizedRows:
+    """``x`` [..., K] as rows [M, K] quantized per row, as the scaled product would quantize them."""
+    values, scale = quantize_per_row(x.reshape(-1, x.shape[-1]))  # [M, K], [M, 1]
+    return QuantizedRows(values, scale, x.dtype)
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -61,10 +104,13 @@ def use_weight_only(num_rows: int) -> bool:
     return num_rows <= WEIGHT_ONLY_MAX_ROWS
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+def linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b``: for a weight in the model dtype (``weight_scale`` None) F.linear, or the
-    small-batch kernel where a sweep on this card measured it faster than cuBLAS; else fp8_linear."""
+    small-batch kernel where a sweep on this card measured it faster than cuBLAS; else fp8_linear.
+    ``x`` comes as QuantizedRows only where ``takes_quantized_rows`` said so."""
+    if isinstance(x, QuantizedRows):
+        return quantized_rows_linear(x, weight, weight_scale, bias, input_scale)
     if weight_scale is None:
         if not _small_batch_kernel_wins(x, weight):
             return F.linear(x, weight, bias)
@@ -102,6 +148,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def quantized_rows_linear(x: QuantizedRows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear's scaled product of rows that arrive quantized: [M, K] -> [M, N] in ``x.dtype``."""
+    assert x.values.dim() == 2 and quantizes_per_row(x.values.shape[0], weight_scale, input_scale), (
+        f"rows {tuple(x.values.shape)} came quantized to a product that does not quantize them per row "
+        f"(float8 weight: {weight_scale is not None}, static input scale: {input_scale is not None}, "
+        f"weight-only up to {WEIGHT_ONLY_MAX_ROWS} rows)")
+    y = scaled_product(x.values, x.scale, weight, weight_scale).to(x.dtype)
+    return y if bias is None else y + bias
+
+
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [M, K] in the model dtype (not quantized) times the float8 ``weight`` [N, K]: float32
@@ -129,11 +186,17 @@ def scaled_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
                   input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Quantized activations times the float8 weight, both scales applied to the float32 sums."""
     x_q, x_scale = quantize_activations(x, input_scale)  # [M, K], [M, 1]
+    return scaled_product(x_q, x_scale, weight, weight_scale).to(x.dtype)
+
+
+def scaled_product(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                   weight_scale: torch.Tensor) -> torch.Tensor:
+    """``(x_q * x_scale) @ (weight * weight_scale)^T`` for float8 ``x_q`` [M, K] and ``weight`` [N, K]:
+    bf16 from ``torch._scaled_mm`` where it runs, else float32 from the emulation."""
     if can_use_scaled_mm(x_q, weight):
-        y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
-                             out_dtype=torch.bfloat16)
-        return y.to(x.dtype)
-    return emulated_scaled_mm(x_q, x_scale, weight, weight_scale).to(x.dtype)
+        return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
+                                out_dtype=torch.bfloat16)
+    return emulated_scaled_mm(x_q, x_scale, weight, weight_scale)
 
 
 def emulated_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,

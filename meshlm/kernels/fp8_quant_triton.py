@@ -1,7 +1,8 @@
 """Per-row float8 quantization of activations in one Triton kernel: each program finds its row's
 largest magnitude, writes the row's scale and the quantized row. The same arithmetic as
 :func:`meshlm.kernels.fp8.quantize_per_row` (which runs it as several torch operations: on a GPU
-step, one kernel instead of six before every FP8 linear layer)."""
+step, one kernel instead of six before every FP8 linear layer). ``store_quantized_row`` is that
+arithmetic for kernels that produce the rows (kernels/fused_ops.py's RMSNorm and SiLU-and-mul)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ import triton.language as tl
 from meshlm.kernels.triton_launch import programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 
-__all__ = ["quantize_rows_triton"]
+__all__ = ["quantize_rows_triton", "store_quantized_row"]
 
 _BLOCK = 1024
 
@@ -51,3 +52,15 @@ def quantize_rows_triton(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float
                                            FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK=_BLOCK, num_warps=4,
                                            PDL=pdl, launch_pdl=pdl)
     return q, scale
+
+
+@triton.jit
+def store_quantized_row(values, q_row_ptr, cols, mask, scale_ptr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """One whole row ``values`` (fp32, zeros past its end) quantized as ``_quantize_rows_kernel``
+    quantizes a row, for kernels that compute the row and quantize it before storing it: the scale
+    ``max |v| / FP8_MAX`` (at least ``MIN_SCALE``) at ``scale_ptr``, ``v / scale`` clamped at
+    ``q_row_ptr + cols``."""
+    scale = tl.maximum(tl.max(tl.abs(values), axis=0) / FP8_MAX, MIN_SCALE)
+    tl.store(scale_ptr, scale)
+    q = tl.minimum(tl.maximum(values / scale, -FP8_MAX), FP8_MAX)
+    tl.store(q_row_ptr + cols, q.to(q_row_ptr.dtype.element_ty), mask=mask)

@@ -15,6 +15,11 @@ the weight multiplies it, as transformers does; SiLU is cast before it multiplie
 two paths differ only in the order of fp32 operations (reductions, fused multiply-adds). They make
 no host decision from device values, so CUDA graphs capture them. ``select_ops`` picks one at
 build time (TritonOps by default on CUDA) and the model holds it (``LlamaForCausalLM.use_ops``).
+
+Before an FP8 product that quantizes its input per token (kernels/fp8.py), the norm and SiLU-and-mul
+come in a ``*_quantized`` form that returns float8 rows and their scales (``fp8.QuantizedRows``):
+TorchOps quantizes its result as the product would, TritonOps quantizes the row before storing it,
+so the model-dtype row is neither written nor read back.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from meshlm.kernels.kv_quant import FP8_KV_MAX, is_fp8_kv, quantize_kv
+from meshlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, QuantizedRows, quantize_rows
+from meshlm.kernels.kv_quant import is_fp8_kv, quantize_kv
 from meshlm.kernels.triton_launch import programmatic_launch
 
 try:
@@ -58,10 +64,21 @@ class TorchOps:
             x = x + residual
         return self.rms_norm(x, weight, eps), x
 
+    def add_rms_norm_quantized(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                               eps: float) -> tuple[QuantizedRows, torch.Tensor]:
+        """``add_rms_norm`` with the normed rows quantized per row to float8, as the FP8 product
+        after it would quantize them (``fp8.quantize_rows``)."""
+        normed, residual = self.add_rms_norm(x, residual, weight, eps)
+        return quantize_rows(normed), residual
+
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a merged ``[num_tokens, 2 * inter]`` projection -> ``[num_tokens, inter]``."""
         gate, up = gate_up.chunk(2, dim=-1)  # [num_tokens, inter] each
         return F.silu(gate) * up
+
+    def silu_and_mul_quantized(self, gate_up: torch.Tensor) -> QuantizedRows:
+        """``silu_and_mul`` quantized per row to float8, as ``add_rms_norm_quantized``."""
+        return quantize_rows(self.silu_and_mul(gate_up))
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,22 +152,23 @@ class TritonOps(TorchOps):
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        width = x.shape[-1]
-        if (width > MAX_FUSED_WIDTH or x.numel() == 0 or weight.dtype != x.dtype or weight.stride(0) != 1
-                or (residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape))):
+        if not _norm_takes(x, residual, weight):
             return super().add_rms_norm(x, residual, weight, eps)
-        has_residual = residual is not None
         rows = _as_rows(x)  # [num_rows, width]
         out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-        residual_rows = _as_rows(residual) if has_residual else rows
-        # Without a residual the kernel neither reads nor writes through the residual pointers.
-        residual_out = torch.empty_like(out) if has_residual else out
-        block = triton.next_power_of_2(width)
-        _add_rms_norm_kernel[(rows.shape[0],)](
-            out, residual_out, rows, residual_rows, weight,
-            out.stride(0), residual_out.stride(0), rows.stride(0), residual_rows.stride(0), width, eps,
-            HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=_num_warps(block), **_pdl(x.device))
-        return out.view(x.shape), residual_out.view(x.shape) if has_residual else x
+        summed = _launch_add_rms_norm(out, None, rows, residual, weight, eps)
+        return out.view(x.shape), x if summed is None else summed.view(x.shape)
+
+    def add_rms_norm_quantized(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                               eps: float) -> tuple[QuantizedRows, torch.Tensor]:
+        """One kernel: the normed row is quantized in registers, never stored in the model dtype."""
+        if not _norm_takes(x, residual, weight):
+            return super().add_rms_norm_quantized(x, residual, weight, eps)
+        rows = _as_rows(x)  # [num_rows, width]
+        out = torch.empty(rows.shape, dtype=FP8_DTYPE, device=x.device)
+        scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=x.device)
+        summed = _launch_add_rms_norm(out, scale, rows, residual, weight, eps)
+        return QuantizedRows(out, scale, x.dtype), x if summed is None else summed.view(x.shape)
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         width = gate_up.shape[-1] // 2
@@ -165,6 +183,20 @@ class TritonOps(TorchOps):
             out, rows, out.stride(0), rows.stride(0), width, BLOCK=block, num_warps=4, **_pdl(rows.device))
         return out.view(*gate_up.shape[:-1], width)
 
+    def silu_and_mul_quantized(self, gate_up: torch.Tensor) -> QuantizedRows:
+        """One program per row, which holds the whole row to find its largest magnitude."""
+        width = gate_up.shape[-1] // 2
+        if gate_up.numel() == 0 or width > MAX_FUSED_WIDTH:
+            return super().silu_and_mul_quantized(gate_up)
+        rows = _as_rows(gate_up)  # [num_rows, 2 * inter]
+        out = torch.empty((rows.shape[0], width), dtype=FP8_DTYPE, device=gate_up.device)
+        scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=gate_up.device)
+        block = triton.next_power_of_2(width)
+        _silu_and_mul_quantized_kernel[(rows.shape[0],)](
+            out, scale, rows, out.stride(0), rows.stride(0), width, BLOCK=block, FP8_MAX=FP8_MAX,
+            MIN_SCALE=MIN_SCALE, num_warps=_num_warps(block), **_pdl(rows.device))
+        return QuantizedRows(out, scale, gate_up.dtype)
+
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, num_heads, head_dim = q.shape
@@ -176,7 +208,7 @@ class TritonOps(TorchOps):
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         half = head_dim // 2
         half_block, heads_block = triton.next_power_of_2(half), triton.next_power_of_2(num_heads)
-        _rotary_kernel[(num_tokens,)](
+        rotary_kernel[(num_tokens,)](
             q_out, k_out, q, k, cos, sin, positions,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
@@ -210,7 +242,7 @@ class TritonOps(TorchOps):
         if not is_fp8:
             k_scale = v_scale = k_cache  # pointers the kernel never reads
         k_rows = q_out if k_out is None else k_out  # never written through without k_out
-        _rotary_cache_kernel[(num_tokens,)](
+        rotary_cache_kernel[(num_tokens,)](
             q_out, k_cache, v_cache, k_rows, q, k, v, cos, sin, positions, slot_mapping, k_scale, v_scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -220,6 +252,30 @@ class TritonOps(TorchOps):
             KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), IS_FP8=is_fp8, STORE_K=k_out is not None,
             num_warps=_num_warps(heads_block * half_block), **_pdl(q.device))
         return q_out
+
+
+def _norm_takes(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether the norm kernel takes these operands: rows of at most MAX_FUSED_WIDTH, one dtype."""
+    return (0 < x.numel() and x.shape[-1] <= MAX_FUSED_WIDTH and weight.dtype == x.dtype and weight.stride(0) == 1
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)))
+
+
+def _launch_add_rms_norm(out: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor,
+                         residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The norm of ``rows`` (+ ``residual``) [num_rows, width] into ``out``: in the model dtype, or,
+    given ``scale`` [num_rows, 1], quantized to float8 per row. Returns the sum (None without residual)."""
+    has_residual, is_quantized = residual is not None, scale is not None
+    residual_rows = _as_rows(residual) if has_residual else rows
+    # Without a residual the kernel neither reads nor writes through the residual pointers, and
+    # unquantized it never writes a scale.
+    summed = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if has_residual else rows
+    block = triton.next_power_of_2(rows.shape[1])
+    _add_rms_norm_kernel[(rows.shape[0],)](
+        out, summed, scale if is_quantized else weight, rows, residual_rows, weight,
+        out.stride(0), summed.stride(0), rows.stride(0), residual_rows.stride(0), rows.shape[1], eps,
+        HAS_RESIDUAL=has_residual, QUANTIZE=is_quantized, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block,
+        num_warps=_num_warps(block), **_pdl(rows.device))
+    return summed if has_residual else None
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -247,21 +303,23 @@ def _num_warps(block: int) -> int:
 
 
 if triton is not None:
+    from meshlm.kernels.fp8_quant_triton import store_quantized_row
+    from meshlm.kernels.rotary_triton import rotary_cache_kernel, rotary_kernel
     from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 
-    FP8_MAX = tl.constexpr(FP8_KV_MAX)
-
     @triton.jit
-    def _add_rms_norm_kernel(out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
+    def _add_rms_norm_kernel(out_ptr, residual_out_ptr, scale_ptr, x_ptr, residual_ptr, weight_ptr,
                              stride_out, stride_residual_out, stride_x, stride_residual, width, eps,
-                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr,
+                             MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One row: ``s = x + residual`` (stored, rounded to the input dtype), then
-        ``weight * (s * rsqrt(mean(s^2) + eps)).to(dtype)``."""
+        ``weight * (s * rsqrt(mean(s^2) + eps)).to(dtype)``, rounded to the input dtype; ``QUANTIZE``:
+        that row quantized into the float8 ``out``, its scale at ``scale_ptr`` [num_rows]."""
         wait_for_previous_kernel(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
-        dtype = out_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
@@ -271,7 +329,22 @@ if triton is not None:
         mean_square = tl.sum(x * x, axis=0) / width
         normed = (x * tl.rsqrt(mean_square + eps)).to(dtype).to(tl.float32)
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (weight * normed).to(dtype), mask=mask)
+        out = (weight * normed).to(dtype)
+        if QUANTIZE:  # the model-dtype row, as the unfused quantization would read it back
+            store_quantized_row(out.to(tl.float32), out_ptr + row * stride_out, cols, mask, scale_ptr + row,
+                                FP8_MAX, MIN_SCALE)
+        else:
+            tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
+
+    @triton.jit
+    def _silu_mul(gate_up_row_ptr, cols, mask, width):
+        """``silu(gate).to(dtype) * up`` rounded to the input dtype at ``cols`` of one row whose halves
+        are gate and up (zeros where ``mask`` is off)."""
+        dtype = gate_up_row_ptr.dtype.element_ty
+        gate = tl.load(gate_up_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_row_ptr + width + cols, mask=mask, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        return (silu * up).to(dtype)
 
     @triton.jit
     def _silu_and_mul_kernel(out_ptr, gate_up_ptr, stride_out, stride_gate_up, width, BLOCK: tl.constexpr,
@@ -281,113 +354,18 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
-        dtype = out_ptr.dtype.element_ty
-        gate = tl.load(gate_up_ptr + row * stride_gate_up + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gate_up_ptr + row * stride_gate_up + width + cols, mask=mask, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (silu * up).to(dtype), mask=mask)
+        tl.store(out_ptr + row * stride_out + cols, _silu_mul(gate_up_ptr + row * stride_gate_up, cols, mask, width),
+                 mask=mask)
 
     @triton.jit
-    def _to_fp8_range(x, scale_ptr, heads, num_heads):
-        """``x`` [HEADS_BLOCK, cols] fp32 divided by its head's scale, clamped to e4m3's +-448."""
-        scale = tl.load(scale_ptr + heads, mask=heads < num_heads, other=1.0)  # [HEADS_BLOCK, 1]
-        return tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-
-    @triton.jit
-    def _rotate_heads(out_ptr, x_ptr, stride_x_head, stride_out_head, num_heads, cos, sin, scale_ptr,
-                      HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr,
-                      IS_FP8: tl.constexpr):
-        """Rotate every head of one token: ``out = (x1 cos - x2 sin, x2 cos + x1 sin)`` in fp32;
-        ``IS_FP8``: into an fp8 cache, scaled by ``scale_ptr`` [num_heads]."""
-        heads = tl.arange(0, HEADS_BLOCK)[:, None]  # [HEADS_BLOCK, 1]
-        cols = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
-        mask = (heads < num_heads) & (cols < HALF)
-        first = x_ptr + heads * stride_x_head + cols
-        x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        out = out_ptr + heads * stride_out_head + cols
-        first_half, second_half = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        if IS_FP8:
-            first_half = _to_fp8_range(first_half, scale_ptr, heads, num_heads)
-            second_half = _to_fp8_range(second_half, scale_ptr, heads, num_heads)
-        tl.store(out, first_half.to(dtype), mask=mask)
-        tl.store(out + HALF, second_half.to(dtype), mask=mask)
-
-    @triton.jit
-    def _rotary_kernel(q_out_ptr, k_out_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr,
-                       stride_q_token, stride_q_head, stride_k_token, stride_k_head,
-                       stride_q_out_token, stride_q_out_head, stride_k_out_token, stride_k_out_head,
-                       stride_cos, num_heads, num_kv_heads,
-                       HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                       HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """One token: look up cos/sin at its position, rotate its query heads and its key heads."""
+    def _silu_and_mul_quantized_kernel(out_ptr, scale_ptr, gate_up_ptr, stride_out, stride_gate_up, width,
+                                       BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                                       PDL: tl.constexpr):
+        """One whole row of ``silu(gate).to(dtype) * up``, quantized into the float8 ``out``, its
+        scale at ``scale_ptr`` [num_rows]."""
         wait_for_previous_kernel(PDL)
-        token = tl.program_id(0).to(tl.int64)
-        position = tl.load(positions_ptr + token).to(tl.int64)
-        cols = tl.arange(0, HALF_BLOCK)
-        cos = tl.load(cos_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
-        sin = tl.load(sin_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
-        _rotate_heads(q_out_ptr + token * stride_q_out_token, q_ptr + token * stride_q_token,
-                      stride_q_head, stride_q_out_head, num_heads, cos, sin, q_ptr, HALF, HALF_BLOCK, HEADS_BLOCK,
-                      False)
-        _rotate_heads(k_out_ptr + token * stride_k_out_token, k_ptr + token * stride_k_token,
-                      stride_k_head, stride_k_out_head, num_kv_heads, cos, sin, k_ptr, HALF, HALF_BLOCK,
-                      KV_HEADS_BLOCK, False)
-
-    @triton.jit
-    def _copy_heads(out_ptr, x_ptr, stride_x_head, stride_out_head, num_heads, scale_ptr,
-                    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr,
-                    IS_FP8: tl.constexpr):
-        """Copy every head of one token, as two halves (the layout ``_rotate_heads`` reads);
-        ``IS_FP8``: into an fp8 cache, scaled by ``scale_ptr`` [num_heads]."""
-        heads = tl.arange(0, HEADS_BLOCK)[:, None]  # [HEADS_BLOCK, 1]
-        cols = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
-        mask = (heads < num_heads) & (cols < HALF)
-        first = x_ptr + heads * stride_x_head + cols
-        out = out_ptr + heads * stride_out_head + cols
-        dtype = out_ptr.dtype.element_ty
-        first_half = tl.load(first, mask=mask, other=0.0)
-        second_half = tl.load(first + HALF, mask=mask, other=0.0)
-        if IS_FP8:
-            first_half = _to_fp8_range(first_half.to(tl.float32), scale_ptr, heads, num_heads)
-            second_half = _to_fp8_range(second_half.to(tl.float32), scale_ptr, heads, num_heads)
-        tl.store(out, first_half.to(dtype), mask=mask)
-        tl.store(out + HALF, second_half.to(dtype), mask=mask)
-
-    @triton.jit
-    def _rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, k_out_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
-                             positions_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
-                             stride_q_token, stride_q_head, stride_k_token, stride_k_head,
-                             stride_v_token, stride_v_head, stride_q_out_token, stride_q_out_head,
-                             stride_kc_block, stride_kc_offset, stride_kc_head,
-                             stride_vc_block, stride_vc_offset, stride_vc_head, stride_k_out_token,
-                             stride_k_out_head, stride_cos, num_heads, num_kv_heads, block_size,
-                             HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr,
-                             KV_HEADS_BLOCK: tl.constexpr, IS_FP8: tl.constexpr, STORE_K: tl.constexpr,
-                             PDL: tl.constexpr):
-        """One token: rotate its query heads into ``q_out``; rotate its key heads into the key cache
-        and copy its value heads into the value cache, both at the token's slot (``IS_FP8``:
-        quantized by ``k_scale_ptr``, ``v_scale_ptr`` [num_kv_heads]); ``STORE_K``: its rotated key
-        heads into ``k_out`` too, in k's dtype."""
-        wait_for_previous_kernel(PDL)
-        token = tl.program_id(0).to(tl.int64)
-        position = tl.load(positions_ptr + token).to(tl.int64)
-        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-        block = slot // block_size
-        offset = slot % block_size
-        cols = tl.arange(0, HALF_BLOCK)
-        cos = tl.load(cos_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
-        sin = tl.load(sin_ptr + position * stride_cos + cols, mask=cols < HALF, other=0.0)[None, :]
-        _rotate_heads(q_out_ptr + token * stride_q_out_token, q_ptr + token * stride_q_token,
-                      stride_q_head, stride_q_out_head, num_heads, cos, sin, q_ptr, HALF, HALF_BLOCK, HEADS_BLOCK,
-                      False)
-        _rotate_heads(k_cache_ptr + block * stride_kc_block + offset * stride_kc_offset,
-                      k_ptr + token * stride_k_token, stride_k_head, stride_kc_head, num_kv_heads, cos, sin,
-                      k_scale_ptr, HALF, HALF_BLOCK, KV_HEADS_BLOCK, IS_FP8)
-        if STORE_K:
-            _rotate_heads(k_out_ptr + token * stride_k_out_token, k_ptr + token * stride_k_token, stride_k_head,
-                          stride_k_out_head, num_kv_heads, cos, sin, k_ptr, HALF, HALF_BLOCK, KV_HEADS_BLOCK, False)
-        _copy_heads(v_cache_ptr + block * stride_vc_block + offset * stride_vc_offset,
-                    v_ptr + token * stride_v_token, stride_v_head, stride_vc_head, num_kv_heads, v_scale_ptr,
-                    HALF, HALF_BLOCK, KV_HEADS_BLOCK, IS_FP8)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        values = _silu_mul(gate_up_ptr + row * stride_gate_up, cols, mask, width).to(tl.float32)
+        store_quantized_row(values, out_ptr + row * stride_out, cols, mask, scale_ptr + row, FP8_MAX, MIN_SCALE)

@@ -17,6 +17,7 @@ from meshlm.parallel.layers import (ColumnParallelLinear, ParallelLMHead, QKVPar
 from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_attention_reference
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.model_config import ModelConfig
+from meshlm.kernels.fp8 import QuantizedRows
 from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps
 
 AttentionFn = type(paged_attention_reference)
@@ -57,9 +58,13 @@ class LlamaAttention(NamedWeights, nn.Module):
         self.sliding_window = cfg.sliding_window
         self.kv_scales = KVCacheScales(cfg.num_kv_heads, tp, device)  # read by an fp8 KV cache only
 
-    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
+    def takes_quantized_rows(self, num_tokens: int) -> bool:
+        """Whether ``forward`` may be given its input quantized (the qkv projection's choice)."""
+        return self.qkv_proj.takes_quantized_rows(num_tokens)
+
+    def forward(self, hidden: torch.Tensor | QuantizedRows, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim per rank]
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split(self.qkv_proj.sizes_per_rank, dim=-1)
         q = q.view(num_tokens, self.num_heads_per_rank, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads_per_rank, self.head_dim)
@@ -103,8 +108,14 @@ class LlamaMLP(NamedWeights, nn.Module):
                                            quant=cfg.layer_quantization([down]))
         self.ops = TORCH_OPS
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_quantized_rows(self, num_tokens: int) -> bool:
+        """Whether ``forward`` may be given its input quantized (the gate/up projection's choice)."""
+        return self.gate_up_proj.takes_quantized_rows(num_tokens)
+
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
+        if self.down_proj.takes_quantized_rows(gate_up.shape[0]):
+            return self.down_proj(self.ops.silu_and_mul_quantized(gate_up))
         return self.down_proj(self.ops.silu_and_mul(gate_up))
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
@@ -117,6 +128,8 @@ class LlamaDecoderLayer(NamedWeights, nn.Module):
 
     The residual stream travels as two tensors, ``hidden + residual``, so that each norm takes the
     add before it (one fused kernel with TritonOps); the sums are those of ``h = h + block(norm(h))``.
+    Where the block's first product quantizes its input (FP8, kernels/fp8.py), the norm hands it over
+    quantized; the residual stream stays in the model dtype.
     """
 
     def __init__(self, cfg, groups, rotary, attention_fn, dtype, device, mlp: nn.Module, prefix: str):
@@ -130,9 +143,12 @@ class LlamaDecoderLayer(NamedWeights, nn.Module):
                 kv_cache: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it); ``residual`` None on a stage's
         first layer, whose ``hidden`` is then the whole stream."""
-        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        num_tokens = hidden.shape[0]
+        hidden, residual = self.input_layernorm.add_norm(hidden, residual,
+                                                         self.self_attn.takes_quantized_rows(num_tokens))
         hidden = self.self_attn(hidden, meta, kv_cache)
-        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual,
+                                                                  self.mlp.takes_quantized_rows(num_tokens))
         return self.mlp(hidden), residual
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:

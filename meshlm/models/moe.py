@@ -95,6 +95,10 @@ class SparseMoeBlock(NamedWeights, nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(cfg, groups, dtype, device, block)
 
+    def takes_quantized_rows(self, num_tokens: int) -> bool:
+        """Never: the router, the experts and the shared expert read the hidden states in the model dtype."""
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every TP rank holds every token ([num_tokens, hidden]) after the attention all-reduce,
         # and each rank's experts pick out the tokens routed to them: no dispatch is needed.

@@ -18,7 +18,7 @@ from meshlm.parallel.comm import Communicator
 from meshlm.parallel.fp8_weights import read_fp8, read_input_scale, read_unquantized
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.quantization import QuantizationConfig
-from meshlm.kernels.fp8 import FP8_DTYPE, linear
+from meshlm.kernels.fp8 import FP8_DTYPE, QuantizedRows, linear, takes_quantized_rows
 from meshlm.kernels.fused_ops import TORCH_OPS
 
 
@@ -65,9 +65,15 @@ class QuantizableLinear(nn.Module):
         if quant.is_static_input:
             self.input_scale = _param((1,), torch.float32, device)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x W^T + b`` on this rank's shard, with no communication."""
         return linear(x, self.weight, self.weight_scale, bias, self.input_scale)
+
+    def takes_quantized_rows(self, num_rows: int) -> bool:
+        """Whether ``forward`` may be given ``num_rows`` rows already quantized per row (kernels/fp8.py).
+        They are the rows this rank multiplies: for a row-parallel layer its shard of each row, so the
+        scales are those of the shard, as when the layer quantizes them itself."""
+        return takes_quantized_rows(num_rows, self.weight_scale, self.input_scale)
 
     def _scale_shapes(self, names: list[str], shapes: dict) -> dict:
         if self.quant is None:
@@ -101,7 +107,7 @@ class ColumnParallelLinear(QuantizableLinear):
         self._make_weight(out, in_features, dtype, device, quant)
         self.bias = _param((out,), dtype, device) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
     def _rows(self, index: int) -> tuple[int, int, int]:
@@ -178,7 +184,7 @@ class RowParallelLinear(QuantizableLinear):
         self._make_weight(out_features, self.in_per_rank, dtype, device, quant)
         self.bias = _param((out_features,), dtype, device) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         y = self.matmul(x)
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
@@ -270,8 +276,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the norm of ``x + residual``, ``x + residual``); a ``None`` residual adds nothing."""
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+        """(the norm of ``x + residual``, ``x + residual``); a ``None`` residual adds nothing.
+        ``quantize``: the norm comes quantized per row to float8, for an FP8 layer that takes it so."""
+        if quantize:
+            return self.ops.add_rms_norm_quantized(x, residual, self.weight, self.eps)
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
     def expected_shapes(self, name: str) -> dict:

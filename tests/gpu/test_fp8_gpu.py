@@ -1,5 +1,6 @@
 """FP8 weights on a CUDA GPU: ``torch._scaled_mm`` against the float32 emulation the CPU runs, the
-weight-only path, and FP8 models through the engine (eager and in decode CUDA graphs).
+weight-only path, and FP8 models through the engine (eager and in decode CUDA graphs, with and
+without the norms and SiLU-and-mul quantizing for the products).
 
     python -m pytest -q tests/gpu/test_fp8_gpu.py
 """
@@ -80,6 +81,30 @@ def test_fp8_model_in_cuda_graphs_matches_eager_and_the_unquantized_model(family
         # runs: 0.199 on mixtral; on llama 0.157 with searched weight scales, within 0.15 before).
         limit = 0.25 if family == "mixtral" else 0.2
         assert common and max(abs(g.logprobs[0][t] - p.logprobs[0][t]) for t in common) < limit
+
+
+def test_fused_quantization_gives_the_outputs_of_the_unfused_model(tmp_path):
+    """The norms and SiLU-and-mul quantizing for the FP8 products (fused kernels; a prefill of 488
+    rows, decode steps of 24 in CUDA graphs, both past the weight-only path) against the fusion off:
+    the fused kernels write the bytes of the unfused kernel followed by the quantizer, so tokens and
+    logprobs are identical."""
+    path = make_random_model(tmp_path / "llama", "llama", seed=5, weight_std=0.05, hidden_size=128,
+                             intermediate_size=256)
+    prompts = random_prompts(320, (5, 19, 37) * 8, seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+    outputs = {}
+    try:
+        for fused in (True, False):
+            fp8.set_fused_quantization(fused)
+            with LLM(str(path), num_kv_blocks=256, max_model_len=256, quantization="fp8") as llm:
+                runner = llm.local_model_runner()
+                assert runner.model.ops.name == "triton"
+                outputs[fused] = [o.outputs[0] for o in llm.generate(prompts, params)]
+                assert runner.graph_runner.num_replays > 0, "decode steps did not replay the CUDA graphs"
+    finally:
+        fp8.set_fused_quantization(True)
+    assert [o.token_ids for o in outputs[True]] == [o.token_ids for o in outputs[False]]
+    assert [o.logprobs for o in outputs[True]] == [o.logprobs for o in outputs[False]]
 
 
 @pytest.mark.parametrize("shape", [(1, 4096), (7, 1500), (300, 14336)])

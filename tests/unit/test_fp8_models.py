@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 from meshlm import LLM, SamplingParams
 from meshlm.config import EngineArgs, EngineConfig
 from meshlm.executor.model_runner import ModelRunner
+from meshlm.kernels import fp8
 from meshlm.kernels.fp8 import WEIGHT_ONLY_MAX_ROWS
+from meshlm.kernels.fused_ops import TorchOps
 from meshlm.parallel.experts import route
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.weights.checkpoint import CheckpointError
@@ -165,6 +167,49 @@ def test_per_channel_checkpoint_gives_the_tokens_of_quantizing_at_load(llama, tm
     published, at_load = generate(path), generate(llama, quantization="fp8")
     assert [o.token_ids for o in published] == [o.token_ids for o in at_load]
     assert [o.cumulative_logprob for o in published] == [o.cumulative_logprob for o in at_load]
+
+
+class QuantizedOpsCounter(TorchOps):
+    """The torch ops, counting the calls of the forms that hand quantized rows to an FP8 product."""
+
+    def __init__(self):
+        self.calls = {"add_rms_norm_quantized": 0, "silu_and_mul_quantized": 0}
+
+    def add_rms_norm_quantized(self, x, residual, weight, eps):
+        self.calls["add_rms_norm_quantized"] += 1
+        return super().add_rms_norm_quantized(x, residual, weight, eps)
+
+    def silu_and_mul_quantized(self, gate_up):
+        self.calls["silu_and_mul_quantized"] += 1
+        return super().silu_and_mul_quantized(gate_up)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mixtral"])
+def test_fused_quantization_gives_the_outputs_of_the_unfused_model(family, tmp_path, monkeypatch):
+    """With the fusion on, the norms and SiLU-and-mul hand quantized rows to the FP8 products of the
+    prefill step (PREFILL_ROWS rows), and to no decode step (weight-only products) nor expert (the
+    router reads the model dtype); the CPU's ops quantize as the products would, so the tokens and
+    logprobs are the unfused model's exactly. Qwen2: a bias after the product of quantized rows."""
+    make = make_random_moe_model if family == "mixtral" else make_random_model
+    base = make(tmp_path / family, family, seed=5)
+    counting = QuantizedOpsCounter()
+    monkeypatch.setattr("meshlm.executor.model_runner.select_ops", lambda enabled, device: counting)
+    try:
+        fused = generate(base, quantization="fp8")
+        calls = dict(counting.calls)
+        fp8.set_fused_quantization(False)
+        unfused = generate(base, quantization="fp8")
+    finally:
+        fp8.set_fused_quantization(True)
+    num_layers = ModelConfig.from_dir(base).num_layers
+    # One prefill step: each layer's input norm (qkv), and for a dense MLP its post-attention norm
+    # (gate_up) and SiLU-and-mul (down).
+    dense = family != "mixtral"
+    assert calls == {"add_rms_norm_quantized": num_layers * (2 if dense else 1),
+                     "silu_and_mul_quantized": num_layers if dense else 0}
+    assert counting.calls == calls, "the fusion turned off still fused"
+    assert [o.token_ids for o in fused] == [o.token_ids for o in unfused]
+    assert [o.logprobs for o in fused] == [o.logprobs for o in unfused]
 
 
 # Random test models amplify any change of their weights (near-uniform logits, greedy ties), the

@@ -101,6 +101,41 @@ def test_the_path_is_a_function_of_the_row_count(monkeypatch):
     torch.testing.assert_close(fp8.fp8_linear(x, w_q, w_scale[:, 0]), fp8.scaled_linear(x, w_q, w_scale[:, 0]))
 
 
+@pytest.fixture
+def fused_quantization():
+    """The fusion switch on for the test (its default), and back on after it."""
+    fp8.set_fused_quantization(True)
+    yield fp8.set_fused_quantization
+    fp8.set_fused_quantization(True)
+
+
+def test_layers_take_quantized_rows_only_where_they_quantize_per_row(fused_quantization):
+    w_scale, static = torch.ones(8), torch.tensor([0.5])
+    rows = fp8.WEIGHT_ONLY_MAX_ROWS + 1
+    assert fp8.takes_quantized_rows(rows, w_scale, None)
+    assert not fp8.takes_quantized_rows(fp8.WEIGHT_ONLY_MAX_ROWS, w_scale, None)  # the weight-only path
+    assert not fp8.takes_quantized_rows(rows, None, None)  # a weight in the model dtype
+    assert not fp8.takes_quantized_rows(rows, w_scale, static)  # one static scale for every row
+    fused_quantization(False)
+    assert not fp8.takes_quantized_rows(rows, w_scale, None)
+
+
+def test_quantized_rows_give_the_product_of_the_rows_they_came_from(fused_quantization):
+    torch.manual_seed(5)
+    rows = fp8.WEIGHT_ONLY_MAX_ROWS + 3
+    x, bias = torch.randn(rows, 64) * 3, torch.randn(24)
+    w_q, w_scale = fp8.quantize_per_row(torch.randn(24, 64))
+    quantized = fp8.quantize_rows(x)
+    assert quantized.values.dtype == E4M3 and quantized.scale.shape == (rows, 1) and quantized.dtype == torch.float32
+    got = fp8.linear(quantized, w_q, w_scale[:, 0], bias)
+    assert got.dtype == torch.float32 and torch.equal(got, fp8.linear(x, w_q, w_scale[:, 0], bias))
+    small = fp8.WEIGHT_ONLY_MAX_ROWS
+    with pytest.raises(AssertionError, match=rf"rows \({small}, 64\) came quantized .* weight-only up to {small} rows"):
+        fp8.linear(fp8.quantize_rows(x[:small]), w_q, w_scale[:, 0])
+    with pytest.raises(AssertionError, match="static input scale: True"):
+        fp8.linear(quantized, w_q, w_scale[:, 0], input_scale=torch.tensor([0.1]))
+
+
 def test_batched_product_matches_one_product_per_expert():
     torch.manual_seed(2)
     x, w = torch.randn(3, 4, 32), torch.randn(3, 16, 32)
