@@ -239,7 +239,8 @@ NON_DEFAULT = EngineArgs(
     pipeline_parallel_size=2, moe_expert_parallel_size=2,
     dtype="bfloat16", device="cpu", seed=7, block_size=32, num_kv_blocks=100, gpu_memory_utilization=0.5,
     cpu_kv_cache_gb=0.25, enable_prefix_caching=False, max_num_tokens=1024, max_batch_size=8,
-    max_model_len=2048, attention_backend="reference", load_format="random", skip_tokenizer_init=True,
+    max_model_len=2048, capacity_scheduler_policy="guaranteed_no_evict", attention_backend="reference",
+    load_format="random", skip_tokenizer_init=True,
     enable_cuda_graphs=False, enable_fused_kernels=True, async_scheduling=False, kv_cache_dtype="fp8",
     speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2},
     quantization="fp8", hf_overrides={"quantization_config": {"quant_method": "fp8", "ignored_layers": ["lm_head"]}})
