@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
-# One call on one GPU for the kernels' defaults: their GPU tests (decode over bf16 and fp8 pools,
-# prefill, the small-batch GEMM), decode and prefill attention at the defaults as CUDA-graph
-# replays, batch-1 decode steps (bf16 and FP8), then `meshlm bench throughput` at FP8 1000/1000
-# (1000 prompts, FP8 KV) and bf16 2048/128 (1000 prompts). Each part has its own time limit (about
-# 9 minutes in all); PART=kernels stops before the two throughput runs. Logs under $OUT.
-# Usage: OUT=results [PART=all|kernels] bash benchmarks/run_gpu_kernel_checks.sh
+# One GPU, the kernels' defaults and the engine's throughput, in parts that each fit one call:
+#   PART=tests    GPU tests of the decode (bf16 and fp8 pools) and prefill kernels' defaults and
+#                 switches, the fused norm / SiLU float8 output, the small-batch GEMM (~2.5 min)
+#   PART=kernels  decode and prefill attention at the defaults as CUDA-graph replays (bf16 and fp8
+#                 pools; prefill also 4 x 2k and the step's own keys read apart), batch-1 decode
+#                 steps (bf16, FP8), FP8 steps at batch 256 and 1024 with and without the fused
+#                 float8 norm / SiLU output (~4 min)
+#   PART=bench    meshlm bench throughput: bf16 128/128 x 2000, FP8 128/128 x 2000 (FP8 KV), FP8
+#                 1000/1000 x 1000 (FP8 KV, guaranteed_no_evict), bf16 2048/128 x 1000 (~8 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
-OUT=${OUT:-out}; PART=${PART:-all}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
+OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 nvidia-smi -L
-echo "== GPU tests of the kernels' defaults"
-timeout 90 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_decode_attention.py tests/gpu/test_fp8_kv_kernels.py \
-    tests/gpu/test_prefill_kernel.py tests/gpu/test_fp8_gemm_kernel.py -k "default or 16_bit or llama_shapes" \
-    > "$OUT/pytest_kernels.log" 2>&1
-grep -E "passed|failed|FAILED" "$OUT/pytest_kernels.log" | tail -8
-for kv in auto fp8; do
-  prefill=""; [ "$kv" = auto ] && prefill=1x8192,4x8192
-  echo "== attention at the defaults, $kv KV (attention_bench.py --graph)"
-  timeout 60 python3 benchmarks/attention_bench.py --graph --skip-flex --prefill "$prefill" --kv-cache-dtype $kv \
-      --decode 1x32768,8x8192,256x1024,1024x1024 --out "$OUT/attention_$kv.json" > "$OUT/attention_$kv.log" 2>&1
-  grep -E "^(decode|prefill)" "$OUT/attention_$kv.log"
-done
-echo "== batch-1 decode steps (profile_decode.py)"
-timeout 40 python3 benchmarks/profile_decode.py --batches 1 --steps 20 > "$OUT/profile_bf16.log" 2>&1
-tail -1 "$OUT/profile_bf16.log"
-timeout 40 python3 benchmarks/profile_decode.py --quantization fp8 --batches 1 --steps 20 > "$OUT/profile_fp8.log" 2>&1
-tail -1 "$OUT/profile_fp8.log"
-[ "$PART" = kernels ] && exit 0
+if [ "$PART" = tests ]; then
+  echo "== GPU tests of the kernels' defaults and switches"
+  timeout 75 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_decode_attention.py tests/gpu/test_fp8_kv_kernels.py \
+      -k "default or sum_at_end or refused" > "$OUT/pytest_decode.log" 2>&1
+  grep -E "passed|failed|FAILED" "$OUT/pytest_decode.log" | tail -6
+  timeout 75 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_prefill_kernel.py tests/gpu/test_prefill_attention.py \
+      -k "step_keys or 8k or bf16_switches or decodes_then or entry" > "$OUT/pytest_prefill.log" 2>&1
+  grep -E "passed|failed|FAILED" "$OUT/pytest_prefill.log" | tail -6
+  timeout 75 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fp8_gpu.py \
+      -k "quantized or float8 or rotary_and_cache or fused_quantization or row_quantization" > "$OUT/pytest_fused.log" 2>&1
+  grep -E "passed|failed|FAILED" "$OUT/pytest_fused.log" | tail -6
+fi
+if [ "$PART" = kernels ]; then
+  for kv in auto fp8; do
+    prefill=""; [ "$kv" = auto ] && prefill=4x2048,1x8192,4x8192
+    echo "== attention at the defaults, $kv KV (attention_bench.py --graph)"
+    timeout 75 python3 benchmarks/attention_bench.py --graph --skip-flex --prefill "$prefill" --kv-cache-dtype $kv \
+        --decode 1x32768,8x8192,256x1024,1024x1024 --out "$OUT/attention_$kv.json" > "$OUT/attention_$kv.log" 2>&1
+    grep -E "^(decode|prefill) " "$OUT/attention_$kv.log"
+  done
+  echo "== decode steps (profile_decode.py): batch 1 bf16 and FP8; FP8 256 and 1024, fused float8 output on / off"
+  timeout 40 python3 benchmarks/profile_decode.py --batches 1 --steps 20 > "$OUT/profile_bf16.log" 2>&1
+  tail -1 "$OUT/profile_bf16.log"
+  for fused in fused-quantization no-fused-quantization; do
+    timeout 60 python3 benchmarks/profile_decode.py --quantization fp8 --batches 1,256,1024 --steps 10 --$fused \
+        > "$OUT/profile_fp8_$fused.log" 2>&1
+    tail -3 "$OUT/profile_fp8_$fused.log"
+  done
+fi
+[ "$PART" = bench ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -34,7 +50,10 @@ bench() {  # name, time limit, then the flags
   timeout "$limit" python3 -m meshlm bench throughput --model "$DIR" --load-format random --skip-tokenizer-init \
       --dtype bfloat16 --max-model-len 4096 --no-progress --output-json "$OUT/bench_$name.json" "$@" \
       > "$OUT/bench_$name.log" 2>&1
-  grep -E "throughput|TTFT|TPOT|Steps|Time in|Decode-only|Peak KV|Error" "$OUT/bench_$name.log" | head -12
+  grep -E "Output token|TTFT|TPOT|Steps|Time in|Decode-only|Peak KV|Error" "$OUT/bench_$name.log" | head -12
 }
-bench fp8_1000 170 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 --output-len 1000
-bench bf16_2048 150 --num-prompts 1000 --input-len 2048 --output-len 128
+bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
+bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
+    --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+bench bf16_2048 140 --num-prompts 1000 --input-len 2048 --output-len 128
