@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU, the kernels' defaults and the engine's throughput, in parts that each fit one call:
-#   PART=tests    GPU tests of the decode (bf16 and fp8 pools) and prefill kernels' defaults and
-#                 switches, the fused norm / SiLU float8 output, the small-batch GEMM (~2.5 min)
+#   PART=tests    GPU tests of the decode (bf16 and fp8 pools) and prefill kernels' defaults, the
+#                 decode kernel's sum_at_end switch, the fused norm / SiLU float8 output (~2.5 min)
 #   PART=kernels  decode and prefill attention at the defaults as CUDA-graph replays (bf16 and fp8
 #                 pools; prefill also 4 x 2k and the step's own keys read apart), batch-1 decode
 #                 steps (bf16, FP8), FP8 steps at batch 256 and 1024 with and without the fused
@@ -14,16 +14,17 @@ OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 nvidia-smi -L
 if [ "$PART" = tests ]; then
-  echo "== GPU tests of the kernels' defaults and switches"
-  timeout 75 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_decode_attention.py tests/gpu/test_fp8_kv_kernels.py \
-      -k "default or sum_at_end or refused" > "$OUT/pytest_decode.log" 2>&1
-  grep -E "passed|failed|FAILED" "$OUT/pytest_decode.log" | tail -6
-  timeout 75 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_prefill_kernel.py tests/gpu/test_prefill_attention.py \
-      -k "step_keys or 8k or bf16_switches or decodes_then or entry" > "$OUT/pytest_prefill.log" 2>&1
-  grep -E "passed|failed|FAILED" "$OUT/pytest_prefill.log" | tail -6
-  timeout 75 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fp8_gpu.py \
-      -k "quantized or float8 or rotary_and_cache or fused_quantization or row_quantization" > "$OUT/pytest_fused.log" 2>&1
-  grep -E "passed|failed|FAILED" "$OUT/pytest_fused.log" | tail -6
+  gpu_tests() {  # name, time limit, then pytest's arguments; the log stays in $RUNS, its summary printed
+    local name=$1 limit=$2; shift 2
+    echo "== GPU tests: $name"
+    timeout "$limit" python3 -m pytest -q -rf -p no:cacheprovider "$@" > "$RUNS/pytest_$name.log" 2>&1
+    grep -E "^FAILED|passed|failed" "$RUNS/pytest_$name.log" | tail -6; grep -m 3 -E "^E  " "$RUNS/pytest_$name.log"
+  }
+  gpu_tests decode_defaults 30 tests/gpu/test_decode_attention.py tests/gpu/test_fp8_kv_kernels.py -k "default and not sum_at_end"
+  gpu_tests sum_at_end 25 -x tests/gpu/test_decode_attention.py -k "sum_at_end and not fused"
+  gpu_tests prefill 50 tests/gpu/test_prefill_kernel.py tests/gpu/test_prefill_attention.py -k "step_keys or 8k or entry"
+  gpu_tests fused 50 tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fp8_gpu.py \
+      -k "quantized or float8 or rotary_and_cache or fused_quantization or row_quantization"
 fi
 if [ "$PART" = kernels ]; then
   for kv in auto fp8; do
@@ -49,11 +50,11 @@ bench() {  # name, time limit, then the flags
   echo "== meshlm bench throughput $*"
   timeout "$limit" python3 -m meshlm bench throughput --model "$DIR" --load-format random --skip-tokenizer-init \
       --dtype bfloat16 --max-model-len 4096 --no-progress --output-json "$OUT/bench_$name.json" "$@" \
-      > "$OUT/bench_$name.log" 2>&1
-  grep -E "Output token|TTFT|TPOT|Steps|Time in|Decode-only|Peak KV|Error" "$OUT/bench_$name.log" | head -12
+      > "$RUNS/bench_$name.log" 2>&1
+  grep -E "Output token|TTFT|TPOT|Steps|Time in|Decode-only|Peak KV|Error" "$RUNS/bench_$name.log" | head -12
 }
-bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
-bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
 bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
     --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
-bench bf16_2048 140 --num-prompts 1000 --input-len 2048 --output-len 128
+bench bf16_2048 130 --num-prompts 1000 --input-len 2048 --output-len 128
+bench fp8_128 70 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+bench bf16_128 70 --num-prompts 2000 --input-len 128 --output-len 128

@@ -324,6 +324,12 @@ def _new_kv_args(new_kv: tuple[torch.Tensor, torch.Tensor] | None, tiles: Prefil
     return k, v, strides
 
 
+def tma_loadable(x: torch.Tensor) -> bool:
+    """Whether ``tma_kv`` can load x [num_tokens, num_kv_heads, head_dim]: heads side by side, the
+    start and the token stride 16-byte aligned."""
+    return x.stride(1) == x.shape[2] and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+
+
 def _tile_descriptor(x: torch.Tensor, block_n: int) -> TensorDescriptor:
     """A host tensor descriptor of x [num_tokens, num_kv_heads, head_dim] seen as [num_tokens,
     num_kv_heads * head_dim] (heads side by side in a token's row), loading [block_n, head_dim]
@@ -332,7 +338,7 @@ def _tile_descriptor(x: torch.Tensor, block_n: int) -> TensorDescriptor:
     which want ``triton.set_allocator``). TMA wants 16-byte aligned addresses and row strides."""
     num_tokens, num_kv_heads, head_dim = x.shape
     row_bytes = x.stride(0) * x.element_size()
-    if x.stride(1) != head_dim or x.data_ptr() % 16 or row_bytes % 16:
+    if not tma_loadable(x):
         raise ValueError(f"tma_kv: shape {tuple(x.shape)}, strides {x.stride()}, address {x.data_ptr():#x}: heads "
                          f"must lie side by side (head stride {head_dim}), the start and the {row_bytes}-byte token "
                          f"stride 16-byte aligned")

@@ -62,16 +62,20 @@ class PrefillTiles:
 # in flight (128 KiB of shared memory, under 200 registers a thread, no spills). Rows of one head
 # ran faster than 32 tokens x a GQA group of 4 (``pack_gqa``, which reads each K/V tile once for
 # the group) on an H200: 1 x 8k 55.9 -> 57.4 %, 4 x 8k 55.6 -> 57.8 % of the bf16 GEMM rate
-# (benchmarks/prefill_sweep.py, which times the alternatives at 1 x 8k and 4 x 8k).
-_BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=False, prefetch_table=True)
+# (benchmarks/prefill_sweep.py, which times the alternatives at 1 x 8k and 4 x 8k). The step's own
+# keys and values read apart from the pool by tensor-descriptor (TMA) loads (``contiguous_kv``,
+# ``tma_kv``), in the same run of attention_bench.py: 1 x 8k 58.3 -> 65.6 %, 4 x 8k 55.1 -> 59.2 %,
+# 4 x 2k 45.7 -> 48.3 % (pointer loads from them alone were slower: 56.3 %, 54.5 %, 43.3 %).
+_BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=False, prefetch_table=True, contiguous_kv=True, tma_kv=True)
 # fp32 (tests, reference runs) takes small tiles: twice larger elements, and quick to compile.
 _FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
 
 # A batch goes to the prefill kernel when its longest query has at least this many tokens. On an
-# H200 (attention_bench.py, the 8B shape) the prefill kernel took 1330 us at 1 x 8k against the
-# unified kernel's 1792 and 5406 against 6811 at 4 x 8k, but 265 us against 212 at 1 x 2k: with a
-# few thousand tokens the unified kernel's smaller tiles give the SMs more programs.
-PREFILL_MIN_QUERY_LEN = 4096
+# H200 (attention_bench.py, the 8B shape), with the tiles above, the prefill kernel took 376 us at
+# 4 x 2k against the unified kernel's 527 (1109 against 1745 at 1 x 8k). With shorter queries the
+# unified kernel's smaller tiles give the SMs more programs (1 x 2k, measured with earlier tiles:
+# 265 us against 212).
+PREFILL_MIN_QUERY_LEN = 2048
 # ... and when the rows its tiles leave empty (short queries padded to a program's query tokens:
 # decodes mixed into the step) are at most this fraction of the batch's query tokens.
 _MAX_PADDING_FRACTION = 0.25
