@@ -35,7 +35,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, num_cols, stride_x, stride_q,
     for start in range(0, num_cols, BLOCK):
         is_col = start + cols < num_cols
         x = tl.load(x_row + start + cols, mask=is_col, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        # div_rn: IEEE-rounded as torch divides (Triton's "/" on a GPU may differ by an ulp)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
         tl.store(q_row + start + cols, q.to(q_ptr.dtype.element_ty), mask=is_col)
 
 
@@ -62,5 +63,5 @@ def store_quantized_row(values, q_row_ptr, cols, mask, scale_ptr, FP8_MAX: tl.co
     ``q_row_ptr + cols``."""
     scale = tl.maximum(tl.max(tl.abs(values), axis=0) / FP8_MAX, MIN_SCALE)
     tl.store(scale_ptr, scale)
-    q = tl.minimum(tl.maximum(values / scale, -FP8_MAX), FP8_MAX)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -FP8_MAX), FP8_MAX)  # as torch divides
     tl.store(q_row_ptr + cols, q.to(q_row_ptr.dtype.element_ty), mask=mask)

@@ -25,6 +25,8 @@ are those of :func:`meshlm.kernels.attention.paged_attention_reference`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -284,7 +286,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return out
 
     group = num_heads // num_kv_heads
-    tiles = tiles or prefill_tiles(head_dim, group, q.dtype)
+    tiles = tiles or default_tiles(head_dim, group, q.dtype, new_kv)
     tiles.check(group)
     block_q = tiles.query_tokens(group)
     program_map = _program_map(meta, block_q, num_tokens, q.device)
@@ -322,6 +324,18 @@ def _new_kv_args(new_kv: tuple[torch.Tensor, torch.Tensor] | None, tiles: Prefil
     if tiles.tma_kv:
         return _tile_descriptor(k, tiles.block_n), _tile_descriptor(v, tiles.block_n), strides
     return k, v, strides
+
+
+def default_tiles(head_dim: int, group: int, dtype: torch.dtype,
+                  new_kv: tuple[torch.Tensor, torch.Tensor] | None) -> PrefillTiles:
+    """:func:`prefill_tiles`, reading the step's own keys apart only when ``new_kv`` came, and by
+    tensor descriptors only where TMA can load them (else by pointers)."""
+    tiles = prefill_tiles(head_dim, group, dtype)
+    if new_kv is None:  # the step's own keys are then only in the cache
+        return replace(tiles, contiguous_kv=False, tma_kv=False)
+    if tiles.tma_kv and not all(tma_loadable(x) for x in new_kv):
+        return replace(tiles, tma_kv=False)
+    return tiles
 
 
 def tma_loadable(x: torch.Tensor) -> bool:

@@ -26,8 +26,6 @@ capture computes its own map in the graph (once, for all its layers) rather than
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import triton
 import triton.language as tl
@@ -35,8 +33,8 @@ import triton.language as tl
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.attention_tiles import UnifiedTiles, check_tiles, unified_tiles
 from meshlm.kernels.decode_attention import paged_decode_attention
-from meshlm.kernels.prefill_attention import prefill_attention, tma_loadable
-from meshlm.kernels.prefill_tiles import PrefillTiles, num_leading_decodes, prefill_tiles, uses_prefill_kernel
+from meshlm.kernels.prefill_attention import default_tiles, prefill_attention
+from meshlm.kernels.prefill_tiles import PrefillTiles, num_leading_decodes, uses_prefill_kernel
 from meshlm.kernels.triton_launch import dot_precision
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 
@@ -194,11 +192,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
                                       v_scale=v_scale)
     head_dim, group = q.shape[2], q.shape[1] // k_cache.shape[2]
-    tiles = prefill_tiles(head_dim, group, q.dtype)
-    if new_kv is None:  # the step's own keys are then only in the cache
-        tiles = replace(tiles, contiguous_kv=False, tma_kv=False)
-    elif tiles.tma_kv and not all(tma_loadable(x) for x in new_kv):  # read by pointers instead
-        tiles = replace(tiles, tma_kv=False)
+    tiles = default_tiles(head_dim, group, q.dtype, new_kv)
     num_decodes = num_leading_decodes(meta.query_lens_host)
     chunk_lens = meta.query_lens_host[num_decodes:]
     if uses_prefill_kernel(chunk_lens, q.dtype, k_cache.dtype, head_dim, group, sliding_window, tiles):

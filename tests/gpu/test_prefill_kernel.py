@@ -222,7 +222,7 @@ def test_decodes_then_chunks_by_two_kernels_match_reference(monkeypatch, kind):
     monkeypatch.setattr(prefill_tiles, "PREFILL_MIN_QUERY_LEN", 32)
     if kind is not None:
         tiles = PrefillTiles(16, 32, 4, 2, **CONTIGUOUS[kind])
-        monkeypatch.setattr(triton_attention, "prefill_tiles", lambda *args: tiles)
+        monkeypatch.setattr("meshlm.kernels.prefill_attention.prefill_tiles", lambda *args: tiles)
     seqs = [(30, 1), (17, 1), (37, 70), (0, 45)]
     q, k_cache, v_cache, meta = make_batch(seqs, 1, 4, 64, torch.float32)
     expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, 0.125)
@@ -241,7 +241,7 @@ def test_entry_point_without_the_step_keys_reads_the_pool(monkeypatch):
     """Tiles with contiguous_kv and no new_kv (a caller that keeps no rotated keys): the entry
     point reads every key from the pool, and gets the reference's result."""
     monkeypatch.setattr(prefill_tiles, "PREFILL_MIN_QUERY_LEN", 32)
-    monkeypatch.setattr(triton_attention, "prefill_tiles", lambda *args: PrefillTiles(16, 32, 4, 2, contiguous_kv=True))
+    monkeypatch.setattr("meshlm.kernels.prefill_attention.prefill_tiles", lambda *args: PrefillTiles(16, 32, 4, 2, contiguous_kv=True))
     q, k_cache, v_cache, meta = make_batch([(37, 70)], 1, 4, 64, torch.float32)
     expected = paged_attention_reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), meta, 0.125)
     got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125)
