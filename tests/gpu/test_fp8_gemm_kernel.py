@@ -156,6 +156,36 @@ def test_weight_in_the_activations_dtype_is_used_as_it_is(split_k):
     torch.testing.assert_close(out.cpu(), expected, rtol=RTOL[torch.bfloat16], atol=1e-3)
 
 
+def _recorded_launch_shapes() -> list[tuple[str, dict]]:
+    """Every launch shape the shipped per-card files record, once each: (file name, tiles)."""
+    shapes = {}
+    for path in sorted(tuned_configs.CONFIG_DIR.glob("*.json")):
+        for entry in json.loads(path.read_text())["entries"]:
+            shapes.setdefault(json.dumps(entry["tiles"], sort_keys=True), path.name)
+    return [(name, json.loads(tiles)) for tiles, name in shapes.items()]
+
+
+@pytest.mark.parametrize("name,tiles", _recorded_launch_shapes(),
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_recorded_launch_shapes_compute_the_product(name, tiles):
+    """Each launch shape a sweep recorded for a card (the engine runs them there) gives the product,
+    for the weight dtype its file serves: float8 with per-channel scales, or 16-bit as it is. K
+    spans at least two tiles of every split, so that split-K reduces real partial sums."""
+    tiles = FP8GemmTiles(**tiles)
+    k = 2 * tiles.block_k * tiles.split_k
+    if name.startswith("bf16_weight_gemm"):
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(1, k, generator=gen).to(DEVICE, torch.bfloat16)
+        w = (torch.randn(2 * tiles.block_n, k, generator=gen) * 0.05).to(DEVICE, torch.bfloat16)
+        got = fp8_weight_gemm(x, w, None, tiles=tiles)
+        expected = (x.double() @ w.double().t())
+        torch.testing.assert_close(got.double(), expected, rtol=RTOL[torch.bfloat16],
+                                   atol=1e-5 * float(expected.abs().max()))
+    else:
+        x, w, scale, bias = make_case(1, 2 * tiles.block_n, k, torch.bfloat16, True, False, seed=8)
+        assert_matches_reference(fp8_weight_gemm(x, w, scale, tiles=tiles), x, w, scale, bias, f"{name} {tiles}")
+
+
 def test_recorded_launch_shape_wins_over_the_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(tuned_configs, "CONFIG_DIR", tmp_path)
     tuned_configs._entries.cache_clear()
