@@ -92,7 +92,7 @@ class Request:
         return self.num_tokens + self.num_output_placeholders
 
     @property
-    def max_num_tokens(self) -> int | None:
+    def max_length(self) -> int | None:
         """The most tokens this sequence can reach: its prompt and ``max_tokens``, within the
         context length; None when neither bounds it."""
         limits = [self.max_model_len]

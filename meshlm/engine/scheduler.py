@@ -12,11 +12,12 @@ Each step has a budget of ``max_num_tokens`` tokens and ``max_batch_size`` seque
    a cached position has no logits), the request gets ``min(uncomputed tokens, budget left)`` tokens (a long prompt is
    prefilled in chunks over several steps) and is admitted only if its blocks can be allocated
    (capacity policy ``max_utilization``, the default, as vLLM). Admission stops at the first
-   request that does not fit: nobody skips ahead. Under the ``guaranteed_no_evict`` policy a request also waits until the pool holds, beyond what
-   the running requests may still need to reach their ``max_tokens`` (or the context length),
-   everything it may need itself (prefix-cache hits not counted): then no request is preempted
-   while the running ones grow, at the price of fewer admitted while the pool is full of
-   reservations. A request is admitted whatever it needs when nothing else runs.
+   request that does not fit: nobody skips ahead. Under the ``guaranteed_no_evict`` policy a
+   request also waits until the pool holds, beyond what the running requests may still need to
+   reach their ``max_tokens`` (or the context length), everything it may need itself (prefix-cache
+   hits not counted): then no request is preempted while the running ones grow, at the price of
+   fewer admitted while the pool is full of reservations. A request is admitted whatever it needs
+   when nothing else runs.
 
 Forks: the ``n`` samples of one prompt are one request in the queue, whose ``forks`` are the
 other samples. The chunk that samples its first token forks them (``ScheduledChunk.forked``):
@@ -346,7 +347,7 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
     def _blocks_to_finish(self, request: Request) -> int:
         """Blocks the request and its forks still to come may need beyond those they hold, to
         reach their most tokens (the whole pool when nothing bounds them)."""
-        most = request.max_num_tokens
+        most = request.max_length
         full = self.kv.num_blocks if most is None else num_blocks_for(most, self.kv.block_size)
         return max(0, full - len(request.block_ids)) + full * len(request.forks)
 

@@ -21,8 +21,8 @@ class SchedulerStats:
         """Count a step that ran: ``output`` is its ``SchedulerOutput``."""
         self.num_steps += 1
         for chunk in output.chunks:
-            is_decode = chunk.start >= chunk.request.num_prompt_tokens
-            if is_decode and chunk.num_new_tokens == 1 + len(chunk.draft_token_ids):
+            after_prompt = chunk.start >= chunk.request.num_prompt_tokens
+            if after_prompt and chunk.num_new_tokens == 1 + len(chunk.draft_token_ids):
                 self.num_decode_tokens += chunk.num_new_tokens
             else:
                 self.num_prefill_tokens += chunk.num_new_tokens
