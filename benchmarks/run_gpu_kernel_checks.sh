@@ -8,7 +8,10 @@
 #                 float8 norm / SiLU output (~4 min)
 #   PART=bench    meshlm bench throughput: bf16 128/128 x 2000, FP8 128/128 x 2000 (FP8 KV), FP8
 #                 1000/1000 x 1000 (FP8 KV, guaranteed_no_evict), bf16 2048/128 x 1000 (~8 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=engine   rank 0's host time per step (host_overhead.py), the bf16 small-batch GEMM's GPU
+#                 tests, decode steps with their GPU busy fraction (bf16 at 1, 64, 256, 1024; FP8
+#                 weights and KV at 1024 and 1712), bench FP8 and bf16 128/128 x 2000 (~7 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -43,7 +46,22 @@ if [ "$PART" = kernels ]; then
     tail -3 "$OUT/profile_fp8_$fused.log"
   done
 fi
-[ "$PART" = bench ] || exit 0
+if [ "$PART" = engine ]; then
+  echo "== rank 0's host time per step (host_overhead.py, no model)"
+  timeout 60 python3 benchmarks/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tail -7
+  echo "== GPU tests: the small-batch GEMM with bf16 weights, the recorded launch shapes"
+  timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_fp8_gemm_kernel.py -k "16_bit or recorded" \
+      > "$RUNS/pytest_gemm.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$RUNS/pytest_gemm.log" | tail -6; grep -m 3 -E "^E  " "$RUNS/pytest_gemm.log"
+  echo "== decode steps and the GPU's busy fraction (profile_decode.py): bf16; FP8 weights and KV"
+  timeout 80 python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --steps 20 --out "$OUT/profile_bf16.json" \
+      > "$RUNS/profile_bf16.log" 2>&1
+  tail -6 "$RUNS/profile_bf16.log"
+  timeout 80 python3 benchmarks/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batches 1024,1712 \
+      --steps 10 --out "$OUT/profile_fp8.json" > "$RUNS/profile_fp8.log" 2>&1
+  tail -4 "$RUNS/profile_fp8.log"
+fi
+[ "$PART" = bench ] || [ "$PART" = engine ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -53,6 +71,11 @@ bench() {  # name, time limit, then the flags
       > "$RUNS/bench_$name.log" 2>&1
   grep -E "Output token|TTFT|TPOT|Steps|Time in|Decode-only|Peak KV|Error" "$RUNS/bench_$name.log" | head -12
 }
+if [ "$PART" = engine ]; then
+  bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+  bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
+  exit 0
+fi
 bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
     --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
 bench bf16_2048 130 --num-prompts 1000 --input-len 2048 --output-len 128

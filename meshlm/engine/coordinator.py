@@ -39,15 +39,26 @@ class _Group:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.sequences)
+        sequences = self.sequences
+        if len(sequences) == 1:
+            return sequences[0].status.is_finished
+        return all(s.status.is_finished for s in sequences)
 
     def take_output(self) -> RequestOutput | None:
         """The delta of every sequence that progressed since the last call; None if none did."""
-        deltas = [d for d in (s.take_output() for s in self.sequences) if d is not None]
-        if not deltas:
-            return None
+        sequences = self.sequences
+        if len(sequences) == 1:  # n = 1, most requests
+            delta = sequences[0].take_output()
+            if delta is None:
+                return None
+            deltas, num_cached = [delta], sequences[0].num_cached_prompt_tokens
+        else:
+            deltas = [d for d in (s.take_output() for s in sequences) if d is not None]
+            if not deltas:
+                return None
+            num_cached = min(s.num_cached_prompt_tokens for s in sequences)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, deltas, self.finished,
-                             min(s.num_cached_prompt_tokens for s in self.sequences), self._take_prompt_logprobs())
+                             num_cached, self._take_prompt_logprobs())
 
     def _take_prompt_logprobs(self) -> list[dict[int, float] | None] | None:
         """The prompt's logprobs once they are complete (the first sample scores them), then None."""
@@ -274,7 +285,7 @@ class Coordinator:
                 self.dispatcher.execute(StepPlan.empty(finished_request_ids=self._take_finished()))
             return None
         in_flight = self._in_flight
-        prev_rows = {} if in_flight is None else {rid: row for row, rid in enumerate(in_flight.sample_request_ids)}
+        prev_rows = {} if in_flight is None else dict(zip(in_flight.sample_request_ids, itertools.count()))
         plan = build_step_plan(sched.chunks, self.block_size, prev_rows, self._new_to_workers(sched),
                                self._take_finished(), sched.block_copies)
         return _LaunchedStep(sched, plan.sample_request_ids, self.dispatcher.execute(plan))
@@ -291,7 +302,7 @@ class Coordinator:
             if output is not None:
                 outputs.append(output)
             for request in group.sequences:
-                if request.is_finished:
+                if request.status.is_finished:
                     self._forget(request)
             if group.finished:
                 self._groups.pop(group.request_id, None)
@@ -309,11 +320,12 @@ class Coordinator:
         return ids
 
     def _new_to_workers(self, sched: SchedulerOutput) -> list[NewRequest]:
-        new_requests = []
-        for request in (r for c in sched.chunks for r in (c.request, *c.forked)):
-            if request.request_id not in self._known_to_workers:
-                self._known_to_workers.add(request.request_id)
-                new_requests.append(NewRequest(request.request_id, request.params, list(request.prompt_token_ids)))
+        new_requests, known = [], self._known_to_workers
+        for chunk in sched.chunks:
+            for request in (chunk.request, *chunk.forked) if chunk.forked else (chunk.request,):
+                if request.request_id not in known:
+                    known.add(request.request_id)
+                    new_requests.append(NewRequest(request.request_id, request.params, list(request.prompt_token_ids)))
         return new_requests
 
     def shutdown(self) -> None:

@@ -92,36 +92,46 @@ class KVCacheManager:
     def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
         """Blocks ``request`` lacks to hold its computed tokens plus ``num_new_tokens`` more,
         counting a copy of each shared block those new tokens are written into."""
-        needed = num_blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)
+        needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(0, needed - len(request.block_ids)) + len(self._shared_written(request, needed))
 
     def _shared_written(self, request: Request, num_blocks_needed: int) -> list[int]:
         """Indices into ``request.block_ids`` of the blocks the next tokens are written into
         (from its first uncomputed token on) that other sequences hold too."""
+        block_ids, ref_counts = request.block_ids, self._ref_counts
         first = request.num_computed_tokens // self.block_size
-        last = min(num_blocks_needed, len(request.block_ids))
-        return [i for i in range(first, last) if self._ref_counts[request.block_ids[i]] > 1]
+        last = min(num_blocks_needed, len(block_ids))
+        if last - first == 1:  # a decode writing into the block it already has
+            return [first] if ref_counts[block_ids[first]] > 1 else []
+        return [i for i in range(first, last) if ref_counts[block_ids[i]] > 1]
 
     def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
         return self.num_new_blocks(request, num_new_tokens) <= self.num_free_blocks
 
     def allocate(self, request: Request, num_new_tokens: int) -> None:
         """Extend ``request.block_ids`` to cover its computed tokens plus ``num_new_tokens``."""
-        num_new = self.num_new_blocks(request, num_new_tokens)
-        if num_new > self.num_free_blocks:
+        if not self.try_allocate(request, num_new_tokens):
             raise RuntimeError(
-                f"request {request.request_id}: {num_new} new KV blocks needed for "
-                f"num_computed_tokens={request.num_computed_tokens} + num_new_tokens={num_new_tokens} "
+                f"request {request.request_id}: {self.num_new_blocks(request, num_new_tokens)} new KV blocks "
+                f"needed for num_computed_tokens={request.num_computed_tokens} + num_new_tokens={num_new_tokens} "
                 f"(block_size={self.block_size}, holds {len(request.block_ids)}), but only "
                 f"{self.num_free_blocks} of {self.num_blocks} are free; check can_allocate first")
-        needed = num_blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)
-        for index in self._shared_written(request, needed):  # copy-on-write
-            src, dst = request.block_ids[index], self._take_free_block()
+
+    def try_allocate(self, request: Request, num_new_tokens: int) -> bool:
+        """``allocate`` when the free blocks suffice (True), else change nothing (False)."""
+        block_ids = request.block_ids
+        needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
+        shared = self._shared_written(request, needed)
+        if max(0, needed - len(block_ids)) + len(shared) > len(self._free_uncached) + len(self._free_cached):
+            return False
+        for index in shared:  # copy-on-write
+            src, dst = block_ids[index], self._take_free_block()
             self._release(src)  # still held by the others
-            request.block_ids[index] = dst
+            block_ids[index] = dst
             self._block_copies.append((src, dst))
-        for _ in range(needed - len(request.block_ids)):
-            request.block_ids.append(self._take_free_block())
+        for _ in range(needed - len(block_ids)):
+            block_ids.append(self._take_free_block())
+        return True
 
     def fork(self, parent: Request, child: Request) -> None:
         """Give ``child`` (holding no blocks) ``parent``'s block table, every block shared."""
@@ -218,8 +228,12 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching:
             return
-        keys = self._request_keys.setdefault(request.request_id, [])
+        keys = self._request_keys.get(request.request_id)
         num_full = request.num_computed_tokens // self.block_size
+        if keys is None:
+            keys = self._request_keys[request.request_id] = []
+        elif len(keys) >= num_full:  # a decode within its last block: nothing new is full
+            return
         for index in range(len(keys), num_full):
             key = hash_block(keys[-1] if keys else None, self._block_tokens(request, index))
             block_id = request.block_ids[index]

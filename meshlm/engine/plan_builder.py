@@ -6,6 +6,8 @@ the previous step's sampled tokens that the ranks take from the device instead.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from meshlm.engine.scheduler import ScheduledChunk
@@ -29,13 +31,11 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
     seq_index = np.repeat(np.arange(len(chunks)), query_lens)  # [num_tokens]
     positions = starts[seq_index] + (np.arange(num_tokens) - query_start_loc[:-1][seq_index])
     input_ids, prev_index, prev_rows = _input_ids(chunks, query_start_loc, num_tokens, prev_sample_rows)
-    max_blocks = max(len(c.request.block_ids) for c in chunks)
-    block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)  # [num_seqs, max_blocks]
-    for i, c in enumerate(chunks):
-        block_tables[i, :len(c.request.block_ids)] = c.request.block_ids
+    block_tables = _block_tables([c.request.block_ids for c in chunks])
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
-    samplers = [(i, r) for i, c in enumerate(chunks) if c.is_sampling for r in (c.request, *c.forked)]
+    samplers = [(i, r) for i, c in enumerate(chunks) if c.is_sampling
+                for r in ((c.request, *c.forked) if c.forked else (c.request,))]
     num_draft_tokens = np.array([len(chunks[i].draft_token_ids) for i, _ in samplers], dtype=np.int32)
     scored_index, scored_targets, scored_num_top = _prompt_scores(chunks, query_start_loc)
     return StepPlan(
@@ -48,6 +48,14 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
         prompt_logprob_index=scored_index, prompt_logprob_target_ids=scored_targets,
         prompt_logprob_num_top=scored_num_top, block_copies=np.array(block_copies, dtype=np.int64).reshape(-1, 2),
         num_draft_tokens=num_draft_tokens)
+
+
+def _block_tables(tables: list[list[int]]) -> np.ndarray:
+    """The block tables as one array [num_seqs, longest table], zero-padded."""
+    lengths = np.array([len(t) for t in tables], dtype=np.int64)
+    out = np.zeros((len(tables), int(lengths.max())), dtype=np.int32)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = list(itertools.chain.from_iterable(tables))
+    return out
 
 
 def _prompt_scores(chunks: list[ScheduledChunk], query_start_loc: np.ndarray
@@ -69,23 +77,34 @@ def _prompt_scores(chunks: list[ScheduledChunk], query_start_loc: np.ndarray
 def _input_ids(chunks: list[ScheduledChunk], query_start_loc: np.ndarray, num_tokens: int,
                prev_sample_rows: dict[str, int]) -> tuple[np.ndarray, list[int], list[int]]:
     """The packed input ids [num_tokens], and where the step in flight's tokens go: (indices into
-    the input ids, rows of that step's sampled tokens)."""
-    input_ids = np.zeros(num_tokens, dtype=np.int64)
+    the input ids, rows of that step's sampled tokens). An unknown token's id is 0 in the array."""
+    input_ids: list[int] = []
     prev_index, prev_rows = [], []
-    for i, chunk in enumerate(chunks):
-        request, offset = chunk.request, int(query_start_loc[i])
+    for chunk in chunks:
+        request, start, num_new = chunk.request, chunk.start, chunk.num_new_tokens
+        prompt, outputs = request.prompt_token_ids, request.output_token_ids
         num_drafts = len(chunk.draft_token_ids)  # drafts follow the known last token
-        known = _known_tokens(request.prompt_token_ids, request.output_token_ids, chunk.start,
-                              chunk.start + chunk.num_new_tokens - num_drafts) + chunk.draft_token_ids
-        input_ids[offset:offset + len(known)] = known
-        num_unknown = chunk.num_new_tokens - len(known)
+        end = min(start + num_new - num_drafts, len(prompt) + len(outputs))
+        if num_new == 1 and not num_drafts:  # a decode: of a known token, or of the one in flight
+            if end > start:
+                input_ids.append(prompt[start] if start < len(prompt) else outputs[start - len(prompt)])
+            else:
+                prev_index.append(len(input_ids))
+                prev_rows.append(prev_sample_rows[request.request_id])
+                input_ids.append(0)
+            continue
+        input_ids += _known_tokens(prompt, outputs, start, end)
+        input_ids += chunk.draft_token_ids
+        num_unknown = start + num_new - num_drafts - end
         if num_unknown:
             # Only one step is ever in flight, so only a chunk's last token can be unknown.
-            assert num_unknown == 1 and request.request_id in prev_sample_rows, \
+            assert num_unknown == 1 and not num_drafts and request.request_id in prev_sample_rows, \
                 f"{request.request_id}: {num_unknown} unknown input tokens, in flight: {request.request_id in prev_sample_rows}"
-            prev_index.append(offset + chunk.num_new_tokens - 1)
+            prev_index.append(len(input_ids))
             prev_rows.append(prev_sample_rows[request.request_id])
-    return input_ids, prev_index, prev_rows
+            input_ids.append(0)
+    assert len(input_ids) == num_tokens, (len(input_ids), num_tokens)
+    return np.array(input_ids, dtype=np.int64), prev_index, prev_rows
 
 
 def _known_tokens(prompt: list[int], outputs: list[int], start: int, end: int) -> list[int]:

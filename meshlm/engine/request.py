@@ -18,9 +18,9 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"  # max_tokens or the context length
     FINISHED_ABORTED = "abort"
 
-    @property
-    def is_finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+    def __init__(self, value: str) -> None:
+        # An attribute of each member, not a property: the step loop asks it several times a sequence.
+        self.is_finished = value not in ("waiting", "running")
 
 
 @dataclass(slots=True, eq=False)
@@ -89,7 +89,7 @@ class Request:
     @property
     def num_tokens_with_placeholders(self) -> int:
         """The known tokens and the outputs still in flight: what the scheduler plans with."""
-        return self.num_tokens + self.num_output_placeholders
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_output_placeholders
 
     @property
     def max_length(self) -> int | None:
@@ -201,14 +201,13 @@ class Request:
         if self._is_finish_taken:
             return None
         num_new = len(self.output_token_ids) - self._num_tokens_taken
-        finished = self._is_finish_taken = self.is_finished
-        hold = 0 if finished else self._hold_back()
-        text = self._pending_text[:max(0, len(self._pending_text) - hold)]
+        finished = self._is_finish_taken = self.status.is_finished
+        if self.params.stop:  # text that may begin a stop string is held back
+            text = self._release_text(finished)
+        else:
+            text, self._pending_text = self._pending_text, ""
         if num_new == 0 and not text and not finished:
             return None
-        self._pending_text = self._pending_text[len(text):]
-        longest_stop = max((len(s) for s in self.params.stop), default=0)
-        self._released_tail = (self._released_tail + text)[-longest_stop:] if longest_stop else ""
         token_ids = self.output_token_ids[self._num_tokens_taken:]
         self._num_tokens_taken = len(self.output_token_ids)
         logprobs, self._pending_logprobs = self._pending_logprobs, None
@@ -217,6 +216,16 @@ class Request:
         finish_reason = self.status.value if finished else None
         return CompletionOutput(self.index, text, token_ids, finish_reason,
                                 self.stop_reason if finished else None, logprobs)
+
+    def _release_text(self, finished: bool) -> str:
+        """The pending text that can be handed out: all of it once finished, else all but the
+        longest stop string's length minus one (unless stop strings are shown in the output)."""
+        hold = 0 if finished else self._hold_back()
+        text = self._pending_text[:max(0, len(self._pending_text) - hold)]
+        self._pending_text = self._pending_text[len(text):]
+        longest_stop = max(len(s) for s in self.params.stop)
+        self._released_tail = (self._released_tail + text)[-longest_stop:]
+        return text
 
     def _hold_back(self) -> int:
         params = self.params

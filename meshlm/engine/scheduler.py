@@ -38,6 +38,7 @@ waiting request, so it goes to the front of the queue.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from meshlm.config import SchedulerConfig
@@ -45,7 +46,8 @@ from meshlm.engine.kv_cache import KVCacheManager, num_blocks_for
 from meshlm.engine.fork_scheduling import ForkScheduling
 from meshlm.engine.request import Request, RequestStatus
 from meshlm.engine.scheduler_stats import SchedulerStats
-from meshlm.engine.spec_scheduling import Proposer, SpecDecodeStats, SpeculativeScheduling
+from meshlm.engine.spec_scheduling import (Proposer, SpecDecodeStats, SpeculativeScheduling, prompt_logprobs,
+                                          token_logprobs)
 from meshlm.protocol import StepResult
 
 __all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput", "SchedulerStats", "SpecDecodeStats"]
@@ -65,9 +67,9 @@ class ScheduledChunk:
     num_scored: int = 0
     # Sequences forked from ``request`` by this chunk: each samples its own token from the same
     # last-token logits, in the rows after the request's own.
-    forked: list[Request] = field(default_factory=list)
+    forked: Sequence[Request] = ()
     # Speculative decoding: the chunk's last tokens are these drafts, after the last known token.
-    draft_token_ids: list[int] = field(default_factory=list)
+    draft_token_ids: Sequence[int] = ()
 
 
 @dataclass(slots=True)
@@ -216,19 +218,38 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
         sampled = []
         row = 0  # the chunk's row in ``result``: sampling chunks in order
         prompt_row = 0  # its first row of prompt scores
+        # One token a row (no drafts in the step): the rows as Python ints, converted once.
+        tokens = result.token_ids.tolist() if result is not None and result.num_tokens is None else None
         for chunk in output.chunks:
             request = chunk.request
             if chunk.num_scored and not request.is_finished:
-                request.prompt_logprobs.extend(_prompt_logprobs(result, prompt_row, chunk))
+                request.prompt_logprobs.extend(prompt_logprobs(result, prompt_row, chunk))
             prompt_row += chunk.num_scored
-            if chunk.is_sampling:
-                for r in (request, *chunk.forked):
-                    if self._append(r, chunk, result, row):
+            if not chunk.is_sampling:
+                if request.status == RequestStatus.RUNNING:
+                    self.kv.cache_full_blocks(request)  # every token it has computed is known now
+                continue
+            for r in (request, *chunk.forked) if chunk.forked else (request,):
+                if tokens is not None and not r.is_beam and not chunk.draft_token_ids:
+                    if self._append_one(r, tokens[row], result, row):
                         sampled.append(r)
-                    row += 1
-            elif request.status == RequestStatus.RUNNING:
-                self.kv.cache_full_blocks(request)  # every token it has computed is known now
+                elif self._append(r, chunk, result, row):
+                    sampled.append(r)
+                row += 1
         return sampled
+
+    def _append_one(self, request: Request, token_id: int, result: StepResult, row: int) -> bool:
+        """``_append`` of a row of one token (no drafts), the common case, with fewer steps."""
+        if request.status.is_finished:
+            return False
+        request.num_output_placeholders -= 1
+        logprobs = None if request.params.logprobs is None else token_logprobs(result, row, token_id, request)
+        status = request.append_token(token_id, logprobs)
+        if request.status == RequestStatus.RUNNING:
+            self.kv.cache_full_blocks(request)  # every token it has computed is known now
+        if status is not None:
+            self.finish(request, status)
+        return True
 
     def _append(self, request: Request, chunk: ScheduledChunk, result: StepResult, row: int) -> bool:
         """Put row ``row``'s tokens in ``request``'s placeholders (and finish it when a token ends
@@ -252,23 +273,26 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
         return True
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        running = self._running
+        running, chunks, max_batch_size = self._running, out.chunks, self.config.max_batch_size
+        pool_tokens = self.kv.num_blocks * self.kv.block_size
         index = 0
         # The sampler's memory is reserved for max_batch_size rows: drafts fill what decodes leave.
-        draft_budget = self.config.max_batch_size - len(running)
-        while index < len(running) and budget > 0 and len(out.chunks) < self.config.max_batch_size:
+        draft_budget = max_batch_size - len(running)
+        while index < len(running) and budget > 0 and len(chunks) < max_batch_size:
             request = running[index]
-            if self._outgrew_pool(request):
+            num_known = request.num_tokens_with_placeholders
+            if num_known > pool_tokens:  # its known tokens cannot all be in the pool at once
                 running.pop(index)
                 self._finish_for_length(request, out)
                 continue
-            num_new = min(request.num_uncomputed_tokens, budget)
+            num_new = min(num_known - request.num_computed_tokens, budget)
             if num_new == 0 or request.is_capped_by_placeholders:  # it finishes when they land
                 index += 1
                 continue
-            drafts = self._draft_tokens(request, budget, draft_budget)
+            drafts = self._draft_tokens(request, budget, draft_budget) if self.proposer is not None else []
             draft_budget -= len(drafts)
-            while not self.kv.can_allocate(request, num_new):
+            # Drafts come only with a decode (num_new == 1) whose drafts' blocks were found free.
+            while not self.kv.try_allocate(request, num_new + len(drafts)):
                 victim = running.pop()  # the newest; never one scheduled earlier in this loop
                 self._preempt(victim, out)
                 if victim is request:
@@ -307,7 +331,7 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
             if not request.needs_prompt_logprobs:  # scoring the prompt needs every position run
                 self.kv.get_computed_prefix(request)
             num_new = min(request.num_uncomputed_tokens, budget)
-            if not self.kv.can_allocate(request, num_new):
+            if not self.kv.try_allocate(request, num_new):
                 self.kv.free(request)  # give back the shared prefix blocks until it fits
                 request.num_computed_tokens = 0
                 break
@@ -318,20 +342,21 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
             self._add_chunk(request, num_new, out)
             budget -= num_new
 
-    def _add_chunk(self, request: Request, num_new: int, out: SchedulerOutput,
-                   drafts: list[int] | None = None) -> None:
+    def _add_chunk(self, request: Request, num_new: int, out: SchedulerOutput, drafts: list[int] = ()) -> None:
         """Schedule ``num_new`` of the request's tokens, then ``drafts`` (each may become an output,
-        so each adds a placeholder)."""
-        drafts = drafts or []
-        self.kv.allocate(request, num_new + len(drafts))
+        so each adds a placeholder); their blocks are allocated already."""
         start = request.num_computed_tokens
         is_sampling = start + num_new == request.num_tokens_with_placeholders
-        first_scored, num_scored = request.positions_to_score(start, num_new)
-        chunk = ScheduledChunk(request, start, num_new + len(drafts), is_sampling, first_scored, num_scored,
+        if request.params.prompt_logprobs is None:
+            first_scored, num_scored = start, 0
+        else:
+            first_scored, num_scored = request.positions_to_score(start, num_new)
+        num_drafts = len(drafts)
+        chunk = ScheduledChunk(request, start, num_new + num_drafts, is_sampling, first_scored, num_scored,
                                draft_token_ids=drafts)
         out.chunks.append(chunk)
-        request.num_computed_tokens += num_new + len(drafts)
-        request.num_output_placeholders += is_sampling + len(drafts)
+        request.num_computed_tokens += num_new + num_drafts
+        request.num_output_placeholders += is_sampling + num_drafts
         if is_sampling and request.forks:
             self._fork(chunk)
 
@@ -356,7 +381,7 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
 
     def _outgrew_pool(self, request: Request) -> bool:
         """True when the request's known tokens cannot all be in the KV pool at once."""
-        return num_blocks_for(request.num_tokens_with_placeholders, self.kv.block_size) > self.kv.num_blocks
+        return request.num_tokens_with_placeholders > self.kv.num_blocks * self.kv.block_size
 
     def _finish_for_length(self, request: Request, out: SchedulerOutput) -> None:
         # Already taken out of its queue by the caller.
@@ -372,17 +397,3 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
             self._running = [r for r in self._running if not r.status.is_finished]
             self._num_finished_running = 0
 
-
-def _prompt_logprobs(result: StepResult, first_row: int, chunk: ScheduledChunk) -> list[dict[int, float]]:
-    """``{prompt token: logprob, then the top-k tokens}`` of each position the chunk scored."""
-    request, k = chunk.request, chunk.request.params.prompt_logprobs
-    targets = request.prompt_token_ids[chunk.first_scored + 1:chunk.first_scored + 1 + chunk.num_scored]
-    rows = range(first_row, first_row + chunk.num_scored)
-    entries = []
-    for row, target in zip(rows, targets):
-        entry = {target: float(result.prompt_logprobs[row])}
-        if k and result.prompt_top_token_ids is not None:
-            top = zip(result.prompt_top_token_ids[row, :k].tolist(), result.prompt_top_logprobs[row, :k].tolist())
-            entry.update({t: lp for t, lp in top if t != target})
-        entries.append(entry)
-    return entries

@@ -1,5 +1,6 @@
 """Speculative decoding's part of the scheduler: which draft tokens a decode runs, and how a
-verify step's tokens are appended (rejected drafts rolled back)."""
+verify step's tokens are appended (rejected drafts rolled back); and the logprobs a step's result
+gives a request (``ScheduledChunk`` is the scheduler's: an annotation only, no import back up)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ from typing import Protocol
 from meshlm.engine.request import Request, RequestStatus
 from meshlm.protocol import StepResult
 
-__all__ = ["Proposer", "SpecDecodeStats", "SpeculativeScheduling", "token_logprobs"]
+__all__ = ["Proposer", "SpecDecodeStats", "SpeculativeScheduling", "prompt_logprobs", "token_logprobs"]
 
 
 class Proposer(Protocol):
@@ -92,3 +93,18 @@ def token_logprobs(result: StepResult, row: int, token_id: int, request: Request
         top = zip(result.top_token_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())
         entry.update({t: lp for t, lp in top if t != token_id})
     return entry
+
+
+def prompt_logprobs(result: StepResult, first_row: int, chunk: ScheduledChunk) -> list[dict[int, float]]:
+    """``{prompt token: logprob, then the top-k tokens}`` of each position a scheduled chunk scored."""
+    request, k = chunk.request, chunk.request.params.prompt_logprobs
+    targets = request.prompt_token_ids[chunk.first_scored + 1:chunk.first_scored + 1 + chunk.num_scored]
+    rows = range(first_row, first_row + chunk.num_scored)
+    entries = []
+    for row, target in zip(rows, targets):
+        entry = {target: float(result.prompt_logprobs[row])}
+        if k and result.prompt_top_token_ids is not None:
+            top = zip(result.prompt_top_token_ids[row, :k].tolist(), result.prompt_top_logprobs[row, :k].tolist())
+            entry.update({t: lp for t, lp in top if t != target})
+        entries.append(entry)
+    return entries

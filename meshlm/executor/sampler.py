@@ -57,6 +57,7 @@ class _RequestState:
     needs_history: bool  # a penalty, a bad word or a grammar matcher reads the outputs
     matcher: object | None = None  # the llguidance matcher of a structured-output request
     num_output_tokens: int = 0
+    param_row: tuple[float, ...] = ()  # the request's row of the step's parameter matrix (_row_params)
 
 
 class Sampler:
@@ -95,8 +96,12 @@ class Sampler:
                 raise ValueError(f"request {request_id!r} asks for structured outputs, and this sampler "
                                  "has no tokenizer to compile grammars with")
             matcher = self._grammars.matcher(params.structured_outputs)
+        top_k = self.vocab_size if params.top_k is None else min(params.top_k, self.vocab_size)
+        param_row = (params.temperature, top_k, params.top_p, params.min_p, params.repetition_penalty,
+                     params.presence_penalty, params.frequency_penalty)
         self._requests[request_id] = _RequestState(params, list(prompt_token_ids), [], generator,
-                                                   params.needs_output_history or matcher is not None, matcher)
+                                                   params.needs_output_history or matcher is not None, matcher,
+                                                   param_row=tuple(float(v) for v in param_row))
 
     def remove_request(self, request_id: str) -> None:
         """Forget a request; a no-op for an unknown id (an aborted request may never have arrived)."""
@@ -158,8 +163,8 @@ class Sampler:
         history_rows = [row for row, state in enumerate(states) if state.needs_history]
         if history_rows:
             self._record_history()  # the only wait for earlier steps: penalties and matchers read their tokens
-        row_states = [s for s, c in zip(states, counts.tolist()) for _ in range(c)]
-        host_params = _row_params(row_states, self.vocab_size)  # [num_rows, 7] float64 on the host
+        row_states = states if num_drafts is None else [s for s, c in zip(states, counts.tolist()) for _ in range(c)]
+        host_params = _row_params(row_states)  # [num_rows, 7] float64 on the host
         row_params = _to_device(host_params, self.device).float()
         logits = logits.to(self.device, torch.float32)
 
@@ -295,15 +300,10 @@ def _make_generator(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
-def _row_params(states: list[_RequestState], vocab_size: int) -> np.ndarray:
-    """The rows' numeric parameters as one [num_rows, 7] float64 host array."""
-    out = np.empty((len(states), _NUM_PARAM_COLUMNS), dtype=np.float64)
-    for row, state in enumerate(states):
-        p = state.params
-        top_k = vocab_size if p.top_k is None else min(p.top_k, vocab_size)
-        out[row] = (p.temperature, top_k, p.top_p, p.min_p, p.repetition_penalty,
-                    p.presence_penalty, p.frequency_penalty)
-    return out
+def _row_params(states: list[_RequestState]) -> np.ndarray:
+    """The rows' numeric parameters as one [num_rows, 7] float64 host array (each state's row,
+    top-k bounded by the vocabulary, is computed when its request is added)."""
+    return np.array([state.param_row for state in states], dtype=np.float64).reshape(len(states), _NUM_PARAM_COLUMNS)
 
 
 def _any_filter(host_params: np.ndarray, vocab_size: int) -> bool:
