@@ -78,11 +78,14 @@ class SchedulerConfig:
 
     ``max_batch_size=None`` (auto) is resolved once the KV pool is known, by
     :func:`auto_max_batch_size`: on a GPU, as many sequences as the pool holds at
-    ``AUTO_TOKENS_PER_SEQ`` (512) tokens each, rounded down to a multiple of 16 and kept within
+    ``AUTO_TOKENS_PER_SEQ`` (256) tokens each, rounded down to a multiple of 16 and kept within
     [16, 2048]; on the CPU, 256. The pool counted is the one before the batch's own reserve (its
-    decode graphs and sampling rows), which it then gives up. An 8B bf16 model gets about 1700
-    sequences on a 141 GB H200 and about 830 on an 80 GB H100 (vLLM's default on such cards is
-    1024); a small model gets 2048. Decode graphs are captured for every batch size up to it.
+    decode graphs and sampling rows), which it then gives up. An 8B bf16 model gets 2048
+    sequences on a 141 GB H200 and about 1660 on an 80 GB H100 (vLLM's default on such cards is
+    1024). Longer sequences are bounded by the pool at admission whatever the cap, so the cap
+    matters for short ones: 2000 requests of 128 + 128 tokens run as one batch on the H200 (at 512
+    tokens a sequence the cap was 1696 there, and the last 304 decoded alone). Decode graphs are
+    captured for every batch size up to it.
     """
 
     max_num_tokens: int = 8192  # tokens processed in one step (prefill chunks + decodes)
@@ -135,7 +138,7 @@ class SpeculativeConfig:
         return cls(**spec)
 
 
-AUTO_TOKENS_PER_SEQ = 512  # the typical sequence the automatic max_batch_size plans for
+AUTO_TOKENS_PER_SEQ = 256  # the short sequence the automatic max_batch_size plans for
 AUTO_MAX_BATCH_SIZE = 2048
 AUTO_MIN_BATCH_SIZE = 16
 CPU_MAX_BATCH_SIZE = 256
@@ -144,7 +147,7 @@ CPU_MAX_BATCH_SIZE = 256
 def auto_max_batch_size(num_kv_tokens: int, is_gpu: bool) -> int:
     """The ``max_batch_size`` of ``None``: the KV pool's tokens (the minimum over ranks) at
     ``AUTO_TOKENS_PER_SEQ`` a sequence, a multiple of 16 in [16, 2048]; 256 on the CPU. Beyond the
-    pool's share of typical sequences a larger batch would only preempt, and every batch size up to
+    pool's share of short sequences a larger batch could only preempt, and every batch size up to
     this one gets a decode graph (whose memory grows with it)."""
     if not is_gpu:
         return CPU_MAX_BATCH_SIZE

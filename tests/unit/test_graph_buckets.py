@@ -43,7 +43,7 @@ def test_graph_memory_grows_with_the_largest_bucket_only():
 def test_auto_max_batch_size_rule():
     assert auto_max_batch_size(10**9, is_gpu=False) == 256
     assert auto_max_batch_size(0, is_gpu=True) == 16
-    assert auto_max_batch_size(100 * 512, is_gpu=True) == 96  # 100 sequences, down to a multiple of 16
+    assert auto_max_batch_size(100 * 256, is_gpu=True) == 96  # 100 sequences, down to a multiple of 16
     assert auto_max_batch_size(10**9, is_gpu=True) == 2048
     # Llama-3-8B in bf16 keeps 128 KiB of KV per token (32 layers x 2 x 8 heads x 128 x 2 bytes); a
     # 141 GB card at 0.9 utilisation leaves about 100 GB for the pool after the weights and reserves.
