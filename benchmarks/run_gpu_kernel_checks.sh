@@ -11,7 +11,10 @@
 #   PART=engine   rank 0's host time per step (host_overhead.py), the bf16 small-batch GEMM's GPU
 #                 tests, decode steps with their GPU busy fraction (bf16 at 1, 64, 256, 1024; FP8
 #                 weights and KV at 1024 and 1712), bench FP8 and bf16 128/128 x 2000 (~7 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=steps    GPU tests of in-flight steps (decodes apart from short chunks over bf16 and fp8
+#                 pools, decode graphs and the engine with the greedy logits path), then bench FP8
+#                 and bf16 128/128 x 2000 and FP8 1000/1000 x 1000 (FP8 KV, guaranteed_no_evict) (~7 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -61,7 +64,15 @@ if [ "$PART" = engine ]; then
       --steps 10 --out "$OUT/profile_fp8.json" > "$RUNS/profile_fp8.log" 2>&1
   tail -4 "$RUNS/profile_fp8.log"
 fi
-[ "$PART" = bench ] || [ "$PART" = engine ] || exit 0
+if [ "$PART" = steps ]; then
+  echo "== GPU tests: decodes apart from short chunks, decode graphs, the engine"
+  timeout 130 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_triton_attention.py \
+      tests/gpu/test_fp8_kv_kernels.py tests/gpu/test_prefill_kernel.py tests/gpu/test_graph_buckets_gpu.py \
+      tests/gpu/test_engine_gpu.py -k "decodes or mixed or graph or engine or greedy" > "$RUNS/pytest_steps.log" 2>&1
+  # the progress lines too: a run cut by its time limit prints no summary
+  grep -E "^FAILED|passed|failed|%\]$" "$RUNS/pytest_steps.log" | tail -8; grep -m 3 -E "^E  " "$RUNS/pytest_steps.log"
+fi
+[ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -71,6 +82,13 @@ bench() {  # name, time limit, then the flags
       > "$RUNS/bench_$name.log" 2>&1
   grep -E "Output token|TTFT|TPOT|Steps|Time in|Decode-only|Peak KV|Error" "$RUNS/bench_$name.log" | head -12
 }
+if [ "$PART" = steps ]; then
+  bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+  bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
+  bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
+      --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+  exit 0
+fi
 if [ "$PART" = engine ]; then
   bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
   bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
