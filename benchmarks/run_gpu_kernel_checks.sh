@@ -70,7 +70,8 @@ if [ "$PART" = steps ]; then
       tests/gpu/test_fp8_kv_kernels.py tests/gpu/test_prefill_kernel.py tests/gpu/test_graph_buckets_gpu.py \
       tests/gpu/test_engine_gpu.py -k "decodes or mixed or graph or engine or greedy" > "$RUNS/pytest_steps.log" 2>&1
   # the progress lines too: a run cut by its time limit prints no summary
-  grep -E "^FAILED|passed|failed|%\]$" "$RUNS/pytest_steps.log" | tail -8; grep -m 3 -E "^E  " "$RUNS/pytest_steps.log"
+  grep -E "^FAILED|passed|failed|error|%\]$" "$RUNS/pytest_steps.log" | tail -8 || tail -c 400 "$RUNS/pytest_steps.log"
+  grep -m 3 -E "^E  " "$RUNS/pytest_steps.log"
 fi
 [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")

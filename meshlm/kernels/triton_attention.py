@@ -221,15 +221,20 @@ def _decodes_then_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 def _rows_metadata(meta: AttentionMetadata, first: int, end: int | None) -> AttentionMetadata:
-    """The metadata of sequences [first, end) of the batch, their tokens renumbered from 0."""
+    """The metadata of sequences [first, end) of the batch, their tokens renumbered from 0.
+
+    Every tensor is a fresh copy, not a view into the batch's: Triton specializes a kernel on
+    whether each pointer argument is 16-byte aligned, so views starting after ``first`` decodes
+    would compile the kernels again for each alignment that the step's count of decodes gives."""
     query_start_loc = meta.query_start_loc[first:None if end is None else end + 1]  # [num_seqs + 1]
     token_start = int(meta.query_lens_host[:first].sum())  # from the host: no synchronisation
     token_end = None if end is None else int(meta.query_lens_host[:end].sum())
     query_lens = meta.query_lens_host[first:end]
     return AttentionMetadata(
-        positions=meta.positions[token_start:token_end], slot_mapping=meta.slot_mapping[token_start:token_end],
-        query_start_loc=query_start_loc - token_start, seq_lens=meta.seq_lens[first:end],
-        block_tables=meta.block_tables[first:end], max_query_len=int(query_lens.max()),
+        positions=meta.positions[token_start:token_end].clone(),
+        slot_mapping=meta.slot_mapping[token_start:token_end].clone(),
+        query_start_loc=query_start_loc - token_start, seq_lens=meta.seq_lens[first:end].clone(),
+        block_tables=meta.block_tables[first:end].clone(), max_query_len=int(query_lens.max()),
         max_seq_len=meta.max_seq_len, query_lens_host=query_lens)
 
 

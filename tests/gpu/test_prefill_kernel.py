@@ -237,6 +237,24 @@ def test_decodes_then_chunks_by_two_kernels_match_reference(monkeypatch, kind):
     assert any(key[0] == "decodes_then_prefill" for key in meta.derived)
 
 
+@pytest.mark.parametrize("num_decodes", [1, 2, 3, 5])
+def test_split_metadata_is_aligned_whatever_the_count_of_decodes(num_decodes):
+    """The chunks' metadata after ``num_decodes`` decodes: the same values as the batch's rows, in
+    fresh 16-byte aligned tensors (views after an odd count of int32 rows would not be, and Triton
+    compiles a kernel again for each alignment of its pointers)."""
+    seqs = [(20 + i, 1) for i in range(num_decodes)] + [(37, 70), (0, 45)]
+    _, _, _, meta = make_batch(seqs, 1, 4, 64, torch.float32)
+    chunks = triton_attention._rows_metadata(meta, num_decodes, None)
+    first_token = num_decodes  # one token each
+    for name in ("positions", "slot_mapping", "seq_lens", "block_tables", "query_start_loc"):
+        assert getattr(chunks, name).data_ptr() % 16 == 0, name
+    assert torch.equal(chunks.positions, meta.positions[first_token:])
+    assert torch.equal(chunks.slot_mapping, meta.slot_mapping[first_token:])
+    assert torch.equal(chunks.seq_lens, meta.seq_lens[num_decodes:])
+    assert torch.equal(chunks.block_tables, meta.block_tables[num_decodes:])
+    assert chunks.query_start_loc.tolist() == [0, 70, 115]
+
+
 def test_entry_point_without_the_step_keys_reads_the_pool(monkeypatch):
     """Tiles with contiguous_kv and no new_kv (a caller that keeps no rotated keys): the entry
     point reads every key from the pool, and gets the reference's result."""
