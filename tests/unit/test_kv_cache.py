@@ -92,6 +92,29 @@ def test_requests_get_disjoint_blocks_and_allocation_fails_when_full():
     assert kv.can_allocate(c, 1)
 
 
+def test_try_allocate_changes_nothing_when_short_and_copies_a_shared_block_it_writes():
+    """try_allocate: False with nothing taken when the pool is short (a copy-on-write block
+    counted), else the same table as allocate, the shared block written into swapped for a copy."""
+    kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    parent, child = make_request("p", range(6)), make_request("c", range(6))
+    kv.allocate(parent, 6)  # blocks for tokens 0-3 and 4-5 (the second partly filled)
+    parent.num_computed_tokens = 6
+    kv.fork(parent, child)
+    child.num_computed_tokens = 6
+    shared = list(child.block_ids)
+    assert kv.num_new_blocks(child, 1) == 1  # token 6 goes into the shared partial block: a copy
+    other = make_request("o", range(8))
+    kv.allocate(other, 8)  # the pool is now full
+    assert not kv.try_allocate(child, 1)
+    assert child.block_ids == shared and kv.num_free_blocks == 0 and kv.take_block_copies() == []
+    kv.free(other)
+    assert kv.try_allocate(child, 3)  # tokens 6-8: a copy of the partial block, then one new block
+    assert child.block_ids[0] == shared[0] and child.block_ids[1] not in shared and len(child.block_ids) == 3
+    assert kv.take_block_copies() == [(shared[1], child.block_ids[1])]
+    assert kv.ref_count(shared[1]) == 1 and kv.ref_count(shared[0]) == 2
+    assert kv.try_allocate(child, 3) and len(child.block_ids) == 3  # already held: nothing more
+
+
 def test_free_twice_is_harmless_for_an_empty_table():
     kv = KVCacheManager(num_blocks=2, block_size=4)
     req = make_request("a", range(3))
