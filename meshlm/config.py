@@ -80,12 +80,11 @@ class SchedulerConfig:
     :func:`auto_max_batch_size`: on a GPU, as many sequences as the pool holds at
     ``AUTO_TOKENS_PER_SEQ`` (256) tokens each, rounded down to a multiple of 16 and kept within
     [16, 2048]; on the CPU, 256. The pool counted is the one before the batch's own reserve (its
-    decode graphs and sampling rows), which it then gives up. An 8B bf16 model gets 2048
-    sequences on a 141 GB H200 and about 1660 on an 80 GB H100 (vLLM's default on such cards is
-    1024). Longer sequences are bounded by the pool at admission whatever the cap, so the cap
-    matters for short ones: 2000 requests of 128 + 128 tokens run as one batch on the H200 (at 512
-    tokens a sequence the cap was 1696 there, and the last 304 decoded alone). Decode graphs are
-    captured for every batch size up to it.
+    decode graphs and sampling rows), which it then gives up. An 8B bf16 model gets 2048 on a
+    141 GB H200, about 1660 on an 80 GB H100 (vLLM's default there: 1024). Long sequences are
+    bounded by the pool at admission whatever the cap; short ones by the cap: 2000 requests of
+    128 + 128 tokens run as one batch on the H200 (at 512 tokens a sequence the cap was 1696, and
+    the last 304 decoded alone). Decode graphs are captured for every batch size up to it.
     """
 
     max_num_tokens: int = 8192  # tokens processed in one step (prefill chunks + decodes)

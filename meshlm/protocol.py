@@ -137,11 +137,15 @@ class StepResult:
     prompt_top_token_ids: np.ndarray | None = None  # int64 [num_prompt_rows, k_max]; None if k_max == 0
     prompt_top_logprobs: np.ndarray | None = None  # float32 [num_prompt_rows, k_max]
     num_tokens: np.ndarray | None = None  # int64 [num_rows]: tokens of each row; None: one each
+    # token_ids as Python ints, converted once for all rows at the first row_tokens (one token a row)
+    _token_list: list[int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def row_tokens(self, row: int) -> list[int]:
         """The tokens sampled for ``row``, in order."""
         if self.num_tokens is None:
-            return [int(self.token_ids[row])]
+            if self._token_list is None:
+                self._token_list = self.token_ids.tolist()
+            return [self._token_list[row]]
         return self.token_ids[row, :int(self.num_tokens[row])].tolist()
 
 

@@ -92,7 +92,7 @@ class KVCacheManager:
     def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
         """Blocks ``request`` lacks to hold its computed tokens plus ``num_new_tokens`` more,
         counting a copy of each shared block those new tokens are written into."""
-        needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
+        needed = num_blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)
         return max(0, needed - len(request.block_ids)) + len(self._shared_written(request, needed))
 
     def _shared_written(self, request: Request, num_blocks_needed: int) -> list[int]:
@@ -101,8 +101,6 @@ class KVCacheManager:
         block_ids, ref_counts = request.block_ids, self._ref_counts
         first = request.num_computed_tokens // self.block_size
         last = min(num_blocks_needed, len(block_ids))
-        if last - first == 1:  # a decode writing into the block it already has
-            return [first] if ref_counts[block_ids[first]] > 1 else []
         return [i for i in range(first, last) if ref_counts[block_ids[i]] > 1]
 
     def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
@@ -120,9 +118,9 @@ class KVCacheManager:
     def try_allocate(self, request: Request, num_new_tokens: int) -> bool:
         """``allocate`` when the free blocks suffice (True), else change nothing (False)."""
         block_ids = request.block_ids
-        needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
+        needed = num_blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)
         shared = self._shared_written(request, needed)
-        if max(0, needed - len(block_ids)) + len(shared) > len(self._free_uncached) + len(self._free_cached):
+        if max(0, needed - len(block_ids)) + len(shared) > self.num_free_blocks:
             return False
         for index in shared:  # copy-on-write
             src, dst = block_ids[index], self._take_free_block()

@@ -30,7 +30,7 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
     # Positions: each chunk's range start..start+len, packed.
     seq_index = np.repeat(np.arange(len(chunks)), query_lens)  # [num_tokens]
     positions = starts[seq_index] + (np.arange(num_tokens) - query_start_loc[:-1][seq_index])
-    input_ids, prev_index, prev_rows = _input_ids(chunks, query_start_loc, num_tokens, prev_sample_rows)
+    input_ids, prev_index, prev_rows = _input_ids(chunks, num_tokens, prev_sample_rows)
     block_tables = _block_tables([c.request.block_ids for c in chunks])
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
@@ -74,7 +74,7 @@ def _prompt_scores(chunks: list[ScheduledChunk], query_start_loc: np.ndarray
             np.array(num_top, dtype=np.int64))
 
 
-def _input_ids(chunks: list[ScheduledChunk], query_start_loc: np.ndarray, num_tokens: int,
+def _input_ids(chunks: list[ScheduledChunk], num_tokens: int,
                prev_sample_rows: dict[str, int]) -> tuple[np.ndarray, list[int], list[int]]:
     """The packed input ids [num_tokens], and where the step in flight's tokens go: (indices into
     the input ids, rows of that step's sampled tokens). An unknown token's id is 0 in the array."""

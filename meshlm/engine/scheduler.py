@@ -46,8 +46,7 @@ from meshlm.engine.kv_cache import KVCacheManager, num_blocks_for
 from meshlm.engine.fork_scheduling import ForkScheduling
 from meshlm.engine.request import Request, RequestStatus
 from meshlm.engine.scheduler_stats import SchedulerStats
-from meshlm.engine.spec_scheduling import (Proposer, SpecDecodeStats, SpeculativeScheduling, prompt_logprobs,
-                                          token_logprobs)
+from meshlm.engine.spec_scheduling import Proposer, SpecDecodeStats, SpeculativeScheduling, prompt_logprobs
 from meshlm.protocol import StepResult
 
 __all__ = ["Scheduler", "ScheduledChunk", "SchedulerOutput", "SchedulerStats", "SpecDecodeStats"]
@@ -218,8 +217,6 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
         sampled = []
         row = 0  # the chunk's row in ``result``: sampling chunks in order
         prompt_row = 0  # its first row of prompt scores
-        # One token a row (no drafts in the step): the rows as Python ints, converted once.
-        tokens = result.token_ids.tolist() if result is not None and result.num_tokens is None else None
         for chunk in output.chunks:
             request = chunk.request
             if chunk.num_scored and not request.is_finished:
@@ -229,32 +226,16 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
                 if request.status == RequestStatus.RUNNING:
                     self.kv.cache_full_blocks(request)  # every token it has computed is known now
                 continue
-            for r in (request, *chunk.forked) if chunk.forked else (request,):
-                if tokens is not None and not r.is_beam and not chunk.draft_token_ids:
-                    if self._append_one(r, tokens[row], result, row):
-                        sampled.append(r)
-                elif self._append(r, chunk, result, row):
+            for r in (request, *chunk.forked):
+                if self._append(r, chunk, result, row):
                     sampled.append(r)
                 row += 1
         return sampled
 
-    def _append_one(self, request: Request, token_id: int, result: StepResult, row: int) -> bool:
-        """``_append`` of a row of one token (no drafts), the common case, with fewer steps."""
-        if request.status.is_finished:
-            return False
-        request.num_output_placeholders -= 1
-        logprobs = None if request.params.logprobs is None else token_logprobs(result, row, token_id, request)
-        status = request.append_token(token_id, logprobs)
-        if request.status == RequestStatus.RUNNING:
-            self.kv.cache_full_blocks(request)  # every token it has computed is known now
-        if status is not None:
-            self.finish(request, status)
-        return True
-
     def _append(self, request: Request, chunk: ScheduledChunk, result: StepResult, row: int) -> bool:
         """Put row ``row``'s tokens in ``request``'s placeholders (and finish it when a token ends
         it); False when the request finished before the tokens came."""
-        if request.is_finished:
+        if request.status.is_finished:
             return False
         num_drafts = len(chunk.draft_token_ids) if request is chunk.request else 0
         request.num_output_placeholders -= 1 + num_drafts
