@@ -5,6 +5,12 @@ Rank 0 broadcasts one ``Envelope`` per step; the sampling rank sends a ``StepRes
 ids, sampling parameters, array dtypes and shapes) followed by the raw bytes of the numpy arrays.
 Nothing is pickled, so a rank never unpickles what arrives from the network. A request's sampling
 parameters and prompt travel once, in the step that first schedules it.
+
+Block tables travel as changes: rank 0 gives each sequence the ranks know a slot
+(``StepPlan.seq_slots``), and both ends of the channel keep the table of every slot as last sent
+(``BlockTableMirror``). A step carries, for each of its rows, the span of the row that differs
+from that copy and the differing block ids only; a decode step whose sequences took no new block
+sends none. Without slots (or without a mirror, as in tests) the whole table travels.
 """
 from __future__ import annotations
 
@@ -64,6 +70,9 @@ class StepPlan:
     # Speculative decoding: the draft tokens of each sample row, the last ones of its sequence's
     # query (after the last known token). Logits are taken at its last 1 + num_draft_tokens tokens.
     num_draft_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [num_samples] int32
+    # Each sequence's slot among those the ranks know (distinct in a step; freed when it finishes):
+    # the key of its block table row in BlockTableMirror. Empty: the table travels whole.
+    seq_slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [num_seqs] int32
 
     @property
     def num_tokens(self) -> int:
@@ -100,9 +109,59 @@ class StepPlan:
                    [], finished_request_ids or [])
 
 
-_PLAN_ARRAYS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
+_PLAN_ARRAYS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
                 "sample_rows", "prev_token_index", "prev_token_rows", "prompt_logprob_index",
-                "prompt_logprob_target_ids", "prompt_logprob_num_top", "block_copies", "num_draft_tokens")
+                "prompt_logprob_target_ids", "prompt_logprob_num_top", "block_copies", "num_draft_tokens",
+                "seq_slots")
+_TABLE_CHANGES = ("table_first", "table_end", "table_changes")  # with "table_width" in the header
+
+
+class BlockTableMirror:
+    """The block table row of every sequence slot as the other end of the channel holds it.
+
+    Rank 0 ``encode``s a step's tables against its mirror, every other rank ``decode``s them
+    against its own; applied to every step in order, the two stay equal. Rows start as zeros; a
+    row keeps whatever it last held past a step's width (both ends alike), so a slot taken over
+    by another sequence needs no reset: what differs is simply sent."""
+
+    def __init__(self) -> None:
+        self.rows = np.zeros((0, 0), dtype=np.int32)  # [slots, widest table so far]
+
+    def _fit(self, slots: np.ndarray, width: int) -> None:
+        num_rows, num_cols = self.rows.shape
+        needed = int(slots.max()) + 1 if len(slots) else 0
+        if needed > num_rows or width > num_cols:
+            grown = np.zeros((max(needed, 2 * num_rows), max(width, num_cols)), dtype=np.int32)
+            grown[:num_rows, :num_cols] = self.rows
+            self.rows = grown
+
+    def encode(self, slots: np.ndarray, tables: np.ndarray) -> dict[str, np.ndarray]:
+        """The changes of ``tables`` [num_seqs, width] (rows of ``slots``) from the mirror: per row
+        the span ``[first, end)`` that differs (empty: first == end == width), and those ids."""
+        tables = tables.astype(np.int32, copy=False)
+        width = tables.shape[1]
+        self._fit(slots, width)
+        differs = self.rows[slots, :width] != tables
+        changed = differs.any(axis=1)
+        first = np.where(changed, differs.argmax(axis=1), width).astype(np.int32)
+        end = np.where(changed, width - differs[:, ::-1].argmax(axis=1), width).astype(np.int32)
+        self.rows[slots, :width] = tables
+        return {"table_first": first, "table_end": end, "table_changes": tables[_span(first, end, width)]}
+
+    def decode(self, slots: np.ndarray, width: int, first: np.ndarray, end: np.ndarray,
+               changes: np.ndarray) -> np.ndarray:
+        """The step's tables [num_seqs, width] from the mirror and ``encode``'s changes."""
+        self._fit(slots, width)
+        tables = self.rows[slots, :width]  # a copy
+        tables[_span(first, end, width)] = changes
+        self.rows[slots, :width] = tables
+        return tables
+
+
+def _span(first: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
+    """[num_seqs, width] mask of the columns in each row's ``[first, end)``."""
+    columns = np.arange(width)
+    return (columns >= first[:, None]) & (columns < end[:, None])
 
 
 def returns_tokens(plan: StepPlan) -> bool:
@@ -163,7 +222,9 @@ class Envelope:
 
 # --- the wire format ---------------------------------------------------------------------------
 
-def encode_envelope(envelope: Envelope) -> np.ndarray:
+def encode_envelope(envelope: Envelope, tables: BlockTableMirror | None = None) -> np.ndarray:
+    """The envelope as bytes; its block tables as changes from ``tables`` (updated) when given
+    and the plan has slots, else whole."""
     header: dict = {"kind": int(envelope.kind)}
     arrays: dict[str, np.ndarray] = {}
     plan = envelope.plan
@@ -173,17 +234,31 @@ def encode_envelope(envelope: Envelope) -> np.ndarray:
         header["new_requests"] = [[r.request_id, r.params.to_dict(), r.prompt_token_ids]
                                   for r in plan.new_requests]
         arrays = {name: getattr(plan, name) for name in _PLAN_ARRAYS}
+        if tables is not None and plan.num_seqs and len(plan.seq_slots) == plan.num_seqs:
+            header["table_width"] = plan.block_tables.shape[1]
+            arrays.update(tables.encode(plan.seq_slots, plan.block_tables))
+        else:
+            arrays["block_tables"] = plan.block_tables
     return _pack(header, arrays)
 
 
-def decode_envelope(buffer: np.ndarray) -> Envelope:
+def decode_envelope(buffer: np.ndarray, tables: BlockTableMirror | None = None) -> Envelope:
+    """The envelope ``encode_envelope`` wrote; block tables sent as changes need the receiving
+    end's ``tables`` (updated)."""
     header, arrays = _unpack(buffer)
     kind = MessageKind(header["kind"])
     if kind != MessageKind.STEP:
         return Envelope(kind)
     new_requests = [NewRequest(rid, SamplingParams.from_dict(params), [int(t) for t in prompt])
                     for rid, params, prompt in header["new_requests"]]
-    plan = StepPlan(**{name: arrays[name] for name in _PLAN_ARRAYS},
+    if "table_width" in header:
+        if tables is None:
+            raise ValueError("the step's block tables came as changes, and this end keeps no BlockTableMirror")
+        block_tables = tables.decode(arrays["seq_slots"], header["table_width"],
+                                     *(arrays[name] for name in _TABLE_CHANGES))
+    else:
+        block_tables = arrays["block_tables"]
+    plan = StepPlan(**{name: arrays[name] for name in _PLAN_ARRAYS}, block_tables=block_tables,
                     sample_request_ids=header["sample_request_ids"], new_requests=new_requests,
                     finished_request_ids=header["finished_request_ids"])
     return Envelope(kind, plan)

@@ -95,7 +95,9 @@ class Coordinator:
         self.scheduler = Scheduler(config.scheduler, self.kv, proposer)
         self._groups: dict[str, _Group | BeamSearch] = {}
         self._group_of: dict[str, _Group | BeamSearch] = {}  # sequence id -> its group
-        self._known_to_workers: set[str] = set()
+        # The sequences the workers know, each with its slot (StepPlan.seq_slots); freed slots are reused.
+        self._slot_of: dict[str, int] = {}
+        self._free_slots: list[int] = []
         self._finished_ids: list[str] = []
         # The overlapped loop (config.async_scheduling): the launched step whose tokens are not recorded yet.
         self.async_scheduling = config.async_scheduling
@@ -286,8 +288,10 @@ class Coordinator:
             return None
         in_flight = self._in_flight
         prev_rows = {} if in_flight is None else dict(zip(in_flight.sample_request_ids, itertools.count()))
-        plan = build_step_plan(sched.chunks, self.block_size, prev_rows, self._new_to_workers(sched),
-                               self._take_finished(), sched.block_copies)
+        new_requests = self._new_to_workers(sched)
+        slots = [self._slot_of[chunk.request.request_id] for chunk in sched.chunks]
+        plan = build_step_plan(sched.chunks, self.block_size, prev_rows, new_requests, self._take_finished(),
+                               sched.block_copies, slots)
         return _LaunchedStep(sched, plan.sample_request_ids, self.dispatcher.execute(plan))
 
     def _record(self, step: _LaunchedStep) -> list[_Group]:
@@ -311,8 +315,9 @@ class Coordinator:
     def _forget(self, request: Request) -> None:
         """A finished sequence: the workers drop its sampling state with the next step."""
         self._group_of.pop(request.request_id, None)
-        if request.request_id in self._known_to_workers:
-            self._known_to_workers.discard(request.request_id)
+        slot = self._slot_of.pop(request.request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
             self._finished_ids.append(request.request_id)
 
     def _take_finished(self) -> list[str]:
@@ -320,11 +325,11 @@ class Coordinator:
         return ids
 
     def _new_to_workers(self, sched: SchedulerOutput) -> list[NewRequest]:
-        new_requests, known = [], self._known_to_workers
+        new_requests, slot_of = [], self._slot_of
         for chunk in sched.chunks:
-            for request in (chunk.request, *chunk.forked) if chunk.forked else (chunk.request,):
-                if request.request_id not in known:
-                    known.add(request.request_id)
+            for request in (chunk.request, *chunk.forked):
+                if request.request_id not in slot_of:
+                    slot_of[request.request_id] = self._free_slots.pop() if self._free_slots else len(slot_of)
                     new_requests.append(NewRequest(request.request_id, request.params, list(request.prompt_token_ids)))
         return new_requests
 

@@ -18,10 +18,11 @@ __all__ = ["build_step_plan"]
 
 def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_rows: dict[str, int],
                     new_requests: list[NewRequest], finished_request_ids: list[str],
-                    block_copies: list[tuple[int, int]] = ()) -> StepPlan:
+                    block_copies: list[tuple[int, int]] = (), seq_slots: list[int] = ()) -> StepPlan:
     """The StepPlan of ``chunks``. ``prev_sample_rows`` maps a request id to its row among the
     sampled tokens of the step in flight (empty when none is). A chunk that forks samples its row
-    once for itself and once for each sequence it forked."""
+    once for itself and once for each sequence it forked. ``seq_slots``: each chunk's sequence
+    slot (StepPlan.seq_slots; empty: none)."""
     query_lens = np.array([c.num_new_tokens for c in chunks], dtype=np.int32)
     starts = np.array([c.start for c in chunks], dtype=np.int64)
     query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
@@ -47,7 +48,7 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
         prev_token_index=np.array(prev_index, dtype=np.int64), prev_token_rows=np.array(prev_rows, dtype=np.int64),
         prompt_logprob_index=scored_index, prompt_logprob_target_ids=scored_targets,
         prompt_logprob_num_top=scored_num_top, block_copies=np.array(block_copies, dtype=np.int64).reshape(-1, 2),
-        num_draft_tokens=num_draft_tokens)
+        num_draft_tokens=num_draft_tokens, seq_slots=np.array(seq_slots, dtype=np.int32))
 
 
 def _block_tables(tables: list[list[int]]) -> np.ndarray:

@@ -12,8 +12,8 @@ import numpy as np
 
 from meshlm.executor.model_runner import ModelRunner
 from meshlm.launcher.world import StepWatchdog, World
-from meshlm.protocol import (Envelope, MessageKind, StepResult, decode_envelope, decode_result, encode_envelope,
-                             encode_result, returns_tokens)
+from meshlm.protocol import (BlockTableMirror, Envelope, MessageKind, StepResult, decode_envelope, decode_result,
+                             encode_envelope, encode_result, returns_tokens)
 
 log = logging.getLogger("meshlm")
 
@@ -27,17 +27,19 @@ class StepChannel:
     def __init__(self, comm, sampler_rank: int):
         self.comm = comm
         self.sampler_rank = sampler_rank
+        # Rank 0 sends each step's block tables as changes from this copy; the others rebuild them.
+        self.tables = BlockTableMirror()
 
     def broadcast(self, envelope: Envelope | None) -> Envelope:
         """Collective: rank 0 passes the envelope, every other rank passes None and gets it back."""
         from mpi4py import MPI
-        buffer = encode_envelope(envelope) if self.comm.rank == 0 else None
+        buffer = encode_envelope(envelope, self.tables) if self.comm.rank == 0 else None
         size = np.array([0 if buffer is None else len(buffer)], dtype=np.int64)
         self.comm.Bcast([size, MPI.INT64_T], root=0)
         if buffer is None:
             buffer = np.empty(int(size[0]), dtype=np.uint8)
         self.comm.Bcast([buffer, MPI.BYTE], root=0)
-        return envelope if self.comm.rank == 0 else decode_envelope(buffer)
+        return envelope if self.comm.rank == 0 else decode_envelope(buffer, self.tables)
 
     def send_result(self, result: StepResult) -> None:
         """The sampling rank (not rank 0): hand the step's tokens to rank 0."""

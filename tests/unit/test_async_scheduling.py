@@ -144,3 +144,33 @@ def test_start_up_heap_is_frozen_while_the_engine_runs_and_released_at_shutdown(
         assert gc.get_threshold()[0] >= 50_000
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
     assert gc.get_freeze_count() == 0
+
+
+def test_every_step_plan_rebuilds_its_block_tables_from_changes(model_path):
+    """The plans of a run with preemption, forks (n = 2) and requests that finish, each sent
+    through a pair of BlockTableMirrors as the MPI channel sends them: every table rebuilt
+    exactly; a step's slots are distinct, and finished sequences' slots are taken again."""
+    from meshlm.protocol import BlockTableMirror, Envelope, MessageKind, decode_envelope, encode_envelope
+    prompts = prompts_of((45, 3, 17, 38, 9, 50, 26, 33, 12, 41), seed=6)
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=6 + i, ignore_eos=True, n=1 + i % 2)
+              for i in range(len(prompts))]
+    sender, receiver, slots_seen, num_plans = BlockTableMirror(), BlockTableMirror(), set(), 0
+    with LLM(model_path, async_scheduling=True, **TINY_POOL) as llm:
+        dispatcher = llm.engine_core.dispatcher
+        execute = dispatcher.execute
+
+        def checking_execute(plan):
+            nonlocal num_plans
+            if plan.num_seqs:
+                num_plans += 1
+                assert len(plan.seq_slots) == plan.num_seqs == len(set(plan.seq_slots.tolist()))
+                slots_seen.update(plan.seq_slots.tolist())
+                got = decode_envelope(encode_envelope(Envelope(MessageKind.STEP, plan), sender), receiver).plan
+                assert np.array_equal(got.block_tables, plan.block_tables)
+            return execute(plan)
+
+        dispatcher.execute = checking_execute
+        llm.generate(prompts, params)
+        assert llm.engine_core.scheduler_stats.num_preemptions > 0
+    num_sequences = sum(p.n for p in params)
+    assert num_plans > 10 and max(slots_seen) < num_sequences - 1, (num_plans, sorted(slots_seen))

@@ -2,14 +2,16 @@
 messages that survive a round trip through bytes, with no pickle anywhere."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from meshlm.api.messages import (AbortCall, EngineState, Reply, StepCall, SubmitCall, decode_call, decode_reply,
                                  encode_call, encode_reply)
 from meshlm.engine.outputs import CompletionOutput, RequestOutput
-from meshlm.protocol import (Envelope, MessageKind, NewRequest, StepPlan, StepResult, decode_envelope, decode_result,
-                             encode_envelope, encode_result, returns_tokens)
+from meshlm.protocol import (BlockTableMirror, Envelope, MessageKind, NewRequest, StepPlan, StepResult,
+                             decode_envelope, decode_result, encode_envelope, encode_result, returns_tokens)
 from meshlm.sampling_params import SamplingParams
 
 
@@ -118,3 +120,64 @@ def test_prompt_logprobs_survive_the_link_from_a_plain_process():
                            [None, {5: -0.5, 8: -0.25}])
     reply = decode_reply(encode_reply(Reply(value=[output], state=EngineState())), StepCall())
     assert reply.value[0].prompt_logprobs == [None, {5: -0.5, 8: -0.25}]
+
+
+# --- block tables as changes ----------------------------------------------------------------------
+
+def test_block_tables_travel_as_changes_and_rebuild_exactly():
+    """Steps of decodes, prompt chunks, copy-on-write, preemption, finished sequences whose slots
+    others take over, tables growing and shrinking: the receiving end rebuilds every table, and a
+    step in which no sequence took a new block sends no block id."""
+    rng = np.random.default_rng(0)
+    sender, receiver = BlockTableMirror(), BlockTableMirror()
+    tables = {slot: list(rng.integers(0, 1000, rng.integers(1, 6))) for slot in range(12)}
+    for step in range(40):
+        slots = rng.choice(12, size=rng.integers(1, 12), replace=False).astype(np.int32)
+        for slot in slots:
+            change = rng.integers(0, 6)
+            if change == 0:
+                tables[int(slot)].append(int(rng.integers(0, 1000)))  # a new block
+            elif change == 1:
+                tables[int(slot)][-1] = int(rng.integers(0, 1000))  # copy-on-write of the last block
+            elif change == 2:
+                tables[int(slot)] = list(rng.integers(0, 1000, rng.integers(1, 8)))  # another sequence
+        width = max(len(tables[int(s)]) for s in slots)
+        full = np.zeros((len(slots), width), np.int32)
+        for row, slot in enumerate(slots):
+            full[row, :len(tables[int(slot)])] = tables[int(slot)]
+        plan = replace(make_plan_of(full), seq_slots=slots)
+        buffer = encode_envelope(Envelope(MessageKind.STEP, plan), sender)
+        got = decode_envelope(buffer, receiver).plan
+        assert got.block_tables.dtype == np.int32 and np.array_equal(got.block_tables, full), step
+    # a step again with no change: nothing but the spans (all empty) travels
+    changes = sender.encode(slots, full)
+    assert len(changes["table_changes"]) == 0 and (changes["table_first"] == width).all()
+
+
+def test_changes_are_much_smaller_than_the_table_at_decode():
+    """1024 sequences of 2048 tokens, a block of 16: the whole table is 512 KB a step; a decode
+    step in which 64 of them crossed into a new block sends 64 block ids and two int32 a row,
+    beside the plan's other per-sequence arrays (about 60 KB)."""
+    rng = np.random.default_rng(1)
+    tables = rng.integers(0, 60_000, (1024, 129)).astype(np.int32)
+    tables[:, 128] = 0
+    slots = np.arange(1024, dtype=np.int32)
+    plan = replace(make_plan_of(tables), seq_slots=slots)
+    sender, receiver = BlockTableMirror(), BlockTableMirror()
+    decode_envelope(encode_envelope(Envelope(MessageKind.STEP, plan), sender), receiver)
+    grown = tables.copy()
+    grown[:64, 128] = rng.integers(1, 60_000, 64)
+    step = encode_envelope(Envelope(MessageKind.STEP, replace(plan, block_tables=grown)), sender)
+    whole = encode_envelope(Envelope(MessageKind.STEP, replace(plan, block_tables=grown)))
+    assert len(whole) - len(step) > 500_000 and len(step) < 70_000, (len(whole), len(step))
+    assert np.array_equal(decode_envelope(step, receiver).plan.block_tables, grown)
+    with pytest.raises(ValueError, match="BlockTableMirror"):
+        decode_envelope(step)
+
+
+def make_plan_of(tables: np.ndarray) -> StepPlan:
+    """A decode plan over ``tables`` [num_seqs, width] (one token a sequence)."""
+    n = tables.shape[0]
+    return StepPlan(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                    np.arange(n + 1, dtype=np.int32), np.ones(n, np.int32), tables,
+                    np.arange(n, dtype=np.int64), [f"r{i}" for i in range(n)])
