@@ -11,9 +11,9 @@
 #   PART=engine   rank 0's host time per step (host_overhead.py), the bf16 small-batch GEMM's GPU
 #                 tests, decode steps with their GPU busy fraction (bf16 at 1, 64, 256, 1024; FP8
 #                 weights and KV at 1024 and 1712), bench FP8 and bf16 128/128 x 2000 (~7 min)
-#   PART=steps    GPU tests of in-flight steps (decodes apart from short chunks over bf16 and fp8
-#                 pools, decode graphs and the engine with the greedy logits path), then bench FP8
-#                 and bf16 128/128 x 2000 and FP8 1000/1000 x 1000 (FP8 KV, guaranteed_no_evict) (~7 min)
+#   PART=steps    GPU tests of in-flight steps (mixed decode and prefill batches over bf16 and fp8
+#                 pools; decode graphs against eager steps), then bench FP8 and bf16 128/128 x 2000
+#                 and FP8 1000/1000 x 1000 (FP8 KV, guaranteed_no_evict) (~8 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
@@ -65,13 +65,16 @@ if [ "$PART" = engine ]; then
   tail -4 "$RUNS/profile_fp8.log"
 fi
 if [ "$PART" = steps ]; then
-  echo "== GPU tests: decodes apart from short chunks, decode graphs, the engine"
-  timeout 130 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_triton_attention.py \
-      tests/gpu/test_fp8_kv_kernels.py tests/gpu/test_prefill_kernel.py tests/gpu/test_graph_buckets_gpu.py \
-      tests/gpu/test_engine_gpu.py -k "decodes or mixed or graph or engine or greedy" > "$RUNS/pytest_steps.log" 2>&1
-  # the progress lines too: a run cut by its time limit prints no summary
-  grep -E "^FAILED|passed|failed|error|%\]$" "$RUNS/pytest_steps.log" | tail -8 || tail -c 400 "$RUNS/pytest_steps.log"
-  grep -m 3 -E "^E  " "$RUNS/pytest_steps.log"
+  steps_tests() {  # name, time limit, then pytest's arguments; prints the summary, or the log's end when cut
+    local name=$1 limit=$2; shift 2
+    echo "== GPU tests: $name"
+    timeout "$limit" python3 -m pytest -q -rf -p no:cacheprovider "$@" > "$RUNS/pytest_$name.log" 2>&1
+    grep -E "^FAILED|passed|failed|error|%\]$" "$RUNS/pytest_$name.log" | tail -6 || tail -c 400 "$RUNS/pytest_$name.log"
+    grep -m 3 -E "^E  " "$RUNS/pytest_$name.log"
+  }
+  steps_tests attention 100 tests/gpu/test_triton_attention.py tests/gpu/test_fp8_kv_kernels.py \
+      tests/gpu/test_prefill_kernel.py -k "decodes or mixed"
+  steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
 [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
