@@ -7,6 +7,11 @@ the host's alone: scheduling, the plan, recording the tokens, the outputs and th
 of ``meshlm bench throughput`` (``run_offline``), split by part. Runs on any machine (no GPU).
 
     python benchmarks/host_overhead.py --num-prompts 2000 --input-len 128 --output-len 128
+
+The scheduler decides from sizes alone, so with the pool of a GPU run (``--num-kv-blocks``, the
+run's log prints it) and its ``--capacity-scheduler-policy`` this replays that run's schedule:
+the same steps, preemptions and decode batches as ``meshlm bench throughput`` reports, and how
+many sequences ran at each point of the run.
 """
 from __future__ import annotations
 
@@ -66,6 +71,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-batch-size", type=int, default=2048)
     p.add_argument("--no-async-scheduling", action="store_true", help="the plain loop")
+    p.add_argument("--num-kv-blocks", type=int, help="the pool, in blocks of 16 (default: every request fits)")
+    p.add_argument("--capacity-scheduler-policy", default="max_utilization")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args()
     shape = Path(tempfile.mkdtemp(prefix="meshlm-host-"))
@@ -76,7 +83,8 @@ def main() -> None:
     tokens = a.num_prompts * (a.input_len + a.output_len)
     args = EngineArgs(model=str(shape), load_format="random", skip_tokenizer_init=True, device="cpu",
                       max_model_len=a.input_len + a.output_len, max_batch_size=a.max_batch_size,
-                      num_kv_blocks=tokens // 16 + a.num_prompts + 16, async_scheduling=not a.no_async_scheduling)
+                      num_kv_blocks=a.num_kv_blocks or tokens // 16 + a.num_prompts + 16,
+                      async_scheduling=not a.no_async_scheduling, capacity_scheduler_policy=a.capacity_scheduler_policy)
     config = EngineConfig.from_args(args)
     coordinator = Coordinator(InstantDispatcher(), config, None, args.num_kv_blocks, [2])
     totals: dict[str, float] = collections.defaultdict(float)
@@ -85,6 +93,14 @@ def main() -> None:
     for name in ("_take_outputs", "step"):
         timed(coordinator, name, totals)
     timed(coordinator_module, "build_step_plan", totals)
+    running = []  # sequences running after each step
+    step = coordinator.step
+
+    def counted_step():
+        outputs = step()
+        running.append(coordinator.num_running)
+        return outputs
+    coordinator.step = counted_step
     rng = random.Random(0)
     requests = [BenchRequest([rng.randrange(3, 500) for _ in range(a.input_len)], a.output_len, a.input_len)
                 for _ in range(a.num_prompts)]
@@ -104,6 +120,10 @@ def main() -> None:
           f"{steps['mean_decode_batch']:.0f}: {steps['mean_decode_step_ms']:.2f} ms")
     for name, seconds in sorted({**totals, "bench loop": result["bench_loop_s"]}.items(), key=lambda kv: -kv[1]):
         print(f"  {name:20s} {seconds:7.3f} s  {1e6 * seconds / sequence_steps:6.2f} us per sequence a step")
+    result["running_quantiles"] = {q: running[int(q * (len(running) - 1))] for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    result["num_preemptions"] = steps["num_preemptions"]
+    print(f"  preemptions {steps['num_preemptions']}; sequences running at the 10/25/50/75/90 % points "
+          f"of the run's steps: {'/'.join(str(n) for n in result['running_quantiles'].values())}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
 

@@ -17,7 +17,7 @@ from meshlm.engine.beam_search import BeamSearch, beam_sequence_params
 from meshlm.engine.dispatch import StepDispatcher
 from meshlm.engine.kv_cache import KVCacheManager
 from meshlm.engine.outputs import RequestOutput
-from meshlm.engine.plan_builder import build_step_plan
+from meshlm.engine.plan_builder import BlockTableRows, build_step_plan
 from meshlm.engine.request import Request
 from meshlm.engine.scheduler import Scheduler, SchedulerOutput, SchedulerStats, SpecDecodeStats
 from meshlm.engine.spec_scheduling import Proposer
@@ -98,6 +98,7 @@ class Coordinator:
         # The sequences the workers know, each with its slot (StepPlan.seq_slots); freed slots are reused.
         self._slot_of: dict[str, int] = {}
         self._free_slots: list[int] = []
+        self._table_rows = BlockTableRows()  # their block tables, kept between steps
         self._finished_ids: list[str] = []
         # The overlapped loop (config.async_scheduling): the launched step whose tokens are not recorded yet.
         self.async_scheduling = config.async_scheduling
@@ -291,7 +292,7 @@ class Coordinator:
         new_requests = self._new_to_workers(sched)
         slots = [self._slot_of[chunk.request.request_id] for chunk in sched.chunks]
         plan = build_step_plan(sched.chunks, self.block_size, prev_rows, new_requests, self._take_finished(),
-                               sched.block_copies, slots)
+                               sched.block_copies, slots, self._table_rows)
         return _LaunchedStep(sched, plan.sample_request_ids, self.dispatcher.execute(plan))
 
     def _record(self, step: _LaunchedStep) -> list[_Group]:

@@ -127,6 +127,7 @@ class KVCacheManager:
             self._release(src)  # still held by the others
             block_ids[index] = dst
             self._block_copies.append((src, dst))
+            request.block_table_version += 1
         for _ in range(needed - len(block_ids)):
             block_ids.append(self._take_free_block())
         return True
@@ -137,6 +138,7 @@ class KVCacheManager:
         for block_id in parent.block_ids:
             self._share(block_id)
         child.block_ids.extend(parent.block_ids)
+        child.block_table_version += 1
         self._request_keys[child.request_id] = list(self._request_keys.get(parent.request_id, ()))
 
     def take_block_copies(self) -> list[tuple[int, int]]:
@@ -154,6 +156,7 @@ class KVCacheManager:
         for block_id in reversed(request.block_ids):
             self._release(block_id)
         request.block_ids.clear()
+        request.block_table_version += 1
         self._request_keys.pop(request.request_id, None)
 
     def free_excess_blocks(self, request: Request) -> None:
@@ -163,6 +166,7 @@ class KVCacheManager:
         for block_id in reversed(request.block_ids[keep:]):
             self._release(block_id)
         del request.block_ids[keep:]
+        request.block_table_version += 1
 
     def _take_free_block(self) -> int:
         if self._free_uncached:

@@ -10,19 +10,21 @@ import itertools
 
 import numpy as np
 
+from meshlm.engine.request import Request
 from meshlm.engine.scheduler import ScheduledChunk
 from meshlm.protocol import NewRequest, StepPlan
 
-__all__ = ["build_step_plan"]
+__all__ = ["BlockTableRows", "build_step_plan"]
 
 
 def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_rows: dict[str, int],
                     new_requests: list[NewRequest], finished_request_ids: list[str],
-                    block_copies: list[tuple[int, int]] = (), seq_slots: list[int] = ()) -> StepPlan:
+                    block_copies: list[tuple[int, int]] = (), seq_slots: list[int] = (),
+                    table_rows: BlockTableRows | None = None) -> StepPlan:
     """The StepPlan of ``chunks``. ``prev_sample_rows`` maps a request id to its row among the
     sampled tokens of the step in flight (empty when none is). A chunk that forks samples its row
     once for itself and once for each sequence it forked. ``seq_slots``: each chunk's sequence
-    slot (StepPlan.seq_slots; empty: none)."""
+    slot (StepPlan.seq_slots; empty: none); with them, ``table_rows`` keeps the tables between steps."""
     query_lens = np.array([c.num_new_tokens for c in chunks], dtype=np.int32)
     starts = np.array([c.start for c in chunks], dtype=np.int64)
     query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
@@ -32,7 +34,10 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
     seq_index = np.repeat(np.arange(len(chunks)), query_lens)  # [num_tokens]
     positions = starts[seq_index] + (np.arange(num_tokens) - query_start_loc[:-1][seq_index])
     input_ids, prev_index, prev_rows = _input_ids(chunks, num_tokens, prev_sample_rows)
-    block_tables = _block_tables([c.request.block_ids for c in chunks])
+    if table_rows is not None and seq_slots:
+        block_tables = table_rows.tables([c.request for c in chunks], seq_slots)
+    else:
+        block_tables = _block_tables([c.request.block_ids for c in chunks])
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
     samplers = [(i, r) for i, c in enumerate(chunks) if c.is_sampling
@@ -49,6 +54,45 @@ def build_step_plan(chunks: list[ScheduledChunk], block_size: int, prev_sample_r
         prompt_logprob_index=scored_index, prompt_logprob_target_ids=scored_targets,
         prompt_logprob_num_top=scored_num_top, block_copies=np.array(block_copies, dtype=np.int64).reshape(-1, 2),
         num_draft_tokens=num_draft_tokens, seq_slots=np.array(seq_slots, dtype=np.int32))
+
+
+class BlockTableRows:
+    """Every sequence slot's block table as a row of one array, kept in step with its sequence's
+    ``block_ids``: a step copies only the blocks appended since the step before, and rewrites a
+    row whose blocks were swapped, freed or cut (``Request.block_table_version``) or whose slot
+    another sequence has taken. So a step's tables cost O(sequences), not O(blocks)."""
+
+    def __init__(self) -> None:
+        self.rows = np.zeros((0, 0), dtype=np.int32)  # [slots, widest table so far]
+        self._owner: list[Request | None] = []  # the sequence each row was last written for
+        self._version: list[int] = []
+        self._length: list[int] = []  # the row's columns written (zeros after)
+
+    def tables(self, requests: list[Request], slots: list[int]) -> np.ndarray:
+        """The block tables of ``requests`` (in ``slots``, distinct) [num_seqs, longest], zero-padded."""
+        lengths = [len(r.block_ids) for r in requests]
+        self._fit(max(slots) + 1, max(lengths))
+        rows, owner, version, length = self.rows, self._owner, self._version, self._length
+        for request, slot, n in zip(requests, slots, lengths):
+            if owner[slot] is not request or version[slot] != request.block_table_version or n < length[slot]:
+                rows[slot, :n] = request.block_ids
+                rows[slot, n:length[slot]] = 0
+                owner[slot], version[slot] = request, request.block_table_version
+            elif n > length[slot]:  # appended blocks only
+                rows[slot, length[slot]:n] = request.block_ids[length[slot]:]
+            length[slot] = n
+        return rows[slots, :max(lengths)]
+
+    def _fit(self, num_slots: int, width: int) -> None:
+        old_slots, old_width = self.rows.shape
+        if num_slots > old_slots or width > old_width:
+            grown = np.zeros((max(num_slots, 2 * old_slots), max(width, old_width)), dtype=np.int32)
+            grown[:old_slots, :old_width] = self.rows
+            self.rows = grown
+            extra = grown.shape[0] - old_slots
+            self._owner += [None] * extra
+            self._version += [0] * extra
+            self._length += [0] * extra
 
 
 def _block_tables(tables: list[list[int]]) -> np.ndarray:

@@ -52,6 +52,9 @@ class Request:
     num_computed_tokens: int = 0
     num_output_placeholders: int = 0  # sampled tokens on their way to rank 0 (see the docstring)
     block_ids: list[int] = field(default_factory=list)
+    # Bumped whenever block_ids changes other than by appending (a copy-on-write swap, a free, a
+    # cut): a copy of the table kept in step by appends alone must then be rebuilt.
+    block_table_version: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission

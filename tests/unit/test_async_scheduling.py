@@ -174,3 +174,32 @@ def test_every_step_plan_rebuilds_its_block_tables_from_changes(model_path):
         assert llm.engine_core.scheduler_stats.num_preemptions > 0
     num_sequences = sum(p.n for p in params)
     assert num_plans > 10 and max(slots_seen) < num_sequences - 1, (num_plans, sorted(slots_seen))
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["overlapped", "plain"])
+def test_block_tables_kept_between_steps_equal_tables_built_whole(model_path, async_scheduling):
+    """BlockTableRows (appends copied, other changes rewritten) against the tables built from every
+    chunk's block_ids, each step of a run with preemption, forks (n = 2) and finished sequences
+    whose slots others take."""
+    from meshlm.engine import coordinator as coordinator_module
+    from meshlm.engine.plan_builder import _block_tables
+    prompts = prompts_of((45, 3, 17, 38, 9, 50, 26, 33, 12, 41), seed=8)
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=6 + i, ignore_eos=True, n=1 + i % 2)
+              for i in range(len(prompts))]
+    build, num_checked = coordinator_module.build_step_plan, 0
+
+    def checking_build(chunks, *args):
+        nonlocal num_checked
+        plan = build(chunks, *args)
+        assert np.array_equal(plan.block_tables, _block_tables([c.request.block_ids for c in chunks]))
+        num_checked += 1
+        return plan
+
+    coordinator_module.build_step_plan = checking_build
+    try:
+        with LLM(model_path, async_scheduling=async_scheduling, **TINY_POOL) as llm:
+            llm.generate(prompts, params)
+            assert llm.engine_core.scheduler_stats.num_preemptions > 0
+    finally:
+        coordinator_module.build_step_plan = build
+    assert num_checked > 10
