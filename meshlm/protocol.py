@@ -130,8 +130,9 @@ class BlockTableMirror:
     def _fit(self, slots: np.ndarray, width: int) -> None:
         num_rows, num_cols = self.rows.shape
         needed = int(slots.max()) + 1 if len(slots) else 0
-        if needed > num_rows or width > num_cols:
-            grown = np.zeros((max(needed, 2 * num_rows), max(width, num_cols)), dtype=np.int32)
+        if needed > num_rows or width > num_cols:  # each dimension doubles when it must grow
+            grown = np.zeros((max(needed, 2 * num_rows) if needed > num_rows else num_rows,
+                              max(width, 2 * num_cols) if width > num_cols else num_cols), dtype=np.int32)
             grown[:num_rows, :num_cols] = self.rows
             self.rows = grown
 

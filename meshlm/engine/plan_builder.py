@@ -85,8 +85,9 @@ class BlockTableRows:
 
     def _fit(self, num_slots: int, width: int) -> None:
         old_slots, old_width = self.rows.shape
-        if num_slots > old_slots or width > old_width:
-            grown = np.zeros((max(num_slots, 2 * old_slots), max(width, old_width)), dtype=np.int32)
+        if num_slots > old_slots or width > old_width:  # each dimension doubles when it must grow
+            grown = np.zeros((max(num_slots, 2 * old_slots) if num_slots > old_slots else old_slots,
+                              max(width, 2 * old_width) if width > old_width else old_width), dtype=np.int32)
             grown[:old_slots, :old_width] = self.rows
             self.rows = grown
             extra = grown.shape[0] - old_slots

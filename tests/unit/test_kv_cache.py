@@ -305,3 +305,17 @@ def test_prefix_caching_disabled():
     assert kv.num_cached_blocks == 0
     b = make_request("b", SHARED + [1])
     assert kv.get_computed_prefix(b) == 0 and b.block_ids == []
+
+
+def test_block_table_rows_grow_each_dimension_only_as_needed():
+    """A sequence whose table grows by a block a step for 300 steps: BlockTableRows holds as many
+    rows as slots and at most twice the widest table, and gives the table each step."""
+    from meshlm.engine.plan_builder import BlockTableRows
+    rows = BlockTableRows()
+    a, b = make_request("a", [1]), make_request("b", [2])
+    for step in range(300):
+        a.block_ids.append(step + 1)
+        b.block_ids.append(1000 + step)
+        tables = rows.tables([a, b], [0, 1])
+        assert tables.tolist() == [a.block_ids, b.block_ids]
+    assert rows.rows.shape[0] <= 2 and 300 <= rows.rows.shape[1] <= 600, rows.rows.shape

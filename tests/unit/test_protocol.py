@@ -181,3 +181,17 @@ def make_plan_of(tables: np.ndarray) -> StepPlan:
     return StepPlan(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64),
                     np.arange(n + 1, dtype=np.int32), np.ones(n, np.int32), tables,
                     np.arange(n, dtype=np.int64), [f"r{i}" for i in range(n)])
+
+
+def test_mirror_grows_each_dimension_only_as_needed():
+    """Tables that widen by one block a step for 300 steps (a long decode): the mirror's rows stay
+    as many as the slots, its width within twice the widest table."""
+    sender, receiver = BlockTableMirror(), BlockTableMirror()
+    slots = np.arange(3, dtype=np.int32)
+    for width in range(1, 301):
+        tables = np.arange(3 * width, dtype=np.int32).reshape(3, width) + 1
+        plan = replace(make_plan_of(tables), seq_slots=slots)
+        got = decode_envelope(encode_envelope(Envelope(MessageKind.STEP, plan), sender), receiver).plan
+        assert np.array_equal(got.block_tables, tables)
+    for mirror in (sender, receiver):
+        assert mirror.rows.shape[0] <= 4 and 300 <= mirror.rows.shape[1] <= 600, mirror.rows.shape
