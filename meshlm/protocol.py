@@ -128,13 +128,7 @@ class BlockTableMirror:
         self.rows = np.zeros((0, 0), dtype=np.int32)  # [slots, widest table so far]
 
     def _fit(self, slots: np.ndarray, width: int) -> None:
-        num_rows, num_cols = self.rows.shape
-        needed = int(slots.max()) + 1 if len(slots) else 0
-        if needed > num_rows or width > num_cols:  # each dimension doubles when it must grow
-            grown = np.zeros((max(needed, 2 * num_rows) if needed > num_rows else num_rows,
-                              max(width, 2 * num_cols) if width > num_cols else num_cols), dtype=np.int32)
-            grown[:num_rows, :num_cols] = self.rows
-            self.rows = grown
+        self.rows = fit_rows(self.rows, int(slots.max()) + 1 if len(slots) else 0, width)
 
     def encode(self, slots: np.ndarray, tables: np.ndarray) -> dict[str, np.ndarray]:
         """The changes of ``tables`` [num_seqs, width] (rows of ``slots``) from the mirror: per row
@@ -157,6 +151,18 @@ class BlockTableMirror:
         tables[_span(first, end, width)] = changes
         self.rows[slots, :width] = tables
         return tables
+
+
+def fit_rows(rows: np.ndarray, num_rows: int, width: int) -> np.ndarray:
+    """``rows`` [r, w], or a copy grown to hold ``num_rows`` x ``width`` (zeros added): a dimension
+    that must grow at least doubles, so a table widening a block at a time copies rarely."""
+    old_rows, old_width = rows.shape
+    if num_rows <= old_rows and width <= old_width:
+        return rows
+    grown = np.zeros((max(num_rows, 2 * old_rows) if num_rows > old_rows else old_rows,
+                      max(width, 2 * old_width) if width > old_width else old_width), dtype=rows.dtype)
+    grown[:old_rows, :old_width] = rows
+    return grown
 
 
 def _span(first: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:

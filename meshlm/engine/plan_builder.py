@@ -12,7 +12,7 @@ import numpy as np
 
 from meshlm.engine.request import Request
 from meshlm.engine.scheduler import ScheduledChunk
-from meshlm.protocol import NewRequest, StepPlan
+from meshlm.protocol import NewRequest, StepPlan, fit_rows
 
 __all__ = ["BlockTableRows", "build_step_plan"]
 
@@ -84,16 +84,11 @@ class BlockTableRows:
         return rows[slots, :max(lengths)]
 
     def _fit(self, num_slots: int, width: int) -> None:
-        old_slots, old_width = self.rows.shape
-        if num_slots > old_slots or width > old_width:  # each dimension doubles when it must grow
-            grown = np.zeros((max(num_slots, 2 * old_slots) if num_slots > old_slots else old_slots,
-                              max(width, 2 * old_width) if width > old_width else old_width), dtype=np.int32)
-            grown[:old_slots, :old_width] = self.rows
-            self.rows = grown
-            extra = grown.shape[0] - old_slots
-            self._owner += [None] * extra
-            self._version += [0] * extra
-            self._length += [0] * extra
+        self.rows = fit_rows(self.rows, num_slots, width)
+        extra = self.rows.shape[0] - len(self._owner)
+        self._owner += [None] * extra
+        self._version += [0] * extra
+        self._length += [0] * extra
 
 
 def _block_tables(tables: list[list[int]]) -> np.ndarray:
