@@ -108,7 +108,9 @@ class DecodeGraphRunner:
                                  self.seq_lens[:batch], self.block_tables[:batch], q, self.max_model_len + q - 1,
                                  np.full(batch, q, dtype=np.int32))
 
-    def _forward(self, batch: int) -> torch.Tensor | None:
+    def _forward(self, batch: int, logits_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The forward of ``batch`` sequences: their logits (into ``logits_out`` if given); None
+        before the last stage."""
         mapping, model = self.groups.mapping, self.model
         rows = batch * self.query_len
         if mapping.is_first_pp_rank:
@@ -120,7 +122,7 @@ class DecodeGraphRunner:
         if not mapping.is_last_pp_rank:
             self.groups.send_to_next_stage(hidden)
             return None
-        return model.compute_logits(hidden)  # [rows, vocab_per_rank]
+        return model.compute_logits(hidden, logits_out)  # [rows, vocab_per_rank]
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
@@ -139,11 +141,8 @@ class DecodeGraphRunner:
                                           device=self.device)
             del warm
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(batch)
-                if logits is not None:
-                    self.logits[:batch * self.query_len].copy_(logits)
-                del logits
+            with torch.cuda.graph(graph, pool=self.pool):  # the LM head writes into the static buffer
+                self._forward(batch, None if self.logits is None else self.logits[:batch * self.query_len])
             self._graphs[batch] = graph
         torch.cuda.synchronize(self.device)
         log.info("captured %d %s CUDA graphs, batch sizes 1 to %d", len(self.buckets), self.kind, self.buckets[-1])

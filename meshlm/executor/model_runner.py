@@ -255,13 +255,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, plan: StepPlan) -> torch.Tensor | None:
-        """Logits [num_logits, vocab] of the plan's sample rows on the sampling rank, without
+        """float32 logits [num_logits, vocab] of the plan's sample rows on the sampling rank, without
         sampling (tests and checks); None on the other ranks."""
-        return self._forward(plan)[0]
+        logits = self._forward(plan)[0]
+        return None if logits is None else logits.float()
 
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor | None, tuple | None]:
-        """The step's forward on this rank. The sampling rank gets the float32 logits of the
-        sample rows over the whole vocabulary and the plan's prompt-token scores
+        """The step's forward on this rank. The sampling rank gets the logits (in the model's dtype) of
+        the sample rows over the whole vocabulary and the plan's prompt-token scores
         (``score_prompt_tokens``); every other rank ``(None, None)``."""
         if plan.num_tokens == 0:
             return None, None
@@ -290,14 +291,18 @@ class ModelRunner:
         scores = score_prompt_tokens(
             hidden, self._to_device(plan.prompt_logprob_index), self._to_device(plan.prompt_logprob_target_ids),
             int(plan.prompt_logprob_num_top.max()),
-            lambda rows: self._sampler_logits(self.model.compute_logits(rows)))
+            lambda rows: self._sampler_logits(self.model.compute_logits(rows), as_float=True))
         return logits, scores
 
-    def _sampler_logits(self, logits_shard: torch.Tensor) -> torch.Tensor | None:
-        """This rank's vocab shard [num_rows, vocab_per_rank] gathered into the sampler's float32
-        logits [num_rows, vocab_size] (a TP collective); None on the other TP ranks."""
+    def _sampler_logits(self, logits_shard: torch.Tensor, as_float: bool = False) -> torch.Tensor | None:
+        """This rank's vocab shard [num_rows, vocab_per_rank] gathered into the sampler's logits
+        [num_rows, vocab_size] (a TP collective), in the model's dtype (the sampler widens them
+        where it needs to) or, ``as_float``, in float32; None on the other TP ranks."""
         logits = self.groups.gather_logits_to_sampler(logits_shard)
-        return None if logits is None else logits[:, :self.cfg.vocab_size].float()
+        if logits is None:
+            return None
+        logits = logits[:, :self.cfg.vocab_size]
+        return logits.float() if as_float else logits
 
     def _forward_eager(self, plan: StepPlan) -> torch.Tensor | None:
         """The hidden states [num_tokens, hidden_size] of the last stage, else None."""

@@ -207,9 +207,10 @@ class LlamaForCausalLM(NamedWeights, nn.Module):
             hidden, residual = layer(hidden, residual, meta, kv)
         return hidden if residual is None else hidden + residual
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and this rank's vocab shard of the logits: [num_rows, vocab_per_rank]."""
-        return self.lm_head(self.norm(hidden))
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and this rank's vocab shard of the logits: [num_rows, vocab_per_rank], written
+        into ``out`` when given (a graph's static buffer: no copy after the product)."""
+        return self.lm_head(self.norm(hidden), out)
 
     # --- weights -----------------------------------------------------------------------------
     def weight_names(self, prefix: str = "") -> list[tuple[object, tuple]]:

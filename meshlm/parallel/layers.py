@@ -259,8 +259,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         if tied_to is not None:
             self.weight = tied_to.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)  # [num_rows, vocab_per_rank]
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_rows, vocab_per_rank], into ``out`` (of that shape and the weight's dtype) if given."""
+        if out is None:
+            return F.linear(hidden, self.weight)
+        return torch.matmul(hidden, self.weight.t(), out=out)
 
 
 class RMSNorm(nn.Module):

@@ -120,6 +120,28 @@ def test_greedy_equals_argmax_in_a_mixed_batch():
     assert tokens.dtype == np.int64
 
 
+def test_all_greedy_batch_takes_the_argmax_of_16_bit_logits_as_the_float32_path_does():
+    """A step of plain greedy rows skips the float32 copy: same tokens as the full path (ties
+    included: bf16 rounding makes many equal logits), and eos is still held back by min_tokens."""
+    logits = (torch.randn(64, 300, generator=torch.Generator().manual_seed(3)) * 0.01).to(torch.bfloat16)
+    logits[5, 7] = logits[5, 9] = logits[5].max() + 1  # an exact tie: the first index wins on both paths
+    eos = int(logits[3].float().argmax())
+    ids = [f"r{i}" for i in range(64)]
+    plain, mixed = Sampler(300, eos_token_ids=[eos]), Sampler(300, eos_token_ids=[eos])
+    for i, rid in enumerate(ids):
+        params = SamplingParams(temperature=0.0, min_tokens=2 if i == 3 else 0)
+        plain.add_request(rid, SamplingParams(temperature=0.0), [])
+        mixed.add_request(rid, params, [])
+    fast = plain.sample(logits, ids).token_ids
+    np.testing.assert_array_equal(fast, logits.float().argmax(dim=-1).numpy())
+    assert fast[5] == 7 and fast[3] == eos
+    full = mixed.sample(logits, ids).token_ids  # row 3's min_tokens sends the batch the float32 way
+    assert full[3] != eos
+    np.testing.assert_array_equal(np.delete(full, 3), np.delete(fast, 3))
+    assert mixed.sample(logits, ids).token_ids[3] != eos  # one output so far: still below min_tokens
+    assert mixed.sample(logits, ids).token_ids[3] == eos  # two: the plain path, eos allowed
+
+
 def test_tiny_temperature_is_greedy():
     # Distinct logits 0.1 apart: at T = 1e-3 the runner-up is e^-100 times less likely.
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(4))
