@@ -172,10 +172,7 @@ class Sampler:
                              f"vocab_size={self.vocab_size}) for {len(request_ids)} requests")
         states = [self._get_state(rid) for rid in request_ids]
         if num_drafts is None and all(s.is_plain_greedy and s.num_output_tokens >= s.params.min_tokens for s in states):
-            # Every row takes its argmax: in the logits' own dtype (a 16-bit value widens to
-            # float32 exactly, so the argmax is the same), without a float32 copy of them.
-            self._count_outputs(states, None)
-            return SampledTokens(logits.to(self.device).argmax(dim=-1), None, None, None)
+            return self._argmax_of_plain_greedy_rows(logits, states)
         history_rows = [row for row, state in enumerate(states) if state.needs_history]
         if history_rows:
             self._record_history()  # the only wait for earlier steps: penalties and matchers read their tokens
@@ -208,6 +205,12 @@ class Sampler:
         out = _device_output(last_tokens, None if raw_logprobs is None else raw_logprobs[last_rows], states)
         return SampledTokens(token_ids, out.logprobs, out.top_token_ids, out.top_logprobs,
                              num_tokens=num_tokens)
+
+    def _argmax_of_plain_greedy_rows(self, logits: torch.Tensor, states: list[_RequestState]) -> SampledTokens:
+        """Every row takes its argmax: in the logits' own dtype (a 16-bit value widens to float32
+        exactly, so the argmax is the same), without a float32 copy of them."""
+        self._count_outputs(states, None)
+        return SampledTokens(logits.to(self.device).argmax(dim=-1), None, None, None)
 
     def _count_outputs(self, states: list[_RequestState], num_drafts: np.ndarray | None) -> None:
         """One more output each; a request with drafts is past min_tokens (its only use), however
