@@ -158,9 +158,7 @@ class Sampler:
                          num_drafts: np.ndarray | None = None,
                          draft_ids: torch.Tensor | None = None) -> SampledTokens:
         """Sample one token per row; row ``i`` of ``logits`` [num_rows, vocab_size] belongs to
-        ``request_ids[i]``. Counts each row's output; the tokens stay on the device.
-
-        A verify step (speculative decoding) passes ``num_drafts`` [num_requests]: request ``i``
+        ``request_ids[i]``. Counts each row's output; the tokens stay on the device. A verify step (speculative decoding) passes ``num_drafts`` [num_requests]: request ``i``
         then has ``1 + num_drafts[i]`` consecutive logits rows, and ``draft_ids`` [num_rows] the
         draft each row scores (rejection_sampler.verify_drafts). Requests with drafts use no
         penalties, bad words, logprobs or pending min_tokens (the scheduler drafts for no other).
@@ -172,7 +170,7 @@ class Sampler:
                              f"vocab_size={self.vocab_size}) for {len(request_ids)} requests")
         states = [self._get_state(rid) for rid in request_ids]
         if num_drafts is None and all(s.is_plain_greedy and s.num_output_tokens >= s.params.min_tokens for s in states):
-            return self._argmax_of_plain_greedy_rows(logits, states)
+            return self._argmax_of_plain_greedy_rows(logits, states)  # every row greedy, nothing else to apply
         history_rows = [row for row, state in enumerate(states) if state.needs_history]
         if history_rows:
             self._record_history()  # the only wait for earlier steps: penalties and matchers read their tokens
