@@ -7,6 +7,9 @@ kernel intervals from torch.profiler) and the top kernels.
 With ``--quantization fp8``, ``--no-fused-quantization`` has the norms and SiLU-and-mul write their
 rows in bf16 for the FP8 products to quantize (the A/B of the fused quantization, kernels/fp8.py).
 
+With ``--prefill-tokens N``, each profiled step is a mixed one: prompts of ``--prompt-len`` tokens,
+N in all, join the batch's decodes (they end after their first token, so the decodes stay the batch).
+
 Prints one table last: the busy fraction is busy time / wall time of the profiled steps.
 """
 from __future__ import annotations
@@ -59,12 +62,13 @@ class GcClock:
 GC_CLOCK = GcClock()
 
 
-def timed_steps(coordinator, num_steps: int) -> tuple[float, float]:
+def timed_steps(coordinator, num_steps: int, before_step=lambda: None) -> tuple[float, float]:
     """Wall microseconds of ``num_steps`` steps without a profiler, and the GC's share of them."""
     torch.cuda.synchronize()
     GC_CLOCK.seconds, GC_CLOCK.running = 0.0, True
     start = time.perf_counter()
     for _ in range(num_steps):
+        before_step()
         coordinator.step()
     torch.cuda.synchronize()
     GC_CLOCK.running = False
@@ -85,16 +89,30 @@ def print_kernel_table(batch: int, kernels, num_steps: int) -> None:
         print(f"{total[name] / num_steps:>9.1f} {count[name] / num_steps:>9.1f} {total[name] / count[name]:>8.2f}  {name[:110]}")
 
 
+def new_prompts(coordinator, rng, prompt_len: int, tokens: int):
+    """A callable that submits ``tokens // prompt_len`` prompts of ``prompt_len`` that end after their
+    first token, so each step after it prefills them beside the running decodes (a mixed step)."""
+    from meshlm import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def submit() -> None:
+        for _ in range(tokens // prompt_len):
+            coordinator.submit(rng.integers(0, 32000, prompt_len).tolist(), params)
+    return submit
+
+
 def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = False,
-                  kernel_table: bool = False, prompt_len: int = 128) -> dict:
+                  kernel_table: bool = False, prompt_len: int = 128, prefill_tokens: int = 0) -> dict:
     from meshlm import SamplingParams
     rng = np.random.default_rng(batch)
     prefill_steps = -(-batch * prompt_len // 8192)
     params = SamplingParams(temperature=0.0, max_tokens=16 + 5 * num_steps + prefill_steps, ignore_eos=True)
     ids = [coordinator.submit(rng.integers(0, 32000, prompt_len).tolist(), params) for _ in range(batch)]
-    for _ in range(4 + prefill_steps + num_steps):  # the prompts' prefill, then some decode steps
+    for _ in range(4 + prefill_steps):  # the prompts' prefill
         coordinator.step()
-    plain_us, gc_us = timed_steps(coordinator, num_steps)
+    before_step = new_prompts(coordinator, rng, prompt_len, prefill_tokens) if prefill_tokens else lambda: None
+    timed_steps(coordinator, num_steps, before_step)  # warm-up: some decode (or mixed) steps
+    plain_us, gc_us = timed_steps(coordinator, num_steps, before_step)
     # Kernels only, unless the host's ops are asked for: tracing every CPU op slows the host.
     activities = [torch.profiler.ProfilerActivity.CUDA]
     if host_table:
@@ -103,6 +121,7 @@ def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = Fa
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(num_steps):
+            before_step()
             coordinator.step()
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - start) * 1e6
@@ -117,7 +136,8 @@ def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = Fa
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
     for request_id in ids:
         coordinator.abort(request_id)
-    coordinator.step()
+    for _ in range(4):  # the aborts, and the last new prompts
+        coordinator.step()
     busy = busy_us(kernels)
     return {"batch": batch, "step_ms": wall_us / num_steps / 1e3, "busy_ms": busy / num_steps / 1e3,
             "busy_fraction": busy / wall_us, "unprofiled_step_ms": plain_us / num_steps / 1e3,
@@ -135,6 +155,8 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=4096,
                         help="the engine's max_model_len (decode graphs split batch-1 attention by it)")
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens of each prompt (the decode context)")
+    parser.add_argument("--prefill-tokens", type=int, default=0,
+                        help="profile mixed steps: prompts of --prompt-len totalling this many tokens join each step")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     parser.add_argument("--fused-quantization", action=argparse.BooleanOptionalAction, default=True,
@@ -153,7 +175,8 @@ def main() -> int:
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}))
-    rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table, ns.kernel_table, ns.prompt_len)
+    rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table, ns.kernel_table, ns.prompt_len,
+                         ns.prefill_tokens)
             for b in ns.batches.split(",")]
     llm.shutdown()
     if ns.out:
@@ -161,7 +184,8 @@ def main() -> int:
                                             ns.fused_quantization, "rows": rows}, indent=1))
     print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}  "
           f"quantization={ns.quantization}  fused_quantization={ns.fused_quantization}  "
-          f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}")
+          f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
+          f"prefill_tokens={ns.prefill_tokens}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

@@ -14,7 +14,9 @@
 #   PART=steps    GPU tests of in-flight steps (mixed decode and prefill batches over bf16 and fp8
 #                 pools; decode graphs against eager steps), then bench FP8 and bf16 128/128 x 2000
 #                 and FP8 1000/1000 x 1000 (FP8 KV, guaranteed_no_evict) (~8 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=mixed    the kernels of mixed steps without PDL (FP8: 1700 decodes + 6400 prompt tokens;
+#                 bf16: 256 decodes of 2k context + 6144 prompt tokens), bench FP8 128/128 (~5 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -64,6 +66,16 @@ if [ "$PART" = engine ]; then
       --steps 10 --out "$OUT/profile_fp8.json" > "$RUNS/profile_fp8.log" 2>&1
   tail -4 "$RUNS/profile_fp8.log"
 fi
+if [ "$PART" = mixed ]; then
+  echo "== mixed steps, FP8 weights and KV: 1700 decodes of 128 + 6400 prompt tokens (no PDL)"
+  timeout 120 python3 benchmarks/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batches 1700 \
+      --prefill-tokens 6400 --steps 5 --no-pdl --kernel-table > "$RUNS/mixed_fp8.log" 2>&1
+  grep -A 22 "kernels per step" "$RUNS/mixed_fp8.log"; tail -2 "$RUNS/mixed_fp8.log"
+  echo "== mixed steps, bf16: 256 decodes of 2048 + 6144 prompt tokens (no PDL)"
+  timeout 120 python3 benchmarks/profile_decode.py --batches 256 --prompt-len 2048 --prefill-tokens 6144 \
+      --steps 5 --no-pdl --kernel-table > "$RUNS/mixed_bf16.log" 2>&1
+  grep -A 22 "kernels per step" "$RUNS/mixed_bf16.log"; tail -2 "$RUNS/mixed_bf16.log"
+fi
 if [ "$PART" = steps ]; then
   steps_tests() {  # name, time limit, then pytest's arguments; prints the summary, or the log's end when cut
     local name=$1 limit=$2; shift 2
@@ -76,7 +88,7 @@ if [ "$PART" = steps ]; then
       tests/gpu/test_prefill_kernel.py -k "decodes or mixed"
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
-[ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || exit 0
+[ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -91,6 +103,10 @@ if [ "$PART" = steps ]; then
   bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
   bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
       --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+  exit 0
+fi
+if [ "$PART" = mixed ]; then
+  bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
   exit 0
 fi
 if [ "$PART" = engine ]; then
