@@ -3,7 +3,8 @@ decodes together. Batches of decodes only go to the split-KV decode kernel
 (:mod:`meshlm.kernels.decode_attention`), long prefills to the prefill kernel
 (:mod:`meshlm.kernels.prefill_attention`, by the rule of
 :func:`meshlm.kernels.prefill_tiles.uses_prefill_kernel`; decodes ahead of them to the decode
-kernel); the unified kernel runs every other batch.
+kernel); the unified kernel runs every other batch, except that at least ``MIN_DECODES_APART``
+decodes ahead of short prefill chunks (a step of in-flight batching) go to the decode kernel too.
 
 The kernel follows the layout of vLLM's "unified attention": the grid is (query blocks across
 all sequences, KV heads). One program takes ``block_q = BLOCK_M // group`` consecutive query
@@ -39,6 +40,11 @@ from meshlm.kernels.triton_launch import dot_precision
 from meshlm.kernels.kv_quant import fp8_kv_as_f16, is_fp8_kv, kernel_scales
 
 _LOG2_E = 1.4426950408889634
+# Decodes ahead of short prefill chunks that run apart, by the decode kernel (one more launch): on
+# an H200 (attention_bench.py, CUDA graphs) the decode kernel read 1700 x 192 keys in 210 us against
+# the unified kernel's 459 us over an fp8 pool (323 / 506 us over bf16) and 600 x 1536 in 516 /
+# 662 us (fp8; bf16 854 / 884 us). Below this many, a launch's few microseconds weigh more.
+MIN_DECODES_APART = 32
 
 
 # Values that change from batch to batch are not specialised on, so serving compiles once per model.
@@ -198,22 +204,33 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if uses_prefill_kernel(chunk_lens, q.dtype, k_cache.dtype, head_dim, group, sliding_window, tiles):
         if num_decodes == 0:
             return prefill_attention(q, k_cache, v_cache, meta, scale, tiles, new_kv=new_kv)
-        return _decodes_then_prefill(q, k_cache, v_cache, meta, scale, num_decodes, tiles, new_kv)
+        return _decodes_then_chunks(q, k_cache, v_cache, meta, scale, num_decodes, tiles, new_kv=new_kv)
+    if num_decodes >= MIN_DECODES_APART and len(chunk_lens):
+        return _decodes_then_chunks(q, k_cache, v_cache, meta, scale, num_decodes, None, sliding_window,
+                                    k_scale, v_scale)
     return unified_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
 
 
-def _decodes_then_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                          scale: float, num_decodes: int, tiles: PrefillTiles,
-                          new_kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """A batch of ``num_decodes`` decodes, then long prefill chunks: the decodes by the decode
-    kernel, the chunks by the prefill kernel (with the chunks' rows of ``new_kv``), into one output."""
-    key = ("decodes_then_prefill", num_decodes)  # the two parts' metadata, shared by the step's layers
+def _decodes_then_chunks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                         scale: float, num_decodes: int, tiles: PrefillTiles | None,
+                         sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None,
+                         new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """A batch of ``num_decodes`` decodes, then prefill chunks: the decodes by the decode kernel,
+    the chunks by the prefill kernel (``tiles``, with the chunks' rows of ``new_kv``) or, with
+    ``tiles`` None, by the unified kernel; into one output."""
+    key = ("decodes_then_chunks", num_decodes)  # the two parts' metadata, shared by the step's layers
     if key not in meta.derived:
         meta.derived[key] = (_rows_metadata(meta, 0, num_decodes), _rows_metadata(meta, num_decodes, None))
     decodes, chunks = meta.derived[key]
     num_decode_tokens = num_decodes  # one token each, first in the batch
     out = torch.empty_like(q)
-    out[:num_decode_tokens] = paged_decode_attention(q[:num_decode_tokens], k_cache, v_cache, decodes, scale)
+    out[:num_decode_tokens] = paged_decode_attention(q[:num_decode_tokens], k_cache, v_cache, decodes, scale,
+                                                     sliding_window, k_scale=k_scale, v_scale=v_scale)
+    if tiles is None:
+        out[num_decode_tokens:] = unified_attention(q[num_decode_tokens:], k_cache, v_cache, chunks, scale,
+                                                    sliding_window, k_scale, v_scale)
+        return out
     chunk_kv = None if new_kv is None else tuple(x[num_decode_tokens:] for x in new_kv)
     prefill_attention(q[num_decode_tokens:], k_cache, v_cache, chunks, scale, tiles, out=out[num_decode_tokens:],
                       new_kv=chunk_kv)

@@ -28,7 +28,7 @@ from meshlm.kernels.decode_tiles import decode_tiles  # noqa: E402
 from meshlm.kernels.fp8_convert_triton import F16_WIDEN_FACTOR, widen_fp8  # noqa: E402
 from meshlm.kernels.fused_ops import TORCH_OPS, TritonOps  # noqa: E402
 from meshlm.kernels.kv_quant import FP8_KV_DTYPE, FP8_KV_MAX, quantize_kv  # noqa: E402
-from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
+from meshlm.kernels.triton_attention import MIN_DECODES_APART, paged_attention_triton, unified_attention  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda, random_block_tables  # noqa: E402
 
@@ -208,6 +208,17 @@ def test_widening_reads_every_float8_value(how):
 @pytest.mark.parametrize("seqs", [MIXED, DECODES[:4]], ids=["mixed", "decodes"])
 def test_unified_kernel_reads_fp8(seqs, window, dtype):
     max_err, mean_err = errors(unified_attention, seqs, 2, 4, 64, dtype, window)
+    max_tol, mean_tol = TOLERANCES[dtype]
+    assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
+
+
+@pytest.mark.parametrize("dtype", UNIFIED_DTYPES, ids=[str(d).removeprefix("torch.") for d in UNIFIED_DTYPES])
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "window24"])
+def test_decodes_ahead_of_short_chunks_read_fp8(window, dtype):
+    """A step of in-flight batching over an fp8 pool: the decodes by the decode kernel, the
+    chunks by the unified kernel, both with the pool's scales."""
+    seqs = [(3 + 9 * i, 1) for i in range(MIN_DECODES_APART)] + [(20, 13), (0, 37)]
+    max_err, mean_err = errors(paged_attention_triton, seqs, 2, 4, 64, dtype, window)
     max_tol, mean_tol = TOLERANCES[dtype]
     assert max_err < max_tol and mean_err < mean_tol, (max_err, mean_err)
 

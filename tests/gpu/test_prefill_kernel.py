@@ -234,7 +234,7 @@ def test_decodes_then_chunks_by_two_kernels_match_reference(monkeypatch, kind):
     for _ in range(2):  # a second layer of the step reuses the split metadata
         got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.125, new_kv=new_kv)
         assert (got - expected).abs().max().item() < FP32_MAX_ERROR
-    assert any(key[0] == "decodes_then_prefill" for key in meta.derived)
+    assert any(key[0] == "decodes_then_chunks" for key in meta.derived)
 
 
 @pytest.mark.parametrize("num_decodes", [1, 2, 3, 5])
@@ -314,4 +314,4 @@ def test_entry_point_on_decodes_then_long_chunks_in_bf16():
     got = triton_attention.paged_attention_triton(q, k_cache, v_cache, meta, 128 ** -0.5).float()
     relative = ((got - expected).norm() / expected.norm()).item()
     assert relative < RELATIVE_TOLERANCE[torch.bfloat16], relative
-    assert any(key[0] == "decodes_then_prefill" for key in meta.derived)
+    assert any(key[0] == "decodes_then_chunks" for key in meta.derived)

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from meshlm.kernels.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
-from meshlm.kernels.triton_attention import paged_attention_triton  # noqa: E402
+from meshlm.kernels.triton_attention import MIN_DECODES_APART, paged_attention_triton  # noqa: E402
 
 from tests.gpu.kernel_device import random_block_tables  # noqa: E402
 
@@ -104,6 +104,31 @@ def test_large_cases_match_reference(name, seqs, window, dtype):
     max_err, mean_err = max_errors(seqs, 8, 4, 128, dtype, "cuda", window, seed=1)
     max_tol, mean_tol = TOLERANCES[dtype]
     assert max_err < max_tol and mean_err < mean_tol, (name, window, dtype, max_err, mean_err)
+
+
+# A step of in-flight batching: MIN_DECODES_APART decodes (contexts across block edges), then short chunks.
+DECODES_THEN_CHUNKS = [(3 + 9 * i, 1) for i in range(MIN_DECODES_APART)] + [(20, 13), (0, 37)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "window24"])
+def test_decodes_ahead_of_short_chunks_run_apart(window, dtype):
+    """The decodes by the decode kernel, the chunks by the unified kernel: the same attention."""
+    q, k_cache, v_cache, meta = make_case(DECODES_THEN_CHUNKS, 2, 4, 64, dtype, "cuda", seed=3)
+    scale = 0.125
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, scale, window).float()
+    got = paged_attention_triton(q, k_cache, v_cache, meta, scale, window)
+    assert ("decodes_then_chunks", MIN_DECODES_APART) in meta.derived  # the batch was split
+    diff = (got.float() - expected).abs()
+    max_tol, mean_tol = TOLERANCES[dtype]
+    assert diff.max().item() < max_tol and diff.mean().item() < mean_tol, (diff.max().item(), diff.mean().item())
+    # one decode fewer: the unified kernel takes the whole batch, and agrees
+    fewer = DECODES_THEN_CHUNKS[1:]
+    q, k_cache, v_cache, meta = make_case(fewer, 2, 4, 64, dtype, "cuda", seed=3)
+    got = paged_attention_triton(q, k_cache, v_cache, meta, scale, window)
+    assert not any(key[0] == "decodes_then_chunks" for key in meta.derived)
+    diff = (got.float() - paged_attention_reference(q, k_cache, v_cache, meta, scale, window).float()).abs()
+    assert diff.max().item() < max_tol, diff.max().item()
 
 
 def _refill(dst: AttentionMetadata, src: AttentionMetadata) -> None:
