@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import logging
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -86,6 +87,11 @@ class RankRuntime:
         if with_graphs:
             with self._phase("capturing CUDA graphs"):
                 self.runner.capture_cuda_graphs(max_batch_size)
+        if self.device.type == "cuda":  # Triton's kernels compile on first use
+            with self._phase("compiling the kernels of mixed steps"):
+                start = time.perf_counter()
+                count = self.runner.warm_up_mixed_steps(max_batch_size, config.scheduler.max_num_tokens)
+                log.info("ran %d mixed steps to compile their kernels in %.1f s", count, time.perf_counter() - start)
         log.info("model %s: %d layers, dtype %s, device %s; KV cache (%s) %d blocks of %d tokens = %d tokens "
                  "(max_model_len=%d); max_batch_size %d", config.model.architecture, config.model.num_layers,
                  self.runner.dtype, self.device, self.runner.kv_cache_dtype, self.num_blocks, cache.block_size,

@@ -28,6 +28,7 @@ from meshlm.executor.async_output import AsyncStepResult, SampledTokens
 from meshlm.executor.prompt_logprobs import score_prompt_tokens
 from meshlm.executor.grammar import GrammarCompiler
 from meshlm.executor.sampler import Sampler
+from meshlm.executor.warmup import warmup_plans
 from meshlm.weights.random_weights import RandomCheckpoint
 
 log = logging.getLogger("meshlm")
@@ -177,6 +178,15 @@ class ModelRunner:
             log.warning("CUDA graphs take %.2f GiB, more than the %.2f GiB reserved for them",
                         self.graph_memory_bytes / 2**30, estimate / 2**30)
         self.graph_runner = runner
+
+    @torch.inference_mode()
+    def warm_up_mixed_steps(self, max_batch_size: int, max_num_tokens: int) -> int:
+        """The eager forward of each synthetic mixed step of :func:`warmup_plans` (the KV pool
+        allocated), so that their kernels compile now; returns how many ran."""
+        plans = warmup_plans(max_batch_size, max_num_tokens, self.max_model_len, self.block_size, self.num_blocks)
+        for plan in plans:
+            self._forward_eager(plan)
+        return len(plans)
 
     # --- one step ----------------------------------------------------------------------------
     def update_requests(self, plan: StepPlan) -> None:
