@@ -16,7 +16,9 @@
 #                 and FP8 1000/1000 x 1000 (FP8 KV, guaranteed_no_evict) (~8 min)
 #   PART=mixed    the kernels of mixed steps without PDL (FP8: 1700 decodes + 6400 prompt tokens;
 #                 bf16: 256 decodes of 2k context + 6144 prompt tokens), bench FP8 128/128 (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=accum    FP8 products with and without torch._scaled_mm's fast accumulation: its GPU test,
+#                 FP8 decode steps at 1712 and mixed steps (1700 decodes + 6400 prompt tokens) (~5 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -75,6 +77,20 @@ if [ "$PART" = mixed ]; then
   timeout 120 python3 benchmarks/profile_decode.py --batches 256 --prompt-len 2048 --prefill-tokens 6144 \
       --steps 5 --no-pdl --kernel-table > "$RUNS/mixed_bf16.log" 2>&1
   grep -A 22 "kernels per step" "$RUNS/mixed_bf16.log"; tail -2 "$RUNS/mixed_bf16.log"
+fi
+if [ "$PART" = accum ]; then
+  echo "== GPU tests: FP8 products, fast accumulation"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py -k "emulation" 2>&1 | tail -2
+  for accum in no-fast-accumulation fast-accumulation; do
+    echo "== FP8 weights and KV, --$accum: decode steps at 1712, then mixed steps (unprofiled ms, then top kernels)"
+    timeout 100 python3 benchmarks/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batches 1712 \
+        --steps 10 --$accum > "$RUNS/accum_decode_$accum.log" 2>&1
+    tail -1 "$RUNS/accum_decode_$accum.log"
+    timeout 100 python3 benchmarks/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batches 1700 \
+        --prefill-tokens 6400 --steps 5 --$accum > "$RUNS/accum_mixed_$accum.log" 2>&1
+    tail -1 "$RUNS/accum_mixed_$accum.log"
+  done
+  exit 0
 fi
 if [ "$PART" = steps ]; then
   steps_tests() {  # name, time limit, then pytest's arguments; prints the summary, or the log's end when cut

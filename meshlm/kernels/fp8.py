@@ -42,6 +42,10 @@ WEIGHT_ONLY_MAX_ROWS = 16
 # kernel then writes float8 rows and their scales, instead of model-dtype rows that a quantization
 # kernel reads back. On by default; set_fused_quantization(False) turns it off (benchmarks compare).
 _FUSED_QUANTIZATION = {"enabled": True}
+# Whether torch._scaled_mm may accumulate in the tensor cores' own precision (use_fast_accum), which
+# skips the periodic promotion of the partial sums to float32. Off by default (not yet measured on a
+# GPU); set_fast_accumulation(True) turns it on (benchmarks compare).
+_FAST_ACCUMULATION = {"enabled": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,12 @@ def set_fused_quantization(enabled: bool) -> None:
     """Whether forward passes run (and CUDA graphs captured) from now on hand quantized rows to
     their FP8 products."""
     _FUSED_QUANTIZATION["enabled"] = enabled
+
+
+def set_fast_accumulation(enabled: bool) -> None:
+    """Whether FP8 products run (and CUDA graphs captured) from now on let ``torch._scaled_mm``
+    accumulate in the tensor cores' precision (``use_fast_accum``)."""
+    _FAST_ACCUMULATION["enabled"] = enabled
 
 
 def takes_quantized_rows(num_rows: int, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None) -> bool:
@@ -195,7 +205,7 @@ def scaled_product(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     bf16 from ``torch._scaled_mm`` where it runs, else float32 from the emulation."""
     if can_use_scaled_mm(x_q, weight):
         return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
-                                out_dtype=torch.bfloat16)
+                                out_dtype=torch.bfloat16, use_fast_accum=_FAST_ACCUMULATION["enabled"])
     return emulated_scaled_mm(x_q, x_scale, weight, weight_scale)
 
 

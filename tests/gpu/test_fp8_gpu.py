@@ -42,6 +42,19 @@ def test_scaled_mm_matches_the_emulation(rows, static):
 
 
 @needs_fp8_cores
+@pytest.mark.parametrize("k", [256, 14336])
+def test_fast_accumulation_stays_near_the_emulation(k, monkeypatch):
+    """With use_fast_accum the tensor cores keep the partial sums in their own precision: over the
+    8B shape's longest K (14336) the product still equals the float32 emulation up to bf16 rounding."""
+    monkeypatch.setitem(fp8._FAST_ACCUMULATION, "enabled", True)
+    w_q, w_scale = quantized_weight(384, k)
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(1)).cuda().to(torch.bfloat16)
+    got = fp8.scaled_linear(x, w_q, w_scale)
+    x_q, x_scale = fp8.quantize_activations(x, None)
+    torch.testing.assert_close(got.float(), fp8.emulated_scaled_mm(x_q, x_scale, w_q, w_scale), rtol=1.6e-2, atol=1e-3)
+
+
+@needs_fp8_cores
 def test_shapes_scaled_mm_refuses_fall_back_to_the_emulation():
     w_q, w_scale = quantized_weight(40, 24)  # N and K not multiples of 16
     x = torch.randn(5, 24, device="cuda", dtype=torch.bfloat16)

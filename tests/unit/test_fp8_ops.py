@@ -48,6 +48,20 @@ def test_scaled_linear_is_the_product_of_the_dequantized_operands():
     assert (got - x @ w.t()).abs().max() < 0.15 * (x @ w.t()).abs().max()
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_fast_accumulation_switch_reaches_the_scaled_product(fast, monkeypatch):
+    """set_fast_accumulation decides use_fast_accum of every torch._scaled_mm call from then on."""
+    calls = []
+    monkeypatch.setattr(fp8, "can_use_scaled_mm", lambda x_q, weight: True)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *args, **kwargs: calls.append(kwargs["use_fast_accum"]))
+    monkeypatch.setitem(fp8._FAST_ACCUMULATION, "enabled", False)
+    fp8.set_fast_accumulation(fast)
+    x_q, x_scale = fp8.quantize_per_row(torch.ones(2, 16))
+    w_q, w_scale = fp8.quantize_per_row(torch.ones(16, 16))
+    fp8.scaled_product(x_q, x_scale, w_q, w_scale[:, 0])
+    assert calls == [fast]
+
+
 def test_static_input_scale_replaces_the_per_row_scale():
     w_q = torch.tensor([[1.0, 2.0]]).to(E4M3)
     x = torch.tensor([[0.5, 0.25], [3.0, 0.0]])
