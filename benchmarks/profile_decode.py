@@ -137,7 +137,7 @@ def profile_batch(coordinator, batch: int, num_steps: int, host_table: bool = Fa
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
     for request_id in ids:
         coordinator.abort(request_id)
-    for _ in range(4):  # the aborts, and the last new prompts
+    while coordinator.has_unfinished():  # the aborts, and new prompts still queued
         coordinator.step()
     busy = busy_us(kernels)
     return {"batch": batch, "step_ms": wall_us / num_steps / 1e3, "busy_ms": busy / num_steps / 1e3,

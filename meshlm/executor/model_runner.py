@@ -127,10 +127,14 @@ class ModelRunner:
         return blocks
 
     # --- memory that grows with max_batch_size, set aside before the KV pool is sized -----------
-    def can_capture_cuda_graphs(self) -> bool:
-        """Decode graphs need CUDA, the Triton attention kernel and a model with attention layers."""
+    def uses_triton_attention(self) -> bool:
+        """CUDA, the Triton attention kernels (compiled on first use) and a model with attention layers."""
         return (self.device.type == "cuda" and bool(self.model.attention_layers)
                 and getattr(self.attention_fn, "__name__", "") == "paged_attention_triton")
+
+    def can_capture_cuda_graphs(self) -> bool:
+        """Decode graphs need the Triton attention path (uses_triton_attention)."""
+        return self.uses_triton_attention()
 
     def graph_memory_reserve_bytes(self, max_batch_size: int) -> int:
         """The decode (and verify) graphs' memory for batches up to ``max_batch_size`` (executor/memory.py)."""
@@ -186,6 +190,8 @@ class ModelRunner:
         plans = warmup_plans(max_batch_size, max_num_tokens, self.max_model_len, self.block_size, self.num_blocks)
         for plan in plans:
             self._forward_eager(plan)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return len(plans)
 
     # --- one step ----------------------------------------------------------------------------

@@ -158,7 +158,9 @@ class Sampler:
                          num_drafts: np.ndarray | None = None,
                          draft_ids: torch.Tensor | None = None) -> SampledTokens:
         """Sample one token per row; row ``i`` of ``logits`` [num_rows, vocab_size] belongs to
-        ``request_ids[i]``. Counts each row's output; the tokens stay on the device. A verify step (speculative decoding) passes ``num_drafts`` [num_requests]: request ``i``
+        ``request_ids[i]``. Counts each row's output; the tokens stay on the device.
+
+        A verify step (speculative decoding) passes ``num_drafts`` [num_requests]: request ``i``
         then has ``1 + num_drafts[i]`` consecutive logits rows, and ``draft_ids`` [num_rows] the
         draft each row scores (rejection_sampler.verify_drafts). Requests with drafts use no
         penalties, bad words, logprobs or pending min_tokens (the scheduler drafts for no other).
@@ -180,13 +182,7 @@ class Sampler:
         logits = logits.to(self.device, torch.float32)
 
         raw_logprobs = self._raw_logprobs(logits, row_states)
-        if any(s.params.allowed_token_ids is not None or s.params.logit_bias or s.params.bad_words_token_ids
-               for s in states):
-            logits = apply_token_constraints(logits, [s.params for s in row_states],
-                                             [s.output_token_ids for s in row_states])
-        logits = self._apply_penalties(logits, row_states, host_params, row_params)
-        logits = self._apply_min_tokens(logits, row_states)
-        logits = self._apply_grammars(logits, row_states)  # grammar rows carry no drafts: one row each
+        logits = self._constrained(logits, states, row_states, host_params, row_params)
         if num_drafts is None:
             token_ids, num_tokens, last_rows = self._choose_tokens(logits, row_states, host_params, row_params), None, None
         else:
@@ -203,6 +199,18 @@ class Sampler:
         out = _device_output(last_tokens, None if raw_logprobs is None else raw_logprobs[last_rows], states)
         return SampledTokens(token_ids, out.logprobs, out.top_token_ids, out.top_logprobs,
                              num_tokens=num_tokens)
+
+    def _constrained(self, logits: torch.Tensor, states: list[_RequestState], row_states: list[_RequestState],
+                     host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:
+        """The float32 logits after each row's allowed and banned tokens, logit bias, penalties,
+        min_tokens and grammar (the rows of ``row_states``; ``states`` one per request)."""
+        if any(s.params.allowed_token_ids is not None or s.params.logit_bias or s.params.bad_words_token_ids
+               for s in states):
+            logits = apply_token_constraints(logits, [s.params for s in row_states],
+                                             [s.output_token_ids for s in row_states])
+        logits = self._apply_penalties(logits, row_states, host_params, row_params)
+        logits = self._apply_min_tokens(logits, row_states)
+        return self._apply_grammars(logits, row_states)  # grammar rows carry no drafts: one row each
 
     def _argmax_of_plain_greedy_rows(self, logits: torch.Tensor, states: list[_RequestState]) -> SampledTokens:
         """Every row takes its argmax: in the logits' own dtype (a 16-bit value widens to float32

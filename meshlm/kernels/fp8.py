@@ -43,8 +43,8 @@ WEIGHT_ONLY_MAX_ROWS = 16
 # kernel reads back. On by default; set_fused_quantization(False) turns it off (benchmarks compare).
 _FUSED_QUANTIZATION = {"enabled": True}
 # Whether torch._scaled_mm may accumulate in the tensor cores' own precision (use_fast_accum), which
-# skips the periodic promotion of the partial sums to float32. Off by default (not yet measured on a
-# GPU); set_fast_accumulation(True) turns it on (benchmarks compare).
+# skips the periodic promotion of the partial sums to float32. Off by default;
+# set_fast_accumulation(True) turns it on (benchmarks compare).
 _FAST_ACCUMULATION = {"enabled": False}
 
 

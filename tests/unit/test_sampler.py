@@ -120,7 +120,7 @@ def test_greedy_equals_argmax_in_a_mixed_batch():
     assert tokens.dtype == np.int64
 
 
-def test_all_greedy_batch_takes_the_argmax_of_16_bit_logits_as_the_float32_path_does():
+def test_all_greedy_batch_takes_the_argmax_of_16_bit_logits_as_the_float32_path_does(monkeypatch):
     """A step of plain greedy rows skips the float32 copy: same tokens as the full path (ties
     included: bf16 rounding makes many equal logits), and eos is still held back by min_tokens."""
     logits = (torch.randn(64, 300, generator=torch.Generator().manual_seed(3)) * 0.01).to(torch.bfloat16)
@@ -132,7 +132,9 @@ def test_all_greedy_batch_takes_the_argmax_of_16_bit_logits_as_the_float32_path_
         params = SamplingParams(temperature=0.0, min_tokens=2 if i == 3 else 0)
         plain.add_request(rid, SamplingParams(temperature=0.0), [])
         mixed.add_request(rid, params, [])
-    fast = plain.sample(logits, ids).token_ids
+    with monkeypatch.context() as patch:  # the plain step never reaches the full path
+        patch.setattr(Sampler, "_choose_tokens", lambda *args: pytest.fail("the full path ran"))
+        fast = plain.sample(logits, ids).token_ids
     np.testing.assert_array_equal(fast, logits.float().argmax(dim=-1).numpy())
     assert fast[5] == 7 and fast[3] == eos
     full = mixed.sample(logits, ids).token_ids  # row 3's min_tokens sends the batch the float32 way

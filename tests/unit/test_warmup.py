@@ -99,5 +99,34 @@ def test_a_runner_runs_the_plans_and_later_requests_see_nothing_of_them():
     keys = runner.kv_caches[0][0][:2].clone()
     assert runner.warm_up_mixed_steps(2048, 8192) == len(warmup_plans(2048, 8192, 4096, 16, 40)) == 7
     assert not torch.equal(runner.kv_caches[0][0][:2], keys)  # the warm-up wrote into the request's blocks
+    for pool in (p for kv in runner.kv_caches for p in kv):  # not into the scratch block of padding rows
+        assert pool[40].abs().sum() == 0
     after = _prompt_then_decode(runner, prompt, 16)
     assert torch.equal(before, after)
+
+
+def paged_attention_triton(*args):  # named as the Triton entry point; never called
+    raise AssertionError
+
+
+def test_only_the_triton_attention_path_warms_up():
+    """The warm-up runs where kernels compile on first use: CUDA with the Triton attention. On the
+    CPU or with the reference attention (which copies every sequence's keys) it would only cost."""
+    config = EngineConfig.for_random_weights(_CFG, dtype="float32", max_model_len=256)
+    runner = ModelRunner(config, ParallelGroups.single(), torch.device("cpu"))
+    assert not runner.uses_triton_attention()
+    runner.device = torch.device("cuda")  # no step runs: the checks read the device's type only
+    assert not runner.uses_triton_attention()  # the reference attention
+    runner.attention_fn = paged_attention_triton
+    assert runner.uses_triton_attention() and runner.can_capture_cuda_graphs()
+
+
+def test_a_cpu_engine_starts_without_warming_up(monkeypatch, tmp_path):
+    from meshlm import LLM, SamplingParams
+    from tests.model_factory import make_random_model
+    monkeypatch.setattr(ModelRunner, "warm_up_mixed_steps", lambda *args: pytest.fail("warmed up on the CPU"))
+    llm = LLM(str(make_random_model(tmp_path / "llama", "llama")), max_model_len=128, skip_tokenizer_init=True)
+    try:
+        assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids) == 2
+    finally:
+        llm.shutdown()
