@@ -17,7 +17,8 @@
 #   PART=mixed    the kernels of mixed steps without PDL (FP8: 1700 decodes + 6400 prompt tokens;
 #                 bf16: 256 decodes of 2k context + 6144 prompt tokens), bench FP8 128/128 (~5 min)
 #   PART=accum    FP8 products with and without torch._scaled_mm's fast accumulation: its GPU test,
-#                 FP8 decode steps at 1712 and mixed steps (1700 decodes + 6400 prompt tokens) (~5 min)
+#                 FP8 decode steps at 1712 and mixed steps (1700 decodes + 6400 prompt tokens); then
+#                 bench FP8 128/128 and bf16 2048/128 with steps of 16384 tokens (--max-num-tokens) (~8 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
@@ -90,7 +91,6 @@ if [ "$PART" = accum ]; then
         --prefill-tokens 6400 --steps 5 --$accum > "$RUNS/accum_mixed_$accum.log" 2>&1
     tail -1 "$RUNS/accum_mixed_$accum.log"
   done
-  exit 0
 fi
 if [ "$PART" = steps ]; then
   steps_tests() {  # name, time limit, then pytest's arguments; prints the summary, or the log's end when cut
@@ -104,7 +104,8 @@ if [ "$PART" = steps ]; then
       tests/gpu/test_prefill_kernel.py -k "decodes or mixed"
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
-[ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || exit 0
+[ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
+    || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -119,6 +120,12 @@ if [ "$PART" = steps ]; then
   bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
   bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
       --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+  exit 0
+fi
+if [ "$PART" = accum ]; then
+  bench fp8_128_16k 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128 \
+      --max-num-tokens 16384
+  bench bf16_2048_16k 130 --num-prompts 1000 --input-len 2048 --output-len 128 --max-num-tokens 16384
   exit 0
 fi
 if [ "$PART" = mixed ]; then

@@ -87,7 +87,7 @@ class RankRuntime:
         if with_graphs:
             with self._phase("capturing CUDA graphs"):
                 self.runner.capture_cuda_graphs(max_batch_size)
-        if self.runner.uses_triton_attention():  # Triton's kernels compile on first use
+        if self.runner.compiles_kernels_on_first_use():
             with self._phase("compiling the kernels of mixed steps"):
                 start = time.perf_counter()
                 count = self.runner.warm_up_mixed_steps(max_batch_size, config.scheduler.max_num_tokens)

@@ -132,6 +132,10 @@ class ModelRunner:
         return (self.device.type == "cuda" and bool(self.model.attention_layers)
                 and getattr(self.attention_fn, "__name__", "") == "paged_attention_triton")
 
+    def compiles_kernels_on_first_use(self) -> bool:
+        """Whether a step kind's first run compiles kernels (Triton's): start-up then warms them up."""
+        return self.uses_triton_attention()
+
     def can_capture_cuda_graphs(self) -> bool:
         """Decode graphs need the Triton attention path (uses_triton_attention)."""
         return self.uses_triton_attention()

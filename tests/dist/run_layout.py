@@ -19,6 +19,9 @@ Fault injection (for the failure tests, never in meshlm): ``--fault kill|raise|s
 inside its S-th ``ModelRunner.execute``; ``--fault stall-loading`` makes rank R sleep while it
 builds its ModelRunner (weight loading).
 
+``--warm-up`` has every rank run the start-up's synthetic mixed steps (executor/warmup.py, on a GPU
+only otherwise) and adds ``"warm_ups"``: per rank, the steps each of its engines ran.
+
 ``--ep`` sets ``moe_expert_parallel_size``. ``--report-runners`` adds ``"runners"`` to the file:
 per rank, per job, the device its ModelRunner got, the class of its TP and PP communicators and
 the decode CUDA graph replays it ran (the GPU tests check NCCL, ``cuda:<local rank>`` and graphs).
@@ -43,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=None)
     parser.add_argument("--report-runners", action="store_true")
+    parser.add_argument("--warm-up", action="store_true")
     parser.add_argument("--fault", choices=("kill", "raise", "stall", "stop", "stall-loading"), default=None)
     parser.add_argument("--fault-rank", type=int, default=1)
     parser.add_argument("--fault-step", type=int, default=3)
@@ -102,6 +106,19 @@ def record_runners(records: list[dict]) -> None:
     ModelRunner.__init__, ModelRunner.shutdown = init, shutdown
 
 
+def force_warm_up(counts: list[int]) -> None:
+    """Every engine built from now on runs the start-up's mixed steps; ``counts`` gets how many."""
+    from meshlm.executor.model_runner import ModelRunner
+    warm_up = ModelRunner.warm_up_mixed_steps
+
+    def counted(self, *args):
+        counts.append(warm_up(self, *args))
+        return counts[-1]
+
+    ModelRunner.compiles_kernels_on_first_use = lambda self: True
+    ModelRunner.warm_up_mixed_steps = counted
+
+
 def run_job(job: dict, tp: int, pp: int, ep: int | None = None) -> list[dict] | None:
     """Generate for one job; rank 0 returns per-prompt results, other ranks None."""
     from meshlm import LLM, SamplingParams
@@ -148,16 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     runners: list[dict] = []
     if args.report_runners:
         record_runners(runners)
+    warm_ups: list[int] = []
+    if args.warm_up:
+        force_warm_up(warm_ups)
     with open(args.spec) as f:
         spec = json.load(f)
     results = {}
     for job in spec["jobs"]:
         results[job["name"]] = run_job(job, args.tp, args.pp, args.ep)
     every_rank_runners = world.gather(runners, root=0) if args.report_runners else None
+    every_rank_warm_ups = world.gather(warm_ups, root=0) if args.warm_up else None
     if rank == 0:
         out = {"world_size": size, "ranks": ranks, "results": results}
         if args.report_runners:
             out["runners"] = every_rank_runners
+        if args.warm_up:
+            out["warm_ups"] = every_rank_warm_ups
         with open(args.out, "w") as f:
             json.dump(out, f)
     return 0
