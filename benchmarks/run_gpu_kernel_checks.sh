@@ -19,7 +19,10 @@
 #   PART=accum    FP8 products with and without torch._scaled_mm's fast accumulation: its GPU test,
 #                 FP8 decode steps at 1712 and mixed steps (1700 decodes + 6400 prompt tokens); then
 #                 bench FP8 128/128 and bf16 2048/128 with steps of 16384 tokens (--max-num-tokens) (~8 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=batch1   batch-1 decode steps (bf16, FP8 weights) with the recorded small-batch GEMM shapes
+#                 as they are, then with every split product adding its splits in the kernel
+#                 (serial_reduce: one launch fewer a layer for qkv) (~3 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1 bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -78,6 +81,29 @@ if [ "$PART" = mixed ]; then
   timeout 120 python3 benchmarks/profile_decode.py --batches 256 --prompt-len 2048 --prefill-tokens 6144 \
       --steps 5 --no-pdl --kernel-table > "$RUNS/mixed_bf16.log" 2>&1
   grep -A 22 "kernels per step" "$RUNS/mixed_bf16.log"; tail -2 "$RUNS/mixed_bf16.log"
+fi
+if [ "$PART" = batch1 ]; then
+  for reduce in recorded serial; do
+    if [ "$reduce" = serial ]; then  # edit the recorded shapes for this run, restored below
+      rm -rf "$RUNS/configs.orig"; cp -r meshlm/kernels/configs "$RUNS/configs.orig"
+      python3 - <<'PY'
+import json, pathlib
+for path in pathlib.Path("meshlm/kernels/configs").glob("*_weight_gemm_NVIDIA_H200.json"):
+    data = json.loads(path.read_text())
+    for entry in data["entries"]:
+        if entry["tiles"]["split_k"] > 1:
+            entry["tiles"]["serial_reduce"] = True
+    path.write_text(json.dumps(data, indent=1))
+PY
+    fi
+    for q in bf16 fp8; do
+      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+      echo "== batch 1, $q weights, $reduce reduction of split products (unprofiled ms in the table's 3rd column)"
+      timeout 60 python3 benchmarks/profile_decode.py --batches 1 --steps 30 $flags 2>&1 | tail -1
+    done
+  done
+  cp "$RUNS/configs.orig"/*.json meshlm/kernels/configs/
+  exit 0
 fi
 if [ "$PART" = accum ]; then
   echo "== GPU tests: FP8 products, fast accumulation"
