@@ -6,7 +6,8 @@ kernel intervals from torch.profiler) and the top kernels.
 
 With ``--quantization fp8``, ``--no-fused-quantization`` has the norms and SiLU-and-mul write their
 rows in bf16 for the FP8 products to quantize (the A/B of the fused quantization, kernels/fp8.py);
-``--fast-accumulation`` / ``--no-fast-accumulation`` set ``torch._scaled_mm``'s ``use_fast_accum``.
+``--fast-accumulation`` / ``--no-fast-accumulation`` set ``torch._scaled_mm``'s ``use_fast_accum``;
+``--fused-silu-product``: small batches' down projection computes SiLU-and-mul as it loads its input.
 
 With ``--prefill-tokens N``, each profiled step is a mixed one: prompts of ``--prompt-len`` tokens,
 N in all, join the batch's decodes (they end after their first token, so the decodes stay the batch).
@@ -158,6 +159,8 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens of each prompt (the decode context)")
     parser.add_argument("--fast-accumulation", action=argparse.BooleanOptionalAction, default=None,
                         help="FP8 products through torch._scaled_mm with use_fast_accum (default: meshlm's)")
+    parser.add_argument("--fused-silu-product", action=argparse.BooleanOptionalAction, default=None,
+                        help="small batches' down projection computes SiLU-and-mul as it loads (default: meshlm's)")
     parser.add_argument("--prefill-tokens", type=int, default=0,
                         help="profile mixed steps: prompts of --prompt-len totalling this many tokens join each step")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
@@ -171,12 +174,14 @@ def main() -> int:
                         help="programmatic dependent launch of the Triton kernels (where the GPU has it)")
     ns = parser.parse_args()
     from meshlm import LLM
-    from meshlm.kernels.fp8 import set_fast_accumulation, set_fused_quantization
+    from meshlm.kernels.fp8 import set_fast_accumulation, set_fused_quantization, set_fused_silu_product
     from meshlm.kernels.triton_launch import set_programmatic_launch
     set_programmatic_launch(ns.pdl)
     set_fused_quantization(ns.fused_quantization)
     if ns.fast_accumulation is not None:
         set_fast_accumulation(ns.fast_accumulation)
+    if ns.fused_silu_product is not None:
+        set_fused_silu_product(ns.fused_silu_product)
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}))
@@ -190,7 +195,8 @@ def main() -> int:
     print(f"card: {torch.cuda.get_device_name(0)}  async_scheduling={ns.async_scheduling}  "
           f"quantization={ns.quantization}  fused_quantization={ns.fused_quantization}  "
           f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
-          f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}")
+          f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
+          f"fused_silu_product={ns.fused_silu_product}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

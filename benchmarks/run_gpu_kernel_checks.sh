@@ -19,9 +19,11 @@
 #   PART=accum    FP8 products with and without torch._scaled_mm's fast accumulation: its GPU test,
 #                 FP8 decode steps at 1712 and mixed steps (1700 decodes + 6400 prompt tokens); then
 #                 bench FP8 128/128 and bf16 2048/128 with steps of 16384 tokens (--max-num-tokens) (~8 min)
-#   PART=batch1   batch-1 decode steps (bf16, FP8 weights) with the recorded small-batch GEMM shapes
-#                 as they are, then with every split product adding its splits in the kernel
-#                 (serial_reduce: one launch fewer a layer for qkv) (~3 min)
+#   PART=batch1   GPU tests of the gated small-batch product (SiLU inside the down projection), then
+#                 batch-1 decode steps (bf16, FP8 weights): the recorded small-batch GEMM shapes as
+#                 they are, with SiLU inside the down projection (--fused-silu-product), and with
+#                 every split product adding its splits in the kernel too (serial_reduce: one launch
+#                 fewer a layer for qkv) (~5 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1 bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
@@ -83,7 +85,11 @@ if [ "$PART" = mixed ]; then
   grep -A 22 "kernels per step" "$RUNS/mixed_bf16.log"; tail -2 "$RUNS/mixed_bf16.log"
 fi
 if [ "$PART" = batch1 ]; then
-  for reduce in recorded serial; do
+  echo "== GPU tests: the gated small-batch product"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm_kernel.py tests/gpu/test_fp8_gpu.py \
+      -k "gated or fuses_silu or silu_inside" 2>&1 | tail -2
+  for reduce in recorded fused serial; do
+    silu=""; [ "$reduce" = recorded ] || silu="--fused-silu-product"
     if [ "$reduce" = serial ]; then  # edit the recorded shapes for this run, restored below
       rm -rf "$RUNS/configs.orig"; cp -r meshlm/kernels/configs "$RUNS/configs.orig"
       python3 - <<'PY'
@@ -98,8 +104,8 @@ PY
     fi
     for q in bf16 fp8; do
       flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-      echo "== batch 1, $q weights, $reduce reduction of split products (unprofiled ms in the table's 3rd column)"
-      timeout 60 python3 benchmarks/profile_decode.py --batches 1 --steps 30 $flags 2>&1 | tail -1
+      echo "== batch 1, $q weights, $reduce (unprofiled ms in the table's 3rd column)"
+      timeout 60 python3 benchmarks/profile_decode.py --batches 1 --steps 30 $flags $silu 2>&1 | tail -1
     done
   done
   cp "$RUNS/configs.orig"/*.json meshlm/kernels/configs/

@@ -42,6 +42,9 @@ WEIGHT_ONLY_MAX_ROWS = 16
 # kernel then writes float8 rows and their scales, instead of model-dtype rows that a quantization
 # kernel reads back. On by default; set_fused_quantization(False) turns it off (benchmarks compare).
 _FUSED_QUANTIZATION = {"enabled": True}
+# Whether small batches' down projections take silu(gate) * up as they load it (silu_and_mul_linear):
+# one kernel fewer a layer. Off by default; set_fused_silu_product(True) turns it on (benchmarks compare).
+_FUSED_SILU_PRODUCT = {"enabled": False}
 # Whether torch._scaled_mm may accumulate in the tensor cores' own precision (use_fast_accum), which
 # skips the periodic promotion of the partial sums to float32. Off by default;
 # set_fast_accumulation(True) turns it on (benchmarks compare).
@@ -67,6 +70,12 @@ def set_fast_accumulation(enabled: bool) -> None:
     """Whether FP8 products run (and CUDA graphs captured) from now on let ``torch._scaled_mm``
     accumulate in the tensor cores' precision (``use_fast_accum``)."""
     _FAST_ACCUMULATION["enabled"] = enabled
+
+
+def set_fused_silu_product(enabled: bool) -> None:
+    """Whether forward passes run (and CUDA graphs captured) from now on hand small batches'
+    gate and up rows to the down projection's kernel (silu_and_mul_linear)."""
+    _FUSED_SILU_PRODUCT["enabled"] = enabled
 
 
 def takes_quantized_rows(num_rows: int, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None) -> bool:
@@ -128,6 +137,23 @@ def linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor, weight_scale: 
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         return fp8_weight_gemm(rows, weight, None, bias).view(*x.shape[:-1], weight.shape[0])
     return fp8_linear(x, weight, weight_scale, bias, input_scale)
+
+
+def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
+                        weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``silu(gate) * up`` of ``gate_up`` [M, 2K] times ``weight`` [N, K] by the small-batch kernel,
+    which computes the product's input as it loads it, where ``linear`` of those rows would run
+    that kernel (a 16-bit weight it was measured faster for, or a float8 weight's weight-only path
+    on a GPU) and the fusion is on; else None (the caller runs SiLU-and-mul, then ``linear``)."""
+    if not _FUSED_SILU_PRODUCT["enabled"] or gate_up.dim() != 2 or not gate_up.is_cuda:
+        return None
+    if weight_scale is None:
+        if not _small_batch_kernel_wins(gate_up, weight):
+            return None
+    elif not (use_weight_only(gate_up.shape[0]) and _has_fp8_tensor_cores(gate_up.device.index or 0)):
+        return None
+    from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
+    return fp8_weight_gemm(gate_up, weight, weight_scale, gated=True)
 
 
 def _small_batch_kernel_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -76,7 +76,7 @@ def _fp8_weight_gemm_kernel(
         SERIAL_REDUCE: tl.constexpr,
         EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr,
-        L2_PREFETCH: tl.constexpr):
+        L2_PREFETCH: tl.constexpr, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -104,11 +104,11 @@ def _fp8_weight_gemm_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_start, k_stop, BLOCK_K):
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=is_row[:, None], other=0.0)
+            x = _load_x(x_ptrs, is_row[:, None], K, GATED)
             w = tl.load(w_ptrs)
         else:
             is_k = (k + ks) < k_stop
-            x = tl.load(x_ptrs, mask=is_row[:, None] & is_k[None, :], other=0.0)
+            x = _load_x(x_ptrs, is_row[:, None] & is_k[None, :], K, GATED)
             w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
         w = _widen_fp8(w, x.dtype, ASM_WIDEN)
         if DOT_IN_FP32:  # the CPU interpreter multiplies 16-bit bit patterns as integers
@@ -169,6 +169,20 @@ prmt.b32 hi, lb, hb, 0x7362;
 fma.rn.bf16x2 $0, lo, two120, neg0;
 fma.rn.bf16x2 $1, hi, two120, neg0;
 }""")
+
+
+@triton.jit
+def _load_x(x_ptrs, mask, K, GATED: tl.constexpr):
+    """A tile of x; ``GATED``: x is ``silu(gate).to(dtype) * up`` of rows whose halves are gate and
+    up (``K`` columns each), rounded as the SiLU-and-mul kernel (kernels/fused_ops.py) rounds."""
+    if GATED:
+        gate = tl.load(x_ptrs, mask=mask, other=0.0)
+        up = tl.load(x_ptrs + K, mask=mask, other=0.0)
+        dtype = gate.dtype
+        gate = gate.to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        return (silu * up.to(tl.float32)).to(dtype)
+    return tl.load(x_ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -269,11 +283,14 @@ def _block_m(num_rows: int) -> int:
 
 
 def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-                    bias: torch.Tensor | None = None, tiles: FP8GemmTiles | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, tiles: FP8GemmTiles | None = None,
+                    gated: bool = False) -> torch.Tensor:
     """``x`` [M, K] (bf16, fp16 or fp32) times float8 ``weight`` [N, K] scaled by ``weight_scale``
     (float32, [N] or one element), plus ``bias`` [N]: [M, N] in ``x``'s dtype. A weight in ``x``'s
-    dtype is multiplied as it is (``weight_scale`` None). ``tiles`` defaults to :func:`choose_tiles`."""
-    num_rows, k = x.shape
+    dtype is multiplied as it is (``weight_scale`` None). ``tiles`` defaults to :func:`choose_tiles`.
+    ``gated``: ``x`` is [M, 2K], gate then up, and the product takes ``silu(gate) * up`` as it
+    loads them (the SiLU-and-mul kernel's values: no launch of it, no [M, K] row written and read)."""
+    num_rows, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     assert weight_scale is None or weight_scale.numel() in (1, n), (weight_scale.shape, n)
@@ -301,7 +318,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
         EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab,
-        ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1,
+        ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1, GATED=gated,
         DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
     if is_split and counters is None:

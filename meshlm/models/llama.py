@@ -116,7 +116,7 @@ class LlamaMLP(NamedWeights, nn.Module):
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
         if self.down_proj.takes_quantized_rows(gate_up.shape[0]):
             return self.down_proj(self.ops.silu_and_mul_quantized(gate_up))
-        return self.down_proj(self.ops.silu_and_mul(gate_up))
+        return self.down_proj.forward_silu_and_mul(gate_up, self.ops.silu_and_mul)
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         gate_up, down = mlp_modules(f"{prefix}.mlp")

@@ -18,7 +18,7 @@ from meshlm.parallel.comm import Communicator
 from meshlm.parallel.fp8_weights import read_fp8, read_input_scale, read_unquantized
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.quantization import QuantizationConfig
-from meshlm.kernels.fp8 import FP8_DTYPE, QuantizedRows, linear, takes_quantized_rows
+from meshlm.kernels.fp8 import FP8_DTYPE, QuantizedRows, linear, silu_and_mul_linear, takes_quantized_rows
 from meshlm.kernels.fused_ops import TORCH_OPS
 
 
@@ -185,7 +185,15 @@ class RowParallelLinear(QuantizableLinear):
         self.bias = _param((out_features,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        y = self.matmul(x)
+        return self._reduce(self.matmul(x))
+
+    def forward_silu_and_mul(self, gate_up: torch.Tensor, silu_and_mul) -> torch.Tensor:
+        """``forward(silu_and_mul(gate_up))``, the SiLU inside the product's kernel where a small
+        batch runs it (kernels/fp8.py's silu_and_mul_linear)."""
+        y = silu_and_mul_linear(gate_up, self.weight, self.weight_scale)
+        return self.forward(silu_and_mul(gate_up)) if y is None else self._reduce(y)
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 

@@ -266,3 +266,45 @@ def test_16_bit_linear_takes_the_kernel_only_where_a_sweep_recorded_it(tmp_path,
         assert calls == [(2, 4096)]
     finally:
         tuned_configs._entries.cache_clear()
+
+
+@pytest.mark.parametrize("weight_dtype", [E4M3, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 320), (5, 300)])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gated_product_is_silu_and_mul_then_the_product(weight_dtype, m, k, split_k):
+    """x = [gate | up] taken through SiLU-and-mul as the kernel loads it: bitwise the SiLU-and-mul
+    kernel's rows times the weight (K = 320: whole tiles; 300: a tail; one and three splits)."""
+    from meshlm.kernels.fused_ops import TritonOps
+    gen = torch.Generator().manual_seed(k + m)
+    gate_up = (torch.randn(m, 2 * k, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    _, w, scale, _ = make_case(m, 37, k, torch.bfloat16, per_channel=True, has_bias=False, seed=m)
+    if weight_dtype == torch.bfloat16:
+        w, scale = (w.float() * scale.reshape(-1, 1)).to(torch.bfloat16), None
+    tiles = FP8GemmTiles(split_k=split_k, **SMALL)
+    got = fp8_weight_gemm(gate_up, w, scale, tiles=tiles, gated=True)
+    unfused = fp8_weight_gemm(TritonOps().silu_and_mul(gate_up), w, scale, tiles=tiles)
+    assert got.shape == (m, 37) and torch.equal(got, unfused)
+    plain = fp8_weight_gemm(gate_up[:, :k].contiguous(), w, scale, tiles=tiles)  # the gate alone differs
+    assert not torch.equal(got, plain)
+
+
+@needs_cuda
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_down_projection_fuses_silu_only_where_the_small_batch_kernel_runs(quantized, monkeypatch):
+    """silu_and_mul_linear runs the gated kernel for a float8 weight's small batches (and a 16-bit
+    weight the recorded shapes name), and answers None past them or with the fusion off."""
+    gen = torch.Generator().manual_seed(9)
+    w = (torch.randn(256, 512, generator=gen) * 0.05).to(DEVICE)
+    w, scale = fp8.quantize_per_row(w) if quantized else (w.to(torch.bfloat16), None)
+    scale = None if scale is None else scale[:, 0]
+    gate_up = torch.randn(2, 1024, generator=gen).to(DEVICE, torch.bfloat16)
+    assert fp8.silu_and_mul_linear(gate_up, w, scale) is None  # off by default
+    monkeypatch.setitem(fp8._FUSED_SILU_PRODUCT, "enabled", True)
+    got = fp8.silu_and_mul_linear(gate_up, w, scale)
+    if not quantized:  # no launch shape recorded for 256 x 512: cuBLAS runs it, unfused
+        assert got is None
+        return
+    from meshlm.kernels.fused_ops import TritonOps
+    assert torch.equal(got, fp8.linear(TritonOps().silu_and_mul(gate_up), w, scale))
+    many = gate_up.repeat(fp8.WEIGHT_ONLY_MAX_ROWS, 1)  # past the weight-only rows
+    assert fp8.silu_and_mul_linear(many, w, scale) is None

@@ -1,6 +1,7 @@
 """FP8 weights on a CUDA GPU: ``torch._scaled_mm`` against the float32 emulation the CPU runs, the
 weight-only path, and FP8 models through the engine (eager and in decode CUDA graphs, with and
-without the norms and SiLU-and-mul quantizing for the products).
+without the norms and SiLU-and-mul quantizing for the products, and with and without SiLU inside
+the small batches' down projection).
 
     python -m pytest -q tests/gpu/test_fp8_gpu.py
 """
@@ -116,6 +117,33 @@ def test_fused_quantization_gives_the_outputs_of_the_unfused_model(tmp_path):
                 assert runner.graph_runner.num_replays > 0, "decode steps did not replay the CUDA graphs"
     finally:
         fp8.set_fused_quantization(True)
+    assert [o.token_ids for o in outputs[True]] == [o.token_ids for o in outputs[False]]
+    assert [o.logprobs for o in outputs[True]] == [o.logprobs for o in outputs[False]]
+
+
+def test_silu_inside_the_down_projection_gives_the_outputs_of_the_unfused_model(tmp_path, monkeypatch):
+    """Small batches (3 sequences: the weight-only path, decode steps in CUDA graphs) with the down
+    projection taking silu(gate) * up as it loads it, against SiLU-and-mul's own kernel first: the
+    product's input holds the same values, so tokens and logprobs are identical."""
+    path = make_random_model(tmp_path / "llama", "llama", seed=5, weight_std=0.05, hidden_size=128,
+                             intermediate_size=256)
+    prompts = random_prompts(320, (5, 19, 37), seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+    outputs, gated = {}, []
+    from meshlm.kernels import fp8_gemm_triton
+    product = fp8_gemm_triton.fp8_weight_gemm
+    monkeypatch.setattr(fp8_gemm_triton, "fp8_weight_gemm",
+                        lambda *args, **kw: gated.append(kw.get("gated", False)) or product(*args, **kw))
+    try:
+        for fused in (True, False):
+            fp8.set_fused_silu_product(fused)
+            with LLM(str(path), num_kv_blocks=128, max_model_len=256, quantization="fp8") as llm:
+                runner = llm.local_model_runner()
+                outputs[fused] = [o.outputs[0] for o in llm.generate(prompts, params)]
+                assert runner.graph_runner.num_replays > 0, "decode steps did not replay the CUDA graphs"
+    finally:
+        fp8.set_fused_silu_product(False)
+    assert any(gated), "no down projection took the gated kernel"
     assert [o.token_ids for o in outputs[True]] == [o.token_ids for o in outputs[False]]
     assert [o.logprobs for o in outputs[True]] == [o.logprobs for o in outputs[False]]
 
