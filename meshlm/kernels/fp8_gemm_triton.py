@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from meshlm.kernels.fused_ops import silu_and_mul_values
 from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms, programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
@@ -174,14 +175,9 @@ fma.rn.bf16x2 $1, hi, two120, neg0;
 @triton.jit
 def _load_x(x_ptrs, mask, K, GATED: tl.constexpr):
     """A tile of x; ``GATED``: x is ``silu(gate).to(dtype) * up`` of rows whose halves are gate and
-    up (``K`` columns each), rounded as the SiLU-and-mul kernel (kernels/fused_ops.py) rounds."""
+    up (``K`` columns each), by the SiLU-and-mul kernel's own arithmetic (kernels/fused_ops.py)."""
     if GATED:
-        gate = tl.load(x_ptrs, mask=mask, other=0.0)
-        up = tl.load(x_ptrs + K, mask=mask, other=0.0)
-        dtype = gate.dtype
-        gate = gate.to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        return (silu * up.to(tl.float32)).to(dtype)
+        return silu_and_mul_values(x_ptrs, 0, mask, K)
     return tl.load(x_ptrs, mask=mask, other=0.0)
 
 

@@ -337,9 +337,10 @@ if triton is not None:
             tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
 
     @triton.jit
-    def _silu_mul(gate_up_row_ptr, cols, mask, width):
-        """``silu(gate).to(dtype) * up`` rounded to the input dtype at ``cols`` of one row whose halves
-        are gate and up (zeros where ``mask`` is off)."""
+    def silu_and_mul_values(gate_up_row_ptr, cols, mask, width):
+        """``silu(gate).to(dtype) * up`` rounded to the input dtype at ``gate_up_row_ptr + cols``:
+        columns of one row whose halves (``width`` each) are gate and up, or a tile of such rows'
+        pointers with ``cols`` 0 (the small-batch GEMM's gated load); zeros where ``mask`` is off."""
         dtype = gate_up_row_ptr.dtype.element_ty
         gate = tl.load(gate_up_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gate_up_row_ptr + width + cols, mask=mask, other=0.0).to(tl.float32)
@@ -354,7 +355,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
-        tl.store(out_ptr + row * stride_out + cols, _silu_mul(gate_up_ptr + row * stride_gate_up, cols, mask, width),
+        tl.store(out_ptr + row * stride_out + cols, silu_and_mul_values(gate_up_ptr + row * stride_gate_up, cols, mask, width),
                  mask=mask)
 
     @triton.jit
@@ -367,5 +368,5 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
-        values = _silu_mul(gate_up_ptr + row * stride_gate_up, cols, mask, width).to(tl.float32)
+        values = silu_and_mul_values(gate_up_ptr + row * stride_gate_up, cols, mask, width).to(tl.float32)
         store_quantized_row(values, out_ptr + row * stride_out, cols, mask, scale_ptr + row, FP8_MAX, MIN_SCALE)
