@@ -305,6 +305,7 @@ def _num_warps(block: int) -> int:
 if triton is not None:
     from meshlm.kernels.fp8_quant_triton import store_quantized_row
     from meshlm.kernels.rotary_triton import rotary_cache_kernel, rotary_kernel
+    from meshlm.kernels.silu_triton import silu_and_mul_values
     from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 
     @triton.jit
@@ -337,17 +338,6 @@ if triton is not None:
             tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
 
     @triton.jit
-    def silu_and_mul_values(gate_up_row_ptr, cols, mask, width):
-        """``silu(gate).to(dtype) * up`` rounded to the input dtype at ``gate_up_row_ptr + cols``:
-        columns of one row whose halves (``width`` each) are gate and up, or a tile of such rows'
-        pointers with ``cols`` 0 (the small-batch GEMM's gated load); zeros where ``mask`` is off."""
-        dtype = gate_up_row_ptr.dtype.element_ty
-        gate = tl.load(gate_up_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gate_up_row_ptr + width + cols, mask=mask, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        return (silu * up).to(dtype)
-
-    @triton.jit
     def _silu_and_mul_kernel(out_ptr, gate_up_ptr, stride_out, stride_gate_up, width, BLOCK: tl.constexpr,
                              PDL: tl.constexpr):
         """``BLOCK`` columns of one row: ``silu(gate).to(dtype) * up``, gate and up the row's two halves."""
@@ -355,8 +345,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
-        tl.store(out_ptr + row * stride_out + cols, silu_and_mul_values(gate_up_ptr + row * stride_gate_up, cols, mask, width),
-                 mask=mask)
+        values = silu_and_mul_values(gate_up_ptr + row * stride_gate_up, cols, mask, width)
+        tl.store(out_ptr + row * stride_out + cols, values, mask=mask)
 
     @triton.jit
     def _silu_and_mul_quantized_kernel(out_ptr, scale_ptr, gate_up_ptr, stride_out, stride_gate_up, width,
