@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from meshlm.kernels.prefill_tiles import PREFILL_MIN_QUERY_LEN
 from meshlm.protocol import StepPlan
 
 # Decodes of the mixed steps that warm up: from the fewest the decode kernel takes apart from the
@@ -22,7 +23,7 @@ from meshlm.protocol import StepPlan
 DECODE_COUNTS = (32, 256, 2048)
 CONTEXTS = (128, 2048)
 SHORT_CHUNK = 64  # a prompt chunk below the prefill kernel's length: the unified kernel
-LONG_CHUNK = 2048  # the prefill kernel's (kernels/prefill_tiles.py, PREFILL_MIN_QUERY_LEN)
+LONG_CHUNK = PREFILL_MIN_QUERY_LEN  # the shortest chunk the prefill kernel takes
 
 
 def mixed_step_plan(num_decodes: int, context: int, chunk: int, block_size: int, num_blocks: int) -> StepPlan:
@@ -59,4 +60,3 @@ def warmup_plans(max_batch_size: int, max_num_tokens: int, max_model_len: int, b
     if fewest > 0 and fewest + LONG_CHUNK <= max_num_tokens and LONG_CHUNK <= max_model_len:
         plans.append(mixed_step_plan(fewest, contexts[0], LONG_CHUNK, block_size, num_blocks))
     return plans
-

@@ -150,7 +150,7 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
     if weight_scale is None:
         if not _small_batch_kernel_wins(gate_up, weight):
             return None
-    elif not (use_weight_only(gate_up.shape[0]) and _has_fp8_tensor_cores(gate_up.device.index or 0)):
+    elif not (use_weight_only(gate_up.shape[0]) and _weight_only_kernel_runs(gate_up)):
         return None
     from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
     return fp8_weight_gemm(gate_up, weight, weight_scale, gated=True)
@@ -200,7 +200,7 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     """``x`` [M, K] in the model dtype (not quantized) times the float8 ``weight`` [N, K]: float32
     sums of exact products, times ``weight_scale`` ([N] or one element), plus ``bias``, in float32,
     rounded once to ``x``'s dtype. On a GPU with FP8 support one Triton kernel computes it."""
-    if x.is_cuda and _has_fp8_tensor_cores(x.device.index or 0):
+    if _weight_only_kernel_runs(x):
         from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
         return fp8_weight_gemm(x, weight, weight_scale, bias)
     y = (x.float() @ weight.float().t()) * weight_scale.float().reshape(-1)  # [M, N]
@@ -239,6 +239,11 @@ def emulated_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
                        weight_scale: torch.Tensor) -> torch.Tensor:
     """What ``torch._scaled_mm`` computes with rowwise scales, in float32: ``(x_q @ w_q^T) * sx * sw``."""
     return (x_q.float() @ weight.float().t()) * x_scale * weight_scale.float().view(1, -1)
+
+
+def _weight_only_kernel_runs(x: torch.Tensor) -> bool:
+    """Whether weight_only_linear gives ``x`` to the small-batch kernel: on a GPU with FP8 support."""
+    return x.is_cuda and _has_fp8_tensor_cores(x.device.index or 0)
 
 
 def can_use_scaled_mm(x_q: torch.Tensor, weight: torch.Tensor) -> bool:

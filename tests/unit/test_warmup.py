@@ -71,7 +71,6 @@ def test_the_fewest_decodes_are_those_the_decode_kernel_takes_apart():
     pytest.importorskip("triton")
     from meshlm.kernels.triton_attention import MIN_DECODES_APART
     assert warmup.DECODE_COUNTS[0] == MIN_DECODES_APART
-    assert warmup.LONG_CHUNK == PREFILL_MIN_QUERY_LEN
 
 
 def _prompt_then_decode(runner: ModelRunner, prompt: list[int], block_size: int) -> torch.Tensor:
