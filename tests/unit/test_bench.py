@@ -168,7 +168,7 @@ def test_throughput_bad_dataset_line_fails_clearly(tmp_path):
 
 # --- bench serve against a stub server -----------------------------------------------------------
 
-FIRST_TOKEN_DELAY_S, TOKEN_GAP_S, SLOW_S = 0.05, 0.01, 5.0
+FIRST_TOKEN_DELAY_S, TOKEN_GAP_S, SLOW_S = 0.05, 0.01, 30.0
 
 
 class StubServer:
@@ -278,17 +278,19 @@ def test_serve_dataset_failures_and_poisson(tmp_path):
              {"prompt": "four five", "max_tokens": 4}, {"prompt": "six", "output_len": 5}]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    rate, seed = 20.0, 7
+    # The timeout sits far from both sides: the quick requests take ~0.1 s (a loaded 2-core machine has
+    # stretched them past 1 s), the SLOW one stalls SLOW_S.
+    rate, seed, TIMEOUT_S = 20.0, 7, 5
     with StubServer() as stub:
         meshlm("bench", "serve", "--base-url", stub.url, "--model", "my-model", "--dataset", str(data),
-               "--request-rate", str(rate), "--seed", str(seed), "--warmup", "0", "--request-timeout", "1",
+               "--request-rate", str(rate), "--seed", str(seed), "--warmup", "0", "--request-timeout", str(TIMEOUT_S),
                "--api-key", "secret", "--no-progress", "--output-json", str(tmp_path / "s.json"), timeout=120)
     r = json.loads((tmp_path / "s.json").read_text())
+    errors = {e["error"].split(":")[0]: e["count"] for e in r["errors"]}
+    assert errors == {"HTTP 500": 1, f"timed out after {TIMEOUT_S} s": 1}, r["errors"]
     check_summary(r, 6, 4, num_gpus=None)
     assert r["total_output_tokens"] == 3 + 2 + 4 + 5
     assert r["total_input_tokens"] == 3 + 4 + 2 + 1
-    errors = {e["error"].split(":")[0]: e["count"] for e in r["errors"]}
-    assert errors == {"HTTP 500": 1, "timed out after 1 s": 1}, r["errors"]
     assert r["config"]["request_rate"] == rate and r["config"]["dataset"] == str(data)
     assert r["config"]["input_len"] is None and r["config"]["num_prompts"] == 6
     assert r["config"]["prompt_format"] == "mixed"  # text lines and one line of token ids
