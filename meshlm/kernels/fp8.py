@@ -93,13 +93,15 @@ def quantizes_per_row(num_rows: int, weight_scale: torch.Tensor | None, input_sc
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [..., K] -> (float8 [..., K], float32 scales [..., 1]) with ``x ~ q * scale``, each row's
-    largest magnitude mapped to ``FP8_MAX``. On CUDA, a matrix goes through one Triton kernel of
-    the same arithmetic (kernels/fp8_quant_triton.py)."""
+    largest magnitude mapped to ``FP8_MAX``. A row is multiplied by its scale's reciprocal (rounded
+    once per row), not divided by the scale: one multiply an element instead of a division, which
+    the kernels that quantize the rows they produce pay for every element. On CUDA, a matrix goes
+    through one Triton kernel of the same arithmetic (kernels/fp8_quant_triton.py)."""
     if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
         from meshlm.kernels.fp8_quant_triton import quantize_rows_triton
         return quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE)
     scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
-    return quantize_with_scale(x, scale), scale
+    return quantize_with_reciprocal(x, scale), scale
 
 
 def quantize_rows(x: torch.Tensor) -> QuantizedRows:
@@ -111,6 +113,12 @@ def quantize_rows(x: torch.Tensor) -> QuantizedRows:
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x / scale`` rounded to float8, saturated at +-``FP8_MAX`` (``scale`` broadcasts against ``x``)."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_with_reciprocal(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * (1 / scale)`` rounded to float8, saturated at +-``FP8_MAX``: the per-row quantization of
+    activations (:func:`quantize_per_row`), with ``1 / scale`` rounded once."""
+    return (x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -155,4 +155,11 @@ def test_triton_row_quantization_equals_the_torch_arithmetic(shape):
     q, scale = fp8.quantize_per_row(x)  # the Triton kernel on CUDA
     want_scale = (x.abs().amax(dim=-1, keepdim=True).float() / fp8.FP8_MAX).clamp(min=fp8.MIN_SCALE)
     assert torch.equal(scale, want_scale)
-    assert torch.equal(q.view(torch.uint8), fp8.quantize_with_scale(x, want_scale).view(torch.uint8))
+    assert torch.equal(q.view(torch.uint8), fp8.quantize_with_reciprocal(x, want_scale).view(torch.uint8))
+
+
+def test_triton_row_quantization_multiplies_by_the_reciprocal():
+    # 5.1792... times 1 / (5.8008... / 448) is 400.0, a tie that rounds to 384; divided, 400.00003 -> 416
+    x = torch.tensor([[5.800803184509277, 5.179288864135742]], device="cuda")
+    q, _ = fp8.quantize_per_row(x)
+    assert q[0].float().tolist() == [448.0, 384.0]

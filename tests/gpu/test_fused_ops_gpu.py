@@ -207,7 +207,7 @@ def to_float8(values: torch.Tensor) -> torch.Tensor:
 def quantize_reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Model-dtype ``rows`` [M, K] quantized per row in plain torch: (float8 [M, K], fp32 scales [M, 1])."""
     scale = (rows.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-    return to_float8((rows.float() / scale).clamp(-FP8_MAX, FP8_MAX)), scale
+    return to_float8((rows.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX)), scale
 
 
 def assert_same_float8(got, expected: tuple[torch.Tensor, torch.Tensor], what: str) -> None:
@@ -305,8 +305,8 @@ def test_fp8_model_with_fused_quantization_is_bitwise_the_unfused_model(tmp_path
     from meshlm.kernels.attention import AttentionMetadata
     from meshlm.parallel.groups import ParallelGroups
     from tests.model_factory import make_random_model
-    monkeypatch.setattr(fp8, "quantize_with_scale",
-                        lambda x, scale: to_float8((x.float() / scale).clamp(-FP8_MAX, FP8_MAX)))
+    monkeypatch.setattr(fp8, "quantize_with_reciprocal",
+                        lambda x, scale: to_float8((x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX)))
     path = make_random_model(tmp_path / "qwen2", "qwen2", seed=5, weight_std=0.05, hidden_size=128,
                              intermediate_size=256)
     config = EngineConfig.from_args(EngineArgs(str(path), dtype="bfloat16", max_model_len=64, quantization="fp8"))

@@ -47,6 +47,11 @@ def _fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
 
 
+def _fp8_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Activations quantized with their rows' scales: times the scale's reciprocal, as vLLM does."""
+    return (x.float() * scale.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
 def _row_quantized(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = least_error_row_scales(w)  # [N, 1]
     return _fp8(w, scale), scale
@@ -81,7 +86,8 @@ def fp8_reference(base, checkpoint=None):
 
         def forward(x, w_q=w_q, w_scale=w_scale.reshape(-1), static=static, bias=module.bias):
             scale = static.float() if static is not None else x.abs().amax(-1, keepdim=True).float() / E4M3_MAX
-            quantized = (_fp8(x, scale) @ w_q.t()) * scale * w_scale  # [1, T, N]
+            x_q = _fp8(x, scale) if static is not None else _fp8_rows(x, scale)
+            quantized = (x_q @ w_q.t()) * scale * w_scale  # [1, T, N]
             plain = (x.float() @ w_q.t()) * w_scale  # decode positions: activations as they are
             y = torch.where(_decode_positions(hf, x.shape[-2])[:, None], plain, quantized)
             return y if bias is None else y + bias
@@ -310,8 +316,10 @@ def test_fp8_experts_follow_the_per_token_definition(tmp_path):
     for t in range(hidden.shape[0]):
         for slot in range(cfg.num_experts_per_tok):
             p = f"model.layers.0.mlp.experts.{int(ids[t, slot])}"
-            linear = lambda x, n: (_fp8(x, x.abs().amax() / E4M3_MAX) @ _row_quantized(tensors[f"{p}.{n}.weight"])[0].t()
-                                   ) * (x.abs().amax() / E4M3_MAX) * _row_quantized(tensors[f"{p}.{n}.weight"])[1][:, 0]
+            def linear(x, n, p=p):
+                w_q, w_scale = _row_quantized(tensors[f"{p}.{n}.weight"])
+                scale = x.abs().amax() / E4M3_MAX
+                return (_fp8_rows(x, scale) @ w_q.t()) * scale * w_scale[:, 0]
             h = torch.nn.functional.silu(linear(hidden[t:t + 1], "gate_proj")) * linear(hidden[t:t + 1], "up_proj")
             expected[t] += weights[t, slot] * linear(h, "down_proj")[0]
     for tp, moe_ep in ((1, 1), (4, 4)):

@@ -31,6 +31,15 @@ def test_quantize_rounds_to_the_nearest_float8_and_saturates():
     assert q.float().tolist() == [144.0, 160.0, 448.0, -448.0]
 
 
+def test_rows_are_multiplied_by_the_reciprocal_of_their_scale():
+    # With the row's scale s = 5.8008... / 448: 5.1792... / s is 400.00003 (float8 e4m3: 416), while
+    # 5.1792... * (1 / s) is 400.0, halfway between 384 and 416, which rounds to the even 384.
+    x = torch.tensor([[5.800803184509277, 5.179288864135742]])
+    q, scale = fp8.quantize_per_row(x)
+    assert q[0].float().tolist() == [448.0, 384.0]
+    assert fp8.quantize_with_scale(x, scale)[0].float().tolist() == [448.0, 416.0]  # a division
+
+
 def test_zero_row_quantizes_to_zeros_without_nan():
     q, scale = fp8.quantize_per_row(torch.zeros(1, 8))
     assert q.float().abs().sum() == 0 and torch.isfinite(scale).all() and scale.item() > 0
