@@ -79,7 +79,7 @@ def compile_variant(tiles: DecodeTiles, kv_fp8: bool, capability: int):
                           options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
 
 
-def _run_tool(tool: str, args: list[str], cubin: bytes) -> str:
+def run_tool(tool: str, args: list[str], cubin: bytes) -> str:
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
         Path(path).write_bytes(cubin)
@@ -115,8 +115,8 @@ def report(name: str, tiles: DecodeTiles, kv_fp8: bool, capability: int) -> None
     except Exception as error:  # a variant that does not compile
         print(f"{name:<48} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
         return
-    loop = first_loop(_run_tool("nvdisasm", ["-c"], kernel.asm["cubin"]))
-    registers = re.search(r"REG:(\d+)", _run_tool("cuobjdump", ["--dump-resource-usage"], kernel.asm["cubin"]))
+    loop = first_loop(run_tool("nvdisasm", ["-c"], kernel.asm["cubin"]))
+    registers = re.search(r"REG:(\d+)", run_tool("cuobjdump", ["--dump-resource-usage"], kernel.asm["cubin"]))
     keys = tiles.block_n * tiles.kv_heads_per_program
     per_64_keys = sum(loop.values()) * tiles.num_warps * 64 / keys
     kinds = " ".join(f"{kind} {sum(loop[op] for op in ops):4d}" for kind, ops in KINDS.items())
