@@ -24,7 +24,10 @@
 #                 they are, with SiLU inside the down projection (--fused-silu-product), and with
 #                 every split product adding its splits in the kernel too (serial_reduce: one launch
 #                 fewer a layer for qkv) (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1 bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
+#                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
+#                 1712 and 8100 rows, the float8 ones at 8, 16 and 32 warps (row_kernels_bench.py) (~2 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -83,6 +86,14 @@ if [ "$PART" = mixed ]; then
   timeout 120 python3 benchmarks/profile_decode.py --batches 256 --prompt-len 2048 --prefill-tokens 6144 \
       --steps 5 --no-pdl --kernel-table > "$RUNS/mixed_bf16.log" 2>&1
   grep -A 22 "kernels per step" "$RUNS/mixed_bf16.log"; tail -2 "$RUNS/mixed_bf16.log"
+fi
+if [ "$PART" = rows ]; then
+  echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py \
+      -k "row_quantization or quantized or float8" 2>&1 | tail -2
+  echo "== fused row kernels (CUDA-graph replays)"
+  timeout 240 python3 benchmarks/row_kernels_bench.py --out "$OUT/row_kernels.json" 2>&1 | tail -20
+  exit 0
 fi
 if [ "$PART" = batch1 ]; then
   echo "== GPU tests: the gated small-batch product"
