@@ -7,9 +7,10 @@ copy" is the bytes it reads and writes against a device-to-device copy in the sa
 
     python3 benchmarks/row_kernels_bench.py [--rows 1712,8100] [--warps 8,16,32] [--out rows.json]
 
-``--check`` runs each launch once, on any device (the CPU in Triton's interpreter), and compares
-its output with the default launch's, bitwise: that the launches timed here are the kernels the
-engine runs. ``row_kernels_sass.py`` counts the same kernels' instructions without a GPU.
+``--check`` runs each launch once and compares its output with the default launch's, bitwise:
+that the launches timed here are the kernels the engine runs. It is meant for the CPU, in Triton's
+interpreter, where the warp count leaves the arithmetic alone; on a GPU the norm's sum over a row
+spread over other warps may round differently. ``row_kernels_sass.py`` counts the same kernels' instructions without a GPU.
 """
 from __future__ import annotations
 
