@@ -1,16 +1,19 @@
 """The fused row kernels on one GPU against the copy rate: SiLU-and-mul and residual add + RMSNorm
 (:mod:`meshlm.kernels.fused_ops`) at Llama-3-8B's widths, bf16 rows, with bf16 and with float8
-output, at the row counts of an FP8 128/128 run's steps (1712 decodes; 1700 decodes + 6400 prompt
-tokens). The float8 kernels are also launched at other warp counts than the default's, to place
-it. Each kernel is timed as replays of a CUDA graph of ten launches (the GPU's time alone); "of
-copy" is the bytes it reads and writes against a device-to-device copy in the same run.
+output, and the row quantizer of the attention output (one pass over whole rows, the default, and
+two over 1024-wide pieces, what wider rows take), at the row counts of an FP8 128/128 run's steps
+(1712 decodes; 1700 decodes + 6400 prompt tokens). The float8 kernels are also launched at other
+warp counts than the default's, to place it. Each kernel is timed as replays of a CUDA graph of
+ten launches (the GPU's time alone); "of copy" is the bytes it reads and writes against a
+device-to-device copy in the same run.
 
     python3 benchmarks/row_kernels_bench.py [--rows 1712,8100] [--warps 8,16,32] [--out rows.json]
 
 ``--check`` runs each launch once and compares its output with the default launch's, bitwise:
 that the launches timed here are the kernels the engine runs. It is meant for the CPU, in Triton's
 interpreter, where the warp count leaves the arithmetic alone; on a GPU the norm's sum over a row
-spread over other warps may round differently. ``row_kernels_sass.py`` counts the same kernels' instructions without a GPU.
+spread over other warps may round differently. ``row_kernels_sass.py`` counts the same kernels'
+instructions without a GPU.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meshlm.kernels import fused_ops  # noqa: E402
 from meshlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE  # noqa: E402
+from meshlm.kernels.fp8_quant_triton import _quantize_rows_kernel, quantize_rows_triton  # noqa: E402
 
 HIDDEN, INTERMEDIATE, EPS = 4096, 14336, 1e-5
 OPS = fused_ops.TritonOps()
@@ -54,6 +58,15 @@ def norm_quantized(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     return out, scale, summed
 
 
+def quantize_in_pieces(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row quantizer's two passes over 1024-wide pieces (what rows wider than MAX_WHOLE_ROW take)."""
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    _quantize_rows_kernel[(x.shape[0],)](x, q, scale, x.shape[1], x.stride(0), q.stride(0), FP8_MAX=FP8_MAX,
+                                         MIN_SCALE=MIN_SCALE, BLOCK=1024, num_warps=4, **fused_ops._pdl(x.device))
+    return q, scale
+
+
 def triton_block(width: int) -> int:
     import triton
     return triton.next_power_of_2(width)
@@ -70,7 +83,11 @@ def cases(num_rows: int, warps: list[int], device: str) -> list[tuple]:
     norm_bytes = num_rows * HIDDEN * (2 + 2 + 2 + 1)
     silu_default = OPS.silu_and_mul_quantized(gate_up)
     normed, summed = OPS.add_rms_norm_quantized(x, residual, weight, EPS)
-    rows = [("SiLU-and-mul, bf16 out", "default", num_rows * INTERMEDIATE * 6,
+    whole = quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE)
+    rows = [("row quantizer, whole rows", "default", num_rows * HIDDEN * 3,
+             lambda: quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE), None),
+            ("row quantizer, two passes", 4, num_rows * HIDDEN * 3, lambda: quantize_in_pieces(x), whole),
+            ("SiLU-and-mul, bf16 out", "default", num_rows * INTERMEDIATE * 6,
              lambda: OPS.silu_and_mul(gate_up), None),
             ("residual add + RMSNorm, bf16 out", "default", num_rows * HIDDEN * 8,
              lambda: OPS.add_rms_norm(x, residual, weight, EPS), None)]

@@ -1,11 +1,12 @@
 """The fused row kernels' machine code for a GPU, without one: compiles RMSNorm and SiLU-and-mul
-(:mod:`meshlm.kernels.fused_ops`, bf16 rows, plain and with float8 output) for an sm_90 target,
-as a launch at Llama-3-8B's widths specializes them, and counts their SASS instructions per
-element of a row: what a row costs the SM's schedulers, beside the bytes it moves. An H200 issues
-about 33 x 10^12 thread instructions a second (132 SMs, four warp instructions a cycle each, at
-1.98 GHz) and copies about 4.2 TB/s, so SiLU-and-mul with float8 output (2 + 2 bytes read and 1
-written an element) runs out of issue before bandwidth beyond about 40 instructions an element,
-and then only if the rows' loads overlap other rows' arithmetic.
+(:mod:`meshlm.kernels.fused_ops`, bf16 rows, plain and with float8 output) and the whole-row
+quantizer (:mod:`meshlm.kernels.fp8_quant_triton`) for an sm_90 target, as a launch at
+Llama-3-8B's widths specializes them, and counts their SASS instructions per element of a row:
+what a row costs the SM's schedulers, beside the bytes it moves. An H200 issues about 33 x 10^12
+thread instructions a second (132 SMs, four warp instructions a cycle each, at 1.98 GHz) and
+copies about 4.2 TB/s, so SiLU-and-mul with float8 output (2 + 2 bytes read and 1 written an
+element) runs out of issue before bandwidth beyond about 40 instructions an element, and then
+only if the rows' loads overlap other rows' arithmetic.
 
     python3 benchmarks/row_kernels_sass.py
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_sass import run_tool  # noqa: E402
 from meshlm.kernels import fused_ops  # noqa: E402
 from meshlm.kernels.fp8 import FP8_MAX, MIN_SCALE  # noqa: E402
+from meshlm.kernels.fp8_quant_triton import _quantize_whole_rows_kernel, row_warps  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336
 FP8 = dict(FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE)
@@ -46,15 +48,18 @@ def kernels() -> dict[str, tuple]:
             dict(BLOCK=1024, PDL=True), 4, 1024),
         "SiLU-and-mul, float8 out (a whole row)": (
             fused_ops._silu_and_mul_quantized_kernel, dict(out_ptr="fp8e4nv", scale_ptr="fp32", gate_up_ptr="bf16"),
-            dict(BLOCK=silu_block, PDL=True, **FP8), fused_ops._num_warps(silu_block), silu_block),
+            dict(BLOCK=silu_block, PDL=True, **FP8), row_warps(silu_block), silu_block),
         "residual add + RMSNorm, bf16 out": (
             fused_ops._add_rms_norm_kernel, norm,
             dict(HAS_RESIDUAL=True, QUANTIZE=False, BLOCK=norm_block, PDL=True, **FP8),
-            fused_ops._num_warps(norm_block), norm_block),
+            row_warps(norm_block), norm_block),
         "residual add + RMSNorm, float8 out": (
             fused_ops._add_rms_norm_kernel, {**norm, "out_ptr": "fp8e4nv"},
             dict(HAS_RESIDUAL=True, QUANTIZE=True, BLOCK=norm_block, PDL=True, **FP8),
-            fused_ops._num_warps(norm_block), norm_block),
+            row_warps(norm_block), norm_block),
+        "row quantizer, whole rows (attention output)": (
+            _quantize_whole_rows_kernel, dict(x_ptr="bf16", q_ptr="fp8e4nv", scale_ptr="fp32"),
+            dict(BLOCK=norm_block, PDL=True, **FP8), row_warps(norm_block), norm_block),
     }
 
 

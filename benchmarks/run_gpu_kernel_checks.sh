@@ -26,7 +26,8 @@
 #                 fewer a layer for qkv) (~5 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
-#                 1712 and 8100 rows, the float8 ones at 8, 16 and 32 warps (row_kernels_bench.py) (~2 min)
+#                 1712 and 8100 rows, the float8 ones at 8, 16 and 32 warps, the row quantizer in one
+#                 pass (default) and in two (row_kernels_bench.py) (~3 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
@@ -89,8 +90,8 @@ if [ "$PART" = mixed ]; then
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py \
-      -k "row_quantization or quantized or float8" 2>&1 | tail -2
+  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py \
+      -k "row_quantization or row_quantizer or quantized or float8" 2>&1 | tail -2
   echo "== fused row kernels (CUDA-graph replays)"
   timeout 240 python3 benchmarks/row_kernels_bench.py --out "$OUT/row_kernels.json" 2>&1 | tail -20
   exit 0

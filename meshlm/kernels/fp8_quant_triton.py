@@ -13,9 +13,12 @@ import triton.language as tl
 from meshlm.kernels.triton_launch import programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 
-__all__ = ["quantize_rows_triton", "store_quantized_row"]
+__all__ = ["quantize_rows_triton", "row_warps", "store_quantized_row"]
 
 _BLOCK = 1024
+# Rows up to this wide are quantized in one pass, each program holding its whole row in registers
+# (one load of the row, all of it in flight at once); wider rows in two passes over 1024-wide pieces.
+MAX_WHOLE_ROW = 16384
 
 
 @triton.jit
@@ -41,6 +44,19 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, num_cols, stride_x, stride_q,
         tl.store(q_row + start + cols, q.to(q_ptr.dtype.element_ty), mask=is_col)
 
 
+@triton.jit
+def _quantize_whole_rows_kernel(x_ptr, q_ptr, scale_ptr, num_cols, stride_x, stride_q,
+                                FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                                PDL: tl.constexpr):
+    """One row of at most ``BLOCK`` columns, read once: the arithmetic of ``_quantize_rows_kernel``."""
+    wait_for_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < num_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    store_quantized_row(x, q_ptr + row * stride_q, cols, mask, scale_ptr + row, FP8_MAX, MIN_SCALE)
+
+
 def quantize_rows_triton(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float,
                          min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [M, K] (last dimension contiguous) -> (``fp8_dtype`` [M, K], float32 scales [M, 1])."""
@@ -49,11 +65,21 @@ def quantize_rows_triton(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float
     q = torch.empty((num_rows, num_cols), dtype=fp8_dtype, device=x.device)
     scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
     pdl = programmatic_launch(x.device)
-    if num_rows:
+    if num_rows and num_cols <= MAX_WHOLE_ROW:
+        block = triton.next_power_of_2(num_cols)
+        _quantize_whole_rows_kernel[(num_rows,)](x, q, scale, num_cols, x.stride(0), q.stride(0),
+                                                 FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK=block,
+                                                 num_warps=row_warps(block), PDL=pdl, launch_pdl=pdl)
+    elif num_rows:
         _quantize_rows_kernel[(num_rows,)](x, q, scale, num_cols, x.stride(0), q.stride(0),
                                            FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK=_BLOCK, num_warps=4,
                                            PDL=pdl, launch_pdl=pdl)
     return q, scale
+
+
+def row_warps(block: int) -> int:
+    """Warps for a program that holds a row of ``block`` values: about 8 a thread, 1 to 16 warps."""
+    return max(1, min(16, block // 256))
 
 
 @triton.jit

@@ -194,7 +194,7 @@ class TritonOps(TorchOps):
         block = triton.next_power_of_2(width)
         _silu_and_mul_quantized_kernel[(rows.shape[0],)](
             out, scale, rows, out.stride(0), rows.stride(0), width, BLOCK=block, FP8_MAX=FP8_MAX,
-            MIN_SCALE=MIN_SCALE, num_warps=_num_warps(block), **_pdl(rows.device))
+            MIN_SCALE=MIN_SCALE, num_warps=row_warps(block), **_pdl(rows.device))
         return QuantizedRows(out, scale, gate_up.dtype)
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -214,7 +214,7 @@ class TritonOps(TorchOps):
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
             num_heads, num_kv_heads,
             HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
-            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), num_warps=_num_warps(heads_block * half_block),
+            KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), num_warps=row_warps(heads_block * half_block),
             **_pdl(q.device))
         return q_out, k_out
 
@@ -250,7 +250,7 @@ class TritonOps(TorchOps):
             num_heads, num_kv_heads, k_cache.shape[1],
             HALF=half, HALF_BLOCK=half_block, HEADS_BLOCK=heads_block,
             KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads), IS_FP8=is_fp8, STORE_K=k_out is not None,
-            num_warps=_num_warps(heads_block * half_block), **_pdl(q.device))
+            num_warps=row_warps(heads_block * half_block), **_pdl(q.device))
         return q_out
 
 
@@ -274,7 +274,7 @@ def _launch_add_rms_norm(out: torch.Tensor, scale: torch.Tensor | None, rows: to
         out, summed, scale if is_quantized else weight, rows, residual_rows, weight,
         out.stride(0), summed.stride(0), rows.stride(0), residual_rows.stride(0), rows.shape[1], eps,
         HAS_RESIDUAL=has_residual, QUANTIZE=is_quantized, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block,
-        num_warps=_num_warps(block), **_pdl(rows.device))
+        num_warps=row_warps(block), **_pdl(rows.device))
     return summed if has_residual else None
 
 
@@ -297,13 +297,8 @@ def _pdl(device: torch.device) -> dict:
     return {"PDL": enabled, "launch_pdl": enabled}
 
 
-def _num_warps(block: int) -> int:
-    """About 8 elements of a row per thread, from 1 to 16 warps."""
-    return max(1, min(16, block // 256))
-
-
 if triton is not None:
-    from meshlm.kernels.fp8_quant_triton import store_quantized_row
+    from meshlm.kernels.fp8_quant_triton import row_warps, store_quantized_row
     from meshlm.kernels.rotary_triton import rotary_cache_kernel, rotary_kernel
     from meshlm.kernels.silu_triton import silu_and_mul_values
     from meshlm.kernels.triton_pdl import wait_for_previous_kernel

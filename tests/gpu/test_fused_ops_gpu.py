@@ -276,6 +276,19 @@ def test_silu_and_mul_quantized_is_the_kernel_then_quantization(dtype, num_token
     assert_same_float8(got, quantize_reference(TRITON_OPS.silu_and_mul(gate_up)), f"{dtype} {num_tokens}x{inter}")
 
 
+@pytest.mark.parametrize("width", [1000, 4096, 20000])
+def test_row_quantizer_in_one_pass_and_in_pieces(width):
+    """The row quantizer (the attention output's, before the output projection): rows up to
+    MAX_WHOLE_ROW wide in one pass, wider in two over pieces; both the plain-torch arithmetic, bitwise."""
+    from types import SimpleNamespace
+    from meshlm.kernels.fp8_quant_triton import MAX_WHOLE_ROW, quantize_rows_triton
+    assert (width <= MAX_WHOLE_ROW) == (width < 20000)
+    rows = randn(5, width, dtype=torch.bfloat16, scale=3.0)
+    rows[0] = 0  # the smallest scale
+    values, scale = quantize_rows_triton(rows, FP8_DTYPE, FP8_MAX, MIN_SCALE)
+    assert_same_float8(SimpleNamespace(values=values, scale=scale), quantize_reference(rows), f"{width}")
+
+
 @pytest.mark.parametrize("dtype", NEAR_DTYPES)
 def test_silu_and_mul_quantized_against_torch(dtype):
     gate_up = randn(17, 2 * 1500, dtype=dtype, scale=3.0)
