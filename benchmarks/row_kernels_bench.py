@@ -7,7 +7,7 @@ warp counts than the default's, to place it. Each kernel is timed as replays of 
 ten launches (the GPU's time alone); "of copy" is the bytes it reads and writes against a
 device-to-device copy in the same run.
 
-    python3 benchmarks/row_kernels_bench.py [--rows 1712,8100] [--warps 8,16,32] [--out rows.json]
+    python3 benchmarks/row_kernels_bench.py [--rows 1712,8100] [--warps 4,8,16,32] [--out rows.json]
 
 ``--check`` runs each launch once and compares its output with the default launch's, bitwise:
 that the launches timed here are the kernels the engine runs. It is meant for the CPU, in Triton's
@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meshlm.kernels import fused_ops  # noqa: E402
 from meshlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE  # noqa: E402
-from meshlm.kernels.fp8_quant_triton import _quantize_rows_kernel, quantize_rows_triton  # noqa: E402
+from meshlm.kernels.fp8_quant_triton import (_quantize_rows_kernel, _quantize_whole_rows_kernel,  # noqa: E402
+                                              quantize_rows_triton)
 
 HIDDEN, INTERMEDIATE, EPS = 4096, 14336, 1e-5
 OPS = fused_ops.TritonOps()
@@ -58,12 +59,15 @@ def norm_quantized(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     return out, scale, summed
 
 
-def quantize_in_pieces(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row quantizer's two passes over 1024-wide pieces (what rows wider than MAX_WHOLE_ROW take)."""
+def quantize_rows(x: torch.Tensor, num_warps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row quantizer over whole rows with ``num_warps``, or (None) its two passes over 1024-wide
+    pieces in 4 warps (what rows wider than MAX_WHOLE_ROW take)."""
     q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    _quantize_rows_kernel[(x.shape[0],)](x, q, scale, x.shape[1], x.stride(0), q.stride(0), FP8_MAX=FP8_MAX,
-                                         MIN_SCALE=MIN_SCALE, BLOCK=1024, num_warps=4, **fused_ops._pdl(x.device))
+    kernel, block = (_quantize_rows_kernel, 1024) if num_warps is None else (_quantize_whole_rows_kernel,
+                                                                              triton_block(x.shape[1]))
+    kernel[(x.shape[0],)](x, q, scale, x.shape[1], x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
+                          BLOCK=block, num_warps=num_warps or 4, **fused_ops._pdl(x.device))
     return q, scale
 
 
@@ -86,7 +90,7 @@ def cases(num_rows: int, warps: list[int], device: str) -> list[tuple]:
     whole = quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE)
     rows = [("row quantizer, whole rows", "default", num_rows * HIDDEN * 3,
              lambda: quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE), None),
-            ("row quantizer, two passes", 4, num_rows * HIDDEN * 3, lambda: quantize_in_pieces(x), whole),
+            ("row quantizer, two passes", 4, num_rows * HIDDEN * 3, lambda: quantize_rows(x, None), whole),
             ("SiLU-and-mul, bf16 out", "default", num_rows * INTERMEDIATE * 6,
              lambda: OPS.silu_and_mul(gate_up), None),
             ("residual add + RMSNorm, bf16 out", "default", num_rows * HIDDEN * 8,
@@ -96,6 +100,7 @@ def cases(num_rows: int, warps: list[int], device: str) -> list[tuple]:
                      (silu_default.values, silu_default.scale)))
         rows.append(("residual add + RMSNorm, float8 out", w, norm_bytes + 4 * num_rows,
                      lambda w=w: norm_quantized(x, residual, weight, w), (normed.values, normed.scale, summed)))
+        rows.append(("row quantizer, whole rows", w, num_rows * HIDDEN * 3, lambda w=w: quantize_rows(x, w), whole))
     return rows
 
 
@@ -113,7 +118,7 @@ def check(rows: list[tuple]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1712,8100", help="row counts, comma-separated")
-    parser.add_argument("--warps", default="8,16,32", help="warp counts for the float8 kernels")
+    parser.add_argument("--warps", default="4,8,16,32", help="warp counts for the float8 kernels")
     parser.add_argument("--check", action="store_true", help="compare each launch with the default's, untimed")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()

@@ -26,7 +26,7 @@
 #                 fewer a layer for qkv) (~5 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
-#                 1712 and 8100 rows, the float8 ones at 8, 16 and 32 warps, the row quantizer in one
+#                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
 #                 pass (default) and in two (row_kernels_bench.py) (~3 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
