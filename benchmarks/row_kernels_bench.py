@@ -9,10 +9,10 @@ device-to-device copy in the same run.
 
     python3 benchmarks/row_kernels_bench.py [--rows 1712,8100] [--warps 4,8,16,32] [--out rows.json]
 
-``--check`` runs each launch once and compares its output with the default launch's, bitwise:
-that the launches timed here are the kernels the engine runs. It is meant for the CPU, in Triton's
-interpreter, where the warp count leaves the arithmetic alone; on a GPU the norm's sum over a row
-spread over other warps may round differently. ``row_kernels_sass.py`` counts the same kernels'
+Every launch goes through the engine's own entry points (``TritonOps(row_warps=...)``,
+``quantize_rows_triton``). ``--check`` runs each once and compares its output with the default
+launch's, bitwise; it is meant for the CPU, in Triton's interpreter, where the warp count leaves the
+arithmetic alone (on a GPU the norm's sum over a row spread over other warps may round differently). ``row_kernels_sass.py`` counts the same kernels'
 instructions without a GPU.
 """
 from __future__ import annotations
@@ -29,51 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meshlm.kernels import fused_ops  # noqa: E402
 from meshlm.kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE  # noqa: E402
-from meshlm.kernels.fp8_quant_triton import (_quantize_rows_kernel, _quantize_whole_rows_kernel,  # noqa: E402
-                                              quantize_rows_triton)
+from meshlm.kernels.fp8_quant_triton import quantize_rows_triton  # noqa: E402
 
 HIDDEN, INTERMEDIATE, EPS = 4096, 14336, 1e-5
 OPS = fused_ops.TritonOps()
 
 
-def silu_quantized(gate_up: torch.Tensor, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU-and-mul with float8 output, launched as TritonOps launches it but with ``num_warps``."""
-    width = gate_up.shape[1] // 2
-    out = torch.empty((gate_up.shape[0], width), dtype=FP8_DTYPE, device=gate_up.device)
-    scale = torch.empty((gate_up.shape[0], 1), dtype=torch.float32, device=gate_up.device)
-    fused_ops._silu_and_mul_quantized_kernel[(gate_up.shape[0],)](
-        out, scale, gate_up, out.stride(0), gate_up.stride(0), width, BLOCK=triton_block(width), FP8_MAX=FP8_MAX,
-        MIN_SCALE=MIN_SCALE, num_warps=num_warps, **fused_ops._pdl(gate_up.device))
-    return out, scale
+def quantize_rows(x: torch.Tensor, num_warps: int | None, in_pieces: bool = False) -> tuple:
+    return quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE, num_warps=num_warps, in_pieces=in_pieces)
 
 
-def norm_quantized(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, num_warps: int) -> tuple:
-    """Residual add + RMSNorm with float8 output, as TritonOps launches it but with ``num_warps``."""
-    out = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    summed = torch.empty_like(x)
-    fused_ops._add_rms_norm_kernel[(x.shape[0],)](
-        out, summed, scale, x, residual, weight, out.stride(0), summed.stride(0), x.stride(0), residual.stride(0),
-        x.shape[1], EPS, HAS_RESIDUAL=True, QUANTIZE=True, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
-        BLOCK=triton_block(x.shape[1]), num_warps=num_warps, **fused_ops._pdl(x.device))
-    return out, scale, summed
+def _quantized(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows.values, rows.scale
 
 
-def quantize_rows(x: torch.Tensor, num_warps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row quantizer over whole rows with ``num_warps``, or (None) its two passes over 1024-wide
-    pieces in 4 warps (what rows wider than MAX_WHOLE_ROW take)."""
-    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    kernel, block = (_quantize_rows_kernel, 1024) if num_warps is None else (_quantize_whole_rows_kernel,
-                                                                              triton_block(x.shape[1]))
-    kernel[(x.shape[0],)](x, q, scale, x.shape[1], x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
-                          BLOCK=block, num_warps=num_warps or 4, **fused_ops._pdl(x.device))
-    return q, scale
-
-
-def triton_block(width: int) -> int:
-    import triton
-    return triton.next_power_of_2(width)
+def _norm_outputs(result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    quantized, summed = result
+    return quantized.values, quantized.scale, summed
 
 
 def cases(num_rows: int, warps: list[int], device: str) -> list[tuple]:
@@ -87,19 +59,20 @@ def cases(num_rows: int, warps: list[int], device: str) -> list[tuple]:
     norm_bytes = num_rows * HIDDEN * (2 + 2 + 2 + 1)
     silu_default = OPS.silu_and_mul_quantized(gate_up)
     normed, summed = OPS.add_rms_norm_quantized(x, residual, weight, EPS)
-    whole = quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE)
-    rows = [("row quantizer, whole rows", "default", num_rows * HIDDEN * 3,
-             lambda: quantize_rows_triton(x, FP8_DTYPE, FP8_MAX, MIN_SCALE), None),
-            ("row quantizer, two passes", 4, num_rows * HIDDEN * 3, lambda: quantize_rows(x, None), whole),
+    whole = quantize_rows(x, None)
+    rows = [("row quantizer, whole rows", "default", num_rows * HIDDEN * 3, lambda: quantize_rows(x, None), None),
+            ("row quantizer, two passes", 4, num_rows * HIDDEN * 3, lambda: quantize_rows(x, None, True), whole),
             ("SiLU-and-mul, bf16 out", "default", num_rows * INTERMEDIATE * 6,
              lambda: OPS.silu_and_mul(gate_up), None),
             ("residual add + RMSNorm, bf16 out", "default", num_rows * HIDDEN * 8,
              lambda: OPS.add_rms_norm(x, residual, weight, EPS), None)]
     for w in warps:
-        rows.append(("SiLU-and-mul, float8 out", w, silu_bytes + 4 * num_rows, lambda w=w: silu_quantized(gate_up, w),
-                     (silu_default.values, silu_default.scale)))
+        ops = fused_ops.TritonOps(row_warps=w)
+        rows.append(("SiLU-and-mul, float8 out", w, silu_bytes + 4 * num_rows,
+                     lambda ops=ops: _quantized(ops.silu_and_mul_quantized(gate_up)), _quantized(silu_default)))
         rows.append(("residual add + RMSNorm, float8 out", w, norm_bytes + 4 * num_rows,
-                     lambda w=w: norm_quantized(x, residual, weight, w), (normed.values, normed.scale, summed)))
+                     lambda ops=ops: _norm_outputs(ops.add_rms_norm_quantized(x, residual, weight, EPS)),
+                     _norm_outputs((normed, summed))))
         rows.append(("row quantizer, whole rows", w, num_rows * HIDDEN * 3, lambda w=w: quantize_rows(x, w), whole))
     return rows
 

@@ -57,19 +57,21 @@ def _quantize_whole_rows_kernel(x_ptr, q_ptr, scale_ptr, num_cols, stride_x, str
     store_quantized_row(x, q_ptr + row * stride_q, cols, mask, scale_ptr + row, FP8_MAX, MIN_SCALE)
 
 
-def quantize_rows_triton(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float,
-                         min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [M, K] (last dimension contiguous) -> (``fp8_dtype`` [M, K], float32 scales [M, 1])."""
+def quantize_rows_triton(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float, min_scale: float,
+                         num_warps: int | None = None, in_pieces: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [M, K] (last dimension contiguous) -> (``fp8_dtype`` [M, K], float32 scales [M, 1]).
+    ``num_warps`` (whole rows; None: :func:`row_warps`) and ``in_pieces`` (the two passes of wider
+    rows at any width) are for benchmarks/row_kernels_bench.py."""
     assert x.dim() == 2 and x.stride(1) == 1, (x.shape, x.stride())
     num_rows, num_cols = x.shape
     q = torch.empty((num_rows, num_cols), dtype=fp8_dtype, device=x.device)
     scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
     pdl = programmatic_launch(x.device)
-    if num_rows and num_cols <= MAX_WHOLE_ROW:
+    if num_rows and num_cols <= MAX_WHOLE_ROW and not in_pieces:
         block = triton.next_power_of_2(num_cols)
         _quantize_whole_rows_kernel[(num_rows,)](x, q, scale, num_cols, x.stride(0), q.stride(0),
                                                  FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK=block,
-                                                 num_warps=row_warps(block), PDL=pdl, launch_pdl=pdl)
+                                                 num_warps=num_warps or row_warps(block), PDL=pdl, launch_pdl=pdl)
     elif num_rows:
         _quantize_rows_kernel[(num_rows,)](x, q, scale, num_cols, x.stride(0), q.stride(0),
                                            FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK=_BLOCK, num_warps=4,

@@ -143,9 +143,14 @@ def select_ops(enable_fused_kernels: bool | None, device: torch.device) -> Torch
 
 
 class TritonOps(TorchOps):
-    """The same ops as one Triton kernel each; shapes the kernels do not take go to TorchOps."""
+    """The same ops as one Triton kernel each; shapes the kernels do not take go to TorchOps.
+    ``row_warps``: the warps of the norm and float8 SiLU-and-mul kernels, whose programs hold a
+    whole row (None: :func:`row_warps` of the row's width; benchmarks/row_kernels_bench.py times others)."""
 
     name = "triton"
+
+    def __init__(self, row_warps: int | None = None):
+        self.row_warps = row_warps
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.add_rms_norm(x, None, weight, eps)[0]
@@ -156,7 +161,7 @@ class TritonOps(TorchOps):
             return super().add_rms_norm(x, residual, weight, eps)
         rows = _as_rows(x)  # [num_rows, width]
         out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-        summed = _launch_add_rms_norm(out, None, rows, residual, weight, eps)
+        summed = _launch_add_rms_norm(out, None, rows, residual, weight, eps, self.row_warps)
         return out.view(x.shape), x if summed is None else summed.view(x.shape)
 
     def add_rms_norm_quantized(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -167,7 +172,7 @@ class TritonOps(TorchOps):
         rows = _as_rows(x)  # [num_rows, width]
         out = torch.empty(rows.shape, dtype=FP8_DTYPE, device=x.device)
         scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=x.device)
-        summed = _launch_add_rms_norm(out, scale, rows, residual, weight, eps)
+        summed = _launch_add_rms_norm(out, scale, rows, residual, weight, eps, self.row_warps)
         return QuantizedRows(out, scale, x.dtype), x if summed is None else summed.view(x.shape)
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -194,7 +199,7 @@ class TritonOps(TorchOps):
         block = triton.next_power_of_2(width)
         _silu_and_mul_quantized_kernel[(rows.shape[0],)](
             out, scale, rows, out.stride(0), rows.stride(0), width, BLOCK=block, FP8_MAX=FP8_MAX,
-            MIN_SCALE=MIN_SCALE, num_warps=row_warps(block), **_pdl(rows.device))
+            MIN_SCALE=MIN_SCALE, num_warps=self.row_warps or row_warps(block), **_pdl(rows.device))
         return QuantizedRows(out, scale, gate_up.dtype)
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -261,9 +266,11 @@ def _norm_takes(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 
 
 def _launch_add_rms_norm(out: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor,
-                         residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+                         residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                         num_warps: int | None) -> torch.Tensor | None:
     """The norm of ``rows`` (+ ``residual``) [num_rows, width] into ``out``: in the model dtype, or,
-    given ``scale`` [num_rows, 1], quantized to float8 per row. Returns the sum (None without residual)."""
+    given ``scale`` [num_rows, 1], quantized to float8 per row, in ``num_warps`` (None: the row's
+    default). Returns the sum (None without residual)."""
     has_residual, is_quantized = residual is not None, scale is not None
     residual_rows = _as_rows(residual) if has_residual else rows
     # Without a residual the kernel neither reads nor writes through the residual pointers, and
@@ -274,7 +281,7 @@ def _launch_add_rms_norm(out: torch.Tensor, scale: torch.Tensor | None, rows: to
         out, summed, scale if is_quantized else weight, rows, residual_rows, weight,
         out.stride(0), summed.stride(0), rows.stride(0), residual_rows.stride(0), rows.shape[1], eps,
         HAS_RESIDUAL=has_residual, QUANTIZE=is_quantized, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block,
-        num_warps=row_warps(block), **_pdl(rows.device))
+        num_warps=num_warps or row_warps(block), **_pdl(rows.device))
     return summed if has_residual else None
 
 
