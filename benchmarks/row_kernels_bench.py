@@ -12,8 +12,8 @@ device-to-device copy in the same run.
 Every launch goes through the engine's own entry points (``TritonOps(row_warps=...)``,
 ``quantize_rows_triton``). ``--check`` runs each once and compares its output with the default
 launch's, bitwise; it is meant for the CPU, in Triton's interpreter, where the warp count leaves the
-arithmetic alone (on a GPU the norm's sum over a row spread over other warps may round differently). ``row_kernels_sass.py`` counts the same kernels'
-instructions without a GPU.
+arithmetic alone (on a GPU the norm's sum over a row spread over other warps may round
+differently). ``row_kernels_sass.py`` counts the same kernels' instructions without a GPU.
 """
 from __future__ import annotations
 
