@@ -28,7 +28,12 @@
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
 #                 pass (default) and in two (row_kernels_bench.py) (~3 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=fastacc  GPU tests of the per-row quantization and of the FP8 product with fast accumulation,
+#                 FP8 decode steps at 1712 with and without it, the fused row kernels' timings, then
+#                 bench FP8 128/128 as it is, with fast accumulation (the default edited for the run,
+#                 restored after), and with it and steps of 16384 tokens (~9 min)
+#   PART=bf16     bench bf16 2048/128 x 1000 with steps of 16384 tokens, bf16 128/128 x 2000 (~4 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16 bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -136,6 +141,18 @@ if [ "$PART" = accum ]; then
     tail -1 "$RUNS/accum_mixed_$accum.log"
   done
 fi
+if [ "$PART" = fastacc ]; then
+  echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output, FP8 products with fast accumulation"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py \
+      -k "row_quantization or row_quantizer or quantized or float8 or emulation" 2>&1 | tail -2
+  for accum in no-fast-accumulation fast-accumulation; do
+    echo "== FP8 weights and KV, --$accum: decode steps at 1712 (unprofiled ms in the table's 3rd column)"
+    timeout 80 python3 benchmarks/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batches 1712 \
+        --steps 10 --$accum 2>&1 | tail -1
+  done
+  echo "== fused row kernels (CUDA-graph replays)"
+  timeout 120 python3 benchmarks/row_kernels_bench.py --rows 1712,8100 --warps 4,8,16 --out "$OUT/row_kernels.json" 2>&1 | tail -16
+fi
 if [ "$PART" = steps ]; then
   steps_tests() {  # name, time limit, then pytest's arguments; prints the summary, or the log's end when cut
     local name=$1 limit=$2; shift 2
@@ -149,7 +166,7 @@ if [ "$PART" = steps ]; then
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
 [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
-    || exit 0
+    || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -170,6 +187,22 @@ if [ "$PART" = accum ]; then
   bench fp8_128_16k 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128 \
       --max-num-tokens 16384
   bench bf16_2048_16k 130 --num-prompts 1000 --input-len 2048 --output-len 128 --max-num-tokens 16384
+  exit 0
+fi
+if [ "$PART" = bf16 ]; then
+  bench bf16_2048_16k 130 --num-prompts 1000 --input-len 2048 --output-len 128 --max-num-tokens 16384
+  bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
+  exit 0
+fi
+if [ "$PART" = fastacc ]; then
+  bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+  cp meshlm/kernels/fp8.py "$RUNS/fp8.py.orig"
+  sed -i 's/^_FAST_ACCUMULATION = {"enabled": False}/_FAST_ACCUMULATION = {"enabled": True}/' meshlm/kernels/fp8.py
+  grep -q '^_FAST_ACCUMULATION = {"enabled": True}' meshlm/kernels/fp8.py || echo "fast accumulation NOT switched on"
+  bench fp8_128_fast 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+  bench fp8_128_fast_16k 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 \
+      --output-len 128 --max-num-tokens 16384
+  cp "$RUNS/fp8.py.orig" meshlm/kernels/fp8.py
   exit 0
 fi
 if [ "$PART" = mixed ]; then
