@@ -33,7 +33,12 @@
 #                 bench FP8 128/128 as it is, with fast accumulation (the default edited for the run,
 #                 restored after), and with it and steps of 16384 tokens (~9 min)
 #   PART=bf16     bench bf16 2048/128 x 1000 with steps of 16384 tokens, bf16 128/128 x 2000 (~4 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16 bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=fp8      the FP8 product's error with and without fast accumulation (fp8_accumulation.py),
+#                 the FP8 GPU tests, then bench FP8 128/128 (at 8192 and 16384 tokens a step) and
+#                 1000/1000 (guaranteed_no_evict), FP8 KV (~8 min)
+#   PART=busy     bench bf16 1000/1000 x 1000, decode steps with the GPU's busy fraction (bf16 at 1,
+#                 64, 256 and 1024) (~4 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -153,6 +158,20 @@ if [ "$PART" = fastacc ]; then
   echo "== fused row kernels (CUDA-graph replays)"
   timeout 120 python3 benchmarks/row_kernels_bench.py --rows 1712,8100 --warps 4,8,16 --out "$OUT/row_kernels.json" 2>&1 | tail -16
 fi
+if [ "$PART" = fp8 ]; then
+  echo "== the FP8 product's error (fp8_accumulation.py)"
+  timeout 60 python3 benchmarks/fp8_accumulation.py 2>&1 | tail -5
+  echo "== GPU tests: FP8 products and models, fused norm / SiLU float8 output"
+  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py \
+      -k "not fused_ops_gpu or quantized or float8 or row_quant or fused_quantization" > "$RUNS/pytest_fp8.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$RUNS/pytest_fp8.log" | tail -6; grep -m 3 -E "^E  " "$RUNS/pytest_fp8.log"
+fi
+if [ "$PART" = busy ]; then
+  echo "== decode steps and the GPU's busy fraction (profile_decode.py), bf16"
+  timeout 80 python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --steps 20 --out "$OUT/profile_bf16.json" \
+      > "$RUNS/profile_bf16.log" 2>&1
+  tail -6 "$RUNS/profile_bf16.log"
+fi
 if [ "$PART" = steps ]; then
   steps_tests() {  # name, time limit, then pytest's arguments; prints the summary, or the log's end when cut
     local name=$1 limit=$2; shift 2
@@ -166,7 +185,7 @@ if [ "$PART" = steps ]; then
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
 [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
-    || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || exit 0
+    || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -187,6 +206,18 @@ if [ "$PART" = accum ]; then
   bench fp8_128_16k 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128 \
       --max-num-tokens 16384
   bench bf16_2048_16k 130 --num-prompts 1000 --input-len 2048 --output-len 128 --max-num-tokens 16384
+  exit 0
+fi
+if [ "$PART" = fp8 ]; then
+  bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+  bench fp8_128_16k 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128 \
+      --max-num-tokens 16384
+  bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
+      --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+  exit 0
+fi
+if [ "$PART" = busy ]; then
+  bench bf16_1000 200 --num-prompts 1000 --input-len 1000 --output-len 1000
   exit 0
 fi
 if [ "$PART" = bf16 ]; then

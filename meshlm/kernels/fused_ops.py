@@ -145,7 +145,8 @@ def select_ops(enable_fused_kernels: bool | None, device: torch.device) -> Torch
 class TritonOps(TorchOps):
     """The same ops as one Triton kernel each; shapes the kernels do not take go to TorchOps.
     ``row_warps``: the warps of the norm and float8 SiLU-and-mul kernels, whose programs hold a
-    whole row (None: :func:`row_warps` of the row's width; benchmarks/row_kernels_bench.py times others)."""
+    whole row (None: :func:`row_warps` and :func:`silu_quantized_warps` of the row's width;
+    benchmarks/row_kernels_bench.py times others)."""
 
     name = "triton"
 
@@ -199,7 +200,7 @@ class TritonOps(TorchOps):
         block = triton.next_power_of_2(width)
         _silu_and_mul_quantized_kernel[(rows.shape[0],)](
             out, scale, rows, out.stride(0), rows.stride(0), width, BLOCK=block, FP8_MAX=FP8_MAX,
-            MIN_SCALE=MIN_SCALE, num_warps=self.row_warps or row_warps(block), **_pdl(rows.device))
+            MIN_SCALE=MIN_SCALE, num_warps=self.row_warps or silu_quantized_warps(block), **_pdl(rows.device))
         return QuantizedRows(out, scale, gate_up.dtype)
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -283,6 +284,13 @@ def _launch_add_rms_norm(out: torch.Tensor, scale: torch.Tensor | None, rows: to
         HAS_RESIDUAL=has_residual, QUANTIZE=is_quantized, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block,
         num_warps=num_warps or row_warps(block), **_pdl(rows.device))
     return summed if has_residual else None
+
+
+def silu_quantized_warps(block: int) -> int:
+    """Warps for SiLU-and-mul with float8 output, a program a row of ``block`` outputs: about 64
+    outputs a thread (it loads gate and up), 1 to 16 warps. At the 8B shape's 14336 on an H200: 8
+    warps 144.5 us for 8100 rows, 16 warps 150.4 (34.6 and 33.9 us for 1712; row_kernels_bench.py)."""
+    return max(1, min(16, block // 2048))
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:

@@ -43,16 +43,26 @@ def test_scaled_mm_matches_the_emulation(rows, static):
 
 
 @needs_fp8_cores
-@pytest.mark.parametrize("k", [256, 14336])
-def test_fast_accumulation_stays_near_the_emulation(k, monkeypatch):
-    """With use_fast_accum the tensor cores keep the partial sums in their own precision: over the
-    8B shape's longest K (14336) the product still equals the float32 emulation up to bf16 rounding."""
-    monkeypatch.setitem(fp8._FAST_ACCUMULATION, "enabled", True)
-    w_q, w_scale = quantized_weight(384, k)
+@pytest.mark.parametrize("k", [256, 4096, 14336])
+@pytest.mark.parametrize("fast", [False, True])
+def test_accumulation_error_stays_below_the_float8_rounding(k, fast, monkeypatch):
+    """With use_fast_accum (the default) the tensor cores keep the partial sums in their own
+    precision, never promoted to float32: over the 8B shape's longest K (14336) the product moves
+    away from the float32 sums of the same float8 operands, but by less than the float8 rounding of
+    the operands moved those sums from the unquantized product (about 3.7 % here; errors relative,
+    over the matrix; benchmarks/fp8_accumulation.py prints both).
+    Without it, the product is the float32 sums up to the bf16 rounding of its output."""
+    monkeypatch.setitem(fp8._FAST_ACCUMULATION, "enabled", fast)
+    w = torch.randn(384, k, generator=torch.Generator().manual_seed(0)).cuda() * 0.05
+    w_q, w_scale = fp8.quantize_per_row(w)
     x = torch.randn(300, k, generator=torch.Generator().manual_seed(1)).cuda().to(torch.bfloat16)
-    got = fp8.scaled_linear(x, w_q, w_scale)
+    got = fp8.scaled_linear(x, w_q, w_scale[:, 0]).float()
     x_q, x_scale = fp8.quantize_activations(x, None)
-    torch.testing.assert_close(got.float(), fp8.emulated_scaled_mm(x_q, x_scale, w_q, w_scale), rtol=1.6e-2, atol=1e-3)
+    float32_sums = fp8.emulated_scaled_mm(x_q, x_scale, w_q, w_scale[:, 0])
+    unquantized = x.float() @ w.t()
+    accumulation = ((got - float32_sums).norm() / float32_sums.norm()).item()
+    rounding = ((float32_sums - unquantized).norm() / unquantized.norm()).item()
+    assert accumulation < (rounding if fast else 2 ** -8), (accumulation, rounding)
 
 
 @needs_fp8_cores

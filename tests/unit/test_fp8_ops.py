@@ -71,6 +71,17 @@ def test_the_fast_accumulation_switch_reaches_the_scaled_product(fast, monkeypat
     assert calls == [fast]
 
 
+def test_fp8_products_accumulate_fast_by_default(monkeypatch):
+    """Unless switched off, torch._scaled_mm is asked for fast accumulation (as vLLM's FP8 products)."""
+    calls = []
+    monkeypatch.setattr(fp8, "can_use_scaled_mm", lambda x_q, weight: True)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *args, **kwargs: calls.append(kwargs["use_fast_accum"]))
+    x_q, x_scale = fp8.quantize_per_row(torch.ones(2, 16))
+    w_q, w_scale = fp8.quantize_per_row(torch.ones(16, 16))
+    fp8.scaled_product(x_q, x_scale, w_q, w_scale[:, 0])
+    assert calls == [True]
+
+
 def test_static_input_scale_replaces_the_per_row_scale():
     w_q = torch.tensor([[1.0, 2.0]]).to(E4M3)
     x = torch.tensor([[0.5, 0.25], [3.0, 0.0]])
