@@ -38,7 +38,9 @@
 #                 1000/1000 (guaranteed_no_evict), FP8 KV (~8 min)
 #   PART=busy     bench bf16 1000/1000 x 1000, decode steps with the GPU's busy fraction (bf16 at 1,
 #                 64, 256 and 1024) (~4 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
+#                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -185,7 +187,8 @@ if [ "$PART" = steps ]; then
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
 [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
-    || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] || exit 0
+    || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] \
+    || [ "$PART" = tokens16k ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -214,6 +217,13 @@ if [ "$PART" = fp8 ]; then
       --max-num-tokens 16384
   bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
       --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+  exit 0
+fi
+if [ "$PART" = tokens16k ]; then
+  bench fp8_1000_no_evict_16k 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
+      --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict --max-num-tokens 16384
+  bench bf16_128_16k 80 --num-prompts 2000 --input-len 128 --output-len 128 --max-num-tokens 16384
+  bench bf16_1000_16k 200 --num-prompts 1000 --input-len 1000 --output-len 1000 --max-num-tokens 16384
   exit 0
 fi
 if [ "$PART" = busy ]; then
