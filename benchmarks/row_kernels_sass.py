@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_sass import run_tool  # noqa: E402
 from meshlm.kernels import fused_ops  # noqa: E402
 from meshlm.kernels.fp8 import FP8_MAX, MIN_SCALE  # noqa: E402
-from meshlm.kernels.fp8_quant_triton import _quantize_whole_rows_kernel, row_warps  # noqa: E402
+from meshlm.kernels.fp8_quant_triton import _quantize_whole_rows_kernel, quantizer_warps, row_warps  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336
 FP8 = dict(FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE)
@@ -48,7 +48,7 @@ def kernels() -> dict[str, tuple]:
             dict(BLOCK=1024, PDL=True), 4, 1024),
         "SiLU-and-mul, float8 out (a whole row)": (
             fused_ops._silu_and_mul_quantized_kernel, dict(out_ptr="fp8e4nv", scale_ptr="fp32", gate_up_ptr="bf16"),
-            dict(BLOCK=silu_block, PDL=True, **FP8), row_warps(silu_block), silu_block),
+            dict(BLOCK=silu_block, PDL=True, **FP8), fused_ops.silu_quantized_warps(silu_block), silu_block),
         "residual add + RMSNorm, bf16 out": (
             fused_ops._add_rms_norm_kernel, norm,
             dict(HAS_RESIDUAL=True, QUANTIZE=False, BLOCK=norm_block, PDL=True, **FP8),
@@ -59,7 +59,7 @@ def kernels() -> dict[str, tuple]:
             row_warps(norm_block), norm_block),
         "row quantizer, whole rows (attention output)": (
             _quantize_whole_rows_kernel, dict(x_ptr="bf16", q_ptr="fp8e4nv", scale_ptr="fp32"),
-            dict(BLOCK=norm_block, PDL=True, **FP8), row_warps(norm_block), norm_block),
+            dict(BLOCK=norm_block, PDL=True, **FP8), quantizer_warps(norm_block), norm_block),
     }
 
 
