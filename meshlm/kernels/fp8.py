@@ -53,8 +53,9 @@ _FUSED_SILU_PRODUCT = {"enabled": False}
 _FAST_ACCUMULATION = {"enabled": True}
 # Whether batches of at most WEIGHT_ONLY_MAX_ROWS rows quantize their activations per row too (as
 # larger batches, and vLLM's FP8 products at every size), the small-batch kernel then multiplying
-# float8 by float8 with no weight widened. Off by default (the weight-only path: activations as
-# they are); set_quantized_small_batches(True) turns it on (benchmarks compare).
+# float8 by float8 with no weight widened: rows the norm and SiLU-and-mul kernels quantized
+# (takes_quantized_rows), the others quantized by the product's kernel itself. Off by default (the
+# weight-only path: activations as they are); set_quantized_small_batches(True) turns it on.
 _QUANTIZED_SMALL_BATCHES = {"enabled": False}
 
 
@@ -101,8 +102,9 @@ def takes_quantized_rows(num_rows: int, weight_scale: torch.Tensor | None, input
 
 def quantizes_per_row(num_rows: int, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None) -> bool:
     """Whether ``linear`` quantizes ``num_rows`` rows each with its own scale: a float8 weight, no
-    static input scale, more rows than the weight-only path takes."""
-    return weight_scale is not None and input_scale is None and not use_weight_only(num_rows)
+    static input scale, more rows than the weight-only path takes (any, with quantized small batches)."""
+    small_too = _QUANTIZED_SMALL_BATCHES["enabled"]
+    return weight_scale is not None and input_scale is None and (small_too or not use_weight_only(num_rows))
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +218,9 @@ def quantized_rows_linear(x: QuantizedRows, weight: torch.Tensor, weight_scale: 
         f"rows {tuple(x.values.shape)} came quantized to a product that does not quantize them per row "
         f"(float8 weight: {weight_scale is not None}, static input scale: {input_scale is not None}, "
         f"weight-only up to {WEIGHT_ONLY_MAX_ROWS} rows)")
+    if use_weight_only(x.values.shape[0]) and _weight_only_kernel_runs(x.values):  # quantized small batches
+        from meshlm.kernels.fp8_gemm_triton import fp8_rows_gemm
+        return fp8_rows_gemm(x.values, x.scale, weight, weight_scale, bias, x.dtype)
     y = scaled_product(x.values, x.scale, weight, weight_scale).to(x.dtype)
     return y if bias is None else y + bias
 

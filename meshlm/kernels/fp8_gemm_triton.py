@@ -40,7 +40,7 @@ from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
 
-__all__ = ["FP8GemmTiles", "choose_tiles", "fp8_weight_gemm"]
+__all__ = ["FP8GemmTiles", "choose_tiles", "fp8_rows_gemm", "fp8_weight_gemm"]
 
 # Column tiles below this many per SM leave SMs idle or short of loads in flight: K is split until
 # the programs reach it (each split at least _MIN_K_PER_SPLIT columns).
@@ -78,14 +78,14 @@ class FP8GemmTiles:
 
 @triton.jit
 def _fp8_weight_gemm_kernel(
-        out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, M, N, K, k_per_split,
+        out_ptr, partial_ptr, counter_ptr, x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, M, N, K, k_per_split,
         stride_xm, stride_wn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         SERIAL_REDUCE: tl.constexpr,
         EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr,
         L2_PREFETCH: tl.constexpr, GATED: tl.constexpr = False, QUANTIZE_X: tl.constexpr = False,
-        FP8_MAX: tl.constexpr = 0.0, MIN_SCALE: tl.constexpr = 0.0):
+        X_SCALED: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0, MIN_SCALE: tl.constexpr = 0.0):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -109,6 +109,8 @@ def _fp8_weight_gemm_kernel(
         x_scale = _row_scales(x_ptr + x_rows[:, None] * stride_xm, is_row, K, BLOCK_M, BLOCK_K, GATED, FP8_MAX,
                               MIN_SCALE)
         x_inverse = reciprocal_rn(x_scale)
+    if X_SCALED:  # x came quantized: float8 rows and their scales
+        x_scale = tl.load(x_scale_ptr + rows, mask=is_row, other=1.0)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + (k_start + ks)[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + (k_start + ks)[None, :]  # [BLOCK_N, BLOCK_K]
     if SWAP_AB:
@@ -125,7 +127,7 @@ def _fp8_weight_gemm_kernel(
             w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
         if QUANTIZE_X:  # float8 times float8: x's tile rounded, the weight as it is
             x = tl.minimum(tl.maximum(x.to(tl.float32) * x_inverse[:, None], -FP8_MAX), FP8_MAX).to(w.dtype)
-        else:
+        elif not X_SCALED:
             w = _widen_fp8(w, x.dtype, ASM_WIDEN)
         if DOT_IN_FP32:  # the CPU interpreter multiplies 16-bit bit patterns as integers
             x = x.to(tl.float32)
@@ -138,7 +140,7 @@ def _fp8_weight_gemm_kernel(
         w_ptrs += BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-    if QUANTIZE_X:  # the row's scale first, the channel's after (as the scaled product applies them)
+    if QUANTIZE_X or X_SCALED:  # the row's scale first, the channel's after (as the scaled product applies them)
         acc = acc * x_scale[:, None]
     is_out = is_row[:, None] & (cols < N)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
@@ -319,18 +321,37 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     loads them (the SiLU-and-mul kernel's values: no launch of it, no [M, K] row written and read).
     ``quantize_x`` (a float8 weight): x quantized per row in the kernel (scales of at least ``min_scale``,
     fp8.MIN_SCALE), float8 times float8: :func:`meshlm.kernels.fp8.scaled_linear`'s arithmetic."""
+    assert not quantize_x or (weight.element_size() == 1 and weight_scale is not None), (weight.dtype, quantize_x)
+    return _launch(x, None, weight, weight_scale, bias, tiles, x.dtype, gated, quantize_x, min_scale)
+
+
+def fp8_rows_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, tiles: FP8GemmTiles | None = None) -> torch.Tensor:
+    """Rows that came quantized, float8 ``x_q`` [M, K] with float32 ``x_scale`` [M, 1], times the
+    float8 ``weight`` [N, K] scaled by ``weight_scale``, plus ``bias``: [M, N] in ``out_dtype``, as
+    :func:`meshlm.kernels.fp8.scaled_product` computes them (float32 sums of float8 products, the
+    row's scale, then the channel's), the bias added before the one rounding."""
+    assert x_q.element_size() == 1 and weight.element_size() == 1 and x_scale.numel() == x_q.shape[0], (
+        x_q.dtype, weight.dtype, x_scale.shape, x_q.shape)
+    return _launch(x_q, x_scale.reshape(-1).float(), weight, weight_scale, bias, tiles, out_dtype)
+
+
+def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+            bias: torch.Tensor | None, tiles: FP8GemmTiles | None, out_dtype: torch.dtype, gated: bool = False,
+            quantize_x: bool = False, min_scale: float = 0.0) -> torch.Tensor:
+    """The kernel's launch for :func:`fp8_weight_gemm` and (``x_scale`` given) :func:`fp8_rows_gemm`."""
     num_rows, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     assert weight_scale is None or weight_scale.numel() in (1, n), (weight_scale.shape, n)
-    assert not quantize_x or (weight.element_size() == 1 and weight_scale is not None), (weight.dtype, quantize_x)
     x = x if x.stride(1) == 1 else x.contiguous()
     scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((num_rows, n), dtype=out_dtype, device=x.device)
     if num_rows == 0:
         return out
-    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, num_sms(x.device), device_name(x.device), weight.dtype)
-    tiles = _float8_products(tiles) if quantize_x and x.is_cuda else tiles
+    float8_rows = quantize_x or x_scale is not None
+    tiles = tiles or choose_tiles(num_rows, n, k, out_dtype, num_sms(x.device), device_name(x.device), weight.dtype)
+    tiles = _float8_products(tiles) if float8_rows and x.is_cuda else tiles
     block_m = _block_m(num_rows)
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
     is_split = tiles.split_k > 1
@@ -343,15 +364,16 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(num_rows, block_m))
     counters = _split_counters(x.device, grid[0] * grid[2]) if is_split and tiles.serial_reduce else None
     _fp8_weight_gemm_kernel[grid](
-        out, partial, counters if counters is not None else partial, x, weight, scale if scale.numel() else out,
-        bias_arg,
+        out, partial, counters if counters is not None else partial, x, x_scale if x_scale is not None else partial,
+        weight, scale if scale.numel() else out, bias_arg,
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
         EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab,
         ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1, GATED=gated,
-        QUANTIZE_X=quantize_x, FP8_MAX=torch.finfo(weight.dtype).max if quantize_x else 0.0, MIN_SCALE=min_scale,
-        DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,
+        QUANTIZE_X=quantize_x, X_SCALED=x_scale is not None, MIN_SCALE=min_scale,
+        FP8_MAX=torch.finfo(weight.dtype).max if float8_rows else 0.0,
+        DOT_PRECISION=dot_precision(out), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
     if is_split and counters is None:
         block = min(1024, triton.next_power_of_2(n))

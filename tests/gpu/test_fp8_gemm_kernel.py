@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from meshlm.kernels import fp8  # noqa: E402
 from meshlm.kernels import fp8_gemm_triton, tuned_configs  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_rows_gemm, fp8_weight_gemm  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
@@ -367,3 +367,22 @@ def test_small_batches_quantize_their_rows_when_switched_on(monkeypatch):
     torch.testing.assert_close(weight_only, reference(x, w, scale, bias).cpu(), rtol=2 ** -6,
                                atol=1e-4 * float(expected.abs().max()))
     assert not torch.equal(quantized, weight_only)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("split_k,serial_reduce", [(1, True), (3, True), (3, False)])
+def test_rows_that_came_quantized(out_dtype, m, split_k, serial_reduce):
+    """fp8_rows_gemm: float8 rows (any float8 values) with a scale each, times the float8 weight,
+    plus the bias, against the float64 product of the dequantized operands; a row's scale applied
+    to another row, or not at all, fails it."""
+    x, w, scale, bias = make_case(m, 37, 300, out_dtype, per_channel=True, has_bias=True, seed=m + 20)
+    x_q = (x.float().cpu() * 100).clamp(-448, 448).to(E4M3).to(DEVICE)
+    x_scale = torch.linspace(0.001, 0.3, m).reshape(m, 1).to(DEVICE)
+    tiles = FP8GemmTiles(split_k=split_k, serial_reduce=serial_reduce, **SMALL)
+    got = fp8_rows_gemm(x_q, x_scale, w, scale, bias, out_dtype, tiles=tiles)
+    assert got.dtype == out_dtype and got.shape == (m, 37)
+    expected = reference(x_q.double() * x_scale.double(), w, scale, bias)
+    atol = 1e-5 * float(expected.abs().max())
+    what = f"{out_dtype} M={m} split_k={split_k} serial_reduce={serial_reduce}"
+    torch.testing.assert_close(got.double(), expected, rtol=RTOL[out_dtype], atol=atol, msg=lambda s: f"{what}: {s}")
