@@ -50,18 +50,11 @@ def test_accumulation_error_stays_below_the_float8_rounding(k, fast, monkeypatch
     precision, never promoted to float32: over the 8B shape's longest K (14336) the product moves
     away from the float32 sums of the same float8 operands, but by less than the float8 rounding of
     the operands moved those sums from the unquantized product (about 3.7 % here; errors relative,
-    over the matrix; benchmarks/fp8_accumulation.py prints both).
+    over the matrix; benchmarks/fp8_accumulation.py computes and prints both).
     Without it, the product is the float32 sums up to the bf16 rounding of its output."""
+    from benchmarks.fp8_accumulation import errors
     monkeypatch.setitem(fp8._FAST_ACCUMULATION, "enabled", fast)
-    w = torch.randn(384, k, generator=torch.Generator().manual_seed(0)).cuda() * 0.05
-    w_q, w_scale = fp8.quantize_per_row(w)
-    x = torch.randn(300, k, generator=torch.Generator().manual_seed(1)).cuda().to(torch.bfloat16)
-    got = fp8.scaled_linear(x, w_q, w_scale[:, 0]).float()
-    x_q, x_scale = fp8.quantize_activations(x, None)
-    float32_sums = fp8.emulated_scaled_mm(x_q, x_scale, w_q, w_scale[:, 0])
-    unquantized = x.float() @ w.t()
-    accumulation = ((got - float32_sums).norm() / float32_sums.norm()).item()
-    rounding = ((float32_sums - unquantized).norm() / unquantized.norm()).item()
+    accumulation, rounding = errors(k, rows=300)
     assert accumulation < (rounding if fast else 2 ** -8), (accumulation, rounding)
 
 
