@@ -15,10 +15,7 @@ graphs, and a launch from Python takes longer than a small product):
   quantization costs is the difference to ``scaled``);
 - ``weight_only``: meshlm's FP8 path for small batches (M <= ``WEIGHT_ONLY_MAX_ROWS``): the Triton
   kernel of kernels/fp8_gemm_triton.py, activations unquantized, the float8 weight widened in
-  registers; timed up to M = 64;
-- ``quantized_rows`` and ``quantize_x``: the same kernel multiplying float8 by float8 for quantized
-  small batches (``fp8.set_quantized_small_batches``): rows quantized beforehand (by the norm or
-  SiLU kernel before it, ``fp8_rows_gemm``), and rows the kernel quantizes itself.
+  registers; timed up to M = 64.
 
 It prints the card's copy bandwidth, then per path the time, TFLOP/s (2 M N K / t) and the weight's
 bytes read per second (TB/s; a batch-1 product can at best read its weight at the copy rate), and
@@ -49,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meshlm.kernels import fp8  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_rows_gemm, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
 from meshlm.kernels.tuned_configs import config_path, small_batch_gemm_config  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -123,8 +120,6 @@ def paths(x: torch.Tensor, copies: Copies) -> dict:
     }
     if x.shape[0] <= WEIGHT_ONLY_ROWS:
         out["weight_only"] = lambda: fp8_weight_gemm(x, *copies.next()[1:])
-        out["quantized_rows"] = lambda: fp8_rows_gemm(x_q, x_scale, *copies.next()[1:], None, x.dtype)
-        out["quantize_x"] = lambda: fp8_weight_gemm(x, *copies.next()[1:], quantize_x=True, min_scale=fp8.MIN_SCALE)
         out["bf16_triton"] = lambda: fp8_weight_gemm(x, copies.next()[0], None)
         l2 = dataclasses.replace(_bf16_tiles(x, copies), l2_prefetch=True)
         out["bf16_triton_l2"] = lambda: fp8_weight_gemm(x, copies.next()[0], None, tiles=l2)

@@ -161,9 +161,6 @@ def main() -> int:
                         help="FP8 products through torch._scaled_mm with use_fast_accum (default: meshlm's)")
     parser.add_argument("--fused-silu-product", action=argparse.BooleanOptionalAction, default=None,
                         help="small batches' down projection computes SiLU-and-mul as it loads (default: meshlm's)")
-    parser.add_argument("--quantized-small-batches", action=argparse.BooleanOptionalAction, default=None,
-                        help="batches of up to 16 rows quantize their activations, float8 x float8 in the "
-                             "small-batch kernel (default: meshlm's, the weight-only path)")
     parser.add_argument("--prefill-tokens", type=int, default=0,
                         help="profile mixed steps: prompts of --prompt-len totalling this many tokens join each step")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
@@ -177,8 +174,7 @@ def main() -> int:
                         help="programmatic dependent launch of the Triton kernels (where the GPU has it)")
     ns = parser.parse_args()
     from meshlm import LLM
-    from meshlm.kernels.fp8 import (set_fast_accumulation, set_fused_quantization, set_fused_silu_product,
-                                    set_quantized_small_batches)
+    from meshlm.kernels.fp8 import set_fast_accumulation, set_fused_quantization, set_fused_silu_product
     from meshlm.kernels.triton_launch import set_programmatic_launch
     set_programmatic_launch(ns.pdl)
     set_fused_quantization(ns.fused_quantization)
@@ -186,8 +182,6 @@ def main() -> int:
         set_fast_accumulation(ns.fast_accumulation)
     if ns.fused_silu_product is not None:
         set_fused_silu_product(ns.fused_silu_product)
-    if ns.quantized_small_batches is not None:
-        set_quantized_small_batches(ns.quantized_small_batches)
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}))
@@ -202,7 +196,7 @@ def main() -> int:
           f"quantization={ns.quantization}  fused_quantization={ns.fused_quantization}  "
           f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
           f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
-          f"fused_silu_product={ns.fused_silu_product}  quantized_small_batches={ns.quantized_small_batches}")
+          f"fused_silu_product={ns.fused_silu_product}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

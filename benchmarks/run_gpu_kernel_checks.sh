@@ -38,13 +38,9 @@
 #                 1000/1000 (guaranteed_no_evict), FP8 KV (~8 min)
 #   PART=busy     bench bf16 1000/1000 x 1000, decode steps with the GPU's busy fraction (bf16 at 1,
 #                 64, 256 and 1024) (~4 min)
-#   PART=smallq   GPU tests of the small-batch kernel (quantized rows among them) and of quantized
-#                 small batches through the engine, the four products at M = 1 and 16 by each path
-#                 (fp8_gemm_bench.py), then FP8 decode steps at batch 1 and 16 with the weight-only path
-#                 and with quantized small batches (--quantized-small-batches: float8 x float8) (~4 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k|smallq bash benchmarks/run_gpu_kernel_checks.sh
+# Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -163,18 +159,6 @@ if [ "$PART" = fastacc ]; then
   done
   echo "== fused row kernels (CUDA-graph replays)"
   timeout 120 python3 benchmarks/row_kernels_bench.py --rows 1712,8100 --warps 4,8,16 --out "$OUT/row_kernels.json" 2>&1 | tail -16
-fi
-if [ "$PART" = smallq ]; then
-  echo "== GPU tests: the small-batch kernel"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gemm_kernel.py tests/gpu/test_fp8_gpu.py \
-      -k "fp8_gemm_kernel or small_batches" 2>&1 | tail -2
-  echo "== the four products at M = 1 and 16 (fp8_gemm_bench.py)"
-  timeout 120 python3 benchmarks/fp8_gemm_bench.py --rows 1,16 --output-json "$OUT/fp8_gemm.json" 2>&1 | tail -24
-  for q in no-quantized-small-batches quantized-small-batches; do
-    echo "== FP8 weights, --$q: batches 1 and 16 (unprofiled ms in the table's 3rd column)"
-    timeout 60 python3 benchmarks/profile_decode.py --quantization fp8 --batches 1,16 --steps 30 --$q 2>&1 | tail -2
-  done
-  exit 0
 fi
 if [ "$PART" = fp8 ]; then
   echo "== the FP8 product's error (fp8_accumulation.py)"

@@ -51,12 +51,6 @@ _FUSED_SILU_PRODUCT = {"enabled": False}
 # faster, and its error stays below the float8 rounding of the operands (tests/gpu/test_fp8_gpu.py);
 # set_fast_accumulation(False) turns it off. The CPU's emulation sums in float32 either way.
 _FAST_ACCUMULATION = {"enabled": True}
-# Whether batches of at most WEIGHT_ONLY_MAX_ROWS rows quantize their activations per row too (as
-# larger batches, and vLLM's FP8 products at every size), the small-batch kernel then multiplying
-# float8 by float8 with no weight widened: rows the norm and SiLU-and-mul kernels quantized
-# (takes_quantized_rows), the others quantized by the product's kernel itself. Off by default (the
-# weight-only path: activations as they are); set_quantized_small_batches(True) turns it on.
-_QUANTIZED_SMALL_BATCHES = {"enabled": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +74,6 @@ def set_fast_accumulation(enabled: bool) -> None:
     _FAST_ACCUMULATION["enabled"] = enabled
 
 
-def set_quantized_small_batches(enabled: bool) -> None:
-    """Whether forward passes run (and CUDA graphs captured) from now on quantize the activations
-    of small batches per row (the small-batch kernel multiplying float8 by float8) instead of the
-    weight-only path."""
-    _QUANTIZED_SMALL_BATCHES["enabled"] = enabled
-
-
 def set_fused_silu_product(enabled: bool) -> None:
     """Whether forward passes run (and CUDA graphs captured) from now on hand small batches'
     gate and up rows to the down projection's kernel (silu_and_mul_linear)."""
@@ -102,9 +89,8 @@ def takes_quantized_rows(num_rows: int, weight_scale: torch.Tensor | None, input
 
 def quantizes_per_row(num_rows: int, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None) -> bool:
     """Whether ``linear`` quantizes ``num_rows`` rows each with its own scale: a float8 weight, no
-    static input scale, more rows than the weight-only path takes (any, with quantized small batches)."""
-    small_too = _QUANTIZED_SMALL_BATCHES["enabled"]
-    return weight_scale is not None and input_scale is None and (small_too or not use_weight_only(num_rows))
+    static input scale, more rows than the weight-only path takes."""
+    return weight_scale is not None and input_scale is None and not use_weight_only(num_rows)
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +163,7 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
     elif not (use_weight_only(gate_up.shape[0]) and _weight_only_kernel_runs(gate_up)):
         return None
     from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
-    quantize = weight_scale is not None and _QUANTIZED_SMALL_BATCHES["enabled"]
-    return fp8_weight_gemm(gate_up, weight, weight_scale, gated=True, quantize_x=quantize, min_scale=MIN_SCALE)
+    return fp8_weight_gemm(gate_up, weight, weight_scale, gated=True)
 
 
 def _small_batch_kernel_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -200,9 +185,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     in the model dtype, the result [..., N] too. ``input_scale`` (one element): the checkpoint's static
     activation scale; None quantizes each row with its own scale."""
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
-    if use_weight_only(rows.shape[0]) and input_scale is None and _QUANTIZED_SMALL_BATCHES["enabled"]:
-        y = small_batch_scaled_linear(rows, weight, weight_scale, bias)
-    elif use_weight_only(rows.shape[0]):
+    if use_weight_only(rows.shape[0]):
         y = weight_only_linear(rows, weight, weight_scale, bias)  # input_scale unused: x stays as it is
     else:
         y = scaled_linear(rows, weight, weight_scale, input_scale)
@@ -218,9 +201,6 @@ def quantized_rows_linear(x: QuantizedRows, weight: torch.Tensor, weight_scale: 
         f"rows {tuple(x.values.shape)} came quantized to a product that does not quantize them per row "
         f"(float8 weight: {weight_scale is not None}, static input scale: {input_scale is not None}, "
         f"weight-only up to {WEIGHT_ONLY_MAX_ROWS} rows)")
-    if use_weight_only(x.values.shape[0]) and _weight_only_kernel_runs(x.values):  # quantized small batches
-        from meshlm.kernels.fp8_gemm_triton import fp8_rows_gemm
-        return fp8_rows_gemm(x.values, x.scale, weight, weight_scale, bias, x.dtype)
     y = scaled_product(x.values, x.scale, weight, weight_scale).to(x.dtype)
     return y if bias is None else y + bias
 
@@ -237,19 +217,6 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
-
-
-def small_batch_scaled_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [M, K] quantized per row times the float8 ``weight`` [N, K]: :func:`scaled_linear`'s
-    arithmetic, plus ``bias``. On a GPU with FP8 support the small-batch kernel computes it in one
-    launch (each program quantizes the rows it reads; float8 products, float32 sums, the bias added
-    before the one rounding); elsewhere the emulation, the bias added after."""
-    if _weight_only_kernel_runs(x):
-        from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
-        return fp8_weight_gemm(x, weight, weight_scale, bias, quantize_x=True, min_scale=MIN_SCALE)
-    y = scaled_linear(x, weight, weight_scale)
-    return y if bias is None else y + bias
 
 
 def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

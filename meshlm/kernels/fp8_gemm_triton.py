@@ -1,12 +1,7 @@
 """The product of small batches with a float8 weight: ``out = x @ (w * scale)^T (+ bias)``.
 
 ``x`` [M, K] stays in the model dtype (bf16, fp16 or fp32; not quantized), ``w`` [N, K] is float8
-e4m3 with a float32 scale per output channel [N] (or one for the whole tensor). With
-``quantize_x`` the kernel quantizes ``x`` per row instead, as larger batches are (every program
-finds each row's largest magnitude over the whole row, then rounds its tiles of x to float8 by
-the scale's reciprocal, :func:`meshlm.kernels.fp8.quantize_per_row`'s arithmetic), and multiplies
-float8 by float8 on the tensor cores: no weight is widened, and the sums are those of
-:func:`meshlm.kernels.fp8.scaled_linear`, scaled by the row's scale, then the channel's. A decode step's
+e4m3 with a float32 scale per output channel [N] (or one for the whole tensor). A decode step's
 linear layers have a few rows and read megabytes of weight, so the product is bound by the weight
 bytes: the kernel streams each weight tile once, widens the float8 values in registers to ``x``'s
 dtype (exactly: e4m3 fits in bf16, fp16 and fp32) and multiplies on the tensor cores with
@@ -27,20 +22,18 @@ graphs capture the kernels.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from meshlm.kernels.fp8_quant_triton import reciprocal_rn
-from meshlm.kernels.silu_triton import silu_and_mul_values
 from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms, programmatic_launch
+from meshlm.kernels.silu_triton import silu_and_mul_values
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
 
-__all__ = ["FP8GemmTiles", "choose_tiles", "fp8_rows_gemm", "fp8_weight_gemm"]
+__all__ = ["FP8GemmTiles", "choose_tiles", "fp8_weight_gemm"]
 
 # Column tiles below this many per SM leave SMs idle or short of loads in flight: K is split until
 # the programs reach it (each split at least _MIN_K_PER_SPLIT columns).
@@ -78,14 +71,13 @@ class FP8GemmTiles:
 
 @triton.jit
 def _fp8_weight_gemm_kernel(
-        out_ptr, partial_ptr, counter_ptr, x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, M, N, K, k_per_split,
+        out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, M, N, K, k_per_split,
         stride_xm, stride_wn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         SERIAL_REDUCE: tl.constexpr,
         EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr,
-        L2_PREFETCH: tl.constexpr, GATED: tl.constexpr = False, QUANTIZE_X: tl.constexpr = False,
-        X_SCALED: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0, MIN_SCALE: tl.constexpr = 0.0):
+        L2_PREFETCH: tl.constexpr, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -105,12 +97,6 @@ def _fp8_weight_gemm_kernel(
         row_bytes = (k_stop - k_start) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
         _prefetch_rows_to_l2(w_ptr + w_rows * stride_wn + k_start, row_bytes)
     wait_for_previous_kernel(PDL)
-    if QUANTIZE_X:  # each row's scale, from the whole row: every program of the row finds the same
-        x_scale = _row_scales(x_ptr + x_rows[:, None] * stride_xm, is_row, K, BLOCK_M, BLOCK_K, GATED, FP8_MAX,
-                              MIN_SCALE)
-        x_inverse = reciprocal_rn(x_scale)
-    if X_SCALED:  # x came quantized: float8 rows and their scales
-        x_scale = tl.load(x_scale_ptr + rows, mask=is_row, other=1.0)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + (k_start + ks)[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + (k_start + ks)[None, :]  # [BLOCK_N, BLOCK_K]
     if SWAP_AB:
@@ -125,10 +111,7 @@ def _fp8_weight_gemm_kernel(
             is_k = (k + ks) < k_stop
             x = _load_x(x_ptrs, is_row[:, None] & is_k[None, :], K, GATED)
             w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
-        if QUANTIZE_X:  # float8 times float8: x's tile rounded, the weight as it is
-            x = tl.minimum(tl.maximum(x.to(tl.float32) * x_inverse[:, None], -FP8_MAX), FP8_MAX).to(w.dtype)
-        elif not X_SCALED:
-            w = _widen_fp8(w, x.dtype, ASM_WIDEN)
+        w = _widen_fp8(w, x.dtype, ASM_WIDEN)
         if DOT_IN_FP32:  # the CPU interpreter multiplies 16-bit bit patterns as integers
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -140,8 +123,6 @@ def _fp8_weight_gemm_kernel(
         w_ptrs += BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-    if QUANTIZE_X or X_SCALED:  # the row's scale first, the channel's after (as the scaled product applies them)
-        acc = acc * x_scale[:, None]
     is_out = is_row[:, None] & (cols < N)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     if IS_SPLIT:
@@ -198,20 +179,6 @@ def _load_x(x_ptrs, mask, K, GATED: tl.constexpr):
     if GATED:
         return silu_and_mul_values(x_ptrs, 0, mask, K)
     return tl.load(x_ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _row_scales(x_row_ptrs, is_row, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-                FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-    """The float8 scale of each row of x [BLOCK_M] over its ``K`` columns (``x_row_ptrs`` [BLOCK_M,
-    1]: the rows' starts): the largest magnitude / FP8_MAX, at least MIN_SCALE, as
-    :func:`meshlm.kernels.fp8_quant_triton.store_quantized_row` computes it. Rows past M get MIN_SCALE."""
-    ks = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        x = _load_x(x_row_ptrs + (k + ks)[None, :], is_row[:, None] & ((k + ks) < K)[None, :], K, GATED)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    return tl.maximum(tl.max(amax, axis=1) / FP8_MAX, MIN_SCALE)
 
 
 @triton.jit
@@ -313,45 +280,22 @@ def _block_m(num_rows: int) -> int:
 
 def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                     bias: torch.Tensor | None = None, tiles: FP8GemmTiles | None = None,
-                    gated: bool = False, quantize_x: bool = False, min_scale: float = 0.0) -> torch.Tensor:
+                    gated: bool = False) -> torch.Tensor:
     """``x`` [M, K] (bf16, fp16 or fp32) times float8 ``weight`` [N, K] scaled by ``weight_scale``
     (float32, [N] or one element), plus ``bias`` [N]: [M, N] in ``x``'s dtype. A weight in ``x``'s
     dtype is multiplied as it is (``weight_scale`` None). ``tiles`` defaults to :func:`choose_tiles`.
     ``gated``: ``x`` is [M, 2K], gate then up, and the product takes ``silu(gate) * up`` as it
-    loads them (the SiLU-and-mul kernel's values: no launch of it, no [M, K] row written and read).
-    ``quantize_x`` (a float8 weight): x quantized per row in the kernel (scales of at least ``min_scale``,
-    fp8.MIN_SCALE), float8 times float8: :func:`meshlm.kernels.fp8.scaled_linear`'s arithmetic."""
-    assert not quantize_x or (weight.element_size() == 1 and weight_scale is not None), (weight.dtype, quantize_x)
-    return _launch(x, None, weight, weight_scale, bias, tiles, x.dtype, gated, quantize_x, min_scale)
-
-
-def fp8_rows_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                  bias: torch.Tensor | None, out_dtype: torch.dtype, tiles: FP8GemmTiles | None = None) -> torch.Tensor:
-    """Rows that came quantized, float8 ``x_q`` [M, K] with float32 ``x_scale`` [M, 1], times the
-    float8 ``weight`` [N, K] scaled by ``weight_scale``, plus ``bias``: [M, N] in ``out_dtype``, as
-    :func:`meshlm.kernels.fp8.scaled_product` computes them (float32 sums of float8 products, the
-    row's scale, then the channel's), the bias added before the one rounding."""
-    assert x_q.element_size() == 1 and weight.element_size() == 1 and x_scale.numel() == x_q.shape[0], (
-        x_q.dtype, weight.dtype, x_scale.shape, x_q.shape)
-    return _launch(x_q, x_scale.reshape(-1).float(), weight, weight_scale, bias, tiles, out_dtype)
-
-
-def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-            bias: torch.Tensor | None, tiles: FP8GemmTiles | None, out_dtype: torch.dtype, gated: bool = False,
-            quantize_x: bool = False, min_scale: float = 0.0) -> torch.Tensor:
-    """The kernel's launch for :func:`fp8_weight_gemm` and (``x_scale`` given) :func:`fp8_rows_gemm`."""
+    loads them (the SiLU-and-mul kernel's values: no launch of it, no [M, K] row written and read)."""
     num_rows, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     assert weight_scale is None or weight_scale.numel() in (1, n), (weight_scale.shape, n)
     x = x if x.stride(1) == 1 else x.contiguous()
     scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
-    out = torch.empty((num_rows, n), dtype=out_dtype, device=x.device)
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    float8_rows = quantize_x or x_scale is not None
-    tiles = tiles or choose_tiles(num_rows, n, k, out_dtype, num_sms(x.device), device_name(x.device), weight.dtype)
-    tiles = _float8_products(tiles) if float8_rows and x.is_cuda else tiles
+    tiles = tiles or choose_tiles(num_rows, n, k, x.dtype, num_sms(x.device), device_name(x.device), weight.dtype)
     block_m = _block_m(num_rows)
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
     is_split = tiles.split_k > 1
@@ -364,16 +308,14 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
     grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(num_rows, block_m))
     counters = _split_counters(x.device, grid[0] * grid[2]) if is_split and tiles.serial_reduce else None
     _fp8_weight_gemm_kernel[grid](
-        out, partial, counters if counters is not None else partial, x, x_scale if x_scale is not None else partial,
-        weight, scale if scale.numel() else out, bias_arg,
+        out, partial, counters if counters is not None else partial, x, weight, scale if scale.numel() else out,
+        bias_arg,
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
         EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab,
         ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1, GATED=gated,
-        QUANTIZE_X=quantize_x, X_SCALED=x_scale is not None, MIN_SCALE=min_scale,
-        FP8_MAX=torch.finfo(weight.dtype).max if float8_rows else 0.0,
-        DOT_PRECISION=dot_precision(out), DOT_IN_FP32=not x.is_cuda,
+        DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags)
     if is_split and counters is None:
         block = min(1024, triton.next_power_of_2(n))
@@ -381,13 +323,6 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
             out, partial, scale if scale.numel() else out, bias_arg, num_rows, n, out.stride(0),
             SPLIT_K=tiles.split_k, BLOCK=block, num_warps=4, **flags)
     return out
-
-
-def _float8_products(tiles: FP8GemmTiles) -> FP8GemmTiles:
-    """The tiles of quantized rows on a GPU: sm_90 multiplies float8 by float8 (warpgroup MMA) with
-    the weight as the A operand, at least 64 of its rows a tile (sm_90 code of narrower tiles, or of
-    x as the A operand, widens both operands to fp16 for the older MMA again)."""
-    return dataclasses.replace(tiles, block_n=max(64, tiles.block_n), swap_ab=True)
 
 
 def _split_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from meshlm.kernels import fp8  # noqa: E402
 from meshlm.kernels import fp8_gemm_triton, tuned_configs  # noqa: E402
-from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_rows_gemm, fp8_weight_gemm  # noqa: E402
+from meshlm.kernels.fp8_gemm_triton import FP8GemmTiles, choose_tiles, fp8_weight_gemm  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
@@ -308,81 +308,3 @@ def test_the_down_projection_fuses_silu_only_where_the_small_batch_kernel_runs(q
     assert torch.equal(got, fp8.linear(TritonOps().silu_and_mul(gate_up), w, scale))
     many = gate_up.repeat(fp8.WEIGHT_ONLY_MAX_ROWS, 1)  # past the weight-only rows
     assert fp8.silu_and_mul_linear(many, w, scale) is None
-
-
-def scaled_product_reference(x, w, scale, bias) -> torch.Tensor:
-    """float64 of the CPU's scaled_linear arithmetic: x quantized by fp8.quantize_per_row, float32
-    sums of float8 products, the row's scale, then the channel's; plus the bias."""
-    x_q, x_scale = fp8.quantize_per_row(x.cpu())
-    return fp8.emulated_scaled_mm(x_q, x_scale, w.cpu(), scale.cpu()).double() + bias.cpu().double()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("split_k,serial_reduce", [(1, True), (3, True), (3, False)])
-def test_quantized_rows_on_the_float8_grid_are_exact(dtype, m, split_k, serial_reduce):
-    """quantize_x: each row quantized in the kernel by its scale from the whole row (in every
-    program of a split K), then float8 times float8. Rows of float8 values times a power of two of
-    their own, each holding +-448 times it, quantize exactly, so the product is the float64 one of
-    the rows as they are, to the sums' order and the output's rounding (in Triton's interpreter
-    too, whose float8 conversion is off where rounding carries into the exponent; see below)."""
-    x, w, scale, bias = make_case(m, 37, 300, dtype, per_channel=True, has_bias=True, seed=m)
-    factors = 2.0 ** (torch.arange(m, dtype=torch.float32) - m // 2).reshape(m, 1)
-    grid = torch.randn(m, 300, generator=torch.Generator().manual_seed(m)).mul(40).clamp(-447, 447)
-    grid[:, 290] = 448.0  # in the last split: a scale from a program's own columns would miss it
-    x = (grid.to(E4M3).float() * factors).to(DEVICE, dtype)
-    tiles = FP8GemmTiles(split_k=split_k, serial_reduce=serial_reduce, **SMALL)
-    got = fp8_weight_gemm(x, w, scale, bias, tiles=tiles, quantize_x=True, min_scale=fp8.MIN_SCALE)
-    assert_matches_reference(got, x, w, scale, bias, f"{dtype} M={m} split_k={split_k} serial_reduce={serial_reduce}")
-
-
-@pytest.mark.skipif(IS_INTERPRETED, reason="Triton 3.6's interpreter rounds some float32 values to the "
-                    "float8 below a power of two where they round up to it (124.3 -> 64, not 128)")
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_quantized_rows_are_the_scaled_product(m, split_k):
-    """quantize_x on rows off the float8 grid: scaled_linear's arithmetic, to the order of the sums
-    and the output's rounding; not the weight-only product of the rows as they are."""
-    x, w, scale, bias = make_case(m, 37, 300, torch.bfloat16, per_channel=True, has_bias=True, seed=m)
-    got = fp8_weight_gemm(x, w, scale, bias, tiles=FP8GemmTiles(split_k=split_k, **SMALL), quantize_x=True,
-                          min_scale=fp8.MIN_SCALE).cpu().double()
-    expected = scaled_product_reference(x, w, scale, bias)
-    atol = 1e-5 * float(expected.abs().max())
-    torch.testing.assert_close(got, expected, rtol=RTOL[torch.bfloat16], atol=atol)
-    assert (got - expected).abs().max() < (reference(x, w, scale, bias).cpu() - expected).abs().max() / 4
-
-
-@pytest.mark.skipif(IS_INTERPRETED, reason="Triton 3.6's interpreter rounds some float32 values to the "
-                    "float8 below a power of two where they round up to it (124.3 -> 64, not 128)")
-def test_small_batches_quantize_their_rows_when_switched_on(monkeypatch):
-    """fp8.set_quantized_small_batches(True): a decode-sized batch takes scaled_linear's arithmetic
-    (the small-batch kernel's quantize_x on a GPU), plus the bias; off, the weight-only product."""
-    x, w, scale, bias = make_case(3, 48, 256, torch.bfloat16, per_channel=True, has_bias=True, seed=7)
-    monkeypatch.setitem(fp8._QUANTIZED_SMALL_BATCHES, "enabled", True)
-    quantized = fp8.fp8_linear(x, w, scale, bias).cpu().double()
-    expected = scaled_product_reference(x, w, scale, bias)
-    torch.testing.assert_close(quantized, expected, rtol=2 ** -6, atol=1e-4 * float(expected.abs().max()))
-    monkeypatch.setitem(fp8._QUANTIZED_SMALL_BATCHES, "enabled", False)
-    weight_only = fp8.fp8_linear(x, w, scale, bias).cpu().double()
-    torch.testing.assert_close(weight_only, reference(x, w, scale, bias).cpu(), rtol=2 ** -6,
-                               atol=1e-4 * float(expected.abs().max()))
-    assert not torch.equal(quantized, weight_only)
-
-
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("split_k,serial_reduce", [(1, True), (3, True), (3, False)])
-def test_rows_that_came_quantized(out_dtype, m, split_k, serial_reduce):
-    """fp8_rows_gemm: float8 rows (any float8 values) with a scale each, times the float8 weight,
-    plus the bias, against the float64 product of the dequantized operands; a row's scale applied
-    to another row, or not at all, fails it."""
-    x, w, scale, bias = make_case(m, 37, 300, out_dtype, per_channel=True, has_bias=True, seed=m + 20)
-    x_q = (x.float().cpu() * 100).clamp(-448, 448).to(E4M3).to(DEVICE)
-    x_scale = torch.linspace(0.001, 0.3, m).reshape(m, 1).to(DEVICE)
-    tiles = FP8GemmTiles(split_k=split_k, serial_reduce=serial_reduce, **SMALL)
-    got = fp8_rows_gemm(x_q, x_scale, w, scale, bias, out_dtype, tiles=tiles)
-    assert got.dtype == out_dtype and got.shape == (m, 37)
-    expected = reference(x_q.double() * x_scale.double(), w, scale, bias)
-    atol = 1e-5 * float(expected.abs().max())
-    what = f"{out_dtype} M={m} split_k={split_k} serial_reduce={serial_reduce}"
-    torch.testing.assert_close(got.double(), expected, rtol=RTOL[out_dtype], atol=atol, msg=lambda s: f"{what}: {s}")

@@ -82,23 +82,6 @@ def test_fp8_products_accumulate_fast_by_default(monkeypatch):
     assert calls == [True]
 
 
-def test_quantized_small_batches_multiply_as_larger_batches(monkeypatch):
-    """fp8.set_quantized_small_batches(True): a batch of one row is handed over quantized where the
-    product quantizes per row (no static input scale), and both its forms give scaled_linear's
-    product; off, the row keeps the weight-only path, another product."""
-    w_q, w_scale = fp8.quantize_per_row(torch.randn(32, 64, generator=torch.Generator().manual_seed(3)))
-    scale = w_scale[:, 0]
-    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(4))
-    assert not fp8.takes_quantized_rows(1, scale, None)
-    weight_only = fp8.linear(x, w_q, scale)
-    monkeypatch.setitem(fp8._QUANTIZED_SMALL_BATCHES, "enabled", True)
-    assert fp8.takes_quantized_rows(1, scale, None) and not fp8.takes_quantized_rows(1, scale, torch.tensor([0.1]))
-    expected = fp8.scaled_linear(x, w_q, scale)
-    assert torch.equal(fp8.linear(x, w_q, scale), expected)
-    assert torch.equal(fp8.linear(fp8.quantize_rows(x), w_q, scale), expected)
-    assert torch.equal(weight_only, fp8.weight_only_linear(x, w_q, scale)) and not torch.equal(weight_only, expected)
-
-
 def test_static_input_scale_replaces_the_per_row_scale():
     w_q = torch.tensor([[1.0, 2.0]]).to(E4M3)
     x = torch.tensor([[0.5, 0.25], [3.0, 0.0]])
