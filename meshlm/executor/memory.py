@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshlm.config import CacheConfig
+from meshlm.executor.prompt_logprobs import ROWS_PER_SLICE as PROMPT_ROWS_PER_SLICE
+from meshlm.executor.sampler import ROWS_PER_SLICE as SAMPLER_ROWS_PER_SLICE
 from meshlm.kernels.kv_quant import kv_cache_itemsize
 from meshlm.models.llama import attention_modules, mlp_modules
 from meshlm.models.moe import expert_modules, expert_names
@@ -31,9 +33,15 @@ from meshlm.weights.quantization import QuantizationConfig
 GiB = 2**30
 # Fixed part of the reserve: captured CUDA graphs, the allocator's fragmentation, NCCL buffers.
 FIXED_RESERVE_BYTES = GiB
-# Float32 copies of the logits the sampler holds at once: the logits, a sort's values and int64
-# indices, probabilities and noise.
-SAMPLER_LOGIT_COPIES = 6
+# Float32 copies of a slice of sampled rows' logits that the sampler holds at once (it samples
+# sampler.ROWS_PER_SLICE rows at a time): the widened logits, their logprobs, the penalties' token
+# counts, a sort's values and int64 indices, probabilities, noise. On an H200, 2048 rows of a 128k
+# vocabulary sampled whole with every filter, penalty and 5 logprobs peaked at 10.8 GiB (about 11
+# copies; benchmarks/activation_peak.py).
+SAMPLER_LOGIT_COPIES = 12
+# Float32 copies of a slice of scored prompt rows (prompt_logprobs.ROWS_PER_SLICE rows at a time):
+# the logits, their log_softmax, the top-k's values.
+PROMPT_LOGPROB_COPIES = 3
 
 
 def num_kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
@@ -126,15 +134,27 @@ def _moe_linears(cfg: ModelConfig, mapping: Mapping, prefix: str) -> list[Linear
     return linears
 
 
-def activation_reserve_bytes(cfg: ModelConfig, tp: int, max_num_tokens: int, max_batch_size: int) -> int:
+def activation_reserve_bytes(cfg: ModelConfig, tp: int, max_num_tokens: int, max_batch_size: int,
+                             itemsize: int) -> int:
     """Memory kept out of the KV pool for the largest step: activations, logits, graphs.
 
-    A generous per-token bound on the widest live tensors (float32 upper bound), the sampler's
-    float32 copies of one step's logits, and a fixed part (FIXED_RESERVE_BYTES).
+    Per token of a step, a bound on the widest tensors alive at once, in the activations' element
+    size (``itemsize``, the model dtype's; float32 for MoE models, whose routed rows take several
+    experts' widths): four intermediate-width rows (the MLP's gate/up output, its SiLU product,
+    room for one more) and eight hidden-width ones. Then the step's logits (``max_batch_size``
+    rows, at most float32), the float32 copies the sampler or the prompt logprobs make of one
+    slice of them, and a fixed part (FIXED_RESERVE_BYTES).
     """
-    per_token = (4 * cfg.intermediate_size // tp + 8 * cfg.hidden_size) * 4
-    logits = SAMPLER_LOGIT_COPIES * max_batch_size * cfg.vocab_size * 4
-    return max_num_tokens * per_token + logits + FIXED_RESERVE_BYTES
+    element = 4 if cfg.is_moe else itemsize
+    per_token = (4 * cfg.intermediate_size // tp + 8 * cfg.hidden_size) * element
+    return max_num_tokens * per_token + logits_reserve_bytes(cfg, max_batch_size) + FIXED_RESERVE_BYTES
+
+
+def logits_reserve_bytes(cfg: ModelConfig, max_batch_size: int) -> int:
+    """The reserve's part for logits: a step's rows, and the copies of one slice of them."""
+    copies = max(SAMPLER_LOGIT_COPIES * min(max_batch_size, SAMPLER_ROWS_PER_SLICE),
+                 PROMPT_LOGPROB_COPIES * PROMPT_ROWS_PER_SLICE)
+    return (max_batch_size + copies) * cfg.vocab_size * 4
 
 
 def kv_blocks_that_fit(total_bytes: int, gpu_memory_utilization: float, used_bytes: int, reserve_bytes: int,
@@ -168,7 +188,7 @@ def plan_rank(cfg: ModelConfig, mapping: Mapping, itemsize: int, total_bytes: in
     (``num_speculative_tokens``: the verify graphs of speculative decoding with the decode graphs)."""
     weights = weight_bytes(cfg, mapping, itemsize)
     per_token = kv_bytes_per_token(cfg, mapping, kv_cache_itemsize(cache.cache_dtype, itemsize))
-    reserve = activation_reserve_bytes(cfg, mapping.tp, max_num_tokens, max_batch_size)
+    reserve = activation_reserve_bytes(cfg, mapping.tp, max_num_tokens, max_batch_size, itemsize)
     if with_graphs:
         reserve += graph_reserve_bytes(cfg, mapping, itemsize, max_batch_size, num_speculative_tokens)
     blocks = kv_blocks_that_fit(total_bytes, cache.gpu_memory_utilization, weights, reserve,

@@ -113,7 +113,8 @@ class ModelRunner:
         torch.cuda.empty_cache()  # memory this process freed but still caches is not in use
         free, total = torch.cuda.mem_get_info(self.device)
         used_elsewhere = total - free
-        reserve = (memory.activation_reserve_bytes(self.cfg, self.groups.tp.size, max_num_tokens, max_batch_size)
+        reserve = (memory.activation_reserve_bytes(self.cfg, self.groups.tp.size, max_num_tokens, max_batch_size,
+                                                  self.dtype.itemsize)
                    + graph_reserve_bytes)
         blocks = memory.kv_blocks_that_fit(total, cache.gpu_memory_utilization, used_elsewhere, reserve, per_block)
         if blocks < 1:

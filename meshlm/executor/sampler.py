@@ -46,6 +46,10 @@ from meshlm.sampling_params import SamplingParams
 __all__ = ["Sampler", "count_tokens", "apply_penalties", "mask_banned_tokens",
            "apply_top_k_top_p_min_p", "exponential_race"]
 
+# Rows sampled together at most: a step's float32 copies of the logits (the widened logits, their
+# logprobs, penalties, the sort of top-k / top-p, probabilities, noise) take a slice of rows at a
+# time, so their memory is bounded whatever the batch (executor/memory.py reserves it).
+ROWS_PER_SLICE = 256
 _SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 
 # Columns of the per-step parameter matrix, built on the host and copied to the device at once.
@@ -173,32 +177,58 @@ class Sampler:
         states = [self._get_state(rid) for rid in request_ids]
         if num_drafts is None and all(s.is_plain_greedy and s.num_output_tokens >= s.params.min_tokens for s in states):
             return self._argmax_of_plain_greedy_rows(logits, states)  # every row greedy, nothing else to apply
-        history_rows = [row for row, state in enumerate(states) if state.needs_history]
-        if history_rows:
+        if any(state.needs_history for state in states):
             self._record_history()  # the only wait for earlier steps: penalties and matchers read their tokens
-        row_states = states if num_drafts is None else [s for s, c in zip(states, counts.tolist()) for _ in range(c)]
-        host_params = _row_params(row_states)  # [num_rows, 7] float64 on the host
+        if num_drafts is not None:
+            return self._sample_verify_rows(logits, states, counts, draft_ids)
+        wants_logprobs = any(s.params.logprobs is not None for s in states)
+        k_max = max(s.params.logprobs or 0 for s in states)
+        pieces = [self._sample_rows(logits[begin:begin + ROWS_PER_SLICE], states[begin:begin + ROWS_PER_SLICE],
+                                    wants_logprobs, k_max)
+                  for begin in range(0, num_rows, ROWS_PER_SLICE)]
+        return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
+
+    def _sample_rows(self, logits: torch.Tensor, states: list[_RequestState], wants_logprobs: bool,
+                     k_max: int) -> SampledTokens:
+        """One token for each of ``states``' rows (one row a request, at most ROWS_PER_SLICE):
+        the float32 copies of the steps above stay within the slice."""
+        host_params = _row_params(states)  # [num_rows, 7] float64 on the host
         row_params = _to_device(host_params, self.device).float()
         logits = logits.to(self.device, torch.float32)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
+        logits = self._constrained(logits, states, states, host_params, row_params)
+        token_ids = self._choose_tokens(logits, states, host_params, row_params)
+        self._count_outputs(states, None)
+        self._defer_history(states, token_ids)
+        return _device_output(token_ids, raw_logprobs, k_max)
 
+    def _sample_verify_rows(self, logits: torch.Tensor, states: list[_RequestState], counts: np.ndarray,
+                            draft_ids: torch.Tensor) -> SampledTokens:
+        """A verify step: request ``i`` has ``counts[i]`` consecutive rows, its drafts then one more
+        (all of the step's rows at once)."""
+        row_states = [s for s, c in zip(states, counts.tolist()) for _ in range(c)]
+        host_params = _row_params(row_states)
+        row_params = _to_device(host_params, self.device).float()
+        logits = logits.to(self.device, torch.float32)
         raw_logprobs = self._raw_logprobs(logits, row_states)
         logits = self._constrained(logits, states, row_states, host_params, row_params)
-        if num_drafts is None:
-            token_ids, num_tokens, last_rows = self._choose_tokens(logits, row_states, host_params, row_params), None, None
-        else:
-            token_ids, num_tokens, last_rows = self._verify(logits, row_states, host_params, row_params,
-                                                            counts - 1, draft_ids)
-        self._count_outputs(states, num_drafts)
-        first_tokens = token_ids if num_tokens is None else token_ids[:, 0]  # rows with history draft nothing
-        if history_rows:
-            pending = AsyncStepResult(SampledTokens(first_tokens, None, None, None))  # copied behind the step
-            self._unrecorded.append(([states[row] for row in history_rows], history_rows, pending))
-        if num_tokens is None:
-            return _device_output(token_ids, raw_logprobs, states)
+        token_ids, num_tokens, last_rows = self._verify(logits, row_states, host_params, row_params,
+                                                        counts - 1, draft_ids)
+        self._count_outputs(states, counts - 1)
+        self._defer_history(states, token_ids[:, 0])  # rows with history draft nothing
         last_tokens = token_ids.gather(1, (num_tokens - 1)[:, None])[:, 0]  # [num_requests]
-        out = _device_output(last_tokens, None if raw_logprobs is None else raw_logprobs[last_rows], states)
+        k_max = max(s.params.logprobs or 0 for s in states)
+        out = _device_output(last_tokens, None if raw_logprobs is None else raw_logprobs[last_rows], k_max)
         return SampledTokens(token_ids, out.logprobs, out.top_token_ids, out.top_logprobs,
                              num_tokens=num_tokens)
+
+    def _defer_history(self, states: list[_RequestState], first_tokens: torch.Tensor) -> None:
+        """Queue the sampled tokens of the rows that keep a history; copied behind the step and
+        recorded when a later step needs them."""
+        history_rows = [row for row, state in enumerate(states) if state.needs_history]
+        if history_rows:
+            pending = AsyncStepResult(SampledTokens(first_tokens, None, None, None))
+            self._unrecorded.append(([states[row] for row in history_rows], history_rows, pending))
 
     def _constrained(self, logits: torch.Tensor, states: list[_RequestState], row_states: list[_RequestState],
                      host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:
@@ -339,13 +369,19 @@ def _any_filter(host_params: np.ndarray, vocab_size: int) -> bool:
     return bool((uses & sampled).any())
 
 
-def _device_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
-                   states: list[_RequestState]) -> SampledTokens:
+def _device_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, k_max: int) -> SampledTokens:
     if raw_logprobs is None:
         return SampledTokens(token_ids, None, None, None)
     sampled = raw_logprobs.gather(1, token_ids[:, None])[:, 0]  # [num_rows]
-    k_max = max(s.params.logprobs or 0 for s in states)
     if k_max == 0:
         return SampledTokens(token_ids, sampled, None, None)
     top_logprobs, top_ids = raw_logprobs.topk(k_max, dim=-1)  # [num_rows, k_max], sorted descending
     return SampledTokens(token_ids, sampled, top_ids, top_logprobs)
+
+
+def _concatenate(pieces: list[SampledTokens]) -> SampledTokens:
+    """The slices' outputs as one step's, in row order (every slice has the same fields)."""
+    def cat(name: str) -> torch.Tensor | None:
+        tensors = [getattr(piece, name) for piece in pieces]
+        return None if tensors[0] is None else torch.cat(tensors)
+    return SampledTokens(cat("token_ids"), cat("logprobs"), cat("top_token_ids"), cat("top_logprobs"))
