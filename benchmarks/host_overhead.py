@@ -36,6 +36,7 @@ from meshlm.engine import coordinator as coordinator_module  # noqa: E402
 from meshlm.engine.coordinator import Coordinator  # noqa: E402
 from meshlm.executor.async_output import AsyncStepResult  # noqa: E402
 from meshlm.protocol import StepResult  # noqa: E402
+from meshlm.step_limits import LARGE_CARD_MAX_NUM_TOKENS  # noqa: E402
 
 
 class InstantDispatcher:
@@ -73,6 +74,8 @@ def main() -> None:
     p.add_argument("--no-async-scheduling", action="store_true", help="the plain loop")
     p.add_argument("--num-kv-blocks", type=int, help="the pool, in blocks of 16 (default: every request fits)")
     p.add_argument("--capacity-scheduler-policy", default="max_utilization")
+    p.add_argument("--max-num-tokens", type=int, default=LARGE_CARD_MAX_NUM_TOKENS,
+                   help="tokens a step (default: what an H200 takes by default)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args()
     shape = Path(tempfile.mkdtemp(prefix="meshlm-host-"))
@@ -84,7 +87,8 @@ def main() -> None:
     args = EngineArgs(model=str(shape), load_format="random", skip_tokenizer_init=True, device="cpu",
                       max_model_len=a.input_len + a.output_len, max_batch_size=a.max_batch_size,
                       num_kv_blocks=a.num_kv_blocks or tokens // 16 + a.num_prompts + 16,
-                      async_scheduling=not a.no_async_scheduling, capacity_scheduler_policy=a.capacity_scheduler_policy)
+                      async_scheduling=not a.no_async_scheduling, capacity_scheduler_policy=a.capacity_scheduler_policy,
+                      max_num_tokens=a.max_num_tokens)
     config = EngineConfig.from_args(args)
     coordinator = Coordinator(InstantDispatcher(), config, None, args.num_kv_blocks, [2])
     totals: dict[str, float] = collections.defaultdict(float)

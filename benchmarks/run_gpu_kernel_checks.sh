@@ -38,6 +38,10 @@
 #                 1000/1000 (guaranteed_no_evict), FP8 KV (~8 min)
 #   PART=busy     bench bf16 1000/1000 x 1000, decode steps with the GPU's busy fraction (bf16 at 1,
 #                 64, 256 and 1024) (~4 min)
+#   PART=defaults_fp8  the activations' and the sampler's peak memory at the default steps against
+#                 their reserve (activation_peak.py, bf16), then bench FP8 1000/1000 (FP8 KV,
+#                 guaranteed_no_evict) and FP8 128/128 at the defaults (~5 min)
+#   PART=defaults_bf16  bench bf16 1000/1000, 128/128 and 2048/128 at the defaults (~5 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
@@ -186,7 +190,12 @@ if [ "$PART" = steps ]; then
       tests/gpu/test_prefill_kernel.py -k "decodes or mixed"
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
-[ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
+if [ "$PART" = defaults_fp8 ]; then
+  echo "== peak memory of a step against its reserve, bf16, default steps (activation_peak.py)"
+  timeout 150 python3 benchmarks/activation_peak.py > "$OUT/peak_bf16.log" 2>&1
+  echo "exit $?"; tail -4 "$OUT/peak_bf16.log"
+fi
+[ "$PART" = defaults_fp8 ] || [ "$PART" = defaults_bf16 ] || [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
     || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] \
     || [ "$PART" = tokens16k ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
@@ -224,6 +233,18 @@ if [ "$PART" = tokens16k ]; then
       --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict --max-num-tokens 16384
   bench bf16_128_16k 80 --num-prompts 2000 --input-len 128 --output-len 128 --max-num-tokens 16384
   bench bf16_1000_16k 200 --num-prompts 1000 --input-len 1000 --output-len 1000 --max-num-tokens 16384
+  exit 0
+fi
+if [ "$PART" = defaults_fp8 ]; then
+  bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
+      --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+  bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+  exit 0
+fi
+if [ "$PART" = defaults_bf16 ]; then
+  bench bf16_1000 200 --num-prompts 1000 --input-len 1000 --output-len 1000
+  bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
+  bench bf16_2048 130 --num-prompts 1000 --input-len 2048 --output-len 128
   exit 0
 fi
 if [ "$PART" = busy ]; then

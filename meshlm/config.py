@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from meshlm.sampling_params import SamplingParams
+from meshlm.step_limits import auto_max_batch_size, auto_max_num_tokens  # noqa: F401 (exported)
 from meshlm.weights.resolve import resolve_model_on_ranks
 from meshlm.weights.model_config import ModelConfig, merge_hf_overrides
 from meshlm.weights.quantization import METHODS as QUANTIZATION_METHODS
 
 __all__ = ["ModelConfig", "ParallelConfig", "CacheConfig", "SchedulerConfig", "SamplingParams",
-           "SpeculativeConfig", "EngineArgs", "EngineConfig", "auto_max_batch_size"]
+           "SpeculativeConfig", "EngineArgs", "EngineConfig", "auto_max_batch_size",
+           "auto_max_num_tokens"]
 
 @dataclass(slots=True)
 class ParallelConfig:
@@ -85,9 +87,13 @@ class SchedulerConfig:
     bounded by the pool at admission whatever the cap; short ones by the cap: 2000 requests of
     128 + 128 tokens run as one batch on the H200 (at 512 tokens a sequence the cap was 1696, and
     the last 304 decoded alone). Decode graphs are captured for every batch size up to it.
+
+    ``max_num_tokens=None`` (auto) is resolved when the runtime starts, by
+    :func:`auto_max_num_tokens` from the card's memory (the smallest over ranks): 16384 on GPUs of
+    70 GiB or more, else 8192; ``meshlm serve`` sets 8192.
     """
 
-    max_num_tokens: int = 8192  # tokens processed in one step (prefill chunks + decodes)
+    max_num_tokens: int | None = None  # tokens in one step (prompt chunks + decodes); None: auto_max_num_tokens
     max_batch_size: int | None = None  # sequences in one step; None: auto_max_batch_size
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     capacity_scheduler_policy: str = "max_utilization"  # when to admit (TensorRT-LLM's; see Scheduler)
@@ -135,23 +141,6 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative_config keys {unknown} are unknown; known: {sorted(known)}")
         return cls(**spec)
-
-
-AUTO_TOKENS_PER_SEQ = 256  # the short sequence the automatic max_batch_size plans for
-AUTO_MAX_BATCH_SIZE = 2048
-AUTO_MIN_BATCH_SIZE = 16
-CPU_MAX_BATCH_SIZE = 256
-
-
-def auto_max_batch_size(num_kv_tokens: int, is_gpu: bool) -> int:
-    """The ``max_batch_size`` of ``None``: the KV pool's tokens (the minimum over ranks) at
-    ``AUTO_TOKENS_PER_SEQ`` a sequence, a multiple of 16 in [16, 2048]; 256 on the CPU. Beyond the
-    pool's share of short sequences a larger batch could only preempt, and every batch size up to
-    this one gets a decode graph (whose memory grows with it)."""
-    if not is_gpu:
-        return CPU_MAX_BATCH_SIZE
-    fitting = num_kv_tokens // AUTO_TOKENS_PER_SEQ // 16 * 16
-    return max(AUTO_MIN_BATCH_SIZE, min(AUTO_MAX_BATCH_SIZE, fitting))
 
 
 def field_defaults(cls: type) -> dict[str, Any]:

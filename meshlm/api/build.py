@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from meshlm.config import EngineConfig, auto_max_batch_size
+from meshlm.config import EngineConfig, auto_max_batch_size, auto_max_num_tokens
 from meshlm.engine.coordinator import Coordinator
 from meshlm.engine.dispatch import StepDispatcher
 from meshlm.engine.proposers import make_proposer
@@ -70,6 +70,7 @@ class RankRuntime:
             self.runner = ModelRunner(config, groups, self.device, self.eos_token_ids)
             # Rank 0's draft model, if any, loads before the KV pool is sized from the free memory
             self.proposer = make_proposer(config, self.device) if mapping.rank == 0 else None
+        self.config = config = _with_max_num_tokens(config, self.device, world_comm)
         cache = config.cache
         with_graphs = config.enable_cuda_graphs and self.runner.can_capture_cuda_graphs()
         with self._phase("sizing the KV cache"):
@@ -133,6 +134,16 @@ def freeze_startup_heap() -> None:
     gc.freeze()
     young, middle, old = gc.get_threshold()
     gc.set_threshold(max(young, _GC_YOUNG_THRESHOLD), middle, old)
+
+
+def _with_max_num_tokens(config: EngineConfig, device: torch.device, world_comm) -> EngineConfig:
+    """``config`` with ``max_num_tokens`` a number: an automatic one from this card's memory
+    (:func:`auto_max_num_tokens`), the smallest over ranks."""
+    if config.scheduler.max_num_tokens is not None:
+        return config
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    tokens = _min_over_ranks(auto_max_num_tokens(memory), world_comm)
+    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_num_tokens=tokens))
 
 
 def _min_over_ranks(value: int, world_comm) -> int:

@@ -20,6 +20,7 @@ class Hello:
     vocab_size: int
     num_kv_blocks: int
     max_batch_size: int
+    max_num_tokens: int
 
 
 @dataclass(slots=True)

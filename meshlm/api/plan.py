@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meshlm.config import EngineArgs, EngineConfig, auto_max_batch_size
+from meshlm.config import EngineArgs, EngineConfig, auto_max_batch_size, auto_max_num_tokens
 from meshlm.executor.memory import (GiB, RankPlan, check_pool_holds_a_request, check_weights_fit, plan_rank)
 from meshlm.executor.model_runner import resolve_dtype
 from meshlm.parallel.mapping import Mapping
@@ -30,6 +30,7 @@ class LayoutPlan:
     max_model_len: int
     ranks: list[RankPlan]
     max_batch_size: int  # resolved, as the engine does for max_batch_size=None
+    max_num_tokens: int  # resolved for the card, as the engine does for max_num_tokens=None
 
     @property
     def num_blocks(self) -> int:
@@ -56,6 +57,7 @@ def plan_layout(args: EngineArgs, total_bytes: int) -> LayoutPlan:
     cfg = config.model
     dtype = resolve_dtype(args.dtype, cfg.torch_dtype, torch.device("cuda"))  # planned for a GPU
     parallel, scheduler = config.parallel, config.scheduler
+    max_num_tokens = scheduler.max_num_tokens or auto_max_num_tokens(total_bytes)  # as the engine resolves it
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     mappings = [Mapping(parallel.world_size, rank, tp, pp, parallel.moe_expert_parallel_size or 1)
                 for rank in range(parallel.world_size)]
@@ -63,7 +65,7 @@ def plan_layout(args: EngineArgs, total_bytes: int) -> LayoutPlan:
     num_speculative_tokens = 0 if config.speculative is None else config.speculative.num_speculative_tokens
 
     def plan_ranks(max_batch_size: int, with_graphs: bool) -> list[RankPlan]:
-        return [plan_rank(cfg, m, dtype.itemsize, total_bytes, config.cache, scheduler.max_num_tokens,
+        return [plan_rank(cfg, m, dtype.itemsize, total_bytes, config.cache, max_num_tokens,
                           max_batch_size, with_graphs, num_speculative_tokens) for m in mappings]
 
     max_batch_size = scheduler.max_batch_size
@@ -73,7 +75,7 @@ def plan_layout(args: EngineArgs, total_bytes: int) -> LayoutPlan:
     ranks = plan_ranks(max_batch_size, config.enable_cuda_graphs)
     name = hub_repo_id(args.model) or config.model_dir.name
     return LayoutPlan(name, cfg, args, dtype, total_bytes, config.max_model_len, ranks,
-                      max_batch_size)
+                      max_batch_size, max_num_tokens)
 
 
 def check_plan(plan: LayoutPlan) -> None:
@@ -104,7 +106,7 @@ def format_plan(plan: LayoutPlan) -> str:
         f"ep={args.moe_expert_parallel_size or 1}; one GPU {plan.total_bytes / GiB:.1f} GiB x "
         f"gpu_memory_utilization {args.gpu_memory_utilization} = {share / GiB:.2f} GiB per rank",
         f"reserve per rank for activations, logits and graphs: {_size(plan.ranks[0].reserve_bytes)} "
-        f"(max_num_tokens={args.max_num_tokens}, max_batch_size={plan.max_batch_size})",
+        f"(max_num_tokens={plan.max_num_tokens}, max_batch_size={plan.max_batch_size})",
         "",
         f"{'rank':>4}  {'tp':>5} {'pp':>5} {'ep':>5}  {'weights':>10}  {'KV/token':>10}  {'KV blocks':>9}  "
         f"{'KV tokens':>10}",

@@ -39,6 +39,7 @@ class RemoteCoordinator:
         self.vocab_size = hello.vocab_size
         self.num_kv_blocks = hello.num_kv_blocks
         self.max_batch_size = hello.max_batch_size
+        self.max_num_tokens = hello.max_num_tokens
         self._state = EngineState()
         self._lock = threading.Lock()
 

@@ -22,7 +22,8 @@ def serve(coordinator: Coordinator, address: str) -> None:
     host, port = address.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=(env.get("MESHLM_RPC_AUTHKEY") or "").encode())
     conn.send_bytes(encode_hello(Hello(coordinator.max_model_len, coordinator.vocab_size,
-                                       coordinator.num_kv_blocks, coordinator.max_batch_size)))
+                                       coordinator.num_kv_blocks, coordinator.max_batch_size,
+                                       coordinator.max_num_tokens)))
     try:
         while True:
             try:

@@ -189,7 +189,7 @@ def _config(args: EngineArgs, opts: ThroughputOptions, coordinator, num_prompts:
         "device": device_name(args), "dtype": args.dtype, "quantization": args.quantization,
         **opts.workload.describe(num_prompts),
         "max_concurrency": opts.concurrencies[-1], "max_model_len": coordinator.max_model_len,
-        "max_num_tokens": args.max_num_tokens, "max_batch_size": coordinator.max_batch_size,
+        "max_num_tokens": coordinator.max_num_tokens, "max_batch_size": coordinator.max_batch_size,
         "block_size": args.block_size, "num_kv_blocks": coordinator.num_kv_blocks,
         "enable_prefix_caching": args.enable_prefix_caching,
         "kv_cache_dtype": args.kv_cache_dtype,

@@ -89,6 +89,7 @@ class Coordinator:
         self.max_model_len = config.max_model_len
         self.vocab_size = config.model.vocab_size
         self.max_batch_size = config.scheduler.max_batch_size
+        self.max_num_tokens = config.scheduler.max_num_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_size = config.cache.block_size
         self.kv = KVCacheManager(num_blocks, self.block_size, config.cache.enable_prefix_caching)

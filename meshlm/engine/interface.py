@@ -16,6 +16,7 @@ class EngineCore(Protocol):
     vocab_size: int
     num_kv_blocks: int
     max_batch_size: int  # sequences in one step, resolved
+    max_num_tokens: int  # tokens in one step, resolved
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                request_id: str | None = None, prompt_text: str | None = None) -> str:

@@ -98,6 +98,9 @@ class Scheduler(SpeculativeScheduling, ForkScheduling):
     """
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, proposer: Proposer | None = None) -> None:
+        if config.max_num_tokens is None:
+            raise ValueError("max_num_tokens=None: the runtime resolves it for the card before scheduling "
+                             "(meshlm.config.auto_max_num_tokens)")
         self.config = config
         self.kv = kv
         self.proposer = proposer

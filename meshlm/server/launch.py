@@ -12,12 +12,14 @@ raises: the process exits non-zero (under MPI the whole job is aborted), so a su
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import socket
 
 from meshlm.config import EngineArgs
 from meshlm.server.limits import ServerLimits
+from meshlm.step_limits import SERVER_MAX_NUM_TOKENS
 
 log = logging.getLogger("meshlm")
 
@@ -61,6 +63,7 @@ def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_
 
     Raises RuntimeError if the engine loop failed while serving."""
     limits = limits or ServerLimits()
+    args = with_server_defaults(args)
     from meshlm.launcher.world import launched_by_mpi
     num_ranks = args.world_size
     if num_ranks > 1 and not launched_by_mpi():
@@ -88,6 +91,14 @@ def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_
     if exit_request.engine_error is not None:
         raise RuntimeError(f"the engine loop failed: {exit_request.engine_error}")
     log.info("server stopped")
+
+
+def with_server_defaults(args: EngineArgs) -> EngineArgs:
+    """``args`` as the server runs them: steps of SERVER_MAX_NUM_TOKENS unless the user set them
+    (vLLM's server default on large cards), so that a long prompt never delays decodes long."""
+    if args.max_num_tokens is not None:
+        return args
+    return dataclasses.replace(args, max_num_tokens=SERVER_MAX_NUM_TOKENS)
 
 
 def _world_rank() -> int:

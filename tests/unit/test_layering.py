@@ -20,7 +20,7 @@ LEVELS = [
     {"engine"},
     {"executor"},
     {"protocol"},
-    {"config", "sampling_params", "structured_outputs"},
+    {"config", "sampling_params", "structured_outputs", "step_limits"},
     {"models"},
     {"parallel"},
     {"kernels"},
