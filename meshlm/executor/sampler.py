@@ -21,10 +21,10 @@ One step, all batched over rows:
 4. greedy rows take the argmax; the others divide by the temperature, filter by top-k, top-p and
    min-p (one sort), and sample by the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``.
 
-The logits come in the model's dtype and are widened to float32 for these steps, except in a step
-whose every row is greedy with none of 1-3 to apply: its tokens are the argmax of the logits as
-they are (the same tokens: widening keeps every value), which spares a float32 copy of the whole
-batch's logits (at 1712 rows of a 128k vocabulary, 1.3 GB moved a step).
+The logits come in the model's dtype and are widened to float32 for these steps, ``ROWS_PER_SLICE``
+rows (whole requests) at a time, so their float32 copies stay within a slice whatever the batch;
+a step whose every row is greedy with none of 1-3 to apply takes the argmax of the logits as they
+are (the same tokens: widening keeps every value), sparing even that (1.3 GB moved at 1712 rows).
 """
 from __future__ import annotations
 
@@ -179,10 +179,14 @@ class Sampler:
             return self._argmax_of_plain_greedy_rows(logits, states)  # every row greedy, nothing else to apply
         if any(state.needs_history for state in states):
             self._record_history()  # the only wait for earlier steps: penalties and matchers read their tokens
-        if num_drafts is not None:
-            return self._sample_verify_rows(logits, states, counts, draft_ids)
         wants_logprobs = any(s.params.logprobs is not None for s in states)
         k_max = max(s.params.logprobs or 0 for s in states)
+        if num_drafts is not None:  # slices of whole requests, every slice as wide as the step
+            widths = (int(num_drafts.max()) if len(num_drafts) else 0, wants_logprobs, k_max)
+            pieces = [self._sample_verify_rows(logits[rows], states[requests], counts[requests], draft_ids[rows],
+                                               *widths)
+                      for requests, rows in _request_slices(counts)]
+            return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
         pieces = [self._sample_rows(logits[begin:begin + ROWS_PER_SLICE], states[begin:begin + ROWS_PER_SLICE],
                                     wants_logprobs, k_max)
                   for begin in range(0, num_rows, ROWS_PER_SLICE)]
@@ -203,21 +207,21 @@ class Sampler:
         return _device_output(token_ids, raw_logprobs, k_max)
 
     def _sample_verify_rows(self, logits: torch.Tensor, states: list[_RequestState], counts: np.ndarray,
-                            draft_ids: torch.Tensor) -> SampledTokens:
-        """A verify step: request ``i`` has ``counts[i]`` consecutive rows, its drafts then one more
-        (all of the step's rows at once)."""
+                            draft_ids: torch.Tensor, max_drafts: int, wants_logprobs: bool,
+                            k_max: int) -> SampledTokens:
+        """A verify step's slice: request ``i`` has ``counts[i]`` consecutive rows, its drafts then
+        one more; ``token_ids`` is ``1 + max_drafts`` wide (the step's widest)."""
         row_states = [s for s, c in zip(states, counts.tolist()) for _ in range(c)]
         host_params = _row_params(row_states)
         row_params = _to_device(host_params, self.device).float()
         logits = logits.to(self.device, torch.float32)
-        raw_logprobs = self._raw_logprobs(logits, row_states)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         logits = self._constrained(logits, states, row_states, host_params, row_params)
         token_ids, num_tokens, last_rows = self._verify(logits, row_states, host_params, row_params,
-                                                        counts - 1, draft_ids)
+                                                        counts - 1, draft_ids, max_drafts)
         self._count_outputs(states, counts - 1)
         self._defer_history(states, token_ids[:, 0])  # rows with history draft nothing
         last_tokens = token_ids.gather(1, (num_tokens - 1)[:, None])[:, 0]  # [num_requests]
-        k_max = max(s.params.logprobs or 0 for s in states)
         out = _device_output(last_tokens, None if raw_logprobs is None else raw_logprobs[last_rows], k_max)
         return SampledTokens(token_ids, out.logprobs, out.top_token_ids, out.top_logprobs,
                              num_tokens=num_tokens)
@@ -257,8 +261,8 @@ class Sampler:
                 state.num_output_tokens = max(state.num_output_tokens, state.params.min_tokens)
 
     def _verify(self, logits: torch.Tensor, row_states: list[_RequestState], host_params: np.ndarray,
-                row_params: torch.Tensor, num_drafts: np.ndarray,
-                draft_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                row_params: torch.Tensor, num_drafts: np.ndarray, draft_ids: torch.Tensor,
+                max_drafts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """verify_drafts on the processed logits: the target distribution as this sampler samples it
         (temperature, top-k, top-p, min-p), one uniform and one noise row per logits row."""
         greedy_tokens = logits.argmax(dim=-1)  # [num_rows]
@@ -270,15 +274,9 @@ class Sampler:
             if state.generator is not None and not is_greedy[row]:
                 uniforms[row:row + 1].uniform_(generator=state.generator)
         noise = self._exponential_noise(row_states, is_greedy)
-        max_drafts = int(num_drafts.max()) if len(num_drafts) else 0
         num_drafts = _to_device(np.ascontiguousarray(num_drafts, dtype=np.int64), self.device)
         return verify_drafts(probs, greedy_tokens, _to_device(is_greedy, self.device), draft_ids.to(self.device),
                              num_drafts, uniforms, noise, max_drafts)
-
-    def _raw_logprobs(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor | None:
-        if all(s.params.logprobs is None for s in states):
-            return None
-        return torch.log_softmax(logits, dim=-1)  # [num_rows, vocab_size]
 
     def _apply_penalties(self, logits: torch.Tensor, states: list[_RequestState],
                          host_params: np.ndarray, row_params: torch.Tensor) -> torch.Tensor:
@@ -379,9 +377,24 @@ def _device_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, k
     return SampledTokens(token_ids, sampled, top_ids, top_logprobs)
 
 
+def _request_slices(counts: np.ndarray) -> list[tuple[slice, slice]]:
+    """(requests, their logits rows) of each slice: whole requests, at most ROWS_PER_SLICE rows
+    unless one request has more."""
+    bounds, rows = [0], 0
+    for i, count in enumerate(counts.tolist()):
+        if rows and rows + count > ROWS_PER_SLICE:
+            bounds.append(i)
+            rows = 0
+        rows += count
+    bounds.append(len(counts))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    return [(slice(a, b), slice(offsets[a], offsets[b])) for a, b in zip(bounds, bounds[1:])]
+
+
 def _concatenate(pieces: list[SampledTokens]) -> SampledTokens:
     """The slices' outputs as one step's, in row order (every slice has the same fields)."""
     def cat(name: str) -> torch.Tensor | None:
         tensors = [getattr(piece, name) for piece in pieces]
         return None if tensors[0] is None else torch.cat(tensors)
-    return SampledTokens(cat("token_ids"), cat("logprobs"), cat("top_token_ids"), cat("top_logprobs"))
+    return SampledTokens(cat("token_ids"), cat("logprobs"), cat("top_token_ids"), cat("top_logprobs"),
+                         num_tokens=cat("num_tokens"))

@@ -14,6 +14,7 @@ VOCAB = 64
 SLICE = sampler_module.ROWS_PER_SLICE
 NUM_ROWS = 2 * SLICE + 37  # three slices, the last one short
 RACE = sampler_module.exponential_race
+VERIFY = sampler_module.verify_drafts
 
 
 def mixed_params(row: int) -> SamplingParams:
@@ -67,3 +68,47 @@ def test_any_slice_size_gives_the_same_tokens(rows_per_slice, monkeypatch):
     small, _ = run(2, rows_per_slice, monkeypatch)
     whole, _ = run(2, NUM_ROWS, monkeypatch)
     assert [r.token_ids.tolist() for r in small] == [r.token_ids.tolist() for r in whole]
+
+
+def run_verify(rows_per_slice: int, monkeypatch) -> tuple[list, list[int]]:
+    """Verify steps (drafts of 0 to 4 tokens a request) over seeded, greedy and logprob rows."""
+    monkeypatch.setattr(sampler_module, "ROWS_PER_SLICE", rows_per_slice)
+    seen: list[int] = []
+
+    def recording_verify(probs, *args):
+        seen.append(probs.shape[0])
+        return VERIFY(probs, *args)
+
+    monkeypatch.setattr(sampler_module, "verify_drafts", recording_verify)
+    sampler = Sampler(VOCAB, eos_token_ids=(2,), seed=0)
+    rng = np.random.default_rng(3)
+    num_requests = SLICE  # about 2.5 rows a request: three slices or more
+    ids = [f"v{i}" for i in range(num_requests)]
+    num_drafts = np.zeros(num_requests, np.int64)
+    for i, rid in enumerate(ids):
+        if i % 3 == 2:  # logprobs rows carry no drafts
+            params = SamplingParams(temperature=0.0, logprobs=2)
+        else:
+            params = SamplingParams(temperature=0.0) if i % 3 else SamplingParams(temperature=0.8, seed=i)
+            num_drafts[i] = rng.integers(0, 5)
+        sampler.add_request(rid, params, prompt_token_ids=[1, 2])
+    generator = torch.Generator().manual_seed(9)
+    results = []
+    for _ in range(2):
+        num_rows = int(num_drafts.sum()) + num_requests
+        logits = torch.randn(num_rows, VOCAB, generator=generator)
+        draft_ids = torch.randint(0, VOCAB, (num_rows,), generator=generator)
+        out = sampler.sample_on_device(logits, ids, num_drafts, draft_ids)
+        results.append(sampler_module.AsyncStepResult(out).get_result())
+    return results, seen
+
+
+def test_sliced_verify_steps_equal_whole_ones(monkeypatch):
+    sliced, sliced_rows = run_verify(SLICE, monkeypatch)
+    whole, whole_rows = run_verify(10**6, monkeypatch)
+    assert max(sliced_rows) <= SLICE < max(whole_rows)
+    for a, b in zip(sliced, whole):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        assert a.num_tokens.tolist() == b.num_tokens.tolist()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-6)
+        assert a.top_token_ids.tolist() == b.top_token_ids.tolist()
