@@ -70,10 +70,10 @@ class RankRuntime:
             self.runner = ModelRunner(config, groups, self.device, self.eos_token_ids)
             # Rank 0's draft model, if any, loads before the KV pool is sized from the free memory
             self.proposer = make_proposer(config, self.device) if mapping.rank == 0 else None
-        self.config = config = _with_max_num_tokens(config, self.device, world_comm)
         cache = config.cache
         with_graphs = config.enable_cuda_graphs and self.runner.can_capture_cuda_graphs()
         with self._phase("sizing the KV cache"):
+            self.config = config = _with_max_num_tokens(config, self.device, world_comm)
             max_batch_size, self.num_blocks = self._size_batch_and_kv_pool(with_graphs, world_comm)
         # The resolved configuration: max_batch_size is a number from here on.
         self.config = dataclasses.replace(
