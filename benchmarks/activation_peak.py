@@ -58,7 +58,7 @@ def reserve_parts(llm) -> dict[str, int]:
 
 
 def measure(llm, prompt_len: int, seed: int = 0) -> list[tuple[str, int, int]]:
-    """(workload, measured peak, its reserve part including the fixed part) for both workloads."""
+    """(workload, measured peak, its part of the reserve without the fixed part) for both workloads."""
     from meshlm import SamplingParams
     parts = reserve_parts(llm)
     rng = np.random.default_rng(seed)
@@ -71,8 +71,7 @@ def measure(llm, prompt_len: int, seed: int = 0) -> list[tuple[str, int, int]]:
                              frequency_penalty=0.5, repetition_penalty=1.1, logprobs=5, max_tokens=2,
                              ignore_eos=True, seed=1)
     sampling = peak_of(llm, rows, sampled)
-    return [("prefill", prefill, parts["activations"] + parts["fixed"]),
-            ("sampling", sampling, parts["logits"] + parts["fixed"])]
+    return [("prefill", prefill, parts["activations"]), ("sampling", sampling, parts["logits"])]
 
 
 def main() -> int:
@@ -88,7 +87,8 @@ def main() -> int:
     llm = LLM(str(model_dir(ns.shape)), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=4096, max_num_tokens=ns.max_num_tokens, max_batch_size=ns.max_batch_size,
               kv_cache_dtype=ns.kv_cache_dtype, **({"quantization": ns.quantization} if ns.quantization else {}))
-    rows = measure(llm, ns.prompt_len)
+    fixed = reserve_parts(llm)["fixed"]
+    rows = [(name, peak, part + fixed) for name, peak, part in measure(llm, ns.prompt_len)]
     print(f"card: {torch.cuda.get_device_name(0)}  shape={ns.shape}  quantization={ns.quantization}  "
           f"max_num_tokens={max_num_tokens(llm)}  max_batch_size={llm.engine_core.max_batch_size}")
     print("workload   measured peak   reserve part (with the fixed part)")
