@@ -42,6 +42,9 @@
 #                 their reserve (activation_peak.py, bf16), then bench FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict) and FP8 128/128 at the defaults (~5 min)
 #   PART=defaults_bf16  bench bf16 1000/1000, 128/128 and 2048/128 at the defaults (~5 min)
+#   PART=ab_fp8   the GPU test of the step's reserve (test_step_reserve_gpu.py), then bench FP8 128/128
+#                 at 8192 tokens a step and at the default (16384 on an H200), one machine (~4 min)
+#   PART=ab_bf16  bench bf16 1000/1000 at 8192 tokens a step and at the default (~5 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
@@ -195,7 +198,12 @@ if [ "$PART" = defaults_fp8 ]; then
   timeout 150 python3 benchmarks/activation_peak.py > "$OUT/peak_bf16.log" 2>&1
   echo "exit $?"; tail -4 "$OUT/peak_bf16.log"
 fi
-[ "$PART" = defaults_fp8 ] || [ "$PART" = defaults_bf16 ] || [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
+if [ "$PART" = ab_fp8 ]; then
+  echo "== GPU test: a step's memory within its reserve"
+  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_step_reserve_gpu.py > "$OUT/pytest_reserve.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$OUT/pytest_reserve.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_reserve.log"
+fi
+[ "$PART" = ab_fp8 ] || [ "$PART" = ab_bf16 ] || [ "$PART" = defaults_fp8 ] || [ "$PART" = defaults_bf16 ] || [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
     || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] \
     || [ "$PART" = tokens16k ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
@@ -233,6 +241,17 @@ if [ "$PART" = tokens16k ]; then
       --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict --max-num-tokens 16384
   bench bf16_128_16k 80 --num-prompts 2000 --input-len 128 --output-len 128 --max-num-tokens 16384
   bench bf16_1000_16k 200 --num-prompts 1000 --input-len 1000 --output-len 1000 --max-num-tokens 16384
+  exit 0
+fi
+if [ "$PART" = ab_fp8 ]; then
+  bench fp8_128_8k 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128 \
+      --max-num-tokens 8192
+  bench fp8_128 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 --output-len 128
+  exit 0
+fi
+if [ "$PART" = ab_bf16 ]; then
+  bench bf16_1000_8k 200 --num-prompts 1000 --input-len 1000 --output-len 1000 --max-num-tokens 8192
+  bench bf16_1000 200 --num-prompts 1000 --input-len 1000 --output-len 1000
   exit 0
 fi
 if [ "$PART" = defaults_fp8 ]; then
