@@ -31,7 +31,7 @@ def test_unset_until_the_runtime_resolves_it():
         Scheduler(SchedulerConfig(), KVCacheManager(8, 4))
 
 
-def test_the_runtime_resolves_it_from_its_card(monkeypatch, tmp_path):
+def test_the_runtime_resolves_it_from_its_card(monkeypatch):
     config = EngineConfig.from_args(EngineArgs(load_format="random", skip_tokenizer_init=True))
     cards = {80 * GiB: 16384, 40 * GiB: 8192}
     for memory, tokens in cards.items():
