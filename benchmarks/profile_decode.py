@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import model_dir  # noqa: E402
-from meshlm.kernels.l2_prefetch import PREFETCH_SITES  # noqa: E402
 
 
 def busy_us(events) -> float:
@@ -175,34 +174,13 @@ def _parse() -> argparse.Namespace:
                         help="programmatic dependent launch of the Triton kernels (where the GPU has it)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="the engine's max_batch_size (default: automatic); fewer decode graphs to capture")
-    parser.add_argument("--l2-prefetch", default=None,
-                        help="L2 prefetch settings to compare, ';'-separated, each 'off' or site=MiB,... "
-                             "(sites of kernels/l2_prefetch.py; 'all' for the whole weight): the decode graphs "
-                             "are captured again for each, and every batch profiled under it")
     return parser.parse_args()
-
-
-def prefetch_settings(text: str | None) -> list[dict[str, int]]:
-    """``--l2-prefetch``'s settings as bytes per site (an empty dict: none given)."""
-    if text is None:
-        return [{}]
-    settings = []
-    for item in text.split(";"):
-        sizes = {site: 0 for site in PREFETCH_SITES}
-        for pair in filter(None, item.split(",")):
-            if pair.strip() == "off":
-                continue
-            site, _, mib = pair.partition("=")
-            sizes[site.strip()] = 1 << 40 if mib.strip() == "all" else int(float(mib) * (1 << 20))
-        settings.append(sizes)
-    return settings
 
 
 def main() -> int:
     ns = _parse()
     from meshlm import LLM
     from meshlm.kernels.fp8 import set_fast_accumulation, set_fused_quantization, set_fused_silu_product
-    from meshlm.kernels.l2_prefetch import set_l2_prefetch
     from meshlm.kernels.triton_launch import set_programmatic_launch
     set_programmatic_launch(ns.pdl)
     set_fused_quantization(ns.fused_quantization)
@@ -214,17 +192,9 @@ def main() -> int:
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}),
               **({"max_batch_size": ns.max_batch_size} if ns.max_batch_size else {}))
-    rows = []
-    for i, sizes in enumerate(prefetch_settings(ns.l2_prefetch)):
-        if sizes:
-            set_l2_prefetch(**sizes)
-            graphs = llm.engine_core.dispatcher.runner.graph_runner
-            graphs.capture(graphs.pool)  # the same buckets, now with (or without) the prefetches
-        for b in ns.batches.split(","):
-            row = profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table, ns.kernel_table, ns.prompt_len,
-                                ns.prefill_tokens)
-            row["l2_prefetch_mib"] = {site: n / (1 << 20) for site, n in sizes.items() if n}
-            rows.append(row)
+    rows = [profile_batch(llm.engine_core, int(b), ns.steps, ns.host_table, ns.kernel_table, ns.prompt_len,
+                         ns.prefill_tokens)
+            for b in ns.batches.split(",")]
     llm.shutdown()
     if ns.out:
         Path(ns.out).write_text(json.dumps({"card": torch.cuda.get_device_name(0), "fused_quantization":
@@ -239,10 +209,8 @@ def main() -> int:
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")
     for r in rows:
         top = ", ".join(f"{name.split('(')[0][:28]} {ms:.2f}" for name, ms in r["top_kernels"][:4])
-        prefetch = ",".join(f"{site}={mib:.0f}" for site, mib in r["l2_prefetch_mib"].items())
         print(f"{r['batch']:>6} {r['step_ms']:>8.2f} {r['unprofiled_step_ms']:>9.2f} {r['busy_ms']:>12.2f} "
-              f"{r['unprofiled_busy_fraction']:>6.0%} {r['gc_ms']:>6.2f}  {top}"
-              + (f"  [L2 prefetch MiB: {prefetch or 'off'}]" if ns.l2_prefetch else ""))
+              f"{r['unprofiled_busy_fraction']:>6.0%} {r['gc_ms']:>6.2f}  {top}")
     return 0
 
 

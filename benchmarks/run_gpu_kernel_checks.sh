@@ -45,14 +45,11 @@
 #   PART=ab_fp8   the GPU test of the step's reserve (test_step_reserve_gpu.py), then bench FP8 128/128
 #                 at 8192 tokens a step and at the default (16384 on an H200), one machine (~4 min)
 #   PART=ab_bf16  bench bf16 1000/1000 at 8192 tokens a step and at the default (~5 min)
-#   PART=prefetch GPU tests of the L2 prefetches, then decode steps of 1 and 16 rows (bf16 and FP8
-#                 weights) under several prefetch settings (profile_decode.py --l2-prefetch), then
-#                 the GPU test of the step's reserve (~7 min)
 #   PART=policy   bench bf16 1000/1000 with guaranteed_no_evict and at the defaults, FP8 128/128 at
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=prefetch|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+# Logs and JSON under $OUT. Usage: OUT=results PART=policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -197,22 +194,6 @@ if [ "$PART" = steps ]; then
   steps_tests attention 100 tests/gpu/test_triton_attention.py tests/gpu/test_fp8_kv_kernels.py \
       tests/gpu/test_prefill_kernel.py -k "decodes or mixed"
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
-fi
-if [ "$PART" = prefetch ]; then
-  echo "== GPU tests: L2 prefetches"
-  timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_l2_prefetch_gpu.py > "$OUT/pytest_prefetch.log" 2>&1
-  grep -E "^FAILED|passed|failed" "$OUT/pytest_prefetch.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_prefetch.log"
-  settings="off;o_proj=all;o_proj=all,qkv=8,gate_up=8,down=4;o_proj=all,qkv=16,gate_up=16,down=8;o_proj=all,qkv=all,gate_up=32,down=16"
-  for q in bf16 fp8; do
-    echo "== decode steps, $q weights, by L2 prefetch setting (profile_decode.py)"
-    flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-    timeout 150 python3 benchmarks/profile_decode.py $flags --batches 1,16 --steps 50 --max-batch-size 16 \
-        --l2-prefetch "$settings" --out "$OUT/prefetch_$q.json" > "$OUT/prefetch_$q.log" 2>&1
-    echo "exit $?"; grep -E "L2 prefetch|Error" "$OUT/prefetch_$q.log" | tail -12
-  done
-  echo "== GPU test: a step's memory within its reserve"
-  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_step_reserve_gpu.py > "$OUT/pytest_reserve.log" 2>&1
-  grep -E "^FAILED|passed|failed" "$OUT/pytest_reserve.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_reserve.log"
 fi
 if [ "$PART" = defaults_fp8 ]; then
   echo "== peak memory of a step against its reserve, bf16, default steps (activation_peak.py)"

@@ -19,7 +19,6 @@ from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.model_config import ModelConfig
 from meshlm.kernels.fp8 import QuantizedRows
 from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps
-from meshlm.kernels.l2_prefetch import prefetch_weight
 
 AttentionFn = type(paged_attention_reference)
 
@@ -66,7 +65,6 @@ class LlamaAttention(NamedWeights, nn.Module):
     def forward(self, hidden: torch.Tensor | QuantizedRows, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim per rank]
         num_tokens = qkv.shape[0]
-        prefetch_weight("o_proj", self.o_proj.weight, num_tokens)  # over rotary and attention
         q, k, v = qkv.split(self.qkv_proj.sizes_per_rank, dim=-1)
         q = q.view(num_tokens, self.num_heads_per_rank, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads_per_rank, self.head_dim)
@@ -116,7 +114,6 @@ class LlamaMLP(NamedWeights, nn.Module):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
-        prefetch_weight("down", self.down_proj.weight, gate_up.shape[0])  # over SiLU-and-mul
         if self.down_proj.takes_quantized_rows(gate_up.shape[0]):
             return self.down_proj(self.ops.silu_and_mul_quantized(gate_up))
         return self.down_proj.forward_silu_and_mul(gate_up, self.ops.silu_and_mul)
@@ -150,8 +147,6 @@ class LlamaDecoderLayer(NamedWeights, nn.Module):
         hidden, residual = self.input_layernorm.add_norm(hidden, residual,
                                                          self.self_attn.takes_quantized_rows(num_tokens))
         hidden = self.self_attn(hidden, meta, kv_cache)
-        gate_up = getattr(self.mlp, "gate_up_proj", None)  # over the norm (a Llama MLP's; MoE has experts)
-        prefetch_weight("gate_up", None if gate_up is None else gate_up.weight, num_tokens)
         hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual,
                                                                   self.mlp.takes_quantized_rows(num_tokens))
         return self.mlp(hidden), residual
@@ -208,10 +203,7 @@ class LlamaForCausalLM(NamedWeights, nn.Module):
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_caches: list[tuple]) -> torch.Tensor:
         """This stage's layers on ``hidden`` [num_tokens, hidden]; returns the residual stream after them."""
         residual = None
-        layers = list(self.layers.values())
-        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
-            if i:  # the layer's QKV weight, over its norm
-                prefetch_weight("qkv", layer.self_attn.qkv_proj.weight, hidden.shape[0])
+        for layer, kv in zip(self.layers.values(), kv_caches):
             hidden, residual = layer(hidden, residual, meta, kv)
         return hidden if residual is None else hidden + residual
 
