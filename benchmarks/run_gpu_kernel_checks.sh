@@ -45,11 +45,14 @@
 #   PART=ab_fp8   the GPU test of the step's reserve (test_step_reserve_gpu.py), then bench FP8 128/128
 #                 at 8192 tokens a step and at the default (16384 on an H200), one machine (~4 min)
 #   PART=ab_bf16  bench bf16 1000/1000 at 8192 tokens a step and at the default (~5 min)
+#   PART=gemv     GPU tests of the one-row product and of the small-batch product's recorded shapes,
+#                 then decode steps of 1 and 16 rows (bf16 and FP8 weights) with the one-row
+#                 product's recorded shapes and without them (~6 min)
 #   PART=policy   bench bf16 1000/1000 with guaranteed_no_evict and at the defaults, FP8 128/128 at
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+# Logs and JSON under $OUT. Usage: OUT=results PART=gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -194,6 +197,23 @@ if [ "$PART" = steps ]; then
   steps_tests attention 100 tests/gpu/test_triton_attention.py tests/gpu/test_fp8_kv_kernels.py \
       tests/gpu/test_prefill_kernel.py -k "decodes or mixed"
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
+fi
+if [ "$PART" = gemv ]; then
+  echo "== GPU tests: the one-row product, the small-batch product's recorded shapes, FP8 layers"
+  timeout 240 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_fp8_gemm_kernel.py \
+      tests/gpu/test_fp8_gpu.py > "$OUT/pytest_gemv.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$OUT/pytest_gemv.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_gemv.log"
+  for run in gemv small_batch; do
+    [ "$run" = small_batch ] && mkdir -p "$RUNS/gemv_configs" && mv meshlm/kernels/configs/*_weight_gemv_* "$RUNS/gemv_configs/"
+    for q in bf16 fp8; do
+      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+      echo "== decode steps, $q weights, one row by the $run product (profile_decode.py)"
+      timeout 100 python3 benchmarks/profile_decode.py $flags --batches 1,16 --steps 50 --max-batch-size 16 \
+          --out "$OUT/profile_${run}_$q.json" > "$OUT/profile_${run}_$q.log" 2>&1
+      echo "exit $?"; tail -2 "$OUT/profile_${run}_$q.log"
+    done
+  done
+  mv "$RUNS/gemv_configs/"* meshlm/kernels/configs/
 fi
 if [ "$PART" = defaults_fp8 ]; then
   echo "== peak memory of a step against its reserve, bf16, default steps (activation_peak.py)"

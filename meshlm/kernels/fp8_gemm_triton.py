@@ -283,7 +283,8 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                     gated: bool = False) -> torch.Tensor:
     """``x`` [M, K] (bf16, fp16 or fp32) times float8 ``weight`` [N, K] scaled by ``weight_scale``
     (float32, [N] or one element), plus ``bias`` [N]: [M, N] in ``x``'s dtype. A weight in ``x``'s
-    dtype is multiplied as it is (``weight_scale`` None). ``tiles`` defaults to :func:`choose_tiles`.
+    dtype is multiplied as it is (``weight_scale`` None). ``tiles`` defaults to :func:`choose_tiles`;
+    without ``tiles``, one row goes to kernels/gemv_triton.py where its card has a launch shape for it.
     ``gated``: ``x`` is [M, 2K], gate then up, and the product takes ``silu(gate) * up`` as it
     loads them (the SiLU-and-mul kernel's values: no launch of it, no [M, K] row written and read)."""
     num_rows, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
@@ -291,6 +292,9 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     assert weight.shape == (n, k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     assert weight_scale is None or weight_scale.numel() in (1, n), (weight_scale.shape, n)
     x = x if x.stride(1) == 1 else x.contiguous()
+    one_row = _one_row_tiles(x, weight) if tiles is None and num_rows == 1 and not gated else None
+    if one_row is not None:  # one row: the CUDA-core product, where it was measured faster
+        return one_row.run(x, weight, weight_scale, bias)
     scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
@@ -323,6 +327,12 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
             out, partial, scale if scale.numel() else out, bias_arg, num_rows, n, out.stride(0),
             SPLIT_K=tiles.split_k, BLOCK=block, num_warps=4, **flags)
     return out
+
+
+def _one_row_tiles(x: torch.Tensor, weight: torch.Tensor):
+    """kernels/gemv_triton.py's launch shape for one row of ``x`` times ``weight``, or None."""
+    from meshlm.kernels.gemv_triton import gemv_tiles  # it imports nothing of this module's
+    return gemv_tiles(x, weight)
 
 
 def _split_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:

@@ -1,0 +1,154 @@
+"""One row times a weight on the CUDA cores: ``out = x @ (w * scale)^T (+ bias)`` for ``x`` [1, K].
+
+The small-batch product (kernels/fp8_gemm_triton.py) pads its rows to 16 and multiplies on the
+tensor cores; for a single row 15 of those 16 rows are padding, and a float8 weight is widened
+to bf16 for the tensor cores first. Here each program holds a [BLOCK_N, BLOCK_K] tile of float32
+products: every step it loads a weight tile, widens it to float32 (exactly, from float8 e4m3 or a
+16-bit type) and multiplies-adds it with the row's BLOCK_K values, and at the end sums each
+channel's products once. K may be cut into ``split_k`` runs of whole tiles, added up by the last
+split to finish in a fixed order (a count of finished splits per tile of channels), so the result
+does not depend on which split ends last; during a CUDA graph capture before any eager call, when
+the counts cannot be made, one program a tile walks the whole of K instead. The
+sums are float32; the scale, then the bias, multiply and add in float32 and the result is rounded
+once to ``x``'s dtype, as the small-batch product does (the order of the additions differs).
+
+It runs where a sweep on the card recorded a launch shape for the weight's shape
+(``benchmarks/gemv_bench.py --write-config``: kernels/configs/*_weight_gemv_<card>.json). On an
+H200, Llama-3-8B's four products of 32 layers, alone in a CUDA graph: 2.00 ms against the
+small-batch product's 2.28 with float8 weights, 3.40 against 3.62 with bf16 weights; in a whole
+batch-1 decode step 2.94 against 3.05 ms with float8 weights, but 4.33 against 4.35 with bf16, so
+only the float8 shapes are recorded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from meshlm.kernels.triton_launch import launch_counters, programmatic_launch
+from meshlm.kernels.triton_pdl import wait_for_previous_kernel
+from meshlm.kernels.tuned_configs import device_name, tuned_entry
+
+__all__ = ["GemvTiles", "gemv_config", "gemv_tiles", "one_row_gemm"]
+
+_MAX_SPLIT_TILES = 65536  # tiles of channels one split launch may count (256 KB of counters a device)
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class GemvTiles:
+    """Output channels and K columns a program's tile holds, splits of K, warps."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+            bias: torch.Tensor | None) -> torch.Tensor:
+        """:func:`one_row_gemm` with these tiles."""
+        return one_row_gemm(x, weight, weight_scale, bias, self)
+
+
+def gemv_config(weight_dtype: torch.dtype) -> str:
+    """The name under which the launch shapes are kept, by weight type (float8 or 16-bit)."""
+    return "fp8_weight_gemv" if weight_dtype.itemsize == 1 else "bf16_weight_gemv"
+
+
+def gemv_tiles(x: torch.Tensor, weight: torch.Tensor) -> GemvTiles | None:
+    """The recorded launch shape for one row of ``x`` times ``weight`` on ``x``'s card, or None
+    (the card, the shape or a float32 row not measured: the small-batch product runs)."""
+    if x.shape[0] != 1 or x.dtype == torch.float32:
+        return None
+    tiles = tuned_entry(gemv_config(weight.dtype), device_name(x.device), weight.shape[0], weight.shape[1], 1)
+    return None if tiles is None else GemvTiles(**tiles)
+
+
+def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+                 bias: torch.Tensor | None, tiles: GemvTiles) -> torch.Tensor:
+    """``x`` [1, K] times ``weight`` [N, K] (float8 with ``weight_scale`` [N] or one element, or
+    x's dtype with None), plus ``bias`` [N]: [1, N] in ``x``'s dtype."""
+    n, k = weight.shape
+    assert x.shape == (1, k) and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
+    num_tiles = triton.cdiv(n, tiles.block_n)
+    counters = launch_counters(_SPLIT_COUNTERS, x.device, _MAX_SPLIT_TILES, num_tiles) if tiles.split_k > 1 else None
+    if counters is None:
+        tiles = replace(tiles, split_k=1)
+    k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
+    is_split = tiles.split_k > 1
+    partial = torch.empty((tiles.split_k, n) if is_split else (1,), dtype=torch.float32, device=x.device)
+    grid = (num_tiles, tiles.split_k)
+    pdl = programmatic_launch(x.device)
+    flags = dict(SCALE=0 if weight_scale is None else 2 if scale.numel() == n and n > 1 else 1,
+                 HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
+    scale_arg = scale if scale.numel() else out  # never read without SCALE
+    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
+    _one_row_kernel[grid](
+        out, partial, counters if counters is not None else partial, x, weight, scale_arg, bias_arg,
+        n, k, k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
+        EVEN_K=k % tiles.block_k == 0, num_warps=tiles.num_warps, **flags)
+    return out
+
+
+@triton.jit
+def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, N, K, k_per_split,
+                    stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+                    EVEN_K: tl.constexpr, SCALE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the output channels (the weight's rows)
+    ks = tl.arange(0, BLOCK_K)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    # Channels past N wrap to valid ones (loaded, never stored): the weight's loads need no mask.
+    w_ptrs = w_ptr + (cols % N).to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
+    x_ptrs = x_ptr + k_start + ks
+    wait_for_previous_kernel(PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(k_start, k_stop, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            is_k = (k + ks) < k_stop
+            w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=is_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    sums = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+    is_out = (cols < N)[None, :]
+    out_ptrs = out_ptr + cols[None, :]
+    if IS_SPLIT:
+        tl.store(partial_ptr + pid_k * N + cols[None, :], sums, mask=is_out)  # partial [split_k, N]
+        # The last split of these channels to finish adds up all of them, in order (the barrier
+        # orders every thread's stores before the count's release, the acquire the loads after).
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(1) - 1:
+            total = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+            for s in range(0, tl.num_programs(1)):
+                total += tl.load(partial_ptr + s * N + cols[None, :], mask=is_out, other=0.0, cache_modifier=".cg")
+            y = _scale_and_bias(total, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero for the next launch
+    else:
+        y = _scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
+
+
+@triton.jit
+def _scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """float32 sums [1, BLOCK_N] times the weight's scale (SCALE: 2 one per channel, 1 one for all,
+    0 none), plus the bias, in float32."""
+    if SCALE == 2:
+        sums = sums * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+    elif SCALE == 1:
+        sums = sums * tl.load(scale_ptr)
+    if HAS_BIAS:
+        sums = sums + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return sums

@@ -1,0 +1,99 @@
+"""The one-row product on the CUDA cores (kernels/gemv_triton.py) against float64 arithmetic, and
+where fp8_weight_gemm hands it a row. Runs on a CUDA GPU, or on the CPU in Triton's interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_gemv_kernel.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from meshlm.kernels import fp8_gemm_triton, gemv_triton  # noqa: E402
+from meshlm.kernels.gemv_triton import GemvTiles, gemv_config, one_row_gemm  # noqa: E402
+from meshlm.kernels.tuned_configs import tuned_entry  # noqa: E402
+
+from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS  # noqa: E402
+
+pytestmark = KERNEL_MARKS
+
+
+def _operands(n: int, k: int, weight_dtype: torch.dtype, scale: str, bias: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) * (8.0 if weight_dtype == torch.float8_e4m3fn else 0.05)).to(weight_dtype)
+    s = {"none": None, "channel": torch.rand(n, generator=gen) * 0.01 + 1e-3,
+         "tensor": torch.tensor([0.0123])}[scale]
+    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+    on = [t if t is None else t.to(DEVICE) for t in (x, w, s, b)]
+    return on
+
+
+def _reference(x, w, s, b) -> torch.Tensor:
+    y = x.double().cpu() @ w.double().cpu().t()
+    if s is not None:
+        y = y * s.double().cpu()
+    if b is not None:
+        y = y + b.double().cpu()
+    return y
+
+
+CASES = [  # n, k, weight dtype, scale, bias, tiles
+    (96, 512, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4)),
+    (100, 640, torch.float8_e4m3fn, "channel", True, GemvTiles(32, 128, 3, 4)),  # N past the tiles, uneven splits
+    (64, 600, torch.float8_e4m3fn, "tensor", False, GemvTiles(16, 256, 2, 4)),  # K not a multiple of BLOCK_K
+    (80, 512, torch.bfloat16, "none", False, GemvTiles(8, 128, 4, 4)),
+    (72, 384, torch.bfloat16, "none", True, GemvTiles(16, 64, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("n, k, weight_dtype, scale, bias, tiles", CASES)
+def test_one_row_against_float64(n, k, weight_dtype, scale, bias, tiles):
+    x, w, s, b = _operands(n, k, weight_dtype, scale, bias)
+    out = one_row_gemm(x, w, s, b, tiles)
+    assert out.shape == (1, n) and out.dtype == torch.bfloat16
+    want = _reference(x, w, s, b)
+    # float32 sums of exact products, rounded once to bf16: within half a bf16 step of the value
+    # (plus float32's sum error, far smaller); the interpreter truncates to bf16: a whole step
+    tolerance = want.abs() * 2.0 ** (-7 if IS_INTERPRETED else -8) + want.abs().max() * 1e-6
+    assert ((out.double().cpu() - want).abs() <= tolerance).all()
+    again = one_row_gemm(x, w, s, b, tiles)
+    assert torch.equal(out, again)  # the splits are added in one order, whichever ends last
+
+
+def test_fp8_weight_gemm_hands_one_row_to_it_where_a_shape_is_recorded(monkeypatch):
+    x, w, s, _ = _operands(96, 512, torch.float8_e4m3fn, "channel", False)
+    calls = []
+    real = gemv_triton.one_row_gemm
+    monkeypatch.setattr(gemv_triton, "gemv_tiles", lambda x, w: GemvTiles(16, 128, 2, 4) if x.shape[0] == 1 else None)
+    monkeypatch.setattr(gemv_triton, "one_row_gemm", lambda *a: calls.append(a[-1]) or real(*a))
+    out = fp8_gemm_triton.fp8_weight_gemm(x, w, s)
+    assert calls == [GemvTiles(16, 128, 2, 4)]
+    assert torch.equal(out, real(x, w, s, None, GemvTiles(16, 128, 2, 4)))
+    fp8_gemm_triton.fp8_weight_gemm(torch.cat([x, x]), w, s)  # two rows: the small-batch product
+    fp8_gemm_triton.fp8_weight_gemm(x, w, s, tiles=fp8_gemm_triton.FP8GemmTiles(16, 128, 1))  # tiles named
+    assert len(calls) == 1
+
+
+def test_the_h200_records_every_llama_3_8b_product_with_float8_weights():
+    dtype = torch.float8_e4m3fn
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        tiles = GemvTiles(**tuned_entry(gemv_config(dtype), "NVIDIA H200", n, k, 1))
+        assert k % tiles.split_k == 0 and (k // tiles.split_k) % tiles.block_k == 0, (n, k, tiles)
+    assert tuned_entry(gemv_config(dtype), "NVIDIA H200", 4096, 4096, 2) is None  # one row only
+    # bf16 weights: as fast as the small-batch product inside a decode step, so none recorded
+    assert tuned_entry(gemv_config(torch.bfloat16), "NVIDIA H200", 4096, 4096, 1) is None
+
+
+def test_without_split_counters_one_program_walks_all_of_k(monkeypatch):
+    """As in a CUDA graph captured before any eager call: the counts cannot be made."""
+    x, w, s, b = _operands(100, 640, torch.float8_e4m3fn, "channel", True)
+    split = one_row_gemm(x, w, s, b, GemvTiles(32, 128, 3, 4))
+    monkeypatch.setattr(gemv_triton, "launch_counters", lambda *args: None)
+    whole = one_row_gemm(x, w, s, b, GemvTiles(32, 128, 3, 4))
+    assert torch.equal(whole, one_row_gemm(x, w, s, b, GemvTiles(32, 128, 1, 4)))
+    want = _reference(x, w, s, b)
+    tolerance = want.abs() * 2.0 ** (-7 if IS_INTERPRETED else -8) + want.abs().max() * 1e-6
+    assert ((whole.double().cpu() - want).abs() <= tolerance).all()
+    assert ((split.double().cpu() - want).abs() <= tolerance).all()
