@@ -172,6 +172,9 @@ def _parse() -> argparse.Namespace:
                         help="the overlapped step loop (default) or the plain one")
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="programmatic dependent launch of the Triton kernels (where the GPU has it)")
+    parser.add_argument("--one-row-preload", action=argparse.BooleanOptionalAction, default=None,
+                        help="one-row products load their first weight tile before waiting for the kernel "
+                             "ahead (kernels/gemv_triton.py; default: meshlm's)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="the engine's max_batch_size (default: automatic); fewer decode graphs to capture")
     return parser.parse_args()
@@ -188,6 +191,9 @@ def main() -> int:
         set_fast_accumulation(ns.fast_accumulation)
     if ns.fused_silu_product is not None:
         set_fused_silu_product(ns.fused_silu_product)
+    if ns.one_row_preload is not None:
+        from meshlm.kernels.gemv_triton import set_one_row_preload
+        set_one_row_preload(ns.one_row_preload)
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}),
@@ -203,7 +209,7 @@ def main() -> int:
           f"quantization={ns.quantization}  fused_quantization={ns.fused_quantization}  "
           f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
           f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
-          f"fused_silu_product={ns.fused_silu_product}")
+          f"fused_silu_product={ns.fused_silu_product}  one_row_preload={ns.one_row_preload}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

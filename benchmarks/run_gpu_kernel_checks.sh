@@ -48,11 +48,14 @@
 #   PART=gemv     GPU tests of the one-row product and of the small-batch product's recorded shapes,
 #                 then decode steps of 1 and 16 rows (bf16 and FP8 weights) with the one-row
 #                 product's recorded shapes and without them (~6 min)
+#   PART=preload  GPU tests of the one-row product, then FP8 decode steps of 1 and 16 rows with its first
+#                 weight tile loaded before the PDL wait and without (profile_decode.py
+#                 --one-row-preload; ~3 min)
 #   PART=policy   bench bf16 1000/1000 with guaranteed_no_evict and at the defaults, FP8 128/128 at
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+# Logs and JSON under $OUT. Usage: OUT=results PART=preload|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -197,6 +200,17 @@ if [ "$PART" = steps ]; then
   steps_tests attention 100 tests/gpu/test_triton_attention.py tests/gpu/test_fp8_kv_kernels.py \
       tests/gpu/test_prefill_kernel.py -k "decodes or mixed"
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
+fi
+if [ "$PART" = preload ]; then
+  echo "== GPU tests: the one-row product"
+  timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py > "$OUT/pytest_preload.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$OUT/pytest_preload.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_preload.log"
+  for p in no-one-row-preload one-row-preload no-one-row-preload one-row-preload; do
+    echo "== decode steps, FP8 weights, --$p (profile_decode.py)"
+    timeout 80 python3 benchmarks/profile_decode.py --quantization fp8 --batches 1,16 --steps 50 --max-batch-size 16 \
+        --$p > "$OUT/profile_$p.log" 2>&1
+    echo "exit $?"; tail -2 "$OUT/profile_$p.log"
+  done
 fi
 if [ "$PART" = gemv ]; then
   echo "== GPU tests: the one-row product, the small-batch product's recorded shapes, FP8 layers"

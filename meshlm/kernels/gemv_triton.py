@@ -31,10 +31,21 @@ from meshlm.kernels.triton_launch import launch_counters, programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
 
-__all__ = ["GemvTiles", "gemv_config", "gemv_tiles", "one_row_gemm"]
+__all__ = ["GemvTiles", "gemv_config", "gemv_tiles", "one_row_gemm", "set_one_row_preload"]
 
 _MAX_SPLIT_TILES = 65536  # tiles of channels one split launch may count (256 KB of counters a device)
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Whether a program loads its first weight tile before waiting for the kernel ahead (programmatic
+# dependent launch): the weight is written by no kernel of a step, so programs resident while
+# that kernel ends may start streaming. Off by default until timed; set_one_row_preload(True)
+# turns it on for launches (and CUDA graphs captured) from then on; benchmarks/profile_decode.py
+# --one-row-preload compares.
+_PRELOAD = {"enabled": False}
+
+
+def set_one_row_preload(enabled: bool) -> None:
+    """Whether one-row products launched from now on load their first weight tile before the wait."""
+    _PRELOAD["enabled"] = enabled
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +101,7 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     _one_row_kernel[grid](
         out, partial, counters if counters is not None else partial, x, weight, scale_arg, bias_arg,
         n, k, k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
-        EVEN_K=k % tiles.block_k == 0, num_warps=tiles.num_warps, **flags)
+        EVEN_K=k % tiles.block_k == 0, PRELOAD=_PRELOAD["enabled"], num_warps=tiles.num_warps, **flags)
     return out
 
 
@@ -98,7 +109,7 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, N, K, k_per_split,
                     stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
                     EVEN_K: tl.constexpr, SCALE: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr = False):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the output channels (the weight's rows)
     ks = tl.arange(0, BLOCK_K)
@@ -107,9 +118,20 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
     # Channels past N wrap to valid ones (loaded, never stored): the weight's loads need no mask.
     w_ptrs = w_ptr + (cols % N).to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
     x_ptrs = x_ptr + k_start + ks
-    wait_for_previous_kernel(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in range(k_start, k_stop, BLOCK_K):
+    loop_start = k_start
+    if PRELOAD:  # the first weight tile before the wait (masked: a split may hold no columns)
+        is_k = (k_start + ks) < k_stop
+        w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
+        wait_for_previous_kernel(PDL)
+        x = tl.load(x_ptrs, mask=is_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        loop_start = k_start + BLOCK_K
+    else:
+        wait_for_previous_kernel(PDL)
+    for k in range(loop_start, k_stop, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)

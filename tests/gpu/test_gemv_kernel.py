@@ -97,3 +97,19 @@ def test_without_split_counters_one_program_walks_all_of_k(monkeypatch):
     tolerance = want.abs() * 2.0 ** (-7 if IS_INTERPRETED else -8) + want.abs().max() * 1e-6
     assert ((whole.double().cpu() - want).abs() <= tolerance).all()
     assert ((split.double().cpu() - want).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("n, k, weight_dtype, scale, bias, tiles", CASES + [
+    (64, 512, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 8, 4))])  # splits past K's columns
+def test_the_first_tile_loaded_before_the_wait_gives_the_same_bits(n, k, weight_dtype, scale, bias, tiles):
+    x, w, s, b = _operands(n, k, weight_dtype, scale, bias)
+    plain = one_row_gemm(x, w, s, b, tiles)
+    gemv_triton.set_one_row_preload(True)
+    try:
+        preloaded = one_row_gemm(x, w, s, b, tiles)
+    finally:
+        gemv_triton.set_one_row_preload(False)
+    assert torch.equal(plain, preloaded)
+    want = _reference(x, w, s, b)
+    tolerance = want.abs() * 2.0 ** (-7 if IS_INTERPRETED else -8) + want.abs().max() * 1e-6
+    assert ((preloaded.double().cpu() - want).abs() <= tolerance).all()
