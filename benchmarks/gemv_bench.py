@@ -23,11 +23,13 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meshlm.kernels.fp8_gemm_triton import choose_tiles, fp8_weight_gemm  # noqa: E402
 from meshlm.kernels.gemv_triton import gemv_config  # noqa: E402
 from meshlm.kernels.tuned_configs import config_path, device_name  # noqa: E402
 from meshlm.kernels.triton_launch import num_sms, programmatic_launch  # noqa: E402
+from weight_read_floor import timed_chain  # noqa: E402
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -68,23 +70,6 @@ def gemv(out, x, w, scale, tiles, split) -> None:
         HAS_SCALE=scale is not None, PDL=pdl, launch_pdl=pdl, num_warps=warps)
 
 
-def timed(run, replays: int = 20) -> float:
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays * 1e3  # us a replay
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fp8", action="store_true")
@@ -104,7 +89,7 @@ def main() -> int:
         # the small-batch product's own launch shape (without it, one row would come here)
         small = choose_tiles(1, n, k, x.dtype, num_sms(x.device), device_name(x.device), dtype)
         want = fp8_weight_gemm(x, weights[0], scale, tiles=small).float()
-        base = timed(lambda: [fp8_weight_gemm(x, w, scale, tiles=small) for w in weights]) / args.layers
+        base = 1e3 * timed_chain(lambda: [fp8_weight_gemm(x, w, scale, tiles=small) for w in weights], 20) / args.layers
         results = []
         for tiles, split in itertools.product(TILES, SPLITS):
             if (k // split) % tiles[1]:
@@ -112,7 +97,7 @@ def main() -> int:
             out.zero_()
             gemv(out, x, weights[0], scale, tiles, split)
             err = (out - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
-            us = timed(lambda t=tiles, s=split: [gemv(out, x, w, scale, t, s) for w in weights]) / args.layers
+            us = 1e3 * timed_chain(lambda t=tiles, s=split: [gemv(out, x, w, scale, t, s) for w in weights], 20) / args.layers
             results.append((us, tiles, split, err))
         results.sort(key=lambda r: r[0])
         size = n * k * weights[0].element_size()

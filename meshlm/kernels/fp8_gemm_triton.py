@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms, programmatic_launch
+from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
 from meshlm.kernels.silu_triton import silu_and_mul_values
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
@@ -129,22 +130,12 @@ def _fp8_weight_gemm_kernel(
         # partial [split_k, M, N]
         offsets = (pid_k * M + rows).to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(partial_ptr + offsets, acc, mask=is_out)
-        if SERIAL_REDUCE:
-            # The last split of this tile to finish adds up all of them. The barrier orders every
-            # thread's stores before the release of the count; the acquire orders the loads after.
-            tl.debug_barrier()
-            tile = pid_m * tl.num_programs(0) + pid_n
-            done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if done == tl.num_programs(1) - 1:
-                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for s in range(0, tl.num_programs(1)):  # in order: the same sum whichever split ends last
-                    split_offsets = (s * M + rows).to(tl.int64)[:, None] * N + cols[None, :]
-                    total += tl.load(partial_ptr + split_offsets, mask=is_out, other=0.0, cache_modifier=".cg")
-                y = _scale_and_bias(total, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
-                tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
-                tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # zero for the next launch
+        if SERIAL_REDUCE:  # the last split of this tile to finish adds up all of them
+            add_splits_if_last(out_ptrs, partial_ptr, rows.to(tl.int64)[:, None] * N + cols[None, :],
+                               M * N, is_out, counter_ptr, pid_m * tl.num_programs(0) + pid_n, cols, N,
+                               scale_ptr, bias_ptr, SCALE, HAS_BIAS, BLOCK_M, BLOCK_N)
     else:
-        y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
+        y = scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
 
 
@@ -202,19 +193,6 @@ def _widen_fp8(w, dtype: tl.constexpr, IN_ASM: tl.constexpr):
 
 
 @triton.jit
-def _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """float32 sums [rows, cols] times the weight's scale (SCALE: 2 one per channel, 1 one for all,
-    0 none), plus the bias, in float32."""
-    if SCALE == 2:
-        acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
-    elif SCALE == 1:
-        acc = acc * tl.load(scale_ptr)
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
 def _reduce_splits_kernel(out_ptr, partial_ptr, scale_ptr, bias_ptr, M, N, stride_om,
                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, SCALE: tl.constexpr,
                           HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
@@ -226,7 +204,7 @@ def _reduce_splits_kernel(out_ptr, partial_ptr, scale_ptr, bias_ptr, M, N, strid
     for s in tl.static_range(SPLIT_K):  # in order: the same sum every run
         offsets = (s * M + row).to(tl.int64) * N + cols
         acc += tl.load(partial_ptr + offsets, mask=is_col, other=0.0)[None, :]
-    y = _scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
+    y = scale_and_bias(acc, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
     tl.store(out_ptr + row.to(tl.int64) * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
              mask=is_col[None, :])
 

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
 from meshlm.kernels.triton_launch import launch_counters, programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
@@ -147,30 +148,10 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
     out_ptrs = out_ptr + cols[None, :]
     if IS_SPLIT:
         tl.store(partial_ptr + pid_k * N + cols[None, :], sums, mask=is_out)  # partial [split_k, N]
-        # The last split of these channels to finish adds up all of them, in order (the barrier
-        # orders every thread's stores before the count's release, the acquire the loads after).
-        tl.debug_barrier()
-        done = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == tl.num_programs(1) - 1:
-            total = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-            for s in range(0, tl.num_programs(1)):
-                total += tl.load(partial_ptr + s * N + cols[None, :], mask=is_out, other=0.0, cache_modifier=".cg")
-            y = _scale_and_bias(total, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
-            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
-            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero for the next launch
+        # the last split of these channels to finish adds up all of them, in order
+        add_splits_if_last(out_ptrs, partial_ptr, cols[None, :], N, is_out, counter_ptr, pid_n, cols, N, scale_ptr,
+                           bias_ptr, SCALE, HAS_BIAS, 1, BLOCK_N)
     else:
-        y = _scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
+        y = scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
 
-
-@triton.jit
-def _scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """float32 sums [1, BLOCK_N] times the weight's scale (SCALE: 2 one per channel, 1 one for all,
-    0 none), plus the bias, in float32."""
-    if SCALE == 2:
-        sums = sums * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
-    elif SCALE == 1:
-        sums = sums * tl.load(scale_ptr)
-    if HAS_BIAS:
-        sums = sums + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    return sums
