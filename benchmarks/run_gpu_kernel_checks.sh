@@ -48,9 +48,9 @@
 #   PART=gemv     GPU tests of the one-row product and of the small-batch product's recorded shapes,
 #                 then decode steps of 1 and 16 rows (bf16 and FP8 weights) with the one-row
 #                 product's recorded shapes and without them (~6 min)
-#   PART=preload  GPU tests of the one-row product, then FP8 decode steps of 1 and 16 rows with its first
+#   PART=preload  GPU tests of the one-row and small-batch products, then FP8 decode steps of 1 and 16 rows with its first
 #                 weight tile loaded before the PDL wait and without (profile_decode.py
-#                 --one-row-preload; ~3 min)
+#                 --one-row-preload; ~4 min)
 #   PART=policy   bench bf16 1000/1000 with guaranteed_no_evict and at the defaults, FP8 128/128 at
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
@@ -202,8 +202,9 @@ if [ "$PART" = steps ]; then
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
 if [ "$PART" = preload ]; then
-  echo "== GPU tests: the one-row product"
-  timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py > "$OUT/pytest_preload.log" 2>&1
+  echo "== GPU tests: the one-row and small-batch products"
+  timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_fp8_gemm_kernel.py \
+      > "$OUT/pytest_preload.log" 2>&1
   grep -E "^FAILED|passed|failed" "$OUT/pytest_preload.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_preload.log"
   for p in no-one-row-preload one-row-preload no-one-row-preload one-row-preload; do
     echo "== decode steps, FP8 weights, --$p (profile_decode.py)"
