@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms, programmatic_launch
 from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
+from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms, programmatic_launch
 from meshlm.kernels.silu_triton import silu_and_mul_values
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
