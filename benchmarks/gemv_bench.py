@@ -3,12 +3,12 @@
     python3 benchmarks/gemv_bench.py [--fp8] [--layers 32] [--out gemv.json]
 
 The small-batch product (kernels/fp8_gemm_triton.py) pads one row to 16 and multiplies on the
-tensor cores, widening a float8 weight to bf16 first. For one row a plain dot product may do:
-each program widens its weight tile to float32 and multiplies-adds it with the row into float32
-sums, reduced once at the end; K split over programs, the splits added atomically (this
-benchmark's shortcut: the order of the sums varies). Per Llama-3-8B shape, 32 distinct weights
-(so L2 holds none of them) in one CUDA graph, for a grid of launch shapes: the fastest against the
-small-batch product's recorded launch, in microseconds a product and TB/s of weight read.
+tensor cores, widening a float8 weight to bf16 first. The one-row product (kernels/gemv_triton.py)
+widens each weight tile to float32 and multiplies-adds it with the row, summing once at the end.
+Per Llama-3-8B shape, 32 distinct weights (so L2 holds none of them) in one CUDA graph, for a grid
+of the one-row product's launch shapes: the fastest against the small-batch product's own launch,
+in microseconds a product and TB/s of weight read. ``--write-config`` records the shapes where
+the one-row product won (kernels/configs/).
 """
 from __future__ import annotations
 
@@ -19,55 +19,20 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meshlm.kernels.fp8_gemm_triton import choose_tiles, fp8_weight_gemm  # noqa: E402
-from meshlm.kernels.gemv_triton import gemv_config  # noqa: E402
+from meshlm.kernels.gemv_triton import GemvTiles, gemv_config, one_row_gemm, set_one_row_preload  # noqa: E402
+from meshlm.kernels.triton_launch import num_sms  # noqa: E402
 from meshlm.kernels.tuned_configs import config_path, device_name  # noqa: E402
-from meshlm.kernels.triton_launch import num_sms, programmatic_launch  # noqa: E402
 from weight_read_floor import timed_chain  # noqa: E402
-from meshlm.kernels.triton_pdl import wait_for_previous_kernel  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 # (BLOCK_N, BLOCK_K, warps)
 TILES = [(8, 512, 4), (16, 256, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (32, 512, 8), (8, 1024, 4), (4, 1024, 4)]
 SPLITS = [1, 2, 4, 8]
-
-
-@triton.jit
-def _gemv_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, N, k_per_split, stride_wn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PDL: tl.constexpr):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    k_start = pid_k * k_per_split
-    w_ptrs = w_ptr + (rows % N).to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
-    x_ptrs = x_ptr + k_start + ks
-    wait_for_previous_kernel(PDL)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for _ in range(0, k_per_split, BLOCK_K):
-        w = tl.load(w_ptrs)
-        x = tl.load(x_ptrs)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1)
-    if HAS_SCALE:
-        y *= tl.load(scale_ptr + rows % N)
-    tl.atomic_add(out_ptr + rows, y, mask=rows < N, sem="relaxed")
-
-
-def gemv(out, x, w, scale, tiles, split) -> None:
-    block_n, block_k, warps = tiles
-    n, k = w.shape
-    pdl = programmatic_launch(w.device)
-    _gemv_kernel[(triton.cdiv(n, block_n), split)](
-        out, x, w, scale if scale is not None else out, n, k // split, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_SCALE=scale is not None, PDL=pdl, launch_pdl=pdl, num_warps=warps)
 
 
 def main() -> int:
@@ -78,14 +43,16 @@ def main() -> int:
     parser.add_argument("--write-config", action="store_true",
                         help="record each shape's fastest launch for this card (kernels/configs/), "
                              "where it beat the small-batch product")
+    parser.add_argument("--one-row-preload", action="store_true",
+                        help="the one-row product loads its first weight tile before the PDL wait")
     args = parser.parse_args()
     dtype = torch.float8_e4m3fn if args.fp8 else torch.bfloat16
+    set_one_row_preload(args.one_row_preload)
     rows = {}
     for name, (n, k) in SHAPES.items():
         weights = [(torch.randn(n, k, device="cuda") * 0.05).to(dtype) for _ in range(args.layers)]
         scale = torch.full((n,), 0.01, device="cuda") if args.fp8 else None
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        out = torch.zeros(1, n, device="cuda", dtype=torch.float32)
         # the small-batch product's own launch shape (without it, one row would come here)
         small = choose_tiles(1, n, k, x.dtype, num_sms(x.device), device_name(x.device), dtype)
         want = fp8_weight_gemm(x, weights[0], scale, tiles=small).float()
@@ -94,10 +61,10 @@ def main() -> int:
         for tiles, split in itertools.product(TILES, SPLITS):
             if (k // split) % tiles[1]:
                 continue
-            out.zero_()
-            gemv(out, x, weights[0], scale, tiles, split)
+            launch = GemvTiles(tiles[0], tiles[1], split, tiles[2])
+            out = one_row_gemm(x, weights[0], scale, None, launch).float()
             err = (out - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
-            us = 1e3 * timed_chain(lambda t=tiles, s=split: [gemv(out, x, w, scale, t, s) for w in weights], 20) / args.layers
+            us = 1e3 * timed_chain(lambda t=launch: [one_row_gemm(x, w, scale, None, t) for w in weights], 20) / args.layers
             results.append((us, tiles, split, err))
         results.sort(key=lambda r: r[0])
         size = n * k * weights[0].element_size()
