@@ -50,7 +50,8 @@
 #                 product's recorded shapes and without them (~6 min)
 #   PART=preload  GPU tests of the one-row and small-batch products, then FP8 decode steps of 1 and 16 rows with its first
 #                 weight tile loaded before the PDL wait and without (profile_decode.py
-#                 --one-row-preload; ~4 min)
+#                 --one-row-preload), then bf16 weights' one-row shapes swept with the preload and
+#                 batch-1 steps with and without them (~8 min)
 #   PART=policy   bench bf16 1000/1000 with guaranteed_no_evict and at the defaults, FP8 128/128 at
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
@@ -212,6 +213,18 @@ if [ "$PART" = preload ]; then
         --$p > "$OUT/profile_$p.log" 2>&1
     echo "exit $?"; tail -2 "$OUT/profile_$p.log"
   done
+  echo "== bf16 weights: one-row launch shapes swept with the preload (gemv_bench.py --write-config), then"
+  echo "   batch-1 decode steps with them and the preload, and without them (the small-batch product)"
+  timeout 150 python3 benchmarks/gemv_bench.py --one-row-preload --write-config --out "$OUT/gemv_bf16_preload.json" \
+      > "$OUT/gemv_bf16_preload.log" 2>&1
+  echo "exit $?"; tail -5 "$OUT/gemv_bf16_preload.log"
+  timeout 80 python3 benchmarks/profile_decode.py --batches 1,16 --steps 50 --max-batch-size 16 --one-row-preload \
+      > "$OUT/profile_bf16_one_row.log" 2>&1
+  echo "exit $?"; tail -2 "$OUT/profile_bf16_one_row.log"
+  rm -f meshlm/kernels/configs/bf16_weight_gemv_*.json
+  timeout 80 python3 benchmarks/profile_decode.py --batches 1,16 --steps 50 --max-batch-size 16 \
+      > "$OUT/profile_bf16_small_batch.log" 2>&1
+  echo "exit $?"; tail -2 "$OUT/profile_bf16_small_batch.log"
 fi
 if [ "$PART" = gemv ]; then
   echo "== GPU tests: the one-row product, the small-batch product's recorded shapes, FP8 layers"
