@@ -175,6 +175,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--one-row-preload", action=argparse.BooleanOptionalAction, default=None,
                         help="one-row products load their first weight tile before waiting for the kernel "
                              "ahead (kernels/gemv_triton.py; default: meshlm's)")
+    parser.add_argument("--short-context-graphs", type=int, default=0,
+                        help="small batches also get decode graphs for contexts of at most this many tokens "
+                             "(executor/cuda_graphs.py; 0: none, the default)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="the engine's max_batch_size (default: automatic); fewer decode graphs to capture")
     return parser.parse_args()
@@ -191,6 +194,9 @@ def main() -> int:
         set_fast_accumulation(ns.fast_accumulation)
     if ns.fused_silu_product is not None:
         set_fused_silu_product(ns.fused_silu_product)
+    if ns.short_context_graphs:
+        from meshlm.executor.cuda_graphs import set_short_context_graphs
+        set_short_context_graphs(ns.short_context_graphs)
     if ns.one_row_preload is not None:
         from meshlm.kernels.gemv_triton import set_one_row_preload
         set_one_row_preload(ns.one_row_preload)
@@ -209,7 +215,8 @@ def main() -> int:
           f"quantization={ns.quantization}  fused_quantization={ns.fused_quantization}  "
           f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
           f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
-          f"fused_silu_product={ns.fused_silu_product}  one_row_preload={ns.one_row_preload}")
+          f"fused_silu_product={ns.fused_silu_product}  one_row_preload={ns.one_row_preload}  "
+          f"short_context_graphs={ns.short_context_graphs}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

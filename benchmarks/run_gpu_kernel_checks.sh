@@ -51,12 +51,14 @@
 #   PART=preload  GPU tests of the one-row and small-batch products, then FP8 decode steps of 1 and 16 rows with its first
 #                 weight tile loaded before the PDL wait and without (profile_decode.py
 #                 --one-row-preload), then bf16 weights' one-row shapes swept with the preload and
-#                 batch-1 steps with and without them (~8 min)
+#                 batch-1 steps with and without them (~7 min)
+#   PART=short    the decode graphs' and the engine's GPU tests (short-context graphs among them), then
+#                 bf16 and FP8 decode steps of 1 and 16 rows with short-context graphs and without (~7 min)
 #   PART=policy   bench bf16 1000/1000 with guaranteed_no_evict and at the defaults, FP8 128/128 at
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=preload|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+# Logs and JSON under $OUT. Usage: OUT=results PART=preload|short|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -225,6 +227,21 @@ if [ "$PART" = preload ]; then
   timeout 80 python3 benchmarks/profile_decode.py --batches 1,16 --steps 50 --max-batch-size 16 \
       > "$OUT/profile_bf16_small_batch.log" 2>&1
   echo "exit $?"; tail -2 "$OUT/profile_bf16_small_batch.log"
+fi
+if [ "$PART" = short ]; then
+  echo "== short-context decode graphs (511 tokens: one attention split, no merge), bf16 then FP8"
+  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_graph_buckets_gpu.py tests/gpu/test_engine_gpu.py \
+      > "$OUT/pytest_short.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$OUT/pytest_short.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_short.log"
+  for q in bf16 fp8; do
+    flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+    for short in 511 0; do
+      echo "== decode steps, $q weights, --short-context-graphs $short"
+      timeout 80 python3 benchmarks/profile_decode.py $flags --batches 1,16 --steps 50 --max-batch-size 16 \
+          --short-context-graphs $short > "$OUT/profile_short${short}_$q.log" 2>&1
+      echo "exit $?"; tail -2 "$OUT/profile_short${short}_$q.log"
+    done
+  done
 fi
 if [ "$PART" = gemv ]; then
   echo "== GPU tests: the one-row product, the small-batch product's recorded shapes, FP8 layers"

@@ -24,6 +24,22 @@ log = logging.getLogger("meshlm")
 # holds it, so the padding is at most 7 rows up to 64, 15 up to 256, 31 up to 512, 63 beyond.
 _BUCKET_STEPS = ((64, 8), (256, 16), (512, 32))
 _LARGE_BUCKET_STEP = 64
+# Short-context decode graphs: a decode graph bakes the attention's split count from the model's
+# length (kernels/decode_attention.py), so a small batch of short sequences launches splits that
+# hold no key and a merge kernel. With set_short_context_graphs(n), batches of at most
+# SHORT_GRAPH_MAX_BATCH sequences also get graphs captured for contexts of at most n tokens, which
+# a step replays when every sequence fits. Off by default until timed (benchmarks/profile_decode.py
+# --short-context-graphs compares); 511 is the longest context the split rule gives one split.
+SHORT_GRAPH_MAX_BATCH = 16
+_SHORT_CONTEXT = {"tokens": 0}
+
+
+def set_short_context_graphs(tokens: int) -> None:
+    """Contexts of at most ``tokens`` get their own small-batch decode graphs in captures from now
+    on (0: none)."""
+    if tokens < 0:
+        raise ValueError(f"short-context graphs: tokens={tokens} must be >= 0")
+    _SHORT_CONTEXT["tokens"] = tokens
 
 
 def default_buckets(max_batch_size: int) -> list[int]:
@@ -83,7 +99,11 @@ class DecodeGraphRunner:
         self.block_tables = torch.full((largest, max_blocks_per_seq), scratch_block, dtype=torch.int32, **on)
         self.num_replays = 0
         self.replayed_batch = 0  # the bucket of the last replay (tests and logs)
+        self.replayed_short = False  # whether it was a short-context graph
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Graphs of small batches for contexts of at most short_context tokens (decode runners only).
+        self.short_context = min(_SHORT_CONTEXT["tokens"], max_model_len) if query_len == 1 else 0
+        self._short_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None  # the graphs' memory pool, once captured (other runners may share it)
         # Every graph writes its logits into the first rows of this one buffer (allocated outside
         # the graphs' pool), so the pool holds no logits once a capture ends; None before the last stage.
@@ -100,17 +120,19 @@ class DecodeGraphRunner:
         """The batch sizes that have a captured graph, ascending."""
         return sorted(self._graphs)
 
-    def _meta(self, batch: int) -> AttentionMetadata:
+    def _meta(self, batch: int, max_seq_len: int | None = None) -> AttentionMetadata:
         rows, q = batch * self.query_len, self.query_len
         # A sequence's keys may reach query_len - 1 past max_model_len: the padding rows of a verify
         # graph raise its length (executor/verify_graphs.py).
+        longest = self.max_model_len + q - 1 if max_seq_len is None else max_seq_len
         return AttentionMetadata(self.positions[:rows], self.slot_mapping[:rows], self.query_start_loc[:batch + 1],
-                                 self.seq_lens[:batch], self.block_tables[:batch], q, self.max_model_len + q - 1,
+                                 self.seq_lens[:batch], self.block_tables[:batch], q, longest,
                                  np.full(batch, q, dtype=np.int32))
 
-    def _forward(self, batch: int, logits_out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The forward of ``batch`` sequences: their logits (into ``logits_out`` if given); None
-        before the last stage."""
+    def _forward(self, batch: int, logits_out: torch.Tensor | None = None,
+                 max_seq_len: int | None = None) -> torch.Tensor | None:
+        """The forward of ``batch`` sequences (of at most ``max_seq_len`` keys; None: the model's
+        length): their logits (into ``logits_out`` if given); None before the last stage."""
         mapping, model = self.groups.mapping, self.model
         rows = batch * self.query_len
         if mapping.is_first_pp_rank:
@@ -118,7 +140,7 @@ class DecodeGraphRunner:
         else:
             weight = next(model.parameters())
             hidden = self.groups.recv_from_prev_stage((rows, model.cfg.hidden_size), weight.dtype, self.device)
-        hidden = model(hidden, self._meta(batch), self.kv_caches)
+        hidden = model(hidden, self._meta(batch, max_seq_len), self.kv_caches)
         if not mapping.is_last_pp_rank:
             self.groups.send_to_next_stage(hidden)
             return None
@@ -130,23 +152,29 @@ class DecodeGraphRunner:
         other graphs already use, else a new one): a smaller graph's temporaries reuse the blocks
         the larger ones freed, so the pool stays about the size of the largest graph's temporaries."""
         self.pool = torch.cuda.graph_pool_handle() if pool is None else pool
-        side = torch.cuda.Stream(self.device)
         for batch in reversed(self.buckets):
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # compile and warm up outside the capture
-                warm = self._forward(batch)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if warm is not None and self.logits is None:
-                self.logits = torch.empty((self.buckets[-1] * self.query_len, warm.shape[1]), dtype=warm.dtype,
-                                          device=self.device)
-            del warm
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):  # the LM head writes into the static buffer
-                self._forward(batch, None if self.logits is None else self.logits[:batch * self.query_len])
-            self._graphs[batch] = graph
+            self._graphs[batch] = self._capture_one(batch, None)
+        if self.short_context:
+            for batch in reversed([b for b in self.buckets if b <= SHORT_GRAPH_MAX_BATCH]):
+                self._short_graphs[batch] = self._capture_one(batch, self.short_context)
         torch.cuda.synchronize(self.device)
         log.info("captured %d %s CUDA graphs, batch sizes 1 to %d", len(self.buckets), self.kind, self.buckets[-1])
         log.debug("%s graph batch sizes: %s", self.kind, self.buckets)
+
+    def _capture_one(self, batch: int, max_seq_len: int | None) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # compile and warm up outside the capture
+            warm = self._forward(batch, None, max_seq_len)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if warm is not None and self.logits is None:
+            self.logits = torch.empty((self.buckets[-1] * self.query_len, warm.shape[1]), dtype=warm.dtype,
+                                      device=self.device)
+        del warm
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):  # the LM head writes into the static buffer
+            self._forward(batch, None if self.logits is None else self.logits[:batch * self.query_len], max_seq_len)
+        return graph
 
     def can_run(self, plan: StepPlan) -> bool:
         return (plan.num_seqs <= self.buckets[-1] and plan.num_tokens == plan.num_seqs
@@ -175,14 +203,18 @@ class DecodeGraphRunner:
         host["slot_mapping"][n:batch] = self.scratch_block * self.block_size
         host["seq_lens"][n:batch] = 1
         host["block_tables"][n:batch, 0] = self.scratch_block
-        self._replay(host, batch, plan.prev_token_index, prev_tokens)
+        short = self._short_graphs.get(batch) if self._short_graphs else None
+        if short is not None and int(plan.seq_lens.max()) > self.short_context:
+            short = None
+        self._replay(host, batch, plan.prev_token_index, prev_tokens, graph=short)
         return None if self.logits is None else self.logits[:n]
 
     def _replay(self, host: dict[str, torch.Tensor], batch: int, prev_token_rows: np.ndarray,
-                prev_tokens: torch.Tensor | None, table_width: int | None = None) -> None:
+                prev_tokens: torch.Tensor | None, table_width: int | None = None,
+                graph: torch.cuda.CUDAGraph | None = None) -> None:
         """Copy the first ``batch`` sequences of ``host`` (their first ``table_width`` block-table
         columns, None: all) into the static inputs, put ``prev_tokens`` into the input ids at the
-        graph rows ``prev_token_rows``, and replay the graph of ``batch``."""
+        graph rows ``prev_token_rows``, and replay ``graph`` (None: the graph of ``batch``)."""
         rows = batch * self.query_len
         for name, size in (("input_ids", rows), ("positions", rows), ("slot_mapping", rows), ("seq_lens", batch)):
             getattr(self, name)[:size].copy_(host[name][:size], non_blocking=True)
@@ -190,6 +222,7 @@ class DecodeGraphRunner:
         if prev_tokens is not None:  # after the copy, on the same stream
             index = torch.from_numpy(prev_token_rows).pin_memory().to(self.device, non_blocking=True)
             self.input_ids.index_copy_(0, index, prev_tokens)  # [num_prev] into [largest rows]
-        self._graphs[batch].replay()
+        (graph or self._graphs[batch]).replay()
         self.num_replays += 1
         self.replayed_batch = batch
+        self.replayed_short = graph is not None

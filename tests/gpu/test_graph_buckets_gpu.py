@@ -8,7 +8,9 @@
 - a decode step of 1, 3, 17, 100, 300 and 1000 sequences (random context lengths over a random KV
   cache) replays the graph of its bucket and gives the eager step's logits within bf16 tolerance;
 - through LLM(...): the automatic max_batch_size decodes 1000 requests in one graph step, and a
-  Llama-3-8B-shaped model on a card of 120 GB or more gets at least 1024 sequences at once.
+  Llama-3-8B-shaped model on a card of 120 GB or more gets at least 1024 sequences at once;
+- with short-context graphs (set_short_context_graphs), a small batch whose sequences all fit
+  replays its short graph, any other its bucket's graph, both with the eager step's logits.
 """
 from __future__ import annotations
 
@@ -61,11 +63,13 @@ def runner(tmp_path_factory):
     runner.shutdown()
 
 
-def decode_plan(num_seqs: int, seed: int) -> StepPlan:
-    """One decode token for each of ``num_seqs`` sequences of random lengths in [1, MAX_CONTEXT],
-    each over its own random KV blocks."""
+def decode_plan(num_seqs: int, seed: int, max_context: int = MAX_CONTEXT, first_len: int | None = None) -> StepPlan:
+    """One decode token for each of ``num_seqs`` sequences of random lengths in [1, max_context]
+    (the first ``first_len`` long if given), each over its own random KV blocks."""
     rng = np.random.default_rng(seed)
-    seq_lens = rng.integers(1, MAX_CONTEXT + 1, num_seqs).astype(np.int32)
+    seq_lens = rng.integers(1, max_context + 1, num_seqs).astype(np.int32)
+    if first_len is not None:
+        seq_lens[0] = first_len
     width = int(-(-seq_lens.max() // BLOCK_SIZE))
     tables = rng.permutation(NUM_BLOCKS)[:num_seqs * BLOCKS_PER_SEQ].reshape(num_seqs, BLOCKS_PER_SEQ)
     tables = np.ascontiguousarray(tables[:, :width]).astype(np.int32)  # [num_seqs, width]
@@ -172,3 +176,40 @@ def test_llama3_8b_shape_runs_1024_sequences_at_once(tmp_path):
               f"(reserved {engine.graph_memory_reserve_bytes(max_batch_size) / 2**30:.2f} GiB)")
     finally:
         llm.shutdown()
+
+
+SHORT_CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def short_runner(tmp_path_factory):
+    from meshlm.executor.cuda_graphs import set_short_context_graphs
+    path = _config_dir(tmp_path_factory.mktemp("mid_short"), MID)
+    config = EngineConfig.for_random_weights(ModelConfig.from_dir(path), dtype="bfloat16", max_model_len=512)
+    runner = ModelRunner(config, ParallelGroups.single(), torch.device("cuda"))
+    runner.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for k_cache, v_cache in runner.kv_caches:
+        k_cache.normal_(generator=gen)
+        v_cache.normal_(generator=gen)
+    set_short_context_graphs(SHORT_CONTEXT)
+    try:
+        runner.capture_cuda_graphs(32)
+    finally:
+        set_short_context_graphs(0)
+    yield runner
+    runner.shutdown()
+
+
+@pytest.mark.parametrize("num_seqs", [1, 5, 16, 17])
+@pytest.mark.parametrize("max_context", [SHORT_CONTEXT, MAX_CONTEXT])
+def test_short_context_graphs_replay_where_every_sequence_fits(short_runner, num_seqs, max_context):
+    longer = MAX_CONTEXT if max_context > SHORT_CONTEXT else None  # one sequence past the short graphs
+    plan = decode_plan(num_seqs, seed=num_seqs + max_context, max_context=max_context, first_len=longer)
+    graphs = short_runner.graph_runner
+    got = short_runner.forward_logits(plan).clone()
+    assert graphs.replayed_short == (max_context <= SHORT_CONTEXT and num_seqs <= 16), (num_seqs, max_context)
+    expected = eager_logits(short_runner, plan)
+    assert relative_error(got, expected) < 2e-2, relative_error(got, expected)
+    if num_seqs > 1:
+        assert relative_error(got.roll(1, dims=0), expected) > 0.1

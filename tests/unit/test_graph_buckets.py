@@ -87,3 +87,11 @@ def test_cpu_engine_resolves_max_batch_size_for_the_scheduler(tmp_path):
         assert llm.local_model_runner().graph_runner is None
     with LLM(str(path), device="cpu", num_kv_blocks=16, block_size=4, max_model_len=64, max_batch_size=3) as llm:
         assert llm.engine_core.max_batch_size == 3
+
+
+def test_short_context_graphs_are_off_by_default_and_take_no_negative_length():
+    from meshlm.executor import cuda_graphs
+    assert cuda_graphs._SHORT_CONTEXT["tokens"] == 0
+    with pytest.raises(ValueError, match="tokens=-1 must be >= 0"):
+        cuda_graphs.set_short_context_graphs(-1)
+    assert cuda_graphs._SHORT_CONTEXT["tokens"] == 0
