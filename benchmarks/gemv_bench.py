@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meshlm.kernels.fp8_gemm_triton import choose_tiles, fp8_weight_gemm  # noqa: E402
-from meshlm.kernels.gemv_triton import GemvTiles, gemv_config, one_row_gemm, set_one_row_preload  # noqa: E402
-from meshlm.kernels.triton_launch import num_sms  # noqa: E402
+from meshlm.kernels.gemv_triton import GemvTiles, gemv_config, one_row_gemm  # noqa: E402
+from meshlm.kernels.triton_launch import num_sms, set_weight_preload  # noqa: E402
 from meshlm.kernels.tuned_configs import config_path, device_name  # noqa: E402
 from weight_read_floor import timed_chain  # noqa: E402
 
@@ -43,11 +43,11 @@ def main() -> int:
     parser.add_argument("--write-config", action="store_true",
                         help="record each shape's fastest launch for this card (kernels/configs/), "
                              "where it beat the small-batch product")
-    parser.add_argument("--one-row-preload", action="store_true",
-                        help="the one-row product loads its first weight tile before the PDL wait")
+    parser.add_argument("--weight-preload", action="store_true",
+                        help="both products load their first weight tile before the PDL wait")
     args = parser.parse_args()
     dtype = torch.float8_e4m3fn if args.fp8 else torch.bfloat16
-    set_one_row_preload(args.one_row_preload)
+    set_weight_preload(args.weight_preload)
     rows = {}
     for name, (n, k) in SHAPES.items():
         weights = [(torch.randn(n, k, device="cuda") * 0.05).to(dtype) for _ in range(args.layers)]

@@ -172,9 +172,9 @@ def _parse() -> argparse.Namespace:
                         help="the overlapped step loop (default) or the plain one")
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="programmatic dependent launch of the Triton kernels (where the GPU has it)")
-    parser.add_argument("--one-row-preload", action=argparse.BooleanOptionalAction, default=None,
-                        help="one-row products load their first weight tile before waiting for the kernel "
-                             "ahead (kernels/gemv_triton.py; default: meshlm's)")
+    parser.add_argument("--weight-preload", action=argparse.BooleanOptionalAction, default=None,
+                        help="the weight products load their first weight tile before waiting for the kernel "
+                             "ahead (kernels/triton_launch.py; default: meshlm's)")
     parser.add_argument("--short-context-graphs", type=int, default=0,
                         help="small batches also get decode graphs for contexts of at most this many tokens "
                              "(executor/cuda_graphs.py; 0: none, the default)")
@@ -197,9 +197,9 @@ def main() -> int:
     if ns.short_context_graphs:
         from meshlm.executor.cuda_graphs import set_short_context_graphs
         set_short_context_graphs(ns.short_context_graphs)
-    if ns.one_row_preload is not None:
-        from meshlm.kernels.gemv_triton import set_one_row_preload
-        set_one_row_preload(ns.one_row_preload)
+    if ns.weight_preload is not None:
+        from meshlm.kernels.triton_launch import set_weight_preload
+        set_weight_preload(ns.weight_preload)
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}),
@@ -215,7 +215,7 @@ def main() -> int:
           f"quantization={ns.quantization}  fused_quantization={ns.fused_quantization}  "
           f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
           f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
-          f"fused_silu_product={ns.fused_silu_product}  one_row_preload={ns.one_row_preload}  "
+          f"fused_silu_product={ns.fused_silu_product}  weight_preload={ns.weight_preload}  "
           f"short_context_graphs={ns.short_context_graphs}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")

@@ -48,9 +48,10 @@
 #   PART=gemv     GPU tests of the one-row product and of the small-batch product's recorded shapes,
 #                 then decode steps of 1 and 16 rows (bf16 and FP8 weights) with the one-row
 #                 product's recorded shapes and without them (~6 min)
-#   PART=preload  GPU tests of the one-row and small-batch products, then FP8 decode steps of 1 and 16 rows with its first
-#                 weight tile loaded before the PDL wait and without (profile_decode.py
-#                 --one-row-preload), then bf16 weights' one-row shapes swept with the preload and
+#   PART=preload  GPU tests of the one-row and small-batch products, then FP8 and bf16 decode steps of 1
+#                 and 16 rows with the products' first weight tile loaded before the PDL wait and
+#                 without (profile_decode.py --weight-preload), then bf16 weights' one-row shapes
+#                 swept with the preload and
 #                 batch-1 steps with and without them (~7 min)
 #   PART=short    the decode graphs' and the engine's GPU tests (short-context graphs among them), then
 #                 bf16 and FP8 decode steps of 1 and 16 rows with short-context graphs and without (~7 min)
@@ -209,18 +210,21 @@ if [ "$PART" = preload ]; then
   timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_fp8_gemm_kernel.py \
       > "$OUT/pytest_preload.log" 2>&1
   grep -E "^FAILED|passed|failed" "$OUT/pytest_preload.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_preload.log"
-  for p in no-one-row-preload one-row-preload no-one-row-preload one-row-preload; do
-    echo "== decode steps, FP8 weights, --$p (profile_decode.py)"
-    timeout 80 python3 benchmarks/profile_decode.py --quantization fp8 --batches 1,16 --steps 50 --max-batch-size 16 \
-        --$p > "$OUT/profile_$p.log" 2>&1
-    echo "exit $?"; tail -2 "$OUT/profile_$p.log"
+  for q in fp8 bf16; do
+    flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+    for p in no-weight-preload weight-preload; do
+      echo "== decode steps, $q weights, --$p (profile_decode.py)"
+      timeout 80 python3 benchmarks/profile_decode.py $flags --batches 1,16 --steps 50 --max-batch-size 16 \
+          --$p > "$OUT/profile_${q}_$p.log" 2>&1
+      echo "exit $?"; tail -2 "$OUT/profile_${q}_$p.log"
+    done
   done
   echo "== bf16 weights: one-row launch shapes swept with the preload (gemv_bench.py --write-config), then"
   echo "   batch-1 decode steps with them and the preload, and without them (the small-batch product)"
-  timeout 150 python3 benchmarks/gemv_bench.py --one-row-preload --write-config --out "$OUT/gemv_bf16_preload.json" \
+  timeout 150 python3 benchmarks/gemv_bench.py --weight-preload --write-config --out "$OUT/gemv_bf16_preload.json" \
       > "$OUT/gemv_bf16_preload.log" 2>&1
   echo "exit $?"; tail -5 "$OUT/gemv_bf16_preload.log"
-  timeout 80 python3 benchmarks/profile_decode.py --batches 1,16 --steps 50 --max-batch-size 16 --one-row-preload \
+  timeout 80 python3 benchmarks/profile_decode.py --batches 1,16 --steps 50 --max-batch-size 16 --weight-preload \
       > "$OUT/profile_bf16_one_row.log" 2>&1
   echo "exit $?"; tail -2 "$OUT/profile_bf16_one_row.log"
   rm -f meshlm/kernels/configs/bf16_weight_gemv_*.json

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
-from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms, programmatic_launch
+from meshlm.kernels.triton_launch import (dot_precision, launch_counters, num_sms, programmatic_launch,
+                                          weight_preload)
 from meshlm.kernels.silu_triton import silu_and_mul_values
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
@@ -78,7 +79,7 @@ def _fp8_weight_gemm_kernel(
         SERIAL_REDUCE: tl.constexpr,
         EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr,
-        L2_PREFETCH: tl.constexpr, GATED: tl.constexpr = False):
+        L2_PREFETCH: tl.constexpr, GATED: tl.constexpr = False, PRELOAD: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -97,14 +98,25 @@ def _fp8_weight_gemm_kernel(
     if L2_PREFETCH:  # the weight does not depend on the kernel before: fetch it while that one ends
         row_bytes = (k_stop - k_start) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
         _prefetch_rows_to_l2(w_ptr + w_rows * stride_wn + k_start, row_bytes)
-    wait_for_previous_kernel(PDL)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + (k_start + ks)[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + (k_start + ks)[None, :]  # [BLOCK_N, BLOCK_K]
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(k_start, k_stop, BLOCK_K):
+    loop_start = k_start
+    if PRELOAD:  # the first weight tile before the wait (masked: a split may hold no columns)
+        is_k = (k_start + ks) < k_stop
+        w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
+        wait_for_previous_kernel(PDL)
+        x = _load_x(x_ptrs, is_row[:, None] & is_k[None, :], K, GATED)
+        acc = _accumulate(acc, x, w, ASM_WIDEN, DOT_IN_FP32, SWAP_AB, DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        loop_start = k_start + BLOCK_K
+    else:
+        wait_for_previous_kernel(PDL)
+    for k in range(loop_start, k_stop, BLOCK_K):
         if EVEN_K:
             x = _load_x(x_ptrs, is_row[:, None], K, GATED)
             w = tl.load(w_ptrs)
@@ -112,14 +124,7 @@ def _fp8_weight_gemm_kernel(
             is_k = (k + ks) < k_stop
             x = _load_x(x_ptrs, is_row[:, None] & is_k[None, :], K, GATED)
             w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
-        w = _widen_fp8(w, x.dtype, ASM_WIDEN)
-        if DOT_IN_FP32:  # the CPU interpreter multiplies 16-bit bit patterns as integers
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if SWAP_AB:  # the weight as the tensor cores' A operand (its channels as MMA rows)
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        acc = _accumulate(acc, x, w, ASM_WIDEN, DOT_IN_FP32, SWAP_AB, DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if SWAP_AB:
@@ -161,6 +166,19 @@ prmt.b32 hi, lb, hb, 0x7362;
 fma.rn.bf16x2 $0, lo, two120, neg0;
 fma.rn.bf16x2 $1, hi, two120, neg0;
 }""")
+
+
+@triton.jit
+def _accumulate(acc, x, w, ASM_WIDEN: tl.constexpr, DOT_IN_FP32: tl.constexpr, SWAP_AB: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """``acc`` plus the product of an x tile and a weight tile (widened to x's dtype)."""
+    w = _widen_fp8(w, x.dtype, ASM_WIDEN)
+    if DOT_IN_FP32:  # the CPU interpreter multiplies 16-bit bit patterns as integers
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    if SWAP_AB:  # the weight as the tensor cores' A operand (its channels as MMA rows)
+        return tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    return tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
 
 
 @triton.jit
@@ -295,6 +313,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
+        PRELOAD=weight_preload(x.device),
         EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab,
         ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1, GATED=gated,
         DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,

@@ -28,25 +28,14 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
-from meshlm.kernels.triton_launch import launch_counters, programmatic_launch
+from meshlm.kernels.triton_launch import launch_counters, programmatic_launch, weight_preload
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
 
-__all__ = ["GemvTiles", "gemv_config", "gemv_tiles", "one_row_gemm", "set_one_row_preload"]
+__all__ = ["GemvTiles", "gemv_config", "gemv_tiles", "one_row_gemm"]
 
 _MAX_SPLIT_TILES = 65536  # tiles of channels one split launch may count (256 KB of counters a device)
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-# Whether a program loads its first weight tile before waiting for the kernel ahead (programmatic
-# dependent launch): the weight is written by no kernel of a step, so programs resident while
-# that kernel ends may start streaming. Off by default until timed; set_one_row_preload(True)
-# turns it on for launches (and CUDA graphs captured) from then on; benchmarks/profile_decode.py
-# --one-row-preload compares.
-_PRELOAD = {"enabled": False}
-
-
-def set_one_row_preload(enabled: bool) -> None:
-    """Whether one-row products launched from now on load their first weight tile before the wait."""
-    _PRELOAD["enabled"] = enabled
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +91,7 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     _one_row_kernel[grid](
         out, partial, counters if counters is not None else partial, x, weight, scale_arg, bias_arg,
         n, k, k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
-        EVEN_K=k % tiles.block_k == 0, PRELOAD=_PRELOAD["enabled"], num_warps=tiles.num_warps, **flags)
+        EVEN_K=k % tiles.block_k == 0, PRELOAD=weight_preload(x.device), num_warps=tiles.num_warps, **flags)
     return out
 
 

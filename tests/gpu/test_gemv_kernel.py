@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 from meshlm.kernels import fp8_gemm_triton, gemv_triton  # noqa: E402
 from meshlm.kernels.gemv_triton import GemvTiles, gemv_config, one_row_gemm  # noqa: E402
+from meshlm.kernels.triton_launch import set_weight_preload  # noqa: E402
 from meshlm.kernels.tuned_configs import tuned_entry  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS  # noqa: E402
@@ -104,11 +105,11 @@ def test_without_split_counters_one_program_walks_all_of_k(monkeypatch):
 def test_the_first_tile_loaded_before_the_wait_gives_the_same_bits(n, k, weight_dtype, scale, bias, tiles):
     x, w, s, b = _operands(n, k, weight_dtype, scale, bias)
     plain = one_row_gemm(x, w, s, b, tiles)
-    gemv_triton.set_one_row_preload(True)
+    set_weight_preload(True)
     try:
         preloaded = one_row_gemm(x, w, s, b, tiles)
     finally:
-        gemv_triton.set_one_row_preload(False)
+        set_weight_preload(False)
     assert torch.equal(plain, preloaded)
     want = _reference(x, w, s, b)
     tolerance = want.abs() * 2.0 ** (-7 if IS_INTERPRETED else -8) + want.abs().max() * 1e-6

@@ -48,16 +48,22 @@ def _config_dir(root, shape: dict):
     return root
 
 
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    path = _config_dir(tmp_path_factory.mktemp("mid"), MID)
+def _mid_runner(root, seed: int) -> ModelRunner:
+    """A MID model's runner over a random KV pool of NUM_BLOCKS blocks (graphs not captured yet)."""
+    path = _config_dir(root, MID)
     config = EngineConfig.for_random_weights(ModelConfig.from_dir(path), dtype="bfloat16", max_model_len=512)
     runner = ModelRunner(config, ParallelGroups.single(), torch.device("cuda"))
     runner.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     for k_cache, v_cache in runner.kv_caches:
         k_cache.normal_(generator=gen)
         v_cache.normal_(generator=gen)
+    return runner
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    runner = _mid_runner(tmp_path_factory.mktemp("mid"), 0)
     runner.capture_cuda_graphs(MAX_BATCH)
     yield runner
     runner.shutdown()
@@ -184,14 +190,7 @@ SHORT_CONTEXT = 64
 @pytest.fixture(scope="module")
 def short_runner(tmp_path_factory):
     from meshlm.executor.cuda_graphs import set_short_context_graphs
-    path = _config_dir(tmp_path_factory.mktemp("mid_short"), MID)
-    config = EngineConfig.for_random_weights(ModelConfig.from_dir(path), dtype="bfloat16", max_model_len=512)
-    runner = ModelRunner(config, ParallelGroups.single(), torch.device("cuda"))
-    runner.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    for k_cache, v_cache in runner.kv_caches:
-        k_cache.normal_(generator=gen)
-        v_cache.normal_(generator=gen)
+    runner = _mid_runner(tmp_path_factory.mktemp("mid_short"), 1)
     set_short_context_graphs(SHORT_CONTEXT)
     try:
         runner.capture_cuda_graphs(32)
