@@ -36,7 +36,8 @@ _SHORT_CONTEXT = {"tokens": 0}
 
 def set_short_context_graphs(tokens: int) -> None:
     """Contexts of at most ``tokens`` get their own small-batch decode graphs in captures from now
-    on (0: none)."""
+    on (0: none). Under MPI every rank must set the same value before the engine starts: the
+    graphs' tensor-parallel collectives are captured on all ranks together."""
     if tokens < 0:
         raise ValueError(f"short-context graphs: tokens={tokens} must be >= 0")
     _SHORT_CONTEXT["tokens"] = tokens
