@@ -8,6 +8,9 @@ With ``--quantization fp8``, ``--no-fused-quantization`` has the norms and SiLU-
 rows in bf16 for the FP8 products to quantize (the A/B of the fused quantization, kernels/fp8.py);
 ``--fast-accumulation`` / ``--no-fast-accumulation`` set ``torch._scaled_mm``'s ``use_fast_accum``;
 ``--fused-silu-product``: small batches' down projection computes SiLU-and-mul as it loads its input.
+``--weight-preload``: the weight products load their first weight tile before the PDL wait;
+``--short-context-graphs N``: small batches also get decode graphs for contexts of at most N tokens;
+``--max-batch-size``: fewer decode graphs to capture when only small batches are profiled.
 
 With ``--prefill-tokens N``, each profiled step is a mixed one: prompts of ``--prompt-len`` tokens,
 N in all, join the batch's decodes (they end after their first token, so the decodes stay the batch).

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from meshlm.kernels import gemv_triton
 from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
 from meshlm.kernels.triton_launch import (dot_precision, launch_counters, num_sms, programmatic_launch,
                                           weight_preload)
@@ -288,9 +289,9 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     assert weight.shape == (n, k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     assert weight_scale is None or weight_scale.numel() in (1, n), (weight_scale.shape, n)
     x = x if x.stride(1) == 1 else x.contiguous()
-    one_row = _one_row_tiles(x, weight) if tiles is None and num_rows == 1 and not gated else None
+    one_row = gemv_triton.gemv_tiles(x, weight) if tiles is None and num_rows == 1 and not gated else None
     if one_row is not None:  # one row: the CUDA-core product, where it was measured faster
-        return one_row.run(x, weight, weight_scale, bias)
+        return gemv_triton.one_row_gemm(x, weight, weight_scale, bias, one_row)
     scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
@@ -324,12 +325,6 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
             out, partial, scale if scale.numel() else out, bias_arg, num_rows, n, out.stride(0),
             SPLIT_K=tiles.split_k, BLOCK=block, num_warps=4, **flags)
     return out
-
-
-def _one_row_tiles(x: torch.Tensor, weight: torch.Tensor):
-    """kernels/gemv_triton.py's launch shape for one row of ``x`` times ``weight``, or None."""
-    from meshlm.kernels.gemv_triton import gemv_tiles  # it imports nothing of this module's
-    return gemv_tiles(x, weight)
 
 
 def _split_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:

@@ -47,11 +47,6 @@ class GemvTiles:
     split_k: int = 1
     num_warps: int = 4
 
-    def run(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-            bias: torch.Tensor | None) -> torch.Tensor:
-        """:func:`one_row_gemm` with these tiles."""
-        return one_row_gemm(x, weight, weight_scale, bias, self)
-
 
 def gemv_config(weight_dtype: torch.dtype) -> str:
     """The name under which the launch shapes are kept, by weight type (float8 or 16-bit)."""
