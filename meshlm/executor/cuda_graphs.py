@@ -153,17 +153,19 @@ class DecodeGraphRunner:
         other graphs already use, else a new one): a smaller graph's temporaries reuse the blocks
         the larger ones freed, so the pool stays about the size of the largest graph's temporaries."""
         self.pool = torch.cuda.graph_pool_handle() if pool is None else pool
+        # One side stream for every warm-up: the caching allocator reuses a freed block only on the
+        # stream that allocated it, so a new stream per graph would keep each warm-up's blocks.
+        side = torch.cuda.Stream(self.device)
         for batch in reversed(self.buckets):
-            self._graphs[batch] = self._capture_one(batch, None)
+            self._graphs[batch] = self._capture_one(batch, None, side)
         if self.short_context:
             for batch in reversed([b for b in self.buckets if b <= SHORT_GRAPH_MAX_BATCH]):
-                self._short_graphs[batch] = self._capture_one(batch, self.short_context)
+                self._short_graphs[batch] = self._capture_one(batch, self.short_context, side)
         torch.cuda.synchronize(self.device)
         log.info("captured %d %s CUDA graphs, batch sizes 1 to %d", len(self.buckets), self.kind, self.buckets[-1])
         log.debug("%s graph batch sizes: %s", self.kind, self.buckets)
 
-    def _capture_one(self, batch: int, max_seq_len: int | None) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream(self.device)
+    def _capture_one(self, batch: int, max_seq_len: int | None, side: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # compile and warm up outside the capture
             warm = self._forward(batch, None, max_seq_len)

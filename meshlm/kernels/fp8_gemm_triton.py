@@ -177,9 +177,13 @@ def _accumulate(acc, x, w, ASM_WIDEN: tl.constexpr, DOT_IN_FP32: tl.constexpr, S
     if DOT_IN_FP32:  # the CPU interpreter multiplies 16-bit bit patterns as integers
         x = x.to(tl.float32)
         w = w.to(tl.float32)
+    # One return after the branches: Triton's compiler goes on past a return inside a constexpr if
+    # (the other product would be traced too, with the wrong accumulator shape).
     if SWAP_AB:  # the weight as the tensor cores' A operand (its channels as MMA rows)
-        return tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    return tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    else:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    return acc
 
 
 @triton.jit
