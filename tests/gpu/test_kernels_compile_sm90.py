@@ -1,0 +1,94 @@
+"""The weight products' recorded launch shapes compile for an H100/H200 (sm_90), without a GPU.
+
+    python3 -m pytest -q tests/gpu/test_kernels_compile_sm90.py   # Triton installed, no GPU needed
+
+The interpreter runs a kernel as Python, so code that Triton's compiler rejects can pass every
+interpreter test (a helper returning from inside a constexpr ``if``: the compiler traces the code
+after such a return too). Here, in a process without ``TRITON_INTERPRET`` (whose kernels are
+Python functions, not compilable ones), each launch shape of ``meshlm/kernels/configs/`` is compiled to
+sm_90 code with the constexprs its launch passes, at one row (Triton specializes an integer
+argument equal to 1) and at the entry's most rows. Needs Triton; no GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from meshlm.kernels import fp8_gemm_triton, gemv_triton  # noqa: E402
+from meshlm.kernels.tuned_configs import CONFIG_DIR  # noqa: E402
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                 reason="compiles the kernels: run without TRITON_INTERPRET")]
+
+SM90 = GPUTarget("cuda", 90, 32)
+INT_ARGS = {"M", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om"}
+
+
+def _entries(kernel: str) -> list[tuple[str, dict]]:
+    cases = []
+    for path in sorted(CONFIG_DIR.glob(f"{kernel}_*.json")):
+        for entry in json.loads(path.read_text())["entries"]:
+            cases.append((f"{path.stem}:{entry['n']}x{entry['k']}<={entry['max_rows']}", entry))
+    return cases
+
+
+def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3):
+    """The kernel compiled for sm_90: pointers typed by ``pointer_types`` (others float32), integer
+    arguments as i32 (``M`` as the constant 1 when ``constexprs`` names it), the rest constexprs."""
+    signature = {}
+    for p in kernel.params:
+        if p.is_constexpr or p.name in constexprs:
+            signature[p.name] = "constexpr"
+        elif p.name in INT_ARGS:
+            signature[p.name] = "i32"
+        else:
+            signature[p.name] = pointer_types.get(p.name, "*fp32")
+    src = ASTSource(kernel, signature, constexprs=constexprs)
+    return triton.compile(src, target=SM90, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+@pytest.mark.parametrize("name,entry", _entries("fp8_weight_gemm") + _entries("bf16_weight_gemm"),
+                         ids=[c[0] for c in _entries("fp8_weight_gemm") + _entries("bf16_weight_gemm")])
+@pytest.mark.parametrize("one_row", [True, False])
+def test_small_batch_launch_shapes_compile(name, entry, one_row):
+    tiles = fp8_gemm_triton.FP8GemmTiles(**entry["tiles"])
+    fp8 = name.startswith("fp8")
+    types = {"out_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "counter_ptr": "*i32",
+             "w_ptr": "*fp8e4nv" if fp8 else "*bf16"}
+    rows = 1 if one_row else entry["max_rows"]
+    constexprs = dict(BLOCK_M=fp8_gemm_triton._block_m(rows), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                      IS_SPLIT=tiles.split_k > 1, SERIAL_REDUCE=tiles.split_k > 1 and tiles.serial_reduce,
+                      EVEN_K=entry["k"] % tiles.block_k == 0, SWAP_AB=tiles.swap_ab,
+                      ASM_WIDEN=tiles.asm_widen and fp8, SCALE=2 if fp8 else 0, HAS_BIAS=False,
+                      DOT_PRECISION="tf32", DOT_IN_FP32=False, PDL=True, L2_PREFETCH=tiles.l2_prefetch,
+                      GATED=False)
+    if one_row:
+        constexprs["M"] = 1
+    compiled = compile_sm90(fp8_gemm_triton._fp8_weight_gemm_kernel, types, constexprs, tiles.num_warps,
+                            tiles.num_stages)
+    assert "griddepcontrol.wait" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("name,entry", _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv"),
+                         ids=[c[0] for c in _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")])
+@pytest.mark.parametrize("preload", [True, False])
+def test_one_row_launch_shapes_compile(name, entry, preload):
+    tiles = gemv_triton.GemvTiles(**entry["tiles"])
+    fp8 = name.startswith("fp8")
+    types = {"out_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "counter_ptr": "*i32",
+             "w_ptr": "*fp8e4nv" if fp8 else "*bf16"}
+    constexprs = dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
+                      EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False, PDL=True,
+                      PRELOAD=preload)
+    ptx = compile_sm90(gemv_triton._one_row_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    # the preload: weight loads (and only loads) before the wait; without it none
+    assert ("ld.global" in ptx[:wait]) == preload
