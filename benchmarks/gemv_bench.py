@@ -43,8 +43,8 @@ def main() -> int:
     parser.add_argument("--write-config", action="store_true",
                         help="record each shape's fastest launch for this card (kernels/configs/), "
                              "where it beat the small-batch product")
-    parser.add_argument("--weight-preload", action="store_true",
-                        help="both products load their first weight tile before the PDL wait")
+    parser.add_argument("--weight-preload", action=argparse.BooleanOptionalAction, default=True,
+                        help="the one-row product loads its first weight tile before the PDL wait (default)")
     args = parser.parse_args()
     dtype = torch.float8_e4m3fn if args.fp8 else torch.bfloat16
     set_weight_preload(args.weight_preload)

@@ -8,8 +8,9 @@ With ``--quantization fp8``, ``--no-fused-quantization`` has the norms and SiLU-
 rows in bf16 for the FP8 products to quantize (the A/B of the fused quantization, kernels/fp8.py);
 ``--fast-accumulation`` / ``--no-fast-accumulation`` set ``torch._scaled_mm``'s ``use_fast_accum``;
 ``--fused-silu-product``: small batches' down projection computes SiLU-and-mul as it loads its input.
-``--weight-preload``: the weight products load their first weight tile before the PDL wait;
-``--short-context-graphs N``: small batches also get decode graphs for contexts of at most N tokens;
+``--no-weight-preload``: the one-row product waits for the kernel ahead before loading any weight;
+``--short-context-graphs N``: small batches' decode graphs for contexts of at most N tokens (0: none);
+``--fused-merge`` / ``--no-fused-merge``: decode attention merges its splits in the split kernel or not;
 ``--max-batch-size``: fewer decode graphs to capture when only small batches are profiled.
 
 With ``--prefill-tokens N``, each profiled step is a mixed one: prompts of ``--prompt-len`` tokens,
@@ -176,14 +177,27 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="programmatic dependent launch of the Triton kernels (where the GPU has it)")
     parser.add_argument("--weight-preload", action=argparse.BooleanOptionalAction, default=None,
-                        help="the weight products load their first weight tile before waiting for the kernel "
+                        help="the one-row product loads its first weight tile before waiting for the kernel "
                              "ahead (kernels/triton_launch.py; default: meshlm's)")
-    parser.add_argument("--short-context-graphs", type=int, default=0,
+    parser.add_argument("--short-context-graphs", type=int, default=None,
                         help="small batches also get decode graphs for contexts of at most this many tokens "
-                             "(executor/cuda_graphs.py; 0: none, the default)")
+                             "(executor/cuda_graphs.py; 0: none; default: meshlm's)")
+    parser.add_argument("--fused-merge", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode attention merges its splits inside the split kernel (DecodeTiles.fused_merge) "
+                             "or in a second kernel, at every batch (default: meshlm's per-shape choice)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="the engine's max_batch_size (default: automatic); fewer decode graphs to capture")
     return parser.parse_args()
+
+
+def _force_fused_merge(enabled: bool) -> None:
+    """Every decode attention launch from now on takes ``fused_merge=enabled`` over its chosen tiles."""
+    import dataclasses
+
+    from meshlm.kernels import decode_attention
+    chosen = decode_attention.decode_tiles
+    decode_attention.decode_tiles = lambda *args, **kwargs: dataclasses.replace(chosen(*args, **kwargs),
+                                                                                 fused_merge=enabled)
 
 
 def main() -> int:
@@ -197,12 +211,14 @@ def main() -> int:
         set_fast_accumulation(ns.fast_accumulation)
     if ns.fused_silu_product is not None:
         set_fused_silu_product(ns.fused_silu_product)
-    if ns.short_context_graphs:
+    if ns.short_context_graphs is not None:
         from meshlm.executor.cuda_graphs import set_short_context_graphs
         set_short_context_graphs(ns.short_context_graphs)
     if ns.weight_preload is not None:
         from meshlm.kernels.triton_launch import set_weight_preload
         set_weight_preload(ns.weight_preload)
+    if ns.fused_merge is not None:
+        _force_fused_merge(ns.fused_merge)
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}),
@@ -219,7 +235,7 @@ def main() -> int:
           f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
           f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
           f"fused_silu_product={ns.fused_silu_product}  weight_preload={ns.weight_preload}  "
-          f"short_context_graphs={ns.short_context_graphs}")
+          f"short_context_graphs={ns.short_context_graphs}  fused_merge={ns.fused_merge}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

@@ -48,18 +48,14 @@
 #   PART=gemv     GPU tests of the one-row product and of the small-batch product's recorded shapes,
 #                 then decode steps of 1 and 16 rows (bf16 and FP8 weights) with the one-row
 #                 product's recorded shapes and without them (~6 min)
-#   PART=preload  GPU tests of the one-row and small-batch products, then FP8 and bf16 decode steps of 1
-#                 and 16 rows with the products' first weight tile loaded before the PDL wait and
-#                 without (profile_decode.py --weight-preload), then bf16 weights' one-row shapes
-#                 swept with the preload and
-#                 batch-1 steps with and without them (~7 min)
-#   PART=short    the decode graphs' and the engine's GPU tests (short-context graphs among them), then
-#                 bf16 and FP8 decode steps of 1 and 16 rows with short-context graphs and without (~7 min)
+#   PART=small    GPU tests of the one-row and small-batch products, the decode graphs and the engine,
+#                 then bf16 and FP8 decode steps of 1, 2, 4 and 16 rows with decode attention's splits
+#                 merged in a second kernel and inside the split kernel (--fused-merge) (~6 min)
 #   PART=policy   bench bf16 1000/1000 with guaranteed_no_evict and at the defaults, FP8 128/128 at
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=preload|short|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+# Logs and JSON under $OUT. Usage: OUT=results PART=small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -205,45 +201,19 @@ if [ "$PART" = steps ]; then
       tests/gpu/test_prefill_kernel.py -k "decodes or mixed"
   steps_tests engine 150 tests/gpu/test_engine_gpu.py tests/gpu/test_graph_buckets_gpu.py -k "agree or replays"
 fi
-if [ "$PART" = preload ]; then
-  echo "== GPU tests: the one-row and small-batch products"
-  timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_fp8_gemm_kernel.py \
-      > "$OUT/pytest_preload.log" 2>&1
-  grep -E "^FAILED|passed|failed" "$OUT/pytest_preload.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_preload.log"
-  for q in fp8 bf16; do
-    flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-    for p in no-weight-preload weight-preload; do
-      echo "== decode steps, $q weights, --$p (profile_decode.py)"
-      timeout 80 python3 benchmarks/profile_decode.py $flags --batches 1,16 --steps 50 --max-batch-size 16 \
-          --$p > "$OUT/profile_${q}_$p.log" 2>&1
-      echo "exit $?"; tail -2 "$OUT/profile_${q}_$p.log"
-    done
-  done
-  echo "== bf16 weights: one-row launch shapes swept with the preload (gemv_bench.py --write-config), then"
-  echo "   batch-1 decode steps with them and the preload, and without them (the small-batch product)"
-  timeout 150 python3 benchmarks/gemv_bench.py --weight-preload --write-config --out "$OUT/gemv_bf16_preload.json" \
-      > "$OUT/gemv_bf16_preload.log" 2>&1
-  echo "exit $?"; tail -5 "$OUT/gemv_bf16_preload.log"
-  timeout 80 python3 benchmarks/profile_decode.py --batches 1,16 --steps 50 --max-batch-size 16 --weight-preload \
-      > "$OUT/profile_bf16_one_row.log" 2>&1
-  echo "exit $?"; tail -2 "$OUT/profile_bf16_one_row.log"
-  rm -f meshlm/kernels/configs/bf16_weight_gemv_*.json
-  timeout 80 python3 benchmarks/profile_decode.py --batches 1,16 --steps 50 --max-batch-size 16 \
-      > "$OUT/profile_bf16_small_batch.log" 2>&1
-  echo "exit $?"; tail -2 "$OUT/profile_bf16_small_batch.log"
-fi
-if [ "$PART" = short ]; then
-  echo "== short-context decode graphs (511 tokens: one attention split, no merge), bf16 then FP8"
-  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_graph_buckets_gpu.py tests/gpu/test_engine_gpu.py \
-      > "$OUT/pytest_short.log" 2>&1
-  grep -E "^FAILED|passed|failed" "$OUT/pytest_short.log" | tail -4; grep -m 4 -E "^E  " "$OUT/pytest_short.log"
+if [ "$PART" = small ]; then
+  echo "== GPU tests: the one-row and small-batch products, the decode graphs (short-context ones too), the engine"
+  timeout 240 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_fp8_gemm_kernel.py \
+      tests/gpu/test_graph_buckets_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_verify_graphs_gpu.py \
+      > "$OUT/pytest_small.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$OUT/pytest_small.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_small.log"
   for q in bf16 fp8; do
     flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-    for short in 511 0; do
-      echo "== decode steps, $q weights, --short-context-graphs $short"
-      timeout 80 python3 benchmarks/profile_decode.py $flags --batches 1,16 --steps 50 --max-batch-size 16 \
-          --short-context-graphs $short > "$OUT/profile_short${short}_$q.log" 2>&1
-      echo "exit $?"; tail -2 "$OUT/profile_short${short}_$q.log"
+    for merge in no-fused-merge fused-merge; do
+      echo "== decode steps of 1 to 16 rows, $q weights, --$merge"
+      timeout 100 python3 benchmarks/profile_decode.py $flags --batches 1,2,4,16 --steps 50 --max-batch-size 16 \
+          --$merge > "$OUT/profile_small_${q}_$merge.log" 2>&1
+      echo "exit $?"; tail -4 "$OUT/profile_small_${q}_$merge.log" | cut -c1-110
     done
   done
 fi

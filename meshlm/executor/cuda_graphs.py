@@ -26,12 +26,16 @@ _BUCKET_STEPS = ((64, 8), (256, 16), (512, 32))
 _LARGE_BUCKET_STEP = 64
 # Short-context decode graphs: a decode graph bakes the attention's split count from the model's
 # length (kernels/decode_attention.py), so a small batch of short sequences launches splits that
-# hold no key and a merge kernel. With set_short_context_graphs(n), batches of at most
-# SHORT_GRAPH_MAX_BATCH sequences also get graphs captured for contexts of at most n tokens, which
-# a step replays when every sequence fits. Off by default until timed (benchmarks/profile_decode.py
-# --short-context-graphs compares); 511 is the longest context the split rule gives one split.
+# hold no key and a merge kernel. Batches of at most SHORT_GRAPH_MAX_BATCH sequences and at least
+# SHORT_GRAPH_MIN_PROGRAMS (sequence, KV head) pairs a rank also get graphs captured for contexts of
+# at most 511 tokens (the longest the split rule gives one split), which a step replays when every
+# sequence fits. On an H200 (Llama-3-8B shape, 128-token contexts, benchmarks/RESULTS.md) they took
+# 4 to 16 sequences' steps 3-5% faster (FP8 16: 3.75 -> 3.57 ms) but 1 and 2 sequences' slower
+# (FP8 1: 2.93 -> 3.07 ms: 8 or 16 programs without splits leave the card idle), hence the floor.
+# set_short_context_graphs(0) turns them off.
 SHORT_GRAPH_MAX_BATCH = 16
-_SHORT_CONTEXT = {"tokens": 0}
+SHORT_GRAPH_MIN_PROGRAMS = 32
+_SHORT_CONTEXT = {"tokens": 511}
 
 
 def set_short_context_graphs(tokens: int) -> None:
@@ -159,7 +163,9 @@ class DecodeGraphRunner:
         for batch in reversed(self.buckets):
             self._graphs[batch] = self._capture_one(batch, None, side)
         if self.short_context:
-            for batch in reversed([b for b in self.buckets if b <= SHORT_GRAPH_MAX_BATCH]):
+            kv_heads = self.model.attention_layers[0].num_kv_heads_per_rank
+            for batch in reversed([b for b in self.buckets
+                                   if b <= SHORT_GRAPH_MAX_BATCH and b * kv_heads >= SHORT_GRAPH_MIN_PROGRAMS]):
                 self._short_graphs[batch] = self._capture_one(batch, self.short_context, side)
         torch.cuda.synchronize(self.device)
         log.info("captured %d %s CUDA graphs, batch sizes 1 to %d", len(self.buckets), self.kind, self.buckets[-1])

@@ -30,8 +30,7 @@ import triton.language as tl
 
 from meshlm.kernels import gemv_triton
 from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
-from meshlm.kernels.triton_launch import (dot_precision, launch_counters, num_sms, programmatic_launch,
-                                          weight_preload)
+from meshlm.kernels.triton_launch import dot_precision, launch_counters, num_sms, programmatic_launch
 from meshlm.kernels.silu_triton import silu_and_mul_values
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, small_batch_gemm_config, tuned_entry
@@ -80,7 +79,7 @@ def _fp8_weight_gemm_kernel(
         SERIAL_REDUCE: tl.constexpr,
         EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, ASM_WIDEN: tl.constexpr, SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr,
-        L2_PREFETCH: tl.constexpr, GATED: tl.constexpr = False, PRELOAD: tl.constexpr = False):
+        L2_PREFETCH: tl.constexpr, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -105,19 +104,8 @@ def _fp8_weight_gemm_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    loop_start = k_start
-    if PRELOAD:  # the first weight tile before the wait (masked: a split may hold no columns)
-        is_k = (k_start + ks) < k_stop
-        w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
-        wait_for_previous_kernel(PDL)
-        x = _load_x(x_ptrs, is_row[:, None] & is_k[None, :], K, GATED)
-        acc = _accumulate(acc, x, w, ASM_WIDEN, DOT_IN_FP32, SWAP_AB, DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        loop_start = k_start + BLOCK_K
-    else:
-        wait_for_previous_kernel(PDL)
-    for k in range(loop_start, k_stop, BLOCK_K):
+    wait_for_previous_kernel(PDL)
+    for k in range(k_start, k_stop, BLOCK_K):
         if EVEN_K:
             x = _load_x(x_ptrs, is_row[:, None], K, GATED)
             w = tl.load(w_ptrs)
@@ -318,7 +306,6 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
         SERIAL_REDUCE=counters is not None, L2_PREFETCH=tiles.l2_prefetch and x.is_cuda,
-        PRELOAD=weight_preload(x.device),
         EVEN_K=k % tiles.block_k == 0, SWAP_AB=tiles.swap_ab,
         ASM_WIDEN=tiles.asm_widen and x.is_cuda and weight.element_size() == 1, GATED=gated,
         DOT_PRECISION=dot_precision(x), DOT_IN_FP32=not x.is_cuda,

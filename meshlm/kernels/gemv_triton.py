@@ -15,9 +15,10 @@ once to ``x``'s dtype, as the small-batch product does (the order of the additio
 It runs where a sweep on the card recorded a launch shape for the weight's shape
 (``benchmarks/gemv_bench.py --write-config``: kernels/configs/*_weight_gemv_<card>.json). On an
 H200, Llama-3-8B's four products of 32 layers, alone in a CUDA graph: 2.00 ms against the
-small-batch product's 2.28 with float8 weights, 3.40 against 3.62 with bf16 weights; in a whole
-batch-1 decode step 2.94 against 3.05 ms with float8 weights, but 4.33 against 4.35 with bf16, so
-only the float8 shapes are recorded.
+small-batch product's 2.28 with float8 weights, 3.36 against 3.61 with bf16 weights (tiles swept
+with the preload below). Each program loads its first weight tile before waiting for the kernel
+ahead (``triton_launch.weight_preload``): a batch-1 decode step 2.86 ms against 2.92 without it
+and 3.05 with the small-batch product (float8), 4.16 against 4.23 and 4.34 (bf16).
 """
 from __future__ import annotations
 

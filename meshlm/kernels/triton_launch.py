@@ -58,21 +58,21 @@ def programmatic_launch(device: torch.device) -> bool:
     return _PROGRAMMATIC_LAUNCH["enabled"] and _has_programmatic_launch(device)
 
 
-# Whether the weight products (kernels/fp8_gemm_triton.py, kernels/gemv_triton.py) load their first
-# weight tile before waiting for the kernel ahead: a weight is written by no kernel of a step, so
-# programs resident while that kernel ends may start streaming it. Off by default until timed;
-# set_weight_preload(True) turns it on for launches (and CUDA graphs captured) from then on
-# (benchmarks/profile_decode.py --weight-preload compares).
-_WEIGHT_PRELOAD = {"enabled": False}
+# Whether the one-row weight product (kernels/gemv_triton.py) loads its first weight tile before
+# waiting for the kernel ahead: a weight is written by no kernel of a step, so programs resident
+# while that kernel ends start streaming it. On by default: on an H200, batch-1 decode steps of the
+# Llama-3-8B shape 2.92 -> 2.86 ms (FP8) and 4.23 -> 4.16 ms (bf16). The small-batch MMA kernel
+# measured slower with it (16 rows, FP8: 3.75 -> 3.86 ms) and has none (benchmarks/RESULTS.md).
+_WEIGHT_PRELOAD = {"enabled": True}
 
 
 def set_weight_preload(enabled: bool) -> None:
-    """Whether weight products launched from now on load their first weight tile before the wait."""
+    """Whether one-row products launched from now on load their first weight tile before the wait."""
     _WEIGHT_PRELOAD["enabled"] = enabled
 
 
 def weight_preload(device: torch.device) -> bool:
-    """Whether a weight product on ``device`` loads its first weight tile before the wait (only
+    """Whether a one-row product on ``device`` loads its first weight tile before the wait (only
     with programmatic dependent launch; the interpreter, which has none, takes the switch as it is)."""
     return _WEIGHT_PRELOAD["enabled"] and (device.type != "cuda" or programmatic_launch(device))
 

@@ -311,25 +311,3 @@ def test_the_down_projection_fuses_silu_only_where_the_small_batch_kernel_runs(q
     assert torch.equal(got, fp8.linear(TritonOps().silu_and_mul(gate_up), w, scale))
     many = gate_up.repeat(fp8.WEIGHT_ONLY_MAX_ROWS, 1)  # past the weight-only rows
     assert fp8.silu_and_mul_linear(many, w, scale) is None
-
-
-@pytest.mark.parametrize("m, n, k, tiles, gated", [
-    (1, 96, 512, FP8GemmTiles(32, 128, 1), False),
-    (5, 100, 640, FP8GemmTiles(32, 128, 3), False),  # uneven splits, channels past the tiles
-    (3, 64, 600, FP8GemmTiles(16, 256, 2), True),  # K past the last tile, the gated load
-    (2, 64, 512, FP8GemmTiles(16, 128, 8), False),  # splits past K's columns
-])
-def test_the_first_weight_tile_loaded_before_the_wait_gives_the_same_bits(m, n, k, tiles, gated):
-    from meshlm.kernels.triton_launch import set_weight_preload
-    x, w, scale, bias = make_case(m, n, 2 * k if gated else k, torch.bfloat16, per_channel=True, has_bias=True)
-    if gated:  # x holds gate then up; the weight multiplies k columns
-        w = w[:, :k].contiguous()
-    plain = fp8_weight_gemm(x, w, scale, bias, tiles, gated=gated)
-    set_weight_preload(True)
-    try:
-        preloaded = fp8_weight_gemm(x, w, scale, bias, tiles, gated=gated)
-    finally:
-        set_weight_preload(False)
-    assert torch.equal(plain, preloaded)
-    if not gated:
-        assert_matches_reference(preloaded, x, w, scale, bias, f"preload {m}x{n}x{k} {tiles}")

@@ -89,9 +89,11 @@ def test_cpu_engine_resolves_max_batch_size_for_the_scheduler(tmp_path):
         assert llm.engine_core.max_batch_size == 3
 
 
-def test_short_context_graphs_are_off_by_default_and_take_no_negative_length():
+def test_short_context_graphs_cover_one_split_by_default_and_take_no_negative_length():
     from meshlm.executor import cuda_graphs
-    assert cuda_graphs._SHORT_CONTEXT["tokens"] == 0
+    from meshlm.kernels.decode_tiles import choose_num_splits
+    tokens = cuda_graphs._SHORT_CONTEXT["tokens"]
+    assert choose_num_splits(16, 8, tokens, 132) == 1 and choose_num_splits(16, 8, tokens + 1, 132) == 2
     with pytest.raises(ValueError, match="tokens=-1 must be >= 0"):
         cuda_graphs.set_short_context_graphs(-1)
-    assert cuda_graphs._SHORT_CONTEXT["tokens"] == 0
+    assert cuda_graphs._SHORT_CONTEXT["tokens"] == tokens
