@@ -40,6 +40,12 @@ def _entries(kernel: str) -> list[tuple[str, dict]]:
     return cases
 
 
+def _pointer_types(fp8: bool) -> dict[str, str]:
+    """bf16 rows and outputs, float8 or bf16 weights, int32 split counters (other pointers float32)."""
+    return {"out_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "counter_ptr": "*i32",
+            "w_ptr": "*fp8e4nv" if fp8 else "*bf16"}
+
+
 def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3):
     """The kernel compiled for sm_90: pointers typed by ``pointer_types`` (others float32), integer
     arguments as i32 (``M`` as the constant 1 when ``constexprs`` names it), the rest constexprs."""
@@ -61,8 +67,7 @@ def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_wa
 def test_small_batch_launch_shapes_compile(name, entry, one_row):
     tiles = fp8_gemm_triton.FP8GemmTiles(**entry["tiles"])
     fp8 = name.startswith("fp8")
-    types = {"out_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "counter_ptr": "*i32",
-             "w_ptr": "*fp8e4nv" if fp8 else "*bf16"}
+    types = _pointer_types(fp8)
     rows = 1 if one_row else entry["max_rows"]
     constexprs = dict(BLOCK_M=fp8_gemm_triton._block_m(rows), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
                       IS_SPLIT=tiles.split_k > 1, SERIAL_REDUCE=tiles.split_k > 1 and tiles.serial_reduce,
@@ -83,8 +88,7 @@ def test_small_batch_launch_shapes_compile(name, entry, one_row):
 def test_one_row_launch_shapes_compile(name, entry, preload):
     tiles = gemv_triton.GemvTiles(**entry["tiles"])
     fp8 = name.startswith("fp8")
-    types = {"out_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "counter_ptr": "*i32",
-             "w_ptr": "*fp8e4nv" if fp8 else "*bf16"}
+    types = _pointer_types(fp8)
     constexprs = dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
                       EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False, PDL=True,
                       PRELOAD=preload)
