@@ -24,6 +24,9 @@ ENV_TABLE: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar("MESHLM_MPIEXEC", None,
            "mpiexec used when a plain process relaunches itself (default: the one beside the interpreter)"),
     EnvVar("MESHLM_MPIEXEC_ARGS", "", "extra arguments for that mpiexec, split on spaces"),
+    EnvVar("MESHLM_ORDERED_EXIT", "0",
+           "set by meshlm for the ranks that its relaunch starts under hydra without hydra's clean-up: "
+           "1: at a normal end the hosts' ranks leave one host after another (monitor.py)"),
     EnvVar("MESHLM_STEP_TIMEOUT_S", "300",
            "a step that runs longer than this on a rank aborts the whole job, naming the ranks that "
            "did not arrive or stopped answering"),

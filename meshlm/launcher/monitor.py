@@ -7,7 +7,10 @@ Why it looks like this:
   news has to come from a rank that is still alive, before the launcher gets there, and without
   MPI (a collective with a dead peer never returns).
 - When the world starts, every rank opens one TCP connection to rank 0 (on the loopback address
-  when all ranks share a host). When a process dies for any reason (SIGKILL, the OOM killer, a
+  when all ranks share a host). Rank 0 offers its host name and then its interfaces' IPv4
+  addresses, since compute nodes often cannot resolve each other's names; a rank takes the first
+  that answers rank 0's greeting (an address that some other host also has, as a container bridge,
+  leads nowhere else by mistake). When a process dies for any reason (SIGKILL, the OOM killer, a
   crash), its kernel closes the connection at once, before its parent hears of the death. Rank
   0's monitor thread sees the stream end and prints ``rank R (host H, pid P) died``, then aborts
   the job; rank 1 watches rank 0 the same way. A rank that exits normally says goodbye first, and
@@ -19,20 +22,31 @@ Why it looks like this:
   a signal), a rank whose count is behind has not arrived.
 - The thread makes no MPI call and writes its report with one ``os.write``, so neither a stuck
   collective nor a held stream lock can keep it quiet.
+- Without hydra's clean-up (``-disable-auto-cleanup``, which meshlm's relaunch passes so that the
+  report above comes first), hydra takes every rank's exit for a death, even after MPI_Finalize:
+  it signals every other host's proxy, and a proxy whose ranks have all just ended has closed its
+  socket, so mpiexec fails on the write (``unable to send SIGUSR1 downstream``) and the job ends
+  with 255 although every rank exited cleanly. So under that launch (MESHLM_ORDERED_EXIT) ranks on
+  several hosts leave in order at a normal end: all finalize MPI, then rank 0 lets one host's ranks
+  go at a time, waits until their lifelines close (the processes are gone) and hydra has had
+  EXIT_MARGIN_S to take their exit, and leaves last with the ranks of its own host.
 """
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import os
 import select
 import socket
+import struct
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from meshlm.launcher import env
 from meshlm.launcher.mpi_json import bcast_json
 from meshlm.launcher.ranks import RankInfo, all_on_one_host, process_state
 
@@ -41,6 +55,11 @@ log = logging.getLogger("meshlm")
 HEARTBEAT_S = 0.5
 SILENT_S = 2.0  # no heartbeat for this long: the rank stopped answering
 CONNECT_TIMEOUT_S = 30.0
+ADDRESS_TRY_S = 5.0  # one of rank 0's addresses, before the next is tried
+_WELCOME = b"welcome\n"
+_SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
+EXIT_MARGIN_S = 0.2  # ordered exit: a host's ranks are gone; hydra's proxy reports it upstream
+LEAVE_WAIT_S = 30.0  # ordered exit: the longest a rank waits for its turn, or for a host to go
 _SWITCH_INTERVAL_S = 0.001
 
 
@@ -66,6 +85,8 @@ class RankMonitor:
         self._pending: dict[socket.socket, bytes] = {}
         self._leaving: set[int] = set()  # said goodbye, or announced that it aborts the job
         self._gone: set[int] = set()
+        self._linked: set[int] = set()  # peers whose lifeline was connected
+        self._go = threading.Event()  # ordered exit: rank 0 let this rank leave, or is gone
         self._on_death = on_death
         self._lock = threading.Lock()
         self._closed = False
@@ -76,16 +97,17 @@ class RankMonitor:
         monitor = cls(table, comm.Get_rank(), on_death)
         one_host = all_on_one_host(table)
         server = None
+        offer = None
         if monitor.rank == 0:
             server = socket.create_server(("127.0.0.1" if one_host else "", 0))
-            address = ("127.0.0.1" if one_host else table[0].host, server.getsockname()[1])
-        host, port = bcast_json(comm, list(address) if server else None)
-        address = (host, port)
+            hosts = ["127.0.0.1"] if one_host else [table[0].host, *interface_addresses()]
+            offer = {"hosts": hosts, "port": server.getsockname()[1]}
+        offer = bcast_json(comm, offer)
         try:
             if server:
                 monitor._accept(server, len(table) - 1)
             else:
-                monitor._connect(address)
+                monitor._connect(offer["hosts"], offer["port"])
         except OSError as exc:
             log.warning("rank %d: no lifeline to rank 0 (%s); a dead rank is then named only by "
                         "the MPI launcher", monitor.rank, exc)
@@ -106,20 +128,41 @@ class RankMonitor:
                 if len(hello) != 2 or hello[0] != b"hello":
                     conn.close()  # not one of ours
                     continue
+                conn.sendall(_WELCOME)
                 self._add(conn, int(hello[1]))
         finally:
             server.close()
 
-    def _connect(self, address: tuple[str, int]) -> None:
-        conn = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
-        conn.sendall(f"hello {self.rank}\n".encode())
-        self._add(conn, 0)
+    def _connect(self, hosts: list[str], port: int) -> None:
+        """Connect to the first of rank 0's ``hosts`` that answers as rank 0; raises naming each failure."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        failures = []
+        for host in hosts:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                conn = socket.create_connection((host, port), timeout=min(ADDRESS_TRY_S, left))
+            except OSError as exc:
+                failures.append(f"{host}: {exc}")
+                continue
+            try:
+                conn.sendall(f"hello {self.rank}\n".encode())
+                if _read_line(conn, len(_WELCOME)) == _WELCOME:
+                    self._add(conn, 0)
+                    return
+                failures.append(f"{host}: not rank 0")
+            except OSError as exc:
+                failures.append(f"{host}: {exc}")
+            conn.close()
+        raise OSError("; ".join(failures) or "timed out")
 
     def _add(self, conn: socket.socket, peer: int) -> None:
         conn.setblocking(False)
         self._conns[conn] = peer
         self._pending[conn] = b""
         self.peers[peer] = Progress()
+        self._linked.add(peer)
 
     # --- this rank's progress (the watchdogs call these) ----------------------------------------
     def begin(self, name: str) -> int:
@@ -164,6 +207,8 @@ class RankMonitor:
             del self._conns[conn]
             self._gone.add(peer)
             conn.close()
+            if peer == 0:
+                self._go.set()
             return peer
         *lines, self._pending[conn] = (self._pending[conn] + data).split(b"\n")
         for line in lines:
@@ -173,6 +218,9 @@ class RankMonitor:
     def _take(self, peer: int, line: str) -> None:
         if line in ("bye", "abort"):
             self._leaving.add(peer)
+            return
+        if line == "go":
+            self._go.set()
             return
         parts = line.split(" ", 3)
         if len(parts) == 4 and parts[0] == "beat":
@@ -199,13 +247,46 @@ class RankMonitor:
         self._send_all(b"abort\n")
 
     def close(self) -> None:
-        """A normal exit: say goodbye, so that the peers do not report this rank as dead."""
+        """A normal exit: say goodbye, so that the peers do not report this rank as dead; under
+        MESHLM_ORDERED_EXIT on several hosts, leave in order (see the module's docstring)."""
         if self._closed:
             return
-        self._closed = True
+        ordered = (env.get("MESHLM_ORDERED_EXIT") == "1" and not all_on_one_host(self.table)
+                   and bool(self._conns))
+        if ordered:
+            _finalize_mpi()
         self._send_all(b"bye\n")
+        if ordered:
+            self._leave_in_order()
+        self._closed = True
         for conn in list(self._conns):
             conn.close()
+
+    def _leave_in_order(self) -> None:
+        if self.rank != 0:
+            self._go.wait(LEAVE_WAIT_S)
+            return
+        by_host: dict[str, list[int]] = {}
+        for info in self.table[1:]:
+            by_host.setdefault(info.host, []).append(info.rank)
+        own = by_host.pop(self.table[0].host, [])
+        for ranks in by_host.values():
+            self._send_to(ranks, b"go\n")
+            waited_for = set(ranks) & self._linked
+            deadline = time.monotonic() + LEAVE_WAIT_S
+            while not waited_for <= self._gone and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(EXIT_MARGIN_S)
+        self._send_to(own, b"go\n")
+
+    def _send_to(self, ranks: list[int], data: bytes) -> None:
+        with self._lock:
+            for conn, peer in list(self._conns.items()):
+                if peer in ranks:
+                    try:
+                        conn.send(data)
+                    except OSError:
+                        pass  # gone: nothing to let go
 
     def is_answering(self, peer: int) -> bool:
         with self._lock:
@@ -244,3 +325,37 @@ class RankMonitor:
             return ""
         state = process_state(info.pid)
         return " (stopped by a signal)" if state in ("T", "t") else ""
+
+
+def _finalize_mpi() -> None:
+    """MPI_Finalize now (collective: every rank waits for all), before the ranks leave in order;
+    mpi4py's own finalization at exit then has nothing left to do."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+
+
+def interface_addresses() -> list[str]:
+    """This host's IPv4 addresses outside the loopback, one per interface that has one (Linux)."""
+    addresses = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, request)
+            except OSError:
+                continue  # down, or no IPv4 address
+            address = socket.inet_ntoa(reply[20:24])
+            if not address.startswith("127.") and address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
+def _read_line(conn: socket.socket, limit: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -240,6 +240,8 @@ def mpiexec_command(num_ranks: int, argv: list[str]) -> list[str]:
     MPICH's hydra the automatic clean-up is off: when a rank dies, hydra would kill the others
     within milliseconds, before rank 0 could name the dead rank; instead rank 0's monitor names it
     and ends the job (MPI_Abort), and a rank that loses rank 0 does the same (monitor.py).
+    Without that clean-up hydra takes every rank's normal exit for a death too, so the ranks are
+    told to leave one host after another (MESHLM_ORDERED_EXIT, monitor.py).
     """
     extra = shlex.split(env.get("MESHLM_MPIEXEC_ARGS") or "")
     launcher = mpiexec_path()
@@ -247,7 +249,7 @@ def mpiexec_command(num_ranks: int, argv: list[str]) -> list[str]:
     if os.geteuid() == 0 and is_open_mpi:
         extra = ["--allow-run-as-root", "--oversubscribe", *extra]
     if not is_open_mpi:
-        extra = ["-disable-auto-cleanup", *extra]
+        extra = ["-disable-auto-cleanup", "-genv", "MESHLM_ORDERED_EXIT", "1", *extra]
     loopback = mpiexec_env_args(loopback_env(extra), is_open_mpi)
     return [launcher, "-n", str(num_ranks), *loopback, *extra, *argv]
 

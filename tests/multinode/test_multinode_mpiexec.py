@@ -11,6 +11,7 @@ it) restarts at 0 on each host, and the tokens are the single-rank run's. A plai
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tests.slurm.reference import (GENERATE_ARGS, LONG_PROMPT, MAX_TOKENS, PROMP
                                    expected_rank_coordinates, logged_rank_coordinates)
 
 RUN_RANK = Path(__file__).resolve().parent / "run_rank.py"
+EXIT_RANK = Path(__file__).resolve().parent / "exit_rank.py"
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")]
 
@@ -84,3 +86,25 @@ def test_plain_meshlm_generate_relaunches_across_hosts(two_hosts, multinode_llam
     assert sorted(logged_rank_coordinates(result.stderr)) == sorted(expected_rank_coordinates(2, 1))
     assert_same_tokens(multinode_llama, multinode_reference, result.stdout.strip(), result.describe())
     assert two_hosts.rx_bytes("hostb") > received_before
+    assert "no lifeline" not in result.stderr, result.describe()  # hostb cannot resolve "hosta"
+
+
+@pytest.mark.parametrize("ranks_per_host", [1, 2])
+def test_normal_ends_on_two_hosts_exit_zero(two_hosts, monkeypatch, ranks_per_host):
+    """Hydra without its clean-up, as meshlm's relaunch starts it, takes each rank's normal exit for
+    a death and signals the other host's proxy, which may have just closed its socket: mpiexec then
+    dies of SIGPIPE or ends 255 (about one job in five of this kind, before the ordered exit). Every
+    one of 20 jobs ends 0, and every rank's lifeline to rank 0 crossed the link."""
+    from meshlm.launcher.world import mpiexec_command
+    a, b = two_hosts.hosts["hosta"], two_hosts.hosts["hostb"]
+    monkeypatch.setenv("MESHLM_MPIEXEC_ARGS", f"-launcher rsh -launcher-exec {two_hosts.on_host_script} "
+                       f"-localhost {a.address} -hosts {a.address}:{ranks_per_host},{b.address}:{ranks_per_host}")
+    cmd = mpiexec_command(2 * ranks_per_host, [sys.executable, str(EXIT_RANK)])
+    assert "-disable-auto-cleanup" in cmd
+    for _ in range(20):
+        result = launch(two_hosts.command("hosta", cmd), timeout_s=60, env=rank_env(**CROSS_HOST_ENV))
+        assert result.returncode == 0, result.describe()
+        ranks = [json.loads(found) for found in re.findall(r"\[exit_rank\] (\{[^}]*\})", result.stdout)]
+        assert sorted(r["rank"] for r in ranks) == list(range(2 * ranks_per_host)), result.describe()
+        for r in ranks:
+            assert r["linked"] == ([0] if r["rank"] else list(range(1, 2 * ranks_per_host))), result.describe()

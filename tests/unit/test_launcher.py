@@ -26,6 +26,8 @@ PACKAGE_DIR = Path(meshlm.__file__).parent
 # What a relaunch on one node adds to mpiexec's command line (see mpi_env.py), written out.
 LOOPBACK_HYDRA = ["-genv", "UCX_NET_DEVICES", "lo", "-genv", "FI_TCP_IFACE", "lo"]
 LOOPBACK_OPEN_MPI = ["-x", "UCX_NET_DEVICES=lo", "-x", "FI_TCP_IFACE=lo"]
+# What a relaunch under hydra adds: no clean-up of its own, and the ranks leave in order (monitor.py).
+HYDRA_NO_CLEANUP = ["-disable-auto-cleanup", "-genv", "MESHLM_ORDERED_EXIT", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +127,7 @@ def test_mpiexec_command_with_extra_args(monkeypatch, tmp_path):
     monkeypatch.setenv("MESHLM_MPIEXEC_ARGS", "-bind-to none -genv FOO 'a b'")
     monkeypatch.setattr(world.os, "geteuid", lambda: 0)
     assert world.mpiexec_command(3, ["python", "-m", "x"]) == [
-        str(launcher), "-n", "3", *LOOPBACK_HYDRA, "-disable-auto-cleanup", "-bind-to", "none", "-genv", "FOO",
+        str(launcher), "-n", "3", *LOOPBACK_HYDRA, *HYDRA_NO_CLEANUP, "-bind-to", "none", "-genv", "FOO",
         "a b", "python", "-m", "x"]
 
 
@@ -152,7 +154,7 @@ def test_relaunch_runs_the_same_command_under_mpiexec(monkeypatch, tmp_path):
     monkeypatch.setattr(world.os, "execv", fake_execv)
     with pytest.raises(SystemExit):
         world.relaunch_under_mpiexec(2)
-    cmd = [str(launcher), "-n", "2", *LOOPBACK_HYDRA, "-disable-auto-cleanup", sys.executable, "-m", "meshlm",
+    cmd = [str(launcher), "-n", "2", *LOOPBACK_HYDRA, *HYDRA_NO_CLEANUP, sys.executable, "-m", "meshlm",
            "generate", "Hello", "--tp", "2"]
     assert calls == [(str(launcher), cmd)]
 
