@@ -113,3 +113,52 @@ def test_the_first_tile_loaded_before_the_wait_gives_the_same_bits(n, k, weight_
     want = _reference(x, w, s, b)
     tolerance = want.abs() * 2.0 ** (-7 if IS_INTERPRETED else -8) + want.abs().max() * 1e-6
     assert ((preloaded.double().cpu() - want).abs() <= tolerance).all()
+
+
+NORM_CASES = [  # n, k, weight dtype, scale, bias, tiles, residual
+    (96, 512, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4), True),
+    (100, 640, torch.float8_e4m3fn, "channel", True, GemvTiles(32, 128, 3, 4), True),  # uneven splits
+    (64, 600, torch.bfloat16, "none", False, GemvTiles(16, 256, 2, 4), True),  # K not a multiple of BLOCK_K
+    (80, 512, torch.bfloat16, "none", True, GemvTiles(8, 128, 4, 4), False),  # a stage's first layer
+]
+
+
+def _to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """float32 ``t`` rounded to bf16 as the kernel rounds it (the interpreter truncates), as float32."""
+    if IS_INTERPRETED:
+        return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+    return t.to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("preload", [True, False])
+@pytest.mark.parametrize("n, k, weight_dtype, scale, bias, tiles, residual", NORM_CASES)
+def test_norm_inside_the_one_row_product(n, k, weight_dtype, scale, bias, tiles, residual, preload):
+    """The residual add and RMS norm computed as the row is loaded (fp8.NormedRow) against the
+    same roundings in torch and the row multiplied in float64; the sum stored is the norm's."""
+    from meshlm.kernels.fp8 import NormedRow
+    from meshlm.kernels.fused_ops import TORCH_OPS
+    x, w, s, b = _operands(n, k, weight_dtype, scale, bias)
+    gen = torch.Generator().manual_seed(1)
+    res = (torch.randn(1, k, generator=gen) * 3).to(torch.bfloat16).to(x.device) if residual else None
+    gamma = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16).to(x.device)
+    row = NormedRow(x, res, gamma, 1e-5, torch.full_like(x, float("nan")) if residual else None)
+    set_weight_preload(preload)
+    try:
+        out = one_row_gemm(x, w, s, b, tiles, norm=row)
+    finally:
+        set_weight_preload(True)
+    summed = _to_bf16(x.float() + res.float()) if residual else x.float()
+    if residual:
+        assert torch.equal(row.summed.float(), summed)
+    normed = _to_bf16(summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5))
+    normed = _to_bf16(gamma.float() * normed)
+    want = _reference(normed, w, s, b)
+    # an element of the normed row may round the other way where the rms, summed in another
+    # order, lands it on a rounding boundary: allow two such bf16 steps
+    step = (w.double().cpu().abs() * (s.double().cpu()[:, None] if s is not None else 1.0)).amax(dim=1)
+    step = step * normed.double().cpu().abs().max() * 2.0 ** -7
+    tolerance = want.abs() * 2.0 ** (-7 if IS_INTERPRETED else -8) + want.abs().max() * 1e-6 + 2 * step
+    assert ((out.double().cpu() - want).abs() <= tolerance).all()
+    if not IS_INTERPRETED:  # the norm kernel's row through the plain product: the same bits but rare ones
+        unfused = one_row_gemm(TORCH_OPS.add_rms_norm(x, res, gamma, 1e-5)[0], w, s, b, tiles)
+        assert (out != unfused).float().mean() < 0.05
