@@ -11,7 +11,6 @@ rows in bf16 for the FP8 products to quantize (the A/B of the fused quantization
 ``--no-weight-preload``: the one-row product waits for the kernel ahead before loading any weight;
 ``--short-context-graphs N``: small batches' decode graphs for contexts of at most N tokens (0: none);
 ``--fused-merge`` / ``--no-fused-merge``: decode attention merges its splits in the split kernel or not;
-``--fused-norm-product`` / ``--no-fused-norm-product``: one-row steps compute the norms inside the products;
 ``--max-batch-size``: fewer decode graphs to capture when only small batches are profiled.
 
 With ``--prefill-tokens N``, each profiled step is a mixed one: prompts of ``--prompt-len`` tokens,
@@ -186,9 +185,6 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--fused-merge", action=argparse.BooleanOptionalAction, default=None,
                         help="decode attention merges its splits inside the split kernel (DecodeTiles.fused_merge) "
                              "or in a second kernel, at every batch (default: meshlm's per-shape choice)")
-    parser.add_argument("--fused-norm-product", action=argparse.BooleanOptionalAction, default=None,
-                        help="one-row steps compute the residual add and RMS norm inside the QKV and gate/up "
-                             "products (kernels/fp8.py NormedRow; default: meshlm's)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="the engine's max_batch_size (default: automatic); fewer decode graphs to capture")
     return parser.parse_args()
@@ -223,9 +219,6 @@ def main() -> int:
         set_weight_preload(ns.weight_preload)
     if ns.fused_merge is not None:
         _force_fused_merge(ns.fused_merge)
-    if ns.fused_norm_product is not None:
-        from meshlm.kernels.fp8 import set_fused_norm_product
-        set_fused_norm_product(ns.fused_norm_product)
     llm = LLM(str(model_dir("llama3-8b")), load_format="random", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=ns.max_model_len, async_scheduling=ns.async_scheduling, kv_cache_dtype=ns.kv_cache_dtype,
               **({"quantization": ns.quantization} if ns.quantization else {}),
@@ -242,8 +235,7 @@ def main() -> int:
           f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
           f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
           f"fused_silu_product={ns.fused_silu_product}  weight_preload={ns.weight_preload}  "
-          f"short_context_graphs={ns.short_context_graphs}  fused_merge={ns.fused_merge}  "
-          f"fused_norm_product={ns.fused_norm_product}")
+          f"short_context_graphs={ns.short_context_graphs}  fused_merge={ns.fused_merge}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

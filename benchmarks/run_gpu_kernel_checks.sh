@@ -48,8 +48,6 @@
 #   PART=gemv     GPU tests of the one-row product and of the small-batch product's recorded shapes,
 #                 then decode steps of 1 and 16 rows (bf16 and FP8 weights) with the one-row
 #                 product's recorded shapes and without them (~6 min)
-#   PART=norm     GPU tests of the norm inside the one-row product (kernel, decode step eager and
-#                 graph), then 1-row decode steps with and without it, bf16 and FP8 weights (~4 min)
 #   PART=small    GPU tests of the one-row and small-batch products, the decode graphs and the engine,
 #                 then bf16 and FP8 decode steps of 1, 2, 4 and 16 rows with decode attention's splits
 #                 merged in a second kernel and inside the split kernel (--fused-merge) (~6 min)
@@ -57,7 +55,7 @@
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=norm|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+# Logs and JSON under $OUT. Usage: OUT=results PART=small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -216,21 +214,6 @@ if [ "$PART" = small ]; then
       timeout 100 python3 benchmarks/profile_decode.py $flags --batches 1,2,4,16 --steps 50 --max-batch-size 16 \
           --$merge > "$OUT/profile_small_${q}_$merge.log" 2>&1
       echo "exit $?"; tail -4 "$OUT/profile_small_${q}_$merge.log" | cut -c1-110
-    done
-  done
-fi
-if [ "$PART" = norm ]; then
-  echo "== GPU tests: the norm inside the one-row product, and in a decode step (eager and graph)"
-  timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_normed_row_gpu.py tests/gpu/test_gemv_kernel.py \
-      > "$OUT/pytest_norm.log" 2>&1
-  grep -E "^FAILED|passed|failed" "$OUT/pytest_norm.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_norm.log"
-  for q in bf16 fp8; do
-    flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-    for fused in fused-norm-product no-fused-norm-product; do
-      echo "== decode steps of 1 row, $q weights, --$fused"
-      timeout 60 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 1 \
-          --$fused > "$OUT/profile_norm_${q}_$fused.log" 2>&1
-      echo "exit $?"; tail -2 "$OUT/profile_norm_${q}_$fused.log" | cut -c1-110
     done
   done
 fi

@@ -53,36 +53,6 @@ _FUSED_SILU_PRODUCT = {"enabled": False}
 _FAST_ACCUMULATION = {"enabled": True}
 
 
-# Whether a decode step of one row hands the residual add and RMS norm before the QKV and gate/up
-# products to those products' one-row kernel (NormedRow): the norm kernel's launch and its
-# [1, K] row written and read back, gone. Off by default until measured on a card;
-# set_fused_norm_product(True) turns it on (benchmarks compare).
-_FUSED_NORM_PRODUCT = {"enabled": False}
-
-
-@dataclass(frozen=True, slots=True)
-class NormedRow:
-    """One row's RMS norm, not computed yet: ``weight * rmsnorm(x + residual)``, the row ``x``
-    [1, K] and ``residual`` (or None) in the model dtype, the norm's ``weight`` [K] and ``eps``.
-    The one-row product that takes it (kernels/gemv_triton.py) computes the norm as it loads the
-    row and stores ``x + residual`` into ``summed`` [1, K] (a new tensor: the product's other
-    programs still read ``residual``); None when there is no residual (the sum is ``x``)."""
-    x: torch.Tensor
-    residual: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-    summed: torch.Tensor | None
-
-    def materialize(self) -> torch.Tensor:
-        """The normed row as the torch norm computes it (writing ``summed``), for a product that
-        does not take it fused."""
-        x = self.x if self.residual is None else self.x + self.residual
-        if self.summed is not None:
-            self.summed.copy_(x)
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-
 @dataclass(frozen=True, slots=True)
 class QuantizedRows:
     """Activations quantized per row (per token), ``x ~ values * scale``: ``values`` float8 [M, K],
@@ -108,26 +78,6 @@ def set_fused_silu_product(enabled: bool) -> None:
     """Whether forward passes run (and CUDA graphs captured) from now on hand small batches'
     gate and up rows to the down projection's kernel (silu_and_mul_linear)."""
     _FUSED_SILU_PRODUCT["enabled"] = enabled
-
-
-def set_fused_norm_product(enabled: bool) -> None:
-    """Whether forward passes run (and CUDA graphs captured) from now on hand a one-row decode
-    step's norms to the products after them (NormedRow)."""
-    _FUSED_NORM_PRODUCT["enabled"] = enabled
-
-
-def takes_normed_row(num_rows: int, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-                     dtype: torch.dtype) -> bool:
-    """Whether ``linear`` may be given ``num_rows`` rows of ``dtype`` as a NormedRow: one row, the
-    fusion on, and a launch shape of the one-row product recorded for this weight on its card (a
-    float8 weight takes one row weight-only). Host values only, so CUDA graphs capture the choice."""
-    if not _FUSED_NORM_PRODUCT["enabled"] or num_rows != 1 or not weight.is_cuda or dtype == torch.float32:
-        return False
-    if weight_scale is None and weight.dtype != dtype:
-        return False
-    from meshlm.kernels.gemv_triton import gemv_config
-    return tuned_entry(gemv_config(weight.dtype), device_name(weight.device), weight.shape[0], weight.shape[1],
-                       1) is not None
 
 
 def takes_quantized_rows(num_rows: int, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None) -> bool:
@@ -190,8 +140,6 @@ def linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor, weight_scale: 
     ``x`` comes as QuantizedRows only where ``takes_quantized_rows`` said so."""
     if isinstance(x, QuantizedRows):
         return quantized_rows_linear(x, weight, weight_scale, bias, input_scale)
-    if isinstance(x, NormedRow):
-        return normed_row_linear(x, weight, weight_scale, bias)
     if weight_scale is None:
         if not _small_batch_kernel_wins(x, weight):
             return F.linear(x, weight, bias)
@@ -255,18 +203,6 @@ def quantized_rows_linear(x: QuantizedRows, weight: torch.Tensor, weight_scale: 
         f"weight-only up to {WEIGHT_ONLY_MAX_ROWS} rows)")
     y = scaled_product(x.values, x.scale, weight, weight_scale).to(x.dtype)
     return y if bias is None else y + bias
-
-
-def normed_row_linear(x: NormedRow, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The one-row product of a NormedRow, the norm inside it (``takes_normed_row`` said it runs);
-    elsewhere the norm first, then ``linear`` (the same arithmetic as the unfused layer)."""
-    if x.x.is_cuda:
-        from meshlm.kernels.gemv_triton import gemv_tiles, one_row_gemm
-        tiles = gemv_tiles(x.x, weight)
-        if tiles is not None:
-            return one_row_gemm(x.x, weight, weight_scale, bias, tiles, norm=x)
-    return linear(x.materialize(), weight, weight_scale, bias)
 
 
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from meshlm.kernels.fp8 import NormedRow
 from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
 from meshlm.kernels.triton_launch import launch_counters, programmatic_launch, weight_preload
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
@@ -65,16 +64,11 @@ def gemv_tiles(x: torch.Tensor, weight: torch.Tensor) -> GemvTiles | None:
 
 
 def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-                 bias: torch.Tensor | None, tiles: GemvTiles, norm: NormedRow | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None, tiles: GemvTiles) -> torch.Tensor:
     """``x`` [1, K] times ``weight`` [N, K] (float8 with ``weight_scale`` [N] or one element, or
-    x's dtype with None), plus ``bias`` [N]: [1, N] in ``x``'s dtype. With ``norm`` the row is
-    ``norm``'s (``x`` is ``norm.x``): the kernel adds its residual, writes the sum to
-    ``norm.summed``, and normalises the row as it loads it (see NormedRow)."""
+    x's dtype with None), plus ``bias`` [N]: [1, N] in ``x``'s dtype."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
-    if norm is not None:
-        assert norm.x is x and norm.weight.shape == (k,), (norm.weight.shape, k)
-        assert norm.residual is None or (norm.residual.shape == x.shape and norm.residual.stride(1) == 1)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
     num_tiles = triton.cdiv(n, tiles.block_n)
@@ -90,59 +84,18 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
                  HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
     scale_arg = scale if scale.numel() else out  # never read without SCALE
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
-    has_residual = norm is not None and norm.residual is not None
-    norm_args = dict(res_ptr=norm.residual if has_residual else x, gamma_ptr=norm.weight if norm else x,
-                     summed_ptr=norm.summed if has_residual else x, eps=norm.eps if norm else 0.0,
-                     NORM=0 if norm is None else 2 if has_residual else 1)
     _one_row_kernel[grid](
         out, partial, counters if counters is not None else partial, x, weight, scale_arg, bias_arg,
         n, k, k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
-        EVEN_K=k % tiles.block_k == 0, PRELOAD=weight_preload(x.device), num_warps=tiles.num_warps,
-        **norm_args, **flags)
+        EVEN_K=k % tiles.block_k == 0, PRELOAD=weight_preload(x.device), num_warps=tiles.num_warps, **flags)
     return out
 
 
 @triton.jit
-def _row_tile(x_ptrs, res_ptrs, gamma_ptrs, mask, rstd, NORM: tl.constexpr):
-    """The row's BLOCK_K values at ``x_ptrs`` in float32; with NORM, ``x`` (+ the residual, NORM 2)
-    normalised by ``rstd`` and scaled by the norm's weight, rounded where the norm kernel rounds."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0)
-    if NORM == 0:
-        row = x.to(tl.float32)
-    else:
-        dtype = x.dtype
-        if NORM == 2:
-            x = (x.to(tl.float32) + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-        normed = (x.to(tl.float32) * rstd).to(dtype)
-        gamma = tl.load(gamma_ptrs, mask=mask, other=0.0)
-        row = (gamma.to(tl.float32) * normed.to(tl.float32)).to(dtype).to(tl.float32)
-    return row
-
-
-@triton.jit
-def _row_rstd(x_ptr, res_ptr, summed_ptr, K, eps, write_sum, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
-    """``1 / sqrt(mean(s^2) + eps)`` of the whole row ``s`` (x, plus the residual with NORM 2, rounded
-    to x's dtype as the sum the norm kernel stores); ``write_sum``: this program stores ``s``."""
-    ks = tl.arange(0, BLOCK_K)
-    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        is_k = (k + ks) < K
-        x = tl.load(x_ptr + k + ks, mask=is_k, other=0.0)
-        if NORM == 2:
-            x = (x.to(tl.float32) + tl.load(res_ptr + k + ks, mask=is_k, other=0.0).to(tl.float32)).to(x.dtype)
-            tl.store(summed_ptr + k + ks, x, mask=is_k & write_sum)
-        squares += x.to(tl.float32) * x.to(tl.float32)
-    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-
-
-@triton.jit
 def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, N, K, k_per_split,
-                    stride_wn, res_ptr, gamma_ptr, summed_ptr, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, SCALE: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr = False,
-                    NORM: tl.constexpr = 0):
-    """NORM 0: the row as it is; 1: its RMS norm; 2: the norm of the row plus the residual, the sum
-    stored by the first program (one_row_gemm's ``norm``)."""
+                    stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+                    EVEN_K: tl.constexpr, SCALE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr = False):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the output channels (the weight's rows)
     ks = tl.arange(0, BLOCK_K)
@@ -151,41 +104,30 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
     # Channels past N wrap to valid ones (loaded, never stored): the weight's loads need no mask.
     w_ptrs = w_ptr + (cols % N).to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
     x_ptrs = x_ptr + k_start + ks
-    res_ptrs = res_ptr + k_start + ks
-    gamma_ptrs = gamma_ptr + k_start + ks
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     loop_start = k_start
-    rstd = 1.0
     if PRELOAD:  # the first weight tile before the wait (masked: a split may hold no columns)
         is_k = (k_start + ks) < k_stop
         w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
         wait_for_previous_kernel(PDL)
-        if NORM != 0:
-            rstd = _row_rstd(x_ptr, res_ptr, summed_ptr, K, eps, (pid_n == 0) & (pid_k == 0), BLOCK_K, NORM)
-        x = _row_tile(x_ptrs, res_ptrs, gamma_ptrs, is_k, rstd, NORM)
-        acc += w.to(tl.float32) * x[None, :]
+        x = tl.load(x_ptrs, mask=is_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        res_ptrs += BLOCK_K
-        gamma_ptrs += BLOCK_K
         loop_start = k_start + BLOCK_K
     else:
         wait_for_previous_kernel(PDL)
-        if NORM != 0:
-            rstd = _row_rstd(x_ptr, res_ptr, summed_ptr, K, eps, (pid_n == 0) & (pid_k == 0), BLOCK_K, NORM)
     for k in range(loop_start, k_stop, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            x = _row_tile(x_ptrs, res_ptrs, gamma_ptrs, ks < BLOCK_K, rstd, NORM)
+            x = tl.load(x_ptrs)
         else:
             is_k = (k + ks) < k_stop
             w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
-            x = _row_tile(x_ptrs, res_ptrs, gamma_ptrs, is_k, rstd, NORM)
-        acc += w.to(tl.float32) * x[None, :]
+            x = tl.load(x_ptrs, mask=is_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        res_ptrs += BLOCK_K
-        gamma_ptrs += BLOCK_K
     sums = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
     is_out = (cols < N)[None, :]
     out_ptrs = out_ptr + cols[None, :]

@@ -62,10 +62,6 @@ class LlamaAttention(NamedWeights, nn.Module):
         """Whether ``forward`` may be given its input quantized (the qkv projection's choice)."""
         return self.qkv_proj.takes_quantized_rows(num_tokens)
 
-    def takes_normed_row(self, num_tokens: int, dtype: torch.dtype) -> bool:
-        """Whether ``forward`` may be given its input as an unevaluated norm (the qkv projection's choice)."""
-        return self.qkv_proj.takes_normed_row(num_tokens, dtype)
-
     def forward(self, hidden: torch.Tensor | QuantizedRows, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim per rank]
         num_tokens = qkv.shape[0]
@@ -116,10 +112,6 @@ class LlamaMLP(NamedWeights, nn.Module):
         """Whether ``forward`` may be given its input quantized (the gate/up projection's choice)."""
         return self.gate_up_proj.takes_quantized_rows(num_tokens)
 
-    def takes_normed_row(self, num_tokens: int, dtype: torch.dtype) -> bool:
-        """Whether ``forward`` may be given its input as an unevaluated norm (the gate/up projection's choice)."""
-        return self.gate_up_proj.takes_normed_row(num_tokens, dtype)
-
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
         if self.down_proj.takes_quantized_rows(gate_up.shape[0]):
@@ -151,14 +143,12 @@ class LlamaDecoderLayer(NamedWeights, nn.Module):
                 kv_cache: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it); ``residual`` None on a stage's
         first layer, whose ``hidden`` is then the whole stream."""
-        num_tokens, dtype = hidden.shape[0], hidden.dtype
+        num_tokens = hidden.shape[0]
         hidden, residual = self.input_layernorm.add_norm(hidden, residual,
-                                                         self.self_attn.takes_quantized_rows(num_tokens),
-                                                         self.self_attn.takes_normed_row(num_tokens, dtype))
+                                                         self.self_attn.takes_quantized_rows(num_tokens))
         hidden = self.self_attn(hidden, meta, kv_cache)
         hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual,
-                                                                  self.mlp.takes_quantized_rows(num_tokens),
-                                                                  self.mlp.takes_normed_row(num_tokens, dtype))
+                                                                  self.mlp.takes_quantized_rows(num_tokens))
         return self.mlp(hidden), residual
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:

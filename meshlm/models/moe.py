@@ -99,10 +99,6 @@ class SparseMoeBlock(NamedWeights, nn.Module):
         """Never: the router, the experts and the shared expert read the hidden states in the model dtype."""
         return False
 
-    def takes_normed_row(self, num_tokens: int, dtype: torch.dtype) -> bool:
-        """Never: the router and the experts read the normed hidden states themselves."""
-        return False
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every TP rank holds every token ([num_tokens, hidden]) after the attention all-reduce,
         # and each rank's experts pick out the tokens routed to them: no dispatch is needed.

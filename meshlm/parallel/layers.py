@@ -18,8 +18,7 @@ from meshlm.parallel.comm import Communicator
 from meshlm.parallel.fp8_weights import read_fp8, read_input_scale, read_unquantized
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.quantization import QuantizationConfig
-from meshlm.kernels.fp8 import (FP8_DTYPE, NormedRow, QuantizedRows, linear, silu_and_mul_linear,
-                               takes_normed_row, takes_quantized_rows)
+from meshlm.kernels.fp8 import FP8_DTYPE, QuantizedRows, linear, silu_and_mul_linear, takes_quantized_rows
 from meshlm.kernels.fused_ops import TORCH_OPS
 
 
@@ -75,11 +74,6 @@ class QuantizableLinear(nn.Module):
         They are the rows this rank multiplies: for a row-parallel layer its shard of each row, so the
         scales are those of the shard, as when the layer quantizes them itself."""
         return takes_quantized_rows(num_rows, self.weight_scale, self.input_scale)
-
-    def takes_normed_row(self, num_rows: int, dtype: torch.dtype) -> bool:
-        """Whether ``forward`` may be given ``num_rows`` rows of ``dtype`` as an unevaluated norm
-        (fp8.NormedRow), which its one-row product computes as it loads the row."""
-        return takes_normed_row(num_rows, self.weight, self.weight_scale, dtype)
 
     def _scale_shapes(self, names: list[str], shapes: dict) -> dict:
         if self.quant is None:
@@ -293,15 +287,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, quantize: bool = False,
-                 defer: bool = False) -> tuple[torch.Tensor | QuantizedRows | NormedRow, torch.Tensor]:
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """(the norm of ``x + residual``, ``x + residual``); a ``None`` residual adds nothing.
-        ``quantize``: the norm comes quantized per row to float8, for an FP8 layer that takes it so.
-        ``defer``: neither is computed here: the norm comes as a NormedRow, and the sum is the
-        tensor that the product taking it writes (``takes_normed_row``)."""
-        if defer:
-            summed = None if residual is None else torch.empty_like(x)
-            return NormedRow(x, residual, self.weight, self.eps, summed), x if summed is None else summed
+        ``quantize``: the norm comes quantized per row to float8, for an FP8 layer that takes it so."""
         if quantize:
             return self.ops.add_rms_norm_quantized(x, residual, self.weight, self.eps)
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -43,8 +43,7 @@ def _entries(kernel: str) -> list[tuple[str, dict]]:
 def _pointer_types(fp8: bool) -> dict[str, str]:
     """bf16 rows and outputs, float8 or bf16 weights, int32 split counters (other pointers float32)."""
     return {"out_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "counter_ptr": "*i32",
-            "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "res_ptr": "*bf16", "gamma_ptr": "*bf16",
-            "summed_ptr": "*bf16", "eps": "fp32"}
+            "w_ptr": "*fp8e4nv" if fp8 else "*bf16"}
 
 
 def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3):
@@ -86,15 +85,13 @@ def test_small_batch_launch_shapes_compile(name, entry, one_row):
 @pytest.mark.parametrize("name,entry", _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv"),
                          ids=[c[0] for c in _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")])
 @pytest.mark.parametrize("preload", [True, False])
-@pytest.mark.parametrize("norm", [0, 2], ids=["row", "norm"])
-def test_one_row_launch_shapes_compile(name, entry, preload, norm):
-    """``norm`` 2: the residual add and RMS norm inside the product (fp8.NormedRow)."""
+def test_one_row_launch_shapes_compile(name, entry, preload):
     tiles = gemv_triton.GemvTiles(**entry["tiles"])
     fp8 = name.startswith("fp8")
     types = _pointer_types(fp8)
     constexprs = dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
                       EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False, PDL=True,
-                      PRELOAD=preload, NORM=norm)
+                      PRELOAD=preload)
     ptx = compile_sm90(gemv_triton._one_row_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
     # the preload: weight loads (and only loads) before the wait; without it none
