@@ -34,6 +34,14 @@ PLACEHOLDER_GPUS = 4  # per node: enough for the 4-task job on one node
 _UNAVAILABLE = 3  # slurm-up.sh: slurm-wlm/munge cannot be installed here
 
 
+# Slurm's mpi/pmi2 plugin reads a PMI-1 request with a single read() of at most 1024 bytes (a
+# "TODO: read until newline" in its agent.c), and MPICH speaks PMI-1 to it by default (its PMI-2
+# client fails MPI_Init against this plugin). MPICH's UCX address puts measured 600 to 850 bytes
+# here, and now and then longer: the line is then cut, and MPI_Init fails on every node with this
+# message before meshlm runs anything. A job that fails so is the launcher's bug, not meshlm's.
+SLURM_PMI1_CUT_LINE = "mpi/pmi2: value not properly terminated in client request"
+
+
 @dataclass(slots=True)
 class Job:
     job_id: int
@@ -48,6 +56,10 @@ class Job:
 
     def log(self) -> str:
         return f"--- job {self.job_id} stdout ---\n{self.stdout()}\n--- stderr ---\n{self.stderr()}"
+
+    def hit_pmi1_cut_line(self) -> bool:
+        """MPI_Init failed on Slurm's cut PMI-1 line (SLURM_PMI1_CUT_LINE)."""
+        return SLURM_PMI1_CUT_LINE in self.stderr()
 
 
 def _read(path: Path) -> str:
