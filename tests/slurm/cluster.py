@@ -12,6 +12,7 @@ commands go through ``exec_prefix`` (empty here; a network namespace for the sim
 """
 from __future__ import annotations
 
+import random
 import re
 import shlex
 import shutil
@@ -123,9 +124,36 @@ class SlurmCluster:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port for a daemon or server of the tests that binds here now, drawn below the kernel's
+    ephemeral range. The simulated hosts' namespaces (tests/multinode) hold ephemeral ports that a
+    check here cannot see (MPI's listeners, the connections of earlier jobs): a port from that range
+    once met one of them and hosta's slurmd could not bind. Nothing takes a port below the range
+    unless asked for it by number."""
+    low = _ephemeral_ports()[0]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _GIVEN_PORTS:  # the daemons of a cluster start after both ports are chosen
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port below {low}")
+
+
+_GIVEN_PORTS: set[int] = set()
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def cluster_dir() -> Path:
