@@ -85,7 +85,6 @@ class RankMonitor:
         self._pending: dict[socket.socket, bytes] = {}
         self._leaving: set[int] = set()  # said goodbye, or announced that it aborts the job
         self._gone: set[int] = set()
-        self._linked: set[int] = set()  # peers whose lifeline was connected
         self._go = threading.Event()  # ordered exit: rank 0 let this rank leave, or is gone
         self._on_death = on_death
         self._lock = threading.Lock()
@@ -162,7 +161,6 @@ class RankMonitor:
         self._conns[conn] = peer
         self._pending[conn] = b""
         self.peers[peer] = Progress()
-        self._linked.add(peer)
 
     # --- this rank's progress (the watchdogs call these) ----------------------------------------
     def begin(self, name: str) -> int:
@@ -272,7 +270,7 @@ class RankMonitor:
         own = by_host.pop(self.table[0].host, [])
         for ranks in by_host.values():
             self._send_to(ranks, b"go\n")
-            waited_for = set(ranks) & self._linked
+            waited_for = set(ranks) & set(self.peers)  # those whose lifeline connected
             deadline = time.monotonic() + LEAVE_WAIT_S
             while not waited_for <= self._gone and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -129,7 +129,7 @@ def free_port() -> int:
     check here cannot see (MPI's listeners, the connections of earlier jobs): a port from that range
     once met one of them and hosta's slurmd could not bind. Nothing takes a port below the range
     unless asked for it by number."""
-    low = _ephemeral_ports()[0]
+    low = _lowest_ephemeral_port()
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(max(1024, low - 12000), low)
@@ -148,12 +148,11 @@ def free_port() -> int:
 _GIVEN_PORTS: set[int] = set()
 
 
-def _ephemeral_ports() -> tuple[int, int]:
+def _lowest_ephemeral_port() -> int:
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def cluster_dir() -> Path:
