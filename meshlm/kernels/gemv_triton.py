@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.gemm_epilogue import add_splits_if_last, scale_and_bias
+from meshlm.kernels.silu_triton import silu_and_mul_of
 from meshlm.kernels.triton_launch import launch_counters, programmatic_launch, weight_preload
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
@@ -64,14 +65,19 @@ def gemv_tiles(x: torch.Tensor, weight: torch.Tensor) -> GemvTiles | None:
 
 
 def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-                 bias: torch.Tensor | None, tiles: GemvTiles) -> torch.Tensor:
+                 bias: torch.Tensor | None, tiles: GemvTiles, gated: bool = False) -> torch.Tensor:
     """``x`` [1, K] times ``weight`` [N, K] (float8 with ``weight_scale`` [N] or one element, or
-    x's dtype with None), plus ``bias`` [N]: [1, N] in ``x``'s dtype."""
+    x's dtype with None), plus ``bias`` [N]: [1, N] in ``x``'s dtype. ``gated``: the weight's rows
+    are gate then up, N/2 each, and the result is [1, N/2] ``silu(gate) * up`` (each rounded to x's
+    dtype first, as SiLU-and-mul of the plain product reads them), bitwise what the plain product
+    and the SiLU-and-mul kernel give; a program then holds BLOCK_N/2 gate rows and the up rows of
+    the same channels, and K is not split (``tiles.split_k`` must be 1)."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    assert not gated or (n % 2 == 0 and tiles.block_n % 2 == 0 and tiles.split_k == 1), (n, tiles)
+    out = torch.empty((1, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
-    num_tiles = triton.cdiv(n, tiles.block_n)
+    num_tiles = triton.cdiv(n // 2, tiles.block_n // 2) if gated else triton.cdiv(n, tiles.block_n)
     counters = launch_counters(_SPLIT_COUNTERS, x.device, _MAX_SPLIT_TILES, num_tiles) if tiles.split_k > 1 else None
     if counters is None:
         tiles = replace(tiles, split_k=1)
@@ -87,7 +93,8 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     _one_row_kernel[grid](
         out, partial, counters if counters is not None else partial, x, weight, scale_arg, bias_arg,
         n, k, k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
-        EVEN_K=k % tiles.block_k == 0, PRELOAD=weight_preload(x.device), num_warps=tiles.num_warps, **flags)
+        EVEN_K=k % tiles.block_k == 0, PRELOAD=weight_preload(x.device), GATED=gated, num_warps=tiles.num_warps,
+        **flags)
     return out
 
 
@@ -95,14 +102,21 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, N, K, k_per_split,
                     stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
                     EVEN_K: tl.constexpr, SCALE: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr = False):
+                    HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr = False,
+                    GATED: tl.constexpr = False):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the output channels (the weight's rows)
+    if GATED:  # rows 2i and 2i+1 of the tile: gate and up of output channel i (weight rows c and N/2 + c)
+        pairs = tl.arange(0, BLOCK_N)
+        channels = pid_n * (BLOCK_N // 2) + pairs // 2
+        rows = channels % (N // 2) + (pairs % 2) * (N // 2)
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the output channels (the weight's rows)
+        rows = cols % N
     ks = tl.arange(0, BLOCK_K)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     # Channels past N wrap to valid ones (loaded, never stored): the weight's loads need no mask.
-    w_ptrs = w_ptr + (cols % N).to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
     x_ptrs = x_ptr + k_start + ks
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     loop_start = k_start
@@ -129,14 +143,19 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     sums = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
-    is_out = (cols < N)[None, :]
-    out_ptrs = out_ptr + cols[None, :]
-    if IS_SPLIT:
-        tl.store(partial_ptr + pid_k * N + cols[None, :], sums, mask=is_out)  # partial [split_k, N]
-        # the last split of these channels to finish adds up all of them, in order
-        add_splits_if_last(out_ptrs, partial_ptr, cols[None, :], N, is_out, counter_ptr, pid_n, cols, N, scale_ptr,
-                           bias_ptr, SCALE, HAS_BIAS, 1, BLOCK_N)
+    if GATED:  # the kernel's end as an else branch: Triton compiles the code after a return too
+        y = scale_and_bias(sums, rows, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS).to(out_ptr.dtype.element_ty)
+        gate, up = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_N // 2, 2]))
+        outs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + outs, silu_and_mul_of(gate, up, out_ptr.dtype.element_ty), mask=outs < N // 2)
     else:
-        y = scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
-
+        is_out = (cols < N)[None, :]
+        out_ptrs = out_ptr + cols[None, :]
+        if IS_SPLIT:
+            tl.store(partial_ptr + pid_k * N + cols[None, :], sums, mask=is_out)  # partial [split_k, N]
+            # the last split of these channels to finish adds up all of them, in order
+            add_splits_if_last(out_ptrs, partial_ptr, cols[None, :], N, is_out, counter_ptr, pid_n, cols, N,
+                               scale_ptr, bias_ptr, SCALE, HAS_BIAS, 1, BLOCK_N)
+        else:
+            y = scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)

@@ -113,6 +113,9 @@ class LlamaMLP(NamedWeights, nn.Module):
         return self.gate_up_proj.takes_quantized_rows(num_tokens)
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        gated = self.gate_up_proj.forward_silu_and_mul(x)  # one row on a GPU: [1, inter_per_rank], else None
+        if gated is not None:
+            return self.down_proj(gated)
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
         if self.down_proj.takes_quantized_rows(gate_up.shape[0]):
             return self.down_proj(self.ops.silu_and_mul_quantized(gate_up))

@@ -18,7 +18,8 @@ from meshlm.parallel.comm import Communicator
 from meshlm.parallel.fp8_weights import read_fp8, read_input_scale, read_unquantized
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.quantization import QuantizationConfig
-from meshlm.kernels.fp8 import FP8_DTYPE, QuantizedRows, linear, silu_and_mul_linear, takes_quantized_rows
+from meshlm.kernels.fp8 import (FP8_DTYPE, QuantizedRows, linear, one_row_silu_and_mul, silu_and_mul_linear,
+                                takes_quantized_rows)
 from meshlm.kernels.fused_ops import TORCH_OPS
 
 
@@ -109,6 +110,15 @@ class ColumnParallelLinear(QuantizableLinear):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         return self.matmul(x, self.bias)
+
+    def forward_silu_and_mul(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | None:
+        """``silu(gate) * up`` of a gate/up projection (two equal sub-matrices, no bias) from one
+        kernel where a single row runs the one-row product (kernels/fp8.py's one_row_silu_and_mul);
+        else None (the caller runs ``forward``, then SiLU-and-mul)."""
+        if isinstance(x, QuantizedRows) or self.bias is not None or len(set(self.sizes_per_rank)) != 1 \
+                or len(self.sizes_per_rank) != 2:
+            return None
+        return one_row_silu_and_mul(x, self.weight, self.weight_scale)
 
     def _rows(self, index: int) -> tuple[int, int, int]:
         """(checkpoint start row, rows, offset in this rank's weight) of sub-matrix ``index``."""

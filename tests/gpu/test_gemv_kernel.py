@@ -15,7 +15,7 @@ from meshlm.kernels.gemv_triton import GemvTiles, gemv_config, one_row_gemm  # n
 from meshlm.kernels.triton_launch import set_weight_preload  # noqa: E402
 from meshlm.kernels.tuned_configs import tuned_entry  # noqa: E402
 
-from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS  # noqa: E402
+from tests.gpu.kernel_device import DEVICE, IS_INTERPRETED, KERNEL_MARKS, needs_cuda  # noqa: E402
 
 pytestmark = KERNEL_MARKS
 
@@ -113,3 +113,68 @@ def test_the_first_tile_loaded_before_the_wait_gives_the_same_bits(n, k, weight_
     want = _reference(x, w, s, b)
     tolerance = want.abs() * 2.0 ** (-7 if IS_INTERPRETED else -8) + want.abs().max() * 1e-6
     assert ((preloaded.double().cpu() - want).abs() <= tolerance).all()
+
+
+def _silu_and_mul_kernel(gate_up: torch.Tensor) -> torch.Tensor:
+    """The SiLU-and-mul kernel of TritonOps (kernels/fused_ops.py) on [1, 2I] rows: [1, I]."""
+    from meshlm.kernels.fused_ops import _silu_and_mul_kernel
+    width = gate_up.shape[1] // 2
+    out = torch.empty((1, width), dtype=gate_up.dtype, device=gate_up.device)
+    _silu_and_mul_kernel[(1, -(-width // 64))](out, gate_up, out.stride(0), gate_up.stride(0), width, BLOCK=64,
+                                               PDL=False)
+    return out
+
+
+GATED_CASES = [  # n (gate and up rows), k, weight dtype, scale, bias, tiles
+    (96, 512, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4)),
+    (100, 640, torch.float8_e4m3fn, "tensor", False, GemvTiles(8, 128, 1, 4)),  # 50 channels: past the tiles
+    (80, 600, torch.bfloat16, "none", False, GemvTiles(4, 256, 1, 4)),  # K not a multiple of BLOCK_K
+    (72, 384, torch.bfloat16, "none", True, GemvTiles(16, 64, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("n, k, weight_dtype, scale, bias, tiles", GATED_CASES)
+def test_gated_one_row_is_the_product_then_silu_and_mul_bitwise(n, k, weight_dtype, scale, bias, tiles):
+    x, w, s, b = _operands(n, k, weight_dtype, scale, bias, seed=3)
+    gated = one_row_gemm(x, w, s, b, tiles, gated=True)
+    assert gated.shape == (1, n // 2) and gated.dtype == torch.bfloat16
+    assert torch.equal(gated, _silu_and_mul_kernel(one_row_gemm(x, w, s, b, tiles)))
+    product = _reference(x, w, s, b)  # float64 [1, n]
+    gate, up = product[:, :n // 2], product[:, n // 2:]
+    want = gate * torch.sigmoid(gate) * up
+    # three bf16 roundings (gate, up, silu) and the product's: a few bf16 steps of each factor
+    tolerance = 2.0 ** -5 * (gate * torch.sigmoid(gate)).abs() * up.abs() + want.abs().max() * 1e-3
+    assert ((gated.double().cpu() - want).abs() <= tolerance).all()
+
+
+@needs_cuda
+def test_one_row_silu_and_mul_takes_a_row_where_the_one_row_product_runs(monkeypatch):
+    from meshlm.kernels import fp8
+    x, w, s, _ = _operands(96, 512, torch.float8_e4m3fn, "channel", False)
+    tiles = {"tiles": GemvTiles(16, 128, 1, 4)}
+    monkeypatch.setattr(gemv_triton, "gemv_tiles", lambda x, w: tiles["tiles"] if x.shape[0] == 1 else None)
+    out = fp8.one_row_silu_and_mul(x, w, s)
+    assert torch.equal(out, _silu_and_mul_kernel(one_row_gemm(x, w, s, None, tiles["tiles"])))
+    assert fp8.one_row_silu_and_mul(torch.cat([x, x]), w, s) is None  # two rows
+    fp8.set_gated_one_row(False)
+    try:
+        assert fp8.one_row_silu_and_mul(x, w, s) is None
+    finally:
+        fp8.set_gated_one_row(True)
+    tiles["tiles"] = GemvTiles(16, 128, 2, 4)  # K split: the splits' sums meet in another kernel's end
+    assert fp8.one_row_silu_and_mul(x, w, s) is None
+
+
+@needs_cuda
+@pytest.mark.parametrize("weight_dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_llama_3_8b_gate_up_row_from_one_kernel_equals_the_two(weight_dtype):
+    """The recorded shape of the 8B's gate/up projection (28672 x 4096) through the dispatch the
+    model takes, against linear then TritonOps' SiLU-and-mul, which a decode step ran before."""
+    from meshlm.kernels import fp8
+    from meshlm.kernels.fused_ops import TritonOps
+    x, w, s, _ = _operands(28672, 4096, weight_dtype, "channel" if weight_dtype.itemsize == 1 else "none", False)
+    if gemv_triton.gemv_tiles(x, w) is None:
+        pytest.skip(f"no one-row shape recorded for {torch.cuda.get_device_name()}")
+    fused = fp8.one_row_silu_and_mul(x, w, s)
+    assert fused is not None and fused.shape == (1, 14336)
+    assert torch.equal(fused, TritonOps().silu_and_mul(fp8.linear(x, w, s)))

@@ -82,16 +82,24 @@ def test_small_batch_launch_shapes_compile(name, entry, one_row):
     assert "griddepcontrol.wait" in compiled.asm["ptx"]
 
 
-@pytest.mark.parametrize("name,entry", _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv"),
-                         ids=[c[0] for c in _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")])
+def _one_row_cases() -> list[tuple[str, dict, bool]]:
+    """Each one-row launch shape plain, and gated (SiLU-and-mul at its end) where K is not split, as
+    kernels/fp8.py's one_row_silu_and_mul launches it."""
+    entries = _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")
+    return [(name, entry, gated) for name, entry in entries for gated in (False, True)
+            if not gated or entry["tiles"].get("split_k", 1) == 1]
+
+
+@pytest.mark.parametrize("name,entry,gated", _one_row_cases(),
+                         ids=[f"{c[0]}{':gated' if c[2] else ''}" for c in _one_row_cases()])
 @pytest.mark.parametrize("preload", [True, False])
-def test_one_row_launch_shapes_compile(name, entry, preload):
+def test_one_row_launch_shapes_compile(name, entry, gated, preload):
     tiles = gemv_triton.GemvTiles(**entry["tiles"])
     fp8 = name.startswith("fp8")
     types = _pointer_types(fp8)
     constexprs = dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
                       EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False, PDL=True,
-                      PRELOAD=preload)
+                      PRELOAD=preload, GATED=gated)
     ptx = compile_sm90(gemv_triton._one_row_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
     # the preload: weight loads (and only loads) before the wait; without it none
