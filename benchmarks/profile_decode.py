@@ -167,7 +167,10 @@ def _parse() -> argparse.Namespace:
                         help="small batches' down projection computes SiLU-and-mul as it loads (default: meshlm's)")
     parser.add_argument("--gated-one-row", action=argparse.BooleanOptionalAction, default=None,
                         help="one row's gate/up product ends in SiLU-and-mul, no kernel of its own "
-                             "(kernels/fp8.py's one_row_silu_and_mul; default: meshlm's)")
+                             "(kernels/one_row.py's one_row_silu_and_mul; default: meshlm's)")
+    parser.add_argument("--qkv-rotary-one-row", action=argparse.BooleanOptionalAction, default=None,
+                        help="one row's QKV product ends in rotary and the KV cache's store, no kernel of its own "
+                             "(kernels/one_row.py's one_row_qkv_rotary_cache; default: meshlm's)")
     parser.add_argument("--prefill-tokens", type=int, default=0,
                         help="profile mixed steps: prompts of --prompt-len totalling this many tokens join each step")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
@@ -215,8 +218,11 @@ def main() -> int:
     if ns.fused_silu_product is not None:
         set_fused_silu_product(ns.fused_silu_product)
     if ns.gated_one_row is not None:
-        from meshlm.kernels.fp8 import set_gated_one_row
+        from meshlm.kernels.one_row import set_gated_one_row
         set_gated_one_row(ns.gated_one_row)
+    if ns.qkv_rotary_one_row is not None:
+        from meshlm.kernels.one_row import set_qkv_rotary_one_row
+        set_qkv_rotary_one_row(ns.qkv_rotary_one_row)
     if ns.short_context_graphs is not None:
         from meshlm.executor.cuda_graphs import set_short_context_graphs
         set_short_context_graphs(ns.short_context_graphs)
@@ -240,7 +246,8 @@ def main() -> int:
           f"quantization={ns.quantization}  fused_quantization={ns.fused_quantization}  "
           f"kv_cache_dtype={ns.kv_cache_dtype}  prompt_len={ns.prompt_len}  pdl={ns.pdl}  "
           f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
-          f"fused_silu_product={ns.fused_silu_product}  gated_one_row={ns.gated_one_row}  weight_preload={ns.weight_preload}  "
+          f"fused_silu_product={ns.fused_silu_product}  gated_one_row={ns.gated_one_row}  "
+          f"qkv_rotary_one_row={ns.qkv_rotary_one_row}  weight_preload={ns.weight_preload}  "
           f"short_context_graphs={ns.short_context_graphs}  fused_merge={ns.fused_merge}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")

@@ -45,8 +45,9 @@
 #   PART=ab_fp8   the GPU test of the step's reserve (test_step_reserve_gpu.py), then bench FP8 128/128
 #                 at 8192 tokens a step and at the default (16384 on an H200), one machine (~4 min)
 #   PART=ab_bf16  bench bf16 1000/1000 at 8192 tokens a step and at the default (~5 min)
-#   PART=gated    GPU tests of the one-row product (SiLU-and-mul at the gate/up product's end), products,
-#                 fused ops, graphs, engine; decode steps of 1 and 2 rows with and without it, twice (~6 min)
+#   PART=gated    GPU tests of the one-row product's fused ends (SiLU-and-mul after gate/up, rotary and the
+#                 cache's store after QKV), products, fused ops, graphs, engine; decode steps of 1 and 2 rows
+#                 with both, with the first only and with neither, twice (~8 min)
 #   PART=gemv     GPU tests of the one-row product and of the small-batch product's recorded shapes,
 #                 then decode steps of 1 and 16 rows (bf16 and FP8 weights) with the one-row
 #                 product's recorded shapes and without them (~6 min)
@@ -220,19 +221,21 @@ if [ "$PART" = small ]; then
   done
 fi
 if [ "$PART" = gated ]; then
-  echo "== GPU tests: the one-row product (gated too), the products, fused ops, the decode graphs, the engine"
-  timeout 300 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_fp8_gemm_kernel.py \
-      tests/gpu/test_fused_ops_gpu.py tests/gpu/test_graph_buckets_gpu.py tests/gpu/test_engine_gpu.py \
-      tests/gpu/test_fp8_gpu.py > "$OUT/pytest_gated.log" 2>&1
+  echo "== GPU tests: the one-row product (gated too, QKV with rotary), products, fused ops, decode graphs, engine"
+  timeout 300 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_qkv_rotary_kernel.py \
+      tests/gpu/test_fp8_gemm_kernel.py tests/gpu/test_fused_ops_gpu.py tests/gpu/test_graph_buckets_gpu.py \
+      tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py tests/gpu/test_fp8_kv_kernels.py > "$OUT/pytest_gated.log" 2>&1
   grep -E "^FAILED|passed|failed" "$OUT/pytest_gated.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_gated.log"
   for round in 1 2; do
     for q in bf16 fp8; do
       flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-      for gated in gated-one-row no-gated-one-row; do
-        echo "== round $round: decode steps of 1 and 2 rows, $q weights, --$gated"
+      for fused in "--gated-one-row --qkv-rotary-one-row" "--gated-one-row --no-qkv-rotary-one-row" \
+                   "--no-gated-one-row --no-qkv-rotary-one-row"; do
+        name=$(echo "$fused" | tr -d ' -' | sed 's/gatedonerow/g/; s/qkvrotaryonerow/r/g')
+        echo "== round $round: decode steps of 1 and 2 rows, $q weights, $fused"
         timeout 100 python3 benchmarks/profile_decode.py $flags --batches 1,2 --steps 50 --max-batch-size 16 \
-            --$gated --out "$OUT/profile_${q}_${gated}_$round.json" > "$OUT/profile_${q}_${gated}_$round.log" 2>&1
-        echo "exit $?"; tail -3 "$OUT/profile_${q}_${gated}_$round.log" | cut -c1-120
+            $fused --out "$OUT/profile_${q}_${name}_$round.json" > "$RUNS/profile_${q}_${name}_$round.log" 2>&1
+        echo "exit $?"; tail -2 "$RUNS/profile_${q}_${name}_$round.log" | cut -c1-100
       done
     done
   done

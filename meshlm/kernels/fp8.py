@@ -45,10 +45,6 @@ _FUSED_QUANTIZATION = {"enabled": True}
 # Whether small batches' down projections take silu(gate) * up as they load it (silu_and_mul_linear):
 # one kernel fewer a layer. Off by default; set_fused_silu_product(True) turns it on (benchmarks compare).
 _FUSED_SILU_PRODUCT = {"enabled": False}
-# Whether a single row's gate/up projection ends in SiLU-and-mul (one_row_silu_and_mul): the one-row
-# product's programs hold each channel's gate and up rows and write silu(gate) * up, bitwise what the
-# two kernels give, one kernel fewer a layer. set_gated_one_row(False) turns it off (benchmarks compare).
-_GATED_ONE_ROW = {"enabled": True}
 # Whether torch._scaled_mm may accumulate in the tensor cores' own precision (use_fast_accum), which
 # skips the periodic promotion of the partial sums to float32, as vLLM's FP8 products on Hopper do
 # (its CUTLASS kernels' FP8FastAccum schedules). On by default: on an H200 it made FP8 128/128 7 %
@@ -82,12 +78,6 @@ def set_fused_silu_product(enabled: bool) -> None:
     """Whether forward passes run (and CUDA graphs captured) from now on hand small batches'
     gate and up rows to the down projection's kernel (silu_and_mul_linear)."""
     _FUSED_SILU_PRODUCT["enabled"] = enabled
-
-
-def set_gated_one_row(enabled: bool) -> None:
-    """Whether forward passes run (and CUDA graphs captured) from now on end a single row's gate/up
-    projection in SiLU-and-mul (one_row_silu_and_mul)."""
-    _GATED_ONE_ROW["enabled"] = enabled
 
 
 def takes_quantized_rows(num_rows: int, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None) -> bool:
@@ -151,7 +141,7 @@ def linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor, weight_scale: 
     if isinstance(x, QuantizedRows):
         return quantized_rows_linear(x, weight, weight_scale, bias, input_scale)
     if weight_scale is None:
-        if not _small_batch_kernel_wins(x, weight):
+        if not small_batch_kernel_wins(x, weight):
             return F.linear(x, weight, bias)
         from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
@@ -168,7 +158,7 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
     if not _FUSED_SILU_PRODUCT["enabled"] or gate_up.dim() != 2 or not gate_up.is_cuda:
         return None
     if weight_scale is None:
-        if not _small_batch_kernel_wins(gate_up, weight):
+        if not small_batch_kernel_wins(gate_up, weight):
             return None
     elif not (use_weight_only(gate_up.shape[0]) and _weight_only_kernel_runs(gate_up)):
         return None
@@ -176,27 +166,7 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
     return fp8_weight_gemm(gate_up, weight, weight_scale, gated=True)
 
 
-def one_row_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
-                         weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``silu(gate) * up`` of ``x`` [1, K] times ``weight`` [2I, K] (gate rows, then up rows; float8
-    with ``weight_scale``, or x's 16-bit dtype) in the one-row product's kernel: [1, I], bitwise
-    SiLU-and-mul of ``linear(x, weight, weight_scale)`` where that runs the one-row product. None
-    where it would not (more rows, no recorded one-row shape on this card, a shape whose K is split)
-    or the fusion is off: the caller runs the product, then SiLU-and-mul."""
-    if not _GATED_ONE_ROW["enabled"] or not x.is_cuda or x.dim() != 2 or x.shape[0] != 1:
-        return None
-    if weight_scale is None and weight.dtype != x.dtype:
-        return None
-    from meshlm.kernels import gemv_triton
-    tiles = gemv_triton.gemv_tiles(x, weight)
-    if tiles is None or tiles.split_k != 1 or tiles.block_n % 2 or weight.shape[0] % 2:
-        return None
-    if weight_scale is None and not _small_batch_kernel_wins(x, weight):
-        return None  # linear runs cuBLAS for this 16-bit weight: the fused kernel was not measured faster
-    return gemv_triton.one_row_gemm(x.contiguous(), weight, weight_scale, None, tiles, gated=True)
-
-
-def _small_batch_kernel_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def small_batch_kernel_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A batch of at most WEIGHT_ONLY_MAX_ROWS rows times a weight of x's 16-bit dtype, on a GPU
     whose recorded launch shapes (kernels/configs/, written by ``fp8_gemm_bench.py --sweep
     --sweep-weight bf16 --write-config`` only where the kernel beat cuBLAS) name this shape."""

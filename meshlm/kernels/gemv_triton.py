@@ -34,7 +34,7 @@ from meshlm.kernels.triton_launch import launch_counters, programmatic_launch, w
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
 
-__all__ = ["GemvTiles", "gemv_config", "gemv_tiles", "one_row_gemm"]
+__all__ = ["GemvTiles", "gemv_config", "gemv_tiles", "one_row_gemm", "row_sums", "split_counters"]
 
 _MAX_SPLIT_TILES = 65536  # tiles of channels one split launch may count (256 KB of counters a device)
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -64,6 +64,13 @@ def gemv_tiles(x: torch.Tensor, weight: torch.Tensor) -> GemvTiles | None:
     return None if tiles is None else GemvTiles(**tiles)
 
 
+def split_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 counts of finished splits, one per tile of channels, shared by the launches of
+    the one-row kernels on ``device`` (each leaves them zero); None where they cannot be made now
+    (a CUDA graph capture before any eager call): the launch then runs one split."""
+    return launch_counters(_SPLIT_COUNTERS, device, _MAX_SPLIT_TILES, num_tiles)
+
+
 def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                  bias: torch.Tensor | None, tiles: GemvTiles, gated: bool = False) -> torch.Tensor:
     """``x`` [1, K] times ``weight`` [N, K] (float8 with ``weight_scale`` [N] or one element, or
@@ -78,7 +85,7 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     out = torch.empty((1, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
     num_tiles = triton.cdiv(n // 2, tiles.block_n // 2) if gated else triton.cdiv(n, tiles.block_n)
-    counters = launch_counters(_SPLIT_COUNTERS, x.device, _MAX_SPLIT_TILES, num_tiles) if tiles.split_k > 1 else None
+    counters = split_counters(x.device, num_tiles) if tiles.split_k > 1 else None
     if counters is None:
         tiles = replace(tiles, split_k=1)
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
@@ -111,38 +118,9 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
         rows = channels % (N // 2) + (pairs % 2) * (N // 2)
     else:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the output channels (the weight's rows)
-        rows = cols % N
-    ks = tl.arange(0, BLOCK_K)
-    k_start = pid_k * k_per_split
-    k_stop = tl.minimum(k_start + k_per_split, K)
-    # Channels past N wrap to valid ones (loaded, never stored): the weight's loads need no mask.
-    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
-    x_ptrs = x_ptr + k_start + ks
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    loop_start = k_start
-    if PRELOAD:  # the first weight tile before the wait (masked: a split may hold no columns)
-        is_k = (k_start + ks) < k_stop
-        w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
-        wait_for_previous_kernel(PDL)
-        x = tl.load(x_ptrs, mask=is_k, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        loop_start = k_start + BLOCK_K
-    else:
-        wait_for_previous_kernel(PDL)
-    for k in range(loop_start, k_stop, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            is_k = (k + ks) < k_stop
-            w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=is_k, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    sums = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+        rows = cols % N  # channels past N wrap to valid ones (loaded, never stored): no mask on the weight
+    sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
+                    PDL, PRELOAD)[None, :]  # [1, BLOCK_N]
     if GATED:  # the kernel's end as an else branch: Triton compiles the code after a return too
         y = scale_and_bias(sums, rows, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS).to(out_ptr.dtype.element_ty)
         gate, up = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_N // 2, 2]))
@@ -159,3 +137,40 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
         else:
             y = scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
+
+
+@triton.jit
+def row_sums(x_ptr, w_ptr, rows, k_start, K, k_per_split, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             EVEN_K: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, LAUNCH_NEXT: tl.constexpr = True):
+    """float32 [BLOCK_N]: the row at ``x_ptr`` times weight ``rows`` (valid rows, [BLOCK_N]) over
+    columns ``k_start`` to ``k_start + k_per_split`` (at most K), waiting for the kernel ahead
+    first (``PRELOAD``: after loading the first weight tile; ``LAUNCH_NEXT``: see triton_pdl)."""
+    ks = tl.arange(0, BLOCK_K)
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
+    x_ptrs = x_ptr + k_start + ks
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    loop_start = k_start
+    if PRELOAD:  # the first weight tile before the wait (masked: a split may hold no columns)
+        is_k = (k_start + ks) < k_stop
+        w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
+        wait_for_previous_kernel(PDL, LAUNCH_NEXT)
+        x = tl.load(x_ptrs, mask=is_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        loop_start = k_start + BLOCK_K
+    else:
+        wait_for_previous_kernel(PDL, LAUNCH_NEXT)
+    for k in range(loop_start, k_stop, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            is_k = (k + ks) < k_stop
+            w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=is_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    return tl.sum(acc, axis=1)

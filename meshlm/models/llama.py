@@ -63,6 +63,12 @@ class LlamaAttention(NamedWeights, nn.Module):
         return self.qkv_proj.takes_quantized_rows(num_tokens)
 
     def forward(self, hidden: torch.Tensor | QuantizedRows, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
+        k_scale, v_scale = self.kv_scales.k_scale, self.kv_scales.v_scale
+        if self.q_norm is None:  # one row on a GPU: the QKV product rotates and stores in its own kernel
+            q = self.qkv_proj.forward_rotary_cache(hidden, self.rotary, meta.positions, meta.slot_mapping, kv_cache,
+                                                   k_scale, v_scale)
+            if q is not None:
+                return self._attend(q, meta, kv_cache, k_scale, v_scale, None)
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim per rank]
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split(self.qkv_proj.sizes_per_rank, dim=-1)
@@ -71,17 +77,20 @@ class LlamaAttention(NamedWeights, nn.Module):
         v = v.view(num_tokens, self.num_kv_heads_per_rank, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        k_scale, v_scale = self.kv_scales.k_scale, self.kv_scales.v_scale
         # A step with prompt tokens also keeps its rotated keys apart, so that the prefill kernel can
         # read the step's own keys and values from them rather than gather them back from the cache.
         # [num_tokens, num_kv_heads_per_rank, head_dim]; v stays the QKV output's view.
         k_rotated = torch.empty(k.shape, dtype=k.dtype, device=k.device) if meta.max_query_len > 1 else None
         q = self.rotary.rotate_and_cache(meta.positions, q, k, v, kv_cache, meta.slot_mapping, k_scale, v_scale,
                                          k_rotated)
-        new_kv = None if k_rotated is None else (k_rotated, v)
+        return self._attend(q, meta, kv_cache, k_scale, v_scale, None if k_rotated is None else (k_rotated, v))
+
+    def _attend(self, q: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple, k_scale, v_scale,
+                new_kv: tuple | None) -> torch.Tensor:
+        """Attention of the rotated ``q`` [num_tokens, heads, head_dim] over the cache, then o_proj."""
         k_cache, v_cache = kv_cache
         out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k_scale, v_scale, new_kv)
-        return self.o_proj(out.view(num_tokens, self.num_heads_per_rank * self.head_dim))
+        return self.o_proj(out.view(q.shape[0], self.num_heads_per_rank * self.head_dim))
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         p = f"{prefix}.self_attn"

@@ -18,8 +18,8 @@ from meshlm.parallel.comm import Communicator
 from meshlm.parallel.fp8_weights import read_fp8, read_input_scale, read_unquantized
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.quantization import QuantizationConfig
-from meshlm.kernels.fp8 import (FP8_DTYPE, QuantizedRows, linear, one_row_silu_and_mul, silu_and_mul_linear,
-                                takes_quantized_rows)
+from meshlm.kernels.fp8 import FP8_DTYPE, QuantizedRows, linear, silu_and_mul_linear, takes_quantized_rows
+from meshlm.kernels.one_row import one_row_qkv_rotary_cache, one_row_silu_and_mul
 from meshlm.kernels.fused_ops import TORCH_OPS
 
 
@@ -113,7 +113,7 @@ class ColumnParallelLinear(QuantizableLinear):
 
     def forward_silu_and_mul(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | None:
         """``silu(gate) * up`` of a gate/up projection (two equal sub-matrices, no bias) from one
-        kernel where a single row runs the one-row product (kernels/fp8.py's one_row_silu_and_mul);
+        kernel where a single row runs the one-row product (kernels/one_row.py);
         else None (the caller runs ``forward``, then SiLU-and-mul)."""
         if isinstance(x, QuantizedRows) or self.bias is not None or len(set(self.sizes_per_rank)) != 1 \
                 or len(self.sizes_per_rank) != 2:
@@ -172,6 +172,19 @@ class QKVParallelLinear(ColumnParallelLinear):
         self._make_weight(out, hidden_size, dtype, device, quant)
         self.bias = _param((out,), dtype, device) if bias else None
         self._replicas = max(1, tp.size // num_kv_heads)  # ranks sharing one KV head
+
+    def forward_rotary_cache(self, x: torch.Tensor | QuantizedRows, rotary, positions: torch.Tensor,
+                             slot_mapping: torch.Tensor, kv_cache: tuple, k_scale: torch.Tensor | None,
+                             v_scale: torch.Tensor | None) -> torch.Tensor | None:
+        """The query heads rotated by ``rotary`` (kernels/attention.py's RotaryEmbedding)
+        [1, heads_per_rank, head_dim], the rotated keys and the values stored in ``kv_cache``, from
+        one kernel where a single row runs the one-row product (kernels/one_row.py); else None
+        (the caller runs ``forward``, then ``rotary.rotate_and_cache``)."""
+        if isinstance(x, QuantizedRows):
+            return None
+        return one_row_qkv_rotary_cache(x, self.weight, self.weight_scale, self.bias, self.num_heads_per_rank,
+                                        self.num_kv_heads_per_rank, self.head_dim, rotary.cos, rotary.sin, positions,
+                                        slot_mapping, kv_cache, k_scale, v_scale)
 
     def _rows(self, index: int) -> tuple[int, int, int]:
         n = self.sizes_per_rank[index]

@@ -149,20 +149,20 @@ def test_gated_one_row_is_the_product_then_silu_and_mul_bitwise(n, k, weight_dty
 
 @needs_cuda
 def test_one_row_silu_and_mul_takes_a_row_where_the_one_row_product_runs(monkeypatch):
-    from meshlm.kernels import fp8
+    from meshlm.kernels import one_row
     x, w, s, _ = _operands(96, 512, torch.float8_e4m3fn, "channel", False)
     tiles = {"tiles": GemvTiles(16, 128, 1, 4)}
     monkeypatch.setattr(gemv_triton, "gemv_tiles", lambda x, w: tiles["tiles"] if x.shape[0] == 1 else None)
-    out = fp8.one_row_silu_and_mul(x, w, s)
+    out = one_row.one_row_silu_and_mul(x, w, s)
     assert torch.equal(out, _silu_and_mul_kernel(one_row_gemm(x, w, s, None, tiles["tiles"])))
-    assert fp8.one_row_silu_and_mul(torch.cat([x, x]), w, s) is None  # two rows
-    fp8.set_gated_one_row(False)
+    assert one_row.one_row_silu_and_mul(torch.cat([x, x]), w, s) is None  # two rows
+    one_row.set_gated_one_row(False)
     try:
-        assert fp8.one_row_silu_and_mul(x, w, s) is None
+        assert one_row.one_row_silu_and_mul(x, w, s) is None
     finally:
-        fp8.set_gated_one_row(True)
+        one_row.set_gated_one_row(True)
     tiles["tiles"] = GemvTiles(16, 128, 2, 4)  # K split: the splits' sums meet in another kernel's end
-    assert fp8.one_row_silu_and_mul(x, w, s) is None
+    assert one_row.one_row_silu_and_mul(x, w, s) is None
 
 
 @needs_cuda
@@ -170,11 +170,11 @@ def test_one_row_silu_and_mul_takes_a_row_where_the_one_row_product_runs(monkeyp
 def test_llama_3_8b_gate_up_row_from_one_kernel_equals_the_two(weight_dtype):
     """The recorded shape of the 8B's gate/up projection (28672 x 4096) through the dispatch the
     model takes, against linear then TritonOps' SiLU-and-mul, which a decode step ran before."""
-    from meshlm.kernels import fp8
+    from meshlm.kernels import fp8, one_row
     from meshlm.kernels.fused_ops import TritonOps
     x, w, s, _ = _operands(28672, 4096, weight_dtype, "channel" if weight_dtype.itemsize == 1 else "none", False)
     if gemv_triton.gemv_tiles(x, w) is None:
         pytest.skip(f"no one-row shape recorded for {torch.cuda.get_device_name()}")
-    fused = fp8.one_row_silu_and_mul(x, w, s)
+    fused = one_row.one_row_silu_and_mul(x, w, s)
     assert fused is not None and fused.shape == (1, 14336)
     assert torch.equal(fused, TritonOps().silu_and_mul(fp8.linear(x, w, s)))

@@ -84,7 +84,7 @@ def test_small_batch_launch_shapes_compile(name, entry, one_row):
 
 def _one_row_cases() -> list[tuple[str, dict, bool]]:
     """Each one-row launch shape plain, and gated (SiLU-and-mul at its end) where K is not split, as
-    kernels/fp8.py's one_row_silu_and_mul launches it."""
+    kernels/one_row.py's one_row_silu_and_mul launches it."""
     entries = _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")
     return [(name, entry, gated) for name, entry in entries for gated in (False, True)
             if not gated or entry["tiles"].get("split_k", 1) == 1]
@@ -104,3 +104,28 @@ def test_one_row_launch_shapes_compile(name, entry, gated, preload):
     wait = ptx.index("griddepcontrol.wait")
     # the preload: weight loads (and only loads) before the wait; without it none
     assert ("ld.global" in ptx[:wait]) == preload
+
+
+@pytest.mark.parametrize("name,entry", [c for c in _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")
+                                        if c[1]["n"] == 6144],
+                         ids=[c[0] for c in _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")
+                              if c[1]["n"] == 6144])
+@pytest.mark.parametrize("fp8_cache", [False, True])
+def test_qkv_rotary_launch_shapes_compile(name, entry, fp8_cache):
+    """The QKV products' one-row shapes (Llama-3-8B's 6144 x 4096) ending in rotary and the cache's
+    store (kernels/qkv_rotary_triton.py), as kernels/one_row.py launches them."""
+    from meshlm.kernels import qkv_rotary_triton
+    tiles = gemv_triton.GemvTiles(**entry["tiles"])
+    fp8 = name.startswith("fp8")
+    cache = "*fp8e4nv" if fp8_cache else "*bf16"
+    types = dict(_pointer_types(fp8), q_out_ptr="*bf16", k_cache_ptr=cache, v_cache_ptr=cache, positions_ptr="*i64",
+                 slot_mapping_ptr="*i64")
+    ints = ("N", "K", "k_per_split", "stride_wn", "stride_cos", "stride_kc_block", "stride_kc_offset",
+            "stride_kc_head", "stride_vc_block", "stride_vc_offset", "stride_vc_head", "num_heads", "num_kv_heads",
+            "block_size")
+    types.update({arg: "i32" for arg in ints})
+    constexprs = dict(HEAD_DIM=128, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
+                      EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False,
+                      IS_FP8=fp8_cache, PDL=True, PRELOAD=True)
+    ptx = compile_sm90(qkv_rotary_triton._qkv_rotary_cache_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx and ("atom" in ptx) == (tiles.split_k > 1)
