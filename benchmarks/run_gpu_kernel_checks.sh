@@ -73,7 +73,7 @@ if [ "$PART" = tests ]; then
   gpu_tests decode_defaults 80 tests/gpu/test_decode_attention.py tests/gpu/test_fp8_kv_kernels.py -k "default and not sum_at_end"
   gpu_tests sum_at_end 50 -x tests/gpu/test_decode_attention.py -k "sum_at_end and not fused and not long"
   gpu_tests prefill 50 tests/gpu/test_prefill_kernel.py tests/gpu/test_prefill_attention.py -k "step_keys or 8k or entry"
-  gpu_tests fused 50 tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fp8_gpu.py \
+  gpu_tests fused 50 tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py tests/gpu/test_fp8_gpu.py \
       -k "quantized or float8 or rotary_and_cache or fused_quantization or row_quantization"
 fi
 if [ "$PART" = kernels ]; then
@@ -120,7 +120,7 @@ if [ "$PART" = mixed ]; then
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
-  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py \
+  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py \
       -k "row_quantization or row_quantizer or quantized or float8" 2>&1 | tail -2
   echo "== fused row kernels (CUDA-graph replays)"
   timeout 240 python3 benchmarks/row_kernels_bench.py --out "$OUT/row_kernels.json" 2>&1 | tail -20
@@ -168,7 +168,7 @@ if [ "$PART" = accum ]; then
 fi
 if [ "$PART" = fastacc ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output, FP8 products with fast accumulation"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py \
       -k "row_quantization or row_quantizer or quantized or float8 or emulation" 2>&1 | tail -2
   for accum in no-fast-accumulation fast-accumulation; do
     echo "== FP8 weights and KV, --$accum: decode steps at 1712 (unprofiled ms in the table's 3rd column)"
@@ -182,7 +182,7 @@ if [ "$PART" = fp8 ]; then
   echo "== the FP8 product's error (fp8_accumulation.py)"
   timeout 60 python3 benchmarks/fp8_accumulation.py 2>&1 | tail -5
   echo "== GPU tests: FP8 products and models, fused norm / SiLU float8 output"
-  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py \
+  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py \
       -k "not fused_ops_gpu or quantized or float8 or row_quant or fused_quantization" > "$RUNS/pytest_fp8.log" 2>&1
   grep -E "^FAILED|passed|failed" "$RUNS/pytest_fp8.log" | tail -6; grep -m 3 -E "^E  " "$RUNS/pytest_fp8.log"
 fi
@@ -223,7 +223,7 @@ fi
 if [ "$PART" = gated ]; then
   echo "== GPU tests: the one-row product (gated too, QKV with rotary), products, fused ops, decode graphs, engine"
   timeout 300 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_qkv_rotary_kernel.py \
-      tests/gpu/test_fp8_gemm_kernel.py tests/gpu/test_fused_ops_gpu.py tests/gpu/test_graph_buckets_gpu.py \
+      tests/gpu/test_fp8_gemm_kernel.py tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py tests/gpu/test_graph_buckets_gpu.py \
       tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py tests/gpu/test_fp8_kv_kernels.py > "$OUT/pytest_gated.log" 2>&1
   grep -E "^FAILED|passed|failed" "$OUT/pytest_gated.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_gated.log"
   for round in 1 2; do

@@ -1,7 +1,7 @@
 """The torch ops (the default path) against transformers' own code, the decoder's split residual
 stream against the plain ``h = h + block(norm(h))`` form, and the wiring of ``enable_fused_kernels``.
 
-The Triton kernels themselves are checked against these ops in tests/gpu/test_fused_ops_gpu.py.
+The Triton kernels themselves are checked against these ops in tests/gpu/test_fused_ops_gpu.py (and test_fused_ops_fp8_gpu.py).
 """
 from __future__ import annotations
 
