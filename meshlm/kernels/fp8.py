@@ -160,7 +160,7 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
     if weight_scale is None:
         if not small_batch_kernel_wins(gate_up, weight):
             return None
-    elif not (use_weight_only(gate_up.shape[0]) and _weight_only_kernel_runs(gate_up)):
+    elif not (use_weight_only(gate_up.shape[0]) and weight_only_kernel_runs(gate_up)):
         return None
     from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
     return fp8_weight_gemm(gate_up, weight, weight_scale, gated=True)
@@ -210,7 +210,7 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     """``x`` [M, K] in the model dtype (not quantized) times the float8 ``weight`` [N, K]: float32
     sums of exact products, times ``weight_scale`` ([N] or one element), plus ``bias``, in float32,
     rounded once to ``x``'s dtype. On a GPU with FP8 support one Triton kernel computes it."""
-    if _weight_only_kernel_runs(x):
+    if weight_only_kernel_runs(x):
         from meshlm.kernels.fp8_gemm_triton import fp8_weight_gemm
         return fp8_weight_gemm(x, weight, weight_scale, bias)
     y = (x.float() @ weight.float().t()) * weight_scale.float().reshape(-1)  # [M, N]
@@ -251,7 +251,7 @@ def emulated_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
     return (x_q.float() @ weight.float().t()) * x_scale * weight_scale.float().view(1, -1)
 
 
-def _weight_only_kernel_runs(x: torch.Tensor) -> bool:
+def weight_only_kernel_runs(x: torch.Tensor) -> bool:
     """Whether weight_only_linear gives ``x`` to the small-batch kernel: on a GPU with FP8 support."""
     return x.is_cuda and _has_fp8_tensor_cores(x.device.index or 0)
 

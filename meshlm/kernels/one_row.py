@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from meshlm.kernels.fp8 import small_batch_kernel_wins
+from meshlm.kernels.fp8 import small_batch_kernel_wins, weight_only_kernel_runs
 
 __all__ = ["one_row_qkv_rotary_cache", "one_row_silu_and_mul", "one_row_tiles", "set_gated_one_row",
            "set_qkv_rotary_one_row"]
@@ -36,12 +36,15 @@ def set_qkv_rotary_one_row(enabled: bool) -> None:
 
 def one_row_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None):
     """The one-row product's launch shape (gemv_triton.GemvTiles) where ``linear(x, weight,
-    weight_scale)`` runs that kernel: ``x`` one 16-bit row on a GPU, a float8 weight or one of x's
-    dtype that the small-batch kernel was measured faster for, a shape recorded for the card; else None."""
+    weight_scale)`` runs that kernel: ``x`` one 16-bit row on a GPU, a float8 weight on a card with
+    FP8 support or a weight of x's dtype that the small-batch kernel was measured faster for, a
+    shape recorded for the card; else None."""
     if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1:
         return None
     if weight_scale is None and (weight.dtype != x.dtype or not small_batch_kernel_wins(x, weight)):
         return None
+    if weight_scale is not None and not weight_only_kernel_runs(x):
+        return None  # a card without FP8 support: linear widens the weight in torch
     from meshlm.kernels import gemv_triton
     return gemv_triton.gemv_tiles(x, weight)
 

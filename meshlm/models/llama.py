@@ -64,7 +64,8 @@ class LlamaAttention(NamedWeights, nn.Module):
 
     def forward(self, hidden: torch.Tensor | QuantizedRows, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
         k_scale, v_scale = self.kv_scales.k_scale, self.kv_scales.v_scale
-        if self.q_norm is None:  # one row on a GPU: the QKV product rotates and stores in its own kernel
+        # one row on a GPU with the fused kernels on: the QKV product rotates and stores in its own kernel
+        if self.q_norm is None and self.rotary.ops.name == "triton":
             q = self.qkv_proj.forward_rotary_cache(hidden, self.rotary, meta.positions, meta.slot_mapping, kv_cache,
                                                    k_scale, v_scale)
             if q is not None:
@@ -122,9 +123,10 @@ class LlamaMLP(NamedWeights, nn.Module):
         return self.gate_up_proj.takes_quantized_rows(num_tokens)
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        gated = self.gate_up_proj.forward_silu_and_mul(x)  # one row on a GPU: [1, inter_per_rank], else None
-        if gated is not None:
-            return self.down_proj(gated)
+        if self.ops.name == "triton":  # the fused kernels on; one row on a GPU: silu(gate) * up from one kernel
+            gated = self.gate_up_proj.forward_silu_and_mul(x)  # [1, inter_per_rank], else None
+            if gated is not None:
+                return self.down_proj(gated)
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
         if self.down_proj.takes_quantized_rows(gate_up.shape[0]):
             return self.down_proj(self.ops.silu_and_mul_quantized(gate_up))

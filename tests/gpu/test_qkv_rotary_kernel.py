@@ -34,17 +34,26 @@ def _operands(heads, kv_heads, head_dim, k, weight_dtype, scale, bias, cache_dty
     b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
     shape = (NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim)
     caches = [torch.randn(shape, generator=gen).to(cache_dtype) for _ in range(2)]  # other slots must stay
+    # the value cache a view with other strides than the key cache's (a head's room left over)
+    wider = torch.randn(NUM_BLOCKS, BLOCK_SIZE, kv_heads + 1, head_dim, generator=gen).to(cache_dtype)
+    caches[1] = wider[:, :, 1:]
     kv_scales = [torch.rand(kv_heads, generator=gen) + 0.5 for _ in range(2)] if cache_dtype == FP8_KV_DTYPE \
         else [None, None]
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    return [to(t) for t in (x, w, s, b)], [to(c) for c in caches], [to(t) for t in kv_scales]
+    return [to(t) for t in (x, w, s, b)], [_copy(c, DEVICE) for c in caches], [to(t) for t in kv_scales]
+
+
+def _copy(cache: torch.Tensor, device=None) -> torch.Tensor:
+    """A copy of ``cache`` with its strides (clone makes a view with gaps contiguous)."""
+    out = torch.empty_strided(cache.shape, cache.stride(), dtype=cache.dtype, device=device or cache.device)
+    return out.copy_(cache)
 
 
 def _two_kernels(x, w, s, b, tiles, rotary, positions, slots, caches, kv_scales, heads, kv_heads, head_dim):
     """The one-row product, then TritonOps' rotate-and-cache: (q [1, heads, head_dim], caches)."""
     qkv = one_row_gemm(x, w, s, b, tiles)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    caches = [c.clone() for c in caches]
+    caches = [_copy(c) for c in caches]
     q = TritonOps().rotary_and_cache(positions, q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim),
                                      v.view(1, kv_heads, head_dim), rotary.cos, rotary.sin, caches[0], caches[1],
                                      slots, *kv_scales)
@@ -68,7 +77,7 @@ def test_one_kernel_gives_the_bits_of_the_product_then_rotate_and_cache(heads, k
     slots = torch.tensor([BLOCK_SIZE * 3 + 2], device=DEVICE)
     want_q, want_caches = _two_kernels(x, w, s, b, tiles, rotary, positions, slots, caches, kv_scales, heads,
                                        kv_heads, head_dim)
-    got_caches = [c.clone() for c in caches]
+    got_caches = [_copy(c) for c in caches]
     got_q = qkv_rotary_cache(x, w, s, b, tiles, rotary.cos, rotary.sin, positions, slots, *got_caches, *kv_scales,
                              heads, kv_heads, head_dim)
     assert got_q.shape == (1, heads, head_dim)
@@ -83,6 +92,24 @@ def test_one_kernel_gives_the_bits_of_the_product_then_rotate_and_cache(heads, k
     half = head_dim // 2
     rotated = torch.cat([q[:, :half] * cos - q[:, half:] * sin, q[:, half:] * cos + q[:, :half] * sin], dim=-1)
     assert torch.allclose(got_q[0].double().cpu(), rotated, rtol=2 ** -7, atol=1e-3 * rotated.abs().max().item())
+
+
+def test_without_split_counters_one_program_walks_all_of_k(monkeypatch):
+    """As in a CUDA graph captured before any eager call: the counts cannot be made."""
+    from meshlm.kernels import qkv_rotary_triton
+    heads, kv_heads, head_dim = 6, 2, 12
+    (x, w, s, b), caches, kv_scales = _operands(heads, kv_heads, head_dim, 320, torch.float8_e4m3fn, "channel", True,
+                                                FP8_KV_DTYPE, seed=5)
+    rotary = RotaryEmbedding(head_dim, 64, 10000.0, None, torch.device(DEVICE))
+    positions, slots = torch.tensor([11], device=DEVICE), torch.tensor([6], device=DEVICE)
+    monkeypatch.setattr(qkv_rotary_triton, "split_counters", lambda *args: None)
+    got_caches = [_copy(c) for c in caches]
+    got_q = qkv_rotary_cache(x, w, s, b, GemvTiles(8, 64, 3, 4), rotary.cos, rotary.sin, positions, slots,
+                             *got_caches, *kv_scales, heads, kv_heads, head_dim)
+    want_q, want_caches = _two_kernels(x, w, s, b, GemvTiles(8, 64, 1, 4), rotary, positions, slots, caches,
+                                       kv_scales, heads, kv_heads, head_dim)
+    assert torch.equal(got_q, want_q)
+    assert all(torch.equal(g.view(torch.uint8), e.view(torch.uint8)) for g, e in zip(got_caches, want_caches))
 
 
 @needs_cuda
@@ -100,7 +127,7 @@ def test_dispatch_takes_one_row_where_the_one_row_product_runs(monkeypatch):
     def fused(rows, caches):
         return one_row.one_row_qkv_rotary_cache(rows, w, s, None, heads, kv_heads, head_dim, rotary.cos, rotary.sin,
                                                 positions, slots, caches, *kv_scales)
-    got_caches = [c.clone() for c in caches]
+    got_caches = [_copy(c) for c in caches]
     assert torch.equal(fused(x, got_caches), want_q)
     assert all(torch.equal(g, e) for g, e in zip(got_caches, want_caches))
     assert fused(torch.cat([x, x]), caches) is None  # two rows
@@ -127,12 +154,12 @@ def test_llama_3_8b_qkv_row_from_one_kernel_equals_the_two(weight_dtype, cache_d
         pytest.skip(f"no one-row shape recorded for {torch.cuda.get_device_name()}")
     rotary = RotaryEmbedding(head_dim, 8192, 500000.0, None, torch.device(DEVICE))
     positions, slots = torch.tensor([4000], device=DEVICE), torch.tensor([17], device=DEVICE)
-    got_caches = [c.clone() for c in caches]
+    got_caches = [_copy(c) for c in caches]
     got_q = one_row.one_row_qkv_rotary_cache(x, w, s, None, heads, kv_heads, head_dim, rotary.cos, rotary.sin,
                                              positions, slots, got_caches, *kv_scales)
     qkv = fp8.linear(x, w, s)  # what the model's unfused path runs
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    want_caches = [c.clone() for c in caches]
+    want_caches = [_copy(c) for c in caches]
     want_q = TritonOps().rotary_and_cache(positions, q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim),
                                           v.view(1, kv_heads, head_dim), rotary.cos, rotary.sin, *want_caches, slots,
                                           *kv_scales)
