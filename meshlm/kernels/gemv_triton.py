@@ -22,7 +22,7 @@ and 3.05 with the small-batch product (float8), 4.16 against 4.23 and 4.34 (bf16
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -34,7 +34,8 @@ from meshlm.kernels.triton_launch import launch_counters, programmatic_launch, w
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
 
-__all__ = ["GemvTiles", "gemv_config", "gemv_tiles", "one_row_gemm", "row_sums", "split_counters"]
+__all__ = ["GemvTiles", "RowLaunch", "gemv_config", "gemv_tiles", "one_row_gemm", "row_launch", "row_sums",
+           "split_counters"]
 
 _MAX_SPLIT_TILES = 65536  # tiles of channels one split launch may count (256 KB of counters a device)
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -71,6 +72,37 @@ def split_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:
     return launch_counters(_SPLIT_COUNTERS, device, _MAX_SPLIT_TILES, num_tiles)
 
 
+@dataclass(frozen=True, slots=True)
+class RowLaunch:
+    """What a one-row kernel's launch passes besides its own operands: the splits of K (one where
+    the counts cannot be made), the float32 partial sums [split_k, width] and counts of a split
+    launch (placeholders otherwise), the weight's scale and its kind (2 one per channel, 1 one for
+    all, 0 none), and whether the launch is programmatic (PDL)."""
+
+    split_k: int
+    k_per_split: int
+    partial: torch.Tensor
+    counters: torch.Tensor
+    scale: torch.Tensor
+    scale_kind: int
+    pdl: bool
+
+
+def row_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, tiles: GemvTiles,
+               num_tiles: int, partial_width: int) -> RowLaunch:
+    """The launch of ``num_tiles`` tiles of ``tiles`` over ``weight`` [N, K], partial sums
+    ``partial_width`` wide a split."""
+    n, k = weight.shape
+    counters = split_counters(x.device, num_tiles) if tiles.split_k > 1 else None
+    split_k = tiles.split_k if counters is not None else 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), tiles.block_k) * tiles.block_k
+    partial = torch.empty((split_k, partial_width) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
+    scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
+    scale_kind = 0 if weight_scale is None else 2 if scale.numel() == n and n > 1 else 1
+    return RowLaunch(split_k, k_per_split, partial, counters if counters is not None else partial,
+                     scale if scale.numel() else partial, scale_kind, programmatic_launch(x.device))
+
+
 def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                  bias: torch.Tensor | None, tiles: GemvTiles, gated: bool = False) -> torch.Tensor:
     """``x`` [1, K] times ``weight`` [N, K] (float8 with ``weight_scale`` [N] or one element, or
@@ -83,25 +115,14 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     assert x.shape == (1, k) and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
     assert not gated or (n % 2 == 0 and tiles.block_n % 2 == 0 and tiles.split_k == 1), (n, tiles)
     out = torch.empty((1, n // 2 if gated else n), dtype=x.dtype, device=x.device)
-    scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
     num_tiles = triton.cdiv(n // 2, tiles.block_n // 2) if gated else triton.cdiv(n, tiles.block_n)
-    counters = split_counters(x.device, num_tiles) if tiles.split_k > 1 else None
-    if counters is None:
-        tiles = replace(tiles, split_k=1)
-    k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
-    is_split = tiles.split_k > 1
-    partial = torch.empty((tiles.split_k, n) if is_split else (1,), dtype=torch.float32, device=x.device)
-    grid = (num_tiles, tiles.split_k)
-    pdl = programmatic_launch(x.device)
-    flags = dict(SCALE=0 if weight_scale is None else 2 if scale.numel() == n and n > 1 else 1,
-                 HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
-    scale_arg = scale if scale.numel() else out  # never read without SCALE
-    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
-    _one_row_kernel[grid](
-        out, partial, counters if counters is not None else partial, x, weight, scale_arg, bias_arg,
-        n, k, k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=is_split,
-        EVEN_K=k % tiles.block_k == 0, PRELOAD=weight_preload(x.device), GATED=gated, num_warps=tiles.num_warps,
-        **flags)
+    launch = row_launch(x, weight, weight_scale, tiles, num_tiles, n)
+    _one_row_kernel[(num_tiles, launch.split_k)](
+        out, launch.partial, launch.counters, x, weight, launch.scale, bias if bias is not None else out,
+        n, k, launch.k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind, HAS_BIAS=bias is not None,
+        PDL=launch.pdl, PRELOAD=weight_preload(x.device), GATED=gated, num_warps=tiles.num_warps,
+        launch_pdl=launch.pdl)  # the scale (bias) placeholder is never read without SCALE (HAS_BIAS)
     return out
 
 

@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.gemm_epilogue import scale_and_bias
-from meshlm.kernels.gemv_triton import GemvTiles, row_sums, split_counters
+from meshlm.kernels.gemv_triton import GemvTiles, row_launch, row_sums
 from meshlm.kernels.kv_quant import FP8_KV_MAX, is_fp8_kv
-from meshlm.kernels.triton_launch import programmatic_launch, weight_preload
+from meshlm.kernels.triton_launch import weight_preload
 
 __all__ = ["qkv_rotary_cache", "takes_cache"]
 
@@ -32,7 +32,8 @@ def takes_cache(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: 
     same = k_cache.dtype == v_cache.dtype and k_cache.shape == v_cache.shape
     return (same and (is_fp8_kv(k_cache) or k_cache.dtype == x.dtype) and head_dim % 2 == 0
             and cos.dim() == 2 and cos.shape[1] == head_dim // 2
-            and k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride())
+            and k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and cos.stride(1) == 1
+            and sin.stride() == cos.stride())
 
 
 def qkv_rotary_cache(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
@@ -50,24 +51,18 @@ def qkv_rotary_cache(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     assert n == (num_heads + 2 * num_kv_heads) * head_dim and tiles.block_n % 2 == 0, (n, tiles)
     q_out = torch.empty((1, num_heads, head_dim), dtype=x.dtype, device=x.device)
     num_tiles = triton.cdiv(n // 2, tiles.block_n // 2)
-    counters = split_counters(x.device, num_tiles) if tiles.split_k > 1 else None
-    split_k = tiles.split_k if counters is not None else 1
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), tiles.block_k) * tiles.block_k
-    partial = torch.empty((split_k, num_tiles * tiles.block_n) if split_k > 1 else (1,), dtype=torch.float32,
-                          device=x.device)
+    launch = row_launch(x, weight, weight_scale, tiles, num_tiles, num_tiles * tiles.block_n)
     is_fp8 = is_fp8_kv(k_cache)
-    scale = weight.new_empty(0, dtype=torch.float32) if weight_scale is None else weight_scale.reshape(-1).float()
-    pdl = programmatic_launch(x.device)
-    _qkv_rotary_cache_kernel[(num_tiles, split_k)](
-        q_out, k_cache, v_cache, partial, counters if counters is not None else partial, x, weight,
-        scale if scale.numel() else q_out, bias if bias is not None else q_out, cos, sin, positions, slot_mapping,
+    _qkv_rotary_cache_kernel[(num_tiles, launch.split_k)](
+        q_out, k_cache, v_cache, launch.partial, launch.counters, x, weight, launch.scale,
+        bias if bias is not None else q_out, cos, sin, positions, slot_mapping,
         k_scale if is_fp8 else q_out, v_scale if is_fp8 else q_out,  # the scales are read for a float8 cache only
-        n, k, k_per_split, weight.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), num_heads, num_kv_heads, k_cache.shape[1],
-        HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=split_k > 1,
-        EVEN_K=k % tiles.block_k == 0, SCALE=0 if weight_scale is None else 2 if scale.numel() == n else 1,
-        HAS_BIAS=bias is not None, IS_FP8=is_fp8, PDL=pdl, PRELOAD=weight_preload(x.device),
-        num_warps=tiles.num_warps, launch_pdl=pdl)
+        n, k, launch.k_per_split, weight.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), num_heads, num_kv_heads,
+        k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind,
+        HAS_BIAS=bias is not None, IS_FP8=is_fp8, PDL=launch.pdl, PRELOAD=weight_preload(x.device),
+        num_warps=tiles.num_warps, launch_pdl=launch.pdl)
     return q_out
 
 
@@ -93,8 +88,8 @@ def _qkv_rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, c
     # step 4.07 -> 4.05 ms against loading them after the product). The attention kernel after this
     # one launches as its programs exit: launched at the wait (as the products' next kernels are),
     # its programs took room on the SMs from this product's (4.08 -> 4.13 ms; the step unfused: 4.09).
-    position, slot, cos, sin = _token_inputs(pid_n, positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, stride_cos,
-                                             HEAD_DIM, BLOCK_N)
+    slot, cos, sin = _token_inputs(pid_n, positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, stride_cos, HEAD_DIM,
+                                   BLOCK_N)
     sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
                     PDL, PRELOAD, LAUNCH_NEXT=False)
     if IS_SPLIT:  # partial [split_k, tiles * BLOCK_N]; the last split of the tile to finish ends it
@@ -122,13 +117,13 @@ def _qkv_rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, c
 @triton.jit
 def _token_inputs(pid_n, positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, stride_cos, HEAD_DIM: tl.constexpr,
                   BLOCK_N: tl.constexpr):
-    """The token's position and slot, and cos and sin at that position of the tile's pairs' channels."""
+    """The token's slot, and cos and sin at its position of the tile's pairs' channels."""
     j = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % (HEAD_DIM // 2)
     position = tl.load(positions_ptr).to(tl.int64)
     slot = tl.load(slot_mapping_ptr).to(tl.int64)
     cos = tl.load(cos_ptr + position * stride_cos + j)
     sin = tl.load(sin_ptr + position * stride_cos + j)
-    return position, slot, cos, sin
+    return slot, cos, sin
 
 
 @triton.jit

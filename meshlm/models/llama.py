@@ -124,7 +124,7 @@ class LlamaMLP(NamedWeights, nn.Module):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         if self.ops.name == "triton":  # the fused kernels on; one row on a GPU: silu(gate) * up from one kernel
-            gated = self.gate_up_proj.forward_silu_and_mul(x)  # [1, inter_per_rank], else None
+            gated = self.gate_up_proj.forward_gated_one_row(x)  # [1, inter_per_rank], else None
             if gated is not None:
                 return self.down_proj(gated)
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]

@@ -111,7 +111,7 @@ class ColumnParallelLinear(QuantizableLinear):
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
-    def forward_silu_and_mul(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | None:
+    def forward_gated_one_row(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | None:
         """``silu(gate) * up`` of a gate/up projection (two equal sub-matrices, no bias) from one
         kernel where a single row runs the one-row product (kernels/one_row.py);
         else None (the caller runs ``forward``, then SiLU-and-mul)."""

@@ -96,13 +96,12 @@ def test_one_kernel_gives_the_bits_of_the_product_then_rotate_and_cache(heads, k
 
 def test_without_split_counters_one_program_walks_all_of_k(monkeypatch):
     """As in a CUDA graph captured before any eager call: the counts cannot be made."""
-    from meshlm.kernels import qkv_rotary_triton
     heads, kv_heads, head_dim = 6, 2, 12
     (x, w, s, b), caches, kv_scales = _operands(heads, kv_heads, head_dim, 320, torch.float8_e4m3fn, "channel", True,
                                                 FP8_KV_DTYPE, seed=5)
     rotary = RotaryEmbedding(head_dim, 64, 10000.0, None, torch.device(DEVICE))
     positions, slots = torch.tensor([11], device=DEVICE), torch.tensor([6], device=DEVICE)
-    monkeypatch.setattr(qkv_rotary_triton, "split_counters", lambda *args: None)
+    monkeypatch.setattr(gemv_triton, "split_counters", lambda *args: None)
     got_caches = [_copy(c) for c in caches]
     got_q = qkv_rotary_cache(x, w, s, b, GemvTiles(8, 64, 3, 4), rotary.cos, rotary.sin, positions, slots,
                              *got_caches, *kv_scales, heads, kv_heads, head_dim)
