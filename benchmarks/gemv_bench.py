@@ -7,14 +7,20 @@ tensor cores, widening a float8 weight to bf16 first. The one-row product (kerne
 widens each weight tile to float32 and multiplies-adds it with the row, summing once at the end.
 Per Llama-3-8B shape, 32 distinct weights (so L2 holds none of them) in one CUDA graph, for a grid
 of the one-row product's launch shapes: the fastest against the small-batch product's own launch,
-in microseconds a product and TB/s of weight read. ``--write-config`` records the shapes where
+in microseconds a product and TB/s of weight read. gate/up runs as the model runs it, ending in
+SiLU-and-mul (K not split). ``--stages`` and ``--x-tile`` sweep GemvTiles' num_stages and x_tile
+too; ``--jobs`` processes compile the shapes first. ``--write-config`` records the shapes where
 the one-row product won (kernels/configs/).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import itertools
 import json
+import multiprocessing
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +37,8 @@ from weight_read_floor import timed_chain  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 # (BLOCK_N, BLOCK_K, warps)
-TILES = [(8, 512, 4), (16, 256, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (32, 512, 8), (8, 1024, 4), (4, 1024, 4)]
+TILES = [(8, 512, 4), (16, 256, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (32, 512, 8), (8, 1024, 4), (4, 1024, 4),
+         (16, 128, 4), (32, 128, 4), (64, 256, 8)]
 SPLITS = [1, 2, 4, 8]
 
 
@@ -43,38 +50,21 @@ def main() -> int:
     parser.add_argument("--write-config", action="store_true",
                         help="record each shape's fastest launch for this card (kernels/configs/), "
                              "where it beat the small-batch product")
+    parser.add_argument("--stages", default="1",
+                        help="weight tiles in flight a program to sweep, comma-separated (GemvTiles.num_stages)")
+    parser.add_argument("--x-tile", choices=("off", "on", "both"), default="off",
+                        help="the row loaded in the weight tile's layout (GemvTiles.x_tile): sweep without, with, both")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="which of the 8B's products, comma-separated")
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes compiling the launch shapes before they are timed")
     parser.add_argument("--weight-preload", action=argparse.BooleanOptionalAction, default=True,
                         help="the one-row product loads its first weight tile before the PDL wait (default)")
     args = parser.parse_args()
     dtype = torch.float8_e4m3fn if args.fp8 else torch.bfloat16
     set_weight_preload(args.weight_preload)
-    rows = {}
-    for name, (n, k) in SHAPES.items():
-        weights = [(torch.randn(n, k, device="cuda") * 0.05).to(dtype) for _ in range(args.layers)]
-        scale = torch.full((n,), 0.01, device="cuda") if args.fp8 else None
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        # the small-batch product's own launch shape (without it, one row would come here)
-        small = choose_tiles(1, n, k, x.dtype, num_sms(x.device), device_name(x.device), dtype)
-        want = fp8_weight_gemm(x, weights[0], scale, tiles=small).float()
-        base = 1e3 * timed_chain(lambda: [fp8_weight_gemm(x, w, scale, tiles=small) for w in weights], 20) / args.layers
-        results = []
-        for tiles, split in itertools.product(TILES, SPLITS):
-            if (k // split) % tiles[1]:
-                continue
-            launch = GemvTiles(tiles[0], tiles[1], split, tiles[2])
-            out = one_row_gemm(x, weights[0], scale, None, launch).float()
-            err = (out - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
-            us = 1e3 * timed_chain(lambda t=launch: [one_row_gemm(x, w, scale, None, t) for w in weights], 20) / args.layers
-            results.append((us, tiles, split, err))
-        results.sort(key=lambda r: r[0])
-        size = n * k * weights[0].element_size()
-        best = results[0]
-        rows[name] = {"small_batch_us": base, "gemv_us": best[0], "tiles": best[1], "split": best[2],
-                      "rel_err": best[3], "top": [(r[0], r[1], r[2]) for r in results[:5]]}
-        print(f"{name:8s} {n}x{k} {dtype}: small-batch {base:6.1f} us {size / base / 1e6:5.2f} TB/s; "
-              f"gemv {best[0]:6.1f} us {size / best[0] / 1e6:5.2f} TB/s (tiles {best[1]}, split {best[2]}, "
-              f"rel err {best[3]:.1e}); next: " + ", ".join(f"{r[0]:.1f} {r[1]} s{r[2]}" for r in results[1:4]))
-        del weights
+    variants = [(int(stages), x_tile) for stages in args.stages.split(",")
+                for x_tile in {"off": [False], "on": [True], "both": [False, True]}[args.x_tile]]
+    rows = {name: time_shape(name, dtype, variants, args) for name in args.shapes.split(",")}
     total_base = sum(r["small_batch_us"] for r in rows.values()) * 32 / 1e3
     total_gemv = sum(r["gemv_us"] for r in rows.values()) * 32 / 1e3
     print(f"32 layers' four products: small-batch {total_base:.3f} ms, gemv {total_gemv:.3f} ms")
@@ -85,13 +75,83 @@ def main() -> int:
     return 0
 
 
+def time_shape(name: str, dtype: torch.dtype, variants: list[tuple[int, bool]], args) -> dict:
+    """The small-batch product and every swept one-row launch on ``name``'s shape, microseconds a product."""
+    n, k = SHAPES[name]
+    weights = [(torch.randn(n, k, device="cuda") * 0.05).to(dtype) for _ in range(args.layers)]
+    scale = torch.full((n,), 0.01, device="cuda") if args.fp8 else None
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    # the small-batch product's own launch shape (without it, one row would come here)
+    small = choose_tiles(1, n, k, x.dtype, num_sms(x.device), device_name(x.device), dtype)
+    want = fp8_weight_gemm(x, weights[0], scale, tiles=small).float()
+    base = 1e3 * timed_chain(lambda: [fp8_weight_gemm(x, w, scale, tiles=small) for w in weights], 20) / args.layers
+    gated = name == "gate_up"  # as the model runs it: ending in SiLU-and-mul, K not split
+    launches = [t for t in sweep(k, variants) if not gated or t.split_k == 1]
+    precompile(name, dtype, launches, args.jobs)
+    results = []
+    for launch in launches:
+        out = one_row_gemm(x, weights[0], scale, None, launch).float()  # the plain product
+        err = (out - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+        us = 1e3 * timed_chain(lambda t=launch: [one_row_gemm(x, w, scale, None, t, gated) for w in weights],
+                               20) / args.layers
+        results.append((us, launch, err))
+    results.sort(key=lambda r: r[0])
+    size, (best_us, best, best_err) = n * k * dtype.itemsize, results[0]
+    print(f"{name:8s} {n}x{k} {dtype}: small-batch {base:6.1f} us {size / base / 1e6:5.2f} TB/s; "
+          f"gemv {best_us:6.1f} us {size / best_us / 1e6:5.2f} TB/s ({_shape(best)}, rel err {best_err:.1e}); "
+          "next: " + ", ".join(f"{r[0]:.1f} {_shape(r[1])}" for r in results[1:4]))
+    for variant in variants:  # each variant's best, when several were swept
+        mine = [r for r in results if (r[1].num_stages, r[1].x_tile) == variant]
+        if len(variants) > 1 and mine:
+            print(f"    stages {variant[0]}, x_tile {variant[1]!s:5}: {mine[0][0]:6.1f} us "
+                  f"{size / mine[0][0] / 1e6:5.2f} TB/s ({_shape(mine[0][1])})")
+    return {"small_batch_us": base, "gemv_us": best_us, "tiles": dataclasses.asdict(best), "rel_err": best_err,
+            "top": [(r[0], dataclasses.asdict(r[1])) for r in results[:5]]}
+
+
+def _shape(tiles: GemvTiles) -> str:
+    return (f"{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.split_k} st{tiles.num_stages}"
+            + (" x_tile" if tiles.x_tile else ""))
+
+
+def sweep(k: int, variants: list[tuple[int, bool]]) -> list[GemvTiles]:
+    """The launch shapes tried for a weight of K columns: whole tiles a split, at least two tiles in
+    flight a stage."""
+    return [GemvTiles(tiles[0], tiles[1], split, tiles[2], stages, x_tile)
+            for tiles, split, (stages, x_tile) in itertools.product(TILES, SPLITS, variants)
+            if not (k // split) % tiles[1] and (stages == 1 or k // split // tiles[1] >= 2 * stages)]
+
+
+def _compile_some(name: str, dtype: torch.dtype, launches: list[GemvTiles]) -> None:
+    """One launch of each of ``launches`` on ``name``'s shape: compiles them into Triton's cache."""
+    n, k = SHAPES[name]
+    weight = torch.zeros(n, k, device="cuda").to(dtype)
+    scale = torch.full((n,), 0.01, device="cuda") if dtype.itemsize == 1 else None
+    x = torch.zeros(1, k, device="cuda", dtype=torch.bfloat16)
+    for launch in launches:
+        one_row_gemm(x, weight, scale, None, launch)
+        if name == "gate_up":
+            one_row_gemm(x, weight, scale, None, launch, gated=True)
+    torch.cuda.synchronize()
+
+
+def precompile(name: str, dtype: torch.dtype, launches: list[GemvTiles], jobs: int) -> None:
+    """Compiles ``launches`` in ``jobs`` processes at once (the timing then finds them in the cache)."""
+    if jobs <= 1:
+        return
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_compile_some, [name] * jobs, [dtype] * jobs, [launches[i::jobs] for i in range(jobs)]))
+
+
 def write_config(dtype: torch.dtype, rows: dict) -> None:
     """kernels/configs/<fp8|bf16>_weight_gemv_<card>.json: the shapes where the one-row product won."""
     card, kernel = torch.cuda.get_device_name(0), gemv_config(dtype)
-    entries = [{"n": SHAPES[name][0], "k": SHAPES[name][1], "max_rows": 1,
-                "tiles": dict(zip(("block_n", "block_k", "num_warps"), r["tiles"])) | {"split_k": r["split"]}}
-               for name, r in rows.items() if r["gemv_us"] < r["small_batch_us"]]
     path = config_path(kernel, card)
+    swept = {SHAPES[name] for name in rows}
+    kept = [entry for entry in json.loads(path.read_text())["entries"]
+            if (entry["n"], entry["k"]) not in swept] if path.exists() else []  # shapes not swept this time
+    entries = kept + [{"n": SHAPES[name][0], "k": SHAPES[name][1], "max_rows": 1, "tiles": r["tiles"]}
+               for name, r in rows.items() if r["gemv_us"] < r["small_batch_us"]]
     path.write_text(json.dumps({"kernel": kernel, "device": card, "entries": entries}, indent=1) + "\n")
     print(f"wrote {len(entries)} entries to {path}")
 

@@ -5,6 +5,8 @@ where fp8_weight_gemm hands it a row. Runs on a CUDA GPU, or on the CPU in Trito
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,6 +48,11 @@ CASES = [  # n, k, weight dtype, scale, bias, tiles
     (64, 600, torch.float8_e4m3fn, "tensor", False, GemvTiles(16, 256, 2, 4)),  # K not a multiple of BLOCK_K
     (80, 512, torch.bfloat16, "none", False, GemvTiles(8, 128, 4, 4)),
     (72, 384, torch.bfloat16, "none", True, GemvTiles(16, 64, 1, 2)),
+    # weight tiles copied ahead (num_stages) and the row in the weight tile's layout (x_tile)
+    (96, 1024, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4, num_stages=3, x_tile=True)),
+    (100, 1280, torch.float8_e4m3fn, "channel", True, GemvTiles(32, 128, 2, 4, num_stages=2)),
+    (64, 600, torch.float8_e4m3fn, "tensor", False, GemvTiles(16, 128, 1, 4, num_stages=2, x_tile=True)),
+    (80, 1024, torch.bfloat16, "none", False, GemvTiles(8, 128, 2, 4, num_stages=3)),
 ]
 
 
@@ -61,6 +68,14 @@ def test_one_row_against_float64(n, k, weight_dtype, scale, bias, tiles):
     assert ((out.double().cpu() - want).abs() <= tolerance).all()
     again = one_row_gemm(x, w, s, b, tiles)
     assert torch.equal(out, again)  # the splits are added in one order, whichever ends last
+
+
+@pytest.mark.parametrize("n, k, weight_dtype, scale, bias, tiles", [case for case in CASES if case[-1].num_stages > 1])
+def test_weight_tiles_copied_ahead_give_the_same_bits(n, k, weight_dtype, scale, bias, tiles):
+    """num_stages only moves the weight's loads earlier: the same sums in the same order."""
+    x, w, s, b = _operands(n, k, weight_dtype, scale, bias)
+    one_stage = dataclasses.replace(tiles, num_stages=1)
+    assert torch.equal(one_row_gemm(x, w, s, b, tiles), one_row_gemm(x, w, s, b, one_stage))
 
 
 def test_fp8_weight_gemm_hands_one_row_to_it_where_a_shape_is_recorded(monkeypatch):
@@ -130,6 +145,7 @@ GATED_CASES = [  # n (gate and up rows), k, weight dtype, scale, bias, tiles
     (100, 640, torch.float8_e4m3fn, "tensor", False, GemvTiles(8, 128, 1, 4)),  # 50 channels: past the tiles
     (80, 600, torch.bfloat16, "none", False, GemvTiles(4, 256, 1, 4)),  # K not a multiple of BLOCK_K
     (72, 384, torch.bfloat16, "none", True, GemvTiles(16, 64, 1, 2)),
+    (96, 1024, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4, num_stages=2, x_tile=True)),
 ]
 
 
