@@ -8,8 +8,7 @@ widens each weight tile to float32 and multiplies-adds it with the row, summing 
 Per Llama-3-8B shape, 32 distinct weights (so L2 holds none of them) in one CUDA graph, for a grid
 of the one-row product's launch shapes: the fastest against the small-batch product's own launch,
 in microseconds a product and TB/s of weight read. gate/up runs as the model runs it, ending in
-SiLU-and-mul (K not split). ``--stages`` and ``--x-tile`` sweep GemvTiles' num_stages and x_tile
-too; ``--jobs`` processes compile the shapes first. ``--write-config`` records the shapes where
+SiLU-and-mul (K not split). ``--stages`` sweeps GemvTiles' num_stages too; ``--jobs`` processes compile the shapes first. ``--write-config`` records the shapes where
 the one-row product won (kernels/configs/).
 """
 from __future__ import annotations
@@ -52,8 +51,6 @@ def main() -> int:
                              "where it beat the small-batch product")
     parser.add_argument("--stages", default="1",
                         help="weight tiles in flight a program to sweep, comma-separated (GemvTiles.num_stages)")
-    parser.add_argument("--x-tile", choices=("off", "on", "both"), default="off",
-                        help="the row loaded in the weight tile's layout (GemvTiles.x_tile): sweep without, with, both")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="which of the 8B's products, comma-separated")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes compiling the launch shapes before they are timed")
@@ -62,8 +59,7 @@ def main() -> int:
     args = parser.parse_args()
     dtype = torch.float8_e4m3fn if args.fp8 else torch.bfloat16
     set_weight_preload(args.weight_preload)
-    variants = [(int(stages), x_tile) for stages in args.stages.split(",")
-                for x_tile in {"off": [False], "on": [True], "both": [False, True]}[args.x_tile]]
+    variants = [int(stages) for stages in args.stages.split(",")]
     rows = {name: time_shape(name, dtype, variants, args) for name in args.shapes.split(",")}
     total_base = sum(r["small_batch_us"] for r in rows.values()) * 32 / 1e3
     total_gemv = sum(r["gemv_us"] for r in rows.values()) * 32 / 1e3
@@ -75,7 +71,7 @@ def main() -> int:
     return 0
 
 
-def time_shape(name: str, dtype: torch.dtype, variants: list[tuple[int, bool]], args) -> dict:
+def time_shape(name: str, dtype: torch.dtype, variants: list[int], args) -> dict:
     """The small-batch product and every swept one-row launch on ``name``'s shape, microseconds a product."""
     n, k = SHAPES[name]
     weights = [(torch.randn(n, k, device="cuda") * 0.05).to(dtype) for _ in range(args.layers)]
@@ -101,24 +97,23 @@ def time_shape(name: str, dtype: torch.dtype, variants: list[tuple[int, bool]], 
           f"gemv {best_us:6.1f} us {size / best_us / 1e6:5.2f} TB/s ({_shape(best)}, rel err {best_err:.1e}); "
           "next: " + ", ".join(f"{r[0]:.1f} {_shape(r[1])}" for r in results[1:4]))
     for variant in variants:  # each variant's best, when several were swept
-        mine = [r for r in results if (r[1].num_stages, r[1].x_tile) == variant]
+        mine = [r for r in results if r[1].num_stages == variant]
         if len(variants) > 1 and mine:
-            print(f"    stages {variant[0]}, x_tile {variant[1]!s:5}: {mine[0][0]:6.1f} us "
+            print(f"    stages {variant}: {mine[0][0]:6.1f} us "
                   f"{size / mine[0][0] / 1e6:5.2f} TB/s ({_shape(mine[0][1])})")
     return {"small_batch_us": base, "gemv_us": best_us, "tiles": dataclasses.asdict(best), "rel_err": best_err,
             "top": [(r[0], dataclasses.asdict(r[1])) for r in results[:5]]}
 
 
 def _shape(tiles: GemvTiles) -> str:
-    return (f"{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.split_k} st{tiles.num_stages}"
-            + (" x_tile" if tiles.x_tile else ""))
+    return f"{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.split_k} st{tiles.num_stages}"
 
 
-def sweep(k: int, variants: list[tuple[int, bool]]) -> list[GemvTiles]:
+def sweep(k: int, variants: list[int]) -> list[GemvTiles]:
     """The launch shapes tried for a weight of K columns: whole tiles a split, at least two tiles in
     flight a stage."""
-    return [GemvTiles(tiles[0], tiles[1], split, tiles[2], stages, x_tile)
-            for tiles, split, (stages, x_tile) in itertools.product(TILES, SPLITS, variants)
+    return [GemvTiles(tiles[0], tiles[1], split, tiles[2], stages)
+            for tiles, split, stages in itertools.product(TILES, SPLITS, variants)
             if not (k // split) % tiles[1] and (stages == 1 or k // split // tiles[1] >= 2 * stages)]
 
 

@@ -58,11 +58,12 @@
 #                 8192 tokens a step and at the default (~9 min)
 #   PART=tokens16k  bench with steps of 16384 tokens (--max-num-tokens): FP8 1000/1000 (FP8 KV,
 #                 guaranteed_no_evict), bf16 128/128 and 1000/1000 (~5 min)
-#   PART=stages   GPU tests of the one-row product (weight tiles copied ahead, the row in the weight's layout),
-#                 then gemv_bench.py's sweep of both (float8: 1-3 stages, x_tile on and off; bf16: 1-3
-#                 stages), the fastest recorded, and batch-1 decode steps (bf16, FP8) with the new records
-#                 and the old ones (~8 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=stages|gated|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=stages   GPU tests of the one-row product, then gemv_bench.py's sweep (1-3 stages a program),
+#                 the fastest recorded, and batch-1 decode steps (bf16, FP8) with the new records and
+#                 the old ones (~8 min)
+#   PART=onerow   the float8 one-row products swept at 1, 3, 4 and 6 stages (the fastest recorded), PART=gated's
+#                 GPU tests, then batch-1 decode steps (bf16, FP8 weights) at the defaults, two rounds (~8 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=stages|onerow|gated|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -224,12 +225,31 @@ if [ "$PART" = small ]; then
     done
   done
 fi
-if [ "$PART" = gated ]; then
+if [ "$PART" = onerow ]; then
+  echo "== float8 one-row products swept (gemv_bench.py)"
+  timeout 150 python3 benchmarks/gemv_bench.py --fp8 --stages 1,3,4,6 --write-config --out "$OUT/gemv_fp8.json" \
+      > "$OUT/gemv_fp8.log" 2>&1
+  echo "exit $?"; grep -v "^ *$" "$OUT/gemv_fp8.log" | tail -22; cp meshlm/kernels/configs/fp8_weight_gemv_* "$OUT/"
+fi
+if [ "$PART" = gated ] || [ "$PART" = onerow ]; then
   echo "== GPU tests: the one-row product (gated too, QKV with rotary), products, fused ops, decode graphs, engine"
   timeout 300 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_qkv_rotary_kernel.py \
       tests/gpu/test_fp8_gemm_kernel.py tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py tests/gpu/test_graph_buckets_gpu.py \
       tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py tests/gpu/test_fp8_kv_kernels.py > "$OUT/pytest_gated.log" 2>&1
   grep -E "^FAILED|passed|failed" "$OUT/pytest_gated.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_gated.log"
+fi
+if [ "$PART" = onerow ]; then
+  for round in 1 2; do
+    for q in bf16 fp8; do
+      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+      echo "== round $round: batch-1 decode steps, $q weights, the defaults"
+      timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 \
+          --out "$OUT/profile_${q}_$round.json" > "$OUT/profile_${q}_$round.log" 2>&1
+      echo "exit $?"; tail -1 "$OUT/profile_${q}_$round.log" | cut -c1-100
+    done
+  done
+fi
+if [ "$PART" = gated ]; then
   for round in 1 2; do
     for q in bf16 fp8; do
       flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
@@ -251,7 +271,7 @@ if [ "$PART" = stages ]; then
   grep -E "^FAILED|passed|failed" "$OUT/pytest_stages.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_stages.log"
   mkdir -p "$RUNS/configs.orig" && cp meshlm/kernels/configs/*_weight_gemv_* "$RUNS/configs.orig/"
   echo "== one-row products swept (gemv_bench.py), float8 then bf16 weights"
-  timeout 200 python3 benchmarks/gemv_bench.py --fp8 --stages 1,2,3 --x-tile both --write-config \
+  timeout 200 python3 benchmarks/gemv_bench.py --fp8 --stages 1,2,3 --write-config \
       --out "$OUT/gemv_fp8.json" > "$OUT/gemv_fp8.log" 2>&1
   echo "exit $?"; grep -v "^ *$" "$OUT/gemv_fp8.log" | tail -32
   timeout 130 python3 benchmarks/gemv_bench.py --stages 1,2,3 --write-config --out "$OUT/gemv_bf16.json" \

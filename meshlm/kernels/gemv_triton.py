@@ -43,18 +43,15 @@ _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 @dataclass(frozen=True, slots=True)
 class GemvTiles:
-    """Output channels and K columns a program's tile holds, splits of K, warps; ``num_stages``: weight
-    tiles in flight a program (more than one: copied ahead into shared memory, ``cp.async``);
-    ``x_tile``: the row's values loaded in the weight tile's own layout, 8 columns a thread (each
-    warp reading them from L1), rather than once and shared through shared memory, which a float8
-    tile's 16 columns a thread otherwise needs at every step."""
+    """Output channels and K columns a program's tile holds, splits of K, warps; ``num_stages``: tiles
+    in flight a program (more than one: copied ahead into shared memory by ``cp.async``, Triton's
+    software pipeline)."""
 
     block_n: int
     block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
-    x_tile: bool = False
 
 
 def gemv_config(weight_dtype: torch.dtype) -> str:
@@ -128,8 +125,7 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         n, k, launch.k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind, HAS_BIAS=bias is not None,
         PDL=launch.pdl, PRELOAD=weight_preload(x.device), GATED=gated, STAGES=tiles.num_stages,
-        X_TILE=tiles.x_tile, num_warps=tiles.num_warps,
-        launch_pdl=launch.pdl)  # the scale (bias) placeholder is never read without SCALE (HAS_BIAS)
+        num_warps=tiles.num_warps, launch_pdl=launch.pdl)  # the scale (bias) placeholder is never read without SCALE (HAS_BIAS)
     return out
 
 
@@ -138,7 +134,7 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
                     stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
                     EVEN_K: tl.constexpr, SCALE: tl.constexpr,
                     HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr = False,
-                    GATED: tl.constexpr = False, STAGES: tl.constexpr = 1, X_TILE: tl.constexpr = False):
+                    GATED: tl.constexpr = False, STAGES: tl.constexpr = 1):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if GATED:  # rows 2i and 2i+1 of the tile: gate and up of output channel i (weight rows c and N/2 + c)
         pairs = tl.arange(0, BLOCK_N)
@@ -148,7 +144,7 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the output channels (the weight's rows)
         rows = cols % N  # channels past N wrap to valid ones (loaded, never stored): no mask on the weight
     sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
-                    PDL, PRELOAD, STAGES=STAGES, X_TILE=X_TILE)[None, :]  # [1, BLOCK_N]
+                    PDL, PRELOAD, STAGES=STAGES)[None, :]  # [1, BLOCK_N]
     if GATED:  # the kernel's end as an else branch: Triton compiles the code after a return too
         y = scale_and_bias(sums, rows, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS).to(out_ptr.dtype.element_ty)
         gate, up = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_N // 2, 2]))
@@ -170,55 +166,37 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
 @triton.jit
 def row_sums(x_ptr, w_ptr, rows, k_start, K, k_per_split, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              EVEN_K: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, LAUNCH_NEXT: tl.constexpr = True,
-             STAGES: tl.constexpr = 1, X_TILE: tl.constexpr = False):
+             STAGES: tl.constexpr = 1):
     """float32 [BLOCK_N]: the row at ``x_ptr`` times weight ``rows`` (valid rows, [BLOCK_N]) over
     columns ``k_start`` to ``k_start + k_per_split`` (at most K), waiting for the kernel ahead
     first (``PRELOAD``: after loading the first weight tile; ``LAUNCH_NEXT``: see triton_pdl;
-    ``STAGES``, ``X_TILE``: GemvTiles' num_stages and x_tile)."""
+    ``STAGES``: GemvTiles.num_stages)."""
     ks = tl.arange(0, BLOCK_K)
-    if X_TILE:  # runs of 8 columns: the weight and the row then take one layout of 8 columns a thread
-        ks = tl.multiple_of((ks // 8) * 8, 8) + ks % 8
-        x_ptrs = x_ptr + k_start + ks[None, :] + rows[:, None] * 0  # [BLOCK_N, BLOCK_K], rows alike
-    else:
-        x_ptrs = x_ptr + k_start + ks
     k_stop = tl.minimum(k_start + k_per_split, K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
+    x_ptrs = x_ptr + k_start + ks
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     loop_start = k_start
     if PRELOAD:  # the first weight tile before the wait (masked: a split may hold no columns)
         is_k = (k_start + ks) < k_stop
         w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
         wait_for_previous_kernel(PDL, LAUNCH_NEXT)
-        acc += w.to(tl.float32) * _row_values(x_ptrs, is_k, True, X_TILE)
+        x = tl.load(x_ptrs, mask=is_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         loop_start = k_start + BLOCK_K
     else:
         wait_for_previous_kernel(PDL, LAUNCH_NEXT)
     for k in tl.range(loop_start, k_stop, BLOCK_K, num_stages=STAGES):
-        is_k = (k + ks) < k_stop
         if EVEN_K:
             w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
         else:
+            is_k = (k + ks) < k_stop
             w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
-        acc += w.to(tl.float32) * _row_values(x_ptrs, is_k, not EVEN_K, X_TILE)
+            x = tl.load(x_ptrs, mask=is_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _row_values(x_ptrs, is_k, MASKED: tl.constexpr, X_TILE: tl.constexpr):
-    """The row's values at ``x_ptrs`` as float32 [1 or BLOCK_N, BLOCK_K] (``MASKED``: only columns
-    where ``is_k``, zero elsewhere)."""
-    if X_TILE:
-        if MASKED:
-            x = tl.load(x_ptrs, mask=is_k[None, :], other=0.0).to(tl.float32)
-        else:
-            x = tl.load(x_ptrs).to(tl.float32)
-    else:
-        if MASKED:
-            x = tl.load(x_ptrs, mask=is_k, other=0.0).to(tl.float32)[None, :]
-        else:
-            x = tl.load(x_ptrs).to(tl.float32)[None, :]
-    return x

@@ -62,7 +62,7 @@ def qkv_rotary_cache(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind,
         HAS_BIAS=bias is not None, IS_FP8=is_fp8, PDL=launch.pdl, PRELOAD=weight_preload(x.device),
-        STAGES=tiles.num_stages, X_TILE=tiles.x_tile, num_warps=tiles.num_warps, launch_pdl=launch.pdl)
+        STAGES=tiles.num_stages, num_warps=tiles.num_warps, launch_pdl=launch.pdl)
     return q_out
 
 
@@ -75,7 +75,7 @@ def _qkv_rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, c
                              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, SCALE: tl.constexpr,
                              HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr, PDL: tl.constexpr,
-                             PRELOAD: tl.constexpr, STAGES: tl.constexpr = 1, X_TILE: tl.constexpr = False):
+                             PRELOAD: tl.constexpr, STAGES: tl.constexpr = 1):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     lanes = tl.arange(0, BLOCK_N)
     # lanes 2i and 2i+1: channels j and j + HEAD_DIM/2 of pair i's head; pairs past the last wrap
@@ -91,7 +91,7 @@ def _qkv_rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, c
     slot, cos, sin = _token_inputs(pid_n, positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, stride_cos, HEAD_DIM,
                                    BLOCK_N)
     sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
-                    PDL, PRELOAD, LAUNCH_NEXT=False, STAGES=STAGES, X_TILE=X_TILE)
+                    PDL, PRELOAD, LAUNCH_NEXT=False, STAGES=STAGES)
     if IS_SPLIT:  # partial [split_k, tiles * BLOCK_N]; the last split of the tile to finish ends it
         slots = pid_n * BLOCK_N + lanes
         split_stride = tl.num_programs(0) * BLOCK_N

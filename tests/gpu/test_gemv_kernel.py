@@ -48,10 +48,10 @@ CASES = [  # n, k, weight dtype, scale, bias, tiles
     (64, 600, torch.float8_e4m3fn, "tensor", False, GemvTiles(16, 256, 2, 4)),  # K not a multiple of BLOCK_K
     (80, 512, torch.bfloat16, "none", False, GemvTiles(8, 128, 4, 4)),
     (72, 384, torch.bfloat16, "none", True, GemvTiles(16, 64, 1, 2)),
-    # weight tiles copied ahead (num_stages) and the row in the weight tile's layout (x_tile)
-    (96, 1024, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4, num_stages=3, x_tile=True)),
+    # weight tiles copied ahead (num_stages)
+    (96, 1024, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4, num_stages=3)),
     (100, 1280, torch.float8_e4m3fn, "channel", True, GemvTiles(32, 128, 2, 4, num_stages=2)),
-    (64, 600, torch.float8_e4m3fn, "tensor", False, GemvTiles(16, 128, 1, 4, num_stages=2, x_tile=True)),
+    (64, 600, torch.float8_e4m3fn, "tensor", False, GemvTiles(16, 128, 1, 4, num_stages=2)),
     (80, 1024, torch.bfloat16, "none", False, GemvTiles(8, 128, 2, 4, num_stages=3)),
 ]
 
@@ -145,7 +145,7 @@ GATED_CASES = [  # n (gate and up rows), k, weight dtype, scale, bias, tiles
     (100, 640, torch.float8_e4m3fn, "tensor", False, GemvTiles(8, 128, 1, 4)),  # 50 channels: past the tiles
     (80, 600, torch.bfloat16, "none", False, GemvTiles(4, 256, 1, 4)),  # K not a multiple of BLOCK_K
     (72, 384, torch.bfloat16, "none", True, GemvTiles(16, 64, 1, 2)),
-    (96, 1024, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4, num_stages=2, x_tile=True)),
+    (96, 1024, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 1, 4, num_stages=2)),
 ]
 
 

@@ -66,7 +66,7 @@ CASES = [  # heads, kv heads, head_dim, K, weight dtype, scale, bias, cache dtyp
     (6, 2, 12, 320, torch.float8_e4m3fn, "tensor", True, FP8_KV_DTYPE, GemvTiles(8, 64, 3, 4)),  # tiles across heads
     (3, 1, 20, 200, torch.bfloat16, "none", True, FP8_KV_DTYPE, GemvTiles(16, 64, 1, 2)),  # pairs past the tiles
     (4, 2, 16, 512, torch.float8_e4m3fn, "channel", False, torch.bfloat16,
-     GemvTiles(16, 64, 2, 4, num_stages=2, x_tile=True)),  # weight tiles copied ahead, the row in their layout
+     GemvTiles(16, 64, 2, 4, num_stages=2)),  # weight tiles copied ahead
 ]
 
 
