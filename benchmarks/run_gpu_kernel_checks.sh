@@ -61,7 +61,7 @@
 #   PART=stages   GPU tests of the one-row product, then gemv_bench.py's sweep (1-3 stages a program),
 #                 the fastest recorded, and batch-1 decode steps (bf16, FP8) with the new records and
 #                 the old ones (~8 min)
-#   PART=onerow   the float8 one-row products swept at 1, 3, 4 and 6 stages (the fastest recorded), PART=gated's
+#   PART=onerow   the float8 one-row products swept at 1, 3 and 4 stages (the fastest recorded), PART=gated's
 #                 GPU tests, then batch-1 decode steps (bf16, FP8 weights) at the defaults, two rounds (~8 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=stages|onerow|gated|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
@@ -227,7 +227,7 @@ if [ "$PART" = small ]; then
 fi
 if [ "$PART" = onerow ]; then
   echo "== float8 one-row products swept (gemv_bench.py)"
-  timeout 150 python3 benchmarks/gemv_bench.py --fp8 --stages 1,3,4,6 --write-config --out "$OUT/gemv_fp8.json" \
+  timeout 150 python3 benchmarks/gemv_bench.py --fp8 --stages 1,3,4 --write-config --out "$OUT/gemv_fp8.json" \
       > "$OUT/gemv_fp8.log" 2>&1
   echo "exit $?"; grep -v "^ *$" "$OUT/gemv_fp8.log" | tail -22; cp meshlm/kernels/configs/fp8_weight_gemv_* "$OUT/"
 fi
@@ -239,13 +239,17 @@ if [ "$PART" = gated ] || [ "$PART" = onerow ]; then
   grep -E "^FAILED|passed|failed" "$OUT/pytest_gated.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_gated.log"
 fi
 if [ "$PART" = onerow ]; then
+  cp meshlm/kernels/configs/bf16_weight_gemv_NVIDIA_H200.json "$RUNS/bf16_new.json"
   for round in 1 2; do
-    for q in bf16 fp8; do
+    for q in bf16 fp8 bf16_old; do
       flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+      [ "$q" = bf16_old ] && { [ -f ab_old_bf16_weight_gemv_NVIDIA_H200.json ] || continue; \
+          cp ab_old_bf16_weight_gemv_NVIDIA_H200.json meshlm/kernels/configs/bf16_weight_gemv_NVIDIA_H200.json; }
       echo "== round $round: batch-1 decode steps, $q weights, the defaults"
       timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 \
-          --out "$OUT/profile_${q}_$round.json" > "$OUT/profile_${q}_$round.log" 2>&1
-      echo "exit $?"; tail -1 "$OUT/profile_${q}_$round.log" | cut -c1-100
+          --out "$OUT/profile_${q}_$round.json" > "$RUNS/profile_${q}_$round.log" 2>&1
+      echo "exit $?"; tail -1 "$RUNS/profile_${q}_$round.log" | cut -c1-150
+      cp "$RUNS/bf16_new.json" meshlm/kernels/configs/bf16_weight_gemv_NVIDIA_H200.json
     done
   done
 fi

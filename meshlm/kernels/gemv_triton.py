@@ -14,11 +14,14 @@ once to ``x``'s dtype, as the small-batch product does (the order of the additio
 
 It runs where a sweep on the card recorded a launch shape for the weight's shape
 (``benchmarks/gemv_bench.py --write-config``: kernels/configs/*_weight_gemv_<card>.json). On an
-H200, Llama-3-8B's four products of 32 layers, alone in a CUDA graph: 2.00 ms against the
-small-batch product's 2.28 with float8 weights, 3.36 against 3.61 with bf16 weights (tiles swept
-with the preload below). Each program loads its first weight tile before waiting for the kernel
-ahead (``triton_launch.weight_preload``): a batch-1 decode step 2.86 ms against 2.92 without it
-and 3.05 with the small-batch product (float8), 4.16 against 4.23 and 4.34 (bf16).
+H200, Llama-3-8B's four products of 32 layers, alone in a CUDA graph: 1.89 ms against the
+small-batch product's 2.27 with float8 weights, 3.24 against 3.55 with bf16 weights (tiles swept
+with the preload below; 2.00 and 3.36 ms with one weight tile in flight a program, where float8
+tiles of 16 columns a thread also pass the row through shared memory at every step, and three
+tiles in flight, ``num_stages``, hide that). Each program loads its first weight tile before
+waiting for the kernel ahead (``triton_launch.weight_preload``): a batch-1 decode step 2.86 ms
+against 2.92 without it and 3.05 with the small-batch product (float8), 4.16 against 4.23 and
+4.34 (bf16).
 """
 from __future__ import annotations
 
@@ -125,7 +128,7 @@ def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         n, k, launch.k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind, HAS_BIAS=bias is not None,
         PDL=launch.pdl, PRELOAD=weight_preload(x.device), GATED=gated, STAGES=tiles.num_stages,
-        num_warps=tiles.num_warps, launch_pdl=launch.pdl)  # the scale (bias) placeholder is never read without SCALE (HAS_BIAS)
+        num_warps=tiles.num_warps, launch_pdl=launch.pdl)  # the scale (bias) placeholder: never read without SCALE
     return out
 
 
