@@ -1,5 +1,9 @@
 """Where the kernel tests run: on a CUDA GPU, or on the CPU under Triton's interpreter
-(``TRITON_INTERPRET=1``); skipped elsewhere. ``pytestmark = KERNEL_MARKS`` in a test module."""
+(``TRITON_INTERPRET=1``); skipped elsewhere. ``pytestmark = KERNEL_MARKS`` in a test module.
+
+Triton 3.6's interpreter fails with the CPU set-up's numpy 2.4 ("only 0-dimensional arrays can be
+converted to Python scalars", at a loop whose bounds the kernel computes); with numpy 2.2 it runs
+(e.g. ``pip install --target DIR triton==3.6.0 numpy==2.2.6`` and DIR first on PYTHONPATH)."""
 from __future__ import annotations
 
 import os
