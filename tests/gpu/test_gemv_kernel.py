@@ -53,6 +53,7 @@ CASES = [  # n, k, weight dtype, scale, bias, tiles
     (100, 1280, torch.float8_e4m3fn, "channel", True, GemvTiles(32, 128, 2, 4, num_stages=2)),
     (64, 600, torch.float8_e4m3fn, "tensor", False, GemvTiles(16, 128, 1, 4, num_stages=2)),
     (80, 1024, torch.bfloat16, "none", False, GemvTiles(8, 128, 2, 4, num_stages=3)),
+    (64, 512, torch.float8_e4m3fn, "channel", False, GemvTiles(16, 128, 8, 4, num_stages=3)),  # splits of 0-1 tiles
 ]
 
 
