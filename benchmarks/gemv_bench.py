@@ -1,6 +1,7 @@
 """One row times a weight on the CUDA cores (no tensor cores), against the small-batch product.
 
-    python3 benchmarks/gemv_bench.py [--fp8] [--layers 32] [--out gemv.json]
+    python3 benchmarks/gemv_bench.py [--fp8] [--layers 32] [--stages 1,2,3] [--shapes qkv,down] [--jobs 16]
+        [--write-config] [--out gemv.json]
 
 The small-batch product (kernels/fp8_gemm_triton.py) pads one row to 16 and multiplies on the
 tensor cores, widening a float8 weight to bf16 first. The one-row product (kernels/gemv_triton.py)
@@ -8,8 +9,9 @@ widens each weight tile to float32 and multiplies-adds it with the row, summing 
 Per Llama-3-8B shape, 32 distinct weights (so L2 holds none of them) in one CUDA graph, for a grid
 of the one-row product's launch shapes: the fastest against the small-batch product's own launch,
 in microseconds a product and TB/s of weight read. gate/up runs as the model runs it, ending in
-SiLU-and-mul (K not split). ``--stages`` sweeps GemvTiles' num_stages too; ``--jobs`` processes compile the shapes first. ``--write-config`` records the shapes where
-the one-row product won (kernels/configs/).
+SiLU-and-mul (K not split). ``--stages`` sweeps GemvTiles' num_stages too; ``--jobs`` processes
+compile the shapes first. ``--write-config`` records the shapes where the one-row product won
+(kernels/configs/).
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def main() -> int:
     total_gemv = sum(r["gemv_us"] for r in rows.values()) * 32 / 1e3
     print(f"32 layers' four products: small-batch {total_base:.3f} ms, gemv {total_gemv:.3f} ms")
     if args.out:
-        args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(0), "fp8": args.fp8, "rows": rows}, indent=1))
+        card = torch.cuda.get_device_name(0)
+        args.out.write_text(json.dumps({"card": card, "fp8": args.fp8, "rows": rows}, indent=1))
     if args.write_config:
         write_config(dtype, rows)
     return 0
@@ -83,7 +86,7 @@ def time_shape(name: str, dtype: torch.dtype, variants: list[int], args) -> dict
     base = 1e3 * timed_chain(lambda: [fp8_weight_gemm(x, w, scale, tiles=small) for w in weights], 20) / args.layers
     gated = name == "gate_up"  # as the model runs it: ending in SiLU-and-mul, K not split
     launches = [t for t in sweep(k, variants) if not gated or t.split_k == 1]
-    precompile(name, dtype, launches, args.jobs)
+    precompile(name, dtype, launches, args.jobs, args.weight_preload)
     results = []
     for launch in launches:
         out = one_row_gemm(x, weights[0], scale, None, launch).float()  # the plain product
@@ -117,8 +120,9 @@ def sweep(k: int, variants: list[int]) -> list[GemvTiles]:
             if not (k // split) % tiles[1] and (stages == 1 or k // split // tiles[1] >= 2 * stages)]
 
 
-def _compile_some(name: str, dtype: torch.dtype, launches: list[GemvTiles]) -> None:
+def _compile_some(name: str, dtype: torch.dtype, launches: list[GemvTiles], preload: bool) -> None:
     """One launch of each of ``launches`` on ``name``'s shape: compiles them into Triton's cache."""
+    set_weight_preload(preload)
     n, k = SHAPES[name]
     weight = torch.zeros(n, k, device="cuda").to(dtype)
     scale = torch.full((n,), 0.01, device="cuda") if dtype.itemsize == 1 else None
@@ -130,12 +134,13 @@ def _compile_some(name: str, dtype: torch.dtype, launches: list[GemvTiles]) -> N
     torch.cuda.synchronize()
 
 
-def precompile(name: str, dtype: torch.dtype, launches: list[GemvTiles], jobs: int) -> None:
+def precompile(name: str, dtype: torch.dtype, launches: list[GemvTiles], jobs: int, preload: bool) -> None:
     """Compiles ``launches`` in ``jobs`` processes at once (the timing then finds them in the cache)."""
     if jobs <= 1:
         return
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_compile_some, [name] * jobs, [dtype] * jobs, [launches[i::jobs] for i in range(jobs)]))
+        list(pool.map(_compile_some, [name] * jobs, [dtype] * jobs, [launches[i::jobs] for i in range(jobs)],
+                      [preload] * jobs))
 
 
 def write_config(dtype: torch.dtype, rows: dict) -> None:

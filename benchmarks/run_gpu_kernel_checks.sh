@@ -61,8 +61,9 @@
 #   PART=stages   GPU tests of the one-row product, then gemv_bench.py's sweep (1-3 stages a program),
 #                 the fastest recorded, and batch-1 decode steps (bf16, FP8) with the new records and
 #                 the old ones (~8 min)
-#   PART=onerow   the float8 one-row products swept at 1, 3 and 4 stages (the fastest recorded), PART=gated's
-#                 GPU tests, then batch-1 decode steps (bf16, FP8 weights) at the defaults, two rounds (~8 min)
+#   PART=onerow   the float8 one-row products swept at 1, 3 and 4 stages (the sweep's records come back in
+#                 $OUT; the committed ones stay), PART=gated's GPU tests, then batch-1 decode steps (bf16,
+#                 FP8 weights) at the defaults, two rounds (~8 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=stages|onerow|gated|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
@@ -227,16 +228,20 @@ if [ "$PART" = small ]; then
 fi
 if [ "$PART" = onerow ]; then
   echo "== float8 one-row products swept (gemv_bench.py)"
+  cp meshlm/kernels/configs/fp8_weight_gemv_NVIDIA_H200.json "$RUNS/fp8_gemv_committed.json"
   timeout 150 python3 benchmarks/gemv_bench.py --fp8 --stages 1,3,4 --write-config --out "$OUT/gemv_fp8.json" \
       > "$OUT/gemv_fp8.log" 2>&1
   echo "exit $?"; grep -v "^ *$" "$OUT/gemv_fp8.log" | tail -22; cp meshlm/kernels/configs/fp8_weight_gemv_* "$OUT/"
+  # the tests and steps below run the committed records; the sweep's come back in $OUT
+  cp "$RUNS/fp8_gemv_committed.json" meshlm/kernels/configs/fp8_weight_gemv_NVIDIA_H200.json
 fi
 if [ "$PART" = gated ] || [ "$PART" = onerow ]; then
   echo "== GPU tests: the one-row product (gated too, QKV with rotary), products, fused ops, decode graphs, engine"
   gated_tests() {  # name, time limit, then the test files; one pytest each (all in one reached 300 s once)
     local name=$1 limit=$2; shift 2
     timeout "$limit" python3 -m pytest -q -rf -p no:cacheprovider "$@" > "$RUNS/pytest_$name.log" 2>&1
-    echo "$name: $(grep -E "passed|failed" "$RUNS/pytest_$name.log" | tail -1)"; grep -m 4 -E "^E  " "$RUNS/pytest_$name.log"
+    echo "$name (exit $?, 124: timed out): $(grep -E "passed|failed" "$RUNS/pytest_$name.log" | tail -1)"
+    grep -m 4 -E "^E  " "$RUNS/pytest_$name.log"; tail -c 300 "$RUNS/pytest_$name.log" > "$OUT/pytest_${name}_end.txt"
   }
   gated_tests one_row 150 tests/gpu/test_gemv_kernel.py tests/gpu/test_qkv_rotary_kernel.py tests/gpu/test_graph_buckets_gpu.py \
       tests/gpu/test_engine_gpu.py

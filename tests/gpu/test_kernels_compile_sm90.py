@@ -48,16 +48,18 @@ def _pointer_types(fp8: bool) -> dict[str, str]:
 
 def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3):
     """The kernel compiled for sm_90: pointers typed by ``pointer_types`` (others float32), integer
-    arguments as i32 (``M`` as the constant 1 when ``constexprs`` names it), the rest constexprs."""
-    signature = {}
-    for p in kernel.params:
+    arguments as i32 (``M`` as the constant 1 when ``constexprs`` names it), the rest constexprs;
+    pointers and the sizes and strides of INT_ARGS marked 16-divisible, as a launch at the 8B's
+    shapes specializes them (Triton's pipeline copies tiles ahead only where it knows the alignment)."""
+    signature, attrs = {}, {}
+    for index, p in enumerate(kernel.params):
         if p.is_constexpr or p.name in constexprs:
             signature[p.name] = "constexpr"
-        elif p.name in INT_ARGS:
-            signature[p.name] = "i32"
-        else:
-            signature[p.name] = pointer_types.get(p.name, "*fp32")
-    src = ASTSource(kernel, signature, constexprs=constexprs)
+            continue
+        signature[p.name] = "i32" if p.name in INT_ARGS else pointer_types.get(p.name, "*fp32")
+        if p.name in INT_ARGS or signature[p.name].startswith("*"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=SM90, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
@@ -99,11 +101,13 @@ def test_one_row_launch_shapes_compile(name, entry, gated, preload):
     types = _pointer_types(fp8)
     constexprs = dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
                       EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False, PDL=True,
-                      PRELOAD=preload, GATED=gated)
+                      PRELOAD=preload, GATED=gated, STAGES=tiles.num_stages)
     ptx = compile_sm90(gemv_triton._one_row_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
     # the preload: weight loads (and only loads) before the wait; without it none
     assert ("ld.global" in ptx[:wait]) == preload
+    # tiles in flight: copied ahead (cp.async) after the wait, none before it
+    assert ("cp.async" in ptx[wait:]) == (tiles.num_stages > 1) and "cp.async" not in ptx[:wait]
 
 
 @pytest.mark.parametrize("name,entry", [c for c in _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")
@@ -126,6 +130,7 @@ def test_qkv_rotary_launch_shapes_compile(name, entry, fp8_cache):
     types.update({arg: "i32" for arg in ints})
     constexprs = dict(HEAD_DIM=128, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
                       EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False,
-                      IS_FP8=fp8_cache, PDL=True, PRELOAD=True)
+                      IS_FP8=fp8_cache, PDL=True, PRELOAD=True, STAGES=tiles.num_stages)
     ptx = compile_sm90(qkv_rotary_triton._qkv_rotary_cache_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
     assert "griddepcontrol.wait" in ptx and ("atom" in ptx) == (tiles.split_k > 1)
+    assert ("cp.async" in ptx) == (tiles.num_stages > 1)
