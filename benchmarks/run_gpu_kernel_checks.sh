@@ -69,6 +69,16 @@ set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 nvidia-smi -L
+batch1_steps() {  # name: batch-1 decode steps with bf16 and FP8 weights at the records in place
+  local name=$1 q flags
+  for q in bf16 fp8; do
+    flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+    echo "== batch-1 decode steps, $q weights, $name"
+    timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 \
+        --out "$OUT/profile_${q}_$name.json" > "$RUNS/profile_${q}_$name.log" 2>&1
+    echo "exit $?"; tail -1 "$RUNS/profile_${q}_$name.log" | cut -c1-150
+  done
+}
 if [ "$PART" = tests ]; then
   gpu_tests() {  # name, time limit, then pytest's arguments; the log stays in $RUNS, its summary printed
     local name=$1 limit=$2; shift 2
@@ -250,15 +260,7 @@ if [ "$PART" = gated ] || [ "$PART" = onerow ]; then
   gated_tests fp8_kv 150 tests/gpu/test_fp8_kv_kernels.py
 fi
 if [ "$PART" = onerow ]; then
-  for round in 1 2; do
-    for q in bf16 fp8; do
-      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-      echo "== round $round: batch-1 decode steps, $q weights, the defaults"
-      timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 \
-          --out "$OUT/profile_${q}_$round.json" > "$RUNS/profile_${q}_$round.log" 2>&1
-      echo "exit $?"; tail -1 "$RUNS/profile_${q}_$round.log" | cut -c1-150
-    done
-  done
+  for round in 1 2; do batch1_steps "round_$round"; done
 fi
 if [ "$PART" = gated ]; then
   for round in 1 2; do
@@ -291,13 +293,7 @@ if [ "$PART" = stages ]; then
   cp meshlm/kernels/configs/*_weight_gemv_* "$OUT/"
   for configs in new old; do
     [ "$configs" = old ] && cp "$RUNS/configs.orig"/* meshlm/kernels/configs/
-    for q in bf16 fp8; do
-      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-      echo "== batch-1 decode steps, $q weights, $configs one-row records"
-      timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 \
-          --out "$OUT/profile_${q}_$configs.json" > "$OUT/profile_${q}_$configs.log" 2>&1
-      echo "exit $?"; tail -1 "$OUT/profile_${q}_$configs.log" | cut -c1-100
-    done
+    batch1_steps "${configs}_records"
   done
 fi
 if [ "$PART" = gemv ]; then
