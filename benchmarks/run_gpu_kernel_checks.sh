@@ -253,8 +253,8 @@ if [ "$PART" = gated ] || [ "$PART" = onerow ]; then
     echo "$name (exit $?, 124: timed out): $(grep -E "passed|failed" "$RUNS/pytest_$name.log" | tail -1)"
     grep -m 4 -E "^E  " "$RUNS/pytest_$name.log"; tail -c 300 "$RUNS/pytest_$name.log" > "$OUT/pytest_${name}_end.txt"
   }
-  gated_tests one_row 150 tests/gpu/test_gemv_kernel.py tests/gpu/test_qkv_rotary_kernel.py tests/gpu/test_graph_buckets_gpu.py \
-      tests/gpu/test_engine_gpu.py
+  gated_tests one_row 150 tests/gpu/test_gemv_kernel.py tests/gpu/test_qkv_rotary_kernel.py \
+      tests/gpu/test_graph_buckets_gpu.py tests/gpu/test_engine_gpu.py
   gated_tests fp8 150 tests/gpu/test_fp8_gemm_kernel.py tests/gpu/test_fp8_gpu.py
   gated_tests fused 100 tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py
   gated_tests fp8_kv 150 tests/gpu/test_fp8_kv_kernels.py
@@ -279,8 +279,8 @@ if [ "$PART" = gated ]; then
 fi
 if [ "$PART" = stages ]; then
   echo "== GPU tests: the one-row product, QKV with rotary"
-  timeout 120 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py tests/gpu/test_qkv_rotary_kernel.py \
-      > "$OUT/pytest_stages.log" 2>&1
+  timeout 120 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_gemv_kernel.py \
+      tests/gpu/test_qkv_rotary_kernel.py > "$OUT/pytest_stages.log" 2>&1
   grep -E "^FAILED|passed|failed" "$OUT/pytest_stages.log" | tail -6; grep -m 4 -E "^E  " "$OUT/pytest_stages.log"
   mkdir -p "$RUNS/configs.orig" && cp meshlm/kernels/configs/*_weight_gemv_* "$RUNS/configs.orig/"
   echo "== one-row products swept (gemv_bench.py), float8 then bf16 weights"

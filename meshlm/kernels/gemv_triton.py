@@ -18,10 +18,10 @@ H200, Llama-3-8B's four products of 32 layers, alone in a CUDA graph: 1.89 ms ag
 small-batch product's 2.27 with float8 weights, 3.24 against 3.55 with bf16 weights (tiles swept
 with the preload below; 2.00 and 3.36 ms with one weight tile in flight a program: float8 tiles
 of 16 columns a thread also pass the row through shared memory at every step, which 3 tiles in
-flight, ``num_stages``, hide for three of the four float8 shapes; bf16 gains less from 2). Each program loads its first weight tile before
-waiting for the kernel ahead (``triton_launch.weight_preload``): a batch-1 decode step 2.86 ms
-against 2.92 without it and 3.05 with the small-batch product (float8), 4.16 against 4.23 and
-4.34 (bf16).
+flight, ``num_stages``, hide for three of the four float8 shapes; bf16 gains less from 2). Each
+program loads its first weight tile before waiting for the kernel ahead
+(``triton_launch.weight_preload``): a batch-1 decode step 2.86 ms against 2.92 without it and
+3.05 with the small-batch product (float8), 4.16 against 4.23 and 4.34 (bf16).
 """
 from __future__ import annotations
 
