@@ -171,6 +171,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--qkv-rotary-one-row", action=argparse.BooleanOptionalAction, default=None,
                         help="one row's QKV product ends in rotary and the KV cache's store, no kernel of its own "
                              "(kernels/one_row.py's one_row_qkv_rotary_cache; default: meshlm's)")
+    parser.add_argument("--norm-in-products", action=argparse.BooleanOptionalAction, default=None,
+                        help="one row's output and down products add the residual and the next products take the "
+                             "RMS norm, no norm kernel (kernels/one_row.py's SummedRow; default: meshlm's)")
     parser.add_argument("--prefill-tokens", type=int, default=0,
                         help="profile mixed steps: prompts of --prompt-len totalling this many tokens join each step")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
@@ -223,6 +226,9 @@ def main() -> int:
     if ns.qkv_rotary_one_row is not None:
         from meshlm.kernels.one_row import set_qkv_rotary_one_row
         set_qkv_rotary_one_row(ns.qkv_rotary_one_row)
+    if ns.norm_in_products is not None:
+        from meshlm.kernels.one_row import set_norm_in_products
+        set_norm_in_products(ns.norm_in_products)
     if ns.short_context_graphs is not None:
         from meshlm.executor.cuda_graphs import set_short_context_graphs
         set_short_context_graphs(ns.short_context_graphs)
@@ -248,7 +254,8 @@ def main() -> int:
           f"prefill_tokens={ns.prefill_tokens}  fast_accumulation={ns.fast_accumulation}  "
           f"fused_silu_product={ns.fused_silu_product}  gated_one_row={ns.gated_one_row}  "
           f"qkv_rotary_one_row={ns.qkv_rotary_one_row}  weight_preload={ns.weight_preload}  "
-          f"short_context_graphs={ns.short_context_graphs}  fused_merge={ns.fused_merge}")
+          f"short_context_graphs={ns.short_context_graphs}  fused_merge={ns.fused_merge}  "
+          f"norm_in_products={ns.norm_in_products}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

@@ -64,7 +64,9 @@
 #   PART=onerow   the float8 one-row products swept at 1, 3 and 4 stages (the sweep's records come back in
 #                 $OUT; the committed ones stay), PART=gated's GPU tests, then batch-1 decode steps (bf16,
 #                 FP8 weights) at the defaults, two rounds (~8 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=stages|onerow|gated|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+#   PART=norm     GPU tests of the norms inside the one-row products (kernels/one_row.py's SummedRow), then
+#                 batch-1 decode steps (bf16, FP8 weights) with them and without, two rounds (~8 min)
+# Logs and JSON under $OUT. Usage: OUT=results PART=norm|stages|onerow|gated|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -261,6 +263,24 @@ if [ "$PART" = gated ] || [ "$PART" = onerow ]; then
 fi
 if [ "$PART" = onerow ]; then
   for round in 1 2; do batch1_steps "round_$round"; done
+fi
+if [ "$PART" = norm ]; then
+  echo "== GPU tests: the norms inside the one-row products"
+  timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_norm_in_products.py \
+      tests/gpu/test_norm_in_products_gpu.py > "$RUNS/pytest_norm.log" 2>&1
+  echo "exit $?"; grep -E "^FAILED|passed|failed" "$RUNS/pytest_norm.log" | tail -6
+  grep -m 6 -E "^E  " "$RUNS/pytest_norm.log"; tail -c 1500 "$RUNS/pytest_norm.log" > "$OUT/pytest_norm_end.txt"
+  for round in 1 2; do
+    for q in bf16 fp8; do
+      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+      for norm in --norm-in-products --no-norm-in-products; do
+        echo "== round $round: batch-1 decode steps, $q weights, $norm"
+        timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 $norm \
+            --out "$RUNS/profile_${q}${norm}_$round.json" > "$RUNS/profile_${q}${norm}_$round.log" 2>&1
+        echo "exit $?"; tail -1 "$RUNS/profile_${q}${norm}_$round.log" | cut -c1-150
+      done
+    done
+  done
 fi
 if [ "$PART" = gated ]; then
   for round in 1 2; do

@@ -37,8 +37,8 @@ from meshlm.kernels.triton_launch import launch_counters, programmatic_launch, w
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
 
-__all__ = ["GemvTiles", "RowLaunch", "gemv_config", "gemv_tiles", "one_row_gemm", "row_launch", "row_sums",
-           "split_counters"]
+__all__ = ["GemvTiles", "NormIn", "RowLaunch", "deferred_rstd", "gemv_config", "gemv_tiles", "one_row_add_norm",
+           "one_row_gemm", "row_launch", "row_sums", "split_counters"]
 
 _MAX_SPLIT_TILES = 65536  # tiles of channels one split launch may count (256 KB of counters a device)
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -109,35 +109,91 @@ def row_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                      scale if scale.numel() else partial, scale_kind, programmatic_launch(x.device))
 
 
+@dataclass(frozen=True, slots=True)
+class NormIn:
+    """An RMS norm a product takes in (kernels/one_row.py's SummedRow): the row it multiplies is
+    ``s * g``, and its float32 sums are scaled by ``rsqrt(sum(sumsq) / K + eps)``, ``sumsq`` float32
+    [tiles] the sums of ``s**2`` that the product before it stored."""
+
+    sumsq: torch.Tensor
+    eps: float
+
+    def args(self) -> dict:
+        """The kernels' arguments for it (placeholders where it is None: see ``norm_in_args``)."""
+        return dict(sumsq_in_ptr=self.sumsq, num_partials=self.sumsq.numel(), eps=self.eps, NORM_IN=True,
+                    BLOCK_P=triton.next_power_of_2(self.sumsq.numel()))
+
+
+def norm_in_args(norm_in: NormIn | None, placeholder: torch.Tensor) -> dict:
+    """The kernel arguments of ``norm_in``; without one a placeholder pointer, never read."""
+    if norm_in is None:
+        return dict(sumsq_in_ptr=placeholder, num_partials=1, eps=0.0, NORM_IN=False, BLOCK_P=1)
+    return norm_in.args()
+
+
 def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-                 bias: torch.Tensor | None, tiles: GemvTiles, gated: bool = False) -> torch.Tensor:
+                 bias: torch.Tensor | None, tiles: GemvTiles, gated: bool = False,
+                 norm_in: NormIn | None = None) -> torch.Tensor:
     """``x`` [1, K] times ``weight`` [N, K] (float8 with ``weight_scale`` [N] or one element, or
     x's dtype with None), plus ``bias`` [N]: [1, N] in ``x``'s dtype. ``gated``: the weight's rows
     are gate then up, N/2 each, and the result is [1, N/2] ``silu(gate) * up`` (each rounded to x's
     dtype first, as SiLU-and-mul of the plain product reads them), bitwise what the plain product
     and the SiLU-and-mul kernel give; a program then holds BLOCK_N/2 gate rows and the up rows of
-    the same channels, and K is not split (``tiles.split_k`` must be 1)."""
+    the same channels, and K is not split (``tiles.split_k`` must be 1). ``norm_in``: the sums are
+    scaled by its rstd before the weight's scale and the bias (``x`` is ``s * g``)."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
     assert not gated or (n % 2 == 0 and tiles.block_n % 2 == 0 and tiles.split_k == 1), (n, tiles)
     out = torch.empty((1, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     num_tiles = triton.cdiv(n // 2, tiles.block_n // 2) if gated else triton.cdiv(n, tiles.block_n)
+    _launch(out, x, weight, weight_scale, bias, tiles, num_tiles, gated, norm_in_args(norm_in, out),
+            dict(res_ptr=out, gamma_ptr=out, scaled_ptr=out, sumsq_out_ptr=out, ADD_NORM=False))
+    return out
+
+
+def one_row_add_norm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, tiles: GemvTiles,
+                     residual: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``x`` [1, K] times ``weight`` [N, K] (no bias; K not split) plus ``residual`` [1, N]:
+    (``s`` [1, N], bitwise the product rounded to x's dtype plus the residual, rounded again as the
+    norm kernel's sum; ``s * norm_weight`` [1, N] rounded to x's dtype; the float32 sums of ``s**2``
+    over each tile of channels [tiles])."""
+    n, k = weight.shape
+    assert x.shape == (1, k) and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
+    assert residual.shape == (1, n) and residual.stride(1) == 1 and norm_weight.shape == (n,), (residual.shape, n)
+    assert tiles.split_k == 1, tiles
+    row, scaled = (torch.empty((1, n), dtype=x.dtype, device=x.device) for _ in range(2))
+    num_tiles = triton.cdiv(n, tiles.block_n)
+    sumsq = torch.empty(num_tiles, dtype=torch.float32, device=x.device)
+    _launch(row, x, weight, weight_scale, None, tiles, num_tiles, False, norm_in_args(None, row),
+            dict(res_ptr=residual, gamma_ptr=norm_weight, scaled_ptr=scaled, sumsq_out_ptr=sumsq, ADD_NORM=True))
+    return row, scaled, sumsq
+
+
+def _launch(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+            bias: torch.Tensor | None, tiles: GemvTiles, num_tiles: int, gated: bool, norm_in: dict,
+            add_norm: dict) -> None:
+    n, k = weight.shape
     launch = row_launch(x, weight, weight_scale, tiles, num_tiles, n)
+    if add_norm["ADD_NORM"]:
+        assert launch.split_k == 1, launch
     _one_row_kernel[(num_tiles, launch.split_k)](
         out, launch.partial, launch.counters, x, weight, launch.scale, bias if bias is not None else out,
-        n, k, launch.k_per_split, weight.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind, HAS_BIAS=bias is not None,
-        PDL=launch.pdl, PRELOAD=weight_preload(x.device), GATED=gated, STAGES=tiles.num_stages,
-        num_warps=tiles.num_warps, launch_pdl=launch.pdl)  # the scale (bias) placeholder: never read without SCALE
-    return out
+        n, k, launch.k_per_split, weight.stride(0), **norm_in, **add_norm, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind,
+        HAS_BIAS=bias is not None, PDL=launch.pdl, PRELOAD=weight_preload(x.device), GATED=gated,
+        STAGES=tiles.num_stages, num_warps=tiles.num_warps, launch_pdl=launch.pdl)  # placeholders never read
 
 
 @triton.jit
 def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, bias_ptr, N, K, k_per_split,
-                    stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+                    stride_wn, sumsq_in_ptr, num_partials, eps, res_ptr, gamma_ptr, scaled_ptr, sumsq_out_ptr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
                     EVEN_K: tl.constexpr, SCALE: tl.constexpr,
                     HAS_BIAS: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr = False,
-                    GATED: tl.constexpr = False, STAGES: tl.constexpr = 1):
+                    GATED: tl.constexpr = False, STAGES: tl.constexpr = 1, NORM_IN: tl.constexpr = False,
+                    BLOCK_P: tl.constexpr = 1, ADD_NORM: tl.constexpr = False):
+    """NORM_IN: the sums scaled by the deferred norm's rstd (NormIn); ADD_NORM: the output plus the
+    residual, with the next norm's scaled row and sums of squares (one_row_add_norm)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if GATED:  # rows 2i and 2i+1 of the tile: gate and up of output channel i (weight rows c and N/2 + c)
         pairs = tl.arange(0, BLOCK_N)
@@ -148,6 +204,8 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
         rows = cols % N  # channels past N wrap to valid ones (loaded, never stored): no mask on the weight
     sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
                     PDL, PRELOAD, STAGES=STAGES)[None, :]  # [1, BLOCK_N]
+    if NORM_IN:
+        sums = sums * deferred_rstd(sumsq_in_ptr, num_partials, K, eps, BLOCK_P)
     if GATED:  # the kernel's end as an else branch: Triton compiles the code after a return too
         y = scale_and_bias(sums, rows, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS).to(out_ptr.dtype.element_ty)
         gate, up = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_N // 2, 2]))
@@ -162,8 +220,36 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
             add_splits_if_last(out_ptrs, partial_ptr, cols[None, :], N, is_out, counter_ptr, pid_n, cols, N,
                                scale_ptr, bias_ptr, SCALE, HAS_BIAS, 1, BLOCK_N)
         else:
-            y = scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS)
-            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=is_out)
+            y = scale_and_bias(sums, cols, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS).to(out_ptr.dtype.element_ty)
+            if ADD_NORM:
+                _add_residual_for_norm(y, cols[None, :], is_out, out_ptrs, res_ptr, gamma_ptr, scaled_ptr,
+                                       sumsq_out_ptr + pid_n)
+            else:
+                tl.store(out_ptrs, y, mask=is_out)
+
+
+@triton.jit
+def _add_residual_for_norm(y, cols, is_out, out_ptrs, res_ptr, gamma_ptr, scaled_ptr, sumsq_ptr):
+    """The product ``y`` [1, BLOCK_N] (rounded) plus the residual at ``cols``, rounded to the output
+    dtype as the norm kernel's sum ``s``, stored; ``s * gamma`` rounded, stored at ``scaled_ptr``; the
+    sum of the tile's ``s**2`` stored at ``sumsq_ptr``."""
+    dtype = out_ptrs.dtype.element_ty
+    residual = tl.load(res_ptr + cols, mask=is_out, other=0.0)
+    summed = (y.to(tl.float32) + residual.to(tl.float32)).to(dtype)
+    tl.store(out_ptrs, summed, mask=is_out)
+    s = tl.where(is_out, summed.to(tl.float32), 0.0)
+    tl.store(sumsq_ptr, tl.sum(tl.sum(s * s, axis=1), axis=0))
+    gamma = tl.load(gamma_ptr + cols, mask=is_out, other=0.0)
+    tl.store(scaled_ptr + cols, (s * gamma.to(tl.float32)).to(dtype), mask=is_out)
+
+
+@triton.jit
+def deferred_rstd(sumsq_ptr, num_partials, K, eps, BLOCK_P: tl.constexpr):
+    """``rsqrt(mean(s**2) + eps)`` of a row of K values from the sums of ``s**2`` over tiles
+    [num_partials] (NormIn), added in a fixed order, as the norm kernel's rstd."""
+    ps = tl.arange(0, BLOCK_P)
+    total = tl.sum(tl.load(sumsq_ptr + ps, mask=ps < num_partials, other=0.0), axis=0)
+    return tl.rsqrt(total / K + eps)
 
 
 @triton.jit

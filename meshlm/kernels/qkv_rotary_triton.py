@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.gemm_epilogue import scale_and_bias
-from meshlm.kernels.gemv_triton import GemvTiles, row_launch, row_sums
+from meshlm.kernels.gemv_triton import GemvTiles, NormIn, deferred_rstd, norm_in_args, row_launch, row_sums
 from meshlm.kernels.kv_quant import FP8_KV_MAX, is_fp8_kv
 from meshlm.kernels.triton_launch import weight_preload
 
@@ -40,12 +40,13 @@ def qkv_rotary_cache(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                      bias: torch.Tensor | None, tiles: GemvTiles, cos: torch.Tensor, sin: torch.Tensor,
                      positions: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-                     num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+                     num_heads: int, num_kv_heads: int, head_dim: int, norm_in: NormIn | None = None) -> torch.Tensor:
     """``x`` [1, K] times the QKV ``weight`` [(num_heads + 2 num_kv_heads) head_dim, K] (float8 with
     ``weight_scale``, or x's dtype with None), plus ``bias``: the query heads rotated at
     ``positions[0]`` are returned [1, num_heads, head_dim]; the rotated key heads and the value
     heads go into ``k_cache`` and ``v_cache`` [blocks, block_size, num_kv_heads, head_dim] at
-    ``slot_mapping[0]`` (float8: quantized by ``k_scale``, ``v_scale`` [num_kv_heads])."""
+    ``slot_mapping[0]`` (float8: quantized by ``k_scale``, ``v_scale`` [num_kv_heads]). ``norm_in``:
+    the sums are scaled by its rstd first (``x`` is ``s * g``, gemv_triton.NormIn)."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
     assert n == (num_heads + 2 * num_kv_heads) * head_dim and tiles.block_n % 2 == 0, (n, tiles)
@@ -59,7 +60,7 @@ def qkv_rotary_cache(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         k_scale if is_fp8 else q_out, v_scale if is_fp8 else q_out,  # the scales are read for a float8 cache only
         n, k, launch.k_per_split, weight.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), num_heads, num_kv_heads,
-        k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        k_cache.shape[1], **norm_in_args(norm_in, q_out), HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind,
         HAS_BIAS=bias is not None, IS_FP8=is_fp8, PDL=launch.pdl, PRELOAD=weight_preload(x.device),
         STAGES=tiles.num_stages, num_warps=tiles.num_warps, launch_pdl=launch.pdl)
@@ -72,10 +73,12 @@ def _qkv_rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, c
                              k_scale_ptr, v_scale_ptr, N, K, k_per_split, stride_wn, stride_cos,
                              stride_kc_block, stride_kc_offset, stride_kc_head,
                              stride_vc_block, stride_vc_offset, stride_vc_head, num_heads, num_kv_heads, block_size,
+                             sumsq_in_ptr, num_partials, eps,
                              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, SCALE: tl.constexpr,
                              HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr, PDL: tl.constexpr,
-                             PRELOAD: tl.constexpr, STAGES: tl.constexpr = 1):
+                             PRELOAD: tl.constexpr, STAGES: tl.constexpr = 1, NORM_IN: tl.constexpr = False,
+                             BLOCK_P: tl.constexpr = 1):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     lanes = tl.arange(0, BLOCK_N)
     # lanes 2i and 2i+1: channels j and j + HEAD_DIM/2 of pair i's head; pairs past the last wrap
@@ -92,6 +95,8 @@ def _qkv_rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, c
                                    BLOCK_N)
     sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
                     PDL, PRELOAD, LAUNCH_NEXT=False, STAGES=STAGES)
+    if NORM_IN:  # the norm before this product, deferred to its sums (gemv_triton.NormIn)
+        sums = sums * deferred_rstd(sumsq_in_ptr, num_partials, K, eps, BLOCK_P)
     if IS_SPLIT:  # partial [split_k, tiles * BLOCK_N]; the last split of the tile to finish ends it
         slots = pid_n * BLOCK_N + lanes
         split_stride = tl.num_programs(0) * BLOCK_N

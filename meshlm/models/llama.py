@@ -18,6 +18,7 @@ from meshlm.kernels.attention import AttentionMetadata, RotaryEmbedding, paged_a
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.model_config import ModelConfig
 from meshlm.kernels.fp8 import QuantizedRows
+from meshlm.kernels.one_row import SummedRow
 from meshlm.kernels.fused_ops import TORCH_OPS, TorchOps
 
 AttentionFn = type(paged_attention_reference)
@@ -62,7 +63,25 @@ class LlamaAttention(NamedWeights, nn.Module):
         """Whether ``forward`` may be given its input quantized (the qkv projection's choice)."""
         return self.qkv_proj.takes_quantized_rows(num_tokens)
 
-    def forward(self, hidden: torch.Tensor | QuantizedRows, meta: AttentionMetadata, kv_cache: tuple) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor | QuantizedRows | SummedRow, meta: AttentionMetadata,
+                kv_cache: tuple) -> torch.Tensor:
+        return self.o_proj(self._attention(hidden, meta, kv_cache))
+
+    def forward_add(self, hidden: torch.Tensor | QuantizedRows | SummedRow, meta: AttentionMetadata, kv_cache: tuple,
+                    residual: torch.Tensor, next_norm: RMSNorm) -> tuple[torch.Tensor | SummedRow, torch.Tensor | None]:
+        """The residual stream after this block as (block output, ``residual``), or (a SummedRow, None)
+        where the output projection adds the residual itself and leaves ``next_norm`` to the product
+        after it (kernels/one_row.py: one row, the fused kernels on)."""
+        out = self._attention(hidden, meta, kv_cache)
+        if self.rotary.ops.name == "triton":
+            summed = self.o_proj.forward_add_norm(out, residual, next_norm)
+            if summed is not None:
+                return summed, None
+        return self.o_proj(out), residual
+
+    def _attention(self, hidden: torch.Tensor | QuantizedRows | SummedRow, meta: AttentionMetadata,
+                   kv_cache: tuple) -> torch.Tensor:
+        """Attention's output before the output projection: [num_tokens, num_heads_per_rank * head_dim]."""
         k_scale, v_scale = self.kv_scales.k_scale, self.kv_scales.v_scale
         # one row on a GPU with the fused kernels on: the QKV product rotates and stores in its own kernel
         if self.q_norm is None and self.rotary.ops.name == "triton":
@@ -70,6 +89,8 @@ class LlamaAttention(NamedWeights, nn.Module):
                                                    k_scale, v_scale)
             if q is not None:
                 return self._attend(q, meta, kv_cache, k_scale, v_scale, None)
+        if isinstance(hidden, SummedRow):
+            hidden = hidden.normed()
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim per rank]
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split(self.qkv_proj.sizes_per_rank, dim=-1)
@@ -88,10 +109,10 @@ class LlamaAttention(NamedWeights, nn.Module):
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple, k_scale, v_scale,
                 new_kv: tuple | None) -> torch.Tensor:
-        """Attention of the rotated ``q`` [num_tokens, heads, head_dim] over the cache, then o_proj."""
+        """Attention of the rotated ``q`` [num_tokens, heads, head_dim] over the cache."""
         k_cache, v_cache = kv_cache
         out = self.attention_fn(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k_scale, v_scale, new_kv)
-        return self.o_proj(out.view(q.shape[0], self.num_heads_per_rank * self.head_dim))
+        return out.view(q.shape[0], self.num_heads_per_rank * self.head_dim)
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         p = f"{prefix}.self_attn"
@@ -122,15 +143,34 @@ class LlamaMLP(NamedWeights, nn.Module):
         """Whether ``forward`` may be given its input quantized (the gate/up projection's choice)."""
         return self.gate_up_proj.takes_quantized_rows(num_tokens)
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        if self.ops.name == "triton":  # the fused kernels on; one row on a GPU: silu(gate) * up from one kernel
-            gated = self.gate_up_proj.forward_gated_one_row(x)  # [1, inter_per_rank], else None
-            if gated is not None:
-                return self.down_proj(gated)
+    def forward(self, x: torch.Tensor | QuantizedRows | SummedRow) -> torch.Tensor:
+        gated = self._gated_one_row(x)
+        if gated is not None:
+            return self.down_proj(gated)
+        if isinstance(x, SummedRow):
+            x = x.normed()
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * inter_per_rank]
         if self.down_proj.takes_quantized_rows(gate_up.shape[0]):
             return self.down_proj(self.ops.silu_and_mul_quantized(gate_up))
         return self.down_proj.forward_silu_and_mul(gate_up, self.ops.silu_and_mul)
+
+    def forward_add(self, x: torch.Tensor | QuantizedRows | SummedRow, residual: torch.Tensor | None,
+                    next_norm: RMSNorm | None) -> tuple[torch.Tensor | SummedRow, torch.Tensor | None]:
+        """The residual stream after this block as (block output, ``residual``), or (a SummedRow,
+        None) where the down projection adds the residual itself and leaves ``next_norm`` (None: the
+        stage's last layer) to the product after it (kernels/one_row.py)."""
+        gated = self._gated_one_row(x) if next_norm is not None else None
+        if gated is None:
+            return self(x), residual
+        summed = self.down_proj.forward_add_norm(gated, residual, next_norm)
+        return (summed, None) if summed is not None else (self.down_proj(gated), residual)
+
+    def _gated_one_row(self, x: torch.Tensor | QuantizedRows | SummedRow) -> torch.Tensor | None:
+        """``silu(gate) * up`` [1, inter_per_rank] from one kernel (one row on a GPU, the fused kernels
+        on), else None."""
+        if self.ops.name != "triton":
+            return None
+        return self.gate_up_proj.forward_gated_one_row(x)
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         gate_up, down = mlp_modules(f"{prefix}.mlp")
@@ -143,7 +183,9 @@ class LlamaDecoderLayer(NamedWeights, nn.Module):
     The residual stream travels as two tensors, ``hidden + residual``, so that each norm takes the
     add before it (one fused kernel with TritonOps); the sums are those of ``h = h + block(norm(h))``.
     Where the block's first product quantizes its input (FP8, kernels/fp8.py), the norm hands it over
-    quantized; the residual stream stays in the model dtype.
+    quantized; the residual stream stays in the model dtype. A decode step of one row may instead
+    add the residual in a block's last product and leave the norm to the next block's first (a
+    SummedRow, kernels/one_row.py): the stream is then the SummedRow alone, ``residual`` None.
     """
 
     def __init__(self, cfg, groups, rotary, attention_fn, dtype, device, mlp: nn.Module, prefix: str):
@@ -153,17 +195,19 @@ class LlamaDecoderLayer(NamedWeights, nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = mlp
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
-                kv_cache: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor | SummedRow, residual: torch.Tensor | None, meta: AttentionMetadata,
+                kv_cache: tuple, next_norm: RMSNorm | None = None) -> tuple[torch.Tensor | SummedRow, torch.Tensor | None]:
         """(this layer's MLP output, the residual stream before it); ``residual`` None on a stage's
-        first layer, whose ``hidden`` is then the whole stream."""
+        first layer, whose ``hidden`` is then the whole stream (or after a layer that returned a
+        SummedRow). ``next_norm``: the norm after this layer (the next layer's input norm), which a
+        row's down projection may leave to the next layer's first product."""
         num_tokens = hidden.shape[0]
         hidden, residual = self.input_layernorm.add_norm(hidden, residual,
                                                          self.self_attn.takes_quantized_rows(num_tokens))
-        hidden = self.self_attn(hidden, meta, kv_cache)
+        hidden, residual = self.self_attn.forward_add(hidden, meta, kv_cache, residual, self.post_attention_layernorm)
         hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual,
                                                                   self.mlp.takes_quantized_rows(num_tokens))
-        return self.mlp(hidden), residual
+        return self.mlp.forward_add(hidden, residual, next_norm)
 
     def weight_names(self, prefix: str) -> list[tuple[object, tuple]]:
         return [(self.input_layernorm, (f"{prefix}.input_layernorm.weight",)),
@@ -217,8 +261,10 @@ class LlamaForCausalLM(NamedWeights, nn.Module):
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_caches: list[tuple]) -> torch.Tensor:
         """This stage's layers on ``hidden`` [num_tokens, hidden]; returns the residual stream after them."""
         residual = None
-        for layer, kv in zip(self.layers.values(), kv_caches):
-            hidden, residual = layer(hidden, residual, meta, kv)
+        layers = list(self.layers.values())
+        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
+            hidden, residual = layer(hidden, residual, meta, kv, next_norm)
         return hidden if residual is None else hidden + residual
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 
 from meshlm.models.llama import LlamaForCausalLM, LlamaMLP, mlp_modules
 from meshlm.models.named_weights import NamedWeights
+from meshlm.kernels.one_row import SummedRow
 from meshlm.parallel.experts import ExpertNames, FusedMoE, Router
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -99,7 +100,9 @@ class SparseMoeBlock(NamedWeights, nn.Module):
         """Never: the router, the experts and the shared expert read the hidden states in the model dtype."""
         return False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SummedRow) -> torch.Tensor:
+        if isinstance(x, SummedRow):  # the output projection added the residual; the norm is still to run
+            x = x.normed()
         # Every TP rank holds every token ([num_tokens, hidden]) after the attention all-reduce,
         # and each rank's experts pick out the tokens routed to them: no dispatch is needed.
         topk_weights, topk_ids = self.gate(x)  # [num_tokens, top_k] each
@@ -107,6 +110,12 @@ class SparseMoeBlock(NamedWeights, nn.Module):
         if self.shared_expert is not None:
             partial = partial + self.shared_expert(x)
         return self.groups.combine_from_experts(partial)
+
+    def forward_add(self, x: torch.Tensor | SummedRow, residual: torch.Tensor | None,
+                    next_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(block output, ``residual``): the experts never add the residual themselves (LlamaMLP's
+        forward_add does for one row)."""
+        return self(x), residual
 
     def _names(self, prefix: str) -> tuple[str, ExpertNames]:
         return expert_names(self.cfg, prefix, self.experts.is_fused_checkpoint)

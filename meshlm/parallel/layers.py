@@ -19,7 +19,7 @@ from meshlm.parallel.fp8_weights import read_fp8, read_input_scale, read_unquant
 from meshlm.weights.checkpoint import CheckpointReader
 from meshlm.weights.quantization import QuantizationConfig
 from meshlm.kernels.fp8 import FP8_DTYPE, QuantizedRows, linear, silu_and_mul_linear, takes_quantized_rows
-from meshlm.kernels.one_row import one_row_qkv_rotary_cache, one_row_silu_and_mul
+from meshlm.kernels.one_row import SummedRow, one_row_add_norm, one_row_qkv_rotary_cache, one_row_silu_and_mul
 from meshlm.kernels.fused_ops import TORCH_OPS
 
 
@@ -111,10 +111,10 @@ class ColumnParallelLinear(QuantizableLinear):
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
-    def forward_gated_one_row(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | None:
+    def forward_gated_one_row(self, x: torch.Tensor | QuantizedRows | SummedRow) -> torch.Tensor | None:
         """``silu(gate) * up`` of a gate/up projection (two equal sub-matrices, no bias) from one
-        kernel where a single row runs the one-row product (kernels/one_row.py);
-        else None (the caller runs ``forward``, then SiLU-and-mul)."""
+        kernel where a single row runs the one-row product (kernels/one_row.py; a SummedRow's norm
+        inside it); else None (the caller runs ``forward``, then SiLU-and-mul)."""
         if isinstance(x, QuantizedRows) or self.bias is not None or len(set(self.sizes_per_rank)) != 1 \
                 or len(self.sizes_per_rank) != 2:
             return None
@@ -173,13 +173,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.bias = _param((out,), dtype, device) if bias else None
         self._replicas = max(1, tp.size // num_kv_heads)  # ranks sharing one KV head
 
-    def forward_rotary_cache(self, x: torch.Tensor | QuantizedRows, rotary, positions: torch.Tensor,
+    def forward_rotary_cache(self, x: torch.Tensor | QuantizedRows | SummedRow, rotary, positions: torch.Tensor,
                              slot_mapping: torch.Tensor, kv_cache: tuple, k_scale: torch.Tensor | None,
                              v_scale: torch.Tensor | None) -> torch.Tensor | None:
         """The query heads rotated by ``rotary`` (kernels/attention.py's RotaryEmbedding)
         [1, heads_per_rank, head_dim], the rotated keys and the values stored in ``kv_cache``, from
-        one kernel where a single row runs the one-row product (kernels/one_row.py); else None
-        (the caller runs ``forward``, then ``rotary.rotate_and_cache``)."""
+        one kernel where a single row runs the one-row product (kernels/one_row.py; a SummedRow's
+        norm inside it); else None (the caller runs ``forward``, then ``rotary.rotate_and_cache``)."""
         if isinstance(x, QuantizedRows):
             return None
         return one_row_qkv_rotary_cache(x, self.weight, self.weight_scale, self.bias, self.num_heads_per_rank,
@@ -209,6 +209,15 @@ class RowParallelLinear(QuantizableLinear):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         return self._reduce(self.matmul(x))
+
+    def forward_add_norm(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor,
+                         norm: RMSNorm) -> SummedRow | None:
+        """``forward(x) + residual`` with the RMSNorm ``norm`` after it left to the next product, as a
+        SummedRow (kernels/one_row.py), where one kernel does both: one rank (no all-reduce between
+        the product and the add), no bias, a single row that runs the one-row product; else None."""
+        if self.tp.size != 1 or self.bias is not None or isinstance(x, QuantizedRows):
+            return None
+        return one_row_add_norm(x, self.weight, self.weight_scale, residual, norm)
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor, silu_and_mul) -> torch.Tensor:
         """``forward(silu_and_mul(gate_up))``, the SiLU inside the product's kernel where a small
@@ -310,10 +319,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
-                 quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+    def add_norm(self, x: torch.Tensor | SummedRow, residual: torch.Tensor | None,
+                 quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows | SummedRow, torch.Tensor]:
         """(the norm of ``x + residual``, ``x + residual``); a ``None`` residual adds nothing.
-        ``quantize``: the norm comes quantized per row to float8, for an FP8 layer that takes it so."""
+        ``quantize``: the norm comes quantized per row to float8, for an FP8 layer that takes it so.
+        A SummedRow of this norm (the product before added the residual) comes back as it is, the
+        norm left to the product after (kernels/one_row.py), with its sum as the stream."""
+        if isinstance(x, SummedRow):
+            assert residual is None and x.norm is self, "a SummedRow is the whole stream, made for this norm"
+            if quantize:
+                return self.ops.add_rms_norm_quantized(x.row, None, self.weight, self.eps)
+            return x, x.row
         if quantize:
             return self.ops.add_rms_norm_quantized(x, residual, self.weight, self.eps)
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.gpu,
                                  reason="compiles the kernels: run without TRITON_INTERPRET")]
 
 SM90 = GPUTarget("cuda", 90, 32)
-INT_ARGS = {"M", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om"}
+INT_ARGS = {"M", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om", "num_partials"}
 
 
 def _entries(kernel: str) -> list[tuple[str, dict]]:
@@ -43,7 +43,8 @@ def _entries(kernel: str) -> list[tuple[str, dict]]:
 def _pointer_types(fp8: bool) -> dict[str, str]:
     """bf16 rows and outputs, float8 or bf16 weights, int32 split counters (other pointers float32)."""
     return {"out_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*bf16", "counter_ptr": "*i32",
-            "w_ptr": "*fp8e4nv" if fp8 else "*bf16"}
+            "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "res_ptr": "*bf16", "gamma_ptr": "*bf16", "scaled_ptr": "*bf16",
+            "eps": "fp32"}
 
 
 def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3):
@@ -84,24 +85,31 @@ def test_small_batch_launch_shapes_compile(name, entry, one_row):
     assert "griddepcontrol.wait" in compiled.asm["ptx"]
 
 
-def _one_row_cases() -> list[tuple[str, dict, bool]]:
+def _one_row_cases() -> list[tuple[str, dict, bool, str]]:
     """Each one-row launch shape plain, and gated (SiLU-and-mul at its end) where K is not split, as
-    kernels/one_row.py's one_row_silu_and_mul launches it."""
+    kernels/one_row.py's one_row_silu_and_mul launches it; where K is not split also with the norm
+    inside: the plain product adding the residual (``add``: one_row_add_norm), the gated one taking
+    the norm (``in``: NormIn)."""
     entries = _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")
-    return [(name, entry, gated) for name, entry in entries for gated in (False, True)
-            if not gated or entry["tiles"].get("split_k", 1) == 1]
+    cases = []
+    for name, entry in entries:
+        unsplit = entry["tiles"].get("split_k", 1) == 1
+        cases += [(name, entry, False, "none")] + ([(name, entry, False, "add")] if unsplit else [])
+        cases += [(name, entry, True, norm) for norm in ("none", "in") if unsplit]
+    return cases
 
 
-@pytest.mark.parametrize("name,entry,gated", _one_row_cases(),
-                         ids=[f"{c[0]}{':gated' if c[2] else ''}" for c in _one_row_cases()])
+@pytest.mark.parametrize("name,entry,gated,norm", _one_row_cases(),
+                         ids=[f"{c[0]}{':gated' if c[2] else ''}:{c[3]}" for c in _one_row_cases()])
 @pytest.mark.parametrize("preload", [True, False])
-def test_one_row_launch_shapes_compile(name, entry, gated, preload):
+def test_one_row_launch_shapes_compile(name, entry, gated, norm, preload):
     tiles = gemv_triton.GemvTiles(**entry["tiles"])
     fp8 = name.startswith("fp8")
     types = _pointer_types(fp8)
     constexprs = dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
                       EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False, PDL=True,
-                      PRELOAD=preload, GATED=gated, STAGES=tiles.num_stages)
+                      PRELOAD=preload, GATED=gated, STAGES=tiles.num_stages, NORM_IN=norm == "in",
+                      BLOCK_P=512 if norm == "in" else 1, ADD_NORM=norm == "add")
     ptx = compile_sm90(gemv_triton._one_row_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
     # the preload: weight loads (and only loads) before the wait; without it none
@@ -115,7 +123,8 @@ def test_one_row_launch_shapes_compile(name, entry, gated, preload):
                          ids=[c[0] for c in _entries("fp8_weight_gemv") + _entries("bf16_weight_gemv")
                               if c[1]["n"] == 6144])
 @pytest.mark.parametrize("fp8_cache", [False, True])
-def test_qkv_rotary_launch_shapes_compile(name, entry, fp8_cache):
+@pytest.mark.parametrize("norm_in", [False, True])
+def test_qkv_rotary_launch_shapes_compile(name, entry, fp8_cache, norm_in):
     """The QKV products' one-row shapes (Llama-3-8B's 6144 x 4096) ending in rotary and the cache's
     store (kernels/qkv_rotary_triton.py), as kernels/one_row.py launches them."""
     from meshlm.kernels import qkv_rotary_triton
@@ -126,11 +135,12 @@ def test_qkv_rotary_launch_shapes_compile(name, entry, fp8_cache):
                  slot_mapping_ptr="*i64")
     ints = ("N", "K", "k_per_split", "stride_wn", "stride_cos", "stride_kc_block", "stride_kc_offset",
             "stride_kc_head", "stride_vc_block", "stride_vc_offset", "stride_vc_head", "num_heads", "num_kv_heads",
-            "block_size")
+            "block_size", "num_partials")
     types.update({arg: "i32" for arg in ints})
     constexprs = dict(HEAD_DIM=128, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, IS_SPLIT=tiles.split_k > 1,
                       EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False,
-                      IS_FP8=fp8_cache, PDL=True, PRELOAD=True, STAGES=tiles.num_stages)
+                      IS_FP8=fp8_cache, PDL=True, PRELOAD=True, STAGES=tiles.num_stages, NORM_IN=norm_in,
+                      BLOCK_P=512 if norm_in else 1)
     ptx = compile_sm90(qkv_rotary_triton._qkv_rotary_cache_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
     assert "griddepcontrol.wait" in ptx and ("atom" in ptx) == (tiles.split_k > 1)
     assert ("cp.async" in ptx) == (tiles.num_stages > 1)
