@@ -65,7 +65,10 @@
 #                 $OUT; the committed ones stay), PART=gated's GPU tests, then batch-1 decode steps (bf16,
 #                 FP8 weights) at the defaults, two rounds (~8 min)
 #   PART=norm     GPU tests of the norms inside the one-row products (kernels/one_row.py's SummedRow), then
-#                 batch-1 decode steps (bf16, FP8 weights) with them and without, two rounds (~8 min)
+#                 batch-1 decode steps (bf16, FP8 weights) with them and without, two rounds (~3 min)
+#   PART=normsweep  PART=norm's GPU tests, the qkv and gate/up one-row products swept with the norm
+#                 handed to them and without (gemv_bench.py --norm-in; bf16, float8; 1-2 stages, records
+#                 unchanged), then batch-1 decode steps with the norms inside and without (~8 min)
 # Logs and JSON under $OUT. Usage: OUT=results PART=norm|stages|onerow|gated|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
@@ -264,12 +267,34 @@ fi
 if [ "$PART" = onerow ]; then
   for round in 1 2; do batch1_steps "round_$round"; done
 fi
-if [ "$PART" = norm ]; then
+if [ "$PART" = norm ] || [ "$PART" = normsweep ]; then
   echo "== GPU tests: the norms inside the one-row products"
   timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_norm_in_products.py \
       tests/gpu/test_norm_in_products_gpu.py > "$RUNS/pytest_norm.log" 2>&1
   echo "exit $?"; grep -E "^FAILED|passed|failed" "$RUNS/pytest_norm.log" | tail -6
   grep -m 6 -E "^E  " "$RUNS/pytest_norm.log"; tail -c 1500 "$RUNS/pytest_norm.log" > "$OUT/pytest_norm_end.txt"
+fi
+if [ "$PART" = normsweep ]; then
+  for q in bf16 fp8; do
+    flags=""; [ "$q" = fp8 ] && flags="--fp8"
+    for norm in "" --norm-in; do
+      echo "== qkv and gate/up one-row products swept, $q weights $norm (gemv_bench.py)"
+      timeout 150 python3 benchmarks/gemv_bench.py $flags --shapes qkv,gate_up --stages 1,2,3 $norm \
+          --out "$OUT/gemv_${q}${norm}.json" > "$RUNS/gemv_${q}${norm}.log" 2>&1
+      echo "exit $?"; grep -v "^ *$" "$RUNS/gemv_${q}${norm}.log" | tail -9 | cut -c1-220
+    done
+  done
+  for q in bf16 fp8; do
+    flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+    for norm in --norm-in-products --no-norm-in-products; do
+      echo "== batch-1 decode steps, $q weights, $norm"
+      timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 $norm \
+          --out "$OUT/profile_${q}${norm}.json" > "$RUNS/profile_${q}${norm}.log" 2>&1
+      echo "exit $?"; tail -1 "$RUNS/profile_${q}${norm}.log" | cut -c1-150
+    done
+  done
+fi
+if [ "$PART" = norm ]; then
   for round in 1 2; do
     for q in bf16 fp8; do
       flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"

@@ -37,7 +37,7 @@ from meshlm.kernels.triton_launch import launch_counters, programmatic_launch, w
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
 from meshlm.kernels.tuned_configs import device_name, tuned_entry
 
-__all__ = ["GemvTiles", "NormIn", "RowLaunch", "deferred_rstd", "gemv_config", "gemv_tiles", "one_row_add_norm",
+__all__ = ["GemvTiles", "NormIn", "RowLaunch", "gemv_config", "gemv_tiles", "one_row_add_norm",
            "one_row_gemm", "row_launch", "row_sums", "split_counters"]
 
 _MAX_SPLIT_TILES = 65536  # tiles of channels one split launch may count (256 KB of counters a device)
@@ -202,10 +202,9 @@ def _one_row_kernel(out_ptr, partial_ptr, counter_ptr, x_ptr, w_ptr, scale_ptr, 
     else:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the output channels (the weight's rows)
         rows = cols % N  # channels past N wrap to valid ones (loaded, never stored): no mask on the weight
-    sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
-                    PDL, PRELOAD, STAGES=STAGES)[None, :]  # [1, BLOCK_N]
-    if NORM_IN:
-        sums = sums * deferred_rstd(sumsq_in_ptr, num_partials, K, eps, BLOCK_P)
+    sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, sumsq_in_ptr, num_partials,
+                    eps, BLOCK_N, BLOCK_K, EVEN_K, PDL, PRELOAD, STAGES=STAGES, NORM_IN=NORM_IN,
+                    BLOCK_P=BLOCK_P)[None, :]  # [1, BLOCK_N]
     if GATED:  # the kernel's end as an else branch: Triton compiles the code after a return too
         y = scale_and_bias(sums, rows, N, scale_ptr, bias_ptr, SCALE, HAS_BIAS).to(out_ptr.dtype.element_ty)
         gate, up = tl.split(tl.reshape(y.to(tl.float32), [BLOCK_N // 2, 2]))
@@ -244,22 +243,16 @@ def _add_residual_for_norm(y, cols, is_out, out_ptrs, res_ptr, gamma_ptr, scaled
 
 
 @triton.jit
-def deferred_rstd(sumsq_ptr, num_partials, K, eps, BLOCK_P: tl.constexpr):
-    """``rsqrt(mean(s**2) + eps)`` of a row of K values from the sums of ``s**2`` over tiles
-    [num_partials] (NormIn), added in a fixed order, as the norm kernel's rstd."""
-    ps = tl.arange(0, BLOCK_P)
-    total = tl.sum(tl.load(sumsq_ptr + ps, mask=ps < num_partials, other=0.0), axis=0)
-    return tl.rsqrt(total / K + eps)
-
-
-@triton.jit
-def row_sums(x_ptr, w_ptr, rows, k_start, K, k_per_split, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             EVEN_K: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, LAUNCH_NEXT: tl.constexpr = True,
-             STAGES: tl.constexpr = 1):
+def row_sums(x_ptr, w_ptr, rows, k_start, K, k_per_split, stride_wn, sumsq_ptr, num_partials, eps,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+             PRELOAD: tl.constexpr, LAUNCH_NEXT: tl.constexpr = True, STAGES: tl.constexpr = 1,
+             NORM_IN: tl.constexpr = False, BLOCK_P: tl.constexpr = 1):
     """float32 [BLOCK_N]: the row at ``x_ptr`` times weight ``rows`` (valid rows, [BLOCK_N]) over
     columns ``k_start`` to ``k_start + k_per_split`` (at most K), waiting for the kernel ahead
     first (``PRELOAD``: after loading the first weight tile; ``LAUNCH_NEXT``: see triton_pdl;
-    ``STAGES``: GemvTiles.num_stages)."""
+    ``STAGES``: GemvTiles.num_stages). ``NORM_IN``: times the deferred norm's rstd (NormIn), from
+    the sums of squares at ``sumsq_ptr`` [num_partials], loaded as soon as the wait ends (their
+    latency under the loop) and added after it."""
     ks = tl.arange(0, BLOCK_K)
     k_stop = tl.minimum(k_start + k_per_split, K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (k_start + ks)[None, :]
@@ -270,6 +263,7 @@ def row_sums(x_ptr, w_ptr, rows, k_start, K, k_per_split, stride_wn, BLOCK_N: tl
         is_k = (k_start + ks) < k_stop
         w = tl.load(w_ptrs, mask=is_k[None, :], other=0.0)
         wait_for_previous_kernel(PDL, LAUNCH_NEXT)
+        partials = _load_partials(sumsq_ptr, num_partials, NORM_IN, BLOCK_P)
         x = tl.load(x_ptrs, mask=is_k, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
@@ -277,6 +271,7 @@ def row_sums(x_ptr, w_ptr, rows, k_start, K, k_per_split, stride_wn, BLOCK_N: tl
         loop_start = k_start + BLOCK_K
     else:
         wait_for_previous_kernel(PDL, LAUNCH_NEXT)
+        partials = _load_partials(sumsq_ptr, num_partials, NORM_IN, BLOCK_P)
     for k in tl.range(loop_start, k_stop, BLOCK_K, num_stages=STAGES):
         if EVEN_K:
             w = tl.load(w_ptrs)
@@ -288,4 +283,18 @@ def row_sums(x_ptr, w_ptr, rows, k_start, K, k_per_split, stride_wn, BLOCK_N: tl
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    return tl.sum(acc, axis=1)
+    sums = tl.sum(acc, axis=1)
+    if NORM_IN:
+        sums = sums * tl.rsqrt(tl.sum(partials, axis=0) / K + eps)
+    return sums
+
+
+@triton.jit
+def _load_partials(sumsq_ptr, num_partials, NORM_IN: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The deferred norm's sums of squares [BLOCK_P] (zeros past ``num_partials``; one zero without NORM_IN)."""
+    if NORM_IN:
+        ps = tl.arange(0, BLOCK_P)
+        partials = tl.load(sumsq_ptr + ps, mask=ps < num_partials, other=0.0)
+    else:
+        partials = tl.zeros([BLOCK_P], dtype=tl.float32)
+    return partials

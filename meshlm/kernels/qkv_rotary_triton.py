@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from meshlm.kernels.gemm_epilogue import scale_and_bias
-from meshlm.kernels.gemv_triton import GemvTiles, NormIn, deferred_rstd, norm_in_args, row_launch, row_sums
+from meshlm.kernels.gemv_triton import GemvTiles, NormIn, norm_in_args, row_launch, row_sums
 from meshlm.kernels.kv_quant import FP8_KV_MAX, is_fp8_kv
 from meshlm.kernels.triton_launch import weight_preload
 
@@ -93,10 +93,10 @@ def _qkv_rotary_cache_kernel(q_out_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, c
     # its programs took room on the SMs from this product's (4.08 -> 4.13 ms; the step unfused: 4.09).
     slot, cos, sin = _token_inputs(pid_n, positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, stride_cos, HEAD_DIM,
                                    BLOCK_N)
-    sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, BLOCK_N, BLOCK_K, EVEN_K,
-                    PDL, PRELOAD, LAUNCH_NEXT=False, STAGES=STAGES)
-    if NORM_IN:  # the norm before this product, deferred to its sums (gemv_triton.NormIn)
-        sums = sums * deferred_rstd(sumsq_in_ptr, num_partials, K, eps, BLOCK_P)
+    # NORM_IN: the norm before this product, deferred to its sums (gemv_triton.NormIn)
+    sums = row_sums(x_ptr, w_ptr, rows, pid_k * k_per_split, K, k_per_split, stride_wn, sumsq_in_ptr, num_partials,
+                    eps, BLOCK_N, BLOCK_K, EVEN_K, PDL, PRELOAD, LAUNCH_NEXT=False, STAGES=STAGES, NORM_IN=NORM_IN,
+                    BLOCK_P=BLOCK_P)
     if IS_SPLIT:  # partial [split_k, tiles * BLOCK_N]; the last split of the tile to finish ends it
         slots = pid_n * BLOCK_N + lanes
         split_stride = tl.num_programs(0) * BLOCK_N

@@ -7,7 +7,8 @@ Three decoder layers of Llama-3-8B's shape (the shapes the H200's one-row launch
 random weights and KV cache, bf16 and FP8 weights: with the hand-over on, each layer's output
 projection and every down projection but the last add the residual, and the QKV and gate/up
 products take the norm; the step, eager and replayed from its CUDA graph, gives the logits of the
-step without it within the norm's bf16 roundings, and the same greedy token.
+step without it within the norm's bf16 roundings (a few 1e-3 of the logits' range), and the same
+greedy token.
 """
 from __future__ import annotations
 
@@ -105,9 +106,9 @@ def test_one_row_step_with_the_norms_inside_the_products(tmp_path, quantization,
         replays = runner.graph_runner.num_replays
         replayed = _logits(runner, plan, eager=False)
         assert runner.graph_runner.num_replays == replays + 1
-        assert torch.equal(replayed, fused)
         span = float(plain.max() - plain.min())
-        assert float((fused - plain).abs().max()) < 1e-2 * span, float((fused - plain).abs().max()) / span
+        for got in (fused, replayed):  # the graph's attention may split the context otherwise: not bitwise
+            assert float((got - plain).abs().max()) < 1e-2 * span, float((got - plain).abs().max()) / span
         assert float((plain.roll(1, dims=1) - plain).abs().max()) > 1e-1 * span  # the comparison can fail
         assert int(fused.argmax()) == int(plain.argmax())
     finally:
