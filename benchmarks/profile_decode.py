@@ -174,6 +174,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--norm-in-products", action=argparse.BooleanOptionalAction, default=None,
                         help="one row's output and down products add the residual and the next products take the "
                              "RMS norm, no norm kernel (kernels/one_row.py's SummedRow; default: meshlm's)")
+    parser.add_argument("--norm-in-blocks", choices=["attention", "mlp"], default=None,
+                        help="with --norm-in-products: only this block's last product adds the residual and hands "
+                             "its norm over (default: both)")
     parser.add_argument("--prefill-tokens", type=int, default=0,
                         help="profile mixed steps: prompts of --prompt-len totalling this many tokens join each step")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights quantized at load")
@@ -209,6 +212,18 @@ def _force_fused_merge(enabled: bool) -> None:
                                                                                  fused_merge=enabled)
 
 
+def _norm_in_one_block(block: str) -> None:
+    """Only ``block``'s (attention or mlp) last product adds the residual from now on; the other's
+    residual add and norm run in the norm kernel."""
+    from meshlm.models.llama import LlamaAttention, LlamaMLP
+    other = LlamaMLP if block == "attention" else LlamaAttention
+    if other is LlamaMLP:
+        other.forward_add = lambda self, x, residual, next_norm: (self(x), residual)
+    else:
+        other.forward_add = lambda self, hidden, meta, kv_cache, residual, next_norm: (self(hidden, meta, kv_cache),
+                                                                                   residual)
+
+
 def main() -> int:
     ns = _parse()
     from meshlm import LLM
@@ -229,6 +244,8 @@ def main() -> int:
     if ns.norm_in_products is not None:
         from meshlm.kernels.one_row import set_norm_in_products
         set_norm_in_products(ns.norm_in_products)
+    if ns.norm_in_blocks is not None:
+        _norm_in_one_block(ns.norm_in_blocks)
     if ns.short_context_graphs is not None:
         from meshlm.executor.cuda_graphs import set_short_context_graphs
         set_short_context_graphs(ns.short_context_graphs)
@@ -255,7 +272,7 @@ def main() -> int:
           f"fused_silu_product={ns.fused_silu_product}  gated_one_row={ns.gated_one_row}  "
           f"qkv_rotary_one_row={ns.qkv_rotary_one_row}  weight_preload={ns.weight_preload}  "
           f"short_context_graphs={ns.short_context_graphs}  fused_merge={ns.fused_merge}  "
-          f"norm_in_products={ns.norm_in_products}")
+          f"norm_in_products={ns.norm_in_products}  norm_in_blocks={ns.norm_in_blocks}")
     print("step: profiled wall per step; plain: the same steps unprofiled (busy = GPU busy / plain step);"
           " gc: the garbage collector's time per unprofiled step")
     print(f"{'batch':>6} {'step ms':>8} {'plain ms':>9} {'GPU busy ms':>12} {'busy':>6} {'gc ms':>6}  top kernels (ms per step)")

@@ -66,6 +66,9 @@
 #                 FP8 weights) at the defaults, two rounds (~8 min)
 #   PART=norm     GPU tests of the norms inside the one-row products (kernels/one_row.py's SummedRow), then
 #                 batch-1 decode steps (bf16, FP8 weights) with them and without, two rounds (~3 min)
+#   PART=normblocks  PART=norm's GPU tests, then batch-1 decode steps (bf16, FP8 weights) with the norms
+#                 inside both blocks' products, the attention's only, the MLP's only, and none, two
+#                 rounds (~5 min)
 #   PART=normsweep  PART=norm's GPU tests, the qkv and gate/up one-row products swept with the norm
 #                 handed to them and without (gemv_bench.py --norm-in; bf16, float8; 1-2 stages, records
 #                 unchanged), then batch-1 decode steps with the norms inside and without (~8 min)
@@ -267,7 +270,7 @@ fi
 if [ "$PART" = onerow ]; then
   for round in 1 2; do batch1_steps "round_$round"; done
 fi
-if [ "$PART" = norm ] || [ "$PART" = normsweep ]; then
+if [ "$PART" = norm ] || [ "$PART" = normsweep ] || [ "$PART" = normblocks ]; then
   echo "== GPU tests: the norms inside the one-row products"
   timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_norm_in_products.py \
       tests/gpu/test_norm_in_products_gpu.py > "$RUNS/pytest_norm.log" 2>&1
@@ -291,6 +294,21 @@ if [ "$PART" = normsweep ]; then
       timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 $norm \
           --out "$OUT/profile_${q}${norm}.json" > "$RUNS/profile_${q}${norm}.log" 2>&1
       echo "exit $?"; tail -1 "$RUNS/profile_${q}${norm}.log" | cut -c1-150
+    done
+  done
+fi
+if [ "$PART" = normblocks ]; then
+  for round in 1 2; do
+    for q in bf16 fp8; do
+      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+      for norm in --norm-in-products "--norm-in-products --norm-in-blocks attention" \
+                  "--norm-in-products --norm-in-blocks mlp" --no-norm-in-products; do
+        name=$(echo "$norm" | tr -d ' -')
+        echo "== round $round: batch-1 decode steps, $q weights, $norm"
+        timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 $norm \
+            --out "$RUNS/profile_${q}_${name}_$round.json" > "$RUNS/profile_${q}_${name}_$round.log" 2>&1
+        echo "exit $?"; tail -1 "$RUNS/profile_${q}_${name}_$round.log" | cut -c1-150
+      done
     done
   done
 fi

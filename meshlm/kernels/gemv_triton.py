@@ -40,6 +40,10 @@ from meshlm.kernels.tuned_configs import device_name, tuned_entry
 __all__ = ["GemvTiles", "NormIn", "RowLaunch", "gemv_config", "gemv_tiles", "one_row_add_norm",
            "one_row_gemm", "row_launch", "row_sums", "split_counters"]
 
+# Registers a thread at most for the product that adds the residual (one_row_add_norm) with 4 warps
+# a program: its end took the bf16 output and down products' 8 x 1024 tiles at 2 stages from 128
+# registers to 156, 4 programs an SM to 3; capped, they compile to 128 without spilling (sm_90).
+ADD_NORM_MAX_REGISTERS = 128
 _MAX_SPLIT_TILES = 65536  # tiles of channels one split launch may count (256 KB of counters a device)
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -174,14 +178,17 @@ def _launch(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_sca
             add_norm: dict) -> None:
     n, k = weight.shape
     launch = row_launch(x, weight, weight_scale, tiles, num_tiles, n)
+    options = {}
     if add_norm["ADD_NORM"]:
         assert launch.split_k == 1, launch
+        if tiles.num_warps == 4 and x.is_cuda:
+            options["maxnreg"] = ADD_NORM_MAX_REGISTERS
     _one_row_kernel[(num_tiles, launch.split_k)](
         out, launch.partial, launch.counters, x, weight, launch.scale, bias if bias is not None else out,
         n, k, launch.k_per_split, weight.stride(0), **norm_in, **add_norm, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind,
         HAS_BIAS=bias is not None, PDL=launch.pdl, PRELOAD=weight_preload(x.device), GATED=gated,
-        STAGES=tiles.num_stages, num_warps=tiles.num_warps, launch_pdl=launch.pdl)  # placeholders never read
+        STAGES=tiles.num_stages, num_warps=tiles.num_warps, launch_pdl=launch.pdl, **options)  # placeholders never read
 
 
 @triton.jit

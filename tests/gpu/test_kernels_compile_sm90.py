@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +51,8 @@ def _pointer_types(fp8: bool) -> dict[str, str]:
             "eps": "fp32"}
 
 
-def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3):
+def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3,
+                 maxnreg: int | None = None):
     """The kernel compiled for sm_90: pointers typed by ``pointer_types`` (others float32), integer
     arguments as i32 (``M`` as the constant 1 when ``constexprs`` names it), the rest constexprs;
     pointers and the sizes and strides of INT_ARGS marked 16-divisible, as a launch at the 8B's
@@ -61,7 +66,19 @@ def compile_sm90(kernel, pointer_types: dict[str, str], constexprs: dict, num_wa
         if p.name in INT_ARGS or signature[p.name].startswith("*"):
             attrs[(index,)] = [["tt.divisibility", 16]]
     src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=SM90, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=SM90, options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
+
+
+def registers_and_spills(cubin: bytes) -> tuple[int, int]:
+    """(registers a thread, bytes of local memory a thread) of a compiled kernel, by the cuobjdump
+    that Triton ships."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"LOCAL:(\d+)", usage).group(1))
 
 
 @pytest.mark.parametrize("name,entry", _entries("fp8_weight_gemm") + _entries("bf16_weight_gemm"),
@@ -110,7 +127,13 @@ def test_one_row_launch_shapes_compile(name, entry, gated, norm, preload):
                       EVEN_K=entry["k"] % tiles.block_k == 0, SCALE=2 if fp8 else 0, HAS_BIAS=False, PDL=True,
                       PRELOAD=preload, GATED=gated, STAGES=tiles.num_stages, NORM_IN=norm == "in",
                       BLOCK_P=512 if norm == "in" else 1, ADD_NORM=norm == "add")
-    ptx = compile_sm90(gemv_triton._one_row_kernel, types, constexprs, tiles.num_warps).asm["ptx"]
+    # as gemv_triton launches the product adding the residual: its registers capped, no spills
+    cap = gemv_triton.ADD_NORM_MAX_REGISTERS if norm == "add" and tiles.num_warps == 4 else None
+    compiled = compile_sm90(gemv_triton._one_row_kernel, types, constexprs, tiles.num_warps, maxnreg=cap)
+    if cap is not None:
+        registers, local = registers_and_spills(compiled.asm["cubin"])
+        assert registers <= cap and local == 0, (registers, local)
+    ptx = compiled.asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
     # the preload: weight loads (and only loads) before the wait; without it none
     assert ("ld.global" in ptx[:wait]) == preload
