@@ -69,6 +69,8 @@
 #   PART=normblocks  PART=norm's GPU tests, then batch-1 decode steps (bf16, FP8 weights) with the norms
 #                 inside both blocks' products, the attention's only, the MLP's only, and none, two
 #                 rounds (~5 min)
+#   PART=normregress  with the norms inside the one-row products on (the default): the GPU tests of PART=gated
+#                 and the step reserve's (~8 min)
 #   PART=normsweep  PART=norm's GPU tests, the qkv and gate/up one-row products swept with the norm
 #                 handed to them and without (gemv_bench.py --norm-in; bf16, float8; 1-2 stages, records
 #                 unchanged), then batch-1 decode steps with the norms inside and without (~8 min)
@@ -253,7 +255,7 @@ if [ "$PART" = onerow ]; then
   # the tests and steps below run the committed records; the sweep's come back in $OUT
   cp "$RUNS/fp8_gemv_committed.json" meshlm/kernels/configs/fp8_weight_gemv_NVIDIA_H200.json
 fi
-if [ "$PART" = gated ] || [ "$PART" = onerow ]; then
+if [ "$PART" = gated ] || [ "$PART" = onerow ] || [ "$PART" = normregress ]; then
   echo "== GPU tests: the one-row product (gated too, QKV with rotary), products, fused ops, decode graphs, engine"
   gated_tests() {  # name, time limit, then the test files; one pytest each (all in one reached 300 s once)
     local name=$1 limit=$2; shift 2
@@ -266,6 +268,7 @@ if [ "$PART" = gated ] || [ "$PART" = onerow ]; then
   gated_tests fp8 150 tests/gpu/test_fp8_gemm_kernel.py tests/gpu/test_fp8_gpu.py
   gated_tests fused 100 tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py
   gated_tests fp8_kv 150 tests/gpu/test_fp8_kv_kernels.py
+  [ "$PART" = normregress ] && gated_tests step_reserve 100 tests/gpu/test_step_reserve_gpu.py
 fi
 if [ "$PART" = onerow ]; then
   for round in 1 2; do batch1_steps "round_$round"; done
