@@ -69,6 +69,8 @@
 #   PART=normblocks  PART=norm's GPU tests, then batch-1 decode steps (bf16, FP8 weights) with the norms
 #                 inside both blocks' products, the attention's only, the MLP's only, and none, two
 #                 rounds (~5 min)
+#   PART=issue11  decode steps with the GPU's busy fraction (bf16 at 1, 64, 256, 1024), then bench bf16
+#                 128/128 x 2000 (~3 min)
 #   PART=normregress  with the norms inside the one-row products on (the default): the GPU tests of PART=gated
 #                 and the step reserve's (~8 min)
 #   PART=normsweep  PART=norm's GPU tests, the qkv and gate/up one-row products swept with the norm
@@ -212,7 +214,7 @@ if [ "$PART" = fp8 ]; then
       -k "not fused_ops_gpu or quantized or float8 or row_quant or fused_quantization" > "$RUNS/pytest_fp8.log" 2>&1
   grep -E "^FAILED|passed|failed" "$RUNS/pytest_fp8.log" | tail -6; grep -m 3 -E "^E  " "$RUNS/pytest_fp8.log"
 fi
-if [ "$PART" = busy ]; then
+if [ "$PART" = busy ] || [ "$PART" = issue11 ]; then
   echo "== decode steps and the GPU's busy fraction (profile_decode.py), bf16"
   timeout 80 python3 benchmarks/profile_decode.py --batches 1,64,256,1024 --steps 20 --out "$OUT/profile_bf16.json" \
       > "$RUNS/profile_bf16.log" 2>&1
@@ -391,7 +393,7 @@ if [ "$PART" = ab_fp8 ]; then
 fi
 [ "$PART" = policy ] || [ "$PART" = ab_fp8 ] || [ "$PART" = ab_bf16 ] || [ "$PART" = defaults_fp8 ] || [ "$PART" = defaults_bf16 ] || [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
     || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] \
-    || [ "$PART" = tokens16k ] || exit 0
+    || [ "$PART" = tokens16k ] || [ "$PART" = issue11 ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -459,6 +461,10 @@ if [ "$PART" = defaults_bf16 ]; then
   bench bf16_1000 200 --num-prompts 1000 --input-len 1000 --output-len 1000
   bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
   bench bf16_2048 130 --num-prompts 1000 --input-len 2048 --output-len 128
+  exit 0
+fi
+if [ "$PART" = issue11 ]; then
+  bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
   exit 0
 fi
 if [ "$PART" = busy ]; then
