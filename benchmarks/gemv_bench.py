@@ -11,8 +11,8 @@ of the one-row product's launch shapes: the fastest against the small-batch prod
 in microseconds a product and TB/s of weight read. gate/up runs as the model runs it, ending in
 SiLU-and-mul (K not split). ``--stages`` sweeps GemvTiles' num_stages too; ``--jobs`` processes
 compile the shapes first; ``--norm-in``: qkv and gate/up take the RMS norm before them as a decode
-step of one row gives it them (gemv_triton.NormIn over the 512 sums of squares of the product before). ``--write-config`` records the shapes where the one-row product won
-(kernels/configs/).
+step of one row gives it them (gemv_triton.NormIn over the 512 sums of squares of the product
+before). ``--write-config`` records the shapes where the one-row product won (kernels/configs/).
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@
 #   PART=normsweep  PART=norm's GPU tests, the qkv and gate/up one-row products swept with the norm
 #                 handed to them and without (gemv_bench.py --norm-in; bf16, float8; 1-2 stages, records
 #                 unchanged), then batch-1 decode steps with the norms inside and without (~8 min)
-# Logs and JSON under $OUT. Usage: OUT=results PART=norm|stages|onerow|gated|small|gemv|policy|tests|kernels|bench|engine|steps|mixed|accum|batch1|rows|fastacc|bf16|fp8|busy|tokens16k bash benchmarks/run_gpu_kernel_checks.sh
+# Logs and JSON under $OUT. Usage: OUT=results PART=<one of the parts above> bash benchmarks/run_gpu_kernel_checks.sh
 set -uo pipefail
 OUT=${OUT:-out}; PART=${PART:-kernels}; RUNS=${RUNS:-/tmp/meshlm-session}; mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1

@@ -60,7 +60,8 @@ def qkv_rotary_cache(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         k_scale if is_fp8 else q_out, v_scale if is_fp8 else q_out,  # the scales are read for a float8 cache only
         n, k, launch.k_per_split, weight.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), num_heads, num_kv_heads,
-        k_cache.shape[1], **norm_in_args(norm_in, q_out), HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        k_cache.shape[1], **norm_in_args(norm_in, q_out), HEAD_DIM=head_dim, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
         IS_SPLIT=launch.split_k > 1, EVEN_K=k % tiles.block_k == 0, SCALE=launch.scale_kind,
         HAS_BIAS=bias is not None, IS_FP8=is_fp8, PDL=launch.pdl, PRELOAD=weight_preload(x.device),
         STAGES=tiles.num_stages, num_warps=tiles.num_warps, launch_pdl=launch.pdl)

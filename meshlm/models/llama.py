@@ -63,17 +63,24 @@ class LlamaAttention(NamedWeights, nn.Module):
         """Whether ``forward`` may be given its input quantized (the qkv projection's choice)."""
         return self.qkv_proj.takes_quantized_rows(num_tokens)
 
+    def takes_summed_row(self) -> bool:
+        """Whether the QKV product may take the norm before it (a SummedRow, kernels/one_row.py):
+        not with a norm on q and k, whose QKV product keeps its rotary kernel."""
+        return self.q_norm is None
+
     def forward(self, hidden: torch.Tensor | QuantizedRows | SummedRow, meta: AttentionMetadata,
                 kv_cache: tuple) -> torch.Tensor:
         return self.o_proj(self._attention(hidden, meta, kv_cache))
 
     def forward_add(self, hidden: torch.Tensor | QuantizedRows | SummedRow, meta: AttentionMetadata, kv_cache: tuple,
-                    residual: torch.Tensor, next_norm: RMSNorm) -> tuple[torch.Tensor | SummedRow, torch.Tensor | None]:
+                    residual: torch.Tensor, next_norm: RMSNorm | None) -> tuple[torch.Tensor | SummedRow,
+                                                                                torch.Tensor | None]:
         """The residual stream after this block as (block output, ``residual``), or (a SummedRow, None)
-        where the output projection adds the residual itself and leaves ``next_norm`` to the product
-        after it (kernels/one_row.py: one row, the fused kernels on)."""
+        where the output projection adds the residual itself and leaves ``next_norm`` (None: the
+        block after does not take it) to the product after it (kernels/one_row.py: one row, the
+        fused kernels on)."""
         out = self._attention(hidden, meta, kv_cache)
-        if self.rotary.ops.name == "triton":
+        if next_norm is not None and self.rotary.ops.name == "triton":
             summed = self.o_proj.forward_add_norm(out, residual, next_norm)
             if summed is not None:
                 return summed, None
@@ -154,11 +161,16 @@ class LlamaMLP(NamedWeights, nn.Module):
             return self.down_proj(self.ops.silu_and_mul_quantized(gate_up))
         return self.down_proj.forward_silu_and_mul(gate_up, self.ops.silu_and_mul)
 
+    def takes_summed_row(self) -> bool:
+        """Whether the gate/up product may take the norm before it (a SummedRow, kernels/one_row.py)."""
+        return True
+
     def forward_add(self, x: torch.Tensor | QuantizedRows | SummedRow, residual: torch.Tensor | None,
                     next_norm: RMSNorm | None) -> tuple[torch.Tensor | SummedRow, torch.Tensor | None]:
         """The residual stream after this block as (block output, ``residual``), or (a SummedRow,
         None) where the down projection adds the residual itself and leaves ``next_norm`` (None: the
-        stage's last layer) to the product after it (kernels/one_row.py)."""
+        stage's last layer, or a layer after that does not take it) to the product after it
+        (kernels/one_row.py)."""
         gated = self._gated_one_row(x) if next_norm is not None else None
         if gated is None:
             return self(x), residual
@@ -196,15 +208,18 @@ class LlamaDecoderLayer(NamedWeights, nn.Module):
         self.mlp = mlp
 
     def forward(self, hidden: torch.Tensor | SummedRow, residual: torch.Tensor | None, meta: AttentionMetadata,
-                kv_cache: tuple, next_norm: RMSNorm | None = None) -> tuple[torch.Tensor | SummedRow, torch.Tensor | None]:
-        """(this layer's MLP output, the residual stream before it); ``residual`` None on a stage's
-        first layer, whose ``hidden`` is then the whole stream (or after a layer that returned a
-        SummedRow). ``next_norm``: the norm after this layer (the next layer's input norm), which a
-        row's down projection may leave to the next layer's first product."""
+                kv_cache: tuple, next_norm: RMSNorm | None = None) -> tuple[torch.Tensor | SummedRow,
+                                                                            torch.Tensor | None]:
+        """(this layer's MLP output, the residual stream before it), or (a SummedRow, None) where the
+        MLP's last product added the residual and left ``next_norm`` to the next layer's first;
+        ``residual`` None on a stage's first layer, whose ``hidden`` is then the whole stream (or
+        after a layer that returned a SummedRow). ``next_norm``: the norm after this layer (the next
+        layer's input norm) where the next layer's attention takes it, else None."""
         num_tokens = hidden.shape[0]
         hidden, residual = self.input_layernorm.add_norm(hidden, residual,
                                                          self.self_attn.takes_quantized_rows(num_tokens))
-        hidden, residual = self.self_attn.forward_add(hidden, meta, kv_cache, residual, self.post_attention_layernorm)
+        handed = self.post_attention_layernorm if self.mlp.takes_summed_row() else None
+        hidden, residual = self.self_attn.forward_add(hidden, meta, kv_cache, residual, handed)
         hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual,
                                                                   self.mlp.takes_quantized_rows(num_tokens))
         return self.mlp.forward_add(hidden, residual, next_norm)
@@ -228,7 +243,8 @@ class LlamaForCausalLM(NamedWeights, nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.ops = TORCH_OPS
         needs_embed = mapping.is_first_pp_rank or (mapping.is_last_pp_rank and cfg.tie_word_embeddings)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device) if needs_embed else None
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+                             if needs_embed else None)
         self.layers = nn.ModuleDict({
             str(i): LlamaDecoderLayer(cfg, groups, self.rotary, attention_fn, dtype, device,
                                       self.make_mlp(cfg, i, groups, dtype, device), f"model.layers.{i}")
@@ -263,7 +279,8 @@ class LlamaForCausalLM(NamedWeights, nn.Module):
         residual = None
         layers = list(self.layers.values())
         for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
+            after = layers[i + 1] if i + 1 < len(layers) else None
+            next_norm = after.input_layernorm if after is not None and after.self_attn.takes_summed_row() else None
             hidden, residual = layer(hidden, residual, meta, kv, next_norm)
         return hidden if residual is None else hidden + residual
 

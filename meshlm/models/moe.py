@@ -25,7 +25,6 @@ from torch import nn
 
 from meshlm.models.llama import LlamaForCausalLM, LlamaMLP, mlp_modules
 from meshlm.models.named_weights import NamedWeights
-from meshlm.kernels.one_row import SummedRow
 from meshlm.parallel.experts import ExpertNames, FusedMoE, Router
 from meshlm.parallel.groups import ParallelGroups
 from meshlm.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -100,9 +99,7 @@ class SparseMoeBlock(NamedWeights, nn.Module):
         """Never: the router, the experts and the shared expert read the hidden states in the model dtype."""
         return False
 
-    def forward(self, x: torch.Tensor | SummedRow) -> torch.Tensor:
-        if isinstance(x, SummedRow):  # the output projection added the residual; the norm is still to run
-            x = x.normed()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every TP rank holds every token ([num_tokens, hidden]) after the attention all-reduce,
         # and each rank's experts pick out the tokens routed to them: no dispatch is needed.
         topk_weights, topk_ids = self.gate(x)  # [num_tokens, top_k] each
@@ -111,7 +108,11 @@ class SparseMoeBlock(NamedWeights, nn.Module):
             partial = partial + self.shared_expert(x)
         return self.groups.combine_from_experts(partial)
 
-    def forward_add(self, x: torch.Tensor | SummedRow, residual: torch.Tensor | None,
+    def takes_summed_row(self) -> bool:
+        """Never: the router and the experts read the normed rows."""
+        return False
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor | None,
                     next_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(block output, ``residual``): the experts never add the residual themselves (LlamaMLP's
         forward_add does for one row)."""

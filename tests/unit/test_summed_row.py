@@ -6,8 +6,9 @@ branches with the torch arithmetic: ops named "triton" (the fused-kernel branche
 layers' one-row entry points replaced by torch functions that give what the kernels give. The
 products after a SummedRow run the norm first (SummedRow.normed), which is the norm kernel's
 arithmetic on the same sum, so a one-token step gives the logits of the plain stream bitwise:
-every layer's residual, the hand-over between layers, the last layer's plain end and an MoE
-block's norm are checked by that.
+every layer's residual, the hand-over between layers and the last layer's plain end are checked by
+that, and blocks that cannot take the norm (an MoE block, a QKV product with q/k norms) are not
+handed one.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def _logits(path, ops) -> torch.Tensor:
         return runner.model.compute_logits(runner.model(hidden, _one_token_meta(), runner.kv_caches))
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral"])
 def test_a_step_with_the_residual_added_in_the_products_gives_the_plain_logits(tmp_path, family, monkeypatch):
     make = make_random_moe_model if family == "mixtral" else make_random_model
     path = make(tmp_path / family, family, seed=3, num_hidden_layers=NUM_LAYERS)
@@ -88,9 +89,11 @@ def test_a_step_with_the_residual_added_in_the_products_gives_the_plain_logits(t
     assert torch.equal(got, plain)
     if family == "llama":  # each output projection, each down projection but the last
         assert len(adds) == 2 * NUM_LAYERS - 1
-        assert len(takes) == NUM_LAYERS  # each gate/up product took the norm handed to it
-    else:  # the experts add no residual: only the output projections, their norms run by the MoE block
-        assert len(adds) == NUM_LAYERS and not takes
+    elif family == "qwen3":  # q and k normed: the down projections keep the residual to the norm kernel
+        assert len(adds) == NUM_LAYERS and all(norm.weight.shape == adds[0].weight.shape for norm in adds)
+    else:  # the MoE block reads normed rows: nothing handed over
+        assert not adds
+    assert len(takes) == (0 if family == "mixtral" else NUM_LAYERS)  # each gate/up took the norm handed to it
     assert len({id(norm) for norm in adds}) == len(adds)  # a norm handed over once
 
 
