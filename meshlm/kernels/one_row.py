@@ -18,6 +18,7 @@ run). A product that cannot take a SummedRow runs the norm kernel on ``s`` first
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -37,6 +38,14 @@ _QKV_ROTARY_ONE_ROW = {"enabled": True}
 _NORM_IN_PRODUCTS = {"enabled": True}
 
 
+class RowNorm(Protocol):
+    """An RMS norm (parallel/layers.py's RMSNorm): ``weight * rmsnorm(x)``."""
+    weight: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SummedRow:
     """A one-row product plus the residual stream, with the next RMS norm left to the product that
@@ -47,7 +56,7 @@ class SummedRow:
     row: torch.Tensor
     scaled: torch.Tensor
     sumsq: torch.Tensor
-    norm: object
+    norm: RowNorm
 
     @property
     def shape(self) -> torch.Size:
@@ -92,7 +101,7 @@ def one_row_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
 
 
 def one_row_add_norm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-                     residual: torch.Tensor, norm) -> SummedRow | None:
+                     residual: torch.Tensor, norm: RowNorm) -> SummedRow | None:
     """``x`` [1, K] times ``weight`` [N, K] (as ``linear``, no bias) plus ``residual`` [1, N], with
     the RMSNorm ``norm`` after it left to the next product: a SummedRow whose ``row`` is bitwise the
     product rounded to x's dtype plus the residual (the norm kernel's sum). None where ``linear``
