@@ -91,6 +91,21 @@ batch1_steps() {  # name: batch-1 decode steps with bf16 and FP8 weights at the 
     echo "exit $?"; tail -1 "$RUNS/profile_${q}_$name.log" | cut -c1-150
   done
 }
+norm_steps() {  # rounds, then the flag sets compared: batch-1 decode steps with bf16 and FP8 weights
+  local rounds=$1 round q flags norm name; shift
+  for round in $(seq "$rounds"); do
+    for q in bf16 fp8; do
+      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
+      for norm in "$@"; do
+        name=$(echo "$norm" | tr -d ' -')
+        echo "== round $round: batch-1 decode steps, $q weights, $norm"
+        timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 $norm \
+            --out "$RUNS/profile_${q}_${name}_$round.json" > "$RUNS/profile_${q}_${name}_$round.log" 2>&1
+        echo "exit $?"; tail -1 "$RUNS/profile_${q}_${name}_$round.log" | cut -c1-150
+      done
+    done
+  done
+}
 if [ "$PART" = tests ]; then
   gpu_tests() {  # name, time limit, then pytest's arguments; the log stays in $RUNS, its summary printed
     local name=$1 limit=$2; shift 2
@@ -292,44 +307,11 @@ if [ "$PART" = normsweep ]; then
       echo "exit $?"; grep -v "^ *$" "$RUNS/gemv_${q}${norm}.log" | tail -9 | cut -c1-220
     done
   done
-  for q in bf16 fp8; do
-    flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-    for norm in --norm-in-products --no-norm-in-products; do
-      echo "== batch-1 decode steps, $q weights, $norm"
-      timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 $norm \
-          --out "$OUT/profile_${q}${norm}.json" > "$RUNS/profile_${q}${norm}.log" 2>&1
-      echo "exit $?"; tail -1 "$RUNS/profile_${q}${norm}.log" | cut -c1-150
-    done
-  done
+  norm_steps 1 --norm-in-products --no-norm-in-products
 fi
-if [ "$PART" = normblocks ]; then
-  for round in 1 2; do
-    for q in bf16 fp8; do
-      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-      for norm in --norm-in-products "--norm-in-products --norm-in-blocks attention" \
-                  "--norm-in-products --norm-in-blocks mlp" --no-norm-in-products; do
-        name=$(echo "$norm" | tr -d ' -')
-        echo "== round $round: batch-1 decode steps, $q weights, $norm"
-        timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 $norm \
-            --out "$RUNS/profile_${q}_${name}_$round.json" > "$RUNS/profile_${q}_${name}_$round.log" 2>&1
-        echo "exit $?"; tail -1 "$RUNS/profile_${q}_${name}_$round.log" | cut -c1-150
-      done
-    done
-  done
-fi
-if [ "$PART" = norm ]; then
-  for round in 1 2; do
-    for q in bf16 fp8; do
-      flags=""; [ "$q" = fp8 ] && flags="--quantization fp8"
-      for norm in --norm-in-products --no-norm-in-products; do
-        echo "== round $round: batch-1 decode steps, $q weights, $norm"
-        timeout 70 python3 benchmarks/profile_decode.py $flags --batches 1 --steps 40 --max-batch-size 4 $norm \
-            --out "$RUNS/profile_${q}${norm}_$round.json" > "$RUNS/profile_${q}${norm}_$round.log" 2>&1
-        echo "exit $?"; tail -1 "$RUNS/profile_${q}${norm}_$round.log" | cut -c1-150
-      done
-    done
-  done
-fi
+[ "$PART" = normblocks ] && norm_steps 2 --norm-in-products "--norm-in-products --norm-in-blocks attention" \
+    "--norm-in-products --norm-in-blocks mlp" --no-norm-in-products
+[ "$PART" = norm ] && norm_steps 2 --norm-in-products --no-norm-in-products
 if [ "$PART" = gated ]; then
   for round in 1 2; do
     for q in bf16 fp8; do
