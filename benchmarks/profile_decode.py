@@ -213,15 +213,11 @@ def _force_fused_merge(enabled: bool) -> None:
 
 
 def _norm_in_one_block(block: str) -> None:
-    """Only ``block``'s (attention or mlp) last product adds the residual from now on; the other's
-    residual add and norm run in the norm kernel."""
+    """Only ``block``'s (attention or mlp) last product adds the residual from now on: the block
+    after the other one is said not to take the norm (takes_summed_row), so the norm kernel runs there."""
     from meshlm.models.llama import LlamaAttention, LlamaMLP
-    other = LlamaMLP if block == "attention" else LlamaAttention
-    if other is LlamaMLP:
-        other.forward_add = lambda self, x, residual, next_norm: (self(x), residual)
-    else:
-        other.forward_add = lambda self, hidden, meta, kv_cache, residual, next_norm: (self(hidden, meta, kv_cache),
-                                                                                   residual)
+    taker = LlamaAttention if block == "attention" else LlamaMLP  # the block after the MLP is attention
+    taker.takes_summed_row = lambda self: False
 
 
 def main() -> int:

@@ -122,17 +122,14 @@ class NormIn:
     sumsq: torch.Tensor
     eps: float
 
-    def args(self) -> dict:
-        """The kernels' arguments for it (placeholders where it is None: see ``norm_in_args``)."""
-        return dict(sumsq_in_ptr=self.sumsq, num_partials=self.sumsq.numel(), eps=self.eps, NORM_IN=True,
-                    BLOCK_P=triton.next_power_of_2(self.sumsq.numel()))
-
 
 def norm_in_args(norm_in: NormIn | None, placeholder: torch.Tensor) -> dict:
     """The kernel arguments of ``norm_in``; without one a placeholder pointer, never read."""
     if norm_in is None:
         return dict(sumsq_in_ptr=placeholder, num_partials=1, eps=0.0, NORM_IN=False, BLOCK_P=1)
-    return norm_in.args()
+    num_partials = norm_in.sumsq.numel()
+    return dict(sumsq_in_ptr=norm_in.sumsq, num_partials=num_partials, eps=norm_in.eps, NORM_IN=True,
+                BLOCK_P=triton.next_power_of_2(num_partials))
 
 
 def one_row_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
