@@ -24,6 +24,10 @@
 #                 they are, with SiLU inside the down projection (--fused-silu-product), and with
 #                 every split product adding its splits in the kernel too (serial_reduce: one launch
 #                 fewer a layer for qkv) (~5 min)
+#   PART=parts    a long-prompt step's parts apart (step_parts.py: GEMMs by rows and BLAS library, a mixed
+#                 step's attention on one and two streams), then bf16 mixed steps' kernels (~5 min)
+#   PART=counters  decode attention at 1 x 32k and 256 x 1k under Nsight Compute (decode_counters.py), SDPA's
+#                 kernels beside, then bench bf16 2048/128 x 1000 with guaranteed_no_evict (~6 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -160,6 +164,28 @@ if [ "$PART" = mixed ]; then
   timeout 120 python3 benchmarks/profile_decode.py --batches 256 --prompt-len 2048 --prefill-tokens 6144 \
       --steps 5 --no-pdl --kernel-table > "$RUNS/mixed_bf16.log" 2>&1
   grep -A 22 "kernels per step" "$RUNS/mixed_bf16.log"; tail -2 "$RUNS/mixed_bf16.log"
+fi
+if [ "$PART" = parts ]; then
+  echo "== a long-prompt step's parts (step_parts.py): GEMMs by rows and BLAS library, mixed-step attention"
+  timeout 150 python3 benchmarks/step_parts.py --out "$OUT/step_parts.json" > "$OUT/step_parts.log" 2>&1
+  echo "exit $?"; cat "$OUT/step_parts.log" | grep -v Warning | tail -40
+  echo "== mixed steps, bf16: 256 decodes of 2048 + 6144 prompt tokens (no PDL, then PDL)"
+  for pdl in no-pdl pdl; do
+    timeout 120 python3 benchmarks/profile_decode.py --batches 256 --prompt-len 2048 --prefill-tokens 6144 \
+        --steps 5 --$pdl --kernel-table > "$OUT/mixed_bf16_$pdl.log" 2>&1
+    echo "exit $?"; grep -A 30 "kernels per step" "$OUT/mixed_bf16_$pdl.log" | cut -c1-200; tail -2 "$OUT/mixed_bf16_$pdl.log"
+  done
+fi
+if [ "$PART" = counters ]; then
+  echo "== decode attention 1 x 32k under Nsight Compute (decode_counters.py): meshlm's kernels, then SDPA's"
+  for shape in 1x32768 256x1024; do
+    timeout 200 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section WarpStateStats --section LaunchStats -k "regex:decode|flash|combine|fmha" --launch-skip 2 \
+        --launch-count 8 python3 benchmarks/decode_counters.py --shape $shape > "$OUT/ncu_$shape.log" 2>&1
+    echo "exit $?"
+    grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Grid Size|Block Size|L2 Hit|Stall|eager" \
+        "$OUT/ncu_$shape.log" | cut -c1-160 | head -120
+  done
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
@@ -375,7 +401,7 @@ if [ "$PART" = ab_fp8 ]; then
 fi
 [ "$PART" = policy ] || [ "$PART" = ab_fp8 ] || [ "$PART" = ab_bf16 ] || [ "$PART" = defaults_fp8 ] || [ "$PART" = defaults_bf16 ] || [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
     || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] \
-    || [ "$PART" = tokens16k ] || [ "$PART" = issue11 ] || exit 0
+    || [ "$PART" = tokens16k ] || [ "$PART" = issue11 ] || [ "$PART" = counters ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -390,6 +416,11 @@ if [ "$PART" = steps ]; then
   bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
   bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
       --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+  exit 0
+fi
+if [ "$PART" = counters ]; then
+  bench bf16_2048_no_evict 150 --num-prompts 1000 --input-len 2048 --output-len 128 \
+      --capacity-scheduler-policy guaranteed_no_evict
   exit 0
 fi
 if [ "$PART" = accum ]; then
