@@ -9,11 +9,19 @@ kernels on the same keys and values laid out contiguously.
 Runs the meshlm decode kernel (``decode_tiles`` and ``choose_num_splits`` unless given) ``--calls``
 times, then SDPA as many times; with ``--launch-skip`` past the warm-up calls, ncu profiles the
 last calls of both. Without ncu it prints each run's median time (CUDA events, eager launches).
+
+``--grid`` instead times, as CUDA-graph replays, the decode kernel at every combination of KV heads a
+program (2, 4, 8), keys a tile (16, 32), pipeline stages (2, 3, 4), a register cap (none, 128) and
+split counts (32 to 128), with the block tables shuffled as in attention_bench.py, and the default
+launch and the fastest again over tables in order (each sequence's blocks consecutive in the
+pool), against the copy rate measured in the same run: whether the paged layout, not the tiles,
+costs the bandwidth.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -26,6 +34,46 @@ import attention_bench as bench  # noqa: E402  (puts the repository on the path)
 from meshlm.kernels.decode_attention import paged_decode_attention  # noqa: E402
 
 
+GRID_KV_HEADS, GRID_BLOCK_N, GRID_STAGES, GRID_REGISTERS = (2, 4, 8), (16, 32), (2, 3, 4), (None, 128)
+GRID_SPLITS = (32, 48, 64, 96, 128)
+
+
+def time_grid(batch: int, context: int) -> None:
+    """Graph replays of the decode kernel's grid of launch shapes (``--grid``), fastest first."""
+    q, k_cache, v_cache, meta, _, _ = bench.make_batch(batch, context, 1)
+    ordered = dataclasses.replace(meta, block_tables=torch.arange(
+        meta.block_tables.numel(), device="cuda", dtype=torch.int32).view_as(meta.block_tables))
+    copy_rate = bench.copy_tb_s()
+    num_bytes = bench.decode_bytes(batch, context, k_cache)
+    default, default_splits = bench.default_decode_shape(batch, context)
+
+    def timed(tiles, splits, tables) -> float:
+        return bench.graph_ms(lambda: paged_decode_attention(q, k_cache, v_cache, tables, bench.SCALE, None, tiles,
+                                                             splits)) * 1e3
+
+    rows = [("default, shuffled", default, default_splits, timed(default, default_splits, meta))]
+    for heads, block_n, stages, registers in itertools.product(GRID_KV_HEADS, GRID_BLOCK_N, GRID_STAGES,
+                                                               GRID_REGISTERS):
+        tiles = dataclasses.replace(default, kv_heads_per_program=heads, block_n=block_n, num_stages=stages,
+                                    max_registers=registers)
+        for splits in GRID_SPLITS:
+            try:
+                rows.append(("shuffled", tiles, splits, timed(tiles, splits, meta)))
+            except Exception as error:  # shared memory or registers past the card's
+                print(f"{bench.decode_name(tiles, splits)}: {type(error).__name__} {str(error)[:100]}", flush=True)
+                break
+    best = min(rows[1:], key=lambda row: row[3])
+    rows += [("default, ordered", default, default_splits, timed(default, default_splits, ordered)),
+             ("fastest, ordered", best[1], best[2], timed(best[1], best[2], ordered))]
+    print(f"\n{torch.cuda.get_device_name()}, decode {batch} x {context} ({num_bytes / 1e9:.3f} GB), copy "
+          f"{copy_rate:.2f} TB/s; graph replays, fastest first (then the default and the ordered tables)")
+    shown = sorted(rows[1:-2], key=lambda row: row[3])[:20] + [rows[0]] + rows[-2:]
+    for tables, tiles, splits, us in shown:
+        rate = num_bytes / us / 1e6
+        print(f"{tables:<18}{bench.decode_name(tiles, splits):<58}"
+              f"{us:>8.1f} us {rate:>6.2f} TB/s {100 * rate / copy_rate:>6.1f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="1x32768", help="batch x context")
@@ -33,8 +81,12 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="KV heads a program (DecodeTiles)")
     parser.add_argument("--block-n", type=int, default=None)
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--grid", action="store_true", help="time the grid of launch shapes as graph replays")
     opts = parser.parse_args()
     batch, context = (int(x) for x in opts.shape.lower().split("x"))
+    if opts.grid:
+        time_grid(batch, context)
+        return
     q, k_cache, v_cache, meta, (q4, k, v), _ = bench.make_batch(batch, context, 1)
     tiles, splits = bench.default_decode_shape(batch, context)
     changes = {name: value for name, value in (("kv_heads_per_program", opts.kv_heads), ("block_n", opts.block_n))

@@ -28,6 +28,8 @@
 #                 step's attention on one and two streams), then bf16 mixed steps' kernels (~5 min)
 #   PART=counters  decode attention at 1 x 32k and 256 x 1k under Nsight Compute (decode_counters.py), SDPA's
 #                 kernels beside, then bench bf16 2048/128 x 1000 with guaranteed_no_evict (~6 min)
+#   PART=grid     decode attention 1 x 32k over a grid of launch shapes, shuffled and ordered block tables
+#                 (decode_counters.py --grid, ~5 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -186,6 +188,11 @@ if [ "$PART" = counters ]; then
     grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Grid Size|Block Size|L2 Hit|Stall|eager" \
         "$OUT/ncu_$shape.log" | cut -c1-160 | head -120
   done
+fi
+if [ "$PART" = grid ]; then
+  echo "== decode attention 1 x 32k: the grid of launch shapes, shuffled and ordered tables (decode_counters.py --grid)"
+  timeout 400 python3 benchmarks/decode_counters.py --grid --shape 1x32768 > "$OUT/grid_1x32768.log" 2>&1
+  echo "exit $?"; grep -v -i warn "$OUT/grid_1x32768.log" | tail -30
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
