@@ -2,7 +2,8 @@
 against the bf16 matrix rate: Llama-3-8B's heads (32 query heads, 8 KV heads, head_dim 128, bf16,
 KV block size 16, shuffled block tables), fresh causal prompts at 1 x 8k and 4 x 8k.
 
-    python3 benchmarks/prefill_sweep.py [--shapes 1x8192,4x8192] [--max-seconds 200] [--out s.json]
+    python3 benchmarks/prefill_sweep.py [--shapes 1x8192,4x8192] [--max-seconds 200] [--graph] [--tma-grid]
+        [--out s.json]
 
 First the default tiles reading the step's own keys and values apart from the pool
 (contiguous_kv: pointer loads; tma_kv: tensor-descriptor loads), also at 128-key tiles of 2
@@ -15,7 +16,10 @@ and values laid out contiguously; FLOPs count the two products over the causal t
 (4 x heads x head_dim x L(L+1)/2 a sequence). Runs that fail (shared memory) are skipped; once
 ``--max-seconds`` are spent no more launches are timed. Prints one table last: the default
 tiles, SDPA, the fastest launches, and the fastest over all shapes as ``PrefillTiles(...)``
-to paste into meshlm/kernels/prefill_tiles.py.
+to paste into meshlm/kernels/prefill_tiles.py. ``--graph`` times each launch as replays of a CUDA
+graph (attention_bench.graph_ms: the kernel without the host's launch work, which at 2k prompts
+is a large part of an eager call); ``--tma-grid`` runs the whole grid with the step's keys read
+by descriptors (the default's way), not only its finalists.
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention_bench import (  # noqa: E402
-    GROUP, HEAD_DIM, NUM_HEADS, SCALE, copy_tb_s, make_batch, matmul_tflop_s, median_ms, prefill_name as name,
-    step_kv)
+    GROUP, HEAD_DIM, NUM_HEADS, SCALE, copy_tb_s, graph_ms, make_batch, matmul_tflop_s, median_ms,
+    prefill_name as name, step_kv)
 
 from meshlm.kernels.prefill_attention import prefill_attention  # noqa: E402
 from meshlm.kernels.prefill_tiles import PrefillTiles, prefill_tiles  # noqa: E402
@@ -53,6 +57,7 @@ SWITCHES = [dict(k_transposed=True), dict(contiguous_kv=True), dict(contiguous_k
 CONTIGUOUS = [dict(contiguous_kv=True), dict(contiguous_kv=True, tma_kv=True)]
 LONG_KEYS = dict(block_n=128, num_stages=2)
 NUM_FINALISTS = 3
+GRAPH = False  # --graph
 
 
 def precompile(launches: list[PrefillTiles], num_workers: int, deadline: float) -> None:
@@ -96,11 +101,11 @@ class Shape:
     def time(self, tiles: PrefillTiles | None) -> tuple[float, float]:
         """(median ms, max |diff| vs SDPA) of the kernel at ``tiles``; SDPA itself for None."""
         if tiles is None:
-            return median_ms(self.sdpa), 0.0
+            return (graph_ms(self.sdpa) if GRAPH else median_ms(self.sdpa)), 0.0
         fn = lambda: prefill_attention(self.q, self.k_cache, self.v_cache, self.meta, SCALE, tiles,  # noqa: E731
                                        new_kv=self.new_kv)
         err = (fn().float() - self.baseline).abs().max().item()
-        return median_ms(fn, 2, 10), err
+        return (graph_ms(fn) if GRAPH else median_ms(fn, 2, 10)), err
 
 
 def time_all(shapes: list[Shape], launches: list[PrefillTiles], peak: float, deadline: float) -> list[dict]:
@@ -159,12 +164,17 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=200.0, help="stop compiling and timing after this long")
     parser.add_argument("--compile-workers", type=int, default=14, help="processes that compile first (0: none)")
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
+    parser.add_argument("--graph", action="store_true", help="time launches as CUDA-graph replays")
+    parser.add_argument("--tma-grid", action="store_true", help="the grid reads the step's keys by descriptors")
     args = parser.parse_args()
+    global GRAPH
+    GRAPH = args.graph
     deadline = time.monotonic() + args.max_seconds
     default = prefill_tiles(HEAD_DIM, GROUP, torch.bfloat16)
     first = [default] + [dataclasses.replace(default, **extra, **switches)
                          for extra in ({}, LONG_KEYS) for switches in CONTIGUOUS]
-    grid = first + [tiles for tiles in GRID if tiles not in first]
+    coarse = [dataclasses.replace(tiles, contiguous_kv=True, tma_kv=True) for tiles in GRID] if args.tma_grid else GRID
+    grid = first + [tiles for tiles in coarse if tiles not in first]
     if args.compile_workers > 0:
         precompile(grid, args.compile_workers, deadline - 0.4 * args.max_seconds)
     torch.manual_seed(0)

@@ -30,6 +30,7 @@
 #                 kernels beside, then bench bf16 2048/128 x 1000 with guaranteed_no_evict (~6 min)
 #   PART=grid     decode attention 1 x 32k over a grid of launch shapes, shuffled and ordered block tables
 #                 (decode_counters.py --grid, ~5 min)
+#   PART=prefill2k  the prefill kernel's launch shapes at 3 x 2k and 1 x 8k by descriptors, graph-timed (~6 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -193,6 +194,12 @@ if [ "$PART" = grid ]; then
   echo "== decode attention 1 x 32k: the grid of launch shapes, shuffled and ordered tables (decode_counters.py --grid)"
   timeout 400 python3 benchmarks/decode_counters.py --grid --shape 1x32768 > "$OUT/grid_1x32768.log" 2>&1
   echo "exit $?"; grep -v -i warn "$OUT/grid_1x32768.log" | tail -30
+fi
+if [ "$PART" = prefill2k ]; then
+  echo "== prefill attention at 2k prompts: the launch-shape grid by descriptors, as graph replays (prefill_sweep.py)"
+  timeout 420 python3 benchmarks/prefill_sweep.py --shapes 3x2048,1x8192 --graph --tma-grid --max-seconds 330 \
+      --out "$OUT/prefill_sweep_2k.json" > "$OUT/prefill_sweep_2k.log" 2>&1
+  echo "exit $?"; grep -v -i warn "$OUT/prefill_sweep_2k.log" | tail -16
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
