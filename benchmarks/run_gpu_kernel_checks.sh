@@ -31,6 +31,8 @@
 #   PART=grid     decode attention 1 x 32k over a grid of launch shapes, shuffled and ordered block tables
 #                 (decode_counters.py --grid, ~5 min)
 #   PART=prefill2k  the prefill kernel's launch shapes at 3 x 2k and 1 x 8k by descriptors, graph-timed (~6 min)
+#   PART=prefill128  GPU tests of the prefill kernel and its entry point, attention at the defaults (bf16 KV),
+#                 then bench bf16 2048/128 x 1000 (~7 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -200,6 +202,16 @@ if [ "$PART" = prefill2k ]; then
   timeout 420 python3 benchmarks/prefill_sweep.py --shapes 3x2048,1x8192 --graph --tma-grid --max-seconds 330 \
       --out "$OUT/prefill_sweep_2k.json" > "$OUT/prefill_sweep_2k.log" 2>&1
   echo "exit $?"; grep -v -i warn "$OUT/prefill_sweep_2k.log" | tail -16
+fi
+if [ "$PART" = prefill128 ]; then
+  echo "== GPU tests: the prefill kernel and its entry point (128-key tiles by default)"
+  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_prefill_kernel.py tests/gpu/test_prefill_attention.py \
+      > "$OUT/pytest_prefill.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$OUT/pytest_prefill.log" | tail -6; grep -m 3 -E "^E  " "$OUT/pytest_prefill.log"
+  echo "== attention at the defaults, bf16 KV (attention_bench.py --graph)"
+  timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --prefill 3x2048,4x2048,1x8192,4x8192 \
+      --decode 1x32768,256x1024 --out "$OUT/attention_auto.json" > "$OUT/attention_auto.log" 2>&1
+  echo "exit $?"; grep -E "^(decode|prefill) " "$OUT/attention_auto.log"
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
@@ -415,7 +427,7 @@ if [ "$PART" = ab_fp8 ]; then
 fi
 [ "$PART" = policy ] || [ "$PART" = ab_fp8 ] || [ "$PART" = ab_bf16 ] || [ "$PART" = defaults_fp8 ] || [ "$PART" = defaults_bf16 ] || [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
     || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] \
-    || [ "$PART" = tokens16k ] || [ "$PART" = issue11 ] || [ "$PART" = counters ] || exit 0
+    || [ "$PART" = tokens16k ] || [ "$PART" = issue11 ] || [ "$PART" = counters ] || [ "$PART" = prefill128 ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -430,6 +442,10 @@ if [ "$PART" = steps ]; then
   bench bf16_128 80 --num-prompts 2000 --input-len 128 --output-len 128
   bench fp8_1000_no_evict 150 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1000 --input-len 1000 \
       --output-len 1000 --capacity-scheduler-policy guaranteed_no_evict
+  exit 0
+fi
+if [ "$PART" = prefill128 ]; then
+  bench bf16_2048 150 --num-prompts 1000 --input-len 2048 --output-len 128
   exit 0
 fi
 if [ "$PART" = counters ]; then

@@ -25,6 +25,7 @@ are those of :func:`meshlm.kernels.attention.paged_attention_reference`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -33,7 +34,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from meshlm.kernels.attention import AttentionMetadata
-from meshlm.kernels.prefill_tiles import PrefillTiles, prefill_tiles
+from meshlm.kernels.prefill_tiles import SHARED_MARGIN_BYTES, PrefillTiles, prefill_tiles
 from meshlm.kernels.triton_launch import dot_precision
 
 _LOG2_E = 1.4426950408889634
@@ -286,7 +287,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return out
 
     group = num_heads // num_kv_heads
-    tiles = tiles or default_tiles(head_dim, group, q.dtype, new_kv)
+    tiles = tiles or default_tiles(head_dim, group, q.dtype, new_kv, q.device)
     tiles.check(group)
     block_q = tiles.query_tokens(group)
     program_map = _program_map(meta, block_q, num_tokens, q.device)
@@ -327,15 +328,25 @@ def _new_kv_args(new_kv: tuple[torch.Tensor, torch.Tensor] | None, tiles: Prefil
 
 
 def default_tiles(head_dim: int, group: int, dtype: torch.dtype,
-                  new_kv: tuple[torch.Tensor, torch.Tensor] | None) -> PrefillTiles:
-    """:func:`prefill_tiles`, reading the step's own keys apart only when ``new_kv`` came, and by
-    tensor descriptors only where TMA can load them (else by pointers)."""
-    tiles = prefill_tiles(head_dim, group, dtype)
+                  new_kv: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device | None = None) -> PrefillTiles:
+    """:func:`prefill_tiles` within ``device``'s shared memory (a GPU's; sm_90's elsewhere), reading
+    the step's own keys apart only when ``new_kv`` came, and by tensor descriptors only where TMA
+    can load them (else by pointers)."""
+    if device is not None and device.type == "cuda":
+        tiles = prefill_tiles(head_dim, group, dtype, shared_memory_per_program(device))
+    else:
+        tiles = prefill_tiles(head_dim, group, dtype)
     if new_kv is None:  # the step's own keys are then only in the cache
         return replace(tiles, contiguous_kv=False, tma_kv=False)
     if tiles.tma_kv and not all(tma_loadable(x) for x in new_kv):
         return replace(tiles, tma_kv=False)
     return tiles
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_program(device: torch.device) -> int:
+    """The shared memory the kernel's tiles may take on GPU ``device`` (its limit a block, less a margin)."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin - SHARED_MARGIN_BYTES
 
 
 def tma_loadable(x: torch.Tensor) -> bool:

@@ -55,18 +55,20 @@ class PrefillTiles:
             raise ValueError(f"{self}: tma_kv loads the step's own keys, which only contiguous_kv reads apart")
 
 
-# bf16 / fp16 tiles for heads up to 128 wide, Hopper's usual flash-attention shape: 128 rows (128
-# query tokens of one head), 64 keys, 8 warps (two warpgroups of 64 rows each), 3 stages, block ids
-# a tile ahead: compiled for sm_90 without it, Triton's pipeliner spends a stage on the block-table
-# load and waits for every copy at each tile (one K/V tile in flight); with it, two K/V tiles are
-# in flight (128 KiB of shared memory, under 200 registers a thread, no spills). Rows of one head
+# bf16 / fp16 tiles for heads up to 128 wide: 128 rows (128 query tokens of one head), 128 keys,
+# 8 warps (two warpgroups of 64 rows each), 3 stages, block ids a tile ahead: compiled for sm_90
+# without them, Triton's pipeliner spends a stage on the block-table load and waits for every copy
+# at each tile (one K/V tile in flight); with them, two K/V tiles are in flight. Rows of one head
 # ran faster than 32 tokens x a GQA group of 4 (``pack_gqa``, which reads each K/V tile once for
 # the group) on an H200: 1 x 8k 55.9 -> 57.4 %, 4 x 8k 55.6 -> 57.8 % of the bf16 GEMM rate
-# (benchmarks/prefill_sweep.py, which times the alternatives at 1 x 8k and 4 x 8k). The step's own
-# keys and values read apart from the pool by tensor-descriptor (TMA) loads (``contiguous_kv``,
-# ``tma_kv``), in the same run of attention_bench.py: 1 x 8k 58.3 -> 65.6 %, 4 x 8k 55.1 -> 59.2 %,
-# 4 x 2k 45.7 -> 48.3 % (pointer loads from them alone were slower: 56.3 %, 54.5 %, 43.3 %).
-_BF16 = PrefillTiles(128, 64, 8, 3, pack_gqa=False, prefetch_table=True, contiguous_kv=True, tma_kv=True)
+# (benchmarks/prefill_sweep.py). The step's own keys and values read apart from the pool by
+# tensor-descriptor (TMA) loads (``contiguous_kv``, ``tma_kv``), in the same run of
+# attention_bench.py: 1 x 8k 58.3 -> 65.6 %, 4 x 8k 55.1 -> 59.2 %, 4 x 2k 45.7 -> 48.3 % (pointer
+# loads from them alone were slower: 56.3 %, 54.5 %, 43.3 %). 128 keys a tile rather than 64
+# (prefill_sweep.py --graph --tma-grid, the whole grid by descriptors, CUDA-graph replays): 3 x 2k
+# 297.8 -> 272.6 us, 1 x 8k 1132.5 -> 1030.9 us (61.7 -> 67.8 % of the rate); their three stages
+# take 224 KiB of shared memory, so a card with less takes fewer keys (:func:`prefill_tiles`).
+_BF16 = PrefillTiles(128, 128, 8, 3, pack_gqa=False, prefetch_table=True, contiguous_kv=True, tma_kv=True)
 # fp32 (tests, reference runs) takes small tiles: twice larger elements, and quick to compile.
 _FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
 
@@ -80,14 +82,27 @@ PREFILL_MIN_QUERY_LEN = 2048
 # decodes mixed into the step) are at most this fraction of the batch's query tokens.
 _MAX_PADDING_FRACTION = 0.25
 PREFILL_HEAD_DIMS = (64, 128)
+# Shared memory one program may take on sm_90 (H100, H200: the opt-in limit of 227 KiB a block),
+# less a margin for what Triton keeps beside the tiles (its barriers).
+SHARED_MARGIN_BYTES = 1024
+SM90_SHARED_BYTES = 232448 - SHARED_MARGIN_BYTES
 
 
-def prefill_tiles(head_dim: int, group: int, dtype: torch.dtype) -> PrefillTiles:
-    """The prefill kernel's launch shape for a model's heads; rows hold at least a whole GQA group."""
+def tile_shared_bytes(tiles: PrefillTiles, head_dim: int, element_size: int) -> int:
+    """Shared memory of the kernel's tiles: ``num_stages`` K and V tiles in flight and the Q tile."""
+    return (2 * tiles.num_stages * tiles.block_n + tiles.block_m) * head_dim * element_size
+
+
+def prefill_tiles(head_dim: int, group: int, dtype: torch.dtype, shared_bytes: int = SM90_SHARED_BYTES) -> PrefillTiles:
+    """The prefill kernel's launch shape for a model's heads; rows hold at least a whole GQA group,
+    and keys a tile halve until the tiles fit in ``shared_bytes`` (the card's limit a program)."""
     tiles = _FP32 if dtype == torch.float32 else _BF16
     group_rows = 1 << (group - 1).bit_length() if tiles.pack_gqa else 1
-    block_n = tiles.block_n if head_dim <= 128 else max(16, tiles.block_n // 2)  # K, V within shared memory
-    return replace(tiles, block_m=max(tiles.block_m, group_rows), block_n=block_n)
+    tiles = replace(tiles, block_m=max(tiles.block_m, group_rows))
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    while tiles.block_n > 16 and tile_shared_bytes(tiles, head_dim, element_size) > shared_bytes:
+        tiles = replace(tiles, block_n=tiles.block_n // 2)
+    return tiles
 
 
 def uses_prefill_kernel(query_lens: np.ndarray, dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int,

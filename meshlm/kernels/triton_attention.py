@@ -198,7 +198,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
                                       v_scale=v_scale)
     head_dim, group = q.shape[2], q.shape[1] // k_cache.shape[2]
-    tiles = default_tiles(head_dim, group, q.dtype, new_kv)
+    tiles = default_tiles(head_dim, group, q.dtype, new_kv, q.device)
     num_decodes = num_leading_decodes(meta.query_lens_host)
     chunk_lens = meta.query_lens_host[num_decodes:]
     if uses_prefill_kernel(chunk_lens, q.dtype, k_cache.dtype, head_dim, group, sliding_window, tiles):

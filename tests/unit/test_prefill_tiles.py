@@ -1,12 +1,15 @@
 """Which batches the prefill attention kernel takes, and its launch shape (plain Python)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from meshlm.kernels.prefill_tiles import (
-    PREFILL_MIN_QUERY_LEN, PrefillTiles, num_leading_decodes, prefill_tiles, uses_prefill_kernel)
+    PREFILL_HEAD_DIMS, PREFILL_MIN_QUERY_LEN, SM90_SHARED_BYTES, PrefillTiles, num_leading_decodes, prefill_tiles, tile_shared_bytes,
+    uses_prefill_kernel)
 
 LONG = PREFILL_MIN_QUERY_LEN
 
@@ -40,14 +43,33 @@ def test_decodes_mixed_in_leave_at_most_a_quarter_of_the_rows_empty():
     assert not takes([tokens] + [1] * (allowed + 8))
 
 
-def test_tiles_hold_a_group_and_halve_keys_for_wide_heads():
+def test_tiles_hold_a_group():
     for group in (1, 4, 8, 32, 64):
         tiles = prefill_tiles(128, group, torch.bfloat16)
         tiles.check(group)
         assert tiles.query_tokens(group) >= 1
-    assert prefill_tiles(256, 4, torch.bfloat16).block_n * 2 == prefill_tiles(128, 4, torch.bfloat16).block_n
     packed = PrefillTiles(128, 64, 8, 3, pack_gqa=True)
     assert packed.query_tokens(4) * 4 == 128 and PrefillTiles(128, 64, 8, 3, pack_gqa=False).query_tokens(4) == 128
+
+
+# sm_90's limit a program, an A100's (163 KiB) and a card of 99 KiB (sm_86, sm_89), less the margin.
+@pytest.mark.parametrize("shared_bytes", [SM90_SHARED_BYTES, 166912 - 1024, 101376 - 1024])
+@pytest.mark.parametrize("head_dim", PREFILL_HEAD_DIMS)
+def test_keys_halve_until_the_tiles_fit_the_cards_shared_memory(head_dim, shared_bytes):
+    widest = prefill_tiles(head_dim, 4, torch.bfloat16, shared_bytes=1 << 30)
+    tiles = prefill_tiles(head_dim, 4, torch.bfloat16, shared_bytes=shared_bytes)
+    assert tile_shared_bytes(tiles, head_dim, 2) <= shared_bytes
+    assert tiles.block_n == widest.block_n or tile_shared_bytes(replace(tiles, block_n=2 * tiles.block_n),
+                                                                head_dim, 2) > shared_bytes
+    assert (tiles.block_m, tiles.num_stages) == (widest.block_m, widest.num_stages)
+
+
+def test_the_default_takes_128_keys_on_sm90_and_64_on_an_a100():
+    """The tile that the H200 sweep chose (224 KiB of K/V stages and Q) and what a smaller card gets."""
+    assert prefill_tiles(128, 4, torch.bfloat16).block_n == 128
+    assert tile_shared_bytes(prefill_tiles(128, 4, torch.bfloat16), 128, 2) == 224 * 1024
+    assert prefill_tiles(128, 4, torch.bfloat16, shared_bytes=166912 - 1024).block_n == 64
+    assert prefill_tiles(256, 4, torch.bfloat16).block_n == 32
 
 
 @pytest.mark.parametrize("tiles,group", [(PrefillTiles(96, 64, 8, 3), 4), (PrefillTiles(128, 8, 8, 3), 4),
