@@ -33,6 +33,8 @@
 #   PART=prefill2k  the prefill kernel's launch shapes at 3 x 2k and 1 x 8k by descriptors, graph-timed (~6 min)
 #   PART=prefill128  GPU tests of the prefill kernel and its entry point, attention at the defaults (bf16 KV),
 #                 then bench bf16 2048/128 x 1000 (~7 min)
+#   PART=prefill128tests  GPU tests of long contexts (32k in chunks against transformers), the engine's
+#                 eager and graph steps and mixed attention batches (~7 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -212,6 +214,16 @@ if [ "$PART" = prefill128 ]; then
   timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --prefill 3x2048,4x2048,1x8192,4x8192 \
       --decode 1x32768,256x1024 --out "$OUT/attention_auto.json" > "$OUT/attention_auto.log" 2>&1
   echo "exit $?"; grep -E "^(decode|prefill) " "$OUT/attention_auto.log"
+fi
+if [ "$PART" = prefill128tests ]; then
+  tests_to_out() {  # name, time limit, then pytest's arguments; the log in $OUT, its summary printed
+    local name=$1 limit=$2; shift 2
+    echo "== GPU tests: $name"
+    timeout "$limit" python3 -m pytest -q -rf -p no:cacheprovider "$@" > "$OUT/pytest_$name.log" 2>&1
+    grep -E "^FAILED|passed|failed" "$OUT/pytest_$name.log" | tail -6; grep -m 3 -E "^E  " "$OUT/pytest_$name.log"
+  }
+  tests_to_out long_context 240 tests/gpu/test_long_context_gpu.py
+  tests_to_out engine 180 tests/gpu/test_engine_gpu.py tests/gpu/test_triton_attention.py -k "agree or mixed"
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
