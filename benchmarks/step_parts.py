@@ -110,9 +110,9 @@ def mixed_attention(decodes: tuple[int, int], prompts: tuple[int, int], copy_rat
           f"matmul {matmul_rate:.0f} TFLOP/s")
     alone = rows[0]["us"] + rows[1]["us"]
     for row in rows:
-        note = ""
         if row["run"] == "decodes":
-            note = f"{decode_bytes / row['us'] / 1e6:.2f} TB/s, {100 * decode_bytes / row['us'] / 1e6 / copy_rate:.1f} %"
+            rate = decode_bytes / row["us"] / 1e6
+            note = f"{rate:.2f} TB/s, {100 * rate / copy_rate:.1f} %"
         elif row["run"] == "prompts":
             note = f"{flop / row['us'] / 1e6:.0f} TFLOP/s, {100 * flop / row['us'] / 1e6 / matmul_rate:.1f} %"
         else:

@@ -99,7 +99,7 @@ def prefill_tiles(head_dim: int, group: int, dtype: torch.dtype, shared_bytes: i
     tiles = _FP32 if dtype == torch.float32 else _BF16
     group_rows = 1 << (group - 1).bit_length() if tiles.pack_gqa else 1
     tiles = replace(tiles, block_m=max(tiles.block_m, group_rows))
-    element_size = torch.tensor([], dtype=dtype).element_size()
+    element_size = dtype.itemsize
     while tiles.block_n > 16 and tile_shared_bytes(tiles, head_dim, element_size) > shared_bytes:
         tiles = replace(tiles, block_n=tiles.block_n // 2)
     return tiles

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from meshlm.kernels.prefill_tiles import (
-    PREFILL_HEAD_DIMS, PREFILL_MIN_QUERY_LEN, SM90_SHARED_BYTES, PrefillTiles, num_leading_decodes, prefill_tiles, tile_shared_bytes,
-    uses_prefill_kernel)
+    PREFILL_HEAD_DIMS, PREFILL_MIN_QUERY_LEN, SM90_SHARED_BYTES, PrefillTiles, num_leading_decodes, prefill_tiles,
+    tile_shared_bytes, uses_prefill_kernel)
 
 LONG = PREFILL_MIN_QUERY_LEN
 
