@@ -35,6 +35,8 @@
 #                 then bench bf16 2048/128 x 1000 (~7 min)
 #   PART=prefill128tests  GPU tests of long contexts (32k in chunks against transformers), the engine's
 #                 eager and graph steps and mixed attention batches (~7 min)
+#   PART=prefill1k  prefill attention at 4 x 1k and 2 x 4k: unified and prefill kernels, the prefill kernel's
+#                 launch shapes (~4 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -224,6 +226,16 @@ if [ "$PART" = prefill128tests ]; then
   }
   tests_to_out long_context 240 tests/gpu/test_long_context_gpu.py
   tests_to_out engine 180 tests/gpu/test_engine_gpu.py tests/gpu/test_triton_attention.py -k "agree or mixed"
+fi
+if [ "$PART" = prefill1k ]; then
+  echo "== prefill attention at 1k and 4k prompts: the unified kernel and the prefill kernel (attention_bench.py --graph)"
+  timeout 60 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" --prefill 4x1024,2x4096 \
+      --out "$OUT/attention_1k.json" > "$OUT/attention_1k.log" 2>&1
+  echo "exit $?"; grep -E "^prefill " "$OUT/attention_1k.log"
+  echo "== the prefill kernel's launch shapes at 4 x 1k and 2 x 4k by descriptors, graph replays (prefill_sweep.py)"
+  timeout 200 python3 benchmarks/prefill_sweep.py --shapes 4x1024,2x4096 --graph --tma-grid --max-seconds 170 \
+      --out "$OUT/prefill_sweep_1k.json" > "$OUT/prefill_sweep_1k.log" 2>&1
+  echo "exit $?"; grep -v -i warn "$OUT/prefill_sweep_1k.log" | tail -14
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
