@@ -119,6 +119,19 @@ norm_steps() {  # rounds, then the flag sets compared: batch-1 decode steps with
     done
   done
 }
+tests_to_out() {  # name, time limit, then pytest's arguments; the log in $OUT, its summary printed
+  local name=$1 limit=$2; shift 2
+  echo "== GPU tests: $name"
+  timeout "$limit" python3 -m pytest -q -rf -p no:cacheprovider "$@" > "$OUT/pytest_$name.log" 2>&1
+  grep -E "^FAILED|passed|failed" "$OUT/pytest_$name.log" | tail -6; grep -m 3 -E "^E  " "$OUT/pytest_$name.log"
+}
+prefill_grid() {  # name, shapes, seconds: the prefill kernel's launch shapes by descriptors, graph replays
+  local name=$1 shapes=$2 seconds=$3
+  echo "== the prefill kernel's launch shapes at $shapes by descriptors, graph replays (prefill_sweep.py)"
+  timeout $((seconds + 60)) python3 benchmarks/prefill_sweep.py --shapes "$shapes" --graph --tma-grid \
+      --max-seconds "$seconds" --out "$OUT/prefill_sweep_$name.json" > "$OUT/prefill_sweep_$name.log" 2>&1
+  echo "exit $?"; grep -v -i warn "$OUT/prefill_sweep_$name.log" | tail -16
+}
 if [ "$PART" = tests ]; then
   gpu_tests() {  # name, time limit, then pytest's arguments; the log stays in $RUNS, its summary printed
     local name=$1 limit=$2; shift 2
@@ -202,28 +215,16 @@ if [ "$PART" = grid ]; then
   echo "exit $?"; grep -v -i warn "$OUT/grid_1x32768.log" | tail -30
 fi
 if [ "$PART" = prefill2k ]; then
-  echo "== prefill attention at 2k prompts: the launch-shape grid by descriptors, as graph replays (prefill_sweep.py)"
-  timeout 420 python3 benchmarks/prefill_sweep.py --shapes 3x2048,1x8192 --graph --tma-grid --max-seconds 330 \
-      --out "$OUT/prefill_sweep_2k.json" > "$OUT/prefill_sweep_2k.log" 2>&1
-  echo "exit $?"; grep -v -i warn "$OUT/prefill_sweep_2k.log" | tail -16
+  prefill_grid 2k 3x2048,1x8192 330
 fi
 if [ "$PART" = prefill128 ]; then
-  echo "== GPU tests: the prefill kernel and its entry point (128-key tiles by default)"
-  timeout 200 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_prefill_kernel.py tests/gpu/test_prefill_attention.py \
-      > "$OUT/pytest_prefill.log" 2>&1
-  grep -E "^FAILED|passed|failed" "$OUT/pytest_prefill.log" | tail -6; grep -m 3 -E "^E  " "$OUT/pytest_prefill.log"
+  tests_to_out prefill 200 tests/gpu/test_prefill_kernel.py tests/gpu/test_prefill_attention.py
   echo "== attention at the defaults, bf16 KV (attention_bench.py --graph)"
   timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --prefill 3x2048,4x2048,1x8192,4x8192 \
       --decode 1x32768,256x1024 --out "$OUT/attention_auto.json" > "$OUT/attention_auto.log" 2>&1
   echo "exit $?"; grep -E "^(decode|prefill) " "$OUT/attention_auto.log"
 fi
 if [ "$PART" = prefill128tests ]; then
-  tests_to_out() {  # name, time limit, then pytest's arguments; the log in $OUT, its summary printed
-    local name=$1 limit=$2; shift 2
-    echo "== GPU tests: $name"
-    timeout "$limit" python3 -m pytest -q -rf -p no:cacheprovider "$@" > "$OUT/pytest_$name.log" 2>&1
-    grep -E "^FAILED|passed|failed" "$OUT/pytest_$name.log" | tail -6; grep -m 3 -E "^E  " "$OUT/pytest_$name.log"
-  }
   tests_to_out long_context 240 tests/gpu/test_long_context_gpu.py
   tests_to_out engine 180 tests/gpu/test_engine_gpu.py tests/gpu/test_triton_attention.py -k "agree or mixed"
 fi
@@ -232,10 +233,7 @@ if [ "$PART" = prefill1k ]; then
   timeout 60 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" --prefill 4x1024,2x4096 \
       --out "$OUT/attention_1k.json" > "$OUT/attention_1k.log" 2>&1
   echo "exit $?"; grep -E "^prefill " "$OUT/attention_1k.log"
-  echo "== the prefill kernel's launch shapes at 4 x 1k and 2 x 4k by descriptors, graph replays (prefill_sweep.py)"
-  timeout 200 python3 benchmarks/prefill_sweep.py --shapes 4x1024,2x4096 --graph --tma-grid --max-seconds 170 \
-      --out "$OUT/prefill_sweep_1k.json" > "$OUT/prefill_sweep_1k.log" 2>&1
-  echo "exit $?"; grep -v -i warn "$OUT/prefill_sweep_1k.log" | tail -14
+  prefill_grid 1k 4x1024,2x4096 170
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
