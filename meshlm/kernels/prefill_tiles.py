@@ -2,6 +2,7 @@
 rule that sends a batch to it; plain Python, so that both are testable without Triton."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -93,6 +94,7 @@ def tile_shared_bytes(tiles: PrefillTiles, head_dim: int, element_size: int) -> 
     return (2 * tiles.num_stages * tiles.block_n + tiles.block_m) * head_dim * element_size
 
 
+@functools.lru_cache(maxsize=None)  # every attention layer of every step asks: a few shapes a model
 def prefill_tiles(head_dim: int, group: int, dtype: torch.dtype, shared_bytes: int = SM90_SHARED_BYTES) -> PrefillTiles:
     """The prefill kernel's launch shape for a model's heads; rows hold at least a whole GQA group,
     and keys a tile halve until the tiles fit in ``shared_bytes`` (the card's limit a program)."""
