@@ -60,7 +60,7 @@ PREFILL_SWEEP = [UnifiedTiles(m, n, w, s) for m, n, w, s in
 SWITCHES = {"prefetch_table": "prefetch", "k_transposed": "ktrans", "paged_tile": "paged", "heads_first": "heads",
             "kv_heads_per_program": "kvheads", "splits_first": "splitsfirst", "fused_merge": "fused",
             "min_split_tiles": "minsplit", "max_registers": "maxreg", "swap_ab": "swap", "min_group_rows": "rows",
-            "fp8_widen": "widen", "fp8_qk": "fp8qk", "sum_at_end": "sumatend"}
+            "fp8_widen": "widen", "fp8_qk": "fp8qk", "sum_at_end": "sumatend", "tma_kv": "tma"}
 SWITCHES_OFF = DecodeTiles(16, 4, 2)
 # The prefill kernel's ways to read the step's own keys apart from the pool (PrefillTiles fields):
 # pointer loads, and tensor-descriptor (TMA) loads.

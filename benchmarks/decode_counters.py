@@ -16,6 +16,10 @@ split counts (32 to 128), with the block tables shuffled as in attention_bench.p
 launch and the fastest again over tables in order (each sequence's blocks consecutive in the
 pool), against the copy rate measured in the same run: whether the paged layout, not the tiles,
 costs the bandwidth.
+
+``--tma-grid`` times, the same way, the descriptor kernel (``DecodeTiles.tma_kv``: one bulk copy a
+cache block) at 1 or 2 KV heads a program x one or two cache blocks a tile x 2-6 stages x 4 or 8
+warps x split counts, beside the default launch and SDPA's kernel (contiguous keys) as graph replays.
 """
 from __future__ import annotations
 
@@ -74,6 +78,40 @@ def time_grid(batch: int, context: int) -> None:
               f"{us:>8.1f} us {rate:>6.2f} TB/s {100 * rate / copy_rate:>6.1f} %")
 
 
+TMA_KV_HEADS, TMA_BLOCK_N, TMA_STAGES, TMA_WARPS, TMA_SPLITS = (1, 2), (16, 32), (2, 3, 4, 6), (4, 8), (32, 64, 128)
+
+
+def time_tma_grid(batch: int, context: int) -> None:
+    """Graph replays of the descriptor kernel's launch shapes (``--tma-grid``), fastest first."""
+    q, k_cache, v_cache, meta, (q4, k, v), _ = bench.make_batch(batch, context, 1)
+    copy_rate = bench.copy_tb_s()
+    num_bytes = bench.decode_bytes(batch, context, k_cache)
+    default, default_splits = bench.default_decode_shape(batch, context)
+
+    def timed(tiles, splits) -> float:
+        return bench.graph_ms(lambda: paged_decode_attention(q, k_cache, v_cache, meta, bench.SCALE, None, tiles,
+                                                             splits)) * 1e3
+
+    rows = [("default", timed(default, default_splits)),
+            ("sdpa", bench.graph_ms(lambda: F.scaled_dot_product_attention(q4, k, v, scale=bench.SCALE,
+                                                                             enable_gqa=True)) * 1e3)]
+    for heads, block_n, stages, warps in itertools.product(TMA_KV_HEADS, TMA_BLOCK_N, TMA_STAGES, TMA_WARPS):
+        tiles = dataclasses.replace(bench.SWITCHES_OFF, tma_kv=True, kv_heads_per_program=heads, block_n=block_n,
+                                    num_stages=stages, num_warps=warps)
+        for splits in TMA_SPLITS:
+            try:
+                rows.append((bench.decode_name(tiles, splits), timed(tiles, splits)))
+            except Exception as error:  # shared memory past the card's
+                print(f"{bench.decode_name(tiles, splits)}: {type(error).__name__} {str(error)[:100]}", flush=True)
+                break
+    rows[0] = (f"default {bench.decode_name(default, default_splits)}", rows[0][1])
+    print(f"\n{torch.cuda.get_device_name()}, decode {batch} x {context} ({num_bytes / 1e9:.3f} GB), copy "
+          f"{copy_rate:.2f} TB/s; the descriptor kernel as graph replays, fastest first, then the default and SDPA")
+    for name, us in sorted(rows[2:], key=lambda row: row[1])[:24] + rows[:2]:
+        rate = num_bytes / us / 1e6
+        print(f"{name:<64}{us:>8.1f} us {rate:>6.2f} TB/s {100 * rate / copy_rate:>6.1f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="1x32768", help="batch x context")
@@ -82,10 +120,11 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, default=None)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--grid", action="store_true", help="time the grid of launch shapes as graph replays")
+    parser.add_argument("--tma-grid", action="store_true", help="time the descriptor kernel's launch shapes")
     opts = parser.parse_args()
     batch, context = (int(x) for x in opts.shape.lower().split("x"))
-    if opts.grid:
-        time_grid(batch, context)
+    if opts.grid or opts.tma_grid:
+        (time_tma_grid if opts.tma_grid else time_grid)(batch, context)
         return
     q, k_cache, v_cache, meta, (q4, k, v), _ = bench.make_batch(batch, context, 1)
     tiles, splits = bench.default_decode_shape(batch, context)

@@ -37,6 +37,8 @@
 #                 eager and graph steps and mixed attention batches (~7 min)
 #   PART=prefill1k  prefill attention at 4 x 1k and 2 x 4k: unified and prefill kernels, the prefill kernel's
 #                 launch shapes (~4 min)
+#   PART=tma      GPU tests of the descriptor decode kernel, its launch shapes at 1 x 32k and 8 x 8k
+#                 (decode_counters.py --tma-grid), prefill attention at 1k-2k prompts: both kernels (~8 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -234,6 +236,18 @@ if [ "$PART" = prefill1k ]; then
       --out "$OUT/attention_1k.json" > "$OUT/attention_1k.log" 2>&1
   echo "exit $?"; grep -E "^prefill " "$OUT/attention_1k.log"
   prefill_grid 1k 4x1024,2x4096 170
+fi
+if [ "$PART" = tma ]; then
+  tests_to_out decode_tma 120 tests/gpu/test_decode_tma.py
+  for shape in 1x32768 8x8192; do
+    echo "== the descriptor decode kernel's launch shapes at $shape (decode_counters.py --tma-grid)"
+    timeout 200 python3 benchmarks/decode_counters.py --tma-grid --shape $shape > "$OUT/tma_grid_$shape.log" 2>&1
+    echo "exit $?"; grep -v -i warn "$OUT/tma_grid_$shape.log" | tail -28
+  done
+  echo "== prefill attention at 1k-2k prompts: the unified kernel and the prefill kernel (attention_bench.py --graph)"
+  timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" \
+      --prefill 1x1024,2x1024,1x1536,1x2048 --out "$OUT/attention_1k2k.json" > "$OUT/attention_1k2k.log" 2>&1
+  echo "exit $?"; grep -E "^prefill " "$OUT/attention_1k2k.log"
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"

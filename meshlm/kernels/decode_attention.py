@@ -20,11 +20,9 @@ the KV heads, ``meta.max_seq_len``, which the graphs set to the model's length, 
 count), never from the step's sequence lengths, so a captured graph stays right when the
 lengths change between replays.
 
-The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`: block ids loaded 1 or 2
-tiles ahead, keys loaded transposed, one block-table load per cache block, the grid ordered KV
-head or split first, several KV heads a program, the merge inside the split kernel, a cap on the
-registers) change how the cache is read and the splits merged, not the result beyond rounding;
-``decode_tiles`` picks them per batch shape (``benchmarks/decode_variants.py`` times them).
+The kernel's switches (:class:`meshlm.kernels.decode_tiles.DecodeTiles`, picked per batch shape by
+``decode_tiles``) change how the cache is read and the splits merged, not the result beyond
+rounding; ``tma_kv`` reads it by bulk copies instead (:mod:`meshlm.kernels.decode_tma`).
 
 Semantics: :func:`meshlm.kernels.attention.paged_attention_reference` for query length 1.
 """
@@ -37,6 +35,7 @@ import triton.language as tl
 from meshlm.kernels.attention import AttentionMetadata
 from meshlm.kernels.decode_paging import key_rows, program_ids, row_scales, tile_block_ids, tile_columns
 from meshlm.kernels.decode_tiles import DecodeTiles, choose_num_splits, decode_tiles
+from meshlm.kernels.decode_tma import launch_tma_decode, tma_decode_fits
 from meshlm.kernels.fp8_convert_triton import F16_WIDEN_FACTOR, quantize_rows_e4m3, widen_fp8
 from meshlm.kernels.triton_launch import dot_precision, num_sms, programmatic_launch
 from meshlm.kernels.triton_pdl import wait_for_previous_kernel
@@ -320,13 +319,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            tiles: DecodeTiles | None = None, num_splits: int | None = None,
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence (token ``i`` belongs to sequence ``i``) over the
-    sequence's cached keys, which include this step's.
-
-    q: [num_seqs, num_heads_per_rank, head_dim]; k_cache, v_cache: [num_blocks, block_size,
-    num_kv_heads_per_rank, head_dim]. Returns q's shape and dtype. ``tiles`` and ``num_splits``
-    default to :func:`decode_tiles` and :func:`choose_num_splits`. A float8 cache is read with
-    ``k_scale``, ``v_scale`` [num_kv_heads_per_rank] (kernels/kv_quant.py). No host synchronisation.
-    """
+    sequence's cached keys, which include this step's. q: [num_seqs, num_heads_per_rank, head_dim];
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads_per_rank, head_dim]. Returns q's shape
+    and dtype. ``tiles`` and ``num_splits`` default to :func:`decode_tiles` and
+    :func:`choose_num_splits`. A float8 cache is read with ``k_scale``, ``v_scale``
+    [num_kv_heads_per_rank] (kernels/kv_quant.py). No host synchronisation."""
     _check_shapes(q, k_cache, v_cache, meta)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -336,19 +333,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tiles = tiles or decode_tiles(q.dtype, num_seqs * num_kv_heads, num_sms(q.device), is_fp8_kv(k_cache),
                                   num_kv_heads)
     tiles.check(k_cache.shape[1], num_kv_heads)
-    if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, num_sms(q.device))
+    num_splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, num_sms(q.device))
     is_split = num_splits > 1
     # [num_seqs, num_heads, num_splits, head_dim] partial outputs, [..., num_splits] their log2-sum-exp
     partial = torch.empty((num_seqs, num_heads, num_splits, head_dim) if is_split else (0,),
                           dtype=torch.float32, device=q.device)
     lse = torch.empty(partial.shape[:-1] if is_split else (0,), dtype=torch.float32, device=q.device)
-    num_programs = num_kv_heads // tiles.kv_heads_per_program  # per sequence and split
-    counters = None  # the merge inside the split kernel, where it has its counters
-    if is_split and tiles.fused_merge:
-        counters = split_counters(q.device, num_seqs * num_programs)
-    _launch(out, partial, lse, counters, q, k_cache, v_cache, kernel_scales(k_cache, k_scale, v_scale), meta, scale,
-            sliding_window, tiles, num_splits)
+    tma = tiles.tma_kv and tma_decode_fits(q, k_cache, v_cache, tiles.kv_heads_per_program, tiles.block_n,
+                                           sliding_window)
+    counters = None  # the merge inside the pointer kernel, where it has its counters
+    if is_split and tiles.fused_merge and not tma:
+        counters = split_counters(q.device, num_seqs * (num_kv_heads // tiles.kv_heads_per_program))
+    if tma:
+        launch_tma_decode(out, partial, lse, q, k_cache, v_cache, meta, scale * _LOG2_E, tiles, num_splits)
+    else:
+        _launch(out, partial, lse, counters, q, k_cache, v_cache, kernel_scales(k_cache, k_scale, v_scale), meta,
+                scale, sliding_window, tiles, num_splits)
     if is_split and counters is None:
         merge_splits(out, partial, lse)
     return out

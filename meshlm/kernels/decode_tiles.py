@@ -79,7 +79,12 @@ class DecodeTiles:
       q's own e4m3 rounding to the scores;
     - ``sum_at_end``: the rows' running sum of probabilities is kept per tile column and added up
       once after the last tile, instead of summed over each tile's keys: with ``swap_ab`` those
-      lie in every warp, and the sum crossed warps through shared memory, with barriers, each tile.
+      lie in every warp, and the sum crossed warps through shared memory, with barriers, each tile;
+    - ``tma_kv`` (16-bit pools, no sliding window): the kernel of :mod:`meshlm.kernels.decode_tma`,
+      which loads each cache block of keys and of values by one bulk copy (a tensor descriptor)
+      and takes ``block_n`` (one or two cache blocks), ``num_warps``, ``num_stages``,
+      ``kv_heads_per_program``, ``heads_first``, ``min_group_rows`` and ``max_registers`` only;
+      a batch it cannot take runs the pointer kernel with the other switches.
     """
 
     block_n: int
@@ -99,6 +104,7 @@ class DecodeTiles:
     fp8_widen: str = "cvt"
     fp8_qk: bool = False
     sum_at_end: bool = False
+    tma_kv: bool = False
 
     def check(self, kv_block_size: int, num_kv_heads: int) -> None:
         """Refuse a shape the kernel cannot run, naming every size involved."""
