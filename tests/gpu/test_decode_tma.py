@@ -19,7 +19,7 @@ from meshlm.kernels.attention import paged_attention_reference  # noqa: E402
 from meshlm.kernels.decode_attention import DecodeTiles, paged_decode_attention  # noqa: E402
 from meshlm.kernels.decode_tma import tma_decode_fits  # noqa: E402
 
-from tests.gpu.kernel_device import DEVICE, KERNEL_MARKS, needs_cuda  # noqa: E402
+from tests.gpu.kernel_device import KERNEL_MARKS, needs_cuda  # noqa: E402
 from tests.gpu.test_decode_attention import TOLERANCES, assert_close, make_decode  # noqa: E402
 
 pytestmark = KERNEL_MARKS
