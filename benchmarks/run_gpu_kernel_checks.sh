@@ -37,7 +37,8 @@
 #                 eager and graph steps and mixed attention batches (~7 min)
 #   PART=prefill1k  prefill attention at 4 x 1k and 2 x 4k: unified and prefill kernels, the prefill kernel's
 #                 launch shapes (~4 min)
-#   PART=tma      GPU tests of the descriptor decode kernel, its launch shapes at 1 x 32k and 8 x 8k
+#   PART=tma      GPU tests of the descriptor decode kernel and of the prefill kernel's entry point, the
+#                 descriptor kernel's launch shapes at 1 x 32k and 8 x 8k against the default and SDPA
 #                 (decode_counters.py --tma-grid), prefill attention at 1k-2k prompts: both kernels (~8 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
@@ -239,10 +240,11 @@ if [ "$PART" = prefill1k ]; then
 fi
 if [ "$PART" = tma ]; then
   tests_to_out decode_tma 120 tests/gpu/test_decode_tma.py
+  tests_to_out prefill_entry 200 tests/gpu/test_prefill_kernel.py
   for shape in 1x32768 8x8192; do
     echo "== the descriptor decode kernel's launch shapes at $shape (decode_counters.py --tma-grid)"
     timeout 200 python3 benchmarks/decode_counters.py --tma-grid --shape $shape > "$OUT/tma_grid_$shape.log" 2>&1
-    echo "exit $?"; grep -v -i warn "$OUT/tma_grid_$shape.log" | tail -28
+    echo "exit $?"; grep -v -i warn "$OUT/tma_grid_$shape.log" | tail -26
   done
   echo "== prefill attention at 1k-2k prompts: the unified kernel and the prefill kernel (attention_bench.py --graph)"
   timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" \

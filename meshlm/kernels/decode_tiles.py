@@ -83,7 +83,8 @@ class DecodeTiles:
     - ``tma_kv`` (16-bit pools, no sliding window): the kernel of :mod:`meshlm.kernels.decode_tma`,
       which loads each cache block of keys and of values by one bulk copy (a tensor descriptor)
       and takes ``block_n`` (one or two cache blocks), ``num_warps``, ``num_stages``,
-      ``kv_heads_per_program``, ``heads_first``, ``min_group_rows`` and ``max_registers`` only;
+      ``prefetch_table`` (2: block ids two tiles ahead, else one), ``kv_heads_per_program``,
+      ``heads_first``, ``min_group_rows`` and ``max_registers`` only;
       a batch it cannot take runs the pointer kernel with the other switches.
     """
 

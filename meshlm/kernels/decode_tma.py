@@ -36,7 +36,7 @@ def _decode_tma_kernel(
         qk_scale_log2, stride_q_token, stride_q_head, stride_o_token, stride_o_head, stride_table_seq,
         GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, KV_HEADS: tl.constexpr, IS_SPLIT: tl.constexpr, HEADS_FIRST: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr):
+        AHEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     seq, kv_program, num_kv_programs, split = program_ids(HEADS_FIRST, False)
     kv_head = kv_program * KV_HEADS
@@ -60,12 +60,14 @@ def _decode_tma_kernel(
     column = kv_head * HEAD_DIM
     full_end = tl.maximum(tl.minimum(split_end, seq_len // BLOCK_N * BLOCK_N), split_start)
     ahead = _tile_blocks(table_row, split_start, seq_len, BLOCK_N, KV_BLOCK_SIZE)
+    if AHEAD == 2:  # [blocks a tile, 2]: the ids of this tile and the next
+        ahead = tl.join(ahead, _tile_blocks(table_row, split_start + BLOCK_N, seq_len, BLOCK_N, KV_BLOCK_SIZE))
     acc, l_i, m_i, ahead = _walk_tiles(acc, l_i, m_i, ahead, q, k_desc, v_desc, table_row, column, split_start,
-                                       full_end, seq_len, qk_scale_log2, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION,
-                                       DOT_IN_FP32, False)
+                                       full_end, seq_len, qk_scale_log2, BLOCK_N, KV_BLOCK_SIZE, AHEAD,
+                                       DOT_PRECISION, DOT_IN_FP32, False)
     acc, l_i, m_i, ahead = _walk_tiles(acc, l_i, m_i, ahead, q, k_desc, v_desc, table_row, column, full_end,
-                                       split_end, seq_len, qk_scale_log2, BLOCK_N, KV_BLOCK_SIZE, DOT_PRECISION,
-                                       DOT_IN_FP32, True)
+                                       split_end, seq_len, qk_scale_log2, BLOCK_N, KV_BLOCK_SIZE, AHEAD,
+                                       DOT_PRECISION, DOT_IN_FP32, True)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # an empty split leaves zeros
     if IS_SPLIT:
@@ -89,14 +91,20 @@ def _tile_blocks(table_row, tile_start, seq_len, BLOCK_N: tl.constexpr, KV_BLOCK
 
 @triton.jit
 def _walk_tiles(acc, l_i, m_i, ahead, q, k_desc, v_desc, table_row, column, start, end, seq_len, qk_scale_log2,
-                BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr):
-    """The online softmax over the tiles in [start, end); ``ahead`` holds the block ids of the tile
-    at ``start`` and comes back holding those of the tile at ``end``: each tile loads the next
-    tile's ids, so that its bulk copies never wait for a table load issued just before them."""
+                BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, AHEAD: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, MASKED: tl.constexpr):
+    """The online softmax over the tiles in [start, end); ``ahead`` holds the block ids of the
+    ``AHEAD`` tiles from ``start`` on (2: joined along a last axis) and comes back holding those
+    from ``end`` on: each tile loads the ids of the tile ``AHEAD`` further, so that its bulk copies
+    never wait for a table load issued just before them."""
     for tile_start in range(start, end, BLOCK_N):
-        blocks = ahead
-        ahead = _tile_blocks(table_row, tile_start + BLOCK_N, seq_len, BLOCK_N, KV_BLOCK_SIZE)
+        further = _tile_blocks(table_row, tile_start + AHEAD * BLOCK_N, seq_len, BLOCK_N, KV_BLOCK_SIZE)
+        if AHEAD == 2:
+            blocks, next_blocks = tl.split(ahead)
+            ahead = tl.join(next_blocks, further)
+        else:
+            blocks = ahead
+            ahead = further
         if BLOCK_N == KV_BLOCK_SIZE:
             s = _block_scores(q, k_desc, tl.sum(blocks, 0), column, tile_start, seq_len, qk_scale_log2, KV_BLOCK_SIZE,
                               DOT_PRECISION, DOT_IN_FP32, MASKED)
@@ -206,6 +214,7 @@ def launch_tma_decode(out: torch.Tensor, partial: torch.Tensor, lse: torch.Tenso
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         GROUP=group, GROUP_ROWS=max(tiles.min_group_rows, triton.next_power_of_2(group * kv_heads)),
         BLOCK_N=tiles.block_n, KV_BLOCK_SIZE=kv_block_size, HEAD_DIM=head_dim, KV_HEADS=kv_heads,
-        IS_SPLIT=num_splits > 1, HEADS_FIRST=tiles.heads_first, DOT_PRECISION=dot_precision(q),
+        IS_SPLIT=num_splits > 1, HEADS_FIRST=tiles.heads_first, AHEAD=2 if tiles.prefetch_table == 2 else 1,
+        DOT_PRECISION=dot_precision(q),
         DOT_IN_FP32=not q.is_cuda, PDL=pdl, launch_pdl=pdl, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages, **options)

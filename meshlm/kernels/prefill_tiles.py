@@ -74,11 +74,10 @@ _BF16 = PrefillTiles(128, 128, 8, 3, pack_gqa=False, prefetch_table=True, contig
 _FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
 
 # A batch goes to the prefill kernel when its longest query has at least this many tokens. On an
-# H200 (attention_bench.py, the 8B shape), with the tiles above, the prefill kernel took 376 us at
-# 4 x 2k against the unified kernel's 527 (1109 against 1745 at 1 x 8k). With shorter queries the
-# unified kernel's smaller tiles give the SMs more programs (1 x 2k, measured with earlier tiles:
-# 265 us against 212).
-PREFILL_MIN_QUERY_LEN = 2048
+# H200 (attention_bench.py --graph, the 8B shape), with the tiles above, the prefill kernel took
+# 36-37 us at 1 x 1k against the unified kernel's 57, 71 against 97 at 2 x 1k, 65 against 101 at
+# 1 x 1.5k and 97 against 159 at 1 x 2k; shorter queries were not timed.
+PREFILL_MIN_QUERY_LEN = 1024
 # ... and when the rows its tiles leave empty (short queries padded to a program's query tokens:
 # decodes mixed into the step) are at most this fraction of the batch's query tokens.
 _MAX_PADDING_FRACTION = 0.25

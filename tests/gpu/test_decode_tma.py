@@ -65,6 +65,19 @@ def test_descriptor_kernel_matches_reference(kv_heads, group, head_dim, block_n,
     assert len(tma_launches) == 1
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_block_ids_two_tiles_ahead(block_n, num_splits, tma_launches):
+    """``prefetch_table=2``: each tile loads the block ids of the tile two further; the lengths
+    end inside the first, second and later tiles of a split, so the ids carried past the last
+    tile are masked ones."""
+    tiles = DecodeTiles(block_n=block_n, num_warps=4, num_stages=3, kv_heads_per_program=2, prefetch_table=2,
+                        tma_kv=True)
+    max_err, mean_err = attend(LENGTHS, 4, 4, 64, tiles, num_splits, seed=8)
+    assert_close((block_n, num_splits), max_err, mean_err, torch.bfloat16)
+    assert len(tma_launches) == 1
+
+
 def test_heads_first_and_more_splits_than_keys(tma_launches):
     """The grid ordered KV head first; splits that fall past short sequences write empty partials."""
     tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=3, kv_heads_per_program=2, heads_first=True,
@@ -107,11 +120,12 @@ def test_fits_refuses_caches_whose_blocks_are_not_rows():
 
 
 @needs_cuda
-@pytest.mark.parametrize("kv_heads,block_n", [(1, 16), (2, 16), (2, 32)])
-def test_long_context_at_the_8b_heads(kv_heads, block_n, tma_launches):
+@pytest.mark.parametrize("kv_heads,block_n,prefetch", [(1, 16, 1), (2, 16, 1), (2, 32, 1), (2, 16, 2), (2, 32, 2)])
+def test_long_context_at_the_8b_heads(kv_heads, block_n, prefetch, tma_launches):
     """Compiled for the GPU at Llama-3-8B's heads (8 KV heads of 128, groups of 4), split and not."""
     for num_splits in (1, 9, 64):
-        tiles = DecodeTiles(block_n=block_n, num_warps=4, num_stages=3, kv_heads_per_program=kv_heads, tma_kv=True)
+        tiles = DecodeTiles(block_n=block_n, num_warps=4, num_stages=3, kv_heads_per_program=kv_heads,
+                            prefetch_table=prefetch, tma_kv=True)
         max_err, mean_err = attend([5000, 17, 1], 8, 4, 128, tiles, num_splits, seed=4)
         assert_close((kv_heads, block_n, num_splits), max_err, mean_err, torch.bfloat16)
     assert len(tma_launches) == 3
