@@ -40,6 +40,9 @@
 #   PART=tma      GPU tests of the descriptor decode kernel and of the prefill kernel's entry point, the
 #                 descriptor kernel's launch shapes at 1 x 32k and 8 x 8k against the default and SDPA
 #                 (decode_counters.py --tma-grid), prefill attention at 1k-2k prompts: both kernels (~8 min)
+#   PART=threshold  GPU tests of the engine's steps and mixed attention batches, prefill attention at
+#                 256-1000-token prompts (both kernels), then bench bf16 1024/128 x 1000 with the prefill
+#                 kernel from 1024-token queries (the default) and from 2048 (edited for the run) (~8 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -250,6 +253,13 @@ if [ "$PART" = tma ]; then
   timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" \
       --prefill 1x1024,2x1024,1x1536,1x2048 --out "$OUT/attention_1k2k.json" > "$OUT/attention_1k2k.log" 2>&1
   echo "exit $?"; grep -E "^prefill " "$OUT/attention_1k2k.log"
+fi
+if [ "$PART" = threshold ]; then
+  tests_to_out engine 180 tests/gpu/test_engine_gpu.py tests/gpu/test_triton_attention.py -k "agree or mixed"
+  echo "== prefill attention below 1k prompts: the unified kernel and the prefill kernel (attention_bench.py --graph)"
+  timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" \
+      --prefill 1x256,1x512,4x512,1x768,1x1000,8x1000 --out "$OUT/attention_short.json" > "$OUT/attention_short.log" 2>&1
+  echo "exit $?"; grep -E "^prefill " "$OUT/attention_short.log" | grep -v sdpa | cut -c1-110
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
@@ -465,7 +475,8 @@ if [ "$PART" = ab_fp8 ]; then
 fi
 [ "$PART" = policy ] || [ "$PART" = ab_fp8 ] || [ "$PART" = ab_bf16 ] || [ "$PART" = defaults_fp8 ] || [ "$PART" = defaults_bf16 ] || [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
     || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] \
-    || [ "$PART" = tokens16k ] || [ "$PART" = issue11 ] || [ "$PART" = counters ] || [ "$PART" = prefill128 ] || exit 0
+    || [ "$PART" = tokens16k ] || [ "$PART" = issue11 ] || [ "$PART" = counters ] || [ "$PART" = prefill128 ] \
+    || [ "$PART" = threshold ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -566,6 +577,15 @@ if [ "$PART" = fastacc ]; then
   bench fp8_128_fast_16k 80 --quantization fp8 --kv-cache-dtype fp8 --num-prompts 2000 --input-len 128 \
       --output-len 128 --max-num-tokens 16384
   cp "$RUNS/fp8.py.orig" meshlm/kernels/fp8.py
+  exit 0
+fi
+if [ "$PART" = threshold ]; then
+  bench bf16_1024 150 --num-prompts 1000 --input-len 1024 --output-len 128
+  cp meshlm/kernels/prefill_tiles.py "$RUNS/prefill_tiles.py.orig"
+  sed -i 's/^PREFILL_MIN_QUERY_LEN = 1024$/PREFILL_MIN_QUERY_LEN = 2048/' meshlm/kernels/prefill_tiles.py
+  grep -q '^PREFILL_MIN_QUERY_LEN = 2048$' meshlm/kernels/prefill_tiles.py || echo "threshold NOT edited"
+  bench bf16_1024_from2048 150 --num-prompts 1000 --input-len 1024 --output-len 128
+  cp "$RUNS/prefill_tiles.py.orig" meshlm/kernels/prefill_tiles.py
   exit 0
 fi
 if [ "$PART" = mixed ]; then
