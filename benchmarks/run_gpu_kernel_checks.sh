@@ -43,6 +43,9 @@
 #   PART=threshold  GPU tests of the engine's steps and mixed attention batches, prefill attention at
 #                 256-1000-token prompts (both kernels), then bench bf16 1024/128 x 1000 with the prefill
 #                 kernel from 1024-token queries (the default) and from 2048 (edited for the run) (~8 min)
+#   PART=threshold512  GPU tests of the prefill kernel's entry point and of the engine's steps, prefill
+#                 attention at 512 and 1k prompts, then bench bf16 2048/128 x 1000 and bf16 512/128 x 2000
+#                 with the prefill kernel from 512-token queries (the default) and from 2048 (~9 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -261,6 +264,14 @@ if [ "$PART" = threshold ]; then
       --prefill 1x256,1x512,4x512,1x768,1x1000,8x1000 --out "$OUT/attention_short.json" > "$OUT/attention_short.log" 2>&1
   echo "exit $?"; grep -E "^prefill " "$OUT/attention_short.log" | grep -v sdpa | cut -c1-110
 fi
+if [ "$PART" = threshold512 ]; then
+  tests_to_out prefill_entry 200 tests/gpu/test_prefill_kernel.py
+  tests_to_out engine 180 tests/gpu/test_engine_gpu.py tests/gpu/test_triton_attention.py -k "agree or mixed"
+  echo "== prefill attention at 512 and 1k prompts: the kernel the engine picks (attention_bench.py --graph)"
+  timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" \
+      --prefill 1x256,1x512,4x512,1x1000 --out "$OUT/attention_512.json" > "$OUT/attention_512.log" 2>&1
+  echo "exit $?"; grep -E "^prefill " "$OUT/attention_512.log" | grep -v sdpa | cut -c1-110
+fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
   timeout 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py tests/gpu/test_fused_ops_gpu.py tests/gpu/test_fused_ops_fp8_gpu.py \
@@ -476,7 +487,7 @@ fi
 [ "$PART" = policy ] || [ "$PART" = ab_fp8 ] || [ "$PART" = ab_bf16 ] || [ "$PART" = defaults_fp8 ] || [ "$PART" = defaults_bf16 ] || [ "$PART" = bench ] || [ "$PART" = engine ] || [ "$PART" = steps ] || [ "$PART" = mixed ] || [ "$PART" = accum ] \
     || [ "$PART" = fastacc ] || [ "$PART" = bf16 ] || [ "$PART" = fp8 ] || [ "$PART" = busy ] \
     || [ "$PART" = tokens16k ] || [ "$PART" = issue11 ] || [ "$PART" = counters ] || [ "$PART" = prefill128 ] \
-    || [ "$PART" = threshold ] || exit 0
+    || [ "$PART" = threshold ] || [ "$PART" = threshold512 ] || exit 0
 DIR=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import model_dir; print(model_dir('llama3-8b', '$RUNS/shape'))")
 bench() {  # name, time limit, then the flags
   local name=$1 limit=$2; shift 2
@@ -585,6 +596,16 @@ if [ "$PART" = threshold ]; then
   sed -i 's/^PREFILL_MIN_QUERY_LEN = 1024$/PREFILL_MIN_QUERY_LEN = 2048/' meshlm/kernels/prefill_tiles.py
   grep -q '^PREFILL_MIN_QUERY_LEN = 2048$' meshlm/kernels/prefill_tiles.py || echo "threshold NOT edited"
   bench bf16_1024_from2048 150 --num-prompts 1000 --input-len 1024 --output-len 128
+  cp "$RUNS/prefill_tiles.py.orig" meshlm/kernels/prefill_tiles.py
+  exit 0
+fi
+if [ "$PART" = threshold512 ]; then
+  bench bf16_2048 150 --num-prompts 1000 --input-len 2048 --output-len 128
+  bench bf16_512 120 --num-prompts 2000 --input-len 512 --output-len 128
+  cp meshlm/kernels/prefill_tiles.py "$RUNS/prefill_tiles.py.orig"
+  sed -i 's/^PREFILL_MIN_QUERY_LEN = 512$/PREFILL_MIN_QUERY_LEN = 2048/' meshlm/kernels/prefill_tiles.py
+  grep -q '^PREFILL_MIN_QUERY_LEN = 2048$' meshlm/kernels/prefill_tiles.py || echo "threshold NOT edited"
+  bench bf16_512_from2048 120 --num-prompts 2000 --input-len 512 --output-len 128
   cp "$RUNS/prefill_tiles.py.orig" meshlm/kernels/prefill_tiles.py
   exit 0
 fi

@@ -75,9 +75,10 @@ _FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
 
 # A batch goes to the prefill kernel when its longest query has at least this many tokens. On an
 # H200 (attention_bench.py --graph, the 8B shape), with the tiles above, the prefill kernel took
-# 36-37 us at 1 x 1k against the unified kernel's 57, 71 against 97 at 2 x 1k, 65 against 101 at
-# 1 x 1.5k and 97 against 159 at 1 x 2k; shorter queries were not timed.
-PREFILL_MIN_QUERY_LEN = 1024
+# 21 us at 1 x 512 against the unified kernel's 22, 58 against 65 at 4 x 512, 31 against 39 at
+# 1 x 768, 37 against 57 at 1 x 1k, 270 against 317 at 8 x 1k and 98 against 159 at 1 x 2k; at
+# 1 x 256 the unified kernel led (14 us against 17).
+PREFILL_MIN_QUERY_LEN = 512
 # ... and when the rows its tiles leave empty (short queries padded to a program's query tokens:
 # decodes mixed into the step) are at most this fraction of the batch's query tokens.
 _MAX_PADDING_FRACTION = 0.25
