@@ -590,23 +590,23 @@ if [ "$PART" = fastacc ]; then
   cp "$RUNS/fp8.py.orig" meshlm/kernels/fp8.py
   exit 0
 fi
+from_2048() {  # name, time limit, then the flags: bench with the prefill kernel from 2048-token queries
+  local name=$1 limit=$2; shift 2
+  cp meshlm/kernels/prefill_tiles.py "$RUNS/prefill_tiles.py.orig"  # edited for the run, restored below
+  sed -i 's/^PREFILL_MIN_QUERY_LEN = [0-9]*$/PREFILL_MIN_QUERY_LEN = 2048/' meshlm/kernels/prefill_tiles.py
+  grep -q '^PREFILL_MIN_QUERY_LEN = 2048$' meshlm/kernels/prefill_tiles.py || echo "threshold NOT edited"
+  bench "$name" "$limit" "$@"
+  cp "$RUNS/prefill_tiles.py.orig" meshlm/kernels/prefill_tiles.py
+}
 if [ "$PART" = threshold ]; then
   bench bf16_1024 150 --num-prompts 1000 --input-len 1024 --output-len 128
-  cp meshlm/kernels/prefill_tiles.py "$RUNS/prefill_tiles.py.orig"
-  sed -i 's/^PREFILL_MIN_QUERY_LEN = 1024$/PREFILL_MIN_QUERY_LEN = 2048/' meshlm/kernels/prefill_tiles.py
-  grep -q '^PREFILL_MIN_QUERY_LEN = 2048$' meshlm/kernels/prefill_tiles.py || echo "threshold NOT edited"
-  bench bf16_1024_from2048 150 --num-prompts 1000 --input-len 1024 --output-len 128
-  cp "$RUNS/prefill_tiles.py.orig" meshlm/kernels/prefill_tiles.py
+  from_2048 bf16_1024_from2048 150 --num-prompts 1000 --input-len 1024 --output-len 128
   exit 0
 fi
 if [ "$PART" = threshold512 ]; then
   bench bf16_2048 150 --num-prompts 1000 --input-len 2048 --output-len 128
   bench bf16_512 120 --num-prompts 2000 --input-len 512 --output-len 128
-  cp meshlm/kernels/prefill_tiles.py "$RUNS/prefill_tiles.py.orig"
-  sed -i 's/^PREFILL_MIN_QUERY_LEN = 512$/PREFILL_MIN_QUERY_LEN = 2048/' meshlm/kernels/prefill_tiles.py
-  grep -q '^PREFILL_MIN_QUERY_LEN = 2048$' meshlm/kernels/prefill_tiles.py || echo "threshold NOT edited"
-  bench bf16_512_from2048 120 --num-prompts 2000 --input-len 512 --output-len 128
-  cp "$RUNS/prefill_tiles.py.orig" meshlm/kernels/prefill_tiles.py
+  from_2048 bf16_512_from2048 120 --num-prompts 2000 --input-len 512 --output-len 128
   exit 0
 fi
 if [ "$PART" = mixed ]; then

@@ -85,7 +85,9 @@ class DecodeTiles:
       and takes ``block_n`` (one or two cache blocks), ``num_warps``, ``num_stages``,
       ``prefetch_table`` (2: block ids two tiles ahead, else one), ``kv_heads_per_program``,
       ``heads_first``, ``min_group_rows`` and ``max_registers`` only;
-      a batch it cannot take runs the pointer kernel with the other switches.
+      a batch it cannot take runs the pointer kernel with the other switches. No default takes
+      it: at its fastest launches it ran 39.9 us at 1 x 32k against the default's 39.6, and 77.7
+      us at 8 x 8k against 73.6 (interleaved rounds on one H200, ``decode_counters.py --tma-grid``).
     """
 
     block_n: int
@@ -183,10 +185,6 @@ def decode_tiles(dtype: torch.dtype, num_programs: int = 1, num_sms: int = CPU_N
     72 %), fp8 with ``swap_ab``, 8 rows and words 40.3 us (39 %, against 52 % for the tiles
     below); the two changes were not timed apart, so both stay switches for the few-pair
     defaults. Many pairs run one split, where the merge does not arise.
-    The descriptor kernel (``tma_kv``) takes no default: at its fastest launches (32 keys = two
-    cache blocks of two KV heads, 3 stages, 64 splits at 1 x 32k; 16 keys, 32 splits at 8 x 8k)
-    it ran 39.9 us at 1 x 32k against these tiles' 39.6 and 77.7 us at 8 x 8k against 73.6, in
-    interleaved rounds on one H200 (``benchmarks/decode_counters.py --tma-grid``).
     fp32 (tests): 32-key tiles, which keep its twice larger tiles within shared memory and compile
     quickly."""
     if dtype == torch.float32:

@@ -20,7 +20,7 @@ from meshlm.kernels.decode_attention import DecodeTiles, paged_decode_attention 
 from meshlm.kernels.decode_tma import tma_decode_fits  # noqa: E402
 
 from tests.gpu.kernel_device import KERNEL_MARKS, needs_cuda  # noqa: E402
-from tests.gpu.test_decode_attention import TOLERANCES, assert_close, make_decode  # noqa: E402
+from tests.gpu.test_decode_attention import TOLERANCES, assert_close, errors, make_decode  # noqa: E402
 
 pytestmark = KERNEL_MARKS
 
@@ -41,17 +41,6 @@ def tma_launches(monkeypatch):
     return calls
 
 
-def attend(seq_lens, num_kv_heads, group, head_dim, tiles, num_splits, dtype=torch.bfloat16, window=None, seed=0):
-    """(max abs error, mean abs error) of the decode entry point against the reference."""
-    q, k_cache, v_cache, meta = make_decode(seq_lens, num_kv_heads, group, head_dim, dtype, seed)
-    scale = head_dim ** -0.5
-    expected = paged_attention_reference(q, k_cache, v_cache, meta, scale, window).float()
-    got = paged_decode_attention(q, k_cache, v_cache, meta, scale, window, tiles, num_splits)
-    assert got.shape == q.shape and got.dtype == q.dtype
-    diff = (got.float() - expected).abs()
-    return diff.max().item(), diff.mean().item()
-
-
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("block_n", [16, 32])
 @pytest.mark.parametrize("kv_heads,group,head_dim", [(1, 4, 64), (2, 4, 64), (2, 1, 64), (2, 8, 64), (1, 4, 128),
@@ -60,7 +49,7 @@ def test_descriptor_kernel_matches_reference(kv_heads, group, head_dim, block_n,
     """Wide query rows of one or two KV heads, GQA groups of 1 (padded to 16 rows), 4 and 8 (two
     heads fill the 16 rows), one- and two-block tiles, whole and split."""
     tiles = DecodeTiles(block_n=block_n, num_warps=4, num_stages=2, kv_heads_per_program=kv_heads, tma_kv=True)
-    max_err, mean_err = attend(LENGTHS, 4, group, head_dim, tiles, num_splits, seed=5)
+    max_err, mean_err = errors(LENGTHS, 4, group, head_dim, torch.bfloat16, num_splits, tiles=tiles, seed=5)
     assert_close((kv_heads, group, head_dim, block_n, num_splits), max_err, mean_err, torch.bfloat16)
     assert len(tma_launches) == 1
 
@@ -73,7 +62,7 @@ def test_block_ids_two_tiles_ahead(block_n, num_splits, tma_launches):
     tile are masked ones."""
     tiles = DecodeTiles(block_n=block_n, num_warps=4, num_stages=3, kv_heads_per_program=2, prefetch_table=2,
                         tma_kv=True)
-    max_err, mean_err = attend(LENGTHS, 4, 4, 64, tiles, num_splits, seed=8)
+    max_err, mean_err = errors(LENGTHS, 4, 4, 64, torch.bfloat16, num_splits, tiles=tiles, seed=8)
     assert_close((block_n, num_splits), max_err, mean_err, torch.bfloat16)
     assert len(tma_launches) == 1
 
@@ -82,7 +71,7 @@ def test_heads_first_and_more_splits_than_keys(tma_launches):
     """The grid ordered KV head first; splits that fall past short sequences write empty partials."""
     tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=3, kv_heads_per_program=2, heads_first=True,
                         tma_kv=True)
-    max_err, mean_err = attend([1, 2, 40, 300], 4, 4, 64, tiles, 9, seed=2)
+    max_err, mean_err = errors([1, 2, 40, 300], 4, 4, 64, torch.bfloat16, 9, tiles=tiles, seed=2)
     assert_close(("heads_first",), max_err, mean_err, torch.bfloat16)
     assert len(tma_launches) == 1
 
@@ -92,8 +81,7 @@ def test_batches_it_cannot_take_run_the_pointer_kernel(case, tma_launches):
     """fp32, a sliding window, tiles of four cache blocks, and boxes wider than 256 elements (4 KV
     heads of 128) run the pointer kernel, and still match the reference."""
     tiles = DecodeTiles(block_n=32, num_warps=4, num_stages=2, kv_heads_per_program=2, tma_kv=True)
-    kwargs = dict(num_kv_heads=4, group=4, head_dim=64)
-    dtype, window = torch.bfloat16, None
+    head_dim, dtype, window = 64, torch.bfloat16, None
     if case == "fp32":
         dtype = torch.float32
     elif case == "window":
@@ -102,8 +90,8 @@ def test_batches_it_cannot_take_run_the_pointer_kernel(case, tma_launches):
         tiles = dataclasses.replace(tiles, block_n=64)
     else:
         tiles = dataclasses.replace(tiles, kv_heads_per_program=4, block_n=16)
-        kwargs["head_dim"] = 128
-    max_err, mean_err = attend(LENGTHS, tiles=tiles, num_splits=3, dtype=dtype, window=window, seed=1, **kwargs)
+        head_dim = 128
+    max_err, mean_err = errors(LENGTHS, 4, 4, head_dim, dtype, 3, window, tiles, seed=1)
     assert_close((case,), max_err, mean_err, dtype)
     assert tma_launches == []
 
@@ -126,7 +114,7 @@ def test_long_context_at_the_8b_heads(kv_heads, block_n, prefetch, tma_launches)
     for num_splits in (1, 9, 64):
         tiles = DecodeTiles(block_n=block_n, num_warps=4, num_stages=3, kv_heads_per_program=kv_heads,
                             prefetch_table=prefetch, tma_kv=True)
-        max_err, mean_err = attend([5000, 17, 1], 8, 4, 128, tiles, num_splits, seed=4)
+        max_err, mean_err = errors([5000, 17, 1], 8, 4, 128, torch.bfloat16, num_splits, tiles=tiles, seed=4)
         assert_close((kv_heads, block_n, num_splits), max_err, mean_err, torch.bfloat16)
     assert len(tma_launches) == 3
 
