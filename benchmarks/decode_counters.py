@@ -20,7 +20,8 @@ costs the bandwidth.
 ``--tma-grid`` times, the same way, the descriptor kernel (``DecodeTiles.tma_kv``: one bulk copy a
 cache block) at 1 or 2 KV heads a program x one or two cache blocks a tile x 2-4 stages x block ids
 one or two tiles ahead x split counts; then its fastest launches, the default launch and SDPA's
-kernel (contiguous keys) again, in interleaved rounds.
+kernel (contiguous keys) again, in interleaved rounds. ``--parts`` times the default launch's split
+and merge kernels apart, and the same tiles with the merge inside the split kernel, in rounds.
 """
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attention_bench as bench  # noqa: E402  (puts the repository on the path)
+from meshlm.kernels import decode_attention  # noqa: E402
 from meshlm.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from meshlm.kernels.kv_quant import kernel_scales  # noqa: E402
+from meshlm.kernels.split_merge import merge_splits  # noqa: E402
 
 
 GRID_KV_HEADS, GRID_BLOCK_N, GRID_STAGES, GRID_REGISTERS = (2, 4, 8), (16, 32), (2, 3, 4), (None, 128)
@@ -124,6 +128,40 @@ def time_tma_grid(batch: int, context: int) -> None:
               f"{fastest * 1e3:>6.1f} us {100 * num_bytes / fastest / 1e9 / copy_rate:>6.1f} %")
 
 
+def time_parts(batch: int, context: int, rounds: int = 7) -> None:
+    """``--parts``: the default launch's two kernels apart, as graph replays in interleaved rounds:
+    the whole call, the split kernel alone, the merge kernel alone (over the split kernel's
+    partial outputs), the same tiles with the merge inside the split kernel, and SDPA."""
+    q, k_cache, v_cache, meta, (q4, k, v), _ = bench.make_batch(batch, context, 1)
+    copy_rate = bench.copy_tb_s()
+    num_bytes = bench.decode_bytes(batch, context, k_cache)
+    tiles, splits = bench.default_decode_shape(batch, context)
+    out = torch.empty_like(q)
+    partial = torch.empty((batch, q.shape[1], splits, q.shape[2]), dtype=torch.float32, device="cuda")
+    lse = torch.empty(partial.shape[:-1], dtype=torch.float32, device="cuda")
+    scales = kernel_scales(k_cache, None, None)  # a bf16 pool's placeholders
+    fused = dataclasses.replace(tiles, fused_merge=True)
+    runs = {f"whole call {bench.decode_name(tiles, splits)}":
+            lambda: paged_decode_attention(q, k_cache, v_cache, meta, bench.SCALE, None, tiles, splits),
+            "split kernel alone": lambda: decode_attention._launch(
+                out, partial, lse, None, q, k_cache, v_cache, scales, meta, bench.SCALE, None, tiles, splits),
+            "merge kernel alone": lambda: merge_splits(out, partial, lse),
+            f"merge inside {bench.decode_name(fused, splits)}":
+            lambda: paged_decode_attention(q, k_cache, v_cache, meta, bench.SCALE, None, fused, splits),
+            "sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, scale=bench.SCALE, enable_gqa=True)}
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(bench.graph_ms(fn))
+    print(f"\n{torch.cuda.get_device_name()}, decode {batch} x {context} ({num_bytes / 1e9:.3f} GB), copy "
+          f"{copy_rate:.2f} TB/s; graph replays, {rounds} interleaved rounds (median, min); per cent of copy "
+          f"for the K and V bytes")
+    for name, ms in times.items():
+        median, fastest = sorted(ms)[len(ms) // 2], min(ms)
+        print(f"{name:<64}{median * 1e3:>8.1f} us {100 * num_bytes / median / 1e9 / copy_rate:>6.1f} %   min "
+              f"{fastest * 1e3:>6.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="1x32768", help="batch x context")
@@ -133,8 +171,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--grid", action="store_true", help="time the grid of launch shapes as graph replays")
     parser.add_argument("--tma-grid", action="store_true", help="time the descriptor kernel's launch shapes")
+    parser.add_argument("--parts", action="store_true", help="time the default launch's kernels apart")
     opts = parser.parse_args()
     batch, context = (int(x) for x in opts.shape.lower().split("x"))
+    if opts.parts:
+        time_parts(batch, context)
+        return
     if opts.grid or opts.tma_grid:
         (time_tma_grid if opts.tma_grid else time_grid)(batch, context)
         return

@@ -46,6 +46,9 @@
 #   PART=threshold512  GPU tests of the prefill kernel's entry point and of the engine's steps, prefill
 #                 attention at 512 and 1k prompts, then bench bf16 2048/128 x 1000 and bf16 512/128 x 2000
 #                 with the prefill kernel from 512-token queries (the default) and from 2048 (~9 min)
+#   PART=decodeparts  decode attention's split and merge kernels apart and the merge inside the split kernel
+#                 at 1 x 32k and 8 x 8k (decode_counters.py --parts), then the four products at 6400 rows
+#                 whole and in row pieces under sustained load (step_parts.py --sustained) (~3 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -271,6 +274,16 @@ if [ "$PART" = threshold512 ]; then
   timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" \
       --prefill 1x256,1x512,4x512,1x1000 --out "$OUT/attention_512.json" > "$OUT/attention_512.log" 2>&1
   echo "exit $?"; grep -E "^prefill " "$OUT/attention_512.log" | grep -v sdpa | cut -c1-110
+fi
+if [ "$PART" = decodeparts ]; then
+  for shape in 1x32768 8x8192; do
+    echo "== decode attention at $shape: the default launch's kernels apart (decode_counters.py --parts)"
+    timeout 120 python3 benchmarks/decode_counters.py --parts --shape $shape > "$OUT/parts_$shape.log" 2>&1
+    echo "exit $?"; grep -v -i warn "$OUT/parts_$shape.log" | tail -7
+  done
+  echo "== the four products at 6400 rows, whole and in row pieces, sustained (step_parts.py --sustained)"
+  timeout 120 python3 benchmarks/step_parts.py --sustained > "$OUT/sustained.log" 2>&1
+  echo "exit $?"; tail -7 "$OUT/sustained.log"
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"

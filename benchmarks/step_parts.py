@@ -17,12 +17,15 @@ at the row counts steps take, and the attention of a mixed step (decodes beside 
    against the copy rate, the prompts' FLOPs against the matmul rate.
 
 Each timing is the median of CUDA-event times after a warm-up. Prints one table per part.
+``--sustained`` instead runs the four products at 6400 rows, whole and cut into row pieces, back
+to back for a while each (the clocks under a long run of steps), in interleaved rounds.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -121,6 +124,49 @@ def mixed_attention(decodes: tuple[int, int], prompts: tuple[int, int], copy_rat
     return rows
 
 
+# Ways to multiply one step's rows: whole, or cut into pieces that run one after another.
+ROW_PIECES = {"whole": (6400,), "2 x 3200": (3200, 3200), "4096 + 2304": (4096, 2304),
+              "3 x 2048 + 256": (2048, 2048, 2048, 256), "4 x 1600": (1600,) * 4}
+
+
+def sustained_pieces(rounds: int = 5, seconds: float = 0.5) -> list[dict]:
+    """``--sustained``: the whole layer's four products at a step's 6400 rows, whole and cut into row
+    pieces (``ROW_PIECES``), each run back to back for ``seconds`` (the clocks a long run of steps
+    holds, not a short burst's) in interleaved rounds; TFLOP/s, median of the rounds."""
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _, n, k in LAYERS]
+    inputs = {k: torch.randn(6400, k, device="cuda", dtype=torch.bfloat16) for _, _, k in LAYERS}
+    flop = sum(2 * 6400 * n * k for _, n, k in LAYERS)
+
+    def layer(pieces):
+        for weight in weights:
+            start = 0
+            for rows in pieces:
+                F.linear(inputs[weight.shape[1]][start:start + rows], weight)
+                start += rows
+
+    rates = {name: [] for name in ROW_PIECES}
+    for _ in range(rounds):
+        for name, pieces in ROW_PIECES.items():
+            layer(pieces)
+            torch.cuda.synchronize()
+            calls, begin = 0, time.perf_counter()
+            while time.perf_counter() - begin < seconds:
+                layer(pieces)
+                calls += 1
+                if calls % 8 == 0:
+                    torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            rates[name].append(calls * flop / (time.perf_counter() - begin) / 1e12)
+    print(f"\nThe four products at 6400 rows, whole and in row pieces, each run back to back for {seconds} s, "
+          f"{rounds} interleaved rounds (TFLOP/s, median and range):")
+    rows = []
+    for name, values in rates.items():
+        values.sort()
+        rows.append(dict(pieces=name, tflop_s=values[len(values) // 2], low=values[0], high=values[-1]))
+        print(f"{name:<14}{values[len(values) // 2]:>8.0f}   ({values[0]:.0f}-{values[-1]:.0f})")
+    return rows
+
+
 def pair(text: str) -> tuple[int, int]:
     a, b = text.lower().split("x")
     return int(a), int(b)
@@ -131,8 +177,13 @@ def main() -> None:
     parser.add_argument("--rows", default="256,2048,4096,4224,6144,6400,8192,8448,12288,16384")
     parser.add_argument("--decodes", default="256x2048")
     parser.add_argument("--prompts", default="3x2048")
+    parser.add_argument("--sustained", action="store_true",
+                        help="only the products at 6400 rows, whole and in row pieces, under sustained load")
     parser.add_argument("--out", default=None)
     opts = parser.parse_args()
+    if opts.sustained:
+        sustained_pieces()
+        return
     copy_rate, matmul_rate = bench.copy_tb_s(), bench.matmul_tflop_s()
     print(f"{torch.cuda.get_device_name()}: copy {copy_rate:.2f} TB/s, bf16 8192^3 {matmul_rate:.0f} TFLOP/s")
     gemms = gemm_rows([int(m) for m in opts.rows.split(",")], matmul_rate)
