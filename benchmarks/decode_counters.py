@@ -20,7 +20,9 @@ costs the bandwidth.
 ``--tma-grid`` times, the same way, the descriptor kernel (``DecodeTiles.tma_kv``: one bulk copy a
 cache block) at 1 or 2 KV heads a program x one or two cache blocks a tile x 2-4 stages x block ids
 one or two tiles ahead x split counts; then its fastest launches, the default launch and SDPA's
-kernel (contiguous keys) again, in interleaved rounds. ``--parts`` times the default launch's split
+kernel (contiguous keys) again, in interleaved rounds. ``--fused-grid`` does the same for the
+default's switches at 1 or 2 KV heads a program x 32 or 64 keys x 2 or 3 stages x 16-64 splits,
+merged inside the split kernel and by the merge kernel. ``--parts`` times the default launch's split
 and merge kernels apart, and the same tiles with the merge inside the split kernel, in rounds.
 """
 from __future__ import annotations
@@ -84,12 +86,35 @@ def time_grid(batch: int, context: int) -> None:
 
 
 TMA_KV_HEADS, TMA_BLOCK_N, TMA_STAGES, TMA_AHEAD, TMA_SPLITS = (1, 2), (16, 32), (2, 3, 4), (1, 2), (32, 64, 128)
-TMA_LEADERS, TMA_ROUNDS = 4, 7
+# The merge inside the split kernel (--fused-grid): few splits keep the last split's merge short.
+FUSED_KV_HEADS, FUSED_BLOCK_N, FUSED_STAGES, FUSED_SPLITS = (1, 2), (32, 64), (2, 3), (16, 24, 32, 48, 64)
+LEADERS, ROUNDS = 4, 7
 
 
-def time_tma_grid(batch: int, context: int) -> None:
-    """Graph replays of the descriptor kernel's launch shapes (``--tma-grid``); then the fastest
-    few, the default launch and SDPA again in ``TMA_ROUNDS`` interleaved rounds (median, min)."""
+def tma_launches() -> dict:
+    """``--tma-grid``: the descriptor kernel's launch shapes, name -> (tiles, splits)."""
+    launches = {}
+    for heads, block_n, stages, ahead in itertools.product(TMA_KV_HEADS, TMA_BLOCK_N, TMA_STAGES, TMA_AHEAD):
+        tiles = dataclasses.replace(bench.SWITCHES_OFF, tma_kv=True, kv_heads_per_program=heads, block_n=block_n,
+                                    num_stages=stages, prefetch_table=ahead)
+        launches.update({bench.decode_name(tiles, splits): (tiles, splits) for splits in TMA_SPLITS})
+    return launches
+
+
+def fused_launches(default) -> dict:
+    """``--fused-grid``: the default's switches at other tiles and few splits, the merge inside the
+    split kernel and in its own kernel, name -> (tiles, splits)."""
+    launches = {}
+    for heads, block_n, stages, fused in itertools.product(FUSED_KV_HEADS, FUSED_BLOCK_N, FUSED_STAGES, (True, False)):
+        tiles = dataclasses.replace(default, kv_heads_per_program=heads, block_n=block_n, num_stages=stages,
+                                    fused_merge=fused)
+        launches.update({bench.decode_name(tiles, splits): (tiles, splits) for splits in FUSED_SPLITS})
+    return launches
+
+
+def time_ranked(batch: int, context: int, fused: bool) -> None:
+    """Graph replays of a grid of launch shapes (``--tma-grid``, ``--fused-grid``); then the
+    fastest few, the default launch and SDPA again in ``ROUNDS`` interleaved rounds (median, min)."""
     q, k_cache, v_cache, meta, (q4, k, v), _ = bench.make_batch(batch, context, 1)
     copy_rate = bench.copy_tb_s()
     num_bytes = bench.decode_bytes(batch, context, k_cache)
@@ -99,29 +124,25 @@ def time_tma_grid(batch: int, context: int) -> None:
         return lambda: paged_decode_attention(q, k_cache, v_cache, meta, bench.SCALE, None, tiles, splits)
 
     grid = {}
-    for heads, block_n, stages, ahead in itertools.product(TMA_KV_HEADS, TMA_BLOCK_N, TMA_STAGES, TMA_AHEAD):
-        tiles = dataclasses.replace(bench.SWITCHES_OFF, tma_kv=True, kv_heads_per_program=heads, block_n=block_n,
-                                    num_stages=stages, prefetch_table=ahead)
-        for splits in TMA_SPLITS:
-            try:
-                grid[bench.decode_name(tiles, splits)] = (decode(tiles, splits), bench.graph_ms(decode(tiles, splits)))
-            except Exception as error:  # shared memory past the card's
-                print(f"{bench.decode_name(tiles, splits)}: {type(error).__name__} {str(error)[:100]}", flush=True)
-                break
+    for name, (tiles, splits) in (fused_launches(default) if fused else tma_launches()).items():
+        try:
+            grid[name] = (decode(tiles, splits), bench.graph_ms(decode(tiles, splits)))
+        except Exception as error:  # shared memory past the card's
+            print(f"{name}: {type(error).__name__} {str(error)[:100]}", flush=True)
     print(f"\n{torch.cuda.get_device_name()}, decode {batch} x {context} ({num_bytes / 1e9:.3f} GB), copy "
-          f"{copy_rate:.2f} TB/s; the descriptor kernel as graph replays, fastest first")
+          f"{copy_rate:.2f} TB/s; graph replays, fastest first")
     ranked = sorted(grid.items(), key=lambda item: item[1][1])
     for name, (_, ms) in ranked[:16]:
         rate = num_bytes / ms / 1e9
         print(f"{name:<64}{ms * 1e3:>8.1f} us {rate:>6.2f} TB/s {100 * rate / copy_rate:>6.1f} %")
-    runs = {name: fn for name, (fn, _) in ranked[:TMA_LEADERS]}
+    runs = {name: fn for name, (fn, _) in ranked[:LEADERS]}
     runs[f"default {bench.decode_name(default, default_splits)}"] = decode(default, default_splits)
     runs["sdpa"] = lambda: F.scaled_dot_product_attention(q4, k, v, scale=bench.SCALE, enable_gqa=True)
     times = {name: [] for name in runs}
-    for _ in range(TMA_ROUNDS):
+    for _ in range(ROUNDS):
         for name, fn in runs.items():
             times[name].append(bench.graph_ms(fn))
-    print(f"\nthe fastest {TMA_LEADERS}, the default and SDPA in {TMA_ROUNDS} interleaved rounds (median, min):")
+    print(f"\nthe fastest {LEADERS}, the default and SDPA in {ROUNDS} interleaved rounds (median, min):")
     for name, ms in times.items():
         median, fastest = sorted(ms)[len(ms) // 2], min(ms)
         print(f"{name:<64}{median * 1e3:>8.1f} us {100 * num_bytes / median / 1e9 / copy_rate:>6.1f} %   min "
@@ -171,14 +192,18 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--grid", action="store_true", help="time the grid of launch shapes as graph replays")
     parser.add_argument("--tma-grid", action="store_true", help="time the descriptor kernel's launch shapes")
+    parser.add_argument("--fused-grid", action="store_true", help="time few splits merged inside the split kernel")
     parser.add_argument("--parts", action="store_true", help="time the default launch's kernels apart")
     opts = parser.parse_args()
     batch, context = (int(x) for x in opts.shape.lower().split("x"))
     if opts.parts:
         time_parts(batch, context)
         return
-    if opts.grid or opts.tma_grid:
-        (time_tma_grid if opts.tma_grid else time_grid)(batch, context)
+    if opts.tma_grid or opts.fused_grid:
+        time_ranked(batch, context, opts.fused_grid)
+        return
+    if opts.grid:
+        time_grid(batch, context)
         return
     q, k_cache, v_cache, meta, (q4, k, v), _ = bench.make_batch(batch, context, 1)
     tiles, splits = bench.default_decode_shape(batch, context)

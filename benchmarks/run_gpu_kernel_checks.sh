@@ -49,6 +49,8 @@
 #   PART=decodeparts  decode attention's split and merge kernels apart and the merge inside the split kernel
 #                 at 1 x 32k and 8 x 8k (decode_counters.py --parts), then the four products at 6400 rows
 #                 whole and in row pieces under sustained load (step_parts.py --sustained) (~3 min)
+#   PART=fused32k  decode attention 1 x 32k at few splits merged inside the split kernel and by the merge
+#                 kernel, against the default and SDPA (decode_counters.py --fused-grid) (~3 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -284,6 +286,11 @@ if [ "$PART" = decodeparts ]; then
   echo "== the four products at 6400 rows, whole and in row pieces, sustained (step_parts.py --sustained)"
   timeout 120 python3 benchmarks/step_parts.py --sustained > "$OUT/sustained.log" 2>&1
   echo "exit $?"; tail -7 "$OUT/sustained.log"
+fi
+if [ "$PART" = fused32k ]; then
+  echo "== decode attention 1 x 32k, few splits, the merge inside (decode_counters.py --fused-grid)"
+  timeout 300 python3 benchmarks/decode_counters.py --fused-grid --shape 1x32768 > "$OUT/fused_1x32768.log" 2>&1
+  echo "exit $?"; grep -v -i warn "$OUT/fused_1x32768.log" | tail -26
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"
