@@ -51,6 +51,8 @@
 #                 whole and in row pieces under sustained load (step_parts.py --sustained) (~3 min)
 #   PART=fused32k  decode attention 1 x 32k at few splits merged inside the split kernel and by the merge
 #                 kernel, against the default and SDPA (decode_counters.py --fused-grid) (~3 min)
+#   PART=shortkv  GPU tests of the prefill kernel and its entry point, then prefill attention at 256-2k prompts
+#                 as the engine runs it (the step's keys by pointers below TMA_MIN_TOKENS) (~2 min)
 #   PART=rows     GPU tests of the per-row float8 quantization (the scale's reciprocal) and the fused
 #                 norm / SiLU float8 output, then the fused row kernels against the copy rate at
 #                 1712 and 8100 rows, the float8 ones at 4, 8, 16 and 32 warps, the row quantizer in one
@@ -291,6 +293,14 @@ if [ "$PART" = fused32k ]; then
   echo "== decode attention 1 x 32k, few splits, the merge inside (decode_counters.py --fused-grid)"
   timeout 300 python3 benchmarks/decode_counters.py --fused-grid --shape 1x32768 > "$OUT/fused_1x32768.log" 2>&1
   echo "exit $?"; grep -v -i warn "$OUT/fused_1x32768.log" | tail -26
+fi
+if [ "$PART" = shortkv ]; then
+  tests_to_out prefill_entry 200 tests/gpu/test_prefill_kernel.py
+  echo "== prefill attention at 256-2k prompts as the engine runs it (attention_bench.py --graph)"
+  timeout 90 python3 benchmarks/attention_bench.py --graph --skip-flex --decode "" \
+      --prefill 1x256,1x512,4x512,1x1000,1x1024,2x1024 --out "$OUT/attention_shortkv.json" \
+      > "$OUT/attention_shortkv.log" 2>&1
+  echo "exit $?"; grep -E "^prefill " "$OUT/attention_shortkv.log" | grep -v sdpa | cut -c1-110
 fi
 if [ "$PART" = rows ]; then
   echo "== GPU tests: per-row float8 quantization, fused norm / SiLU float8 output"

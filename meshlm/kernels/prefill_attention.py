@@ -34,7 +34,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from meshlm.kernels.attention import AttentionMetadata
-from meshlm.kernels.prefill_tiles import SHARED_MARGIN_BYTES, PrefillTiles, prefill_tiles
+from meshlm.kernels.prefill_tiles import SHARED_MARGIN_BYTES, TMA_MIN_TOKENS, PrefillTiles, prefill_tiles
 from meshlm.kernels.triton_launch import dot_precision
 
 _LOG2_E = 1.4426950408889634
@@ -330,15 +330,15 @@ def _new_kv_args(new_kv: tuple[torch.Tensor, torch.Tensor] | None, tiles: Prefil
 def default_tiles(head_dim: int, group: int, dtype: torch.dtype,
                   new_kv: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device | None = None) -> PrefillTiles:
     """:func:`prefill_tiles` within ``device``'s shared memory (a GPU's; sm_90's elsewhere), reading
-    the step's own keys apart only when ``new_kv`` came, and by tensor descriptors only where TMA
-    can load them (else by pointers)."""
+    the step's own keys apart only when ``new_kv`` came, and by tensor descriptors only for steps of
+    ``TMA_MIN_TOKENS`` tokens or more, where TMA can load them (else by pointers)."""
     if device is not None and device.type == "cuda":
         tiles = prefill_tiles(head_dim, group, dtype, shared_memory_per_program(device))
     else:
         tiles = prefill_tiles(head_dim, group, dtype)
     if new_kv is None:  # the step's own keys are then only in the cache
         return replace(tiles, contiguous_kv=False, tma_kv=False)
-    if tiles.tma_kv and not all(tma_loadable(x) for x in new_kv):
+    if tiles.tma_kv and (new_kv[0].shape[0] < TMA_MIN_TOKENS or not all(tma_loadable(x) for x in new_kv)):
         return replace(tiles, tma_kv=False)
     return tiles
 

@@ -79,6 +79,11 @@ _FP32 = PrefillTiles(32, 32, 4, 2, pack_gqa=True)
 # 1 x 768, 37 against 57 at 1 x 1k, 270 against 317 at 8 x 1k and 98 against 159 at 1 x 2k; at
 # 1 x 256 the unified kernel led (14 us against 17).
 PREFILL_MIN_QUERY_LEN = 512
+# The step's own keys load by tensor descriptors (``tma_kv``) when the step has at least this many
+# query tokens, by pointers below: on an H200 pointers led at 1 x 256 (13.9 us against 17.6), 1 x 512
+# (18.0 against 21.1) and 1 x 768 (28.4 against 30.6), tied at 1 x 1024 and trailed from 2 x 1024
+# (72.4 against 71.2) and 8 x 1000 (284.2 against 270.0) on.
+TMA_MIN_TOKENS = 1024
 # ... and when the rows its tiles leave empty (short queries padded to a program's query tokens:
 # decodes mixed into the step) are at most this fraction of the batch's query tokens.
 _MAX_PADDING_FRACTION = 0.25

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from meshlm.kernels import prefill_tiles, triton_attention  # noqa: E402
 from meshlm.kernels.attention import AttentionMetadata, paged_attention_reference  # noqa: E402
-from meshlm.kernels.prefill_attention import prefill_attention  # noqa: E402
+from meshlm.kernels.prefill_attention import default_tiles, prefill_attention  # noqa: E402
 from meshlm.kernels.prefill_tiles import PREFILL_MIN_QUERY_LEN, PrefillTiles  # noqa: E402
 
 from tests.gpu.kernel_device import DEVICE, KERNEL_MARKS, needs_cuda  # noqa: E402
@@ -176,6 +176,20 @@ def test_step_keys_apart_need_them():
     with pytest.raises(ValueError, match=r"new_kv's k: shape \(19, 1, 32\)"):
         prefill_attention(q, k_cache, v_cache, meta, 0.125, PrefillTiles(16, 16, 4, 2, contiguous_kv=True),
                           new_kv=(k[1:], v))
+
+
+def test_default_tiles_load_the_step_keys_by_descriptors_from_tma_min_tokens():
+    """bf16 steps of fewer than TMA_MIN_TOKENS query tokens read their own keys by pointers, longer
+    ones by descriptors; a step without them reads the pool."""
+    minimum = prefill_tiles.TMA_MIN_TOKENS
+
+    def tiles_for(num_tokens):
+        step_kv = tuple(torch.zeros(num_tokens, 8, 128, dtype=torch.bfloat16) for _ in range(2))
+        return default_tiles(128, 4, torch.bfloat16, step_kv)
+    assert tiles_for(minimum).contiguous_kv and tiles_for(minimum).tma_kv
+    assert tiles_for(minimum - 1).contiguous_kv and not tiles_for(minimum - 1).tma_kv
+    pool = default_tiles(128, 4, torch.bfloat16, None)
+    assert not pool.contiguous_kv and not pool.tma_kv
 
 
 @pytest.mark.parametrize("block_size", [8, 32])
