@@ -44,7 +44,7 @@ from meshlm.kernels.attention_tiles import UnifiedTiles, unified_tiles  # noqa: 
 from meshlm.kernels.decode_attention import (  # noqa: E402
     DecodeTiles, choose_num_splits, decode_tiles, paged_decode_attention)
 from meshlm.kernels.kv_quant import FP8_KV_MAX, dequantize_kv, quantize_kv  # noqa: E402
-from meshlm.kernels.prefill_attention import prefill_attention  # noqa: E402
+from meshlm.kernels.prefill_attention import default_tiles, prefill_attention  # noqa: E402
 from meshlm.kernels.prefill_tiles import PrefillTiles, prefill_tiles, uses_prefill_kernel  # noqa: E402
 from meshlm.kernels.triton_attention import paged_attention_triton, unified_attention  # noqa: E402
 
@@ -235,7 +235,8 @@ def prefill_runs(batch: int, length: int, opts: argparse.Namespace) -> Case:
     tiles = prefill_tiles(HEAD_DIM, GROUP, q.dtype)
     is_prefill_kernel = uses_prefill_kernel(meta.query_lens_host, q.dtype, k_cache.dtype, HEAD_DIM, GROUP, None, tiles)
     new_kv = step_kv(k_cache, v_cache, meta) if not scales else None  # a float8 cache never takes the prefill kernel
-    runs = {f"prefill {prefill_name(tiles)}" if is_prefill_kernel else "engine (unified)": lambda: (
+    engine_tiles = default_tiles(HEAD_DIM, GROUP, q.dtype, new_kv, q.device)  # how the engine reads the step's keys
+    runs = {f"prefill {prefill_name(engine_tiles)}" if is_prefill_kernel else "engine (unified)": lambda: (
                 paged_attention_triton(q, k_cache, v_cache, meta, SCALE, **scales, new_kv=new_kv)),
             f"unified {_unified_name(unified_tiles(HEAD_DIM, GROUP, length, q.dtype))}": lambda: unified_attention(
                 q, k_cache, v_cache, meta, SCALE, **scales),
@@ -245,7 +246,7 @@ def prefill_runs(batch: int, length: int, opts: argparse.Namespace) -> Case:
             q, k_cache, v_cache, meta, SCALE, tiles, new_kv=new_kv)
     for switches in ({} if scales else CONTIGUOUS_SWITCHES):  # the step's keys read apart, if not the default
         switched = dataclasses.replace(tiles, **switches)
-        if switched != tiles:
+        if switched != (engine_tiles if is_prefill_kernel else tiles):
             runs[f"prefill {prefill_name(switched)} (direct)"] = lambda t=switched: prefill_attention(
                 q, k_cache, v_cache, meta, SCALE, t, new_kv=new_kv)
     flex = flex_fn(q4, k, v, is_causal=True) if not opts.skip_flex else None
